@@ -1,0 +1,38 @@
+"""Desired state: what model a device should run. Sent retained over MQTT, or read from a file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from shared.base import WireModel
+
+ArtifactFormat = Literal["gguf", "onnx", "gguf-lora"]
+
+
+class ArtifactRef(WireModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    format: ArtifactFormat
+    quantization: str | None = None
+    # Relative URLs resolve against the control plane's base URL; absolute https:// URLs are used as is.
+    url: str | None = None
+
+
+class RuntimeParams(WireModel):
+    n_ctx: int = Field(default=512, ge=16)
+    n_threads: int | None = Field(default=None, ge=1)
+    chat_template: str | None = None
+
+
+class DesiredState(WireModel):
+    """A device's target. `message_id` makes a duplicated QoS 1 delivery idempotent."""
+
+    message_id: str
+    model: str
+    version: str
+    artifact: ArtifactRef
+    adapter: ArtifactRef | None = None  # a LoRA adapter applied on top of `artifact`
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
+    rollout_id: str | None = None
