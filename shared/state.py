@@ -1,0 +1,44 @@
+"""The state a device reports: which model it serves, which it keeps for rollback, what it is doing."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from shared.base import WireModel
+
+Phase = Literal[
+    "idle",  # nothing asked of the device yet
+    "downloading",
+    "activating",  # loading and smoke-testing the pending model
+    "on_trial",  # serving the new model until it has proved healthy
+    "committed",
+    "download_failed",
+    "activation_failed",  # the new model failed to load or to pass its smoke test; the old one serves
+    "rolled_back",
+]
+
+
+class ModelRef(WireModel):
+    model: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: str
+    quantization: str | None = None
+
+
+class DeviceState(WireModel):
+    """Reported state. `desired_message_id` is the last desired-state message the device acted on."""
+
+    device_id: str | None = None
+    phase: Phase = "idle"
+    reason: str | None = None
+    current: ModelRef | None = None
+    previous: ModelRef | None = None
+    pending: ModelRef | None = None
+    desired_message_id: str | None = None
+    rollout_id: str | None = None
+    serving: bool = False  # whether a model is loaded and taking traffic
+    updated_at: datetime | None = None
