@@ -1,0 +1,38 @@
+"""Turning chat messages into a prompt: the model's Jinja chat template, or a plain default."""
+
+from __future__ import annotations
+
+from edge_agent.runtime.base import EngineError
+
+
+def format_default(messages: list[dict[str, str]]) -> str:
+    """`<|role|>` headers, one message per block, then the assistant header (no Jinja needed)."""
+    parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def render_template(
+    template: str, messages: list[dict[str, str]], *, bos_token: str = "", eos_token: str = ""
+) -> str:
+    """Render a Hugging Face style chat template in a sandbox, as llama.cpp's servers do."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as exc:  # jinja2 arrives with llama-cpp-python; an ONNX-only device may lack it
+        raise EngineError("a custom chat template needs the jinja2 package") from exc
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
+        )
+    except TemplateError as exc:
+        raise EngineError(f"chat template failed: {exc}") from exc
+
+
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """Every message needs a string role and content; an empty conversation is refused."""
+    if not messages:
+        raise EngineError("chat needs at least one message")
+    for m in messages:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise EngineError(f"chat message needs string 'role' and 'content': {m!r}")
