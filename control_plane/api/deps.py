@@ -1,0 +1,152 @@
+"""Dependency aliases: routes declare what they need (`SessionDep`, `OperatorDep`, ...) and build nothing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlmodel import Session
+
+from control_plane.config import Settings
+from control_plane.errors import DomainError
+from control_plane.models import ApiToken, Role, as_utc, utcnow
+from control_plane.services import audit, idempotency
+from control_plane.services.auth import Principal, authenticate_device, authenticate_token, require_role
+from control_plane.storage import LocalBlobStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> sa.Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def get_session(engine: Annotated[sa.Engine, Depends(get_engine)]) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+def get_blob_store(request: Request) -> LocalBlobStore:
+    return request.app.state.blob_store  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+BlobStoreDep = Annotated[LocalBlobStore, Depends(get_blob_store)]
+
+
+def _principal(request: Request, session: Session) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and value:
+        principal = authenticate_token(session, value.strip())
+        _touch_token(session, principal.id)
+        return principal
+    if scheme == "basic" and value:
+        try:
+            device_id, _, secret = base64.b64decode(value.strip()).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise DomainError("unauthenticated", "malformed Basic credentials") from exc
+        return authenticate_device(session, device_id, secret)
+    raise DomainError(
+        "unauthenticated", "send 'Authorization: Bearer <token>' (operators) or Basic (devices)"
+    )
+
+
+def _touch_token(session: Session, token_id: str) -> None:
+    # At most once a minute, so read-heavy dashboards do not turn every GET into a write.
+    token = session.get(ApiToken, token_id)
+    last = as_utc(token.last_used_at) if token else None
+    if token is not None and (last is None or last < utcnow() - timedelta(seconds=60)):
+        token.last_used_at = utcnow()
+        session.add(token)
+        session.commit()
+
+
+def any_principal(request: Request, session: SessionDep) -> Principal:
+    principal = _principal(request, session)
+    request.state.actor = principal.actor
+    return principal
+
+
+def _role_dependency(role: Role) -> Any:
+    def dependency(principal: Annotated[Principal, Depends(any_principal)]) -> Principal:
+        require_role(principal, role)
+        return principal
+
+    return Depends(dependency)
+
+
+PrincipalDep = Annotated[Principal, Depends(any_principal)]
+ViewerDep = Annotated[Principal, _role_dependency(Role.viewer)]
+OperatorDep = Annotated[Principal, _role_dependency(Role.operator)]
+AdminDep = Annotated[Principal, _role_dependency(Role.admin)]
+
+
+class Mutation:
+    """What a mutating route needs besides its session: audit and Idempotency-Key handling."""
+
+    def __init__(self, request: Request, session: SessionDep, settings: SettingsDep) -> None:
+        self.request = request
+        self.session = session
+        self.settings = settings
+        self.key = request.headers.get("idempotency-key")
+        self._print: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return getattr(self.request.state, "request_id", "")
+
+    def replay(self, principal: Principal, body: Any) -> JSONResponse | None:
+        """The stored response when this Idempotency-Key was seen with the same body."""
+        if not self.key:
+            return None
+        payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+        self._print = idempotency.fingerprint(self.request.method, self.request.url.path, payload)
+        stored = idempotency.lookup(
+            self.session,
+            key=self.key,
+            principal=principal.actor,
+            print_=self._print,
+            ttl_s=self.settings.idempotency_ttl_s,
+        )
+        if stored is None:
+            return None
+        status, response = stored
+        return JSONResponse(response, status_code=status, headers={"Idempotent-Replayed": "true"})
+
+    def audit(self, principal: Principal, action: str, target: str, **detail: Any) -> None:
+        audit.record(
+            self.session,
+            actor=principal.actor,
+            action=action,
+            target=target,
+            request_id=self.request_id,
+            **detail,
+        )
+
+    def commit(self, principal: Principal, status_code: int, response: Any) -> None:
+        if self.key and self._print:
+            idempotency.store(
+                self.session,
+                key=self.key,
+                principal=principal.actor,
+                print_=self._print,
+                status_code=status_code,
+                body=jsonable_encoder(response),
+            )
+        self.session.commit()
+
+
+MutationDep = Annotated[Mutation, Depends()]

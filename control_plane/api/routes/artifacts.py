@@ -1,0 +1,43 @@
+"""`/v1/artifacts/{sha256}`: content-addressed download with Range, ETag and If-None-Match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
+
+from control_plane.api.deps import BlobStoreDep, PrincipalDep, SessionDep
+from control_plane.errors import DomainError
+from control_plane.models import Role
+from control_plane.services import registry
+from control_plane.services.auth import require_role
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+
+@router.get(
+    "/{sha256}",
+    response_class=FileResponse,
+    responses={206: {"description": "Partial content"}, 304: {"description": "Not modified"}},
+)
+def download_artifact(
+    sha256: str, request: Request, principal: PrincipalDep, session: SessionDep, store: BlobStoreDep
+) -> Any:
+    """Stream an artifact. Devices (Basic credential) and viewers may download."""
+    if principal.kind != "device":
+        require_role(principal, Role.viewer)
+    artifact = registry.find_artifact(session, sha256.lower())
+    etag = f'"{artifact.sha256}"'
+    if artifact.external_url and not store.exists(artifact.sha256):
+        return RedirectResponse(artifact.external_url, status_code=307, headers={"ETag": etag})
+    if not store.exists(artifact.sha256):
+        raise DomainError("artifact_not_found", "the artifact's bytes are missing from the blob store")
+    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        store.path_for(artifact.sha256),
+        media_type="application/octet-stream",
+        filename=f"{artifact.sha256}.{artifact.format}",
+        headers={"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"},
+    )

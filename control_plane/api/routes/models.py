@@ -1,0 +1,300 @@
+"""`/v1/models`: models, versions (streamed multipart upload or by reference) and their artifacts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlmodel import select
+
+from control_plane.api.deps import (
+    BlobStoreDep,
+    MutationDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    ViewerDep,
+)
+from control_plane.errors import DomainError
+from control_plane.models import Model, ModelVersion
+from control_plane.schemas import (
+    ArtifactPublic,
+    ArtifactReference,
+    ArtifactSpec,
+    ModelCreate,
+    ModelPublic,
+    Page,
+    VersionByReference,
+    VersionPublic,
+    VersionSpec,
+    VersionStatusUpdate,
+)
+from control_plane.services import pagination, registry
+from control_plane.services.auth import Principal
+from control_plane.services.sniff import sniff_artifact
+from control_plane.services.uploads import ReceivedForm, receive_multipart
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["version", "file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "version": {"type": "string"},
+                        "sha256": {"type": "string", "description": "declared digest, verified"},
+                        "quantization": {"type": "string"},
+                        "notes": {"type": "string"},
+                        "parent": {"type": "string", "description": "version or model@version"},
+                        "relation": {"type": "string"},
+                        "eval_metrics": {"type": "string", "description": "JSON object"},
+                        "provenance": {"type": "string", "description": "JSON object"},
+                        "min_ram_mb": {"type": "integer"},
+                        "accelerators": {"type": "string", "description": "comma separated"},
+                        "cpu_arch": {"type": "string", "description": "comma separated"},
+                        "runtime_hints": {"type": "string", "description": "JSON object"},
+                    },
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/VersionByReference"}},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=ModelPublic)
+def create_model(spec: ModelCreate, principal: OperatorDep, mutation: MutationDep) -> Any:
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    model = registry.create_model(mutation.session, spec=spec, created_by=principal.actor)
+    mutation.audit(principal, "model.create", model.name)
+    body = ModelPublic.model_validate(model)
+    mutation.commit(principal, 201, body)
+    return body
+
+
+@router.get("", response_model=Page[ModelPublic])
+def list_models(
+    session: SessionDep, _: ViewerDep, cursor: str | None = None, limit: int = Query(50, ge=1, le=500)
+) -> Any:
+    stmt = pagination.apply_page(select(Model), Model.created_at, Model.id, cursor, limit)
+    rows, next_cursor = pagination.split_page(list(session.exec(stmt).all()), limit)
+    return Page[ModelPublic](data=[ModelPublic.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{name}", response_model=ModelPublic)
+def get_model(name: str, session: SessionDep, _: ViewerDep) -> Any:
+    return ModelPublic.model_validate(registry.get_model(session, name))
+
+
+@router.get("/{name}/versions", response_model=Page[VersionPublic])
+def list_versions(
+    name: str,
+    session: SessionDep,
+    _: ViewerDep,
+    cursor: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+) -> Any:
+    model = registry.get_model(session, name)
+    stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
+    stmt = pagination.apply_page(stmt, ModelVersion.created_at, ModelVersion.id, cursor, limit)
+    rows, next_cursor = pagination.split_page(list(session.exec(stmt).all()), limit)
+    data = [registry.version_public(session, model, r) for r in rows]
+    return Page[VersionPublic](data=data, next_cursor=next_cursor)
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionPublic)
+def get_version(name: str, version: str, session: SessionDep, _: ViewerDep) -> Any:
+    model, row = registry.get_version(session, name, version)
+    return registry.version_public(session, model, row)
+
+
+@router.patch("/{name}/versions/{version}", response_model=VersionPublic)
+def update_version_status(
+    name: str, version: str, update: VersionStatusUpdate, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    model, row = registry.get_version(mutation.session, name, version)
+    row.status = update.status
+    mutation.session.add(row)
+    mutation.audit(principal, "version.status", f"{name}@{version}", status=update.status)
+    body = registry.version_public(mutation.session, model, row)
+    mutation.commit(principal, 200, body)
+    return body
+
+
+@router.post("/{name}/versions", status_code=201, response_model=VersionPublic, openapi_extra=_UPLOAD_BODY)
+async def create_version(
+    name: str,
+    request: Request,
+    principal: OperatorDep,
+    mutation: MutationDep,
+    store: BlobStoreDep,
+    settings: SettingsDep,
+) -> Any:
+    """Upload a version's first artifact (multipart, streamed) or register it by reference (JSON)."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        spec = _parse(VersionByReference, await request.json())
+        return await run_in_threadpool(_create_version_by_reference, name, spec, principal, mutation)
+    form = await receive_multipart(
+        request.headers.get("content-type", ""),
+        request.stream(),
+        store=store,
+        max_bytes=settings.max_upload_bytes,
+    )
+    return await run_in_threadpool(_create_version_from_upload, name, form, principal, mutation)
+
+
+@router.post(
+    "/{name}/versions/{version}/artifacts",
+    status_code=201,
+    response_model=ArtifactPublic,
+    openapi_extra=_UPLOAD_BODY,
+)
+async def add_artifact(
+    name: str,
+    version: str,
+    request: Request,
+    principal: OperatorDep,
+    mutation: MutationDep,
+    store: BlobStoreDep,
+    settings: SettingsDep,
+) -> Any:
+    """Add another variant (other quantization or hardware) to an existing version."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        ref = _parse(ArtifactReference, await request.json())
+        return await run_in_threadpool(_add_reference, name, version, ref, principal, mutation)
+    form = await receive_multipart(
+        request.headers.get("content-type", ""),
+        request.stream(),
+        store=store,
+        max_bytes=settings.max_upload_bytes,
+    )
+    return await run_in_threadpool(_add_uploaded, name, version, form, principal, mutation)
+
+
+def _parse(schema: Any, payload: Any) -> Any:
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise DomainError("validation_error", "invalid request body", errors=_errors(exc)) from exc
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def _form_specs(form: ReceivedForm) -> tuple[VersionSpec, ArtifactSpec]:
+    fields = dict(form.fields)
+    decoded: dict[str, Any] = {}
+    for key in ("eval_metrics", "provenance", "runtime_hints"):
+        if fields.get(key):
+            try:
+                decoded[key] = json.loads(fields[key])
+            except json.JSONDecodeError as exc:
+                raise DomainError("validation_error", f"form field {key!r} must be a JSON object") from exc
+    for key in ("accelerators", "cpu_arch"):
+        if key in fields:
+            decoded[key] = [v.strip() for v in fields[key].split(",") if v.strip()]
+    merged = {k: v for k, v in fields.items() if v != ""} | decoded
+    return _parse(VersionSpec, merged), _parse(ArtifactSpec, merged)
+
+
+def _store_upload(form: ReceivedForm, spec: ArtifactSpec) -> tuple[Any, str, dict[str, Any]]:
+    """Verify and sniff the received file, then move it into the blob store. Nothing kept on error."""
+    writer = form.writer
+    if writer is None:
+        raise DomainError("validation_error", "the multipart body has no 'file' part")
+    try:
+        if spec.sha256 and spec.sha256 != writer.sha256:
+            raise DomainError(
+                "sha256_mismatch",
+                "the uploaded bytes do not match the declared sha256; nothing was stored",
+                declared_sha256=spec.sha256,
+                computed_sha256=writer.sha256,
+            )
+        fmt, metadata = sniff_artifact(writer.temp_path)
+        if spec.format and spec.format != fmt:
+            raise DomainError(
+                "unrecognized_artifact", f"declared format {spec.format!r} but the file is {fmt}"
+            )
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit(spec.sha256), fmt, metadata
+
+
+def _create_version_from_upload(name: str, form: ReceivedForm, principal: Principal, mutation: Any) -> Any:
+    # The version row is flushed before the blob is adopted, so a refused version keeps no bytes.
+    try:
+        version_spec, artifact_spec = _form_specs(form)
+        fingerprint_body = {"fields": form.fields, "sha256": form.writer.sha256 if form.writer else None}
+        if (replayed := mutation.replay(principal, fingerprint_body)) is not None:
+            return replayed
+        model = registry.get_model(mutation.session, name)
+        row = registry.create_version(
+            mutation.session, model=model, spec=version_spec, created_by=principal.actor
+        )
+        blob, fmt, metadata = _store_upload(form, artifact_spec)
+    finally:
+        if form.writer:
+            form.writer.abort()  # no-op once the blob store adopted the file
+    registry.add_stored_artifact(
+        mutation.session, version=row, blob=blob, fmt=fmt, file_metadata=metadata, spec=artifact_spec
+    )
+    mutation.audit(principal, "version.create", f"{name}@{row.version}", sha256=blob.sha256)
+    body = registry.version_public(mutation.session, model, row)
+    mutation.commit(principal, 201, body)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201)
+
+
+def _create_version_by_reference(
+    name: str, spec: VersionByReference, principal: Principal, mutation: Any
+) -> Any:
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    model = registry.get_model(mutation.session, name)
+    row = registry.create_version(mutation.session, model=model, spec=spec, created_by=principal.actor)
+    registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact)
+    mutation.audit(principal, "version.create", f"{name}@{row.version}", url=spec.artifact.url)
+    body = registry.version_public(mutation.session, model, row)
+    mutation.commit(principal, 201, body)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201)
+
+
+def _add_uploaded(name: str, version: str, form: ReceivedForm, principal: Principal, mutation: Any) -> Any:
+    try:
+        _, artifact_spec = _form_specs(ReceivedForm({**form.fields, "version": version}, form.writer))
+        _, row = registry.get_version(mutation.session, name, version)
+        blob, fmt, metadata = _store_upload(form, artifact_spec)
+    finally:
+        if form.writer:
+            form.writer.abort()  # no-op once the blob store adopted the file
+    artifact = registry.add_stored_artifact(
+        mutation.session, version=row, blob=blob, fmt=fmt, file_metadata=metadata, spec=artifact_spec
+    )
+    mutation.audit(principal, "artifact.create", f"{name}@{version}", sha256=blob.sha256)
+    body = registry.artifact_public(artifact, deduplicated=blob.deduplicated)
+    mutation.commit(principal, 201, body)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201)
+
+
+def _add_reference(
+    name: str, version: str, ref: ArtifactReference, principal: Principal, mutation: Any
+) -> Any:
+    if (replayed := mutation.replay(principal, ref)) is not None:
+        return replayed
+    _, row = registry.get_version(mutation.session, name, version)
+    artifact = registry.add_referenced_artifact(mutation.session, version=row, ref=ref)
+    mutation.audit(principal, "artifact.create", f"{name}@{version}", url=ref.url)
+    body = registry.artifact_public(artifact)
+    mutation.commit(principal, 201, body)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201)

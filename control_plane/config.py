@@ -1,0 +1,77 @@
+"""Control-plane settings: one pydantic-settings class, `SLMOPS_` prefix, validated at start."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the control plane reads from its environment.
+
+    With no environment at all it runs on SQLite in `./.slmops` with an embedded MQTT broker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".slmops")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default sqlite in the data dir. postgresql://... selects PostgreSQL.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    public_url: str | None = Field(default=None, description="URL devices use to reach this server.")
+    max_upload_bytes: int = Field(default=8 * 1024**3, gt=0, description="Largest artifact accepted.")
+    upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096)
+    enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")
+    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="Port of the embedded broker.")
+    mqtt_topic_prefix: str = "slmops/v1"
+    log_json: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        # psycopg 3 is the driver we ship; accept the bare scheme operators usually paste.
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        if not (value.startswith("postgresql+psycopg://") or value.startswith("sqlite")):
+            raise ValueError("SLMOPS_DATABASE_URL must be a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("mqtt_topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+"):
+            raise ValueError("SLMOPS_MQTT_TOPIC_PREFIX must be a plain topic path like 'slmops/v1'")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_postgres(self) -> Settings:
+        if self.environment == "production" and self.database_url is None:
+            raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
+        return self
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'slmops.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"

@@ -1,0 +1,32 @@
+"""All tables; importing this module fills `SQLModel.metadata` for alembic and the app."""
+
+from control_plane.models.auth import ApiToken, AuditEntry, IdempotencyRecord, Role
+from control_plane.models.base import as_utc, new_id, utcnow
+from control_plane.models.devices import Device, DeviceLabel, DeviceStatus
+from control_plane.models.registry import (
+    Artifact,
+    ArtifactFormat,
+    LineageRelation,
+    Model,
+    ModelVersion,
+    VersionStatus,
+)
+
+__all__ = [
+    "ApiToken",
+    "Artifact",
+    "ArtifactFormat",
+    "AuditEntry",
+    "Device",
+    "DeviceLabel",
+    "DeviceStatus",
+    "IdempotencyRecord",
+    "LineageRelation",
+    "Model",
+    "ModelVersion",
+    "Role",
+    "VersionStatus",
+    "as_utc",
+    "new_id",
+    "utcnow",
+]

@@ -1,0 +1,46 @@
+"""Device registry: devices, their labels (a table, so selectors filter in SQL) and credentials."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlmodel import Field, SQLModel
+
+from control_plane.models.base import created_at_field, id_field, json_field, ts_field
+
+
+class DeviceStatus(StrEnum):
+    pending_enrollment = "pending_enrollment"
+    offline = "offline"
+    online = "online"
+    decommissioned = "decommissioned"
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: str = id_field()
+    name: str = Field(max_length=128, unique=True, index=True)
+    status: str = Field(default=DeviceStatus.pending_enrollment, max_length=24, index=True)
+    labels: dict[str, str] = json_field()  # copy of device_labels for display; filters use the table
+    hardware: dict[str, Any] = json_field()
+    enrollment_token_hash: str | None = Field(default=None, max_length=64, unique=True)
+    enrollment_expires_at: datetime | None = ts_field()
+    enrolled_at: datetime | None = ts_field()
+    secret_hash: str | None = Field(default=None, max_length=64)
+    last_seen: datetime | None = ts_field()
+    current_model: str | None = Field(default=None, max_length=128)
+    current_version: str | None = Field(default=None, max_length=64, index=True)
+    current_sha256: str | None = Field(default=None, max_length=64)
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = created_at_field(index=True)
+
+
+class DeviceLabel(SQLModel, table=True):
+    __tablename__ = "device_labels"
+
+    device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=36, ondelete="CASCADE")
+    key: str = Field(primary_key=True, max_length=63)
+    value: str = Field(max_length=63, index=True)

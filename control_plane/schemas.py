@@ -1,0 +1,170 @@
+"""REST request and response bodies (the public shapes; tables live in control_plane.models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    next_cursor: str | None = None
+
+
+class ModelCreate(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = Field(default="", max_length=2000)
+    task: str = Field(default="text-generation", max_length=64)
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    name: str
+    description: str
+    task: str
+    created_by: str
+    created_at: datetime
+
+
+class ArtifactPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    format: str
+    quantization: str | None
+    size_bytes: int
+    sha256: str
+    storage_key: str | None
+    external_url: str | None
+    download_url: str
+    runtime_hints: dict[str, Any]
+    min_ram_mb: int
+    accelerators: list[str]
+    cpu_arch: list[str]
+    file_metadata: dict[str, Any]
+    eval_metrics: dict[str, Any]
+    created_at: datetime
+    deduplicated: bool | None = None  # set on upload responses only
+
+
+class LineagePublic(BaseModel):
+    model: str
+    version: str
+    relation: str | None
+
+
+class VersionPublic(BaseModel):
+    id: str
+    model: str
+    version: str
+    status: str
+    created_by: str
+    notes: str
+    eval_metrics: dict[str, Any]
+    provenance: dict[str, Any]
+    parent: LineagePublic | None
+    artifacts: list[ArtifactPublic]
+    created_at: datetime
+
+
+class ArtifactSpec(BaseModel):
+    """Metadata an operator declares next to an uploaded file (multipart fields) or a reference."""
+
+    format: Literal["gguf", "onnx", "gguf-lora"] | None = None
+    quantization: str | None = Field(default=None, max_length=32)
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    min_ram_mb: int = Field(default=0, ge=0)
+    accelerators: list[str] = Field(default_factory=list)
+    cpu_arch: list[str] = Field(default_factory=list)
+    runtime_hints: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArtifactReference(ArtifactSpec):
+    """An artifact that lives elsewhere (https:// or s3://): sha256 and size are mandatory."""
+
+    url: str = Field(pattern=r"^(https|s3)://.+", max_length=2000)
+    sha256: str = Field(pattern=SHA256_PATTERN)  # type: ignore[assignment]
+    size_bytes: int = Field(gt=0)
+    format: Literal["gguf", "onnx", "gguf-lora"]  # type: ignore[assignment]
+
+
+class VersionSpec(BaseModel):
+    version: str = Field(pattern=VERSION_PATTERN)
+    notes: str = Field(default="", max_length=4000)
+    eval_metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = Field(default=None, description="'version' of this model or 'model@version'")
+    relation: Literal["quantized_from", "distilled_from", "finetuned_from", "adapter_of"] | None = None
+
+
+class VersionByReference(VersionSpec):
+    artifact: ArtifactReference
+
+
+class VersionStatusUpdate(BaseModel):
+    status: Literal["registered", "validated", "deprecated", "revoked"]
+
+
+class DeviceCreate(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class DevicePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    name: str
+    status: str
+    labels: dict[str, str]
+    hardware: dict[str, Any]
+    last_seen: datetime | None
+    enrolled_at: datetime | None
+    current_model: str | None
+    current_version: str | None
+    current_sha256: str | None
+    created_at: datetime
+
+
+class DeviceCreated(DevicePublic):
+    enrollment_token: str
+    enrollment_expires_at: datetime
+
+
+class TokenCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    role: Literal["viewer", "operator", "admin"]
+
+
+class TokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    name: str
+    role: str
+    prefix: str
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str
+
+
+class AuditPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    actor: str
+    action: str
+    target: str
+    request_id: str
+    detail: dict[str, Any]
+    created_at: datetime

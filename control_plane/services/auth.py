@@ -1,0 +1,74 @@
+"""API tokens with roles, device credentials, and the principal a request acts as."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session, select
+
+from control_plane.errors import DomainError
+from control_plane.models import ApiToken, Device, DeviceStatus, Role, utcnow
+from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # "token" | "device"
+    id: str
+    name: str
+    role: Role | None = None  # devices have no operator role at all
+
+    @property
+    def actor(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+def create_token(session: Session, *, name: str, role: Role, created_by: str = "") -> tuple[ApiToken, str]:
+    """Create a token; the plaintext is returned once and never stored."""
+    plaintext = new_secret(API_TOKEN_PREFIX)
+    token = ApiToken(
+        name=name,
+        role=role.name,
+        token_hash=hash_secret(plaintext),
+        prefix=plaintext[: len(API_TOKEN_PREFIX) + 6],
+        created_by=created_by,
+    )
+    session.add(token)
+    session.flush()
+    return token, plaintext
+
+
+def authenticate_token(session: Session, plaintext: str) -> Principal:
+    token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(plaintext))).first()
+    if token is None or token.revoked_at is not None:
+        raise DomainError("unauthenticated", "the bearer token is unknown or revoked")
+    return Principal(kind="token", id=token.id, name=token.name, role=Role[token.role])
+
+
+def authenticate_device(session: Session, device_id: str, secret: str) -> Principal:
+    device = session.get(Device, device_id)
+    if (
+        device is None
+        or device.status == DeviceStatus.decommissioned
+        or not verify_secret(secret, device.secret_hash)
+    ):
+        raise DomainError("unauthenticated", "the device credential is unknown or revoked")
+    return Principal(kind="device", id=device.id, name=device.id)
+
+
+def require_role(principal: Principal, needed: Role) -> None:
+    if principal.role is None or principal.role < needed:
+        raise DomainError(
+            "forbidden",
+            f"this endpoint needs the {needed.name} role",
+            required_role=needed.name,
+        )
+
+
+def revoke_token(session: Session, token_id: str) -> ApiToken:
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise DomainError("token_not_found", f"no token with id {token_id}")
+    token.revoked_at = token.revoked_at or utcnow()
+    session.add(token)
+    return token

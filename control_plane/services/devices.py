@@ -1,0 +1,111 @@
+"""Device registry: creation with a one-time enrollment token, enrollment, listing by selector."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from control_plane.errors import DomainError
+from control_plane.models import Device, DeviceLabel, DeviceStatus, as_utc, utcnow
+from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
+from control_plane.services import pagination
+from control_plane.services.selectors import parse_selector, selector_clauses
+from shared.enrollment import EnrollRequest
+
+
+def create_device(
+    session: Session, *, name: str, labels: dict[str, str], created_by: str, token_ttl_s: int
+) -> tuple[Device, str]:
+    """Create a device awaiting enrollment; returns it with the one-time enrollment token."""
+    if session.exec(select(Device).where(Device.name == name)).first() is not None:
+        raise DomainError("device_exists", f"a device named {name!r} already exists")
+    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    device = Device(
+        name=name,
+        labels=labels,
+        created_by=created_by,
+        enrollment_token_hash=hash_secret(token),
+        enrollment_expires_at=utcnow() + timedelta(seconds=token_ttl_s),
+    )
+    session.add(device)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise DomainError("device_exists", f"a device named {name!r} already exists") from exc
+    set_labels(session, device, labels)
+    return device, token
+
+
+def set_labels(session: Session, device: Device, labels: dict[str, str]) -> None:
+    for row in session.exec(select(DeviceLabel).where(DeviceLabel.device_id == device.id)).all():
+        session.delete(row)
+    session.flush()
+    for key, value in labels.items():
+        session.add(DeviceLabel(device_id=device.id, key=key, value=value))
+    device.labels = dict(labels)
+    session.add(device)
+    session.flush()
+
+
+def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:
+    """A fresh token for a device that lost its credential; the old credential stops working."""
+    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    device.enrollment_token_hash = hash_secret(token)
+    device.enrollment_expires_at = utcnow() + timedelta(seconds=token_ttl_s)
+    device.secret_hash = None
+    device.status = DeviceStatus.pending_enrollment
+    session.add(device)
+    session.flush()
+    return token
+
+
+def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
+    """Exchange an enrollment token, once, for a device credential (id + secret)."""
+    token_hash = hash_secret(request.enrollment_token)
+    device = session.exec(select(Device).where(Device.enrollment_token_hash == token_hash)).first()
+    if device is None:
+        raise DomainError("enrollment_token_invalid", "the enrollment token is not known")
+    if device.enrolled_at is not None and device.secret_hash is not None:
+        raise DomainError("enrollment_token_used", "this enrollment token was already used")
+    expires = as_utc(device.enrollment_expires_at)
+    if expires is not None and expires < utcnow():
+        raise DomainError("enrollment_token_expired", "the enrollment token has expired; ask for a new one")
+    secret = new_secret()
+    device.secret_hash = hash_secret(secret)
+    device.enrolled_at = utcnow()
+    device.status = DeviceStatus.offline
+    device.hardware = request.hardware.model_dump(exclude={"schema_version"})
+    session.add(device)
+    session.flush()
+    return device, secret
+
+
+def get_device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        device = session.exec(select(Device).where(Device.name == device_id)).first()
+    if device is None:
+        raise DomainError("device_not_found", f"no device with id or name {device_id!r}")
+    return device
+
+
+def list_devices(
+    session: Session,
+    *,
+    selector: str | None,
+    status: str | None,
+    current_version: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Device], str | None]:
+    stmt = select(Device)
+    for clause in selector_clauses(parse_selector(selector)):
+        stmt = stmt.where(clause)
+    if status:
+        stmt = stmt.where(Device.status == status)
+    if current_version:
+        stmt = stmt.where(Device.current_version == current_version)
+    stmt = pagination.apply_page(stmt, Device.created_at, Device.id, cursor, limit)
+    return pagination.split_page(list(session.exec(stmt).all()), limit)
