@@ -9,9 +9,9 @@ that does not fit raises ContextOverflowError instead of llama-cpp-python silent
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import llama_cpp
 
@@ -117,13 +117,17 @@ class LlamaEngine:
         self, tokens: list[int], *, max_tokens: int, temperature: float, stop: list[str] | None
     ) -> Iterator[TokenChunk]:
         with self._lock:
-            stream = self._live().create_completion(
-                tokens,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stop=stop or [],
-                seed=SEED,
-                stream=True,
+            # stream=True makes this a generator of completion chunks (the stub types a union).
+            stream = cast(
+                "Generator[dict[str, Any], None, None]",
+                self._live().create_completion(
+                    tokens,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=stop or [],
+                    seed=SEED,
+                    stream=True,
+                ),
             )
             try:
                 for chunk in stream:

@@ -6,7 +6,18 @@ real runtimes load, tokenize, generate with, quantize and time.
 
 from __future__ import annotations
 
-from slmops.tinymodels.gguf_tiny import TINY_CHAT_TEMPLATE, write_tiny_gguf, write_tiny_lora_gguf
+from slmops.tinymodels.gguf_tiny import (
+    TINY_CHAT_TEMPLATE,
+    TinyLlamaShape,
+    write_tiny_gguf,
+    write_tiny_lora_gguf,
+)
 from slmops.tinymodels.onnx_tiny import write_tiny_onnx
 
-__all__ = ["TINY_CHAT_TEMPLATE", "write_tiny_gguf", "write_tiny_lora_gguf", "write_tiny_onnx"]
+__all__ = [
+    "TINY_CHAT_TEMPLATE",
+    "TinyLlamaShape",
+    "write_tiny_gguf",
+    "write_tiny_lora_gguf",
+    "write_tiny_onnx",
+]

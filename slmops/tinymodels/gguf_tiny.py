@@ -158,14 +158,16 @@ def write_tiny_gguf(
     size: SizeName = "tiny",
     slow: bool = False,
     layers: int | None = None,
+    shape: TinyLlamaShape | None = None,
     chat_template: str = TINY_CHAT_TEMPLATE,
 ) -> Path:
     """Write a random-weight F32 llama GGUF; the same arguments always give the same bytes.
 
     `slow=True` quadruples the layer count (about four times the compute per token); `layers`
-    sets the layer count explicitly and wins over `slow`.
+    sets the layer count explicitly and wins over `slow`; `shape` replaces all of them (tests use it
+    for widths that some quantization types cannot handle).
     """
-    shape = resolve_shape(size, slow=slow, layers=layers)
+    shape = shape or resolve_shape(size, slow=slow, layers=layers)
     tokens, types = tiny_vocab()
     first_printable = BYTE_OFFSET + 256
     out = Path(path)

@@ -1,11 +1,12 @@
 """Write a tiny random-weight decoder language model as ONNX (opset 17).
 
 It is a decoder LM over bytes: `input_ids` int64 [batch, seq] -> `logits` float32 [batch, seq, 259],
-where position t depends only on tokens 0..t (a per-position MLP plus a causal running mean, built
-from Gather, MatMul, Add, Tanh, CumSum and Div). Greedy generation re-runs the graph on the growing
-sequence and takes the argmax of the last position. Vocabulary: 0 <unk>, 1 <s>, 2 </s>, then byte b
-is token 3 + b (the same ids as the tiny GGUF's byte tokens). A bias favours printable ASCII so greedy
-text is readable gibberish. MatMul weights are initializers, so `quantize_dynamic` quantizes them.
+where position t depends only on tokens 0..t (a per-position MLP plus a scaled causal running sum,
+built from Gather, MatMul, Add, Tanh, CumSum, Sqrt and Div). Greedy generation re-runs the graph on
+the growing sequence and takes the argmax of the last position. Vocabulary: 0 <unk>, 1 <s>, 2 </s>,
+then byte b is token 3 + b (the same ids as the tiny GGUF's byte tokens). A bias favours printable
+ASCII so greedy text is readable gibberish. MatMul weights are initializers, so `quantize_dynamic`
+quantizes them.
 """
 
 from __future__ import annotations
@@ -76,15 +77,17 @@ def _nodes() -> list[onnx.NodeProto]:
         node("MatMul", ["emb", "w_in"], ["h1_mm"]),
         node("Add", ["h1_mm", "b_in"], ["h1_pre"]),
         node("Tanh", ["h1_pre"], ["h1"]),
-        # Causal mixing: the running mean of h1 over positions 0..t (CumSum / position count).
+        # Causal mixing: the running sum of h1 over positions 0..t divided by sqrt(t + 1), which keeps
+        # its scale that of one position, so the whole prefix keeps steering the next token.
         node("CumSum", ["h1", "cumsum_axis"], ["h1_cum"]),
         node("Shape", ["input_ids"], ["ids_shape"]),
         node("Gather", ["ids_shape", "seq_axis_index"], ["seq_len"], axis=0),
         node("Add", ["seq_len", "one_i64"], ["seq_end"]),
         node("Range", ["one_i64", "seq_end", "one_i64"], ["positions"]),
         node("Cast", ["positions"], ["positions_f"], to=TensorProto.FLOAT),
-        node("Reshape", ["positions_f", "pos_shape"], ["counts"]),
-        node("Div", ["h1_cum", "counts"], ["h1_mean"]),
+        node("Sqrt", ["positions_f"], ["positions_sqrt"]),
+        node("Reshape", ["positions_sqrt", "pos_shape"], ["scales"]),
+        node("Div", ["h1_cum", "scales"], ["h1_mean"]),
         node("Add", ["h1", "h1_mean"], ["mixed"]),
         node("MatMul", ["mixed", "w_mid"], ["h2_mm"]),
         node("Add", ["h2_mm", "b_mid"], ["h2_pre"]),

@@ -1,0 +1,85 @@
+"""`slmops model make-tiny` and `slmops model quantize`: real tiny models and their quantized forms."""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from slmops.cli.app import model_app
+
+
+class TinyFormat(StrEnum):
+    gguf = "gguf"
+    onnx = "onnx"
+
+
+class TinySize(StrEnum):
+    tiny = "tiny"
+    small = "small"
+
+
+def _describe(path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"wrote {path} ({path.stat().st_size} bytes, sha256 {digest})"
+
+
+@model_app.command("make-tiny")
+def make_tiny(
+    out: Path = typer.Option(..., "--out", help="File to write."),
+    fmt: TinyFormat = typer.Option(TinyFormat.gguf, "--format", help="Model format."),
+    seed: int = typer.Option(0, "--seed", help="Weights are a function of the seed."),
+    size: TinySize = typer.Option(TinySize.tiny, "--size", help="tiny (~5 MB GGUF) or small (~40 MB)."),
+    slow: bool = typer.Option(False, "--slow", help="GGUF only: four times the layers (slower per token)."),
+    layers: int | None = typer.Option(None, "--layers", min=1, help="GGUF only: explicit layer count."),
+    lora_of: Path | None = typer.Option(
+        None,
+        "--lora-of",
+        exists=True,
+        dir_okay=False,
+        help="Write a LoRA adapter for this tiny GGUF instead.",
+    ),
+) -> None:
+    """Write a random-weight model that real runtimes load (llama.cpp for GGUF, onnxruntime for ONNX)."""
+    if lora_of is not None:
+        from slmops.tinymodels import write_tiny_lora_gguf
+
+        written = write_tiny_lora_gguf(lora_of, out, seed=seed)
+    elif fmt is TinyFormat.gguf:
+        from slmops.tinymodels import write_tiny_gguf
+
+        written = write_tiny_gguf(out, seed=seed, size=size.value, slow=slow, layers=layers)
+    else:
+        if slow or layers is not None:
+            raise typer.BadParameter("--slow and --layers apply to GGUF models only")
+        from slmops.tinymodels import write_tiny_onnx
+
+        written = write_tiny_onnx(out, seed=seed, size=size.value)
+    typer.echo(_describe(written))
+
+
+@model_app.command("quantize")
+def quantize(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="Float model (GGUF or ONNX)."),
+    dst: Path = typer.Argument(..., help="Quantized model to write."),
+    to: str = typer.Option("Q8_0", "--to", help="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8."),
+) -> None:
+    """Quantize a GGUF model with llama.cpp or an ONNX model to dynamic int8 with onnxruntime."""
+    from slmops.modelopt import QuantizeError, quantize_gguf, quantize_onnx_int8
+
+    try:
+        if src.suffix == ".onnx":
+            if to.lower() != "int8":
+                raise QuantizeError(f"ONNX models quantize to int8 only, not {to!r}")
+            result = quantize_onnx_int8(src, dst)
+        else:
+            result = quantize_gguf(src, dst, to.upper())
+    except QuantizeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"wrote {result.dst} ({result.quant_type}): {result.size_before} -> {result.size_after} bytes "
+        f"({result.ratio:.1%}) in {result.seconds:.2f} s, sha256 {result.sha256}"
+    )

@@ -1,0 +1,42 @@
+"""Session-wide tiny model files for tests (import these fixtures from tests/conftest.py).
+
+Each file is written once per test session into a temporary directory; tests must not modify
+them (copy first if a test needs to).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf, write_tiny_onnx
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_models_dir: Path) -> Path:
+    """A 2-layer F32 llama GGUF (about 5 MB), seed 0."""
+    return write_tiny_gguf(tiny_models_dir / "tiny-s0.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_slow(tiny_models_dir: Path) -> Path:
+    """The same width as `tiny_gguf` with four times the layers: measurably slower per token."""
+    return write_tiny_gguf(tiny_models_dir / "tiny-slow-s0.gguf", seed=0, slow=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_gguf(tiny_models_dir: Path, tiny_gguf: Path) -> Path:
+    """A LoRA adapter (attn_q, attn_v) for `tiny_gguf`."""
+    return write_tiny_lora_gguf(tiny_gguf, tiny_models_dir / "tiny-lora-s0.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_models_dir: Path) -> Path:
+    """The tiny ONNX byte-level decoder LM, seed 0."""
+    return write_tiny_onnx(tiny_models_dir / "tiny-s0.onnx", seed=0)
