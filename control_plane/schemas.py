@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from control_plane.models.base import as_utc
 
 T = TypeVar("T")
+# SQLite returns naive datetimes; every stored timestamp is UTC, so the API always says so.
+UTCDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
@@ -32,7 +36,7 @@ class ModelPublic(BaseModel):
     description: str
     task: str
     created_by: str
-    created_at: datetime
+    created_at: UTCDatetime
 
 
 class ArtifactPublic(BaseModel):
@@ -51,7 +55,7 @@ class ArtifactPublic(BaseModel):
     cpu_arch: list[str]
     file_metadata: dict[str, Any]
     eval_metrics: dict[str, Any]
-    created_at: datetime
+    created_at: UTCDatetime
     deduplicated: bool | None = None  # set on upload responses only
 
 
@@ -72,7 +76,7 @@ class VersionPublic(BaseModel):
     provenance: dict[str, Any]
     parent: LineagePublic | None
     artifacts: list[ArtifactPublic]
-    created_at: datetime
+    created_at: UTCDatetime
 
 
 class ArtifactSpec(BaseModel):
@@ -125,17 +129,17 @@ class DevicePublic(BaseModel):
     status: str
     labels: dict[str, str]
     hardware: dict[str, Any]
-    last_seen: datetime | None
-    enrolled_at: datetime | None
+    last_seen: UTCDatetime | None
+    enrolled_at: UTCDatetime | None
     current_model: str | None
     current_version: str | None
     current_sha256: str | None
-    created_at: datetime
+    created_at: UTCDatetime
 
 
 class DeviceCreated(DevicePublic):
     enrollment_token: str
-    enrollment_expires_at: datetime
+    enrollment_expires_at: UTCDatetime
 
 
 class TokenCreate(BaseModel):
@@ -150,9 +154,9 @@ class TokenPublic(BaseModel):
     role: str
     prefix: str
     created_by: str
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
+    created_at: UTCDatetime
+    last_used_at: UTCDatetime | None
+    revoked_at: UTCDatetime | None
 
 
 class TokenCreated(TokenPublic):
@@ -167,4 +171,4 @@ class AuditPublic(BaseModel):
     target: str
     request_id: str
     detail: dict[str, Any]
-    created_at: datetime
+    created_at: UTCDatetime
