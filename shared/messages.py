@@ -1,0 +1,167 @@
+"""MQTT message envelopes and the one decoder for every device topic.
+
+Each payload is UTF-8 JSON of a pydantic model that carries `schema_version`; the ones defined
+here also carry a `message_id` (so a duplicated QoS 1 delivery is applied once, MQTT 3.1.1
+section 4.3.2) and `sent_at`. Per topic kind:
+
+    desired    shared.desired.DesiredState (carries its own message_id)
+    state      StateMessage: shared.state.DeviceState plus the envelope
+    telemetry  TelemetryMessage: shared.telemetry.TelemetryWindow plus the envelope and the
+               count of windows the agent's spool dropped since the last report
+    events     EventMessage
+    status     StatusMessage
+
+`decode` raises only `MessageDecodeError`, whose `reason` says which of malformed JSON, an
+unknown schema version, a failed validation or an unknown kind it was.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import uuid4
+
+from pydantic import BaseModel, Field, ValidationError
+
+from shared import SCHEMA_VERSION
+from shared.base import WireModel
+from shared.desired import DesiredState
+from shared.hardware import HardwareProfile
+from shared.state import DeviceState
+from shared.telemetry import TelemetryWindow
+from shared.topics import TopicKind
+
+SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
+
+DecodeReason = Literal["malformed_json", "unknown_schema_version", "invalid", "unknown_kind"]
+
+
+class MessageDecodeError(ValueError):
+    """A payload that cannot become a typed message; the consumer counts it and drops it."""
+
+    def __init__(self, reason: DecodeReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: DecodeReason = reason
+        self.detail = detail
+
+
+def new_message_id() -> str:
+    return uuid4().hex
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(WireModel):
+    """Fields every message defined here carries besides `schema_version`."""
+
+    message_id: str = Field(default_factory=new_message_id, min_length=1, max_length=64)
+    sent_at: datetime = Field(default_factory=utc_now)
+
+
+class StatusMessage(Envelope):
+    """Retained on `status`: the birth message says online; the last will says offline."""
+
+    status: Literal["online", "offline"]
+    agent_version: str = ""
+    hardware: HardwareProfile | None = None  # sent with the birth message
+    reason: str | None = None  # e.g. "connection lost" (will) or "shutdown" (clean stop)
+
+
+EventKind = Literal[
+    "download_started",
+    "download_progress",
+    "download_completed",
+    "download_failed",
+    "verification_failed",
+    "activation_started",
+    "activation_succeeded",
+    "activation_failed",
+    "rollback",
+    "telemetry_dropped",
+    "error",
+]
+
+
+class EventMessage(Envelope):
+    kind: EventKind
+    model: str | None = None
+    version: str | None = None
+    message: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)
+    # Download progress; None where it does not apply.
+    bytes_done: int | None = Field(default=None, ge=0)
+    bytes_total: int | None = Field(default=None, ge=0)
+    rate_bytes_per_s: float | None = Field(default=None, ge=0)
+
+
+class StateMessage(DeviceState, Envelope):
+    """A `DeviceState` as published on `state`."""
+
+    @classmethod
+    def wrap(cls, state: DeviceState) -> StateMessage:
+        return cls.model_validate(state.model_dump())
+
+
+class TelemetryMessage(TelemetryWindow, Envelope):
+    """A `TelemetryWindow` as published on `telemetry`."""
+
+    # Windows the agent's spool dropped (oldest first) since the previous report, because the
+    # broker was unreachable for longer than the spool holds.
+    dropped_windows: int = Field(default=0, ge=0)
+
+    @classmethod
+    def wrap(cls, window: TelemetryWindow, *, dropped_windows: int = 0) -> TelemetryMessage:
+        return cls.model_validate({**window.model_dump(), "dropped_windows": dropped_windows})
+
+
+_MODELS: dict[TopicKind, type[BaseModel]] = {
+    TopicKind.DESIRED: DesiredState,
+    TopicKind.STATE: StateMessage,
+    TopicKind.TELEMETRY: TelemetryMessage,
+    TopicKind.EVENTS: EventMessage,
+    TopicKind.STATUS: StatusMessage,
+}
+
+
+def model_for(kind: TopicKind | str) -> type[BaseModel]:
+    """The pydantic model carried on topics of `kind`."""
+    try:
+        return _MODELS[TopicKind(kind)]
+    except ValueError as exc:
+        raise MessageDecodeError("unknown_kind", f"no message kind {kind!r}") from exc
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode(kind: TopicKind | str, payload: bytes | str) -> BaseModel:
+    """Parse and validate `payload` as the message of topic `kind`."""
+    model = model_for(kind)
+    try:
+        raw = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageDecodeError("malformed_json", str(exc)[:200]) from exc
+    if not isinstance(raw, dict):
+        raise MessageDecodeError("malformed_json", f"expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise MessageDecodeError("unknown_schema_version", f"schema_version {version!r} is not supported")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise MessageDecodeError("invalid", _summarise(exc)) from exc
+
+
+def message_id_of(message: BaseModel) -> str | None:
+    """The id that makes a redelivery recognisable, where the message has one."""
+    value = getattr(message, "message_id", None)
+    return value if isinstance(value, str) and value else None
+
+
+def _summarise(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)[:3]
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors)

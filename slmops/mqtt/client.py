@@ -1,0 +1,420 @@
+"""One class owns the paho-mqtt client: will, birth, subscriptions, reconnects, acknowledged publishes.
+
+Shaped after Home Assistant's MQTT integration: the last will is set before connecting, a birth
+message goes out on every connect, every subscription is restored after a reconnect, paho calls
+happen under one lock, and callbacks can be handed to an asyncio loop (`loop_handler`). Handlers
+run on paho's network thread: they must not block, and must not wait for a publish there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from slmops.mqtt.errors import MqttConnectError, MqttPublishError
+from slmops.mqtt.url import BrokerURL, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["3.1.1", "5", "auto"]
+Handler = Callable[[str, bytes], None]
+AsyncHandler = Callable[[str, bytes], Awaitable[None]]
+ConnectionListener = Callable[[bool], None]
+Payload = bytes | str
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish; also the shape of the last will and the birth message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass
+class ClientCounters:
+    connects: int = 0
+    disconnects: int = 0
+    messages_received: int = 0
+    handler_errors: int = 0
+    publish_failures: int = 0
+    subscribe_failures: int = 0
+
+
+@dataclass
+class _Subscription:
+    topic_filter: str
+    qos: int
+    handlers: list[Handler] = field(default_factory=list)
+
+
+@dataclass
+class _SubackWaiter:
+    done: threading.Event = field(default_factory=threading.Event)
+    granted: list[int | None] = field(default_factory=list)
+
+
+@dataclass
+class SubscribeResult:
+    """What the broker granted per filter: a QoS, or None where it refused (SUBACK 0x80 / >= 0x80)."""
+
+    granted: dict[str, int | None]
+
+    @property
+    def all_granted(self) -> bool:
+        return all(qos is not None for qos in self.granted.values())
+
+
+class MqttClient:
+    """A connected MQTT session; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        url: str | BrokerURL,
+        *,
+        client_id: str,
+        protocol: Protocol = "3.1.1",
+        will: Outgoing | None = None,
+        birth: Outgoing | Callable[[], Outgoing] | None = None,
+        keepalive_s: int = 30,
+        reconnect_min_delay_s: int = 1,
+        reconnect_max_delay_s: int = 30,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = parse_broker_url(url) if isinstance(url, str) else url
+        self.client_id = client_id
+        self.requested_protocol = protocol
+        self.counters = ClientCounters()
+        self._will = will
+        self._birth = birth
+        self._keepalive_s = keepalive_s
+        self._reconnect_delays = (reconnect_min_delay_s, reconnect_max_delay_s)
+        self._tls_context = tls_context
+        # Two locks, never nested: paho holds its callback mutex while calling us, so our callbacks
+        # take only `_state_lock`, and paho calls are made under `_paho_lock` only.
+        self._paho_lock = threading.RLock()
+        self._state_lock = threading.Lock()
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._suback_waiters: dict[int, _SubackWaiter] = {}
+        self._early_subacks: dict[int, list[int | None]] = {}
+        self._listeners: list[ConnectionListener] = []
+        self._connected = threading.Event()
+        self._network_thread_id: int | None = None
+        self._paho: paho.Client | None = None
+        self.protocol: MQTTProtocolVersion | None = None
+        self.last_refusal: str | None = None  # the broker's reason when it refused a CONNECT
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, *, wait: bool = True, timeout_s: float = 10.0) -> None:
+        """Connect in the background; paho keeps reconnecting with backoff until `stop()`."""
+        self.protocol = self._choose_protocol(timeout_s)
+        client = self._build_paho(self.protocol)
+        with self._paho_lock:
+            self._paho = client
+            client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive_s)
+            client.loop_start()
+        if wait and not self._wait_first_connect(timeout_s):
+            refusal = self.last_refusal
+            self.stop(publish_offline=False)
+            why = f"refused: {refusal}" if refusal else f"no connection within {timeout_s:.1f}s"
+            raise MqttConnectError(f"{self.url.redacted()} as {self.client_id}: {why}")
+
+    def _wait_first_connect(self, timeout_s: float) -> bool:
+        # A refusal (bad credentials) ends the wait early; paho would otherwise retry until timeout.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._connected.wait(0.05):
+                return True
+            if self.last_refusal is not None:
+                return False
+        return self._connected.is_set()
+
+    def stop(self, *, publish_offline: bool = True, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly; a clean DISCONNECT discards the will (MQTT 3.1.1 section 3.14.4),
+        so the will's message is published explicitly first when `publish_offline`."""
+        client = self._paho
+        if client is None:
+            return
+        if publish_offline and self._will is not None and self.connected:
+            try:
+                self.publish_message(self._will, timeout_s=timeout_s)
+            except MqttPublishError:
+                log.warning("could not publish the offline status of %s before stopping", self.client_id)
+        with self._paho_lock:
+            client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+        self._paho = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """`listener(True)` after each (re)connect and its resubscriptions, `listener(False)` on loss."""
+        self._listeners.append(listener)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool = True,
+        timeout_s: float = 10.0,
+    ) -> paho.MQTTMessageInfo:
+        """Publish; with `wait` and QoS >= 1, return only after the broker's PUBACK."""
+        info = self._publish_nowait(topic, payload, qos=qos, retain=retain)
+        if wait and qos > 0:
+            self._wait_for_ack(info, topic, timeout_s)
+        return info
+
+    def publish_message(self, message: Outgoing, *, wait: bool = True, timeout_s: float = 10.0) -> None:
+        self.publish(
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            wait=wait,
+            timeout_s=timeout_s,
+        )
+
+    def publish_many(self, messages: Iterable[Outgoing], *, timeout_s: float = 30.0) -> int:
+        """Publish all, then wait for every PUBACK (pipelined: far faster than one at a time)."""
+        infos = [
+            (m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages
+        ]
+        for topic, info in infos:
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                self._wait_for_ack(info, topic, timeout_s)
+            else:
+                self.counters.publish_failures += 1
+                raise MqttPublishError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
+        return len(infos)
+
+    async def publish_async(
+        self, topic: str, payload: Payload, *, qos: int = 1, retain: bool = False, timeout_s: float = 10.0
+    ) -> None:
+        """Like `publish`, awaiting the PUBACK without blocking the event loop."""
+        info = self._publish_nowait(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            await asyncio.to_thread(self._wait_for_ack, info, topic, timeout_s)
+
+    def _publish_nowait(
+        self, topic: str, payload: Payload, *, qos: int, retain: bool
+    ) -> paho.MQTTMessageInfo:
+        client = self._require_client()
+        if not self.connected:
+            # Refuse instead of letting paho queue in memory: the caller spools what must survive.
+            self.counters.publish_failures += 1
+            raise MqttPublishError(f"not connected to {self.url.redacted()}; cannot publish to {topic}")
+        with self._paho_lock:
+            return client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _wait_for_ack(self, info: paho.MQTTMessageInfo, topic: str, timeout_s: float) -> None:
+        if threading.get_ident() == self._network_thread_id:
+            raise MqttPublishError("waiting for a PUBACK on paho's network thread would deadlock")
+        try:
+            info.wait_for_publish(timeout_s)
+        except (ValueError, RuntimeError) as exc:
+            self.counters.publish_failures += 1
+            raise MqttPublishError(f"publish to {topic} failed: {exc}") from exc
+        if not info.is_published():
+            self.counters.publish_failures += 1
+            raise MqttPublishError(f"no PUBACK for {topic} within {timeout_s:.1f}s")
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def subscribe(
+        self, topic_filter: str, handler: Handler, *, qos: int = 1, timeout_s: float | None = 10.0
+    ) -> SubscribeResult | None:
+        """Register `handler(topic, payload)`; it stays subscribed across reconnects.
+
+        When connected and `timeout_s` is set, waits for the SUBACK and returns what was granted.
+        """
+        with self._state_lock:
+            sub = self._subscriptions.setdefault(topic_filter, _Subscription(topic_filter, qos))
+            sub.handlers.append(handler)
+        if self._paho is None or not self.connected:
+            return None  # sent by _restore_subscriptions on connect
+        return self._send_subscribe([(topic_filter, qos)], timeout_s)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._state_lock:
+            self._subscriptions.pop(topic_filter, None)
+        with self._paho_lock:
+            if self._paho is not None and self.connected:
+                self._paho.unsubscribe(topic_filter)
+
+    def _send_subscribe(
+        self, filters: list[tuple[str, int]], timeout_s: float | None
+    ) -> SubscribeResult | None:
+        client = self._require_client()
+        with self._paho_lock:
+            rc, mid = client.subscribe(filters)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        waiter = _SubackWaiter()
+        with self._state_lock:
+            early = self._early_subacks.pop(mid, None)  # the SUBACK may beat us here
+            if early is None:
+                self._suback_waiters[mid] = waiter
+            else:
+                waiter.granted.extend(early)
+                waiter.done.set()
+        if timeout_s is None or threading.get_ident() == self._network_thread_id:
+            return None
+        if not waiter.done.wait(timeout_s):
+            with self._state_lock:
+                self._suback_waiters.pop(mid, None)
+            return None
+        return SubscribeResult(dict(zip((f for f, _ in filters), waiter.granted, strict=False)))
+
+    def _restore_subscriptions(self) -> None:
+        with self._state_lock:
+            filters = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
+        if filters:
+            self._send_subscribe(filters, timeout_s=None)
+
+    # -- paho callbacks (network thread) -----------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        self._network_thread_id = threading.get_ident()
+        if reason.is_failure:
+            self.last_refusal = str(reason)
+            log.warning("broker %s refused %s: %s", self.url.redacted(), self.client_id, reason)
+            return
+        self.counters.connects += 1
+        self.last_refusal = None
+        # Clean sessions forget subscriptions (MQTT 3.1.1 section 3.1.2.4): send them all again.
+        self._restore_subscriptions()
+        if self._birth is not None:
+            birth = self._birth() if callable(self._birth) else self._birth
+            with self._paho_lock:
+                client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
+        self._connected.set()
+        self._notify(True)
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            self.counters.disconnects += 1
+            log.info("disconnected %s from %s: %s", self.client_id, self.url.redacted(), reason)
+            self._notify(False)
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        granted = [None if r.is_failure else int(r.value) for r in reasons]
+        self.counters.subscribe_failures += sum(1 for g in granted if g is None)
+        with self._state_lock:
+            waiter = self._suback_waiters.pop(mid, None)
+            if waiter is None:
+                if len(self._early_subacks) > 256:  # only waiters that timed out leave these behind
+                    self._early_subacks.clear()
+                self._early_subacks[mid] = granted
+                return
+        waiter.granted.extend(granted)
+        waiter.done.set()
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        self.counters.messages_received += 1
+        with self._state_lock:
+            handlers = [
+                h
+                for s in self._subscriptions.values()
+                if paho.topic_matches_sub(s.topic_filter, message.topic)
+                for h in s.handlers
+            ]
+        for handler in handlers:
+            try:
+                handler(message.topic, message.payload)
+            except Exception:
+                # A handler's bug must never kill paho's network thread.
+                self.counters.handler_errors += 1
+                log.exception("handler for %s failed", message.topic)
+
+    def _notify(self, connected: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(connected)
+            except Exception:
+                log.exception("connection listener failed")
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build_paho(self, protocol: MQTTProtocolVersion) -> paho.Client:
+        v5 = protocol == MQTTProtocolVersion.MQTTv5
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            clean_session=None if v5 else True,
+        )
+        if self.url.username is not None:
+            client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            client.tls_set_context(self._tls_context or ssl.create_default_context())
+        if self._will is not None:
+            # The will must be in the CONNECT packet (MQTT 3.1.1 section 3.1.2.5): set it first.
+            w = self._will
+            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client.reconnect_delay_set(*self._reconnect_delays)
+        client.max_inflight_messages_set(1000)  # pipelined QoS 1 publishes (publish_many)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _choose_protocol(self, timeout_s: float) -> MQTTProtocolVersion:
+        if self.requested_protocol == "5":
+            return MQTTProtocolVersion.MQTTv5
+        if self.requested_protocol == "3.1.1":
+            return MQTTProtocolVersion.MQTTv311
+        from slmops.mqtt.probe import broker_speaks_v5
+
+        return (
+            MQTTProtocolVersion.MQTTv5
+            if broker_speaks_v5(self.url, timeout_s=min(timeout_s, 5.0), tls_context=self._tls_context)
+            else MQTTProtocolVersion.MQTTv311
+        )
+
+    def _require_client(self) -> paho.Client:
+        client = self._paho
+        if client is None:
+            raise MqttPublishError("the MQTT client is not started")
+        return client
+
+
+def loop_handler(loop: asyncio.AbstractEventLoop, handler: AsyncHandler) -> Handler:
+    """Adapt a coroutine handler so paho's thread hands each message to `loop` and returns at once."""
+
+    def on_message(topic: str, payload: bytes) -> None:
+        future = asyncio.run_coroutine_threadsafe(handler(topic, payload), loop)
+        future.add_done_callback(lambda f: _log_failure(f, topic))
+
+    return on_message
+
+
+def _log_failure(future: Any, topic: str) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("async handler for %s failed", topic, exc_info=future.exception())

@@ -1,0 +1,35 @@
+"""Errors raised by the MQTT channel.
+
+MqttError
+├── BrokerURLError        the URL is not mqtt:// or mqtts:// with a host
+├── MqttConnectError      no connection within the timeout, or the broker refused it
+├── MqttPublishError      no PUBACK within the timeout, or paho refused the message
+├── SpoolError            the on-disk telemetry spool cannot be used
+└── CredentialSyncError   the broker's credentials could not be written or reloaded
+"""
+
+from __future__ import annotations
+
+
+class MqttError(Exception):
+    """Base of every error from slmops.mqtt."""
+
+
+class BrokerURLError(MqttError, ValueError):
+    pass
+
+
+class MqttConnectError(MqttError):
+    pass
+
+
+class MqttPublishError(MqttError):
+    pass
+
+
+class SpoolError(MqttError):
+    pass
+
+
+class CredentialSyncError(MqttError):
+    pass
