@@ -1,0 +1,255 @@
+"""The Agent: lifecycle (start, stop), one reconcile thread, and the surface the API and MQTT use.
+
+Desired state arrives from any source through `submit_desired`; observers registered with
+`subscribe` receive state changes, download progress and telemetry windows to publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from edge_agent.activation import Activator
+from edge_agent.download import Downloader, Progress
+from edge_agent.enroll import Credential, load_or_enroll
+from edge_agent.errors import DownloadError
+from edge_agent.metrics import AgentMetrics
+from edge_agent.reconciler import Reconciler
+from edge_agent.serving import ModelSlot, ServingModel
+from edge_agent.settings import AgentSettings
+from edge_agent.sources import DesiredStateSource
+from edge_agent.statefile import AgentState, StateFile
+from edge_agent.store import ModelStore
+from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
+from shared.desired import ArtifactRef, DesiredState
+from shared.state import DeviceState
+from shared.telemetry import TelemetryWindow
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_TICK_S = 0.5
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    kind: Literal["state", "progress", "telemetry"]
+    payload: DeviceState | Progress | TelemetryWindow
+
+
+Observer = Callable[[AgentEvent], None]
+_Command = tuple[str, Any, "Future[None]"]
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, *, http_client: httpx.Client | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.http = http_client or httpx.Client(
+            timeout=httpx.Timeout(settings.download_timeout_s, connect=10.0)
+        )
+        self.metrics = AgentMetrics()
+        self.slot = ModelSlot()
+        self.store = ModelStore(
+            settings.data_dir,
+            keep_versions=settings.keep_versions,
+            quota_bytes=settings.disk_quota_mb * MiB if settings.disk_quota_mb else None,
+        )
+        self.credential: Credential | None = None
+        self._enrolled = False
+        self.telemetry = WindowAggregator()
+        self.sampler = SystemSampler(settings.data_dir)
+        self.last_window: TelemetryWindow | None = None
+        self.last_progress: Progress | None = None
+        self._observers: list[Observer] = []
+        self._sources: list[DesiredStateSource] = []
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started = threading.Event()  # set once start-up recovery has finished
+        self.downloader = Downloader(
+            self.store,
+            client=self.http,
+            retries=settings.download_retries,
+            backoff_s=settings.download_backoff_s,
+            backoff_max_s=settings.download_backoff_max_s,
+            on_progress=self._on_progress,
+            on_bytes=self.metrics.download_bytes.inc,
+        )
+        activator = Activator(
+            self.slot,
+            lambda spec: self.reconciler.paths_for(spec),
+            smoke_timeout_s=settings.smoke_timeout_s,
+            threads=settings.threads,
+            memory_budget_bytes=settings.memory_budget_mb * MiB if settings.memory_budget_mb else None,
+        )
+        self.reconciler = Reconciler(
+            settings,
+            store=self.store,
+            state_file=StateFile(settings.state_path),
+            slot=self.slot,
+            activator=activator,
+            downloader=self.downloader,
+            url_for=self.artifact_url,
+            on_change=self._on_state_change,
+            on_swap=lambda outcome: self.metrics.swaps.labels(outcome).inc(),
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def enroll(self) -> None:
+        """Load the stored credential or enroll with the token; raises EnrollmentError."""
+        s = self.settings
+        token = s.enrollment_token.get_secret_value() if s.enrollment_token else None
+        self.credential = load_or_enroll(
+            self.http, path=s.credential_path, control_plane_url=s.control_plane_url, token=token
+        )
+        if self.credential is not None:
+            self.telemetry.device_id = self.credential.device_id
+            self.downloader.auth = httpx.BasicAuth(self.credential.device_id, self.credential.device_secret)
+        self._enrolled = True
+
+    def start(self) -> None:
+        """Enroll if not done yet, then recover and reconcile on background threads."""
+        if not self._enrolled:
+            self.enroll()
+        self._spawn(self._reconcile_loop, "reconcile")
+        self._spawn(self._telemetry_loop, "telemetry")
+        for source in self._sources:
+            source.start(self.submit_desired)
+
+    def add_source(self, source: DesiredStateSource) -> None:
+        self._sources.append(source)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for source in self._sources:
+            source.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        current = self.slot.current
+        if current is not None:
+            self.slot.take_offline("agent stopping", drain_timeout_s=5)
+        self.http.close()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- the surface for the API, the CLI and MQTT ------------------------------------------------
+
+    def subscribe(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def submit_desired(self, desired: DesiredState) -> Future[None]:
+        """Queue a desired state; the future completes when the agent has acted on it."""
+        return self._enqueue("desired", desired)
+
+    def request_rollback(self, reason: str = "operator requested rollback") -> Future[None]:
+        """Queue a rollback to the previous model; the future raises RollbackError if there is none."""
+        return self._enqueue("rollback", reason)
+
+    def device_state(self) -> DeviceState:
+        device_id = self.credential.device_id if self.credential else None
+        return self.reconciler.state.to_wire(device_id=device_id, serving=self.slot.current is not None)
+
+    @property
+    def ready(self) -> bool:
+        return self.slot.current is not None
+
+    def record_request(self, operation: str, model: ServingModel | None, record: RequestRecord) -> None:
+        """Account one inference request (numbers only: never its prompt or output)."""
+        self.metrics.observe(operation, record)
+        self.telemetry.record(record)
+        if model is not None:
+            self.slot.record(model, error=record.error_type is not None)
+
+    def artifact_url(self, artifact: ArtifactRef) -> tuple[str, bool]:
+        """Resolve an artifact URL; the device credential goes only to the control plane itself."""
+        base = self.settings.control_plane_url or (
+            self.credential.control_plane_url if self.credential else None
+        )
+        url = artifact.url or f"/v1/artifacts/{artifact.sha256}"
+        if url.startswith(("http://", "https://")):
+            return url, bool(base) and url.startswith(base.rstrip("/") + "/")
+        if not base:
+            raise DownloadError(
+                f"artifact URL {url!r} is relative but no control plane is configured",
+                code="no_control_plane",
+            )
+        return base.rstrip("/") + "/" + url.lstrip("/"), True
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _enqueue(self, kind: str, payload: Any) -> Future[None]:
+        future: Future[None] = Future()
+        self._commands.put((kind, payload, future))
+        return future
+
+    def _reconcile_loop(self) -> None:
+        try:
+            self.reconciler.recover()
+        except Exception:  # the loop must run even if recovery hit something unexpected
+            log.exception("start-up recovery failed")
+        self.started.set()
+        while not self._stopping.is_set():
+            try:
+                kind, payload, future = self._commands.get(timeout=_TICK_S)
+            except queue.Empty:
+                self._safely(self.reconciler.check_trial)
+                continue
+            try:
+                if kind == "desired":
+                    self.reconciler.apply(payload)
+                else:
+                    self.reconciler.rollback(reason=payload)
+                future.set_result(None)
+            except Exception as exc:  # one bad command must not stop the loop
+                log.exception("%s failed", kind)
+                future.set_exception(exc)
+
+    def _safely(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", getattr(step, "__name__", step))
+
+    def _telemetry_loop(self) -> None:
+        while not self._stopping.wait(self.settings.telemetry_window_s):
+            self._safely(self.emit_telemetry)
+
+    def emit_telemetry(self) -> TelemetryWindow:
+        current = self.reconciler.state.current
+        window = self.telemetry.close_window(
+            model=current.model if current else None,
+            version=current.version if current else None,
+            sha256=current.artifact.sha256 if current else None,
+            system=self.sampler.sample(),
+        )
+        self.last_window = window
+        self._notify(AgentEvent("telemetry", window))
+        return window
+
+    def _on_state_change(self, state: AgentState) -> None:
+        serving = self.slot.current
+        self.metrics.set_model(serving.spec if serving else None)
+        self._notify(AgentEvent("state", self.device_state()))
+
+    def _on_progress(self, progress: Progress) -> None:
+        self.last_progress = progress
+        self._notify(AgentEvent("progress", progress))
+
+    def _notify(self, event: AgentEvent) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # a failing publisher must not break reconciliation
+                log.exception("observer failed on %s event", event.kind)

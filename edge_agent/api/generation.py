@@ -1,0 +1,152 @@
+"""Runs an engine's blocking token generator on a worker thread and hands tokens to the event loop.
+
+The generator is created, iterated and closed on the same thread (the engine's lock lives there).
+A client that disconnects sets a cancel flag, so the worker stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from edge_agent.api.errors import APIError, model_unavailable
+from edge_agent.runtime import ContextOverflowError, Engine, EngineError, TokenChunk, UnsupportedOperation
+from edge_agent.serving import NoModelError, ServingModel
+from edge_agent.telemetry import RequestRecord
+
+StartStream = Callable[[Engine], Iterator[TokenChunk]]
+_END = object()
+
+
+class _PrepareFailed(Exception):
+    """The engine refused the request before generating: the client's input is at fault."""
+
+
+@dataclass
+class Generation:
+    """One request's generation: lease the model, stream tokens, account the request once."""
+
+    agent: object  # edge_agent.agent.Agent; untyped to keep this module free of the agent's imports
+    operation: str
+    requested_model: str
+    start_stream: StartStream
+    count_prompt: Callable[[Engine], int]
+    model: ServingModel | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    _queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _lease: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _started_at: float = 0.0
+    _first_token_at: float | None = None
+    _error_type: str | None = None
+
+    async def open(self) -> TokenChunk:
+        """Lease the model and wait for the first chunk, so request errors still get a proper status."""
+        self._started_at = time.perf_counter()
+        try:
+            self.model = self._lease.enter_context(self.agent.slot.lease())  # type: ignore[attr-defined]
+        except NoModelError as exc:
+            raise model_unavailable(str(exc), exc.retry_after_s) from exc
+        try:
+            check_model_name(self.model, self.requested_model)
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=self._work, args=(loop,), name="generate", daemon=True).start()
+            return await self._next()
+        except BaseException as exc:
+            self.close(error=exc)
+            raise
+
+    async def rest(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            chunk = await self._next()
+            if chunk is None:
+                return
+            yield chunk
+
+    async def _next(self) -> TokenChunk | None:  # type: ignore[return]
+        item = await self._queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise _as_api_error(item)
+        assert isinstance(item, TokenChunk)
+        if item.text:
+            self.output_tokens += 1
+            if self._first_token_at is None:
+                self._first_token_at = time.perf_counter()
+        if item.finish_reason:
+            self.finish_reason = item.finish_reason
+        return item
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        put = self._queue.put_nowait
+        assert self.model is not None
+        engine = self.model.engine
+        try:
+            try:
+                self.prompt_tokens = self.count_prompt(engine)
+                stream = self.start_stream(engine)
+            except EngineError as exc:
+                raise _PrepareFailed(exc) from exc
+            try:
+                for chunk in stream:
+                    loop.call_soon_threadsafe(put, chunk)
+                    if self._cancel.is_set():
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            loop.call_soon_threadsafe(put, _END)
+        except BaseException as exc:  # handed to the request; the worker thread itself never dies loudly
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+                loop.call_soon_threadsafe(put, exc)
+
+    def close(self, *, error: BaseException | None = None) -> None:
+        """Stop the worker, return the lease and account the request (call exactly once)."""
+        self._cancel.set()
+        client_error = False
+        if isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+            self._error_type, client_error = "client_disconnected", True
+        elif error is not None:
+            api = error if isinstance(error, APIError) else None
+            self._error_type = (api.code if api else None) or type(error).__name__
+            client_error = api is not None and api.status < 500
+        elapsed = time.perf_counter() - self._started_at
+        ttft = self._first_token_at - self._started_at if self._first_token_at else None
+        record = RequestRecord(elapsed, ttft, self.prompt_tokens, self.output_tokens, self._error_type)
+        # A client's mistake says nothing about the model's health: keep it out of the trial count.
+        self.agent.record_request(  # type: ignore[attr-defined]
+            self.operation, None if client_error else self.model, record
+        )
+        self._lease.close()
+
+
+def check_model_name(model: ServingModel, requested: str) -> None:
+    spec = model.spec
+    if requested not in (spec.model, f"{spec.model}:{spec.version}"):
+        raise APIError(
+            404,
+            f"the model {requested!r} does not exist on this device; it serves {spec.model!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    cause = exc.__cause__ if isinstance(exc, _PrepareFailed) else exc
+    if isinstance(cause, ContextOverflowError):
+        return APIError(400, str(cause), param="max_tokens", code="context_length_exceeded")
+    if isinstance(cause, UnsupportedOperation):
+        return APIError(400, str(cause), code="unsupported_operation")
+    if isinstance(exc, _PrepareFailed):
+        return APIError(400, str(cause), code="invalid_request")
+    return APIError(500, f"generation failed: {exc}", type_="server_error", code="generation_failed")

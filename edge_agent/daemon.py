@@ -1,0 +1,86 @@
+"""`slmops agent --config FILE`: the agent process, shaped like uvicorn's Server for systemd.
+
+Start-up: settings -> enrollment -> HTTP server listening -> READY=1 -> recovery of the stored model
+(readyz 503 until it serves) -> reconcile. SIGTERM stops gracefully (uvicorn's handler); WATCHDOG=1
+is sent from the event loop, so a wedged loop gets the process restarted by systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from edge_agent import logs, sdnotify
+from edge_agent.agent import Agent
+from edge_agent.api.app import create_app
+from edge_agent.fsutil import write_atomic
+from edge_agent.settings import AgentSettings
+from edge_agent.sources import WatchedFileSource
+
+log = logging.getLogger(__name__)
+
+
+def admin_token(path: Path) -> str:
+    """The local admin token, created on first start (0600, readable by the agent's user only)."""
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    write_atomic(path, token.encode(), mode=0o600)
+    return token
+
+
+def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
+    agent = Agent(settings)
+    agent.add_source(WatchedFileSource(settings.desired_path, interval_s=settings.watch_interval_s))
+    app = create_app(agent, admin_token=admin_token(settings.admin_token_path))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        agent.start()
+        watchdog = asyncio.create_task(_watchdog())
+        sdnotify.notify("READY=1")
+        log.info("agent listening on %s", settings.base_url)
+        try:
+            yield
+        finally:
+            sdnotify.notify("STOPPING=1")
+            watchdog.cancel()
+            agent.stop()
+
+    app.router.lifespan_context = lifespan
+    return agent, app
+
+
+async def _watchdog() -> None:
+    interval = sdnotify.watchdog_interval_s()
+    if interval is None:
+        return
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def run(settings: AgentSettings) -> int:
+    logs.configure(json_lines=settings.log_json, level=settings.log_level)
+    agent, app = build(settings)
+    agent.enroll()  # before listening: a refused enrollment is a start-up failure with a clear reason
+    config = uvicorn.Config(
+        app,
+        host=settings.listen_host,
+        port=settings.listen_port,
+        log_config=None,  # keep our handlers (plain or JSON on stdout)
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn exits quietly when the port is taken or start-up failed; systemd must see a failure.
+    return 0 if server.started else 1

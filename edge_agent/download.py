@@ -1,0 +1,217 @@
+"""Resumable, verified artifact downloads into the model store.
+
+Bytes stream into `<sha256>.part`; after an interruption (even kill -9) the next attempt asks for
+`Range: bytes=<have>-`. A 206 whose Content-Range does not start where we stopped, or describes
+another total, restarts from zero rather than appending the wrong bytes. No more than the declared
+size is ever written; the sha256 is checked before the file is fsynced and renamed into the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import httpx
+
+from edge_agent.errors import DownloadError, InsufficientSpaceError, IntegrityError, TransferError
+from edge_agent.fsutil import CHUNK
+from edge_agent.store import ModelStore
+from shared.desired import ArtifactRef
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_PROGRESS_EVERY_S = 0.25
+
+
+@dataclass(frozen=True)
+class Progress:
+    sha256: str
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float  # this attempt's average, bytes per second
+    resumed_from: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class _Restart(Exception):
+    """The partial file is wrong for this response; truncate and go again."""
+
+
+class Downloader:
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        client: httpx.Client,
+        auth: httpx.Auth | None = None,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        on_progress: ProgressCallback | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.auth = auth
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.on_progress = on_progress
+        self.on_bytes = on_bytes
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+
+    def fetch(
+        self, artifact: ArtifactRef, url: str, *, protected: tuple[str, ...] = (), with_auth: bool = True
+    ) -> Path:
+        """Return the store path of `artifact`, downloading and verifying it unless already stored."""
+        if self.store.has(artifact.sha256):
+            return self.store.path_for(artifact.sha256)
+        self.store.prune(protected + (artifact.sha256,))
+        self.check_space(artifact, protected)
+        for attempt in range(self.retries + 1):
+            try:
+                return self._attempt(artifact, url, self.auth if with_auth else None)
+            except _Restart as exc:
+                log.warning("download %s: %s; restarting from zero", artifact.sha256[:12], exc)
+                self.store.partial_path(artifact.sha256).unlink(missing_ok=True)
+                last: DownloadError = TransferError(str(exc))
+            except TransferError as exc:
+                log.warning("download %s attempt %d failed: %s", artifact.sha256[:12], attempt + 1, exc)
+                last = exc
+            if attempt < self.retries:
+                self.sleep(self._backoff(attempt))
+        raise TransferError(f"giving up after {self.retries + 1} attempts: {last}", code=last.code)
+
+    def check_space(self, artifact: ArtifactRef, protected: tuple[str, ...]) -> None:
+        partial = self.store.partial_path(artifact.sha256)
+        have = partial.stat().st_size if partial.exists() else 0
+        still_needed = max(artifact.size_bytes - have, 0)
+        free = self.store.free_bytes()
+        if still_needed > free:
+            raise InsufficientSpaceError(
+                f"artifact needs {still_needed} more bytes but the disk has {free} free",
+                code="insufficient_disk",
+            )
+        quota = self.store.quota_bytes
+        if quota is not None:
+            kept = self.store.used_bytes(only=protected)
+            if kept + artifact.size_bytes > quota:
+                raise InsufficientSpaceError(
+                    f"artifact of {artifact.size_bytes} bytes plus {kept} bytes of kept models "
+                    f"exceeds the store quota of {quota} bytes",
+                    code="quota_exceeded",
+                )
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads a fleet's retries so they do not hit the server in waves.
+        return self.rng.uniform(0, min(self.backoff_max_s, self.backoff_s * 2**attempt))
+
+    def _attempt(self, artifact: ArtifactRef, url: str, auth: httpx.Auth | None) -> Path:
+        partial = self.store.partial_path(artifact.sha256)
+        with partial.open("ab+") as handle:
+            have = handle.seek(0, os.SEEK_END)
+            if have > artifact.size_bytes:
+                raise _Restart(f"partial file larger ({have}) than the artifact ({artifact.size_bytes})")
+            # Hash what an earlier attempt left, then the new bytes as they arrive: one pass in all.
+            digest = _hash_prefix(handle, have)
+            if have < artifact.size_bytes:
+                digest = self._transfer(handle, artifact, url, have, digest, auth)
+            if digest.hexdigest() != artifact.sha256:
+                partial.unlink(missing_ok=True)
+                raise IntegrityError(f"sha256 mismatch: expected {artifact.sha256}, got {digest.hexdigest()}")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return self.store.install(partial, artifact.sha256)
+
+    def _transfer(
+        self,
+        handle: BinaryIO,
+        artifact: ArtifactRef,
+        url: str,
+        have: int,
+        digest: Hash,
+        auth: httpx.Auth | None,
+    ) -> Hash:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with self.client.stream("GET", url, headers=headers, auth=auth) as response:
+                offset = self._start_offset(response, artifact, have)
+                if offset != have:
+                    handle.truncate(offset)
+                    handle.seek(offset)
+                    digest = hashlib.sha256()
+                self._copy(response, handle, artifact, offset, digest)
+                return digest
+        except httpx.HTTPError as exc:
+            raise TransferError(f"{type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _start_offset(response: httpx.Response, artifact: ArtifactRef, have: int) -> int:
+        """Where the response's body starts in the artifact; raises for responses we cannot use."""
+        status = response.status_code
+        if status == 200:
+            return 0  # the server ignored Range: start over with its full body
+        if status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+            if not match or int(match[1]) != have or match[3] not in ("*", str(artifact.size_bytes)):
+                raise _Restart(f"206 with Content-Range {response.headers.get('content-range')!r}")
+            return have
+        if status == 416:
+            raise _Restart("server says the range is unsatisfiable")
+        if status in (401, 403, 404, 410):
+            raise DownloadError(f"artifact refused by the server: HTTP {status}", code=f"http_{status}")
+        raise TransferError(f"HTTP {status} from the artifact server")
+
+    def _copy(
+        self, response: httpx.Response, handle: BinaryIO, artifact: ArtifactRef, offset: int, digest: Hash
+    ) -> None:
+        done, started, last_report = offset, time.monotonic(), 0.0
+        for block in response.iter_bytes(CHUNK):
+            room = artifact.size_bytes - done
+            if len(block) > room:
+                # Endless-data defence: keep only the declared length, then let the hash decide.
+                handle.write(block[:room])
+                digest.update(block[:room])
+                done += room
+                log.warning("server sent more than the declared %d bytes; stopped", artifact.size_bytes)
+                break
+            handle.write(block)
+            digest.update(block)
+            done += len(block)
+            if self.on_bytes:
+                self.on_bytes(len(block))
+            now = time.monotonic()
+            if self.on_progress and (now - last_report >= _PROGRESS_EVERY_S or done == artifact.size_bytes):
+                last_report = now
+                rate = (done - offset) / max(now - started, 1e-9)
+                self.on_progress(Progress(artifact.sha256, done, artifact.size_bytes, rate, offset))
+        if done < artifact.size_bytes:
+            raise TransferError(f"connection ended after {done} of {artifact.size_bytes} bytes")
+
+
+def _hash_prefix(handle: BinaryIO, size: int) -> Hash:
+    handle.seek(0)
+    digest = hashlib.sha256()
+    remaining = size
+    while remaining and (block := handle.read(min(CHUNK, remaining))):
+        digest.update(block)
+        remaining -= len(block)
+    handle.seek(0, os.SEEK_END)
+    return digest

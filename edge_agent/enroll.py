@@ -1,0 +1,102 @@
+"""First-start enrollment: trade the one-time enrollment token for a device credential, keep it 0600."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+import httpx
+import psutil
+from pydantic import BaseModel, ValidationError
+
+from edge_agent import __version__
+from edge_agent.errors import EnrollmentError
+from edge_agent.fsutil import write_atomic
+from shared.enrollment import EnrollRequest, EnrollResponse
+from shared.hardware import HardwareProfile
+
+log = logging.getLogger(__name__)
+
+
+class Credential(BaseModel):
+    device_id: str
+    device_secret: str
+    mqtt_url: str | None = None
+    topic_prefix: str = "slmops/v1"
+    control_plane_url: str | None = None
+
+
+def hardware_profile() -> HardwareProfile:
+    return HardwareProfile(
+        cpu_model=platform.processor() or platform.machine(),
+        cpu_cores=psutil.cpu_count(logical=True) or 0,
+        ram_mb=psutil.virtual_memory().total // (1024 * 1024),
+        os=f"{platform.system()} {platform.release()}",
+        arch=platform.machine(),
+        agent_version=__version__,
+    )
+
+
+def load_credential(path: Path) -> Credential | None:
+    if not path.exists():
+        return None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("credential file %s is readable by others (mode %o); tightening to 0600", path, mode)
+        os.chmod(path, 0o600)
+    try:
+        return Credential.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise EnrollmentError(
+            f"credential file {path} is unreadable: {exc}", code="credential_invalid"
+        ) from exc
+
+
+def enroll(client: httpx.Client, control_plane_url: str, token: str, path: Path) -> Credential:
+    """POST /v1/devices/enroll and store the credential; RFC 9457 error codes become EnrollmentError."""
+    request = EnrollRequest(enrollment_token=token, hardware=hardware_profile())
+    url = control_plane_url.rstrip("/") + "/v1/devices/enroll"
+    try:
+        response = client.post(url, json=request.model_dump(mode="json"))
+    except httpx.HTTPError as exc:
+        raise EnrollmentError(f"cannot reach the control plane at {url}: {exc}", code="unreachable") from exc
+    if response.status_code != 201:
+        code, detail = _problem(response)
+        raise EnrollmentError(f"enrollment refused (HTTP {response.status_code}): {detail}", code=code)
+    answer = EnrollResponse.model_validate_json(response.content)
+    credential = Credential(
+        device_id=answer.device_id,
+        device_secret=answer.device_secret,
+        mqtt_url=answer.mqtt_url,
+        topic_prefix=answer.topic_prefix,
+        control_plane_url=control_plane_url,
+    )
+    write_atomic(path, credential.model_dump_json().encode(), mode=0o600)
+    log.info("enrolled as device %s", credential.device_id)
+    return credential
+
+
+def _problem(response: httpx.Response) -> tuple[str, str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"http_{response.status_code}", response.text[:200]
+    if not isinstance(body, dict):
+        return f"http_{response.status_code}", str(body)[:200]
+    return str(body.get("code") or f"http_{response.status_code}"), str(
+        body.get("detail") or body.get("title")
+    )
+
+
+def load_or_enroll(
+    client: httpx.Client, *, path: Path, control_plane_url: str | None, token: str | None
+) -> Credential | None:
+    """The stored credential, or a new one from enrollment; None for a standalone agent."""
+    credential = load_credential(path)
+    if credential is not None:
+        return credential
+    if token is None or control_plane_url is None:
+        return None
+    return enroll(client, control_plane_url, token, path)

@@ -1,0 +1,119 @@
+"""The agent's settings: a TOML file (`--config`) overridden by `SLMOPS_AGENT_*` environment variables."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_agent.errors import AgentError
+
+_config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
+
+
+class ConfigError(AgentError):
+    code = "invalid_config"
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid")
+
+    control_plane_url: str | None = None
+    mqtt_url: str | None = None
+    enrollment_token: SecretStr | None = None
+    credential_file: Path | None = None  # default: <data_dir>/credential.json
+    data_dir: Path = Path("/var/lib/slmops-agent")
+    desired_file: Path | None = None  # watched desired-state file; default: <data_dir>/desired.json
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8088, ge=0, le=65535)
+    threads: int | None = Field(default=None, ge=1)
+
+    telemetry_window_s: float = Field(default=60.0, gt=0)
+    disk_quota_mb: int | None = Field(default=None, ge=1)  # the model store's limit
+    keep_versions: int = Field(default=2, ge=2)  # current + previous at least, so rollback works
+    memory_budget_mb: int | None = Field(default=None, ge=1)  # cap on memory the agent plans to use
+
+    smoke_timeout_s: float = Field(default=30.0, gt=0)
+    trial_requests: int = Field(default=20, ge=1)
+    trial_seconds: float = Field(default=120.0, gt=0)
+    trial_max_errors: int = Field(default=3, ge=1)
+    max_activation_attempts: int = Field(default=2, ge=1)  # after a crash mid-activation
+
+    download_retries: int = Field(default=5, ge=0)
+    download_backoff_s: float = Field(default=1.0, ge=0)
+    download_backoff_max_s: float = Field(default=60.0, ge=0)
+    download_timeout_s: float = Field(default=30.0, gt=0)  # per read: a stalled server counts as failed
+
+    watch_interval_s: float = Field(default=1.0, gt=0)
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_enrollment(self) -> AgentSettings:
+        if self.enrollment_token is not None and not self.control_plane_url:
+            raise ValueError("enrollment_token is set but control_plane_url is not")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then the environment, then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def credential_path(self) -> Path:
+        return self.credential_file or self.data_dir / "credential.json"
+
+    @property
+    def desired_path(self) -> Path:
+        return self.desired_file or self.data_dir / "desired.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "::", "") else self.listen_host
+        return f"http://{host}:{self.listen_port}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> AgentSettings:
+    """Read and validate settings; raise ConfigError naming every bad field."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    token = _config_file.set(config_file)
+    try:
+        return AgentSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        where = f" in {config_file} or SLMOPS_AGENT_* environment" if config_file else ""
+        raise ConfigError(f"invalid agent settings{where}: {problems}") from exc
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError(f"cannot read config {config_file}: {exc}") from exc
+    finally:
+        _config_file.reset(token)
