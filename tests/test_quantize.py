@@ -16,7 +16,8 @@ from edge_agent.runtime import FINISH_LENGTH, load_engine
 from slmops.cli import tiny  # noqa: F401  (registers the commands on model_app)
 from slmops.cli.app import app
 from slmops.modelopt import QuantizeError, quantize_gguf, quantize_onnx_int8
-from slmops.tinymodels import TinyLlamaShape, write_tiny_gguf
+from slmops.modelopt.evaluate import default_prompts, greedy_agreement
+from slmops.tinymodels import TinyLlamaShape, write_tiny_gguf, write_tiny_onnx
 
 # Widths that are multiples of 32 but not of 256: fine for Q8_0, impossible for K-quants.
 ODD_SHAPE = TinyLlamaShape(n_layer=1, n_embd=96, n_ff=160, n_head=2, n_head_kv=2)
@@ -164,3 +165,38 @@ def test_cli_quantize_and_lora(tmp_path: Path, tiny_gguf: Path) -> None:
     engine = load_engine(tiny_gguf, "gguf", n_ctx=32, lora_path=lora)
     assert list(engine.complete("hi", max_tokens=2))[-1].finish_reason == FINISH_LENGTH
     engine.close()
+
+
+@pytest.mark.llama
+def test_greedy_agreement_ranks_quantization_quality(tmp_path: Path, tiny_gguf: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    reference = load_engine(tiny_gguf, "gguf", n_ctx=256)
+    agreement = {}
+    for quant_type in ("Q8_0", "Q2_K"):
+        candidate = load_engine(
+            quantize_gguf(tiny_gguf, tmp_path / f"{quant_type}.gguf", quant_type).dst, "gguf"
+        )
+        agreement[quant_type] = greedy_agreement(reference, candidate, max_tokens=12).token_agreement
+        candidate.close()
+    assert greedy_agreement(reference, reference, max_tokens=12).exact_match_rate == 1.0
+    assert 1.0 >= agreement["Q8_0"] > agreement["Q2_K"] >= 0.0
+    reference.close()
+
+
+def test_greedy_agreement_separates_different_models(tmp_path: Path) -> None:
+    prompts = default_prompts()[:4]
+    assert len(prompts) == 4 and all(p.strip() for p in prompts)
+    reference = load_engine(write_tiny_onnx(tmp_path / "a.onnx", seed=10), "onnx")
+    other = load_engine(write_tiny_onnx(tmp_path / "b.onnx", seed=11), "onnx")
+    same = greedy_agreement(reference, reference, prompts, max_tokens=8)
+    different = greedy_agreement(reference, other, prompts, max_tokens=8)
+    assert same.token_agreement == 1.0 and same.prompts[0].exact
+    assert different.token_agreement < 0.5
+
+
+def test_cli_compare_reports_agreement(tiny_onnx: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["model", "compare", str(tiny_onnx), str(tiny_onnx), "--max-tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "token agreement 100.0%" in result.output

@@ -83,3 +83,30 @@ def quantize(
         f"wrote {result.dst} ({result.quant_type}): {result.size_before} -> {result.size_after} bytes "
         f"({result.ratio:.1%}) in {result.seconds:.2f} s, sha256 {result.sha256}"
     )
+
+
+def _format_of(path: Path) -> str:
+    return "onnx" if path.suffix == ".onnx" else "gguf"
+
+
+@model_app.command("compare")
+def compare(
+    reference: Path = typer.Argument(..., exists=True, dir_okay=False, help="Reference model."),
+    candidate: Path = typer.Argument(..., exists=True, dir_okay=False, help="Quantized or adapted model."),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="Greedy tokens per prompt."),
+) -> None:
+    """Greedy agreement of a candidate with its reference over the packaged prompt set."""
+    from edge_agent.runtime import EngineError, load_engine
+    from slmops.modelopt.evaluate import greedy_agreement
+
+    try:
+        ref_engine = load_engine(reference, _format_of(reference), n_ctx=1024)
+        cand_engine = load_engine(candidate, _format_of(candidate), n_ctx=1024)
+        report = greedy_agreement(ref_engine, cand_engine, max_tokens=max_tokens)
+    except EngineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"{len(report.prompts)} prompts: token agreement {report.token_agreement:.1%}, "
+        f"exact match {report.exact_match_rate:.1%}"
+    )
