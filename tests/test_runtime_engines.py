@@ -110,6 +110,15 @@ def test_concurrent_generation_matches_sequential(engine: Engine) -> None:
     assert got == expected * 2
 
 
+def test_calling_the_engine_from_inside_its_stream_is_refused_not_deadlocked(engine: Engine) -> None:
+    stream = engine.complete("Hello", max_tokens=4)
+    next(stream)
+    with pytest.raises(EngineError, match="inside one of its own streams"):
+        list(engine.complete("Hi", max_tokens=1))
+    stream.close()  # type: ignore[attr-defined]
+    assert len(list(engine.complete("Hello", max_tokens=2))) == 3
+
+
 def test_closed_engine_refuses_work(engine: Engine) -> None:
     engine.close()
     with pytest.raises(EngineError, match="closed"):

@@ -152,3 +152,26 @@ def call_with_timeout(fn: Callable[[], None], *, timeout_s: float, what: str) ->
         if isinstance(errors[0], EngineError):
             raise errors[0]
         raise EngineError(f"{what} failed: {errors[0]!r}") from errors[0]
+
+
+class GenerationLock:
+    """A per-engine lock that refuses, instead of deadlocking, a thread that already holds it.
+
+    Streams hold the lock between tokens, so a consumer that calls its engine while iterating one
+    of its streams would otherwise wait for itself forever. Any thread may release it (a stream
+    may be closed from a thread other than the one that started it).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> None:
+        if self._owner == threading.get_ident():
+            raise EngineError("engine called from inside one of its own streams; finish or close it first")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._owner = None
+        self._lock.release()

@@ -8,7 +8,6 @@ that does not fit raises ContextOverflowError instead of llama-cpp-python silent
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +17,7 @@ import llama_cpp
 from edge_agent.runtime.base import (
     FINISH_LENGTH,
     EngineError,
+    GenerationLock,
     ModelLoadError,
     TokenChunk,
     UnsupportedOperation,
@@ -46,7 +46,7 @@ class LlamaEngine:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.lora_path = Path(lora_path) if lora_path else None
-        self._lock = threading.Lock()
+        self._lock = GenerationLock()
         for path in filter(None, (self.model_path, self.lora_path)):
             if not path.is_file():
                 raise ModelLoadError(f"model file not found: {path}")

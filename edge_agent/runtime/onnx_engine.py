@@ -8,7 +8,6 @@ whole sequence each step (no KV cache), which is fine for the tiny models this s
 from __future__ import annotations
 
 import codecs
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from edge_agent.runtime.base import (
     FINISH_LENGTH,
     FINISH_STOP,
     EngineError,
+    GenerationLock,
     ModelLoadError,
     StopScanner,
     TokenChunk,
@@ -55,7 +55,7 @@ class OnnxEngine:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self._chat_template = chat_template
-        self._lock = threading.Lock()
+        self._lock = GenerationLock()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: warnings about unused initializers are noise
         if n_threads:
