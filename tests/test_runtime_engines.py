@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from edge_agent.runtime import (
     FINISH_LENGTH,
@@ -170,6 +172,20 @@ def test_onnx_infer_returns_json_tensors(tiny_onnx: Path) -> None:
         engine.infer({})
     with pytest.raises(EngineError):
         engine.infer({"input_ids": [["not", "ints"]]})
+
+
+def test_onnx_engine_serves_graphs_that_are_not_language_models(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    engine = load_engine(path, "onnx")
+    engine.smoke_test(timeout_s=30)
+    assert engine.infer({"x": [[-1.0, 0.5, 2.0]]}) == {"y": [[0.0, 0.5, 2.0]]}
+    with pytest.raises(UnsupportedOperation, match="not a byte-level LM"):
+        list(engine.complete("Hello", max_tokens=2))
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx"])

@@ -173,7 +173,7 @@ class OnnxEngine:
         return int(rng.choice(len(probs), p=probs / probs.sum()))
 
     def smoke_test(self, timeout_s: float = 10.0) -> None:
-        """A 2-token generation (byte LMs) or nothing more than a loaded session (other graphs)."""
+        """A 2-token generation for byte LMs; one run on zero-filled inputs for other graphs."""
 
         def probe() -> None:
             if self.is_byte_lm:
@@ -181,9 +181,17 @@ class OnnxEngine:
                 if chunks[-1].finish_reason is None:
                     raise EngineError("generation ended without a finish reason")
             else:
-                self._live_session()
+                self.infer(self._zero_inputs())
 
         call_with_timeout(probe, timeout_s=timeout_s, what="smoke test")
+
+    def _zero_inputs(self) -> dict[str, Any]:
+        # Symbolic or unknown dimensions become 1: the smallest input every graph should accept.
+        inputs: dict[str, Any] = {}
+        for spec in self._live_session().get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+            inputs[spec.name] = np.zeros(shape, dtype=_ORT_TO_NUMPY.get(spec.type, np.float32)).tolist()
+        return inputs
 
     def close(self) -> None:
         with self._lock:

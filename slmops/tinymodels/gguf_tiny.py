@@ -180,7 +180,7 @@ def write_tiny_gguf(
 
 
 def write_tiny_lora_gguf(
-    base_path: Path | str, out_path: Path | str, *, seed: int = 0, rank: int = 8, alpha: float = 16.0
+    base_path: Path | str, out_path: Path | str, seed: int = 0, *, rank: int = 8, alpha: float = 16.0
 ) -> Path:
     """Write a LoRA adapter GGUF for a tiny base model (attn_q and attn_v of every layer).
 
