@@ -48,7 +48,7 @@ def load_engine(
     if fmt == "gguf":
         try:
             from edge_agent.runtime.llama_engine import LlamaEngine
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # absent, or its shared library will not load
             raise ModelLoadError(f"GGUF models need llama-cpp-python: {exc}") from exc
         return LlamaEngine(
             Path(path), n_ctx=n_ctx, n_threads=n_threads, lora_path=lora_path, chat_template=chat_template
@@ -58,7 +58,7 @@ def load_engine(
             raise UnsupportedOperation("LoRA adapters apply to GGUF models only")
         try:
             from edge_agent.runtime.onnx_engine import OnnxEngine
-        except ImportError as exc:
+        except (ImportError, OSError) as exc:
             raise ModelLoadError(f"ONNX models need onnxruntime: {exc}") from exc
         return OnnxEngine(Path(path), n_ctx=n_ctx, n_threads=n_threads, chat_template=chat_template)
     raise ModelLoadError(f"unknown model format {fmt!r}; expected one of {FORMATS}")
