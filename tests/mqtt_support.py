@@ -1,0 +1,117 @@
+"""Helpers for the MQTT tests: message collectors, waiting, unique prefixes, broker fixtures."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.topics import Topics
+from slmops.mqtt.broker import EmbeddedBroker, free_port
+from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.testing import MosquittoProcess
+
+SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
+WAIT_S = 15.0  # a ceiling that only a broken feature reaches; nothing asserts on speed
+
+
+def unique_topics() -> Topics:
+    return Topics(f"slmops-test-{uuid.uuid4().hex[:10]}/v1")
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class Collector:
+    """A handler that records (topic, payload) pairs."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self.items.append((topic, payload))
+
+    def payloads(self, topic: str | None = None) -> list[bytes]:
+        with self._lock:
+            return [p for t, p in self.items if topic is None or t == topic]
+
+    def wait_for(self, count: int, topic: str | None = None) -> list[bytes]:
+        wait_until(lambda: len(self.payloads(topic)) >= count)
+        return self.payloads(topic)
+
+
+class ClientFactory:
+    """Starts clients and stops them all at teardown."""
+
+    def __init__(self) -> None:
+        self.clients: list[MqttClient] = []
+
+    def __call__(
+        self, url: str, *, client_id: str | None = None, start: bool = True, **kwargs: object
+    ) -> MqttClient:
+        client = MqttClient(url, client_id=client_id or f"test-{uuid.uuid4().hex[:10]}", **kwargs)  # type: ignore[arg-type]
+        self.clients.append(client)
+        if start:
+            client.start()
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.stop(publish_offline=False)
+
+
+@pytest.fixture
+def clients() -> Iterator[ClientFactory]:
+    factory = ClientFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker(port=free_port())
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """The system Mosquitto (a unique prefix per test keeps runs apart) and the embedded broker."""
+    if request.param == "mosquitto":
+        return SYSTEM_MOSQUITTO
+    broker: EmbeddedBroker = request.getfixturevalue("embedded_broker")
+    return broker.url
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """Our own Mosquitto with credentials and the device ACL, on a free port."""
+    broker = MosquittoProcess(tmp_path / "mosquitto", topics=unique_topics())
+    yield broker
+    broker.stop()
+
+
+def status_will(topics: Topics, device_id: str) -> tuple[Outgoing, Outgoing]:
+    """(will, birth) as plain payloads, for tests that only look at bytes."""
+    return (
+        Outgoing(topics.status(device_id), b"offline", qos=1, retain=True),
+        Outgoing(topics.status(device_id), b"online", qos=1, retain=True),
+    )
+
+
+def clear_retained(client: MqttClient, topics: list[str]) -> None:
+    """An empty retained payload deletes the retained message (MQTT 3.1.1 section 3.3.1.3)."""
+    client.publish_many([Outgoing(topic, b"", retain=True) for topic in topics])

@@ -1,0 +1,156 @@
+"""The control plane's batched, typed ingest, and telemetry that outlives a broker outage."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, encode
+from shared.state import DeviceState
+from shared.telemetry import TelemetryWindow
+from shared.topics import TopicKind
+from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.outbox import SpooledPublisher
+from slmops.mqtt.spool import MessageSpool
+from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
+from slmops.mqtt.testing import MosquittoProcess
+from tests.mqtt_support import (
+    ClientFactory,
+    broker_url,
+    clients,
+    embedded_broker,
+    private_mosquitto,
+    unique_topics,
+    wait_until,
+)
+
+__all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
+
+
+class Batches:
+    def __init__(self, fail_first: bool = False) -> None:
+        self.batches: list[list[DeviceMessage]] = []
+        self._fail_first = fail_first
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: list[DeviceMessage]) -> None:
+        with self._lock:
+            if self._fail_first:
+                self._fail_first = False
+                raise RuntimeError("database down")
+            self.batches.append(batch)
+
+    @property
+    def messages(self) -> list[DeviceMessage]:
+        with self._lock:
+            return [m for b in self.batches for m in b]
+
+
+def window(seq: int) -> TelemetryMessage:
+    now = datetime.now(UTC)
+    return TelemetryMessage.wrap(TelemetryWindow(seq=seq, window_start=now, window_end=now, requests=seq))
+
+
+def test_typed_batches_with_malformed_and_duplicates_dropped(broker_url: str, clients: ClientFactory) -> None:
+    topics = unique_topics()
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.5)
+    ingest.start()
+    try:
+        device = clients(broker_url)
+        state = encode(StateMessage.wrap(DeviceState(phase="downloading")))
+        device.publish(topics.state("dev-1"), state)
+        device.publish(topics.state("dev-1"), state)  # a QoS 1 redelivery: same message id
+        device.publish(topics.telemetry("dev-1"), b"{this is not json")
+        device.publish(topics.events("dev-1"), json.dumps({"kind": "meteor_strike"}).encode())
+        device.publish(topics.status("dev-1"), json.dumps({"schema_version": 7, "status": "online"}).encode())
+        device.publish(topics.telemetry("dev-2"), encode(window(1)))
+        device.publish(topics.events("dev-2"), encode(EventMessage(kind="download_failed", message="404")))
+        assert wait_until(lambda: len(batches.messages) >= 3 and ingest.counters.received >= 7)
+    finally:
+        ingest.stop()
+    got = [(m.device_id, m.kind) for m in batches.messages]
+    assert got == [("dev-1", TopicKind.STATE), ("dev-2", TopicKind.TELEMETRY), ("dev-2", TopicKind.EVENTS)]
+    assert isinstance(batches.messages[1].message, TelemetryMessage)
+    assert ingest.counters.duplicates == 1
+    assert dict(ingest.counters.malformed) == {"malformed_json": 1, "invalid": 1, "unknown_schema_version": 1}
+    assert ingest.counters.dispatched == 3
+
+
+def test_failing_batch_handler_does_not_stop_ingest(embedded_broker: object, clients: ClientFactory) -> None:
+    url = embedded_broker.url  # type: ignore[attr-defined]
+    topics = unique_topics()
+    batches = Batches(fail_first=True)
+    ingest = DeviceMessageSubscriber(clients(url), topics, batches, max_batch=1, max_delay_s=0.01)
+    ingest.start()
+    try:
+        device = clients(url)
+        device.publish(topics.status("dev-1"), encode(StatusMessage(status="online")))
+        assert wait_until(lambda: ingest.counters.handler_errors == 1)
+        device.publish(topics.status("dev-1"), encode(StatusMessage(status="offline")))
+        assert wait_until(lambda: len(batches.messages) == 1)
+    finally:
+        ingest.stop()
+    assert batches.messages[0].message.status == "offline"  # type: ignore[attr-defined]
+
+
+def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> None:
+    topics = unique_topics()
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=10, max_delay_s=2.0)
+    ingest.start()
+    try:
+        clients(broker_url).publish_many(
+            [Outgoing(topics.telemetry(f"dev-{i % 5}"), encode(window(i))) for i in range(35)]
+        )
+        assert wait_until(lambda: len(batches.messages) == 35)
+    finally:
+        ingest.stop()
+    assert all(len(b) <= 10 for b in batches.batches) and len(batches.batches) >= 4
+
+
+def test_telemetry_produced_during_an_outage_arrives_after_it(
+    private_mosquitto: MosquittoProcess, clients: ClientFactory, tmp_path: Path
+) -> None:
+    private_mosquitto.start({"dev-1": "s1"})
+    topics = private_mosquitto.topics
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(
+        clients(private_mosquitto.admin_url, reconnect_min_delay_s=1, reconnect_max_delay_s=2),
+        topics,
+        batches,
+        max_delay_s=0.05,
+    )
+    ingest.start()
+    device: MqttClient = clients(
+        private_mosquitto.url("dev-1", "s1"),
+        client_id="dev-1",
+        reconnect_min_delay_s=1,
+        reconnect_max_delay_s=2,
+    )
+    outbox = SpooledPublisher(device, MessageSpool(tmp_path / "spool.db", max_messages=8))
+    outbox.start()
+    try:
+        assert outbox.publish(topics.telemetry("dev-1"), encode(window(0))) is True
+        private_mosquitto.stop()
+        assert wait_until(lambda: not device.connected)
+        # 10 windows into a spool of 8: the two oldest are dropped and counted.
+        assert [outbox.publish(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 11)] == [
+            False
+        ] * 10
+        dropped = outbox.spool.take_dropped()
+        private_mosquitto.start()
+        assert wait_until(lambda: len(batches.messages) == 9)
+        assert outbox.publish(
+            topics.telemetry("dev-1"), encode(TelemetryMessage.wrap(window(11), dropped_windows=dropped))
+        )
+        assert wait_until(lambda: len(batches.messages) == 10)
+    finally:
+        outbox.stop()
+        ingest.stop()
+    seqs = [m.message.seq for m in batches.messages]  # type: ignore[attr-defined]
+    assert seqs == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert batches.messages[-1].message.dropped_windows == 2  # type: ignore[attr-defined]
+    assert len(outbox.spool) == 0

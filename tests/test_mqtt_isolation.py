@@ -1,0 +1,145 @@
+"""Device isolation and credential sync on a private real Mosquitto, and on the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shared.topics import Topics
+from slmops.mqtt.broker import EmbeddedBroker, free_port
+from slmops.mqtt.credentials import (
+    InMemoryCredentials,
+    MosquittoPasswordFile,
+    mosquitto_hash,
+    verify_mosquitto_hash,
+)
+from slmops.mqtt.errors import MqttConnectError
+from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl
+from slmops.mqtt.testing import MosquittoProcess
+from tests.mqtt_support import ClientFactory, Collector, clients, private_mosquitto, unique_topics, wait_until
+
+__all__ = ["clients", "private_mosquitto"]  # fixtures
+
+DEVICES = {"dev-a": "secret-a", "dev-b": "secret-b"}
+
+
+def _prove_isolation(topics: Topics, url_for: dict[str, str], clients: ClientFactory) -> None:
+    """A cannot publish as B nor read B's desired state; B and the control plane work normally."""
+    control_plane_sees = Collector()
+    control_plane = clients(url_for["cp"])
+    control_plane.subscribe(topics.all_device_messages(), control_plane_sees)
+    device_a = clients(url_for["dev-a"], client_id="dev-a")
+    device_b = clients(url_for["dev-b"], client_id="dev-b")
+    a_sees, b_sees = Collector(), Collector()
+    device_a.subscribe(topics.desired("dev-b"), a_sees, timeout_s=10)  # refused or filtered by the broker
+    device_a.subscribe(topics.all_devices("desired"), a_sees, timeout_s=10)
+    device_b.subscribe(topics.desired("dev-b"), b_sees)
+
+    # Brokers drop an unauthorised v3.1.1 publish silently, still with a PUBACK (3.1.1 cannot say no).
+    device_a.publish(topics.state("dev-b"), b"forged by a")
+    device_a.publish(topics.desired("dev-a"), b"a writing its own desired state")
+    device_a.publish(topics.state("dev-a"), b"a's own state")
+    control_plane.publish(topics.desired("dev-b"), b"for b only")
+
+    assert b_sees.wait_for(1) == [b"for b only"]
+    assert control_plane_sees.wait_for(1, topics.state("dev-a")) == [b"a's own state"]
+    # The broker processes each connection's packets in order: b's and a's later messages arrived,
+    # so the forged ones were dropped, not late. One more round trip through A makes it certain.
+    device_a.publish(topics.events("dev-a"), b"marker")
+    assert control_plane_sees.wait_for(1, topics.events("dev-a")) == [b"marker"]
+    assert control_plane_sees.payloads(topics.state("dev-b")) == []
+    assert control_plane_sees.payloads(topics.desired("dev-a")) == []
+    assert a_sees.payloads() == []
+
+
+def test_device_a_cannot_touch_device_b_on_mosquitto(
+    private_mosquitto: MosquittoProcess, clients: ClientFactory
+) -> None:
+    private_mosquitto.start(DEVICES)
+    urls = {name: private_mosquitto.url(name, secret) for name, secret in DEVICES.items()}
+    urls["cp"] = private_mosquitto.admin_url
+    _prove_isolation(private_mosquitto.topics, urls, clients)
+
+
+def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFactory) -> None:
+    topics = unique_topics()
+    credentials = InMemoryCredentials(admins={CONTROL_PLANE_USER: "cp-secret"})
+    for device_id, secret in DEVICES.items():
+        credentials.add_device(device_id, secret)
+    broker = EmbeddedBroker(
+        port=free_port(), auth=credentials.check, topics=topics, admin_users=frozenset({CONTROL_PLANE_USER})
+    )
+    broker.start()
+    try:
+        port = broker.port
+        urls = {name: f"mqtt://{name}:{secret}@127.0.0.1:{port}" for name, secret in DEVICES.items()}
+        urls["cp"] = f"mqtt://{CONTROL_PLANE_USER}:cp-secret@127.0.0.1:{port}"
+        device_a = clients(urls["dev-a"], client_id="dev-a-probe")
+        # amqtt answers a refused subscription with SUBACK 0x80.
+        result = device_a.subscribe(topics.desired("dev-b"), Collector())
+        assert result is not None and result.granted == {topics.desired("dev-b"): None}
+        with pytest.raises(MqttConnectError):
+            clients(f"mqtt://127.0.0.1:{port}")  # anonymous
+        _prove_isolation(topics, urls, clients)
+    finally:
+        broker.stop()
+
+
+def test_enrolled_device_connects_and_removed_device_is_refused_after_reload(
+    private_mosquitto: MosquittoProcess, clients: ClientFactory
+) -> None:
+    private_mosquitto.start({"dev-a": "secret-a"})
+    with pytest.raises(MqttConnectError, match="refused"):
+        clients(private_mosquitto.url("dev-new", "fresh"))
+    private_mosquitto.credentials.add_device("dev-new", "fresh")  # file rewritten, then SIGHUP
+    assert wait_until(lambda: _can_connect(clients, private_mosquitto.url("dev-new", "fresh")))
+    private_mosquitto.credentials.remove_device("dev-a")
+    assert wait_until(lambda: not _can_connect(clients, private_mosquitto.url("dev-a", "secret-a")))
+    assert "dev-a" not in private_mosquitto.credentials.read()
+
+
+def _can_connect(clients: ClientFactory, url: str) -> bool:
+    try:
+        clients(url)
+    except MqttConnectError:
+        return False
+    return True
+
+
+def test_password_file_matches_mosquitto_passwd(tmp_path: Path) -> None:
+    """Our `$7$` hashes verify mosquitto_passwd's and the reverse (same PBKDF2-SHA512 layout)."""
+    reference = tmp_path / "reference"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(reference), "dev-a", "s3cret"], check=True)
+    theirs = reference.read_text().strip().split(":", 1)[1]
+    assert verify_mosquitto_hash("s3cret", theirs)
+    assert not verify_mosquitto_hash("wrong", theirs)
+    ours = mosquitto_hash("s3cret")
+    assert ours.startswith("$7$101$") and verify_mosquitto_hash("s3cret", ours)
+
+
+def test_sync_writes_exactly_the_given_devices_plus_admins_and_signals(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])  # stands in for mosquitto: SIGHUP ends it
+    try:
+        pid_file = tmp_path / "broker.pid"
+        pid_file.write_text(f"{sleeper.pid}\n")
+        passwd = MosquittoPasswordFile(tmp_path / "passwd", admins={"cp": "x"}, pid_file=pid_file)
+        passwd.path.write_text("stale-device:$7$101$AAAA$BBBB\n")
+        os.chmod(passwd.path, 0o640)
+        passwd.sync({"dev-1": mosquitto_hash("one")})
+        lines = passwd.path.read_text().splitlines()
+        assert [line.split(":")[0] for line in lines] == ["dev-1", "cp"]
+        assert passwd.path.stat().st_mode & 0o777 == 0o640, "permissions kept across the atomic rename"
+        assert wait_until(lambda: sleeper.poll() is not None), "SIGHUP reached the pid in the pid file"
+        assert sleeper.returncode == -signal.SIGHUP
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_shipped_acl_is_the_rendered_default() -> None:
+    shipped = Path(__file__).parents[1] / "deploy" / "mosquitto" / "acl"
+    assert shipped.read_text() == render_acl(Topics())
