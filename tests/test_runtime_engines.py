@@ -164,6 +164,23 @@ def test_custom_chat_template_is_used(tiny_gguf: Path) -> None:
     custom.close()
 
 
+def test_chat_template_helpers_and_errors(tiny_onnx: Path) -> None:
+    template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be the user') }}"
+        "{% endif %}{{ bos_token }}{{ messages[0]['content'] }}"
+    )
+    engine = load_engine(tiny_onnx, "onnx", chat_template=template)
+    with pytest.raises(EngineError, match="first message must be the user"):
+        list(engine.chat(MESSAGES, max_tokens=2))
+    # bos_token renders as the text "<s>", so the chat is the completion of "<s>Hi".
+    assert _text(engine.chat([{"role": "user", "content": "Hi"}], max_tokens=4)) == _text(
+        engine.complete("<s>Hi", max_tokens=4)
+    )
+    broken = load_engine(tiny_onnx, "onnx", chat_template="{% for %}")
+    with pytest.raises(EngineError, match="chat template"):
+        list(broken.chat(MESSAGES, max_tokens=2))
+
+
 def test_onnx_infer_returns_json_tensors(tiny_onnx: Path) -> None:
     engine = load_engine(tiny_onnx, "onnx")
     out = engine.infer({"input_ids": [[1, 10, 11]]})

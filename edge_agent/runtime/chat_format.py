@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from edge_agent.runtime.base import EngineError
 
 
@@ -21,12 +23,19 @@ def render_template(
     except ImportError as exc:  # jinja2 arrives with llama-cpp-python; an ONNX-only device may lack it
         raise EngineError("a custom chat template needs the jinja2 package") from exc
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # Helpers that Hugging Face chat templates call (Llama 3, Mistral and others use them).
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.now(UTC).strftime(fmt)
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
         )
     except TemplateError as exc:
         raise EngineError(f"chat template failed: {exc}") from exc
+
+
+def _raise_template_error(message: str) -> None:
+    raise EngineError(f"chat template refused the messages: {message}")
 
 
 def check_messages(messages: list[dict[str, str]]) -> None:
