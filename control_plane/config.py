@@ -32,7 +32,20 @@ class Settings(BaseSettings):
     enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")
-    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="Port of the embedded broker.")
+    mqtt_host: str = Field(default="127.0.0.1", description="Bind address of the embedded broker.")
+    # 1884, not 1883: a laptop or gateway often runs its own Mosquitto on the standard port.
+    mqtt_port: int = Field(default=1884, ge=1, le=65535, description="Port of the embedded broker.")
+    device_mqtt_url: str | None = Field(
+        default=None, description="Broker URL handed to devices at enrollment."
+    )
+    mqtt_password_file: Path | None = Field(
+        default=None, description="Mosquitto password file kept in step with enrolled devices."
+    )
+    mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
+    fleet_enabled: bool = Field(
+        default=True, description="Run the broker link, ingest and rollout controller."
+    )
+    controller_tick_s: float = Field(default=1.0, gt=0, le=60)
     mqtt_topic_prefix: str = "slmops/v1"
     log_json: bool = False
 

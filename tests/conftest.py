@@ -77,7 +77,9 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=db_url, max_upload_bytes=20 * 1024 * 1024)
+    return Settings(
+        data_dir=tmp_path / "data", database_url=db_url, max_upload_bytes=20 * 1024 * 1024, fleet_enabled=False
+    )
 
 
 @pytest.fixture

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.api.routes import artifacts, devices, health, models, tokens
+from control_plane.api.routes import artifacts, devices, health, models, rollouts, tokens
 from control_plane.config import Settings
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
@@ -74,9 +77,47 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = None
+    settings: Settings = app.state.settings
+    if settings.fleet_enabled:
+        from control_plane.fleet import FleetRuntime
+
+        runtime = FleetRuntime(settings, app.state.engine)
+        await run_in_threadpool(runtime.start)
+        app.state.device_mqtt_url = runtime.device_mqtt_url
+    app.state.fleet = runtime
+    app.state.on_device_enrolled = _credential_hook(settings)
+    try:
+        yield
+    finally:
+        if runtime is not None:
+            await run_in_threadpool(runtime.stop)
+
+
+def _credential_hook(settings: Settings) -> Any:
+    """Keep an external Mosquitto's password file in step with enrolled devices (see deploy/mosquitto)."""
+    if settings.mqtt_password_file is None:
+        return None
+    from slmops.mqtt.credentials import MosquittoPasswordFile
+    from slmops.mqtt.url import parse_broker_url
+
+    admins = {}
+    if settings.mqtt_url:  # keep the control plane's own broker user in the rewritten file
+        url = parse_broker_url(settings.mqtt_url)
+        if url.username and url.password:
+            admins[url.username] = url.password
+    password_file = MosquittoPasswordFile(
+        settings.mqtt_password_file, admins=admins, pid_file=settings.mqtt_pid_file
+    )
+    return lambda device_id, secret: password_file.add_device(device_id, secret)
+
+
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
+        lifespan=_lifespan,
         title="slmops control plane",
         version="0.1.0",
         description="Model registry, device registry and staged rollouts for edge fleets of small LMs.",
@@ -86,6 +127,6 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)
-    for module in (health, models, artifacts, devices, tokens):
+    for module in (health, models, artifacts, devices, tokens, rollouts):
         app.include_router(module.router)
     return app

@@ -11,8 +11,25 @@ from control_plane.models.registry import (
     ModelVersion,
     VersionStatus,
 )
+from control_plane.models.rollouts import (
+    ACTIVE_STATES,
+    DesiredStateRow,
+    GateEvaluation,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+)
+from control_plane.models.telemetry import DeviceEvent, TelemetryRecord
 
 __all__ = [
+    "ACTIVE_STATES",
+    "DesiredStateRow",
+    "DeviceEvent",
+    "GateEvaluation",
+    "Rollout",
+    "RolloutDevice",
+    "RolloutState",
+    "TelemetryRecord",
     "ApiToken",
     "Artifact",
     "ArtifactFormat",

@@ -34,6 +34,10 @@ class Device(SQLModel, table=True):
     current_model: str | None = Field(default=None, max_length=128)
     current_version: str | None = Field(default=None, max_length=64, index=True)
     current_sha256: str | None = Field(default=None, max_length=64)
+    phase: str | None = Field(default=None, max_length=32)  # from the device's state reports
+    phase_reason: str | None = Field(default=None, max_length=2000)
+    acked_message_id: str | None = Field(default=None, max_length=36)  # last desired message it acted on
+    previous_version: str | None = Field(default=None, max_length=64)
     created_by: str = Field(default="", max_length=128)
     created_at: datetime = created_at_field(index=True)
 

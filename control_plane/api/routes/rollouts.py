@@ -1,0 +1,201 @@
+"""`/v1/rollouts`: create a staged rollout, watch it, promote, pause, resume, abort."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from control_plane.api.deps import MutationDep, OperatorDep, SessionDep, ViewerDep
+from control_plane.errors import DomainError
+from control_plane.models import (
+    GateEvaluation,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+)
+from control_plane.rollouts.controller import RolloutController, create_rollout
+from control_plane.rollouts.plan import RolloutCreate
+from control_plane.schemas import UTCDatetime
+from control_plane.services import pagination
+
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+
+
+class GateEvaluationPublic(BaseModel):
+    stage_index: int
+    result: str
+    details: dict[str, Any]
+    created_at: UTCDatetime
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    model: str
+    version: str
+    selector: str
+    state: str
+    stage_index: int
+    stage: str
+    stages: list[dict[str, Any]]
+    promotion: str
+    reason: str
+    baseline_version: str | None
+    devices: dict[str, int]
+    device_details: list[dict[str, Any]] | None = None
+    last_evaluation: GateEvaluationPublic | None
+    created_by: str
+    created_at: UTCDatetime
+    stage_started_at: UTCDatetime | None
+    finished_at: datetime | None
+
+
+def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) -> RolloutPublic:
+    model = session.get(Model, rollout.model_id)
+    version = session.get(ModelVersion, rollout.version_id)
+    members = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
+    last = session.exec(
+        select(GateEvaluation)
+        .where(GateEvaluation.rollout_id == rollout.id)
+        .order_by(col(GateEvaluation.created_at).desc())
+        .limit(1)
+    ).first()
+    plan = rollout.plan
+    return RolloutPublic(
+        id=rollout.id,
+        model=model.name if model else "?",
+        version=version.version if version else "?",
+        selector=rollout.selector,
+        state=rollout.state,
+        stage_index=rollout.stage_index,
+        stage=plan["stages"][rollout.stage_index]["name"],
+        stages=plan["stages"],
+        promotion=plan.get("promotion", "auto"),
+        reason=rollout.reason,
+        baseline_version=plan.get("baseline_version"),
+        devices=dict(Counter(m.status for m in members)),
+        device_details=[
+            {"device_id": m.device_id, "stage_index": m.stage_index, "status": m.status, "reason": m.reason,
+             "artifact_sha256": m.artifact_sha256}
+            for m in members
+        ] if detail else None,
+        last_evaluation=GateEvaluationPublic.model_validate(last, from_attributes=True) if last else None,
+        created_by=rollout.created_by,
+        created_at=rollout.created_at,
+        stage_started_at=rollout.stage_started_at,
+        finished_at=rollout.finished_at,
+    )  # fmt: skip
+
+
+def _wake(request: Request) -> None:
+    fleet = getattr(request.app.state, "fleet", None)
+    if fleet is not None:
+        fleet.wake()
+
+
+def _get(session: Session, rollout_id: str) -> Rollout:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise DomainError("rollout_not_found", f"no rollout with id {rollout_id}")
+    return rollout
+
+
+@router.post("", status_code=201, response_model=RolloutPublic)
+def start_rollout(
+    spec: RolloutCreate, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """Start a staged rollout (default canary 5% -> 25% -> 100%, automatic promotion)."""
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    rollout = create_rollout(mutation.session, spec=spec, created_by=principal.actor)
+    mutation.audit(principal, "rollout.create", rollout.id, model=spec.model, version=spec.version)
+    body = rollout_public(mutation.session, rollout)
+    mutation.commit(principal, 201, body)
+    _wake(request)
+    return body
+
+
+@router.get("")
+def list_rollouts(
+    session: SessionDep,
+    _: ViewerDep,
+    state: str | None = None,
+    cursor: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+) -> Any:
+    stmt = select(Rollout)
+    if state:
+        stmt = stmt.where(Rollout.state == state)
+    stmt = pagination.apply_page(stmt, Rollout.created_at, Rollout.id, cursor, limit)
+    rows, next_cursor = pagination.split_page(list(session.exec(stmt).all()), limit)
+    return {"data": [rollout_public(session, r) for r in rows], "next_cursor": next_cursor}
+
+
+@router.get("/{rollout_id}", response_model=RolloutPublic)
+def get_rollout(rollout_id: str, session: SessionDep, _: ViewerDep) -> Any:
+    return rollout_public(session, _get(session, rollout_id), detail=True)
+
+
+@router.get("/{rollout_id}/evaluations", response_model=list[GateEvaluationPublic])
+def list_evaluations(
+    rollout_id: str, session: SessionDep, _: ViewerDep, limit: int = Query(100, ge=1, le=1000)
+) -> Any:
+    _get(session, rollout_id)
+    rows = session.exec(
+        select(GateEvaluation)
+        .where(GateEvaluation.rollout_id == rollout_id)
+        .order_by(col(GateEvaluation.created_at).desc())
+        .limit(limit)
+    ).all()
+    return [GateEvaluationPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "promote": ((RolloutState.waiting_promotion, RolloutState.running), "advance to the next stage"),
+    "pause": ((RolloutState.running, RolloutState.waiting_promotion), "pause"),
+    "resume": ((RolloutState.paused,), "resume"),
+    "abort": ((RolloutState.running, RolloutState.waiting_promotion, RolloutState.paused), "abort"),
+}
+
+
+@router.post("/{rollout_id}/{action}", response_model=RolloutPublic)
+def change_rollout(
+    rollout_id: str, action: str, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """`promote` (next stage now), `pause`, `resume`, `abort` (rolls touched devices back)."""
+    if action not in _TRANSITIONS:
+        raise DomainError(
+            "not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort"
+        )
+    session = mutation.session
+    rollout = _get(session, rollout_id)
+    allowed, verb = _TRANSITIONS[action]
+    if rollout.state not in allowed:
+        raise DomainError(
+            "invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state
+        )
+    controller = RolloutController()
+    if action == "promote":
+        plan = RolloutCreate.model_validate(rollout.plan)
+        if rollout.stage_index + 1 >= len(plan.stages):
+            raise DomainError("invalid_state", "the rollout is already in its last stage")
+        controller.next_stage(session, rollout)
+    elif action == "pause":
+        rollout.state = RolloutState.paused
+    elif action == "resume":
+        rollout.state = RolloutState.running
+    else:
+        controller.rollback(session, rollout, f"aborted by {principal.actor}")
+        rollout.state = RolloutState.aborted
+    session.add(rollout)
+    mutation.audit(principal, f"rollout.{action}", rollout.id)
+    body = rollout_public(session, rollout)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body

@@ -1,0 +1,148 @@
+"""The control plane's fleet side: broker connection, ingest, publisher and the controller loop.
+
+FleetRuntime.start()
+  -> embedded amqtt broker (no SLMOPS_MQTT_URL) or the external broker
+  -> DeviceMessageSubscriber -> IngestWriter (SQL, in batches)
+  -> controller thread: if leader, RolloutController.tick() then publish pending desired states
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import uuid
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from control_plane.config import Settings
+from control_plane.ingest import IngestWriter
+from control_plane.leader import LeaderLock
+from control_plane.models import DesiredStateRow, Device
+from control_plane.rollouts import assign
+from control_plane.rollouts.controller import RolloutController
+from control_plane.security import verify_secret
+from shared.topics import Topics
+from slmops.mqtt.broker import EmbeddedBroker
+from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.subscriber import DeviceMessageSubscriber
+
+log = logging.getLogger("slmops.fleet")
+CONTROL_PLANE_USER = "slmops-control-plane"
+
+
+class FleetRuntime:
+    def __init__(self, settings: Settings, engine: sa.Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.topics = Topics(settings.mqtt_topic_prefix)
+        self.controller = RolloutController()
+        self.ingest = IngestWriter(engine)
+        self.leader = LeaderLock(engine, settings.data_dir)
+        self.broker: EmbeddedBroker | None = None
+        self.client: MqttClient | None = None
+        self.subscriber: DeviceMessageSubscriber | None = None
+        self.device_mqtt_url: str | None = None
+        self._cp_password = secrets.token_urlsafe(24)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        url = self._start_broker()
+        self.client = MqttClient(url, client_id=f"slmops-cp-{uuid.uuid4().hex[:8]}", protocol="auto")
+        self.subscriber = DeviceMessageSubscriber(self.client, self.topics, self.ingest)
+        self.subscriber.start()
+        self.client.start(wait=True, timeout_s=15)
+        self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
+        self._thread.start()
+
+    def _start_broker(self) -> str:
+        if self.settings.mqtt_url:
+            self.device_mqtt_url = self.settings.device_mqtt_url or _without_credentials(
+                self.settings.mqtt_url
+            )
+            return self.settings.mqtt_url
+        self.broker = EmbeddedBroker(
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+            auth=self._check_password,
+            topics=self.topics,
+            admin_users=frozenset({CONTROL_PLANE_USER}),
+        )
+        self.broker.start()
+        self.device_mqtt_url = self.settings.device_mqtt_url or self.broker.url
+        return f"mqtt://{CONTROL_PLANE_USER}:{quote(self._cp_password)}@{self.settings.mqtt_host}:{self.broker.port}"
+
+    def _check_password(self, username: str, password: str) -> bool:
+        if username == CONTROL_PLANE_USER:
+            return secrets.compare_digest(password, self._cp_password)
+        with Session(self.engine) as session:
+            device = session.get(Device, username)
+            return device is not None and verify_secret(password, device.secret_hash)
+
+    def wake(self) -> None:
+        """Run the controller now (after an API change) instead of at the next tick."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.leader.try_acquire():
+                    with Session(self.engine, expire_on_commit=False) as session:
+                        self.controller.tick(session)
+                    self.publish_pending()
+            except Exception:  # the loop must survive a database blip; the next tick retries
+                log.exception("controller tick failed")
+            self._wake.wait(self.settings.controller_tick_s)
+            self._wake.clear()
+
+    def publish_pending(self) -> int:
+        """Send desired states not yet acknowledged by the broker (retained, QoS 1)."""
+        if self.client is None or not self.client.connected:
+            return 0
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = assign.pending_publication(session)
+            if not rows:
+                return 0
+            messages = [
+                Outgoing(self.topics.desired(r.device_id), _payload(r), qos=1, retain=True) for r in rows
+            ]
+            self.client.publish_many(messages, timeout_s=60)
+            for row in rows:  # only if nobody replaced it meanwhile: that one still needs sending
+                session.execute(
+                    sa.update(DesiredStateRow)
+                    .where(
+                        DesiredStateRow.device_id == row.device_id,
+                        DesiredStateRow.message_id == row.message_id,
+                    )
+                    .values(published_message_id=row.message_id)
+                )
+            session.commit()
+            return len(rows)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        if self.client is not None:
+            self.client.stop(publish_offline=False)
+        if self.broker is not None:
+            self.broker.stop()
+        self.leader.release()
+
+
+def _payload(row: DesiredStateRow) -> bytes:
+    from shared.desired import DesiredState
+
+    return DesiredState.model_validate(row.payload).model_dump_json().encode()
+
+
+def _without_credentials(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"

@@ -1,0 +1,46 @@
+"""What devices report: telemetry windows (one row per device and sequence number) and events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from control_plane.models.base import created_at_field, id_field, json_field
+
+
+class TelemetryRecord(SQLModel, table=True):
+    __tablename__ = "telemetry_windows"
+    __table_args__ = (sa.UniqueConstraint("device_id", "seq", name="uq_telemetry_windows_device_seq"),)
+
+    id: str = id_field()
+    device_id: str = Field(max_length=36, index=True)
+    seq: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    window_start: datetime = Field(sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    window_end: datetime = Field(sa_type=sa.DateTime(timezone=True), index=True)  # type: ignore[call-overload]
+    model: str | None = Field(default=None, max_length=128)
+    version: str | None = Field(default=None, max_length=64, index=True)
+    requests: int = 0
+    errors: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    latency_max_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    tokens_per_s_p50: float | None = None
+    rss_bytes: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    peak_rss_bytes: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    latency_histogram: dict[str, Any] = json_field()
+    received_at: datetime = created_at_field()
+
+
+class DeviceEvent(SQLModel, table=True):
+    __tablename__ = "device_events"
+
+    id: str = id_field()
+    device_id: str = Field(max_length=36, index=True)
+    kind: str = Field(max_length=64)
+    detail: dict[str, Any] = json_field()
+    created_at: datetime = created_at_field(index=True)

@@ -1,0 +1,1 @@
+"""Staged rollouts: plans, variant selection, gates, the controller, and desired-state publishing."""

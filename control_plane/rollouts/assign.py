@@ -1,0 +1,71 @@
+"""Desired-state assignment: the only writer of `desired_states` rows (the outbox)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlmodel import Session, select
+
+from control_plane.models import Artifact, DesiredStateRow, Device, Model, ModelVersion, utcnow
+from shared.desired import ArtifactRef, DesiredState, RuntimeParams
+
+DEFAULT_N_CTX = 512
+
+
+def desired_payload(
+    model: Model, version: ModelVersion, artifact: Artifact, rollout_id: str | None
+) -> DesiredState:
+    hints = artifact.runtime_hints or {}
+    n_ctx = min(int(hints.get("context_length") or DEFAULT_N_CTX), 4096)
+    return DesiredState(
+        message_id=str(uuid.uuid4()),
+        model=model.name,
+        version=version.version,
+        artifact=ArtifactRef(
+            sha256=artifact.sha256,
+            size_bytes=artifact.size_bytes,
+            format=artifact.format,  # type: ignore[arg-type]
+            quantization=artifact.quantization,
+            url=artifact.external_url or f"/v1/artifacts/{artifact.sha256}",
+        ),
+        runtime=RuntimeParams(n_ctx=n_ctx, chat_template=hints.get("chat_template")),
+        rollout_id=rollout_id,
+    )
+
+
+def current_desired(session: Session, device_id: str) -> DesiredStateRow | None:
+    return session.get(DesiredStateRow, device_id)
+
+
+def set_desired(session: Session, device: Device, state: DesiredState) -> DesiredStateRow:
+    """Replace the device's desired state; the publisher sends it (retained) after commit."""
+    row = session.get(DesiredStateRow, device.id)
+    if row is None:
+        row = DesiredStateRow(
+            device_id=device.id,
+            message_id=state.message_id,
+            model=state.model,
+            version=state.version,
+            artifact_sha256=state.artifact.sha256,
+        )
+    row.message_id = state.message_id
+    row.model = state.model
+    row.version = state.version
+    row.artifact_sha256 = state.artifact.sha256
+    row.rollout_id = state.rollout_id
+    row.payload = state.model_dump(mode="json")
+    row.updated_at = utcnow()
+    session.add(row)
+    return row
+
+
+def restore_desired(session: Session, device: Device, previous: dict[str, Any]) -> DesiredStateRow:
+    """Send a device back to a previous desired state, under a fresh message id."""
+    state = DesiredState.model_validate({**previous, "message_id": str(uuid.uuid4()), "rollout_id": None})
+    return set_desired(session, device, state)
+
+
+def pending_publication(session: Session, limit: int = 5000) -> list[DesiredStateRow]:
+    rows = session.exec(select(DesiredStateRow).limit(limit * 4)).all()
+    return [r for r in rows if r.published_message_id != r.message_id][:limit]

@@ -1,0 +1,184 @@
+"""Gate evaluation over the telemetry of a stage's devices, against limits and the baseline.
+
+Percentiles across devices and windows come from merged fixed-bucket histograms (the agents use
+the OpenTelemetry gen_ai request-duration buckets), interpolated inside the bucket; a window
+without a histogram falls back to its own exact p95, weighted by its request count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from control_plane.models import Device, RolloutDevice, TelemetryRecord
+from control_plane.rollouts.plan import Gates
+
+PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+
+
+@dataclass
+class Sample:
+    requests: int = 0
+    errors: int = 0
+    max_rss_bytes: int = 0
+    p95_ms: float | None = None
+    windows: int = 0
+
+
+@dataclass
+class GateResult:
+    result: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def merged_percentile(histograms: list[dict[str, Any]], q: float) -> float | None:
+    """q-quantile (0..1) in the histograms' unit, from summed bucket counts."""
+    if not histograms:
+        return None
+    bounds = list(histograms[0]["bounds"])
+    counts = [0] * (len(bounds) + 1)
+    for hist in histograms:
+        if list(hist["bounds"]) != bounds:
+            continue  # a different bucket layout cannot be merged bucket by bucket
+        for i, c in enumerate(hist["counts"]):
+            counts[i] += int(c)
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, c in enumerate(counts):
+        if c and seen + c >= rank:
+            lower = bounds[i - 1] if i > 0 else 0.0
+            upper = bounds[i] if i < len(bounds) else bounds[-1] * 2
+            return float(lower + (upper - lower) * ((rank - seen) / c))
+        seen += c
+    return float(bounds[-1])
+
+
+def collect(session: Session, device_ids: list[str], version: str | None, since: datetime) -> Sample:
+    if not device_ids or version is None:
+        return Sample()
+    rows = session.exec(
+        select(TelemetryRecord).where(
+            col(TelemetryRecord.device_id).in_(device_ids),
+            TelemetryRecord.version == version,
+            TelemetryRecord.window_end >= since,
+        )
+    ).all()
+    sample = Sample(windows=len(rows))
+    histograms = []
+    weighted, weight = 0.0, 0
+    for row in rows:
+        sample.requests += row.requests
+        sample.errors += row.errors
+        sample.max_rss_bytes = max(sample.max_rss_bytes, row.peak_rss_bytes or row.rss_bytes)
+        if row.latency_histogram.get("counts"):
+            histograms.append(row.latency_histogram)
+        elif row.latency_p95_ms is not None and row.requests:
+            weighted += row.latency_p95_ms * row.requests
+            weight += row.requests
+    p95_s = merged_percentile(histograms, 0.95)
+    if p95_s is not None:
+        sample.p95_ms = p95_s * 1000
+    elif weight:
+        sample.p95_ms = weighted / weight
+    return sample
+
+
+def _limit(name: str, value: float | None, limit: float | None, enough: bool) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    if value is None or not enough:
+        return {"gate": name, "result": INCONCLUSIVE, "value": value, "limit": limit}
+    return {
+        "gate": name,
+        "result": PASS if value <= limit else FAIL,
+        "value": round(value, 4),
+        "limit": limit,
+    }
+
+
+def evaluate(
+    session: Session,
+    *,
+    gates: Gates,
+    members: list[RolloutDevice],
+    new_version: str,
+    baseline_version: str | None,
+    baseline_device_ids: list[str],
+    stage_since: datetime,
+    baseline_since: datetime,
+) -> GateResult:
+    """Decide one stage: any failed gate fails it; any inconclusive one makes it wait."""
+    deployable = [m for m in members if m.status != "incompatible"]
+    active = [m for m in deployable if m.status == "active"]
+    failed = [m for m in deployable if m.status == "failed"]
+    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in members])))}
+    offline = [m.device_id for m in deployable if devices.get(m.device_id) and devices[m.device_id].status != "online"]
+    new = collect(session, [m.device_id for m in active], new_version, stage_since)
+    base = collect(session, baseline_device_ids, baseline_version, baseline_since)
+    enough_new = new.requests >= gates.min_samples
+    checks: list[dict[str, Any]] = []
+
+    fraction = len(active) / len(deployable) if deployable else 1.0
+    best_possible = (len(deployable) - len(failed)) / len(deployable) if deployable else 1.0
+    activation = PASS if fraction >= gates.min_activated_fraction else INCONCLUSIVE
+    if best_possible < gates.min_activated_fraction:
+        activation = FAIL
+    checks.append(
+        {
+            "gate": "min_activated_fraction",
+            "result": activation,
+            "value": round(fraction, 4),
+            "limit": gates.min_activated_fraction,
+            "failed_devices": [m.device_id for m in failed],
+        }
+    )
+    error_rate = new.errors / new.requests if new.requests else None
+    ratio = None
+    if new.p95_ms is not None and base.p95_ms and base.requests >= gates.min_samples:
+        ratio = new.p95_ms / base.p95_ms
+    for check in (
+        _limit("max_error_rate", error_rate, gates.max_error_rate, enough_new),
+        _limit("max_p95_latency_ms", new.p95_ms, gates.max_p95_latency_ms, enough_new),
+        # No baseline version (a first rollout): nothing to compare with, so the ratio gate does not apply.
+        _limit(
+            "max_p95_latency_ratio",
+            ratio,
+            gates.max_p95_latency_ratio if baseline_version else None,
+            enough_new and ratio is not None,
+        ),
+        _limit(
+            "max_rss_mb",
+            new.max_rss_bytes / 2**20 if new.windows else None,
+            gates.max_rss_mb,
+            new.windows > 0,
+        ),
+    ):
+        if check is not None:
+            checks.append(check)
+    results = {c["result"] for c in checks}
+    result = FAIL if FAIL in results else INCONCLUSIVE if INCONCLUSIVE in results else PASS
+    details = {
+        "checks": checks,
+        "new": {
+            "version": new_version,
+            "requests": new.requests,
+            "errors": new.errors,
+            "p95_ms": new.p95_ms,
+            "max_rss_mb": round(new.max_rss_bytes / 2**20, 1),
+            "devices": len(active),
+        },
+        "baseline": {
+            "version": baseline_version,
+            "requests": base.requests,
+            "p95_ms": base.p95_ms,
+            "devices": len(baseline_device_ids),
+        },
+        "offline_devices": offline,
+    }
+    return GateResult(result, details)

@@ -1,0 +1,144 @@
+"""Simulated devices: each a real MQTT connection with its own credential, speaking the agent's
+protocol (the `shared` schemas). They apply desired states after a delay (optionally failing for
+chosen versions) and publish synthetic telemetry windows whose latency depends on the version.
+
+Used by tests, benchmarks and `slmops simulate`; the real agent is in `edge_agent/`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from shared.desired import DesiredState
+from shared.hardware import HardwareProfile
+from shared.messages import StateMessage, StatusMessage, TelemetryMessage, decode, encode
+from shared.state import DeviceState, ModelRef
+from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
+from shared.topics import TopicKind, Topics
+from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.dedup import RecentIds
+from slmops.mqtt.url import parse_broker_url
+
+log = logging.getLogger("slmops.simulator")
+
+
+@dataclass
+class SimBehaviour:
+    """How a simulated device reacts; `latency_ms(version)` drives its telemetry."""
+
+    latency_ms: Callable[[str], float] = lambda _version: 40.0
+    failing_versions: frozenset[str] = frozenset()
+    apply_delay_s: float = 0.05
+    requests_per_window: int = 20
+    error_rate: float = 0.0
+    rss_mb: float = 120.0
+    hardware: HardwareProfile = field(
+        default_factory=lambda: HardwareProfile(cpu_model="sim", cpu_cores=4, ram_mb=4096, arch="x86_64")
+    )
+
+
+class SimDevice:
+    def __init__(self, url: str, topics: Topics, device_id: str, secret: str, behaviour: SimBehaviour) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.behaviour = behaviour
+        self.state = DeviceState(device_id=device_id)
+        self.applied: list[str] = []  # desired message ids acted on, in order
+        self._seq = 0
+        self._seen = RecentIds(1024)
+        self._lock = threading.Lock()
+        self._rng = random.Random(device_id)
+        status_topic = topics.status(device_id)
+        broker = parse_broker_url(url).with_credentials(device_id, secret)
+        self.client = MqttClient(
+            broker,
+            client_id=device_id,
+            will=Outgoing(status_topic, encode(StatusMessage(status="offline", reason="connection lost")), retain=True),
+            birth=lambda: Outgoing(
+                status_topic,
+                encode(StatusMessage(status="online", agent_version="sim", hardware=behaviour.hardware)),
+                retain=True,
+            ),
+        )
+
+    def start(self) -> None:
+        self.client.subscribe(self.topics.desired(self.device_id), self._on_desired)
+        self.client.start(wait=True)
+        self._publish_state()
+
+    def stop(self) -> None:
+        self.client.stop(publish_offline=True)
+
+    @property
+    def current_version(self) -> str | None:
+        return self.state.current.version if self.state.current else None
+
+    def _on_desired(self, _topic: str, payload: bytes) -> None:
+        try:
+            desired = decode(TopicKind.DESIRED, payload)
+        except ValueError:
+            log.warning("device %s: malformed desired state dropped", self.device_id)
+            return
+        assert isinstance(desired, DesiredState)
+        if not self._seen.first_time(desired.message_id):
+            return
+        # Never block paho's network thread: apply on a timer, as a real download would.
+        threading.Timer(self.behaviour.apply_delay_s, self._apply, args=(desired,)).start()
+
+    def _apply(self, desired: DesiredState) -> None:
+        ref = ModelRef(model=desired.model, version=desired.version, sha256=desired.artifact.sha256,
+                       format=desired.artifact.format, quantization=desired.artifact.quantization)  # fmt: skip
+        with self._lock:
+            if desired.version in self.behaviour.failing_versions:
+                self.state = self.state.model_copy(update={
+                    "phase": "activation_failed", "reason": "smoke test failed (simulated)",
+                    "desired_message_id": desired.message_id, "rollout_id": desired.rollout_id})  # fmt: skip
+            else:
+                self.state = self.state.model_copy(update={
+                    "phase": "committed", "reason": None, "previous": self.state.current, "current": ref,
+                    "desired_message_id": desired.message_id, "rollout_id": desired.rollout_id,
+                    "serving": True})  # fmt: skip
+            self.applied.append(desired.message_id)
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        with self._lock:
+            message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
+        self.client.publish(self.topics.state(self.device_id), encode(message), wait=False)
+
+    def telemetry_window(self, seconds: float = 1.0) -> TelemetryMessage | None:
+        """One synthetic window for the version being served (None while nothing is served)."""
+        version = self.current_version
+        if version is None:
+            return None
+        b = self.behaviour
+        base = b.latency_ms(version) / 1000
+        samples = sorted(max(0.0005, self._rng.gauss(base, base * 0.1)) for _ in range(b.requests_per_window))
+        counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
+        for s in samples:
+            counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
+        n = len(samples)
+        end = datetime.now(UTC)
+        self._seq += 1
+        return TelemetryMessage(
+            device_id=self.device_id, seq=self._seq, window_start=end - timedelta(seconds=seconds), window_end=end,
+            model=self.state.current.model if self.state.current else None, version=version,
+            requests=n, errors=int(round(n * b.error_rate)),
+            latency_s=Summary(count=n, p50=samples[n // 2], p95=samples[int(n * 0.95) - 1], p99=samples[-1],
+                              max=samples[-1]),
+            latency_histogram=Histogram(bounds=REQUEST_DURATION_BUCKETS, counts=tuple(counts), sum=sum(samples)),
+            system=SystemSample(rss_bytes=int(b.rss_mb * 2**20), peak_rss_bytes=int(b.rss_mb * 2**20)),
+        )  # fmt: skip
+
+    def publish_telemetry(self) -> bool:
+        window = self.telemetry_window()
+        if window is None:
+            return False
+        self.client.publish(self.topics.telemetry(self.device_id), encode(window), wait=False)
+        return True
