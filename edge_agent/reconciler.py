@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_agent import failpoints
 from edge_agent.activation import Activator
 from edge_agent.download import Downloader
 from edge_agent.errors import ActivationError, DownloadError, RollbackError
@@ -130,31 +131,28 @@ class Reconciler:
             self._save(phase="download_failed", reason=f"{exc.code}: {exc}", pending=None)
             return
         self._save(phase="activating", activation_attempts=self.state.activation_attempts + 1)
+        failpoints.reached("activation_started")
         try:
             self.activator.activate(desired)
         except ActivationError as exc:
             log.error("activation of %s %s failed: %s", desired.model, desired.version, exc)
             self.on_swap("failed")
-            self._save(
-                phase="activation_failed", reason=f"{exc.code}: {exc}", pending=None, activation_attempts=0
-            )
+            self._save(phase="activation_failed", reason=f"{exc.code}: {exc}", pending=None, activation_attempts=0)
             return
-        log.info(
-            "serving %s %s (%s swap); on trial", desired.model, desired.version, self.activator.last_swap_mode
-        )
+        failpoints.reached("activation_loaded")  # serving the new model while the state names the old
+        log.info("serving %s %s (%s swap); on trial", desired.model, desired.version, self.activator.last_swap_mode)
         self.on_swap("activated")
         previous = self.state.current
         self._save(
             current=desired,
-            previous=previous
-            if previous is None or not _same_model(previous, desired)
-            else self.state.previous,
+            previous=previous if previous is None or not _same_model(previous, desired) else self.state.previous,
             pending=None,
             phase="on_trial",
             reason=None,
             activation_attempts=0,
             trial_started_at=time.time(),
         )
+        failpoints.reached("trial_started")
         self.store.prune(self._protected())
 
     def _download(self, desired: DesiredState) -> None:

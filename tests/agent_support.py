@@ -237,9 +237,9 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> AgentProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env = {k: v for k, v in env.items() if not k.startswith("SLMOPS_AGENT_")}
+    def start(self, env_extra: dict[str, str] | None = None) -> AgentProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+        env = {k: v for k, v in env.items() if not k.startswith("SLMOPS_AGENT_") or k in (env_extra or {})}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge_agent", "--config", str(self.config)],
@@ -273,6 +273,9 @@ class AgentProcess:
         self.proc.terminate()
         return self.proc.wait(timeout=20)
 
+    def state_file_phase(self) -> str:
+        return json.loads((self.data_dir / "state.json").read_text())["phase"]
+
     def admin(self) -> httpx.Client:
         token = (self.data_dir / "admin.token").read_text().strip()
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
@@ -283,9 +286,7 @@ class AgentProcess:
 
     def apply(self, desired: DesiredState, *, wait: bool = True) -> httpx.Response:
         with self.admin() as client:
-            return client.post(
-                "/v1/admin/desired", params={"wait": wait}, json=desired.model_dump(mode="json")
-            )
+            return client.post("/v1/admin/desired", params={"wait": wait}, json=desired.model_dump(mode="json"))
 
     def wait_ready(self, timeout_s: float = 60) -> dict[str, Any]:
         def ready() -> bool:
