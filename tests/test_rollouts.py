@@ -66,6 +66,14 @@ def _finished(client: TestClient, headers: dict[str, str], rollout_id: str) -> d
     return body if body["state"] in ("completed", "rolled_back", "aborted") else None
 
 
+def _all_online(client: TestClient, headers: dict[str, str]) -> bool:
+    return all(d["status"] == "online" for d in client.get("/v1/devices", headers=headers).json()["data"])
+
+
+def _on_version(client: TestClient, headers: dict[str, str], version: str) -> list[dict]:  # type: ignore[type-arg]
+    return client.get("/v1/devices", params={"current_version": version}, headers=headers).json()["data"]  # type: ignore[no-any-return]
+
+
 @pytest.mark.mosquitto
 def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_gguf, tiny_gguf_other, tmp_path):  # type: ignore[no-untyped-def]
     client, settings = fleet
@@ -81,8 +89,7 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
     devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, behaviour)
     try:
         with TelemetryPump(devices):
-            wait_for(lambda: all(d["status"] == "online" for d in client.get("/v1/devices", headers=operator).json()["data"]),
-                     what="devices online")  # fmt: skip
+            wait_for(lambda: _all_online(client, operator), what="devices online")
             first = _rollout(client, operator, "1")
             done = wait_for(lambda: _finished(client, operator, first["id"]), what="v1 rollout")
             assert done["state"] == "completed", done
@@ -105,10 +112,7 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
             assert "max_p95_latency_ratio" in done["reason"]
             # Every device that touched v3 returns to v2.
             wait_for(lambda: {d.current_version for d in devices} == {"2"}, what="devices back on v2")
-            listed = client.get("/v1/devices", params={"current_version": "2"}, headers=operator).json()["data"]
-            wait_for(lambda: len(client.get("/v1/devices", params={"current_version": "2"}, headers=operator).json()["data"]) == 4,
-                     what="control plane sees all devices on v2")  # fmt: skip
-            assert listed is not None
+            wait_for(lambda: len(_on_version(client, operator, "2")) == 4, what="control plane sees all on v2")
     finally:
         for device in devices:
             device.stop()
