@@ -21,7 +21,7 @@ def main() -> int:
         overrides = {"log_json": True} if args.log_json else {}
         return run(load_settings(args.config, **overrides))
     except AgentError as exc:
-        sys.stderr.write(f"slmops-agent: {exc}\n")
+        sys.stderr.write(f"slmops-agent: error ({exc.code}): {exc}\n")
         return 2
 
 

@@ -231,6 +231,7 @@ class AgentProcess:
             values["control_plane_url"] = control_plane_url
         self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command = [sys.executable, "-m", "edge_agent", "--config", str(self.config)]
         self.log = data_dir.parent / f"{data_dir.name}.log"
 
     @property
@@ -242,7 +243,7 @@ class AgentProcess:
         env = {k: v for k, v in env.items() if not k.startswith("SLMOPS_AGENT_") or k in (env_extra or {})}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent", "--config", str(self.config)],
+                self.command,
                 cwd=REPO,
                 env=env,
                 stdout=out,

@@ -56,7 +56,7 @@ def agent(
     try:
         code = run(settings)
     except AgentError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error ({exc.code}): {exc}", err=True)
         raise typer.Exit(2) from exc
     raise typer.Exit(code)
 
