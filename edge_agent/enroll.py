@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import psutil
 from pydantic import BaseModel, ValidationError
 
@@ -16,6 +17,9 @@ from edge_agent.errors import EnrollmentError
 from edge_agent.fsutil import write_atomic
 from shared.enrollment import EnrollRequest, EnrollResponse
 from shared.hardware import HardwareProfile
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +53,13 @@ def load_credential(path: Path) -> Credential | None:
     try:
         return Credential.model_validate_json(path.read_bytes())
     except ValidationError as exc:
-        raise EnrollmentError(
-            f"credential file {path} is unreadable: {exc}", code="credential_invalid"
-        ) from exc
+        raise EnrollmentError(f"credential file {path} is unreadable: {exc}", code="credential_invalid") from exc
 
 
 def enroll(client: httpx.Client, control_plane_url: str, token: str, path: Path) -> Credential:
     """POST /v1/devices/enroll and store the credential; RFC 9457 error codes become EnrollmentError."""
+    import httpx
+
     request = EnrollRequest(enrollment_token=token, hardware=hardware_profile())
     url = control_plane_url.rstrip("/") + "/v1/devices/enroll"
     try:
@@ -85,13 +89,11 @@ def _problem(response: httpx.Response) -> tuple[str, str]:
         return f"http_{response.status_code}", response.text[:200]
     if not isinstance(body, dict):
         return f"http_{response.status_code}", str(body)[:200]
-    return str(body.get("code") or f"http_{response.status_code}"), str(
-        body.get("detail") or body.get("title")
-    )
+    return str(body.get("code") or f"http_{response.status_code}"), str(body.get("detail") or body.get("title"))
 
 
 def load_or_enroll(
-    client: httpx.Client, *, path: Path, control_plane_url: str | None, token: str | None
+    client: Callable[[], httpx.Client], *, path: Path, control_plane_url: str | None, token: str | None
 ) -> Credential | None:
     """The stored credential, or a new one from enrollment; None for a standalone agent."""
     credential = load_credential(path)
@@ -99,4 +101,4 @@ def load_or_enroll(
         return credential
     if token is None or control_plane_url is None:
         return None
-    return enroll(client, control_plane_url, token, path)
+    return enroll(client(), control_plane_url, token, path)

@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent import failpoints
 from edge_agent.activation import Activator
-from edge_agent.download import Downloader
 from edge_agent.errors import ActivationError, DownloadError, RollbackError
 from edge_agent.serving import ModelSlot
 from edge_agent.settings import AgentSettings
@@ -25,6 +25,13 @@ from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef, DesiredState
 
 log = logging.getLogger(__name__)
+
+
+class ArtifactFetcher(Protocol):
+    def fetch(
+        self, artifact: ArtifactRef, url: str, *, protected: tuple[str, ...] = (), with_auth: bool = True
+    ) -> Path: ...
+
 
 UrlFor = Callable[[ArtifactRef], tuple[str, bool]]  # (absolute URL, send the device credential?)
 
@@ -38,7 +45,7 @@ class Reconciler:
         state_file: StateFile,
         slot: ModelSlot,
         activator: Activator,
-        downloader: Downloader,
+        downloader: ArtifactFetcher,
         url_for: UrlFor,
         on_change: Callable[[AgentState], None],
         on_swap: Callable[[str], None] = lambda outcome: None,
