@@ -69,9 +69,7 @@ class EmbeddedBroker:
         if self._policy is not None:
             plugins[f"{_PLUGINS}.DeviceTopicPlugin"] = {"registry_key": self._key}
         return {
-            "listeners": {
-                "default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": -1}
-            },
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": -1}},
             "plugins": plugins,
         }
 
@@ -80,9 +78,7 @@ class EmbeddedBroker:
             raise MqttError("embedded broker already started")
         broker_plugins.register(self._key, check=self._auth, policy=self._policy)
         started: Future[None] = Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(started,), name="slmops-mqtt-broker", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(started,), name="slmops-mqtt-broker", daemon=True)
         self._thread.start()
         try:
             started.result(timeout=timeout_s)

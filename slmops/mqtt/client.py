@@ -92,6 +92,7 @@ class MqttClient:
         reconnect_min_delay_s: int = 1,
         reconnect_max_delay_s: int = 30,
         tls_context: ssl.SSLContext | None = None,
+        persistent_session: bool = False,
     ) -> None:
         self.url = parse_broker_url(url) if isinstance(url, str) else url
         self.client_id = client_id
@@ -102,6 +103,9 @@ class MqttClient:
         self._keepalive_s = keepalive_s
         self._reconnect_delays = (reconnect_min_delay_s, reconnect_max_delay_s)
         self._tls_context = tls_context
+        # A persistent session (3.1.1 clean session 0, section 3.1.2.4; v5 clean start 0 with a
+        # session expiry) makes the broker queue QoS 1 messages while this client is away.
+        self._persistent = persistent_session
         # Two locks, never nested: paho holds its callback mutex while calling us, so our callbacks
         # take only `_state_lock`, and paho calls are made under `_paho_lock` only.
         self._paho_lock = threading.RLock()
@@ -124,7 +128,7 @@ class MqttClient:
         client = self._build_paho(self.protocol)
         with self._paho_lock:
             self._paho = client
-            client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive_s)
+            client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive_s, **self._session_args())
             client.loop_start()
         if wait and not self._wait_first_connect(timeout_s):
             refusal = self.last_refusal
@@ -200,9 +204,7 @@ class MqttClient:
 
     def publish_many(self, messages: Iterable[Outgoing], *, timeout_s: float = 30.0) -> int:
         """Publish all, then wait for every PUBACK (pipelined: far faster than one at a time)."""
-        infos = [
-            (m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages
-        ]
+        infos = [(m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages]
         for topic, info in infos:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                 self._wait_for_ack(info, topic, timeout_s)
@@ -219,9 +221,7 @@ class MqttClient:
         if qos > 0:
             await asyncio.to_thread(self._wait_for_ack, info, topic, timeout_s)
 
-    def _publish_nowait(
-        self, topic: str, payload: Payload, *, qos: int, retain: bool
-    ) -> paho.MQTTMessageInfo:
+    def _publish_nowait(self, topic: str, payload: Payload, *, qos: int, retain: bool) -> paho.MQTTMessageInfo:
         client = self._require_client()
         if not self.connected:
             # Refuse instead of letting paho queue in memory: the caller spools what must survive.
@@ -249,13 +249,19 @@ class MqttClient:
     ) -> SubscribeResult | None:
         """Register `handler(topic, payload)`; it stays subscribed across reconnects.
 
-        When connected and `timeout_s` is set, waits for the SUBACK and returns what was granted.
+        When this call sends a SUBSCRIBE (connected, and the filter is new) and `timeout_s` is
+        set, waits for the SUBACK and returns what was granted; otherwise returns None.
         """
         with self._state_lock:
+            is_new = topic_filter not in self._subscriptions
             sub = self._subscriptions.setdefault(topic_filter, _Subscription(topic_filter, qos))
             sub.handlers.append(handler)
-        if self._paho is None or not self.connected:
-            return None  # sent by _restore_subscriptions on connect
+            # Decided under the lock `_on_connect` takes to snapshot: each filter is sent once,
+            # either here or by the reconnect.
+            send_now = is_new and self._connected.is_set()
+        if not send_now:
+            return None
+        # Re-subscribing an existing filter would make the broker resend its retained messages.
         return self._send_subscribe([(topic_filter, qos)], timeout_s)
 
     def unsubscribe(self, topic_filter: str) -> None:
@@ -265,9 +271,7 @@ class MqttClient:
             if self._paho is not None and self.connected:
                 self._paho.unsubscribe(topic_filter)
 
-    def _send_subscribe(
-        self, filters: list[tuple[str, int]], timeout_s: float | None
-    ) -> SubscribeResult | None:
+    def _send_subscribe(self, filters: list[tuple[str, int]], timeout_s: float | None) -> SubscribeResult | None:
         client = self._require_client()
         with self._paho_lock:
             rc, mid = client.subscribe(filters)
@@ -289,12 +293,6 @@ class MqttClient:
             return None
         return SubscribeResult(dict(zip((f for f, _ in filters), waiter.granted, strict=False)))
 
-    def _restore_subscriptions(self) -> None:
-        with self._state_lock:
-            filters = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
-        if filters:
-            self._send_subscribe(filters, timeout_s=None)
-
     # -- paho callbacks (network thread) -----------------------------------------------------
 
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -306,12 +304,15 @@ class MqttClient:
         self.counters.connects += 1
         self.last_refusal = None
         # Clean sessions forget subscriptions (MQTT 3.1.1 section 3.1.2.4): send them all again.
-        self._restore_subscriptions()
+        with self._state_lock:
+            self._connected.set()
+            filters = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
+        if filters:
+            self._send_subscribe(filters, timeout_s=None)
         if self._birth is not None:
             birth = self._birth() if callable(self._birth) else self._birth
             with self._paho_lock:
                 client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
-        self._connected.set()
         self._notify(True)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -367,7 +368,7 @@ class MqttClient:
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else not self._persistent,
         )
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
@@ -384,6 +385,16 @@ class MqttClient:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
+
+    def _session_args(self) -> dict[str, Any]:
+        if not self._persistent or self.protocol != MQTTProtocolVersion.MQTTv5:
+            return {}
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600
+        return {"clean_start": False, "properties": props}
 
     def _choose_protocol(self, timeout_s: float) -> MQTTProtocolVersion:
         if self.requested_protocol == "5":

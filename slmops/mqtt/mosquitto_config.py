@@ -39,6 +39,7 @@ def render_config(
     bind_address: str = "127.0.0.1",
     persistence_dir: Path | None = None,
     run_as_user: str | None = None,
+    max_queued_messages: int = 100_000,
 ) -> str:
     """A minimal single-listener mosquitto.conf (tests and laptops; production: deploy/mosquitto/)."""
     lines = [
@@ -47,6 +48,9 @@ def render_config(
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         f"listener {port} {bind_address}",
+        # The default (1000) silently drops QoS 1 messages queued for a slow consumer beyond it,
+        # which a control plane ingesting a whole fleet's burst can be.
+        f"max_queued_messages {max_queued_messages}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -17,9 +17,7 @@ from slmops.mqtt.url import BrokerURL
 log = logging.getLogger(__name__)
 
 
-def broker_speaks_v5(
-    url: BrokerURL, *, timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None
-) -> bool:
+def broker_speaks_v5(url: BrokerURL, *, timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None) -> bool:
     """Connect once with MQTT v5 and report whether the broker accepted it.
 
     A v3.1.1-only broker answers a v5 CONNECT with return code 0x01 (unacceptable protocol

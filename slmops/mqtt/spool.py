@@ -46,9 +46,7 @@ class SpooledMessage:
 class MessageSpool:
     """Thread-safe; every method is one SQLite transaction."""
 
-    def __init__(
-        self, path: str | Path, *, max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024
-    ) -> None:
+    def __init__(self, path: str | Path, *, max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
         if max_messages < 1 or max_bytes < 1:
             raise ValueError("spool bounds must be positive")
         self.path = Path(path)
@@ -85,8 +83,7 @@ class MessageSpool:
                 "SELECT seq, topic, payload, qos, retain FROM spool ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         return [
-            SpooledMessage(seq, topic, bytes(payload), qos, bool(retain))
-            for seq, topic, payload, qos, retain in rows
+            SpooledMessage(seq, topic, bytes(payload), qos, bool(retain)) for seq, topic, payload, qos, retain in rows
         ]
 
     def remove(self, seq: int) -> None:

@@ -150,9 +150,7 @@ class DeviceMessageSubscriber:
             message = decode(parsed.kind, raw.payload)
         except MessageDecodeError as exc:
             self.counters.malformed[exc.reason] += 1
-            log.warning(
-                "dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc
-            )
+            log.warning("dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc)
             return None
         message_id = message_id_of(message)
         if message_id is not None and not self._dedup.first_time(f"{parsed.device_id}/{message_id}"):
@@ -172,9 +170,7 @@ class DeviceMessageSubscriber:
         self.counters.dispatched += len(batch)
 
 
-def on_loop(
-    loop: asyncio.AbstractEventLoop, handler: Callable[[list[DeviceMessage]], Awaitable[None]]
-) -> BatchHandler:
+def on_loop(loop: asyncio.AbstractEventLoop, handler: Callable[[list[DeviceMessage]], Awaitable[None]]) -> BatchHandler:
     """Run an async batch handler on `loop`, waiting for it (backpressure on the worker thread)."""
 
     def run(batch: list[DeviceMessage]) -> None:

@@ -23,9 +23,7 @@ from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl, render_
 
 
 def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 class MosquittoProcess:
