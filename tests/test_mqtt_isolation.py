@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -89,16 +91,20 @@ def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFa
         broker.stop()
 
 
-def test_enrolled_device_connects_and_removed_device_is_refused_after_reload(
+def test_enrolled_device_connects_and_removed_device_is_cut_off_after_reload(
     private_mosquitto: MosquittoProcess, clients: ClientFactory
 ) -> None:
     private_mosquitto.start({"dev-a": "secret-a"})
+    device_a = clients(private_mosquitto.url("dev-a", "secret-a"), reconnect_min_delay_s=1)
     with pytest.raises(MqttConnectError, match="refused"):
         clients(private_mosquitto.url("dev-new", "fresh"))
     private_mosquitto.credentials.add_device("dev-new", "fresh")  # file rewritten, then SIGHUP
     assert wait_until(lambda: _can_connect(clients, private_mosquitto.url("dev-new", "fresh")))
     private_mosquitto.credentials.remove_device("dev-a")
-    assert wait_until(lambda: not _can_connect(clients, private_mosquitto.url("dev-a", "secret-a")))
+    # Mosquitto 2 re-checks connected clients on reload: the removed device is disconnected
+    # and its reconnects are refused.
+    assert wait_until(lambda: not device_a.connected and device_a.last_refusal is not None)
+    assert not _can_connect(clients, private_mosquitto.url("dev-a", "secret-a"))
     assert "dev-a" not in private_mosquitto.credentials.read()
 
 
@@ -143,3 +149,41 @@ def test_sync_writes_exactly_the_given_devices_plus_admins_and_signals(tmp_path:
 def test_shipped_acl_is_the_rendered_default() -> None:
     shipped = Path(__file__).parents[1] / "deploy" / "mosquitto" / "acl"
     assert shipped.read_text() == render_acl(Topics())
+
+
+def test_shipped_production_config_runs_and_isolates(tmp_path: Path, clients: ClientFactory) -> None:
+    """deploy/mosquitto/mosquitto.conf, with paths moved into tmp_path and TLS left out, starts
+    Mosquitto with the shipped ACL in force."""
+    deploy = Path(__file__).parents[1] / "deploy" / "mosquitto"
+    port = free_port()
+    config = re.sub(
+        r"# --- TLS listener for devices \(begin\).*?\(end\)\n",
+        "",
+        deploy.joinpath("mosquitto.conf").read_text(),
+        flags=re.S,
+    )
+    for production, test in [
+        ("/etc/mosquitto/slmops/", f"{tmp_path}/"),
+        ("/run/mosquitto/", f"{tmp_path}/"),
+        ("/var/lib/mosquitto/", f"{tmp_path}/"),
+        ("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"),
+        ("log_dest syslog", "log_dest stderr"),
+    ]:
+        assert production in config
+        config = config.replace(production, test)
+    if os.geteuid() == 0:
+        config += "user root\n"  # mosquitto would switch to its own user, who cannot read tmp_path
+    broker = MosquittoProcess(tmp_path, topics=Topics(), port=port, config=config)
+    try:
+        broker.start({"dev-a": "secret-a"})
+        shutil.copy(deploy / "acl", tmp_path / "acl")  # start() wrote an ACL; use the shipped one
+        broker.credentials.reload()
+        seen = Collector()
+        clients(broker.admin_url).subscribe(Topics().all_devices("state"), seen)
+        device_a = clients(broker.url("dev-a", "secret-a"), client_id="dev-a")
+        device_a.publish(Topics().state("dev-b"), b"forged")
+        device_a.publish(Topics().state("dev-a"), b"own")
+        assert seen.wait_for(1) == [b"own"]
+        assert seen.payloads() == [b"own"]
+    finally:
+        broker.stop()

@@ -36,7 +36,9 @@ class MosquittoProcess:
         topics: Topics,
         admin_secret: str = "control-plane-secret",
         port: int | None = None,
+        config: str | None = None,
     ) -> None:
+        """`config`: a mosquitto.conf to use instead of the rendered one (it must use `port`)."""
         self.workdir = workdir
         self.topics = topics
         self.port = port or free_port()
@@ -47,6 +49,7 @@ class MosquittoProcess:
         self.credentials = MosquittoPasswordFile(
             workdir / "passwd", admins={CONTROL_PLANE_USER: admin_secret}, pid_file=self.pid_file
         )
+        self._config = config
         self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, username: str | None = None, password: str | None = None) -> str:
@@ -68,7 +71,8 @@ class MosquittoProcess:
         for device_id, secret in (devices or {}).items():
             self.credentials.add_device(device_id, secret)
         self.config_file.write_text(
-            render_config(
+            self._config
+            or render_config(
                 port=self.port,
                 password_file=self.credentials.path,
                 acl_file=self.workdir / "acl",
