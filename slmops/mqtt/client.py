@@ -13,68 +13,43 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from slmops.mqtt.errors import MqttConnectError, MqttPublishError
+from slmops.mqtt.types import (
+    AsyncHandler,
+    ClientCounters,
+    ConnectionListener,
+    Handler,
+    Outgoing,
+    Payload,
+    Protocol,
+    SubscribeResult,
+    _SubackWaiter,
+    _Subscription,
+    loop_handler,
+)
 from slmops.mqtt.url import BrokerURL, parse_broker_url
 
 log = logging.getLogger(__name__)
 
-Protocol = Literal["3.1.1", "5", "auto"]
-Handler = Callable[[str, bytes], None]
-AsyncHandler = Callable[[str, bytes], Awaitable[None]]
-ConnectionListener = Callable[[bool], None]
-Payload = bytes | str
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish; also the shape of the last will and the birth message."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-
-
-@dataclass
-class ClientCounters:
-    connects: int = 0
-    disconnects: int = 0
-    messages_received: int = 0
-    handler_errors: int = 0
-    publish_failures: int = 0
-    subscribe_failures: int = 0
-
-
-@dataclass
-class _Subscription:
-    topic_filter: str
-    qos: int
-    handlers: list[Handler] = field(default_factory=list)
-
-
-@dataclass
-class _SubackWaiter:
-    done: threading.Event = field(default_factory=threading.Event)
-    granted: list[int | None] = field(default_factory=list)
-
-
-@dataclass
-class SubscribeResult:
-    """What the broker granted per filter: a QoS, or None where it refused (SUBACK 0x80 / >= 0x80)."""
-
-    granted: dict[str, int | None]
-
-    @property
-    def all_granted(self) -> bool:
-        return all(qos is not None for qos in self.granted.values())
+__all__ = [
+    "AsyncHandler",
+    "ClientCounters",
+    "ConnectionListener",
+    "Handler",
+    "MqttClient",
+    "Outgoing",
+    "Payload",
+    "Protocol",
+    "SubscribeResult",
+    "loop_handler",
+]
 
 
 class MqttClient:
@@ -347,7 +322,7 @@ class MqttClient:
             ]
         for handler in handlers:
             try:
-                handler(message.topic, message.payload)
+                handler(message.topic, bytes(message.payload))
             except Exception:
                 # A handler's bug must never kill paho's network thread.
                 self.counters.handler_errors += 1
@@ -414,18 +389,3 @@ class MqttClient:
         if client is None:
             raise MqttPublishError("the MQTT client is not started")
         return client
-
-
-def loop_handler(loop: asyncio.AbstractEventLoop, handler: AsyncHandler) -> Handler:
-    """Adapt a coroutine handler so paho's thread hands each message to `loop` and returns at once."""
-
-    def on_message(topic: str, payload: bytes) -> None:
-        future = asyncio.run_coroutine_threadsafe(handler(topic, payload), loop)
-        future.add_done_callback(lambda f: _log_failure(f, topic))
-
-    return on_message
-
-
-def _log_failure(future: Any, topic: str) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("async handler for %s failed", topic, exc_info=future.exception())

@@ -14,9 +14,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -170,7 +171,9 @@ class DeviceMessageSubscriber:
         self.counters.dispatched += len(batch)
 
 
-def on_loop(loop: asyncio.AbstractEventLoop, handler: Callable[[list[DeviceMessage]], Awaitable[None]]) -> BatchHandler:
+def on_loop(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[list[DeviceMessage]], Coroutine[Any, Any, None]]
+) -> BatchHandler:
     """Run an async batch handler on `loop`, waiting for it (backpressure on the worker thread)."""
 
     def run(batch: list[DeviceMessage]) -> None:
