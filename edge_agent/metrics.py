@@ -55,9 +55,7 @@ class AgentMetrics:
             buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter(
-            f"{PREFIX}_tokens", "Tokens processed by type (input|output)", ["type"], registry=r
-        )
+        self.tokens = Counter(f"{PREFIX}_tokens", "Tokens processed by type (input|output)", ["type"], registry=r)
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model serving traffic",
@@ -89,6 +87,4 @@ class AgentMetrics:
         self.model_loaded.set(0 if spec is None else 1)
         if spec is not None:
             a = spec.artifact
-            self.model_info.labels(
-                spec.model, spec.version, a.sha256, a.format, a.quantization or "none"
-            ).set(1)
+            self.model_info.labels(spec.model, spec.version, a.sha256, a.format, a.quantization or "none").set(1)

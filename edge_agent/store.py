@@ -71,9 +71,7 @@ class ModelStore:
     def prune(self, protected: Iterable[str]) -> list[str]:
         """Remove blobs beyond `keep_versions`, oldest first; `protected` ones are never removed."""
         keep = {sha for sha in protected if sha}
-        others = sorted(
-            (p for p in self._blobs() if p.name not in keep), key=lambda p: p.stat().st_mtime, reverse=True
-        )
+        others = sorted((p for p in self._blobs() if p.name not in keep), key=lambda p: p.stat().st_mtime, reverse=True)
         room = max(self.keep_versions - len(keep), 0)
         removed = []
         for path in others[room:]:

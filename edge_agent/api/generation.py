@@ -1,6 +1,8 @@
 """Runs an engine's blocking token generator on a worker thread and hands tokens to the event loop.
 
 The generator is created, iterated and closed on the same thread (the engine's lock lives there).
+Tokens travel in batches: the worker wakes the event loop only when it is waiting, so a fast model
+costs one loop wake-up per batch, not per token; a non-streaming request wakes it once, at the end.
 A client that disconnects sets a cancel flag, so the worker stops at the next token.
 """
 
@@ -19,7 +21,6 @@ from edge_agent.serving import NoModelError, ServingModel
 from edge_agent.telemetry import RequestRecord
 
 StartStream = Callable[[Engine], Iterator[TokenChunk]]
-_END = object()
 
 
 class _PrepareFailed(Exception):
@@ -35,19 +36,24 @@ class Generation:
     requested_model: str
     start_stream: StartStream
     count_prompt: Callable[[Engine], int]
+    stream: bool = True
     model: ServingModel | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str | None = None
-    _queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    _items: list[TokenChunk] = field(default_factory=list)
+    _outcome: BaseException | bool | None = None  # True: finished; an exception: failed
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiting: bool = False
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _lease: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _started_at: float = 0.0
     _first_token_at: float | None = None
     _error_type: str | None = None
 
-    async def open(self) -> TokenChunk:
-        """Lease the model and wait for the first chunk, so request errors still get a proper status."""
+    async def open(self) -> list[TokenChunk]:
+        """Lease the model and wait for the first tokens, so request errors still get a proper status."""
         self._started_at = time.perf_counter()
         try:
             self.model = self._lease.enter_context(self.agent.slot.lease())  # type: ignore[attr-defined]
@@ -57,56 +63,70 @@ class Generation:
             check_model_name(self.model, self.requested_model)
             loop = asyncio.get_running_loop()
             threading.Thread(target=self._work, args=(loop,), name="generate", daemon=True).start()
-            return await self._next()
+            return await self._next_batch() or []
         except BaseException as exc:
             self.close(error=exc)
             raise
 
-    async def rest(self) -> AsyncIterator[TokenChunk]:
-        while True:
-            chunk = await self._next()
-            if chunk is None:
-                return
-            yield chunk
+    async def rest(self) -> AsyncIterator[list[TokenChunk]]:
+        while (batch := await self._next_batch()) is not None:
+            yield batch
 
-    async def _next(self) -> TokenChunk | None:  # type: ignore[return]
-        item = await self._queue.get()
-        if item is _END:
-            return None
-        if isinstance(item, BaseException):
-            raise _as_api_error(item)
-        assert isinstance(item, TokenChunk)
-        if item.text:
-            self.output_tokens += 1
-            if self._first_token_at is None:
-                self._first_token_at = time.perf_counter()
-        if item.finish_reason:
-            self.finish_reason = item.finish_reason
-        return item
+    async def _next_batch(self) -> list[TokenChunk] | None:
+        """The tokens produced since the last call; None once the stream has ended."""
+        while True:
+            with self._lock:
+                if self._items:
+                    batch, self._items = self._items, []
+                    return batch
+                if self._outcome is not None:
+                    if isinstance(self._outcome, BaseException):
+                        raise _as_api_error(self._outcome)
+                    return None
+                self._wake.clear()
+                self._waiting = True
+            await self._wake.wait()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, chunk: TokenChunk | None, outcome: object = None) -> None:
+        with self._lock:
+            if chunk is not None:
+                self._items.append(chunk)
+            if outcome is not None:
+                self._outcome = outcome  # type: ignore[assignment]
+            notify = self._waiting and (self.stream or outcome is not None)
+            if notify:
+                self._waiting = False
+        if notify:
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+                loop.call_soon_threadsafe(self._wake.set)
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
-        put = self._queue.put_nowait
         assert self.model is not None
         engine = self.model.engine
         try:
             try:
                 self.prompt_tokens = self.count_prompt(engine)
-                stream = self.start_stream(engine)
+                tokens = self.start_stream(engine)
             except EngineError as exc:
                 raise _PrepareFailed(exc) from exc
             try:
-                for chunk in stream:
-                    loop.call_soon_threadsafe(put, chunk)
+                for chunk in tokens:
+                    if chunk.text:
+                        self.output_tokens += 1
+                        if self._first_token_at is None:
+                            self._first_token_at = time.perf_counter()
+                    if chunk.finish_reason:
+                        self.finish_reason = chunk.finish_reason
+                    self._hand_over(loop, chunk)
                     if self._cancel.is_set():
                         break
             finally:
-                close = getattr(stream, "close", None)
+                close = getattr(tokens, "close", None)
                 if close is not None:
                     close()
-            loop.call_soon_threadsafe(put, _END)
+            self._hand_over(loop, None, True)
         except BaseException as exc:  # handed to the request; the worker thread itself never dies loudly
-            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
-                loop.call_soon_threadsafe(put, exc)
+            self._hand_over(loop, None, exc)
 
     def close(self, *, error: BaseException | None = None) -> None:
         """Stop the worker, return the lease and account the request (call exactly once)."""

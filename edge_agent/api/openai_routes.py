@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -20,6 +21,8 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Reply budget when a chat request names none: bounded, so one request cannot hold the model long.
 DEFAULT_CHAT_MAX_TOKENS = 128
+# Pause between SSE writes while streaming; small against human reading speed and network jitter.
+STREAM_FLUSH_INTERVAL_S = 0.002
 
 
 @router.get("/models")
@@ -128,7 +131,7 @@ async def _respond(
     count: Callable[[Engine], int],
     shape: _ChatShape,
 ) -> JSONResponse | StreamingResponse:
-    gen = Generation(request.app.state.agent, operation, model, start, count)
+    gen = Generation(request.app.state.agent, operation, model, start, count, stream=stream)
     first = await gen.open()
     if not stream:
         return await _collect(gen, first, shape)
@@ -136,11 +139,11 @@ async def _respond(
     return StreamingResponse(_sse(gen, first, shape, include_usage), media_type="text/event-stream")
 
 
-async def _collect(gen: Generation, first: TokenChunk, shape: _ChatShape) -> JSONResponse:
-    parts = [first.text]
+async def _collect(gen: Generation, first: list[TokenChunk], shape: _ChatShape) -> JSONResponse:
+    parts = [chunk.text for chunk in first]
     try:
-        async for chunk in gen.rest():
-            parts.append(chunk.text)
+        async for batch in gen.rest():
+            parts.extend(chunk.text for chunk in batch)
     except APIError as exc:
         gen.close(error=exc)
         raise
@@ -156,9 +159,7 @@ async def _collect(gen: Generation, first: TokenChunk, shape: _ChatShape) -> JSO
     return JSONResponse(payload)
 
 
-async def _sse(
-    gen: Generation, first: TokenChunk, shape: _ChatShape, include_usage: bool
-) -> AsyncIterator[str]:
+async def _sse(gen: Generation, first: list[TokenChunk], shape: _ChatShape, include_usage: bool) -> AsyncIterator[str]:
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         data: dict[str, Any] = {
             "id": shape.id,
@@ -171,11 +172,20 @@ async def _sse(
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
+    def events(batch: list[TokenChunk], first_event: bool) -> str:
+        # One write per batch: each token is still its own SSE event, as OpenAI clients expect.
+        return "".join(
+            event([shape.delta(c.text, c.finish_reason, first_event and i == 0)]) for i, c in enumerate(batch)
+        )
+
     error: BaseException | None = None
     try:
-        yield event([shape.delta(first.text, first.finish_reason, True)])
-        async for chunk in gen.rest():
-            yield event([shape.delta(chunk.text, chunk.finish_reason, False)])
+        yield events(first, True)
+        async for batch in gen.rest():
+            yield events(batch, False)
+            # Let a few tokens gather: one loop wake-up and one socket write per batch instead of
+            # per token keeps the event loop off the GIL the generating thread needs.
+            await asyncio.sleep(STREAM_FLUSH_INTERVAL_S)
         if include_usage:
             yield event([], _usage(gen))
         yield "data: [DONE]\n\n"

@@ -72,9 +72,7 @@ class CompletionRequest(_Sampling):
         if len(self.prompt) != 1:
             from edge_agent.api.errors import APIError
 
-            raise APIError(
-                400, "exactly one prompt per request is supported", param="prompt", code="invalid_value"
-            )
+            raise APIError(400, "exactly one prompt per request is supported", param="prompt", code="invalid_value")
         return self.prompt[0]
 
 
