@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     )
     controller_tick_s: float = Field(default=1.0, gt=0, le=60)
     mqtt_topic_prefix: str = "slmops/v1"
+    mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     log_json: bool = False
 
     @field_validator("database_url")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import uuid
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -52,7 +51,9 @@ class FleetRuntime:
 
     def start(self) -> None:
         url = self._start_broker()
-        self.client = MqttClient(url, client_id=f"slmops-cp-{uuid.uuid4().hex[:8]}", protocol="auto")
+        # A stable client id and a persistent session: what devices send while the control plane
+        # restarts waits in the broker instead of being lost.
+        self.client = MqttClient(url, client_id=self.settings.mqtt_client_id, protocol="auto", persistent_session=True)
         self.subscriber = DeviceMessageSubscriber(self.client, self.topics, self.ingest)
         self.subscriber.start()
         self.client.start(wait=True, timeout_s=15)

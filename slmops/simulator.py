@@ -110,7 +110,8 @@ class SimDevice:
     def _publish_state(self) -> None:
         with self._lock:
             message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
-        self.client.publish(self.topics.state(self.device_id), encode(message), wait=False)
+        # Retained, as the agent does: the control plane reads the latest state again after a restart.
+        self.client.publish(self.topics.state(self.device_id), encode(message), retain=True, wait=False)
 
     def telemetry_window(self, seconds: float = 1.0) -> TelemetryMessage | None:
         """One synthetic window for the version being served (None while nothing is served)."""

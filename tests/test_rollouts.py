@@ -36,6 +36,7 @@ def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  #
         mqtt_url=MOSQUITTO,
         mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
         controller_tick_s=0.1,
+        mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
     )
     app = create_app(settings, engine=engine)
     with TestClient(app) as client:

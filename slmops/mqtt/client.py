@@ -61,7 +61,7 @@ class MqttClient:
         *,
         client_id: str,
         protocol: Protocol = "3.1.1",
-        will: Outgoing | None = None,
+        will: Outgoing | Callable[[], Outgoing] | None = None,
         birth: Outgoing | Callable[[], Outgoing] | None = None,
         keepalive_s: int = 30,
         reconnect_min_delay_s: int = 1,
@@ -129,7 +129,7 @@ class MqttClient:
             return
         if publish_offline and self._will is not None and self.connected:
             try:
-                self.publish_message(self._will, timeout_s=timeout_s)
+                self.publish_message(_resolve(self._will), timeout_s=timeout_s)
             except MqttPublishError:
                 log.warning("could not publish the offline status of %s before stopping", self.client_id)
         with self._paho_lock:
@@ -285,9 +285,12 @@ class MqttClient:
         if filters:
             self._send_subscribe(filters, timeout_s=None)
         if self._birth is not None:
-            birth = self._birth() if callable(self._birth) else self._birth
+            birth = _resolve(self._birth)
             with self._paho_lock:
                 client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
+        # The broker holds this connection's will already; prepare a fresh one for the next, so
+        # a consumer deduplicating by message id does not take the next offline for a redelivery.
+        self._arm_will(client)
         self._notify(True)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -349,10 +352,8 @@ class MqttClient:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
             client.tls_set_context(self._tls_context or ssl.create_default_context())
-        if self._will is not None:
-            # The will must be in the CONNECT packet (MQTT 3.1.1 section 3.1.2.5): set it first.
-            w = self._will
-            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        # The will must be in the CONNECT packet (MQTT 3.1.1 section 3.1.2.5): set it first.
+        self._arm_will(client)
         client.reconnect_delay_set(*self._reconnect_delays)
         client.max_inflight_messages_set(1000)  # pipelined QoS 1 publishes (publish_many)
         client.on_connect = self._on_connect
@@ -360,6 +361,12 @@ class MqttClient:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
+
+    def _arm_will(self, client: paho.Client) -> None:
+        """Set the will for the next CONNECT; a callable gives each connection a fresh message id."""
+        if self._will is not None:
+            will = _resolve(self._will)
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _session_args(self) -> dict[str, Any]:
         if not self._persistent or self.protocol != MQTTProtocolVersion.MQTTv5:
@@ -389,3 +396,7 @@ class MqttClient:
         if client is None:
             raise MqttPublishError("the MQTT client is not started")
         return client
+
+
+def _resolve(message: Outgoing | Callable[[], Outgoing]) -> Outgoing:
+    return message() if callable(message) else message
