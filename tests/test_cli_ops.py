@@ -1,0 +1,254 @@
+"""The operator CLI (`slmops model|device|rollout ...`) against a real control plane served by uvicorn."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import Result
+from typer.testing import CliRunner
+
+import slmops.cli.ops  # noqa: F401  (registers the commands)
+from slmops.cli.app import app as cli_app
+from slmops.cli.client import CHUNK, MultipartFile, resolve_config
+
+HARDWARE = {"cpu_model": "test", "cpu_cores": 4, "ram_mb": 4096, "arch": "x86_64"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _bearer(headers: dict[str, str]) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+class Cli:
+    """Runs `slmops ...` in-process with the server and token in the environment, as an operator would."""
+
+    def __init__(self, url: str, token: str, tmp_path: Path) -> None:
+        self.env = {
+            "SLMOPS_SERVER": url,
+            "SLMOPS_TOKEN": token,
+            "SLMOPS_CLI_CONFIG": str(tmp_path / "absent.toml"),
+            "COLUMNS": "200",
+        }
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0, **env: str) -> Result:
+        result = self.runner.invoke(cli_app, list(args), env=self.env | env)
+        assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--output", "json").stdout)
+
+
+@pytest.fixture
+def cli(server_url: str, operator_headers: dict[str, str], tmp_path: Path) -> Cli:
+    return Cli(server_url, _bearer(operator_headers), tmp_path)
+
+
+@pytest.fixture
+def admin_cli(server_url: str, admin_headers: dict[str, str], tmp_path: Path) -> Cli:
+    return Cli(server_url, _bearer(admin_headers), tmp_path)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_push_streams_verifies_and_replays(cli: Cli, tiny_gguf: Path, tiny_gguf_other: Path) -> None:
+    digest = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert cli.json("model", "create", "tiny", "--description", "a test model")["name"] == "tiny"
+    first = cli("model", "push", "tiny", "1", str(tiny_gguf), "--metrics", '{"agreement": 0.97}', "--notes", "base")
+    assert "sha256" in first.stderr and "upload tiny.gguf" in first.stderr  # both progress bars ran
+    assert f"pushed tiny@1: sha256 {digest} verified" in _one_line(first.stdout)
+
+    # The same push again (as after an interrupted run) replays under its Idempotency-Key.
+    again = cli("model", "push", "tiny", "1", str(tiny_gguf), "--metrics", '{"agreement": 0.97}', "--notes", "base")
+    assert "already pushed" in again.stdout
+    child = json.loads(
+        cli(
+            "model", "push", "tiny", "2", str(tiny_gguf_other), "--parent", "1",
+            "--relation", "finetuned_from", "--min-ram-mb", "512", "--cpu-arch", "x86_64,aarch64", "-o", "json",
+        ).stdout
+    )  # fmt: skip
+    assert child["parent"] == {"model": "tiny", "version": "1", "relation": "finetuned_from"}
+    assert child["artifacts"][0]["min_ram_mb"] == 512
+    assert child["artifacts"][0]["cpu_arch"] == ["x86_64", "aarch64"]
+
+    shown = cli.json("model", "show", "tiny")
+    assert [v["version"] for v in shown["versions"]] == ["1", "2"]  # the replay made no duplicate
+    v1 = cli.json("model", "show", "tiny", "1")
+    assert v1["artifacts"][0]["sha256"] == digest
+    assert v1["artifacts"][0]["size_bytes"] == tiny_gguf.stat().st_size
+    assert v1["eval_metrics"] == {"agreement": 0.97} and v1["notes"] == "base"
+    assert [m["name"] for m in cli.json("model", "list")] == ["tiny"]
+    table = _one_line(cli("model", "show", "tiny").stdout)
+    assert "finetuned_from tiny@1" in table and digest[:16] in table
+
+
+def test_push_of_other_bytes_under_a_taken_version_is_refused(cli: Cli, tiny_gguf: Path, tiny_gguf_other: Path) -> None:
+    cli("model", "create", "tiny")
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    refused = cli("model", "push", "tiny", "1", str(tiny_gguf_other), code=1)
+    assert "version_exists" in refused.stderr
+    assert "push the file under a new VERSION" in _one_line(refused.stderr)
+    versions = cli.json("model", "show", "tiny")["versions"]
+    assert len(versions) == 1 and len(versions[0]["artifacts"]) == 1
+
+
+def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:
+    created = admin_cli("device", "create", "edge-1", "--label", "region=eu", "--label", "tier=canary")
+    output = _one_line(created.stdout)
+    assert "enrollment token" in output and "SLMOPS_AGENT_ENROLLMENT_TOKEN" in output
+    second = admin_cli.json("device", "create", "edge-2", "-l", "region=us")
+    assert second["enrollment_token"] and second["labels"] == {"region": "us"}
+
+    eu = cli.json("device", "list", "--selector", "region=eu")
+    assert [d["name"] for d in eu] == ["edge-1"]
+    assert {d["name"] for d in cli.json("device", "list")} == {"edge-1", "edge-2"}
+    assert cli.json("device", "list", "--status", "online") == []
+    shown = cli.json("device", "show", second["id"])
+    assert shown["name"] == "edge-2" and "enrollment_token" not in shown
+    assert "region=us" in cli("device", "show", second["id"]).stdout
+
+
+def _enrolled_device(admin_cli: Cli, name: str, labels: list[str]) -> str:
+    created = admin_cli.json("device", "create", name, *[f"--label={label}" for label in labels])
+    response = httpx.post(
+        admin_cli.env["SLMOPS_SERVER"] + "/v1/devices/enroll",
+        json={"enrollment_token": created["enrollment_token"], "hardware": HARDWARE},
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["device_id"])
+
+
+def test_rollout_lifecycle(cli: Cli, admin_cli: Cli, tiny_gguf: Path, tmp_path: Path) -> None:
+    cli("model", "create", "tiny")
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    _enrolled_device(admin_cli, "edge-1", ["region=eu"])
+    _enrolled_device(admin_cli, "edge-2", ["region=us"])
+    rollout = cli.json(
+        "rollout", "create", "tiny", "1", "--selector", "region=eu", "--stage", "canary:1:0",
+        "--stage", "fleet:100%:30", "--manual", "--max-p95-ratio", "1.2", "--min-samples", "5",
+    )  # fmt: skip
+    assert rollout["state"] == "running" and rollout["promotion"] == "manual"
+    assert [(s["name"], s["count"], s["percent"], s["min_bake_s"]) for s in rollout["stages"]] == [
+        ("canary", 1, None, 0),
+        ("fleet", None, 100, 30),
+    ]
+    status = cli.json("rollout", "status", rollout["id"])
+    assert sum(status["devices"].values()) == 1  # only the region=eu device is a target
+    view = _one_line(cli("rollout", "status", rollout["id"]).stdout)
+    assert "tiny@1" in view and "1/2 canary" in view and "0/2 stages done" in view
+
+    assert cli.json("rollout", "pause", rollout["id"])["state"] == "paused"
+    twice = _one_line(cli("rollout", "pause", rollout["id"], code=1).stderr)
+    assert "invalid_state" in twice and "resume on paused ones" in twice
+    assert cli.json("rollout", "resume", rollout["id"])["state"] == "running"
+    assert cli.json("rollout", "promote", rollout["id"])["stage"] == "fleet"
+    assert cli("rollout", "abort", rollout["id"]).stdout.startswith(f"rollout {rollout['id']}: aborted")
+    assert [r["state"] for r in cli.json("rollout", "list")] == ["aborted"]
+    finished = cli("rollout", "status", rollout["id"], "--watch", code=3)  # aborted: not completed
+    assert "aborted" in finished.stdout
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": {}}))
+    again = cli.json("rollout", "create", "tiny", "1", "--plan", str(plan), "--max-error-rate", "0.01")
+    assert [s["name"] for s in again["stages"]] == ["all"] and again["promotion"] == "auto"
+    assert sum(again["devices"].values()) == 2
+
+
+def test_watch_follows_a_rollout_until_it_ends(cli: Cli, admin_cli: Cli, tiny_gguf: Path) -> None:
+    cli("model", "create", "tiny")
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    _enrolled_device(admin_cli, "edge-1", [])
+    rollout_id = cli.json("rollout", "create", "tiny", "1")["id"]
+    # Without a fleet runtime nothing advances the rollout; an operator aborts it while we watch.
+    aborter = threading.Timer(0.5, lambda: cli("rollout", "abort", rollout_id))
+    aborter.start()
+    watched = cli("rollout", "status", rollout_id, "--watch", "--interval", "0.1", "-o", "json", code=3)
+    aborter.join()
+    assert json.loads(watched.stdout)["state"] == "aborted"
+
+
+def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: dict[str, str]) -> None:
+    unauthenticated = cli("model", "list", code=1, SLMOPS_TOKEN="not-a-token")
+    message = _one_line(unauthenticated.stderr)
+    assert "unauthenticated" in message and "slmops token create --role operator" in message
+
+    missing = _one_line(cli("model", "show", "nope", code=1).stderr)
+    assert "model_not_found" in missing and "slmops model list" in missing
+
+    forbidden = cli("model", "create", "x", code=1, SLMOPS_TOKEN=_bearer(viewer_headers))
+    assert "forbidden" in forbidden.stderr and "--role operator" in _one_line(forbidden.stderr)
+
+    unknown = _one_line(cli("rollout", "status", "does-not-exist", code=1).stderr)
+    assert "rollout_not_found" in unknown and "slmops rollout list" in unknown
+
+    bad_stage = _one_line(cli("rollout", "create", "m", "1", "--stage", "canary", code=1).stderr)
+    assert "name:percent%[:bake_s]" in bad_stage
+
+    no_server = cli("model", "list", code=1, SLMOPS_SERVER=f"http://127.0.0.1:{_free_port()}")
+    assert "connection_failed" in no_server.stderr and "slmops server" in no_server.stderr
+
+
+def test_server_and_token_from_the_config_file(
+    server_url: str, operator_headers: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "cli.toml"
+    config.write_text(f'server = "{server_url}/"\ntoken = "{_bearer(operator_headers)}"\n')
+    for name in ("SLMOPS_SERVER", "SLMOPS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLMOPS_CLI_CONFIG", str(config))
+    assert resolve_config() == resolve_config(None, None)
+    assert resolve_config().server == server_url
+    result = CliRunner().invoke(cli_app, ["model", "list", "-o", "json"], env={"SLMOPS_CLI_CONFIG": str(config)})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == []
+    # Environment beats the file, flags beat both.
+    monkeypatch.setenv("SLMOPS_TOKEN", "from-env")
+    assert resolve_config().token == "from-env"
+    assert resolve_config("http://elsewhere:1", "from-flag") == type(resolve_config())(
+        "http://elsewhere:1", "from-flag"
+    )
+
+
+def test_multipart_body_streams_in_bounded_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(256)) * (3 * CHUNK // 256 + 7))
+    body = MultipartFile(path, {"version": "1", "sha256": "0" * 64})
+    seen: list[int] = []
+    chunks = list(body.iter_chunks(seen.append))
+    assert max(len(c) for c in chunks) <= CHUNK  # never the whole file in memory
+    assert sum(seen) == path.stat().st_size
+    raw = b"".join(chunks)
+    assert len(raw) == len(body)
+    assert path.read_bytes() in raw and raw.endswith(f"--{body.boundary}--\r\n".encode())
