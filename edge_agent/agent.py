@@ -143,7 +143,10 @@ class Agent:
         if self._http is None:
             import httpx
 
-            self._http = httpx.Client(timeout=httpx.Timeout(self.settings.download_timeout_s, connect=10.0))
+            # Redirects are followed (the control plane may send artifacts to a CDN); httpx drops the
+            # Authorization header when a redirect leaves the control plane's origin.
+            timeout = httpx.Timeout(self.settings.download_timeout_s, connect=10.0)
+            self._http = httpx.Client(timeout=timeout, follow_redirects=True)
         return self._http
 
     @property

@@ -167,9 +167,9 @@ class ArtifactServer:
 class ServerThread:
     """uvicorn serving an ASGI app on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -208,6 +208,19 @@ def desired_for(
                 "quantization": quantization,
             },
             "runtime": {"n_ctx": 256, **runtime},
+        }
+    )
+
+
+def desired_for_artifact(*, model: str, version: str, sha256: str, size_bytes: int, fmt: str = "gguf") -> DesiredState:
+    """A desired state whose artifact URL is the control plane's default `/v1/artifacts/{sha256}`."""
+    return DesiredState.model_validate(
+        {
+            "message_id": f"{model}-{version}-{time.monotonic_ns()}",
+            "model": model,
+            "version": version,
+            "artifact": {"sha256": sha256, "size_bytes": size_bytes, "format": fmt},
+            "runtime": {"n_ctx": 256},
         }
     )
 
