@@ -207,7 +207,7 @@ class Agent:
         base = self.settings.control_plane_url or (self.credential.control_plane_url if self.credential else None)
         url = artifact.url or f"/v1/artifacts/{artifact.sha256}"
         if url.startswith(("http://", "https://")):
-            return url, bool(base) and url.startswith(base.rstrip("/") + "/")
+            return url, base is not None and url.startswith(base.rstrip("/") + "/")
         if not base:
             raise DownloadError(
                 f"artifact URL {url!r} is relative but no control plane is configured",
@@ -244,7 +244,7 @@ class Agent:
                 log.exception("%s failed", kind)
                 future.set_exception(exc)
 
-    def _safely(self, step: Callable[[], None]) -> None:
+    def _safely(self, step: Callable[[], object]) -> None:
         try:
             step()
         except Exception:

@@ -17,7 +17,7 @@ from shared.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[DesiredState], None]
+Submit = Callable[[DesiredState], object]
 
 
 class DesiredStateSource(Protocol):

@@ -40,7 +40,7 @@ class AgentState(BaseModel):
             previous=model_ref(self.previous),
             pending=model_ref(self.pending),
             desired_message_id=self.desired_message_id,
-            rollout_id=(self.pending or self.current).rollout_id if (self.pending or self.current) else None,
+            rollout_id=latest.rollout_id if (latest := self.pending or self.current) else None,
             serving=serving,
             updated_at=datetime.now(UTC),
         )
