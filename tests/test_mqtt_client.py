@@ -176,9 +176,7 @@ def test_reconnect_restores_subscriptions_and_refuses_publishes_while_down(
         broker.stop()
 
 
-async def test_async_handoff_and_publish_async(
-    embedded_broker: EmbeddedBroker, clients: ClientFactory
-) -> None:
+async def test_async_handoff_and_publish_async(embedded_broker: EmbeddedBroker, clients: ClientFactory) -> None:
     topics = unique_topics()
     loop = asyncio.get_running_loop()
     got: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
@@ -205,3 +203,34 @@ def test_publish_many_pipelines_and_acknowledges_all(broker_url: str, clients: C
     assert publisher.publish_many(batch) == 50
     assert sorted(received.wait_for(50)) == sorted(f"v{i}".encode() for i in range(50))
     clear_retained(publisher, [m.topic for m in batch])
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "embedded-with-auth"])
+def test_persistent_session_keeps_messages_sent_while_away(kind: str, clients: ClientFactory) -> None:
+    topics = unique_topics()
+    broker = None
+    if kind == "mosquitto":
+        url = SYSTEM_MOSQUITTO
+    else:
+        # amqtt queues for an absent persistent session only when the client authenticated.
+        broker = EmbeddedBroker(port=free_port(), auth=lambda _user, _password: True)
+        broker.start()
+        url = f"mqtt://cp:secret@127.0.0.1:{broker.port}"
+    try:
+        client_id = f"cp-{topics.prefix.split('/')[0]}"
+        away = clients(url, client_id=client_id, persistent_session=True)
+        away.subscribe(topics.all_devices("telemetry"), Collector())
+        away.stop(publish_offline=False)
+        device = clients(url)
+        for i in range(3):
+            device.publish(topics.telemetry("dev-1"), f"w{i}".encode())
+        back = Collector()
+        returning = clients(url, client_id=client_id, persistent_session=True, start=False)
+        returning.subscribe(topics.all_devices("telemetry"), back)
+        returning.start()
+        assert back.wait_for(3) == [b"w0", b"w1", b"w2"]
+        returning.stop(publish_offline=False)
+        clients(url, client_id=client_id)  # a clean-session connect discards the stored session
+    finally:
+        if broker is not None:
+            broker.stop()

@@ -118,7 +118,13 @@ def test_telemetry_produced_during_an_outage_arrives_after_it(
     topics = private_mosquitto.topics
     batches = Batches()
     ingest = DeviceMessageSubscriber(
-        clients(private_mosquitto.admin_url, reconnect_min_delay_s=1, reconnect_max_delay_s=2),
+        clients(
+            private_mosquitto.admin_url,
+            client_id="cp-ingest",
+            persistent_session=True,
+            reconnect_min_delay_s=1,
+            reconnect_max_delay_s=2,
+        ),
         topics,
         batches,
         max_delay_s=0.05,
@@ -137,9 +143,7 @@ def test_telemetry_produced_during_an_outage_arrives_after_it(
         private_mosquitto.stop()
         assert wait_until(lambda: not device.connected)
         # 10 windows into a spool of 8: the two oldest are dropped and counted.
-        assert [outbox.publish(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 11)] == [
-            False
-        ] * 10
+        assert [outbox.publish(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 11)] == [False] * 10
         dropped = outbox.spool.take_dropped()
         private_mosquitto.start()
         assert wait_until(lambda: len(batches.messages) == 9)

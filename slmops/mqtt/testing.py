@@ -77,6 +77,8 @@ class MosquittoProcess:
                 password_file=self.credentials.path,
                 acl_file=self.workdir / "acl",
                 pid_file=self.pid_file,
+                # Sessions and retained messages survive restart(), as in production.
+                persistence_dir=self.workdir,
                 run_as_user=getpass.getuser() if os.geteuid() == 0 else None,
             )
         )
