@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from amqtt.contexts import Action
 
 from shared.desired import ArtifactRef, DesiredState
 from shared.hardware import HardwareProfile
@@ -22,6 +23,8 @@ from shared.messages import (
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import ParsedTopic, TopicKind, Topics
+from slmops.mqtt.broker_plugins import TopicPolicy
+from slmops.mqtt.url import BrokerURLError, parse_broker_url
 
 SHA = "ab" * 32
 
@@ -111,3 +114,28 @@ def test_decode_raises_one_error_type_with_a_reason(kind: str, payload: bytes, r
     with pytest.raises(MessageDecodeError) as info:
         decode(kind, payload)
     assert info.value.reason == reason
+
+
+def test_broker_urls() -> None:
+    url = parse_broker_url("mqtts://dev%2F1:p%40ss@broker.example")
+    assert (url.host, url.port, url.tls, url.username, url.password) == ("broker.example", 8883, True, "dev/1", "p@ss")
+    assert "p@ss" not in url.redacted() and "p@ss" not in repr(url)
+    assert parse_broker_url("mqtt://127.0.0.1").port == 1883
+    for bad in ["http://x", "mqtt://", "mqtt://h:notaport"]:
+        with pytest.raises(BrokerURLError):
+            parse_broker_url(bad)
+
+
+def test_embedded_topic_policy_mirrors_the_mosquitto_acl() -> None:
+    topics = Topics()
+    policy = TopicPolicy(topics, admin_users=frozenset({"cp"}))
+    assert policy.allows("cp", topics.desired("d1"), Action.PUBLISH)
+    assert policy.allows("cp", topics.all_device_messages(), Action.SUBSCRIBE)
+    assert policy.allows("d1", topics.state("d1"), Action.PUBLISH)
+    assert policy.allows("d1", topics.desired("d1"), Action.SUBSCRIBE)
+    assert not policy.allows("d1", topics.desired("d1"), Action.PUBLISH)
+    assert not policy.allows("d1", topics.state("d2"), Action.PUBLISH)
+    assert not policy.allows("d1", topics.desired("d2"), Action.SUBSCRIBE)
+    assert not policy.allows("d1", topics.all_devices("desired"), Action.SUBSCRIBE)
+    assert not policy.allows("d1", "#", Action.SUBSCRIBE)
+    assert not policy.allows(None, topics.state("d1"), Action.PUBLISH)
