@@ -69,7 +69,7 @@ class SimDevice:
 
     def start(self) -> None:
         self.client.subscribe(self.topics.desired(self.device_id), self._on_desired)
-        self.client.start(wait=True)
+        self.client.start(wait=True, timeout_s=60)
         self._publish_state()
 
     def stop(self) -> None:

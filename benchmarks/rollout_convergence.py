@@ -1,0 +1,120 @@
+"""Promote -> every device acknowledged, for N simulated devices, next to a raw retained publish.
+
+A real control plane (in process, SQLite or --database-url, the fleet runtime on the broker)
+rolls a version out to N simulated devices, each its own MQTT connection and credential. We time
+from the POST /v1/rollouts to (a) every device holding its desired state and (b) the control
+plane having ingested every device's acknowledgement (state with the desired message id). The
+baseline is N retained QoS 1 messages published raw to one live subscriber on the same broker.
+
+    .venv/bin/python benchmarks/rollout_convergence.py --devices 1000   # target ratio <= 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, func, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.mqtt_retained import run_once  # noqa: E402
+from control_plane import db  # noqa: E402
+from control_plane.api.main import create_app  # noqa: E402
+from control_plane.config import Settings  # noqa: E402
+from control_plane.models import DesiredStateRow, Device, Role  # noqa: E402
+from control_plane.services import auth  # noqa: E402
+from shared.topics import Topics  # noqa: E402
+from slmops.simulator import SimBehaviour, SimDevice  # noqa: E402
+from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
+
+
+def _acknowledged(engine, rollout_version: str) -> int:  # type: ignore[no-untyped-def]
+    with Session(engine) as session:
+        stmt = (
+            select(func.count())
+            .select_from(Device)
+            .join(DesiredStateRow, col(DesiredStateRow.device_id) == Device.id)
+            .where(DesiredStateRow.version == rollout_version, Device.acked_message_id == DesiredStateRow.message_id)
+        )
+        return int(session.exec(stmt).one())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+    n = args.devices
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        url = args.database_url or f"sqlite:///{work / 'bench.db'}"
+        db.upgrade(url)
+        settings = Settings(
+            data_dir=work,
+            database_url=url,
+            mqtt_url=args.broker,
+            controller_tick_s=0.05,
+            mqtt_topic_prefix=f"slmops-bench/{uuid.uuid4().hex[:8]}",
+            mqtt_client_id=f"cp-bench-{uuid.uuid4().hex[:6]}",
+        )
+        app = create_app(settings)
+        with TestClient(app) as client:
+            engine = app.state.engine
+            with Session(engine) as session:
+                _, token = auth.create_token(session, name="bench", role=Role.admin)
+                session.commit()
+            headers = {"Authorization": f"Bearer {token}"}
+            client.post("/v1/models", json={"name": "bench"}, headers=headers).raise_for_status()
+            model = write_tiny_gguf(work / "m.gguf", seed=1)
+            with model.open("rb") as fh:
+                client.post("/v1/models/bench/versions", data={"version": "1"}, files={"file": fh}, headers=headers)
+            devices = _start_devices(client, headers, settings, n)
+            print(f"{n} simulated devices connected", flush=True)
+            plan = {
+                "model": "bench",
+                "version": "1",
+                "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],
+                "gates": {"min_activated_fraction": 0, "max_error_rate": None, "max_p95_latency_ratio": None},
+            }
+            start = time.perf_counter()
+            client.post("/v1/rollouts", json=plan, headers=headers).raise_for_status()
+            while sum(1 for d in devices if d.applied) < n:
+                time.sleep(0.01)
+            received = time.perf_counter() - start
+            while _acknowledged(engine, "1") < n:
+                time.sleep(0.02)
+            acknowledged = time.perf_counter() - start
+            for device in devices:
+                device.stop()
+    baseline = run_once(args.broker, n, payload_size=600)
+    print(f"devices                               {n}")
+    print(f"raw retained publish, live subscriber {baseline.live_received_s:8.3f} s")
+    print(f"rollout: every device has desired     {received:8.3f} s  ratio {received / baseline.live_received_s:5.2f}")
+    print(
+        f"rollout: control plane saw every ack  {acknowledged:8.3f} s  ratio "
+        f"{acknowledged / baseline.live_received_s:5.2f}  (target <= 2)"
+    )
+
+
+def _start_devices(client: TestClient, headers: dict[str, str], settings: Settings, n: int) -> list[SimDevice]:
+    topics = Topics(settings.mqtt_topic_prefix)
+    devices = []
+    behaviour = SimBehaviour(apply_delay_s=0.0)
+    for i in range(n):
+        created = client.post("/v1/devices", json={"name": f"sim-{i:05d}"}, headers=headers).json()
+        cred = client.post("/v1/devices/enroll", json={"enrollment_token": created["enrollment_token"]}).json()
+        device = SimDevice(settings.mqtt_url or "", topics, cred["device_id"], cred["device_secret"], behaviour)
+        device.start()
+        devices.append(device)
+    return devices
+
+
+if __name__ == "__main__":
+    main()
