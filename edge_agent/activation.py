@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Activator:
         self.threads = threads
         self.memory_budget_bytes = memory_budget_bytes
         self.last_swap_mode: str | None = None  # "side_by_side" | "unload_first", for status and tests
+        self.last_unavailable_s = 0.0  # how long the last unload-first swap left no model serving
 
     def available_bytes(self) -> int:
         available = psutil.virtual_memory().available
@@ -74,12 +76,15 @@ class Activator:
             old.spec.version,
         )
         self.last_swap_mode = "unload_first"
+        offline_at = time.monotonic()
         self.slot.take_offline(f"swapping to {spec.model} {spec.version}: not enough memory for both")
         try:
             engine = self._load(spec)
         except ActivationError:
             self._restore(old.spec)
             raise
+        finally:
+            self.last_unavailable_s = time.monotonic() - offline_at
         self.slot.install(ServingModel(spec, engine))
 
     def _restore(self, spec: DesiredState) -> None:

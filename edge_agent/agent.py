@@ -74,6 +74,8 @@ class Agent:
         self._sources: list[DesiredStateSource] = []
         self._commands: queue.Queue[_Command] = queue.Queue()
         self._stopping = threading.Event()
+        self._supersede = threading.Event()  # set when a newer command should cut a download short
+        self._working_on: str | None = None  # message_id of the desired state being reconciled
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once start-up recovery has finished
         activator = Activator(
@@ -166,6 +168,8 @@ class Agent:
                 backoff_max_s=s.download_backoff_max_s,
                 on_progress=self._on_progress,
                 on_bytes=self.metrics.download_bytes.inc,
+                # A newer desired state or a rollback should not wait for a long download.
+                superseded=self._supersede.is_set,
             )
         return self._downloader
 
@@ -219,6 +223,9 @@ class Agent:
 
     def _enqueue(self, kind: str, payload: Any) -> Future[None]:
         future: Future[None] = Future()
+        # A redelivery of the message being worked on must not stop it; anything else supersedes it.
+        if kind != "desired" or payload.message_id != self._working_on:
+            self._supersede.set()
         self._commands.put((kind, payload, future))
         return future
 
@@ -234,6 +241,8 @@ class Agent:
             except queue.Empty:
                 self._safely(self.reconciler.check_trial)
                 continue
+            self._supersede.clear()
+            self._working_on = payload.message_id if kind == "desired" else None
             try:
                 if kind == "desired":
                     self.reconciler.apply(payload)

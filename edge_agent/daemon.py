@@ -21,6 +21,7 @@ from edge_agent import logs, sdnotify
 from edge_agent.agent import Agent
 from edge_agent.api.app import create_app
 from edge_agent.fsutil import write_atomic
+from edge_agent.mqtt_channel import MqttChannel
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import WatchedFileSource
 
@@ -44,6 +45,9 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         agent.start()
+        channel = MqttChannel.for_agent(agent)  # None without an MQTT URL and a device credential
+        if channel is not None:
+            channel.start()
         watchdog = asyncio.create_task(_watchdog())
         sdnotify.notify("READY=1")
         log.info("agent listening on %s", settings.base_url)
@@ -52,6 +56,8 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
         finally:
             sdnotify.notify("STOPPING=1")
             watchdog.cancel()
+            if channel is not None:
+                channel.stop()  # says "offline" before the agent takes its model down
             agent.stop()
 
     app.router.lifespan_context = lifespan

@@ -66,6 +66,7 @@ class Downloader:
         backoff_max_s: float = 60.0,
         on_progress: ProgressCallback | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        superseded: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -77,6 +78,7 @@ class Downloader:
         self.backoff_max_s = backoff_max_s
         self.on_progress = on_progress
         self.on_bytes = on_bytes
+        self.superseded = superseded
         self.sleep = sleep
         self.rng = rng or random.Random()
 
@@ -207,6 +209,8 @@ class Downloader:
             done += len(block)
             if self.on_bytes:
                 self.on_bytes(len(block))
+            if self.superseded():
+                raise DownloadError("a newer command arrived; download stopped (its bytes are kept)", code="superseded")
             now = time.monotonic()
             if self.on_progress and (now - last_report >= _PROGRESS_EVERY_S or done == artifact.size_bytes):
                 last_report = now

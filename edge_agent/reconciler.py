@@ -114,7 +114,8 @@ class Reconciler:
 
     def apply(self, desired: DesiredState) -> None:
         state = self.state
-        if desired.message_id == state.desired_message_id:
+        # A failed download may be retried by sending the same message again (it is transient).
+        if desired.message_id == state.desired_message_id and state.phase != "download_failed":
             log.info("desired state %s already handled; ignoring the duplicate", desired.message_id)
             return
         current = state.current
@@ -135,6 +136,7 @@ class Reconciler:
             self._download(desired)
         except DownloadError as exc:
             log.error("download of %s %s failed: %s", desired.model, desired.version, exc)
+            # A superseded download keeps its partial file: the same artifact may come back.
             self._save(phase="download_failed", reason=f"{exc.code}: {exc}", pending=None)
             return
         self._save(phase="activating", activation_attempts=self.state.activation_attempts + 1)
@@ -150,12 +152,18 @@ class Reconciler:
         log.info("serving %s %s (%s swap); on trial", desired.model, desired.version, self.activator.last_swap_mode)
         self.on_swap("activated")
         previous = self.state.current
+        reason = None
+        if self.activator.last_swap_mode == "unload_first":
+            reason = (
+                "not enough memory for both models: swapped with "
+                f"{self.activator.last_unavailable_s:.2f} s of unavailability"
+            )
         self._save(
             current=desired,
             previous=previous if previous is None or not _same_model(previous, desired) else self.state.previous,
             pending=None,
             phase="on_trial",
-            reason=None,
+            reason=reason,
             activation_attempts=0,
             trial_started_at=time.time(),
         )

@@ -133,7 +133,9 @@ def test_swap_without_memory_for_two_unloads_first_and_recovers_from_a_bad_model
     process = AgentProcess(tmp_path / "data", control_plane_url=artifacts.url, memory_budget_mb=100).start()
     try:
         apply(process, artifacts, models["a"], "1")
-        assert apply(process, artifacts, models["b"], "2")["current"]["version"] == "2"
+        swapped = apply(process, artifacts, models["b"], "2")
+        assert swapped["current"]["version"] == "2"
+        assert "not enough memory for both" in swapped["reason"] and "unavailability" in swapped["reason"]
         with process.admin() as admin:
             assert admin.get("/v1/admin/state").json()["swap_mode"] == "unload_first"
         state = apply(process, artifacts, models["garbage"], "3")
@@ -182,3 +184,28 @@ def test_twenty_swaps_under_concurrent_load_fail_no_request(agent, artifacts, mo
     assert len(served) > 20
     metrics = httpx.get(f"{agent.url}/metrics").text
     assert 'slmops_agent_model_swaps_total{outcome="activated"} 21.0' in metrics
+
+
+def test_a_newer_desired_state_supersedes_a_long_download(agent, artifacts, models) -> None:
+    apply(agent, artifacts, models["a"], "1")
+    slow = artifacts.add(random.Random(9).randbytes(3_000_000), Misbehaviour(bytes_per_s=200_000))
+    agent.apply(desired_for(artifacts, slow, version="slow"), wait=False)
+    partial = agent.data_dir / "downloads" / f"{slow}.part"
+    wait_for(lambda: partial.exists() and partial.stat().st_size > 0, what="the slow download to start")
+    state = apply(agent, artifacts, models["b"], "2")  # would wait ~15 s behind the slow download otherwise
+    assert state["current"]["version"] == "2" and state["phase"] == "on_trial"
+    assert len(artifacts.ranges_for(slow)) == 1  # stopped, not retried
+    assert not (agent.data_dir / "store" / "sha256" / slow).exists()
+
+
+def test_the_same_message_retries_a_failed_download(agent, artifacts, models) -> None:
+    data = random.Random(10).randbytes(100_000)
+    desired = desired_for(artifacts, artifacts.add(data), version="late", message_id="late-1")
+    sha = desired.artifact.sha256
+    missing = artifacts.files.pop(sha)  # not on the server yet
+    first = agent.apply(desired).json()
+    assert first["phase"] == "download_failed" and first["reason"].startswith("http_404")
+    artifacts.files[sha] = missing
+    retried = agent.apply(desired).json()  # e.g. the retained message delivered again after a reconnect
+    assert retried["phase"] == "activation_failed" and retried["reason"].startswith("load_failed")
+    assert (agent.data_dir / "store" / "sha256" / sha).exists()  # downloaded and verified this time
