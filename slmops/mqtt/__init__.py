@@ -1,6 +1,19 @@
 """The MQTT channel used by both the edge agent and the control plane.
 
 Imports only `shared/` and third-party libraries, never `edge_agent/` or `control_plane/`.
+
+    client.MqttClient               one paho client: will, birth, resubscribe, acked publishes
+    device.DeviceChannel            the agent's side: desired in; state, events, telemetry out
+    control.DesiredStatePublisher   the control plane's retained desired states
+    subscriber.DeviceMessageSubscriber  the control plane's batched, typed, deduplicated ingest
+    spool.MessageSpool / outbox.SpooledPublisher  telemetry that outlives a broker outage
+    broker.EmbeddedBroker           amqtt in a thread (imported on its own: it pulls in amqtt)
+    credentials                     Mosquitto password file + SIGHUP; in-memory for the embedded broker
+    testing.MosquittoProcess        a private Mosquitto with the ACL, for tests and benchmarks
+
+Consumers that must not lose device messages while they restart use a stable client id with
+`persistent_session=True`: the broker then queues QoS 1 messages for them (amqtt only for
+clients that authenticated).
 """
 
 from slmops.mqtt.client import ClientCounters, Handler, MqttClient, Outgoing, SubscribeResult, loop_handler
