@@ -26,6 +26,7 @@ from edge_agent.sources import DesiredStateSource
 from edge_agent.statefile import AgentState, StateFile
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
+from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
@@ -67,7 +68,13 @@ class Agent:
         self.credential: Credential | None = None
         self._enrolled = False
         self.telemetry = WindowAggregator()
-        self.sampler = SystemSampler(settings.data_dir)
+        self.windows = TelemetryWindows(
+            self.telemetry,
+            SystemSampler(settings.data_dir),
+            window_s=settings.telemetry_window_s,
+            serving=lambda: serving.spec if (serving := self.slot.current) else None,
+            publish=self._publish_window,
+        )
         self.last_window: TelemetryWindow | None = None
         self.last_progress: Progress | None = None
         self._observers: list[Observer] = []
@@ -115,7 +122,7 @@ class Agent:
         if not self._enrolled:
             self.enroll()
         self._spawn(self._reconcile_loop, "reconcile")
-        self._spawn(self._telemetry_loop, "telemetry")
+        self._spawn(lambda: self.windows.run(self._stopping), "telemetry")
         for source in self._sources:
             source.start(self.submit_desired)
 
@@ -202,7 +209,7 @@ class Agent:
     def record_request(self, operation: str, model: ServingModel | None, record: RequestRecord) -> None:
         """Account one inference request (numbers only: never its prompt or output)."""
         self.metrics.observe(operation, record)
-        self.telemetry.record(record)
+        self.windows.record(model.spec if model else None, record)
         if model is not None:
             self.slot.record(model, error=record.error_type is not None)
 
@@ -259,21 +266,13 @@ class Agent:
         except Exception:
             log.exception("%s failed", getattr(step, "__name__", step))
 
-    def _telemetry_loop(self) -> None:
-        while not self._stopping.wait(self.settings.telemetry_window_s):
-            self._safely(self.emit_telemetry)
-
     def emit_telemetry(self) -> TelemetryWindow:
-        current = self.reconciler.state.current
-        window = self.telemetry.close_window(
-            model=current.model if current else None,
-            version=current.version if current else None,
-            sha256=current.artifact.sha256 if current else None,
-            system=self.sampler.sample(),
-        )
+        """Close the current telemetry window now and publish it."""
+        return self.windows.flush()
+
+    def _publish_window(self, window: TelemetryWindow) -> None:
         self.last_window = window
         self._notify(AgentEvent("telemetry", window))
-        return window
 
     def _on_state_change(self, state: AgentState) -> None:
         serving = self.slot.current

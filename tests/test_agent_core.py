@@ -101,3 +101,22 @@ def test_lora_adapter_is_downloaded_and_applied(agent, artifacts, models) -> Non
 def _generate(agent: Agent) -> str:
     with agent.slot.lease() as model:
         return "".join(chunk.text for chunk in model.engine.complete("Once upon", max_tokens=12))
+
+
+def test_a_swap_closes_the_telemetry_window_so_versions_never_mix(agent, artifacts, models) -> None:
+    windows: list[TelemetryWindow] = []
+    agent.subscribe(lambda e: windows.append(e.payload) if isinstance(e.payload, TelemetryWindow) else None)
+    submit(agent, desired_for(artifacts, models["a"], version="1"))
+    agent.emit_telemetry()
+    for version, sha, count in (("1", models["a"], 3), ("2", models["b"], 2)):
+        if version == "2":
+            submit(agent, desired_for(artifacts, sha, version="2"))
+        serving = agent.slot.current
+        assert serving is not None and serving.spec.version == version
+        for _ in range(count):
+            agent.record_request("chat", serving, RequestRecord(0.05, 0.01, 3, 4))
+    agent.emit_telemetry()
+    wait_for(lambda: len(windows) >= 3, what="the window cut by the swap and the flushed one")
+    by_version = {w.version: w.requests for w in windows[1:]}
+    assert by_version == {"1": 3, "2": 2}
+    assert len({w.seq for w in windows}) == len(windows)
