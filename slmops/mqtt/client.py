@@ -178,11 +178,15 @@ class MqttClient:
         )
 
     def publish_many(self, messages: Iterable[Outgoing], *, timeout_s: float = 30.0) -> int:
-        """Publish all, then wait for every PUBACK (pipelined: far faster than one at a time)."""
+        """Publish all, then wait for every PUBACK (pipelined: far faster than one at a time).
+
+        `timeout_s` bounds the whole batch, not each message.
+        """
         infos = [(m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages]
+        deadline = time.monotonic() + timeout_s
         for topic, info in infos:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                self._wait_for_ack(info, topic, timeout_s)
+                self._wait_for_ack(info, topic, max(deadline - time.monotonic(), 0.001))
             else:
                 self.counters.publish_failures += 1
                 raise MqttPublishError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
