@@ -85,17 +85,21 @@ class Agent:
         self._working_on: str | None = None  # message_id of the desired state being reconciled
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once start-up recovery has finished
+        self.reconciler = self._build_reconciler()
+
+    def _build_reconciler(self) -> Reconciler:
+        s = self.settings
         activator = Activator(
             self.slot,
             lambda spec: self.reconciler.paths_for(spec),
-            smoke_timeout_s=settings.smoke_timeout_s,
-            threads=settings.threads,
-            memory_budget_bytes=settings.memory_budget_mb * MiB if settings.memory_budget_mb else None,
+            smoke_timeout_s=s.smoke_timeout_s,
+            threads=s.threads,
+            memory_budget_bytes=s.memory_budget_mb * MiB if s.memory_budget_mb else None,
         )
-        self.reconciler = Reconciler(
-            settings,
+        return Reconciler(
+            s,
             store=self.store,
-            state_file=StateFile(settings.state_path),
+            state_file=StateFile(s.state_path),
             slot=self.slot,
             activator=activator,
             downloader=self,

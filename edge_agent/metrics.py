@@ -16,6 +16,11 @@ from shared.telemetry import (
 PREFIX = "slmops_agent"
 
 
+def _latency(registry: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    """A latency histogram per operation with the OpenTelemetry gen_ai bucket boundaries."""
+    return Histogram(f"{PREFIX}_{name}", doc, ["operation"], buckets=buckets, registry=registry)
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         # `*_created` series double the output and no dashboard of ours reads them.
@@ -34,26 +39,14 @@ class AgentMetrics:
             ["operation", "error_type"],
             registry=r,
         )
-        self.duration = Histogram(
-            f"{PREFIX}_request_duration_seconds",
-            "gen_ai.server.request.duration",
-            ["operation"],
-            buckets=REQUEST_DURATION_BUCKETS,
-            registry=r,
+        self.duration = _latency(
+            r, "request_duration_seconds", "gen_ai.server.request.duration", REQUEST_DURATION_BUCKETS
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "gen_ai.server.time_to_first_token",
-            ["operation"],
-            buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
-            registry=r,
+        self.ttft = _latency(
+            r, "time_to_first_token_seconds", "gen_ai.server.time_to_first_token", TIME_TO_FIRST_TOKEN_BUCKETS
         )
-        self.tpot = Histogram(
-            f"{PREFIX}_time_per_output_token_seconds",
-            "gen_ai.server.time_per_output_token",
-            ["operation"],
-            buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
-            registry=r,
+        self.tpot = _latency(
+            r, "time_per_output_token_seconds", "gen_ai.server.time_per_output_token", TIME_PER_OUTPUT_TOKEN_BUCKETS
         )
         self.tokens = Counter(f"{PREFIX}_tokens", "Tokens processed by type (input|output)", ["type"], registry=r)
         self.model_info = Gauge(

@@ -116,9 +116,7 @@ def apply(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    body = _admin_call(
-        settings, "POST", "/v1/admin/desired", params={"wait": wait}, json=state.model_dump(mode="json")
-    )
+    body = _admin_call(settings, "POST", "/v1/admin/desired", params={"wait": wait}, json=state.model_dump(mode="json"))
     if body is None:
         write_atomic(settings.desired_path, state.model_dump_json(indent=2).encode())
         typer.echo(f"agent not running; wrote {settings.desired_path}, applied when it starts")
@@ -129,9 +127,7 @@ def apply(
 
 
 @agent_app.command("rollback")
-def rollback(
-    ctx: typer.Context, config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP)
-) -> None:
+def rollback(ctx: typer.Context, config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP)) -> None:
     """Return to the previous verified model now."""
     settings = _settings(_config_path(config, ctx))
     body = _admin_call(settings, "POST", "/v1/admin/rollback")
@@ -159,3 +155,8 @@ def status(
         typer.echo(json.dumps(body, indent=2))
         return
     _print_state(body["state"])
+    download = body.get("download")
+    if download and body["state"]["phase"] == "downloading":
+        done, total = download["bytes_done"], download["bytes_total"]
+        rate = download["rate_bps"] / 1e6
+        typer.echo(f"download: {done}/{total} bytes ({100 * done / max(total, 1):.0f}%), {rate:.1f} MB/s")
