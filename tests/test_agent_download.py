@@ -32,9 +32,7 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "data", keep_versions=2)
 
 
-def make_downloader(
-    store: ModelStore, progress: list[Progress] | None = None, retries: int = 3
-) -> Downloader:
+def make_downloader(store: ModelStore, progress: list[Progress] | None = None, retries: int = 3) -> Downloader:
     return Downloader(
         store,
         client=httpx.Client(timeout=10),
