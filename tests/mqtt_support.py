@@ -58,9 +58,7 @@ class ClientFactory:
     def __init__(self) -> None:
         self.clients: list[MqttClient] = []
 
-    def __call__(
-        self, url: str, *, client_id: str | None = None, start: bool = True, **kwargs: object
-    ) -> MqttClient:
+    def __call__(self, url: str, *, client_id: str | None = None, start: bool = True, **kwargs: object) -> MqttClient:
         client = MqttClient(url, client_id=client_id or f"test-{uuid.uuid4().hex[:10]}", **kwargs)  # type: ignore[arg-type]
         self.clients.append(client)
         if start:
