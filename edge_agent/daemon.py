@@ -13,6 +13,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,9 +22,11 @@ from edge_agent import logs, sdnotify
 from edge_agent.agent import Agent
 from edge_agent.api.app import create_app
 from edge_agent.fsutil import write_atomic
-from edge_agent.mqtt_channel import MqttChannel
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import WatchedFileSource
+
+if TYPE_CHECKING:
+    from edge_agent.mqtt_channel import MqttChannel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         agent.start()
-        channel = MqttChannel.for_agent(agent)  # None without an MQTT URL and a device credential
+        channel = _mqtt_channel(agent)  # None without an MQTT URL and a device credential
         if channel is not None:
             channel.start()
         watchdog = asyncio.create_task(_watchdog())
@@ -62,6 +65,16 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
 
     app.router.lifespan_context = lifespan
     return agent, app
+
+
+def _mqtt_channel(agent: Agent) -> MqttChannel | None:
+    """The MQTT channel when a broker is configured; paho is imported only then (idle memory)."""
+    credential = agent.credential
+    if not (agent.settings.mqtt_url or (credential is not None and credential.mqtt_url)):
+        return None
+    from edge_agent.mqtt_channel import MqttChannel
+
+    return MqttChannel.for_agent(agent)
 
 
 async def _watchdog() -> None:

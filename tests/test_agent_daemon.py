@@ -174,7 +174,7 @@ def test_systemd_unit_is_hardened_notify_service() -> None:
     assert service["User"] == "slmops-agent"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert service["PrivateTmp"] == "yes" and service["ReadWritePaths"] == "/var/lib/slmops-agent"
-    assert service["ExecStart"].endswith("slmops agent --config /etc/slmops/agent.toml")
+    assert service["ExecStart"].endswith("python -m edge_agent --config /etc/slmops/agent.toml")
     assert os.access(REPO / "deploy/install-agent.sh", os.X_OK)
 
 
