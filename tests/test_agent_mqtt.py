@@ -1,0 +1,381 @@
+"""The agent's MQTT channel with a real agent, real tiny GGUF models and real brokers.
+
+In-process agents (the same `Agent` the daemon runs) for the desired-state flow, outages and the
+spool; agent processes started by the daemon for the last will and the clean shutdown. A test
+"control plane" is a plain MqttClient that publishes desired states and collects what the device
+sends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.enroll import Credential
+from edge_agent.fsutil import write_atomic
+from edge_agent.mqtt_channel import MqttChannel
+from edge_agent.settings import AgentSettings
+from shared.desired import DesiredState
+from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, decode, encode
+from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics
+from slmops.mqtt.client import MqttClient
+from slmops.mqtt.testing import MosquittoProcess
+from slmops.tinymodels import write_tiny_gguf
+from tests.agent_support import AgentProcess, ArtifactServer, ServerThread, desired_for
+from tests.mqtt_support import (
+    ClientFactory,
+    Collector,
+    broker_url,
+    clear_retained,
+    clients,
+    embedded_broker,
+    private_mosquitto,
+    unique_topics,
+    wait_until,
+)
+
+__all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
+
+pytestmark = [pytest.mark.mosquitto]
+
+DEVICE = "dev-mqtt-1"
+SECRET = "device-secret-1"
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Iterator[ArtifactServer]:
+    server = ArtifactServer()
+    with ServerThread(server.app()) as thread:
+        server.port = thread.port
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model_sha(artifacts: ArtifactServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return artifacts.add_file(write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", seed=31))
+
+
+def write_credential(data_dir: Path, topics: Topics, mqtt_url: str | None = None) -> None:
+    credential = Credential(device_id=DEVICE, device_secret=SECRET, mqtt_url=mqtt_url, topic_prefix=topics.prefix)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(data_dir / "credential.json", credential.model_dump_json().encode(), mode=0o600)
+
+
+class Device:
+    """An in-process agent and its channel; `close()` stops both."""
+
+    def __init__(self, data_dir: Path, url: str, topics: Topics, artifacts: ArtifactServer, **options: Any) -> None:
+        write_credential(data_dir, topics)
+        settings = AgentSettings(
+            data_dir=data_dir,
+            control_plane_url=artifacts.url,
+            threads=1,
+            telemetry_window_s=3600,  # windows come only from emit_telemetry(): counts stay exact
+            trial_requests=1000,
+            download_backoff_s=0.05,
+        )
+        self.agent = Agent(settings)
+        self.agent.start()
+        assert self.agent.credential is not None and self.agent.credential.device_id == DEVICE
+        self.channel = MqttChannel(
+            self.agent,
+            url=url,
+            device_id=DEVICE,
+            device_secret=SECRET,
+            topics=topics,
+            spool_path=data_dir / "mqtt-spool.db",
+            protocol=options.pop("protocol", "auto"),
+            reconnect_max_delay_s=2,
+            **options,
+        )
+
+    def close(self) -> None:
+        self.channel.stop()
+        self.agent.stop()
+
+
+@pytest.fixture
+def devices() -> Iterator[Callable[..., Device]]:
+    made: list[Device] = []
+
+    def make(data_dir: Path, url: str, topics: Topics, artifacts: ArtifactServer, **options: Any) -> Device:
+        device = Device(data_dir, url, topics, artifacts, **options)
+        made.append(device)
+        device.channel.start(wait=True)
+        return device
+
+    yield make
+    for device in made:
+        device.close()
+
+
+class ControlPlane:
+    """Publishes desired states and decodes everything the device sends."""
+
+    def __init__(self, client: MqttClient, topics: Topics) -> None:
+        self.client = client
+        self.topics = topics
+        self.inbox = Collector()
+        # What the device publishes, not `desired` (as the real control plane): amqtt 0.12 sends a
+        # retained message to a new subscriber once per matching subscription it holds.
+        for kind in DEVICE_PUBLISHED_KINDS:
+            client.subscribe(topics.device(DEVICE, kind), self.inbox)
+
+    def publish_desired(self, desired: DesiredState | bytes, *, retain: bool = True) -> None:
+        payload = desired if isinstance(desired, bytes) else encode(desired)
+        self.client.publish(self.topics.desired(DEVICE), payload, retain=retain)
+
+    def received(self, kind: TopicKind) -> list[Any]:
+        """Decoded messages in arrival order, each message id once (QoS 1 is at least once: a
+        broker restarted before it saw our PUBACK delivers the message again)."""
+        topic = self.topics.device(DEVICE, kind)
+        messages = [decode(kind, p) for p in self.inbox.payloads(topic) if p]
+        first: dict[str, Any] = {}
+        for message in messages:
+            first.setdefault(message.message_id, message)
+        return list(first.values())
+
+    def states(self) -> list[StateMessage]:
+        return self.received(TopicKind.STATE)
+
+    def events(self, kind: str | None = None) -> list[EventMessage]:
+        return [e for e in self.received(TopicKind.EVENTS) if kind is None or e.kind == kind]
+
+    def telemetry(self) -> list[TelemetryMessage]:
+        return self.received(TopicKind.TELEMETRY)
+
+    def wait_state(self, check: Callable[[StateMessage], bool]) -> StateMessage:
+        assert wait_until(lambda: any(check(s) for s in self.states()), timeout_s=60), self.states()
+        return next(s for s in self.states() if check(s))
+
+    def clear(self) -> None:
+        clear_retained(self.client, [self.topics.device(DEVICE, k) for k in TopicKind])
+
+
+@pytest.fixture
+def control_plane(broker_url: str, clients: ClientFactory) -> Iterator[ControlPlane]:
+    cp = ControlPlane(clients(broker_url, protocol="3.1.1"), unique_topics())
+    yield cp
+    cp.clear()
+
+
+def serving(version: str) -> Callable[[StateMessage], bool]:
+    return lambda s: s.phase == "on_trial" and s.current is not None and s.current.version == version
+
+
+# -- desired state in, state and events out --------------------------------------------------------
+
+
+@pytest.mark.llama
+def test_retained_desired_state_is_downloaded_activated_and_reported(
+    control_plane: ControlPlane, broker_url: str, devices, artifacts, model_sha, tmp_path
+) -> None:
+    desired = desired_for(artifacts, model_sha, version="1", message_id="want-v1")
+    control_plane.publish_desired(desired)  # retained before the device exists, as after enrollment
+
+    device = devices(tmp_path / "data", broker_url, control_plane.topics, artifacts)
+
+    final = control_plane.wait_state(serving("1"))
+    assert final.current is not None and final.current.sha256 == model_sha
+    assert final.device_id == DEVICE and final.desired_message_id == "want-v1" and final.serving
+    phases = [s.phase for s in control_plane.states()]
+    assert phases.index("downloading") < phases.index("activating") < phases.index("on_trial")
+    assert device.agent.ready
+    births = [s for s in control_plane.received(TopicKind.STATUS) if s.status == "online"]
+    assert births and births[0].hardware is not None and births[0].hardware.ram_mb > 0
+    assert births[0].agent_version
+    assert wait_until(lambda: len(control_plane.events("activation_succeeded")) == 1)
+    kinds = [e.kind for e in control_plane.events() if e.kind != "download_progress"]
+    assert kinds == ["download_started", "download_completed", "activation_started", "activation_succeeded"]
+    last_progress = control_plane.events("download_progress")[-1]
+    assert last_progress.bytes_done == last_progress.bytes_total == len(artifacts.files[model_sha])
+    assert device.channel.counters.desired_received == 1
+
+
+@pytest.mark.llama
+def test_duplicated_desired_state_is_applied_once(
+    control_plane: ControlPlane, broker_url: str, devices, artifacts, model_sha, tmp_path
+) -> None:
+    desired = desired_for(artifacts, model_sha, version="1", message_id="dup-v1")
+    downloads_before = len(artifacts.ranges_for(model_sha))
+    control_plane.publish_desired(desired)
+    device = devices(tmp_path / "data", broker_url, control_plane.topics, artifacts)
+    control_plane.wait_state(serving("1"))  # also proves the device is subscribed
+    for _ in range(2):  # the same message id again: what a QoS 1 redelivery looks like
+        control_plane.publish_desired(desired)
+    # Same artifact, new message id: once it shows, every earlier delivery has been handled.
+    control_plane.publish_desired(desired.model_copy(update={"message_id": "dup-v1b", "version": "1b"}))
+
+    control_plane.wait_state(lambda s: s.desired_message_id == "dup-v1b")
+    assert device.channel.counters.desired_received == 2
+    # At least our two; a broker may add its own redelivery (amqtt resends a slow-acked QoS 1 message).
+    assert device.channel.counters.desired_duplicates >= 2
+    assert len(artifacts.ranges_for(model_sha)) == downloads_before + 1
+    downloading = [s for s in control_plane.states() if s.phase == "downloading"]
+    assert [s.desired_message_id for s in downloading] == ["dup-v1"]
+    assert len(control_plane.events("activation_succeeded")) == 1
+
+
+@pytest.mark.llama
+def test_malformed_desired_state_is_counted_reported_and_dropped(
+    control_plane: ControlPlane, broker_url: str, devices, artifacts, model_sha, tmp_path
+) -> None:
+    control_plane.publish_desired(desired_for(artifacts, model_sha, version="1", message_id="before-junk"))
+    device = devices(tmp_path / "data", broker_url, control_plane.topics, artifacts)
+    control_plane.wait_state(serving("1"))  # subscribed: what follows reaches the device live
+    control_plane.publish_desired(b"{not json", retain=False)
+    control_plane.publish_desired(json.dumps({"message_id": "x", "model": "tiny"}).encode(), retain=False)
+    control_plane.publish_desired(desired_for(artifacts, model_sha, version="2", message_id="after-junk"))
+
+    control_plane.wait_state(serving("2"))  # the agent survived and still follows its desired topic
+    assert device.channel.counters.desired_malformed == 2
+    assert wait_until(lambda: len(control_plane.events("error")) == 2)
+    reasons = [e.detail["reason"] for e in control_plane.events("error")]
+    assert reasons == ["malformed_json", "invalid"]
+    assert device.channel.counters.desired_received == 2
+
+
+# -- telemetry through broker outages ---------------------------------------------------------------
+
+
+@pytest.fixture
+def outage_control_plane(private_mosquitto: MosquittoProcess, clients: ClientFactory) -> ControlPlane:
+    """On our own Mosquitto with the device ACL; a persistent session, so the broker keeps what the
+    device sends while the control plane itself is still reconnecting after a broker restart."""
+    private_mosquitto.start({DEVICE: SECRET})
+    client = clients(
+        private_mosquitto.admin_url,
+        client_id="cp-outage",
+        persistent_session=True,
+        protocol="3.1.1",
+        reconnect_min_delay_s=1,
+        reconnect_max_delay_s=2,
+    )
+    return ControlPlane(client, private_mosquitto.topics)
+
+
+def seqs(control_plane: ControlPlane) -> list[int]:
+    return [t.seq for t in control_plane.telemetry()]
+
+
+def emit_while_down(device: Device, count: int, spooled: int, dropped: int = 0) -> None:
+    for _ in range(count):
+        device.agent.emit_telemetry()
+    spool = device.channel.spool
+    assert wait_until(lambda: (len(spool), spool.dropped_total) == (spooled, dropped))
+
+
+def test_telemetry_produced_during_a_broker_outage_arrives_after_it_in_order(
+    outage_control_plane: ControlPlane, private_mosquitto: MosquittoProcess, devices, artifacts, tmp_path
+) -> None:
+    cp = outage_control_plane
+    device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
+    device.agent.emit_telemetry()
+    assert wait_until(lambda: seqs(cp) == [0])
+
+    private_mosquitto.stop()
+    assert wait_until(lambda: not device.channel.connected)
+    emit_while_down(device, 5, spooled=5)
+    private_mosquitto.start()
+
+    assert wait_until(lambda: len(seqs(cp)) >= 6), seqs(cp)
+    assert seqs(cp) == [0, 1, 2, 3, 4, 5]
+    assert all(t.dropped_windows == 0 and t.device_id == DEVICE for t in cp.telemetry())
+    assert len(device.channel.spool) == 0
+    # The reconnect restored the desired subscription: the device still hears its desired topic.
+    cp.publish_desired(b"[]")  # retained: arrives once, whether before or after the resubscription
+    assert wait_until(lambda: device.channel.counters.desired_malformed == 1)
+
+
+def test_spool_bound_drops_the_oldest_windows_and_reports_the_count(
+    outage_control_plane: ControlPlane, private_mosquitto: MosquittoProcess, devices, artifacts, tmp_path
+) -> None:
+    cp = outage_control_plane
+    device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts, spool_max_messages=3)
+    device.agent.emit_telemetry()
+    assert wait_until(lambda: seqs(cp) == [0])
+
+    private_mosquitto.stop()
+    assert wait_until(lambda: not device.channel.connected)
+    emit_while_down(device, 5, spooled=3, dropped=2)  # windows 1..5; only 3..5 fit
+    private_mosquitto.start()
+
+    assert wait_until(lambda: len(seqs(cp)) >= 4), seqs(cp)
+    device.agent.emit_telemetry()  # the next window carries whatever drop count is still unreported
+    assert wait_until(lambda: len(seqs(cp)) >= 5), seqs(cp)
+    assert seqs(cp) == [0, 3, 4, 5, 6]
+    assert sum(t.dropped_windows for t in cp.telemetry()) == 2
+
+
+def test_spooled_telemetry_survives_an_agent_restart(
+    outage_control_plane: ControlPlane, private_mosquitto: MosquittoProcess, devices, artifacts, tmp_path
+) -> None:
+    cp = outage_control_plane
+    private_mosquitto.stop()
+    first = Device(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
+    first.channel.start(wait=False)
+    try:
+        emit_while_down(first, 3, spooled=3)
+    finally:
+        first.close()
+
+    private_mosquitto.start()
+    devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
+    assert wait_until(lambda: len(seqs(cp)) >= 3), seqs(cp)
+    assert seqs(cp) == [0, 1, 2]
+
+
+# -- the daemon: last will and clean shutdown -------------------------------------------------------
+
+
+def start_agent_process(tmp_path: Path, url: str, topics: Topics) -> AgentProcess:
+    data_dir = tmp_path / "data"
+    write_credential(data_dir, topics)
+    return AgentProcess(data_dir, mqtt_url=url, telemetry_window_s=0.2).start()
+
+
+def statuses(cp: ControlPlane) -> list[StatusMessage]:
+    return cp.received(TopicKind.STATUS)
+
+
+def retained_status(url: str, topics: Topics, clients: ClientFactory) -> StatusMessage:
+    """What a client that connects now reads on the status topic: the retained message."""
+    late = Collector()
+    clients(url, protocol="3.1.1").subscribe(topics.status(DEVICE), late)
+    message = decode(TopicKind.STATUS, late.wait_for(1)[0])
+    assert isinstance(message, StatusMessage)
+    return message
+
+
+def test_killed_agent_process_leaves_a_retained_offline_status(
+    control_plane: ControlPlane, broker_url: str, clients: ClientFactory, tmp_path
+) -> None:
+    agent = start_agent_process(tmp_path, broker_url, control_plane.topics)
+    try:
+        assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
+        idle = control_plane.wait_state(lambda s: s.device_id == DEVICE)
+        assert idle.phase == "idle" and idle.current is None
+        assert wait_until(lambda: len(control_plane.telemetry()) >= 2)  # the daemon's telemetry loop
+        agent.kill9()
+    finally:
+        agent.stop()
+    assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
+    assert statuses(control_plane)[-1].reason == "connection lost"
+    retained = retained_status(broker_url, control_plane.topics, clients)
+    assert retained.status == "offline" and retained.reason == "connection lost"
+
+
+def test_stopped_agent_process_says_offline_before_leaving(
+    control_plane: ControlPlane, broker_url: str, clients: ClientFactory, tmp_path
+) -> None:
+    agent = start_agent_process(tmp_path, broker_url, control_plane.topics)
+    assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
+    agent.stop()  # SIGTERM: uvicorn shuts down gracefully (and then re-raises the signal)
+    assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
+    retained = retained_status(broker_url, control_plane.topics, clients)
+    assert retained.status == "offline" and retained.reason == "shutdown"
