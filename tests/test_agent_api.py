@@ -98,6 +98,8 @@ def test_chat_streaming_and_not_with_gguf(agent, artifacts, models, variant) -> 
     assert streamed == whole.choices[0].message.content  # greedy decoding: same text either way
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12
+    unbounded = ai.chat.completions.create(model="tiny", messages=messages)  # no max_tokens: half of n_ctx=256
+    assert 0 < unbounded.usage.completion_tokens <= 128
 
 
 def test_completions_streaming_and_not(agent, artifacts, models) -> None:

@@ -47,11 +47,14 @@ def list_models(request: Request) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     messages = body.plain_messages()
-    max_tokens = body.token_limit(DEFAULT_CHAT_MAX_TOKENS)
 
     def start(engine: Engine) -> Any:
         return engine.chat(
-            messages, max_tokens=max_tokens, temperature=body.temperature_or_default(), stop=body.stop_list()
+            messages,
+            # Unasked, the reply may use half the context: a short prompt then always fits.
+            max_tokens=body.token_limit(min(DEFAULT_CHAT_MAX_TOKENS, max(engine.n_ctx // 2, 1))),
+            temperature=body.temperature_or_default(),
+            stop=body.stop_list(),
         )
 
     def count(engine: Engine) -> int:
