@@ -208,3 +208,28 @@ def _sample(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+BAD_BODIES = [
+    ("/v1/chat/completions", []),
+    ("/v1/chat/completions", "just a string"),
+    ("/v1/chat/completions", {"model": 5, "messages": "hi"}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": 7}),
+    ("/v1/completions", {"model": "tiny"}),
+    ("/v1/infer", {"inputs": "not a dict"}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BAD_BODIES)
+def test_malformed_requests_get_4xx_in_openai_shape(agent, artifacts, models, path, body) -> None:
+    serve(agent, artifacts, models["f32"])
+    response = httpx.post(f"{agent.url}{path}", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{agent.url}/healthz").status_code == 200
