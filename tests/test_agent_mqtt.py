@@ -9,6 +9,7 @@ sends.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from edge_agent.settings import AgentSettings
 from shared.desired import DesiredState
 from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, decode, encode
 from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics
+from slmops.mqtt.broker import EmbeddedBroker, free_port
 from slmops.mqtt.client import MqttClient
 from slmops.mqtt.testing import MosquittoProcess
 from slmops.tinymodels import write_tiny_gguf
@@ -290,6 +292,42 @@ def test_telemetry_produced_during_a_broker_outage_arrives_after_it_in_order(
     # The reconnect restored the desired subscription: the device still hears its desired topic.
     cp.publish_desired(b"[]")  # retained: arrives once, whether before or after the resubscription
     assert wait_until(lambda: device.channel.counters.desired_malformed == 1)
+
+
+def test_telemetry_survives_an_embedded_broker_restart(clients: ClientFactory, devices, artifacts, tmp_path) -> None:
+    """The same outage on the embedded broker. amqtt keeps no sessions across a restart, so the
+    device is refused until a fresh control-plane subscriber is in place: nothing can race it."""
+    topics, port, device_admitted = unique_topics(), free_port(), threading.Event()
+    device_admitted.set()
+
+    def check(username: str, password: str) -> bool:
+        return username == "cp" or (device_admitted.is_set() and (username, password) == (DEVICE, SECRET))
+
+    def start_broker() -> EmbeddedBroker:
+        broker = EmbeddedBroker(port=port, auth=check, topics=topics, admin_users=frozenset({"cp"}))
+        broker.start()
+        return broker
+
+    broker = start_broker()
+    try:
+        before = ControlPlane(clients(f"mqtt://cp:x@127.0.0.1:{port}", protocol="3.1.1"), topics)
+        device = devices(tmp_path / "data", f"mqtt://127.0.0.1:{port}", topics, artifacts, protocol="3.1.1")
+        device.agent.emit_telemetry()
+        assert wait_until(lambda: seqs(before) == [0])
+
+        broker.stop()
+        assert wait_until(lambda: not device.channel.connected)
+        device_admitted.clear()
+        emit_while_down(device, 5, spooled=5)
+        broker = start_broker()
+        after = ControlPlane(clients(f"mqtt://cp:x@127.0.0.1:{port}", protocol="3.1.1"), topics)
+        device_admitted.set()
+
+        assert wait_until(lambda: len(seqs(after)) >= 5), seqs(after)
+        assert seqs(after) == [1, 2, 3, 4, 5]
+        assert len(device.channel.spool) == 0
+    finally:
+        broker.stop()
 
 
 def test_spool_bound_drops_the_oldest_windows_and_reports_the_count(
