@@ -8,6 +8,7 @@ FleetRuntime.start()
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -112,15 +113,7 @@ class FleetRuntime:
                 Outgoing(self.topics.desired(r.device_id), _payload(r), qos=1, retain=True) for r in rows
             ]
             self.client.publish_many(messages, timeout_s=60)
-            for row in rows:  # only if nobody replaced it meanwhile: that one still needs sending
-                session.execute(
-                    sa.update(DesiredStateRow)
-                    .where(
-                        DesiredStateRow.device_id == row.device_id,
-                        DesiredStateRow.message_id == row.message_id,
-                    )
-                    .values(published_message_id=row.message_id)
-                )
+            assign.mark_published(session, [r.message_id for r in rows])
             session.commit()
             return len(rows)
 
@@ -139,9 +132,8 @@ class FleetRuntime:
 
 
 def _payload(row: DesiredStateRow) -> bytes:
-    from shared.desired import DesiredState
-
-    return DesiredState.model_validate(row.payload).model_dump_json().encode()
+    # The row holds a validated DesiredState already (assign.set_desired wrote it).
+    return json.dumps(row.payload, separators=(",", ":")).encode()
 
 
 def _without_credentials(url: str) -> str:

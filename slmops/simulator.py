@@ -59,7 +59,10 @@ class SimDevice:
         self.client = MqttClient(
             broker,
             client_id=device_id,
-            will=Outgoing(status_topic, encode(StatusMessage(status="offline", reason="connection lost")), retain=True),
+            # A function, so each connection's will carries a fresh message id (ingest dedups by id).
+            will=lambda: Outgoing(
+                status_topic, encode(StatusMessage(status="offline", reason="connection lost")), retain=True
+            ),
             birth=lambda: Outgoing(
                 status_topic,
                 encode(StatusMessage(status="online", agent_version="sim", hardware=behaviour.hardware)),

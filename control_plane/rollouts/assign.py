@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlalchemy import or_, update
+from sqlmodel import Session, col, select
 
 from control_plane.models import Artifact, DesiredStateRow, Device, Model, ModelVersion, utcnow
 from shared.desired import ArtifactRef, DesiredState, RuntimeParams
@@ -38,9 +39,18 @@ def current_desired(session: Session, device_id: str) -> DesiredStateRow | None:
     return session.get(DesiredStateRow, device_id)
 
 
-def set_desired(session: Session, device: Device, state: DesiredState) -> DesiredStateRow:
-    """Replace the device's desired state; the publisher sends it (retained) after commit."""
-    row = session.get(DesiredStateRow, device.id)
+_UNKNOWN = object()
+
+
+def set_desired(
+    session: Session, device: Device, state: DesiredState, current: DesiredStateRow | None | object = _UNKNOWN
+) -> DesiredStateRow:
+    """Replace the device's desired state; the publisher sends it (retained) after commit.
+
+    `current` is the device's existing row when the caller already loaded it (None: it has none).
+    """
+    row = session.get(DesiredStateRow, device.id) if current is _UNKNOWN else current
+    assert row is None or isinstance(row, DesiredStateRow)
     if row is None:
         row = DesiredStateRow(
             device_id=device.id,
@@ -67,5 +77,19 @@ def restore_desired(session: Session, device: Device, previous: dict[str, Any]) 
 
 
 def pending_publication(session: Session, limit: int = 5000) -> list[DesiredStateRow]:
-    rows = session.exec(select(DesiredStateRow).limit(limit * 4)).all()
-    return [r for r in rows if r.published_message_id != r.message_id][:limit]
+    unpublished = or_(
+        col(DesiredStateRow.published_message_id).is_(None),
+        col(DesiredStateRow.published_message_id) != col(DesiredStateRow.message_id),
+    )
+    return list(session.exec(select(DesiredStateRow).where(unpublished).limit(limit)).all())
+
+
+def mark_published(session: Session, message_ids: list[str]) -> None:
+    """One statement for the batch; a row replaced meanwhile has a new message id and stays pending."""
+    for start in range(0, len(message_ids), 500):
+        chunk = message_ids[start : start + 500]
+        session.execute(
+            update(DesiredStateRow)
+            .where(col(DesiredStateRow.message_id).in_(chunk))
+            .values(published_message_id=DesiredStateRow.message_id)
+        )

@@ -52,16 +52,12 @@ def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) ->
         raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
     devices = target_devices(session, spec.selector)
     if not devices:
-        raise DomainError(
-            "validation_error", "no enrolled device matches the selector", selector=spec.selector
-        )
+        raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
     ids = {d.id for d in devices}
     for other in session.exec(
         select(Rollout).where(Rollout.model_id == model.id, col(Rollout.state).in_(ACTIVE_STATES))
     ):
-        members = session.exec(
-            select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)
-        ).all()
+        members = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
         if ids & set(members):
             raise DomainError(
                 "rollout_conflict",
@@ -114,15 +110,21 @@ class RolloutController:
         version = session.get(ModelVersion, rollout.version_id)
         assert model is not None and version is not None
         members = self._members(session, rollout)
+        # Load every member's device and desired state in two queries; the session.get() calls
+        # below are then answered from the identity map (these lists keep the objects alive).
+        devices, desired_rows = self._preload(session, [m.device_id for m in members])
         self._refresh_statuses(session, rollout, members)
         self._cover_newcomers(session, rollout, plan, model, members)
         if rollout.state != RolloutState.running:
             return
         size = plan.stages[rollout.stage_index].cumulative_size(len(members))
         artifacts = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
-        for member in members[:size]:
-            if member.stage_index < 0:
-                self._assign(session, rollout, member, model, version, artifacts)
+        with session.no_autoflush:  # one flush at commit instead of one per device
+            for member in members[:size]:
+                if member.stage_index < 0:
+                    self._assign(
+                        session, rollout, member, model, version, artifacts, devices[member.device_id], desired_rows
+                    )
         touched = [m for m in members if m.stage_index >= 0]
         result = self._evaluate(session, rollout, plan, version, members, touched)
         if result.result == gates.FAIL:
@@ -135,12 +137,20 @@ class RolloutController:
         elif result.result == gates.PASS and self._baked(rollout, plan):
             self._stage_passed(session, rollout, plan)
 
+    @staticmethod
+    def _preload(session: Session, device_ids: list[str]) -> tuple[dict[str, Device], dict[str, DesiredStateRow]]:
+        """Members' devices and desired states, in a few queries instead of two per device."""
+        devices: dict[str, Device] = {}
+        desired: dict[str, DesiredStateRow] = {}
+        for start in range(0, len(device_ids), 900):
+            chunk = device_ids[start : start + 900]
+            devices.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))))
+            for row in session.exec(select(DesiredStateRow).where(col(DesiredStateRow.device_id).in_(chunk))):
+                desired[row.device_id] = row
+        return devices, desired
+
     def _members(self, session: Session, rollout: Rollout) -> list[RolloutDevice]:
-        stmt = (
-            select(RolloutDevice)
-            .where(RolloutDevice.rollout_id == rollout.id)
-            .order_by(RolloutDevice.order_key)
-        )
+        stmt = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.order_key)
         return list(session.exec(stmt).all())
 
     def _assign(
@@ -151,20 +161,19 @@ class RolloutController:
         model: Model,
         version: ModelVersion,
         artifacts: list[Artifact],
+        device: Device,
+        desired_rows: dict[str, DesiredStateRow],
     ) -> None:
-        device = session.get(Device, member.device_id)
-        assert device is not None
         member.stage_index = rollout.stage_index
         member.assigned_at = self._now()
         artifact, why = choose_variant(artifacts, device.hardware)
         if artifact is None:
             member.status, member.reason = "incompatible", why
         else:
-            previous = assign.current_desired(session, device.id)
-            member.previous_desired = previous.payload if previous else None
-            state = assign.set_desired(
-                session, device, assign.desired_payload(model, version, artifact, rollout.id)
-            )
+            previous = desired_rows.get(device.id)
+            member.previous_desired = dict(previous.payload) if previous else None
+            payload = assign.desired_payload(model, version, artifact, rollout.id)
+            state = desired_rows[device.id] = assign.set_desired(session, device, payload, previous)
             member.status, member.artifact_sha256 = "assigned", state.artifact_sha256
         session.add(member)
 
@@ -173,8 +182,7 @@ class RolloutController:
         if not pending:
             return
         devices = {
-            d.id: d
-            for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in pending])))
+            d.id: d for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in pending])))
         }
         for member in pending:
             device = devices.get(member.device_id)
@@ -253,12 +261,7 @@ class RolloutController:
                 continue
             device = session.get(Device, member.device_id)
             desired = assign.current_desired(session, member.device_id)
-            if (
-                device is not None
-                and member.previous_desired
-                and desired
-                and desired.rollout_id == rollout.id
-            ):
+            if device is not None and member.previous_desired and desired and desired.rollout_id == rollout.id:
                 assign.restore_desired(session, device, member.previous_desired)
             member.status = "rolled_back"
             session.add(member)
@@ -287,11 +290,7 @@ class RolloutController:
                 continue
             if not matches(requirements, device.labels):
                 continue
-            stable = (
-                plan.version
-                if rollout.state == RolloutState.completed
-                else rollout.plan.get("baseline_version")
-            )
+            stable = plan.version if rollout.state == RolloutState.completed else rollout.plan.get("baseline_version")
             if stable is None:
                 continue
             _, version = registry.get_version(session, model.name, stable)
