@@ -15,25 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
 
-from edge_agent.agent import Agent
-from edge_agent.enroll import Credential
-from edge_agent.fsutil import write_atomic
-from edge_agent.mqtt_channel import MqttChannel
-from edge_agent.settings import AgentSettings
-from shared.desired import DesiredState
-from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, decode, encode
-from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics
+from shared.messages import StatusMessage, decode
+from shared.topics import TopicKind, Topics
 from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.client import MqttClient
 from slmops.mqtt.testing import MosquittoProcess
 from slmops.tinymodels import write_tiny_gguf
+from tests.agent_mqtt_support import DEVICE, SECRET, ControlPlane, Device, serving, write_credential
 from tests.agent_support import AgentProcess, ArtifactServer, ServerThread, desired_for
 from tests.mqtt_support import (
+    SYSTEM_MOSQUITTO,
     ClientFactory,
     Collector,
     broker_url,
-    clear_retained,
     clients,
     embedded_broker,
     private_mosquitto,
@@ -44,9 +39,6 @@ from tests.mqtt_support import (
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 
 pytestmark = [pytest.mark.mosquitto]
-
-DEVICE = "dev-mqtt-1"
-SECRET = "device-secret-1"
 
 
 @pytest.fixture(scope="module")
@@ -60,45 +52,6 @@ def artifacts() -> Iterator[ArtifactServer]:
 @pytest.fixture(scope="module")
 def model_sha(artifacts: ArtifactServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     return artifacts.add_file(write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", seed=31))
-
-
-def write_credential(data_dir: Path, topics: Topics, mqtt_url: str | None = None) -> None:
-    credential = Credential(device_id=DEVICE, device_secret=SECRET, mqtt_url=mqtt_url, topic_prefix=topics.prefix)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(data_dir / "credential.json", credential.model_dump_json().encode(), mode=0o600)
-
-
-class Device:
-    """An in-process agent and its channel; `close()` stops both."""
-
-    def __init__(self, data_dir: Path, url: str, topics: Topics, artifacts: ArtifactServer, **options: Any) -> None:
-        write_credential(data_dir, topics)
-        settings = AgentSettings(
-            data_dir=data_dir,
-            control_plane_url=artifacts.url,
-            threads=1,
-            telemetry_window_s=3600,  # windows come only from emit_telemetry(): counts stay exact
-            trial_requests=1000,
-            download_backoff_s=0.05,
-        )
-        self.agent = Agent(settings)
-        self.agent.start()
-        assert self.agent.credential is not None and self.agent.credential.device_id == DEVICE
-        self.channel = MqttChannel(
-            self.agent,
-            url=url,
-            device_id=DEVICE,
-            device_secret=SECRET,
-            topics=topics,
-            spool_path=data_dir / "mqtt-spool.db",
-            protocol=options.pop("protocol", "auto"),
-            reconnect_max_delay_s=2,
-            **options,
-        )
-
-    def close(self) -> None:
-        self.channel.stop()
-        self.agent.stop()
 
 
 @pytest.fixture
@@ -116,58 +69,11 @@ def devices() -> Iterator[Callable[..., Device]]:
         device.close()
 
 
-class ControlPlane:
-    """Publishes desired states and decodes everything the device sends."""
-
-    def __init__(self, client: MqttClient, topics: Topics) -> None:
-        self.client = client
-        self.topics = topics
-        self.inbox = Collector()
-        # What the device publishes, not `desired` (as the real control plane): amqtt 0.12 sends a
-        # retained message to a new subscriber once per matching subscription it holds.
-        for kind in DEVICE_PUBLISHED_KINDS:
-            client.subscribe(topics.device(DEVICE, kind), self.inbox)
-
-    def publish_desired(self, desired: DesiredState | bytes, *, retain: bool = True) -> None:
-        payload = desired if isinstance(desired, bytes) else encode(desired)
-        self.client.publish(self.topics.desired(DEVICE), payload, retain=retain)
-
-    def received(self, kind: TopicKind) -> list[Any]:
-        """Decoded messages in arrival order, each message id once (QoS 1 is at least once: a
-        broker restarted before it saw our PUBACK delivers the message again)."""
-        topic = self.topics.device(DEVICE, kind)
-        messages = [decode(kind, p) for p in self.inbox.payloads(topic) if p]
-        first: dict[str, Any] = {}
-        for message in messages:
-            first.setdefault(message.message_id, message)
-        return list(first.values())
-
-    def states(self) -> list[StateMessage]:
-        return self.received(TopicKind.STATE)
-
-    def events(self, kind: str | None = None) -> list[EventMessage]:
-        return [e for e in self.received(TopicKind.EVENTS) if kind is None or e.kind == kind]
-
-    def telemetry(self) -> list[TelemetryMessage]:
-        return self.received(TopicKind.TELEMETRY)
-
-    def wait_state(self, check: Callable[[StateMessage], bool]) -> StateMessage:
-        assert wait_until(lambda: any(check(s) for s in self.states()), timeout_s=60), self.states()
-        return next(s for s in self.states() if check(s))
-
-    def clear(self) -> None:
-        clear_retained(self.client, [self.topics.device(DEVICE, k) for k in TopicKind])
-
-
 @pytest.fixture
 def control_plane(broker_url: str, clients: ClientFactory) -> Iterator[ControlPlane]:
     cp = ControlPlane(clients(broker_url, protocol="3.1.1"), unique_topics())
     yield cp
     cp.clear()
-
-
-def serving(version: str) -> Callable[[StateMessage], bool]:
-    return lambda s: s.phase == "on_trial" and s.current is not None and s.current.version == version
 
 
 # -- desired state in, state and events out --------------------------------------------------------
@@ -197,6 +103,9 @@ def test_retained_desired_state_is_downloaded_activated_and_reported(
     last_progress = control_plane.events("download_progress")[-1]
     assert last_progress.bytes_done == last_progress.bytes_total == len(artifacts.files[model_sha])
     assert device.channel.counters.desired_received == 1
+    # "auto" speaks MQTT v5 where the broker does (Mosquitto 2) and 3.1.1 elsewhere (amqtt).
+    expected = MQTTProtocolVersion.MQTTv5 if broker_url == SYSTEM_MOSQUITTO else MQTTProtocolVersion.MQTTv311
+    assert device.channel.device.client.protocol == expected
 
 
 @pytest.mark.llama
@@ -350,6 +259,30 @@ def test_spool_bound_drops_the_oldest_windows_and_reports_the_count(
     assert sum(t.dropped_windows for t in cp.telemetry()) == 2
 
 
+@pytest.mark.llama
+def test_a_swap_made_while_offline_is_reported_after_reconnect(
+    outage_control_plane: ControlPlane, private_mosquitto: MosquittoProcess, devices, artifacts, model_sha, tmp_path
+) -> None:
+    cp = outage_control_plane
+    device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
+    cp.wait_state(lambda s: s.phase == "idle")
+    private_mosquitto.stop()
+    assert wait_until(lambda: not device.channel.connected)
+
+    # The watched file feeds the same reconcile loop: a desired state can arrive without MQTT.
+    offline = desired_for(artifacts, model_sha, version="7", message_id="offline-v7")
+    device.agent.submit_desired(offline).result(timeout=60)
+    swap = ["download_started", "download_completed", "activation_started", "activation_succeeded"]
+    assert wait_until(lambda: len(device.channel.spool) == len(swap))
+    private_mosquitto.start()
+
+    final = cp.wait_state(serving("7"))  # the latest state, republished on connect
+    assert final.desired_message_id == "offline-v7"
+    assert wait_until(lambda: len(cp.events()) >= len(swap))
+    assert [e.kind for e in cp.events()] == swap  # from the spool, in order
+    assert device.channel.counters.events_dropped_offline >= 1  # progress is not worth spooling
+
+
 def test_spooled_telemetry_survives_an_agent_restart(
     outage_control_plane: ControlPlane, private_mosquitto: MosquittoProcess, devices, artifacts, tmp_path
 ) -> None:
@@ -371,10 +304,12 @@ def test_spooled_telemetry_survives_an_agent_restart(
 # -- the daemon: last will and clean shutdown -------------------------------------------------------
 
 
-def start_agent_process(tmp_path: Path, url: str, topics: Topics) -> AgentProcess:
+def start_agent_process(tmp_path: Path, url: str, topics: Topics, *, from_enrollment: bool) -> AgentProcess:
+    """The broker URL comes from the enrollment answer (kept in the credential) or from settings."""
     data_dir = tmp_path / "data"
-    write_credential(data_dir, topics)
-    return AgentProcess(data_dir, mqtt_url=url, telemetry_window_s=0.2).start()
+    write_credential(data_dir, topics, mqtt_url=url if from_enrollment else None)
+    settings = {} if from_enrollment else {"mqtt_url": url}
+    return AgentProcess(data_dir, telemetry_window_s=0.2, **settings).start()
 
 
 def statuses(cp: ControlPlane) -> list[StatusMessage]:
@@ -393,7 +328,7 @@ def retained_status(url: str, topics: Topics, clients: ClientFactory) -> StatusM
 def test_killed_agent_process_leaves_a_retained_offline_status(
     control_plane: ControlPlane, broker_url: str, clients: ClientFactory, tmp_path
 ) -> None:
-    agent = start_agent_process(tmp_path, broker_url, control_plane.topics)
+    agent = start_agent_process(tmp_path, broker_url, control_plane.topics, from_enrollment=True)
     try:
         assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
         idle = control_plane.wait_state(lambda s: s.device_id == DEVICE)
@@ -411,7 +346,7 @@ def test_killed_agent_process_leaves_a_retained_offline_status(
 def test_stopped_agent_process_says_offline_before_leaving(
     control_plane: ControlPlane, broker_url: str, clients: ClientFactory, tmp_path
 ) -> None:
-    agent = start_agent_process(tmp_path, broker_url, control_plane.topics)
+    agent = start_agent_process(tmp_path, broker_url, control_plane.topics, from_enrollment=False)
     assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
     agent.stop()  # SIGTERM: uvicorn shuts down gracefully (and then re-raises the signal)
     assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
