@@ -120,7 +120,9 @@ class Reconciler:
             return
         current = state.current
         if current is not None and _same_model(current, desired):
-            self._save(desired_message_id=desired.message_id, current=desired)
+            # Already serving it (e.g. the fleet rolled back to what this device rolled back to).
+            phase = "on_trial" if state.phase == "on_trial" else "committed"
+            self._save(desired_message_id=desired.message_id, current=desired, phase=phase, reason=None)
             return
         self._save(
             pending=desired,

@@ -88,6 +88,10 @@ def test_rollback_returns_to_the_previous_model(agent, artifacts, models) -> Non
         rolled = admin.post("/v1/admin/rollback").json()
     assert rolled["phase"] == "rolled_back" and rolled["current"]["version"] == "1"
     assert generate(agent) == text_a
+    # The fleet then asks for what the device already serves: nothing to load, and it is settled.
+    settled = apply(agent, artifacts, models["a"], "1")
+    assert settled["phase"] == "committed" and settled["current"]["sha256"] == models["a"]
+    assert 'slmops_agent_model_swaps_total{outcome="activated"} 2.0' in httpx.get(f"{agent.url}/metrics").text
 
 
 def test_duplicate_desired_message_is_applied_once(agent, artifacts, models) -> None:
