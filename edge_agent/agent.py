@@ -135,6 +135,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._supersede.set()  # a running download stops at its next block; its partial file stays
         for source in self._sources:
             source.stop()
         for thread in self._threads:
