@@ -151,12 +151,15 @@ def test_cli_apply_status_rollback_against_a_running_agent(artifacts, gguf, tmp_
         agent.stop()
 
 
-def test_watched_desired_file_is_applied(artifacts, gguf, tmp_path) -> None:
+def test_apply_without_a_running_agent_writes_the_watched_file(artifacts, gguf, tmp_path) -> None:
     sha = artifacts.add_file(gguf)
     agent = AgentProcess(tmp_path / "data", control_plane_url=artifacts.url)
-    agent.data_dir.mkdir(parents=True)
-    # Written before the agent starts, as `slmops agent apply` does when no agent answers.
-    (agent.data_dir / "desired.json").write_text(desired_for(artifacts, sha, version="7").model_dump_json())
+    desired = tmp_path / "desired.json"
+    desired.write_text(desired_for(artifacts, sha, version="7").model_dump_json())
+    command = [SLMOPS, "agent", "apply", "--desired", str(desired), "--config", str(agent.config)]
+    offline = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert offline.returncode == 0 and "agent not running" in offline.stdout
+    assert (agent.data_dir / "desired.json").is_file()
     agent.start()
     try:
         assert agent.wait_ready()["version"] == "7"
