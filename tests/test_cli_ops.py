@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -42,6 +43,77 @@ def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
     yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+class FlakyLink:
+    """A TCP proxy to the server that breaks the first upload: it loses its response, or cuts its body short.
+
+    It keeps the head of every POST and of every response, so tests can see the Idempotency-Key on the wire.
+    """
+
+    def __init__(self, upstream: str, *, cut_request_after: int | None = None) -> None:
+        self.upstream_port = int(upstream.rsplit(":", 1)[1])
+        self.cut_request_after = cut_request_after
+        self.broken = threading.Event()
+        self.posts: list[bytes] = []
+        self.responses: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        posting = threading.Event()
+        threading.Thread(target=self._forward_requests, args=(client, upstream, posting), daemon=True).start()
+        try:
+            while data := upstream.recv(65536):
+                if posting.is_set():
+                    self.responses.append(data)
+                    if not self.broken.is_set():  # the upload arrived, its answer never does
+                        self.broken.set()
+                        break
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _hang_up(client, upstream)
+
+    def _forward_requests(self, client: socket.socket, upstream: socket.socket, posting: threading.Event) -> None:
+        sent = 0
+        try:
+            while data := client.recv(65536):
+                if data.startswith(b"POST /v1/models/"):
+                    self.posts.append(data[:2048])
+                    posting.set()
+                    sent = 0
+                sent += len(data)
+                if posting.is_set() and self.cut_request_after and sent > self.cut_request_after:
+                    if not self.broken.is_set():  # the link drops in the middle of the upload
+                        self.broken.set()
+                        _hang_up(client, upstream)
+                        return
+                upstream.sendall(data)
+        except OSError:
+            pass
+
+
+def _hang_up(*sockets: socket.socket) -> None:
+    # shutdown() before close(): a close alone neither wakes the other thread's recv() nor sends the FIN.
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 def _bearer(headers: dict[str, str]) -> str:
@@ -92,7 +164,7 @@ def test_push_streams_verifies_and_replays(cli: Cli, tiny_gguf: Path, tiny_gguf_
 
     # The same push again (as after an interrupted run) replays under its Idempotency-Key.
     again = cli("model", "push", "tiny", "1", str(tiny_gguf), "--metrics", '{"agreement": 0.97}', "--notes", "base")
-    assert "already pushed" in again.stdout
+    assert "already holds this file" in again.stdout and "upload" not in again.stderr  # nothing sent twice
     child = json.loads(
         cli(
             "model", "push", "tiny", "2", str(tiny_gguf_other), "--parent", "1",
@@ -122,6 +194,35 @@ def test_push_of_other_bytes_under_a_taken_version_is_refused(cli: Cli, tiny_ggu
     assert "push the file under a new VERSION" in _one_line(refused.stderr)
     versions = cli.json("model", "show", "tiny")["versions"]
     assert len(versions) == 1 and len(versions[0]["artifacts"]) == 1
+
+
+def test_push_retries_a_lost_response_and_the_server_replays_it(cli: Cli, server_url: str, tiny_gguf: Path) -> None:
+    cli("model", "create", "tiny")
+    link = FlakyLink(server_url)
+    try:
+        result = cli("model", "push", "tiny", "1", str(tiny_gguf), SLMOPS_SERVER=link.url)
+    finally:
+        link.close()
+    assert "upload interrupted" in result.stderr and "already holds this file" in result.stdout
+    keys = {line for post in link.posts for line in post.split(b"\r\n") if line.lower().startswith(b"idempotency-key")}
+    assert len(link.posts) == 2 and len(keys) == 1  # the retry sent the same key ...
+    assert b"idempotent-replayed: true" in b"".join(link.responses).lower()  # ... and the server replayed
+    assert [v["version"] for v in cli.json("model", "show", "tiny")["versions"]] == ["1"]
+
+
+def test_push_cut_mid_upload_keeps_nothing_partial(cli: Cli, server_url: str, settings: Any, tiny_gguf: Path) -> None:
+    cli("model", "create", "tiny")
+    link = FlakyLink(server_url, cut_request_after=tiny_gguf.stat().st_size // 2)
+    try:
+        result = cli("model", "push", "tiny", "1", str(tiny_gguf), "-o", "json", SLMOPS_SERVER=link.url)
+    finally:
+        link.close()
+    assert "upload interrupted" in result.stderr and len(link.posts) == 2
+    assert b"idempotent-replayed" not in b"".join(link.responses).lower()  # the cut upload created nothing
+    pushed = json.loads(result.stdout)
+    assert pushed["artifacts"][0]["sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    stored = [p for p in settings.blob_dir.rglob("*") if p.is_file()]
+    assert [p.stat().st_size for p in stored] == [tiny_gguf.stat().st_size]  # no half file left behind
 
 
 def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:

@@ -176,13 +176,18 @@ def model_push(
     }
     with api(server, token) as client:
         sha256 = _hash_with_progress(file)
-        body = MultipartFile(file, {"sha256": sha256} | {k: v for k, v in fields.items() if v is not None})
-        result, replayed = _upload(client, name, version, sha256, body)
+        result = _already_pushed(client, name, version, sha256)
+        replayed = result is not None
+        if result is None:
+            body = MultipartFile(file, {"sha256": sha256} | {k: v for k, v in fields.items() if v is not None})
+            result, replayed = _upload(client, name, version, sha256, body)
     if output is Output.json:
         emit_json(result)
         return
-    verb = "already pushed (the earlier upload stands)" if replayed else "pushed"
-    console.print(f"{verb} [bold]{name}@{version}[/bold]: sha256 {sha256} verified by the server")
+    if replayed:
+        console.print(f"[bold]{name}@{version}[/bold] already holds this file (sha256 {sha256}); nothing duplicated")
+    else:
+        console.print(f"pushed [bold]{name}@{version}[/bold]: sha256 {sha256} verified by the server")
     console.print(_artifacts_table([result]))
 
 
@@ -203,6 +208,19 @@ def _hash_with_progress(file: Path) -> str:
         return file_sha256(file, lambda n: progress.advance(task, n))
 
 
+def _already_pushed(client: ApiClient, name: str, version: str, sha256: str) -> dict[str, Any] | None:
+    """The version when an earlier run already stored these bytes; refuses other bytes before uploading."""
+    try:
+        existing: dict[str, Any] = client.get(f"/v1/models/{name}/versions/{version}")
+    except ApiError as exc:
+        if exc.code == "version_not_found":
+            return None
+        raise
+    if any(a["sha256"] == sha256 for a in existing["artifacts"]):
+        return existing
+    raise ApiError("version_exists", f"{name}@{version} already exists with other bytes", status=409)
+
+
 def _upload(
     client: ApiClient, name: str, version: str, sha256: str, body: MultipartFile
 ) -> tuple[dict[str, Any], bool]:
@@ -212,12 +230,8 @@ def _upload(
         try:
             return _upload_once(client, f"/v1/models/{name}/versions", body, key)
         except ApiError as exc:
-            if exc.code == "version_exists":
-                # The key's record may have expired: the same bytes under that version still mean done.
-                existing = client.get(f"/v1/models/{name}/versions/{version}")
-                if any(a["sha256"] == sha256 for a in existing["artifacts"]):
-                    return existing, True
-                raise
+            if exc.code == "version_exists" and (done := _already_pushed(client, name, version, sha256)):
+                return done, True  # a concurrent or earlier push of the same bytes won the race
             if exc.code != "connection_failed" or attempt == PUSH_ATTEMPTS:
                 raise
             err.print(f"[yellow]upload interrupted ({exc.detail}); retrying ({attempt}/{PUSH_ATTEMPTS - 1})[/yellow]")
@@ -227,7 +241,7 @@ def _upload(
 
 def _upload_once(client: ApiClient, path: str, body: MultipartFile, key: str) -> tuple[dict[str, Any], bool]:
     with _progress() as progress:
-        task = progress.add_task(f"upload {body.path.name}", total=len(body))
+        task = progress.add_task(f"upload {body.path.name}", total=body.path.stat().st_size)
         response = client.upload(path, body, idempotency_key=key, on_bytes=lambda n: progress.advance(task, n))
     return response.json(), response.headers.get("idempotent-replayed") == "true"
 
