@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,15 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 import slmops.cli.ops  # noqa: F401  (registers the commands)
+from control_plane.api.main import create_app
+from control_plane.config import Settings
+from shared.topics import Topics
 from slmops.cli.app import app as cli_app
 from slmops.cli.client import CHUNK, MultipartFile, resolve_config
+from slmops.simulator import SimBehaviour
+from tests.fleet_helpers import TelemetryPump, start_sim_devices, wait_for
 
+MOSQUITTO = "mqtt://127.0.0.1:1883"
 HARDWARE = {"cpu_model": "test", "cpu_cores": 4, "ram_mb": 4096, "arch": "x86_64"}
 
 
@@ -31,18 +38,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+@contextlib.contextmanager
+def _serve(application: Any) -> Iterator[str]:
+    """The app on a real uvicorn server (its lifespan included) in a thread, on a free port."""
+    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    with _serve(app) as url:
+        yield url
 
 
 class FlakyLink:
@@ -152,7 +168,8 @@ def admin_cli(server_url: str, admin_headers: dict[str, str], tmp_path: Path) ->
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """The output on one line, table borders dropped, so a row reads 'gate result value limit'."""
+    return " ".join(text.translate(str.maketrans("│┃", "  ")).split())
 
 
 def test_push_streams_verifies_and_replays(cli: Cli, tiny_gguf: Path, tiny_gguf_other: Path) -> None:
@@ -241,14 +258,19 @@ def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:
     assert "region=us" in cli("device", "show", second["id"]).stdout
 
 
-def _enrolled_device(admin_cli: Cli, name: str, labels: list[str]) -> str:
+def _enroll(admin_cli: Cli, name: str, labels: list[str]) -> dict[str, Any]:
+    """Create a device with the CLI, then enroll it as its agent would (REST); returns its credential."""
     created = admin_cli.json("device", "create", name, *[f"--label={label}" for label in labels])
     response = httpx.post(
         admin_cli.env["SLMOPS_SERVER"] + "/v1/devices/enroll",
         json={"enrollment_token": created["enrollment_token"], "hardware": HARDWARE},
     )
     assert response.status_code == 201, response.text
-    return str(response.json()["device_id"])
+    return dict(response.json())
+
+
+def _enrolled_device(admin_cli: Cli, name: str, labels: list[str]) -> str:
+    return str(_enroll(admin_cli, name, labels)["device_id"])
 
 
 def test_rollout_lifecycle(cli: Cli, admin_cli: Cli, tiny_gguf: Path, tmp_path: Path) -> None:
@@ -353,3 +375,56 @@ def test_multipart_body_streams_in_bounded_chunks(tmp_path: Path) -> None:
     raw = b"".join(chunks)
     assert len(raw) == len(body)
     assert path.read_bytes() in raw and raw.endswith(f"--{body.boundary}--\r\n".encode())
+
+
+@pytest.fixture
+def fleet_url(tmp_path: Path, db_url: str, engine: Any, app: Any) -> Iterator[tuple[str, Settings]]:
+    """A control plane with its fleet runtime (controller, MQTT ingest) on the real Mosquitto."""
+    settings = Settings(
+        data_dir=tmp_path / "fleet",
+        database_url=db_url,
+        mqtt_url=MOSQUITTO,
+        mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
+        controller_tick_s=0.1,
+        mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
+    )
+    with _serve(create_app(settings, engine=engine)) as url:
+        yield url, settings  # the `app` fixture empties the tables afterwards
+
+
+@pytest.mark.mosquitto
+def test_watch_a_real_rollout_complete_then_roll_back(
+    fleet_url: tuple[str, Settings],
+    operator_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    tiny_gguf: Path,
+    tiny_gguf_other: Path,
+    tmp_path: Path,
+) -> None:
+    url, settings = fleet_url
+    cli, admin_cli = Cli(url, _bearer(operator_headers), tmp_path), Cli(url, _bearer(admin_headers), tmp_path)
+    cli("model", "create", "tiny")
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    cli("model", "push", "tiny", "2", str(tiny_gguf_other))
+    creds = [_enroll(admin_cli, f"edge-{i}", ["region=eu"]) for i in range(2)]
+    behaviour = SimBehaviour(latency_ms=lambda v: {"1": 40.0, "2": 200.0}[v], requests_per_window=10)
+    devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, behaviour)
+    fast = ["--stage", "canary:1:0.3", "--stage", "fleet:100%:0.3", "--min-samples", "10"]
+    try:
+        with TelemetryPump(devices):
+            wait_for(lambda: len(cli.json("device", "list", "--status", "online")) == 2, what="devices online")
+            first = cli.json("rollout", "create", "tiny", "1", *fast)
+            done = _one_line(cli("rollout", "status", first["id"], "--watch", "--interval", "0.2").stdout)
+            assert "completed" in done and "2/2 stages done" in done and "min_activated_fraction pass" in done
+
+            second = cli.json("rollout", "create", "tiny", "2", *fast, "--max-p95-ratio", "1.5")
+            failed = cli("rollout", "status", second["id"], "--watch", "--interval", "0.2", code=3)
+            view = _one_line(failed.stdout)
+            assert "rolled_back" in view and "last gate evaluation: fail" in view
+            assert "max_p95_latency_ratio fail" in view  # the check that decided it, with value and limit
+    finally:
+        for device in devices:
+            device.stop()
+    final = cli.json("rollout", "status", second["id"])
+    ratio = next(c for c in final["last_evaluation"]["details"]["checks"] if c["gate"] == "max_p95_latency_ratio")
+    assert ratio["result"] == "fail" and ratio["limit"] == 1.5

@@ -34,6 +34,7 @@ app.add_typer(rollout_app, name="rollout")
 
 FINISHED = ("completed", "rolled_back", "aborted")
 EXIT_NOT_COMPLETED = 3
+MAX_DEVICE_ROWS = 12
 _STAGE = re.compile(r"^(?P<name>[^:]+):(?P<size>\d+(?:\.\d+)?)(?P<pct>%?)(?::(?P<bake>\d+(?:\.\d+)?))?$")
 _RESULT_STYLE = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
 _STATE_STYLE = {
@@ -248,7 +249,7 @@ def _stage_text(rollout: dict[str, Any]) -> str:
 
 
 def _stage_size(stage: dict[str, Any]) -> str:
-    size = f"{stage['percent']:g}%" if stage.get("percent") is not None else f"{stage.get('count')} devices"
+    size = f"{stage['percent']:g}%" if stage.get("percent") is not None else f"{stage.get('count')} device(s)"
     return f"{stage['name']} {size}, bake {stage.get('min_bake_s', 60):g}s"
 
 
@@ -271,10 +272,26 @@ def render_rollout(rollout: dict[str, Any]) -> RenderableType:
     header.add_row("[bold]plan[/bold]", " -> ".join(_stage_size(s) for s in stages))
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=len(stages), completed=done, width=40), Text(f"{done}/{len(stages)} stages done"))
-    devices = Table("device state", "count", title="devices")
-    for state, count in sorted(rollout["devices"].items()):
-        devices.add_row(state, str(count))
-    return Group(header, bar, devices, _checks_table(rollout.get("last_evaluation")))
+    return Group(header, bar, _devices_table(rollout), _checks_table(rollout.get("last_evaluation")))
+
+
+def _devices_table(rollout: dict[str, Any]) -> Table:
+    """Devices per state; with few devices, one row each (stage, state, why), else the counts only."""
+    details = rollout.get("device_details") or []
+    total = sum(rollout["devices"].values())
+    if not details or len(details) > MAX_DEVICE_ROWS:
+        table = Table("device state", "count", title=f"{total} devices")
+        for state, count in sorted(rollout["devices"].items()):
+            table.add_row(state, str(count))
+        return table
+    table = Table("device", "stage", "state", "reason", title=f"{total} devices: {_counts(rollout['devices'])}")
+    names = [s["name"] for s in rollout["stages"]]
+    # stage_index -1: a target not yet assigned to a stage; listed last.
+    for d in sorted(details, key=lambda d: (d["stage_index"] < 0, d["stage_index"], d["device_id"])):
+        index = d["stage_index"]
+        stage = names[index] if 0 <= index < len(names) else "-"
+        table.add_row(d["device_id"], stage, d["status"], escape(d.get("reason") or ""))
+    return table
 
 
 def _checks_table(evaluation: dict[str, Any] | None) -> RenderableType:
