@@ -1,7 +1,7 @@
 """Writes device messages from MQTT into SQL, one transaction per batch.
 
 Status moves devices online/offline; state updates what they run and which desired message they
-acted on; telemetry windows are stored once per (device, seq); events are kept as they come.
+acted on; telemetry windows are stored once per (device, message id); events are kept as they come.
 Messages from devices the registry does not know are counted and dropped.
 """
 
@@ -30,29 +30,29 @@ class IngestWriter:
         with Session(self.engine, expire_on_commit=False) as session:
             ids = {m.device_id for m in batch}
             devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))}
-            seen_seqs = self._known_seqs(session, batch)
+            seen_ids = self._known_ids(session, batch)
             for message in batch:
                 device = devices.get(message.device_id)
                 if device is None or device.status == DeviceStatus.decommissioned:
                     self.counters["unknown_device"] += 1
                     log.warning("dropped %s message from unknown device %s", message.kind, message.device_id)
                     continue
-                self._apply(session, device, message, seen_seqs)
+                self._apply(session, device, message, seen_ids)
             session.commit()
 
-    def _known_seqs(self, session: Session, batch: list[Any]) -> set[tuple[str, int]]:
-        pairs = [(m.device_id, m.message.seq) for m in batch if m.kind == TopicKind.TELEMETRY]
+    def _known_ids(self, session: Session, batch: list[Any]) -> set[tuple[str, str]]:
+        pairs = [(m.device_id, m.message.message_id) for m in batch if m.kind == TopicKind.TELEMETRY]
         if not pairs:
             return set()
         rows = session.exec(
-            select(TelemetryRecord.device_id, TelemetryRecord.seq).where(
+            select(TelemetryRecord.device_id, TelemetryRecord.message_id).where(
                 col(TelemetryRecord.device_id).in_({d for d, _ in pairs}),
-                col(TelemetryRecord.seq).in_({s for _, s in pairs}),
+                col(TelemetryRecord.message_id).in_({m for _, m in pairs}),
             )
         ).all()
-        return {(d, s) for d, s in rows}
+        return {(d, m) for d, m in rows}
 
-    def _apply(self, session: Session, device: Device, message: Any, seen: set[tuple[str, int]]) -> None:
+    def _apply(self, session: Session, device: Device, message: Any, seen: set[tuple[str, str]]) -> None:
         body = message.message
         device.last_seen = message.received_at
         if message.kind == TopicKind.STATUS:
@@ -62,7 +62,7 @@ class IngestWriter:
         elif message.kind == TopicKind.STATE:
             self._apply_state(device, body)
         elif message.kind == TopicKind.TELEMETRY:
-            key = (device.id, body.seq)
+            key = (device.id, body.message_id)
             if key in seen:
                 self.counters["duplicate_telemetry"] += 1
                 return
@@ -97,6 +97,7 @@ def telemetry_record(device_id: str, window: Any) -> TelemetryRecord:
     hist = window.latency_histogram
     return TelemetryRecord(
         device_id=device_id,
+        message_id=window.message_id,
         seq=window.seq,
         window_start=window.window_start,
         window_end=window.window_end,

@@ -59,16 +59,30 @@ def merged_percentile(histograms: list[dict[str, Any]], q: float) -> float | Non
     return float(bounds[-1])
 
 
-def collect(session: Session, device_ids: list[str], version: str | None, since: datetime) -> Sample:
+def collect(
+    session: Session, device_ids: list[str], version: str | None, since: datetime, warmup_windows: int = 0
+) -> Sample:
+    """Telemetry of `version` on these devices since `since`, skipping each device's first
+    `warmup_windows` windows (a fresh model's first window holds the swap and cold caches)."""
     if not device_ids or version is None:
         return Sample()
     rows = session.exec(
-        select(TelemetryRecord).where(
+        select(TelemetryRecord)
+        .where(
             col(TelemetryRecord.device_id).in_(device_ids),
             TelemetryRecord.version == version,
             TelemetryRecord.window_end >= since,
         )
+        .order_by(TelemetryRecord.device_id, TelemetryRecord.seq)
     ).all()
+    if warmup_windows:
+        per_device: dict[str, int] = {}
+        kept = []
+        for row in rows:
+            per_device[row.device_id] = per_device.get(row.device_id, 0) + 1
+            if per_device[row.device_id] > warmup_windows:
+                kept.append(row)
+        rows = kept
     sample = Sample(windows=len(rows))
     histograms = []
     weighted, weight = 0.0, 0
@@ -119,7 +133,7 @@ def evaluate(
     failed = [m for m in deployable if m.status == "failed"]
     devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in members])))}
     offline = [m.device_id for m in deployable if devices.get(m.device_id) and devices[m.device_id].status != "online"]
-    new = collect(session, [m.device_id for m in active], new_version, stage_since)
+    new = collect(session, [m.device_id for m in active], new_version, stage_since, gates.warmup_windows)
     base = collect(session, baseline_device_ids, baseline_version, baseline_since)
     enough_new = new.requests >= gates.min_samples
     checks: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ class Gates(BaseModel):
     min_samples: int = Field(
         default=20, ge=1, description="requests needed before latency/error gates decide"
     )
+    warmup_windows: int = Field(default=1, ge=0, description="first telemetry windows per device ignored")
 
 
 class Stage(BaseModel):

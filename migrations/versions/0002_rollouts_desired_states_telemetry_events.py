@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-23 12:24:52.623777
+Create Date: 2026-11-23 12:59:30.455003
 """
 from collections.abc import Sequence
 
@@ -34,6 +34,7 @@ def upgrade() -> None:
     op.create_table('telemetry_windows',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
     sa.Column('device_id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+    sa.Column('message_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('seq', sa.BigInteger(), nullable=False),
     sa.Column('window_start', sa.DateTime(timezone=True), nullable=False),
     sa.Column('window_end', sa.DateTime(timezone=True), nullable=False),
@@ -52,7 +53,7 @@ def upgrade() -> None:
     sa.Column('latency_histogram', sa.JSON(), nullable=False),
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_telemetry_windows')),
-    sa.UniqueConstraint('device_id', 'seq', name='uq_telemetry_windows_device_seq')
+    sa.UniqueConstraint('device_id', 'message_id', name='uq_telemetry_windows_device_message')
     )
     with op.batch_alter_table('telemetry_windows', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_telemetry_windows_device_id'), ['device_id'], unique=False)

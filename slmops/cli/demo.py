@@ -1,0 +1,31 @@
+"""`slmops demo`: the control plane, real agents, three rollouts (one rolled back), a summary."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slmops.cli.app import app
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(help="How many agent processes to run.", min=2, max=20)] = 5,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave everything running; print the URLs.")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="Where to put data and logs (default: a temp dir).")] = None,
+) -> None:
+    """Run a whole fleet on this machine: v1 to all, v2 canary -> fleet, v3 regresses and rolls back."""
+    from slmops.demo import run_demo
+
+    # Wide enough for the summary table when the output is a log rather than a terminal.
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        raise typer.Exit(run_demo(workdir.resolve(), devices, keep, console))
+    with tempfile.TemporaryDirectory(prefix="slmops-demo-") as tmp:
+        raise typer.Exit(run_demo(Path(tmp), devices, keep, console))
