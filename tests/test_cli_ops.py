@@ -213,6 +213,23 @@ def test_push_of_other_bytes_under_a_taken_version_is_refused(cli: Cli, tiny_ggu
     assert len(versions) == 1 and len(versions[0]["artifacts"]) == 1
 
 
+def test_push_adds_a_variant_to_an_existing_version(cli: Cli, tiny_gguf: Path, tiny_gguf_other: Path) -> None:
+    cli("model", "create", "tiny")
+    missing = _one_line(cli("model", "push", "tiny", "1", str(tiny_gguf), "--add-artifact", code=1).stderr)
+    assert "version_not_found" in missing and "slmops model show MODEL" in missing
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    variant = ["--add-artifact", "--quantization", "Q8_0", "--min-ram-mb", "2048", "--accelerators", "npu"]
+    added = cli.json("model", "push", "tiny", "1", str(tiny_gguf_other), *variant)
+    assert [(a["quantization"], a["min_ram_mb"], a["accelerators"]) for a in added["artifacts"]][-1] == (
+        "Q8_0",
+        2048,
+        ["npu"],
+    )
+    again = cli("model", "push", "tiny", "1", str(tiny_gguf_other), *variant)
+    assert "already holds this file" in again.stdout
+    assert len(cli.json("model", "show", "tiny", "1")["artifacts"]) == 2
+
+
 def test_push_retries_a_lost_response_and_the_server_replays_it(cli: Cli, server_url: str, tiny_gguf: Path) -> None:
     cli("model", "create", "tiny")
     link = FlakyLink(server_url)
@@ -422,6 +439,8 @@ def test_watch_a_real_rollout_complete_then_roll_back(
             view = _one_line(failed.stdout)
             assert "rolled_back" in view and "last gate evaluation: fail" in view
             assert "max_p95_latency_ratio fail" in view  # the check that decided it, with value and limit
+            # The rolled-back canary returns to v1 (stopping a simulated device mid-apply races its timer).
+            wait_for(lambda: {d.current_version for d in devices} == {"1"}, what="devices back on v1")
     finally:
         for device in devices:
             device.stop()

@@ -42,7 +42,8 @@ HINTS: dict[str, str] = {
     "not_found": "check the name or id; `slmops model list`, `slmops device list` and `slmops rollout list` "
     "show what exists",
     "model_exists": "the name is taken: `slmops model show NAME` shows it; push versions to it",
-    "version_exists": "versions are immutable: push the file under a new VERSION",
+    "version_exists": "versions are immutable: push the file under a new VERSION, or add it to this one as "
+    "another variant with `slmops model push --add-artifact`",
     "device_exists": "the name is taken: `slmops device list` shows it",
     "rollout_conflict": "an active rollout covers some of these devices: watch it with "
     "`slmops rollout status {rollout_id} --watch` or stop it with `slmops rollout abort {rollout_id}`",

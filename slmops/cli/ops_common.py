@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from slmops.cli.client import ApiClient, ApiError, resolve_config
 
@@ -112,3 +113,25 @@ def parse_json_object(option: str, text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         usage_error("validation_error", f"{option} must be a JSON object")
     return value
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(metrics.items())) or "-"
+
+
+def artifacts_table(versions: list[dict[str, Any]]) -> Table:
+    table = Table("version", "format", "quant", "size", "sha256", "needs", "metrics", title="artifacts")
+    for v in versions:
+        for a in v["artifacts"]:
+            needs = [f"{a['min_ram_mb']} MB RAM"] if a["min_ram_mb"] else []
+            needs += a["accelerators"] + a["cpu_arch"]
+            table.add_row(
+                v["version"],
+                a["format"],
+                a["quantization"] or "-",
+                human_bytes(a["size_bytes"]),
+                a["sha256"][:16],
+                ", ".join(needs) or "any",
+                metrics_text(a["eval_metrics"]),
+            )
+    return table
