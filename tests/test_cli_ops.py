@@ -62,23 +62,38 @@ def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
 
 
 class FlakyLink:
-    """A TCP proxy to the server that breaks the first upload: it loses its response, or cuts its body short.
+    """A TCP proxy to the server that fails on purpose.
 
-    It keeps the head of every POST and of every response, so tests can see the Idempotency-Key on the wire.
+    `break_upload="response"` loses the answer to the first upload, `"request"` cuts its body in half;
+    `go_down()` hangs up every connection, open or new, until `go_up()`. It keeps the head of every
+    upload and every upload response, so tests can see the Idempotency-Key on the wire.
     """
 
-    def __init__(self, upstream: str, *, cut_request_after: int | None = None) -> None:
+    def __init__(self, upstream: str, *, break_upload: str | None = None, cut_after: int = 0) -> None:
         self.upstream_port = int(upstream.rsplit(":", 1)[1])
-        self.cut_request_after = cut_request_after
+        self.break_upload = break_upload
+        self.cut_after = cut_after
         self.broken = threading.Event()
+        self.down = threading.Event()
+        self.connections = 0
+        self.refused = 0
         self.posts: list[bytes] = []
         self.responses: list[bytes] = []
+        self._open: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
         self._listener.close()
+        _hang_up(*self._open)
+
+    def go_down(self) -> None:
+        self.down.set()
+        _hang_up(*self._open)
+
+    def go_up(self) -> None:
+        self.down.clear()
 
     def _accept(self) -> None:
         while True:
@@ -86,18 +101,24 @@ class FlakyLink:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            if self.down.is_set():
+                self.refused += 1
+                _hang_up(conn)
+                continue
+            self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self._open += [client, upstream]
         posting = threading.Event()
         threading.Thread(target=self._forward_requests, args=(client, upstream, posting), daemon=True).start()
         try:
             while data := upstream.recv(65536):
                 if posting.is_set():
                     self.responses.append(data)
-                    if not self.broken.is_set():  # the upload arrived, its answer never does
-                        self.broken.set()
+                    if self.break_upload == "response" and not self.broken.is_set():
+                        self.broken.set()  # the upload arrived, its answer never does
                         break
                 client.sendall(data)
         except OSError:
@@ -114,11 +135,11 @@ class FlakyLink:
                     posting.set()
                     sent = 0
                 sent += len(data)
-                if posting.is_set() and self.cut_request_after and sent > self.cut_request_after:
-                    if not self.broken.is_set():  # the link drops in the middle of the upload
-                        self.broken.set()
-                        _hang_up(client, upstream)
-                        return
+                cut = self.break_upload == "request" and posting.is_set() and sent > self.cut_after
+                if cut and not self.broken.is_set():
+                    self.broken.set()  # the link drops in the middle of the upload
+                    _hang_up(client, upstream)
+                    return
                 upstream.sendall(data)
         except OSError:
             pass
@@ -232,7 +253,7 @@ def test_push_adds_a_variant_to_an_existing_version(cli: Cli, tiny_gguf: Path, t
 
 def test_push_retries_a_lost_response_and_the_server_replays_it(cli: Cli, server_url: str, tiny_gguf: Path) -> None:
     cli("model", "create", "tiny")
-    link = FlakyLink(server_url)
+    link = FlakyLink(server_url, break_upload="response")
     try:
         result = cli("model", "push", "tiny", "1", str(tiny_gguf), SLMOPS_SERVER=link.url)
     finally:
@@ -246,7 +267,7 @@ def test_push_retries_a_lost_response_and_the_server_replays_it(cli: Cli, server
 
 def test_push_cut_mid_upload_keeps_nothing_partial(cli: Cli, server_url: str, settings: Any, tiny_gguf: Path) -> None:
     cli("model", "create", "tiny")
-    link = FlakyLink(server_url, cut_request_after=tiny_gguf.stat().st_size // 2)
+    link = FlakyLink(server_url, break_upload="request", cut_after=tiny_gguf.stat().st_size // 2)
     try:
         result = cli("model", "push", "tiny", "1", str(tiny_gguf), "-o", "json", SLMOPS_SERVER=link.url)
     finally:
@@ -326,17 +347,36 @@ def test_rollout_lifecycle(cli: Cli, admin_cli: Cli, tiny_gguf: Path, tmp_path: 
     assert sum(again["devices"].values()) == 2
 
 
-def test_watch_follows_a_rollout_until_it_ends(cli: Cli, admin_cli: Cli, tiny_gguf: Path) -> None:
+def test_watch_waits_out_an_unreachable_control_plane(
+    cli: Cli, admin_cli: Cli, server_url: str, operator_headers: dict[str, str], tiny_gguf: Path
+) -> None:
     cli("model", "create", "tiny")
     cli("model", "push", "tiny", "1", str(tiny_gguf))
     _enrolled_device(admin_cli, "edge-1", [])
     rollout_id = cli.json("rollout", "create", "tiny", "1")["id"]
-    # Without a fleet runtime nothing advances the rollout; an operator aborts it while we watch.
-    aborter = threading.Timer(0.5, lambda: cli("rollout", "abort", rollout_id))
-    aborter.start()
-    watched = cli("rollout", "status", rollout_id, "--watch", "--interval", "0.1", "-o", "json", code=3)
-    aborter.join()
+    link = FlakyLink(server_url)
+
+    def outage_then_abort() -> None:
+        # Without a fleet runtime nothing advances the rollout: the link fails while we watch, then an
+        # operator aborts it and the link comes back.
+        try:
+            wait_for(lambda: link.connections >= 1, what="the watch polling through the link")
+            link.go_down()
+            wait_for(lambda: link.refused >= 2, what="the watch retrying during the outage")
+        finally:
+            httpx.post(f"{server_url}/v1/rollouts/{rollout_id}/abort", headers=operator_headers).raise_for_status()
+            link.go_up()
+
+    operator = threading.Thread(target=outage_then_abort)
+    operator.start()
+    try:
+        watched = cli("rollout", "status", rollout_id, "--watch", "--interval", "0.05", "-o", "json", code=3,
+                      SLMOPS_SERVER=link.url)  # fmt: skip
+    finally:
+        operator.join()
+        link.close()
     assert json.loads(watched.stdout)["state"] == "aborted"
+    assert link.refused >= 2  # it kept trying instead of giving up with an error
 
 
 def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -9,14 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
-from rich.progress_bar import ProgressBar
 from rich.table import Table
-from rich.text import Text
 
 from slmops.cli.app import app
+from slmops.cli.client import ApiClient, ApiError
 from slmops.cli.ops_common import (
     Output,
     OutputOpt,
@@ -26,25 +24,18 @@ from slmops.cli.ops_common import (
     api,
     console,
     emit_json,
+    err,
     usage_error,
 )
+from slmops.cli.rollout_view import counts_text, render_rollout, stage_text, state_text
 
 rollout_app = typer.Typer(help="Staged rollouts: canary -> waves -> fleet under telemetry gates.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 
 FINISHED = ("completed", "rolled_back", "aborted")
 EXIT_NOT_COMPLETED = 3
-MAX_DEVICE_ROWS = 12
+EXIT_INTERRUPTED = 130  # as a shell reports a process stopped by SIGINT
 _STAGE = re.compile(r"^(?P<name>[^:]+):(?P<size>\d+(?:\.\d+)?)(?P<pct>%?)(?::(?P<bake>\d+(?:\.\d+)?))?$")
-_RESULT_STYLE = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
-_STATE_STYLE = {
-    "running": "cyan",
-    "waiting_promotion": "yellow",
-    "paused": "yellow",
-    "completed": "green",
-    "rolled_back": "red",
-    "aborted": "red",
-}
 
 
 def parse_stage(text: str) -> dict[str, Any]:
@@ -142,9 +133,9 @@ def rollout_list(
         table.add_row(
             r["id"],
             f"{r['model']}@{r['version']}",
-            _state(r["state"]),
+            state_text(r["state"]),
             f"{r['stage_index'] + 1}/{len(r['stages'])} {r['stage']}",
-            _counts(r["devices"]),
+            counts_text(r["devices"]),
             ago(r["created_at"]),
         )
     console.print(table)
@@ -165,16 +156,8 @@ def rollout_status(
     """
     with api(server, token) as client:
         rollout = client.get(f"/v1/rollouts/{rollout_id}")
-        if watch and output is Output.table:
-            with Live(render_rollout(rollout), console=console, refresh_per_second=4) as live:
-                while rollout["state"] not in FINISHED:
-                    time.sleep(interval)
-                    rollout = client.get(f"/v1/rollouts/{rollout_id}")
-                    live.update(render_rollout(rollout))
-        elif watch:
-            while rollout["state"] not in FINISHED:
-                time.sleep(interval)
-                rollout = client.get(f"/v1/rollouts/{rollout_id}")
+        if watch:
+            rollout = _watch(client, rollout, interval, live=output is Output.table)
     if output is Output.json:
         emit_json(rollout)
     elif not watch:
@@ -183,13 +166,35 @@ def rollout_status(
         raise typer.Exit(EXIT_NOT_COMPLETED)
 
 
+def _watch(client: ApiClient, rollout: dict[str, Any], interval: float, *, live: bool) -> dict[str, Any]:
+    """Poll until the rollout finishes; an unreachable control plane (a restart) is waited out, not fatal."""
+    view = Live(render_rollout(rollout), console=console, refresh_per_second=4) if live else None
+    try:
+        with view or contextlib.nullcontext():
+            while rollout["state"] not in FINISHED:
+                time.sleep(interval)
+                note = None
+                try:
+                    rollout = client.get(f"/v1/rollouts/{rollout['id']}")
+                except ApiError as exc:
+                    if exc.code != "connection_failed":
+                        raise
+                    note = f"control plane unreachable since {time.strftime('%H:%M:%S')}; still trying"
+                if view is not None:
+                    view.update(render_rollout(rollout, note))
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; the rollout goes on (slmops rollout status {rollout['id']})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    return rollout
+
+
 def _change(rollout_id: str, action: str, server: str | None, token: str | None, output: Output) -> None:
     with api(server, token) as client:
         rollout = client.post(f"/v1/rollouts/{rollout_id}/{action}")
     if output is Output.json:
         emit_json(rollout)
         return
-    console.print(f"rollout {rollout['id']}: {_state(rollout['state'])}, stage {_stage_text(rollout)}")
+    console.print(f"rollout {rollout['id']}: {state_text(rollout['state'])}, stage {stage_text(rollout)}")
 
 
 @rollout_app.command("promote")
@@ -234,83 +239,3 @@ def rollout_abort(
 ) -> None:
     """Stop the rollout and return every touched device to its previous version."""
     _change(rollout_id, "abort", server, token, output)
-
-
-def _state(state: str) -> str:
-    return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
-
-
-def _counts(devices: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(devices.items())) or "-"
-
-
-def _stage_text(rollout: dict[str, Any]) -> str:
-    return f"{rollout['stage_index'] + 1}/{len(rollout['stages'])} {rollout['stage']}"
-
-
-def _stage_size(stage: dict[str, Any]) -> str:
-    size = f"{stage['percent']:g}%" if stage.get("percent") is not None else f"{stage.get('count')} device(s)"
-    return f"{stage['name']} {size}, bake {stage.get('min_bake_s', 60):g}s"
-
-
-def render_rollout(rollout: dict[str, Any]) -> RenderableType:
-    """The status view: header, stage progress, devices per state, the last gate evaluation's checks."""
-    stages = rollout["stages"]
-    done = len(stages) if rollout["state"] == "completed" else rollout["stage_index"]
-    header = Table.grid(padding=(0, 2))
-    header.add_row("[bold]rollout[/bold]", rollout["id"])
-    header.add_row("[bold]model[/bold]", f"{rollout['model']}@{rollout['version']}")
-    header.add_row("[bold]baseline[/bold]", rollout.get("baseline_version") or "- (first rollout)")
-    header.add_row("[bold]selector[/bold]", rollout["selector"] or "(every device)")
-    header.add_row(
-        "[bold]state[/bold]", _state(rollout["state"]) + (f"  {escape(rollout['reason'])}" if rollout["reason"] else "")
-    )
-    header.add_row(
-        "[bold]stage[/bold]",
-        f"{_stage_text(rollout)}  ({rollout['promotion']} promotion, started {ago(rollout.get('stage_started_at'))})",
-    )
-    header.add_row("[bold]plan[/bold]", " -> ".join(_stage_size(s) for s in stages))
-    bar = Table.grid(padding=(0, 1))
-    bar.add_row(ProgressBar(total=len(stages), completed=done, width=40), Text(f"{done}/{len(stages)} stages done"))
-    return Group(header, bar, _devices_table(rollout), _checks_table(rollout.get("last_evaluation")))
-
-
-def _devices_table(rollout: dict[str, Any]) -> Table:
-    """Devices per state; with few devices, one row each (stage, state, why), else the counts only."""
-    details = rollout.get("device_details") or []
-    total = sum(rollout["devices"].values())
-    if not details or len(details) > MAX_DEVICE_ROWS:
-        table = Table("device state", "count", title=f"{total} devices")
-        for state, count in sorted(rollout["devices"].items()):
-            table.add_row(state, str(count))
-        return table
-    table = Table("device", "stage", "state", "reason", title=f"{total} devices: {_counts(rollout['devices'])}")
-    names = [s["name"] for s in rollout["stages"]]
-    # stage_index -1: a target not yet assigned to a stage; listed last.
-    for d in sorted(details, key=lambda d: (d["stage_index"] < 0, d["stage_index"], d["device_id"])):
-        index = d["stage_index"]
-        stage = names[index] if 0 <= index < len(names) else "-"
-        table.add_row(d["device_id"], stage, d["status"], escape(d.get("reason") or ""))
-    return table
-
-
-def _checks_table(evaluation: dict[str, Any] | None) -> RenderableType:
-    if not evaluation:
-        return Text("no gate evaluation yet")
-    result = evaluation["result"]
-    title = f"last gate evaluation: [{_RESULT_STYLE.get(result, 'white')}]{result}[/] ({ago(evaluation['created_at'])})"
-    table = Table("gate", "result", "value", "limit", title=title)
-    for check in evaluation.get("details", {}).get("checks", []):
-        style = _RESULT_STYLE.get(check.get("result", ""), "white")
-        value = check.get("value")
-        table.add_row(
-            check.get("gate", "?"),
-            f"[{style}]{check.get('result', '?')}[/]",
-            "-" if value is None else f"{value:g}" if isinstance(value, int | float) else str(value),
-            str(check.get("limit", "-")),
-        )
-    new = evaluation.get("details", {}).get("new") or {}
-    if new:
-        requests, errors, devices = (new.get(k, 0) for k in ("requests", "errors", "devices"))
-        table.caption = f"new version: {requests} requests, {errors} errors on {devices} devices"
-    return table
