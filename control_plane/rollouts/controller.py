@@ -32,7 +32,7 @@ from control_plane.rollouts import assign, gates
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.rollouts.variants import choose_variant
 from control_plane.services import registry
-from control_plane.services.selectors import matches, parse_selector, selector_clauses
+from control_plane.services.selectors import parse_selector, selector_clauses
 
 log = logging.getLogger("slmops.rollouts")
 ENROLLED = ("online", "offline")
@@ -136,6 +136,8 @@ class RolloutController:
             )
         elif result.result == gates.PASS and self._baked(rollout, plan):
             self._stage_passed(session, rollout, plan)
+            if rollout.state == RolloutState.completed:
+                self._cover_newcomers(session, rollout, plan, model, members)
 
     @staticmethod
     def _preload(session: Session, device_ids: list[str]) -> tuple[dict[str, Device], dict[str, DesiredStateRow]]:
@@ -282,19 +284,23 @@ class RolloutController:
         model: Model,
         members: list[RolloutDevice],
     ) -> None:
-        """Devices that enrolled after the rollout began get the stable version until it completes."""
+        """Devices that enrolled after the rollout began get the stable version until it completes,
+        then the new one (they were never part of the stages, so never part of the risk)."""
+        completed = rollout.state == RolloutState.completed
+        baseline = rollout.plan.get("baseline_version")
+        stable = plan.version if completed else baseline
+        if stable is None:
+            return
         known = {m.device_id for m in members}
-        requirements = parse_selector(rollout.selector)
+        _, version = registry.get_version(session, model.name, stable)
+        artifacts = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
         for device in target_devices(session, rollout.selector):
-            if device.id in known or assign.current_desired(session, device.id) is not None:
+            if device.id in known:
                 continue
-            if not matches(requirements, device.labels):
+            current = assign.current_desired(session, device.id)
+            on_baseline = current is not None and current.rollout_id is None and current.version == baseline
+            if current is not None and not (completed and on_baseline):
                 continue
-            stable = plan.version if rollout.state == RolloutState.completed else rollout.plan.get("baseline_version")
-            if stable is None:
-                continue
-            _, version = registry.get_version(session, model.name, stable)
-            artifacts = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
             artifact, _ = choose_variant(artifacts, device.hardware)
             if artifact is not None:
-                assign.set_desired(session, device, assign.desired_payload(model, version, artifact, None))
+                assign.set_desired(session, device, assign.desired_payload(model, version, artifact, None), current)

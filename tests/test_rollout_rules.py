@@ -1,0 +1,175 @@
+"""Rollout rules driven through the controller directly: variants, newcomers, manual promotion, leader lock."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from control_plane.leader import LeaderLock
+from control_plane.models import DesiredStateRow, Device, RolloutDevice, TelemetryRecord, utcnow
+from control_plane.rollouts.controller import RolloutController
+from shared.telemetry import REQUEST_DURATION_BUCKETS
+
+NO_WAIT = {"min_samples": 1, "max_p95_latency_ratio": None, "warmup_windows": 0}
+
+
+def _device(client: TestClient, admin: dict[str, str], name: str, **hardware: object) -> str:
+    created = client.post("/v1/devices", json={"name": name, "labels": {"fleet": "t"}}, headers=admin).json()
+    hw = {"ram_mb": 4096, "arch": "x86_64", **hardware}
+    return str(
+        client.post(
+            "/v1/devices/enroll", json={"enrollment_token": created["enrollment_token"], "hardware": hw}
+        ).json()["device_id"]
+    )
+
+
+def _reference(sha_char: str, **extra: object) -> dict[str, object]:
+    return {
+        "url": f"https://models.example/{sha_char}.gguf",
+        "sha256": sha_char * 64,
+        "size_bytes": 1000,
+        "format": "gguf",
+        **extra,
+    }
+
+
+def _version(client: TestClient, op: dict[str, str], version: str, artifacts: list[dict[str, object]]) -> None:
+    first, *rest = artifacts
+    r = client.post("/v1/models/m/versions", json={"version": version, "artifact": first}, headers=op)
+    assert r.status_code == 201, r.text
+    for artifact in rest:
+        assert client.post(f"/v1/models/m/versions/{version}/artifacts", json=artifact, headers=op).status_code == 201
+
+
+def _report_active(engine, device_ids: list[str], version: str, p95_s: float = 0.03) -> None:  # type: ignore[no-untyped-def]
+    """Stand in for the devices: each reports its desired artifact as committed, with telemetry."""
+    with Session(engine) as session:
+        for device_id in device_ids:
+            desired = session.get(DesiredStateRow, device_id)
+            device = session.get(Device, device_id)
+            assert desired is not None and device is not None
+            device.status, device.phase = "online", "committed"
+            device.current_sha256, device.current_version = desired.artifact_sha256, desired.version
+            device.acked_message_id = desired.message_id
+            counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
+            counts[next(i for i, b in enumerate(REQUEST_DURATION_BUCKETS) if p95_s <= b)] = 10
+            now = utcnow()
+            session.add(device)
+            session.add(
+                TelemetryRecord(
+                    device_id=device_id,
+                    message_id=str(uuid.uuid4()),
+                    seq=1,
+                    window_start=now - timedelta(seconds=1),
+                    window_end=now,
+                    version=version,
+                    requests=10,
+                    latency_histogram={"bounds": list(REQUEST_DURATION_BUCKETS), "counts": counts},
+                )
+            )
+        session.commit()
+
+
+def _tick(engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine, expire_on_commit=False) as session:
+        RolloutController().tick(session)
+
+
+def _members(engine, rollout_id: str) -> dict[str, RolloutDevice]:  # type: ignore[no-untyped-def]
+    with Session(engine) as session:
+        return {
+            m.device_id: m for m in session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id))
+        }
+
+
+def test_each_device_gets_the_best_fitting_variant_or_is_marked_incompatible(
+    client, engine, admin_headers, operator_headers
+):  # type: ignore[no-untyped-def]
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    _version(
+        client,
+        operator_headers,
+        "1",
+        [
+            _reference("a", quantization="F32", min_ram_mb=8192),
+            _reference("b", quantization="Q4_K_M", min_ram_mb=1024),
+            _reference("c", quantization="F16", accelerators=["cuda"], min_ram_mb=2048),
+            _reference("d", quantization="Q8_0", min_ram_mb=2048, cpu_arch=["aarch64"]),
+        ],
+    )
+    big = _device(client, admin_headers, "big", ram_mb=16384)
+    small = _device(client, admin_headers, "small", ram_mb=1500)
+    gpu = _device(client, admin_headers, "gpu", ram_mb=4096, accelerators=["cuda"])
+    arm = _device(client, admin_headers, "arm", ram_mb=4096, arch="aarch64")
+    tiny = _device(client, admin_headers, "tiny", ram_mb=256)
+    plan = {
+        "model": "m",
+        "version": "1",
+        "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],
+        "gates": NO_WAIT,
+    }
+    rollout = client.post("/v1/rollouts", json=plan, headers=operator_headers).json()
+    _tick(engine)
+    members = _members(engine, rollout["id"])
+    assert members[big].artifact_sha256 == "a" * 64  # the highest quality that fits
+    assert members[small].artifact_sha256 == "b" * 64
+    assert members[gpu].artifact_sha256 == "c" * 64  # an accelerated variant when the device has one
+    assert members[arm].artifact_sha256 == "d" * 64  # Q8_0 beats Q4_K_M; F32 needs more RAM
+    assert members[tiny].status == "incompatible" and "256" in members[tiny].reason
+    shown = client.get(f"/v1/rollouts/{rollout['id']}", headers=operator_headers).json()
+    assert shown["devices"]["incompatible"] == 1
+    assert any(d["status"] == "incompatible" for d in shown["device_details"])
+
+
+def test_newcomers_get_the_stable_version_until_the_rollout_completes(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    _version(client, operator_headers, "1", [_reference("a")])
+    _version(client, operator_headers, "2", [_reference("b")])
+    first = _device(client, admin_headers, "first")
+    one_stage = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": NO_WAIT}
+    r1 = client.post("/v1/rollouts", json={"model": "m", "version": "1", **one_stage}, headers=operator_headers).json()
+    _tick(engine)
+    _report_active(engine, [first], "1")
+    _tick(engine)
+    assert client.get(f"/v1/rollouts/{r1['id']}", headers=operator_headers).json()["state"] == "completed"
+
+    manual = {
+        **one_stage,
+        "stages": [{"name": "canary", "count": 1, "min_bake_s": 0}, {"name": "all", "percent": 100, "min_bake_s": 0}],
+        "promotion": "manual",
+    }
+    r2 = client.post("/v1/rollouts", json={"model": "m", "version": "2", **manual}, headers=operator_headers).json()
+    _tick(engine)
+    late = _device(client, admin_headers, "late")  # enrolls during the rollout
+    _tick(engine)
+    with Session(engine) as session:
+        assert session.get(DesiredStateRow, late).version == "1"  # type: ignore[union-attr]
+    _report_active(engine, [first], "2")
+    _tick(engine)
+    waiting = client.get(f"/v1/rollouts/{r2['id']}", headers=operator_headers).json()
+    assert waiting["state"] == "waiting_promotion"
+    promoted = client.post(f"/v1/rollouts/{r2['id']}/promote", headers=operator_headers).json()
+    assert promoted["state"] == "running" and promoted["stage"] == "all"
+    again = client.post(f"/v1/rollouts/{r2['id']}/promote", headers=operator_headers)
+    assert again.status_code == 409 and again.json()["code"] == "invalid_state"
+    _tick(engine)
+    _report_active(engine, [first], "2")
+    _tick(engine)
+    assert client.get(f"/v1/rollouts/{r2['id']}", headers=operator_headers).json()["state"] == "completed"
+    with Session(engine) as session:  # the newcomer follows the fleet now
+        assert session.get(DesiredStateRow, late).version == "2"  # type: ignore[union-attr]
+
+
+def test_only_one_controller_holds_the_lock(engine, tmp_path):  # type: ignore[no-untyped-def]
+    first, second = LeaderLock(engine, tmp_path), LeaderLock(engine, tmp_path)
+    try:
+        assert first.try_acquire()
+        assert not second.try_acquire()
+        first.release()
+        assert second.try_acquire()
+    finally:
+        first.release()
+        second.release()
