@@ -421,6 +421,21 @@ def test_server_and_token_from_the_config_file(
     )
 
 
+def test_login_checks_the_token_then_saves_it_for_later_commands(
+    server_url: str, operator_headers: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "conf" / "cli.toml"
+    runner, env = CliRunner(), {"SLMOPS_CLI_CONFIG": str(config), "SLMOPS_SERVER": None, "SLMOPS_TOKEN": None}
+    refused = runner.invoke(cli_app, ["login", "--server", server_url, "--token", "wrong"], env=env)
+    assert refused.exit_code == 1 and "unauthenticated" in refused.stderr and not config.exists()
+    token = _bearer(operator_headers)
+    saved = runner.invoke(cli_app, ["login", "--server", server_url + "/", "--token", token], env=env)
+    assert saved.exit_code == 0, saved.stderr
+    assert config.stat().st_mode & 0o777 == 0o600
+    listed = runner.invoke(cli_app, ["model", "list", "-o", "json"], env=env)
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
 def test_multipart_body_streams_in_bounded_chunks(tmp_path: Path) -> None:
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * (3 * CHUNK // 256 + 7))
@@ -487,3 +502,7 @@ def test_watch_a_real_rollout_complete_then_roll_back(
     final = cli.json("rollout", "status", second["id"])
     ratio = next(c for c in final["last_evaluation"]["details"]["checks"] if c["gate"] == "max_p95_latency_ratio")
     assert ratio["result"] == "fail" and ratio["limit"] == 1.5
+    history = cli.json("rollout", "evaluations", second["id"])
+    assert history[0]["result"] == "fail" and history[0] == final["last_evaluation"]  # newest first
+    table = _one_line(cli("rollout", "evaluations", second["id"]).stdout)
+    assert f"max_p95_latency_ratio {ratio['value']:g} / 1.5" in table

@@ -6,13 +6,16 @@ registers them all.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from slmops.cli import ops_push, ops_rollout  # noqa: F401  (they register `model push`, `rollout ...`)
-from slmops.cli.app import device_app, model_app
+from slmops.cli.app import app, device_app, model_app
+from slmops.cli.client import config_path
 from slmops.cli.ops_common import (
     Output,
     OutputOpt,
@@ -188,3 +191,22 @@ def device_show(
     for key, value in rows.items():
         table.add_row(f"[bold]{key}[/bold]", value)
     console.print(table)
+
+
+@app.command("login")
+def login(
+    server: Annotated[str, typer.Option(prompt="Control plane URL", help="e.g. http://cp.example:8080")],
+    token: Annotated[str, typer.Option(prompt="API token", hide_input=True, help="From `slmops token create`.")],
+) -> None:
+    """Check a server URL and token, then keep them in the CLI config file (readable by you only)."""
+    with api(server, token) as client:
+        client.get("/v1/models", limit=1)  # proves both the URL and the token
+        server_url = client.config.server
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:  # JSON strings are valid TOML basic strings
+        fh.write(f"server = {json.dumps(server_url)}\ntoken = {json.dumps(token)}\n")
+    os.replace(temp, path)
+    console.print(f"logged in to {server_url}; saved to {path}")

@@ -27,7 +27,7 @@ from slmops.cli.ops_common import (
     err,
     usage_error,
 )
-from slmops.cli.rollout_view import counts_text, render_rollout, stage_text, state_text
+from slmops.cli.rollout_view import counts_text, evaluations_table, render_rollout, stage_text, state_text
 
 rollout_app = typer.Typer(help="Staged rollouts: canary -> waves -> fleet under telemetry gates.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
@@ -186,6 +186,24 @@ def _watch(client: ApiClient, rollout: dict[str, Any], interval: float, *, live:
         err.print(f"stopped watching; the rollout goes on (slmops rollout status {rollout['id']})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     return rollout
+
+
+@rollout_app.command("evaluations")
+def rollout_evaluations(
+    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    limit: Annotated[int, typer.Option(help="How many, newest first.", min=1, max=1000)] = 20,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """The gate evaluations of a rollout, newest first, with the numbers that decided each."""
+    with api(server, token) as client:
+        rollout = client.get(f"/v1/rollouts/{rollout_id}")
+        evaluations = client.get(f"/v1/rollouts/{rollout_id}/evaluations", limit=limit)
+    if output is Output.json:
+        emit_json(evaluations)
+        return
+    console.print(evaluations_table(rollout, evaluations))
 
 
 def _change(rollout_id: str, action: str, server: str | None, token: str | None, output: Output) -> None:

@@ -97,7 +97,7 @@ def _checks_table(evaluation: dict[str, Any] | None) -> RenderableType:
         table.add_row(
             check.get("gate", "?"),
             f"[{style}]{check.get('result', '?')}[/]",
-            "-" if value is None else f"{value:g}" if isinstance(value, int | float) else str(value),
+            _number(value),
             str(check.get("limit", "-")),
         )
     new = evaluation.get("details", {}).get("new") or {}
@@ -105,3 +105,32 @@ def _checks_table(evaluation: dict[str, Any] | None) -> RenderableType:
         requests, errors, devices = (new.get(k, 0) for k in ("requests", "errors", "devices"))
         table.caption = f"new version: {requests} requests, {errors} errors on {devices} devices"
     return table
+
+
+def evaluations_table(rollout: dict[str, Any], evaluations: list[dict[str, Any]]) -> Table:
+    names = [s["name"] for s in rollout["stages"]]
+    title = f"gate evaluations of {rollout['model']}@{rollout['version']} ({state_text(rollout['state'])})"
+    table = Table("when", "stage", "result", "checks (value / limit)", "requests", title=title)
+    for evaluation in evaluations:
+        index = evaluation["stage_index"]
+        details = evaluation.get("details") or {}
+        checks = "; ".join(
+            f"[{_RESULT_STYLE.get(c.get('result', ''), 'white')}]{c.get('gate')}[/] {_number(c.get('value'))} / "
+            f"{_number(c.get('limit'))}"
+            for c in details.get("checks", [])
+        )
+        result = evaluation["result"]
+        table.add_row(
+            ago(evaluation["created_at"]),
+            names[index] if 0 <= index < len(names) else str(index),
+            f"[{_RESULT_STYLE.get(result, 'white')}]{result}[/]",
+            checks or "-",
+            str((details.get("new") or {}).get("requests", "-")),
+        )
+    return table
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
