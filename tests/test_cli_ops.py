@@ -75,7 +75,7 @@ class FlakyLink:
         self.cut_after = cut_after
         self.broken = threading.Event()
         self.down = threading.Event()
-        self.connections = 0
+        self.requests = 0
         self.refused = 0
         self.posts: list[bytes] = []
         self.responses: list[bytes] = []
@@ -105,7 +105,6 @@ class FlakyLink:
                 self.refused += 1
                 _hang_up(conn)
                 continue
-            self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
@@ -130,6 +129,8 @@ class FlakyLink:
         sent = 0
         try:
             while data := client.recv(65536):
+                if data.startswith((b"GET ", b"POST ")):
+                    self.requests += 1
                 if data.startswith(b"POST /v1/models/"):
                     self.posts.append(data[:2048])
                     posting.set()
@@ -360,7 +361,9 @@ def test_watch_waits_out_an_unreachable_control_plane(
         # Without a fleet runtime nothing advances the rollout: the link fails while we watch, then an
         # operator aborts it and the link comes back.
         try:
-            wait_for(lambda: link.connections >= 1, what="the watch polling through the link")
+            # A second request means the first was answered: the watch loop runs (a failure at the very
+            # start is reported at once, as a wrong --server should be).
+            wait_for(lambda: link.requests >= 2, what="the watch polling through the link")
             link.go_down()
             wait_for(lambda: link.refused >= 2, what="the watch retrying during the outage")
         finally:
