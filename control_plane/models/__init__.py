@@ -20,6 +20,7 @@ from control_plane.models.rollouts import (
     RolloutState,
 )
 from control_plane.models.telemetry import DeviceEvent, TelemetryRecord
+from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRollup
 
 __all__ = [
     "ACTIVE_STATES",
@@ -30,6 +31,9 @@ __all__ = [
     "RolloutDevice",
     "RolloutState",
     "TelemetryRecord",
+    "DeviceRollup",
+    "RollupState",
+    "VersionRollup",
     "ApiToken",
     "Artifact",
     "ArtifactFormat",
