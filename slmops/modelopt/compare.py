@@ -1,0 +1,85 @@
+"""Turn a variant's and its parent's measurements into eval metrics, and print them as a table.
+
+`quality_retention` is the number rollouts gate on (1.0: the parent's behaviour kept): the share of
+positions where the variant's greedy next token equals the parent's (GGUF: teacher forced over the
+packaged text and prompt sets; ONNX: argmax over the deterministic input set). Perplexity is
+reported next to it but is not the gate: on the random-weight test models quantization noise can
+*lower* perplexity while changing a fifth of the predictions, and agreement catches that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from slmops.modelopt.measure import Measurement, measure
+
+
+def _agreement(parent: Measurement, variant: Measurement) -> float:
+    if parent.argmax.shape != variant.argmax.shape or parent.argmax.size == 0:
+        raise ValueError("parent and variant outputs differ in shape; they are not comparable")
+    return float((parent.argmax == variant.argmax).mean())
+
+
+def _speed(m: Measurement, prefix: str = "") -> dict[str, Any]:
+    return {
+        f"{prefix}size_bytes": m.size_bytes,
+        f"{prefix}load_s": round(m.load_s, 4),
+        f"{prefix}ms_per_token": round(m.ms_per_token, 3) if m.ms_per_token else None,
+        f"{prefix}tokens_per_s": round(m.tokens_per_s, 1) if m.tokens_per_s else None,
+        f"{prefix}peak_rss_mb": round(m.peak_rss_mb, 1),
+    }
+
+
+def metrics_against(parent: Measurement, variant: Measurement) -> dict[str, Any]:
+    """Eval metrics of `variant` relative to `parent` (plain JSON values)."""
+    agreement = _agreement(parent, variant)
+    metrics: dict[str, Any] = {"format": variant.format, **_speed(variant), **_speed(parent, "parent_")}
+    metrics["size_reduction"] = round(1.0 - variant.size_bytes / parent.size_bytes, 4)
+    if variant.perplexity is not None and parent.perplexity is not None:
+        metrics["perplexity"] = round(variant.perplexity, 4)
+        metrics["parent_perplexity"] = round(parent.perplexity, 4)
+        metrics["perplexity_ratio"] = round(variant.perplexity / parent.perplexity, 4)
+    if variant.format == "gguf":
+        metrics["next_token_agreement"] = round(agreement, 4)
+    else:
+        metrics["argmax_agreement"] = round(agreement, 4)
+        assert parent.logits is not None and variant.logits is not None
+        metrics["max_abs_diff"] = round(float(np.abs(parent.logits - variant.logits).max()), 6)
+    metrics["quality_retention"] = round(agreement, 4)
+    return metrics
+
+
+def evaluate_files(variant: str, parent: str, fmt: str) -> dict[str, Any]:
+    """Measure both files (each in its own process) and compare them."""
+    return metrics_against(measure(parent, fmt), measure(variant, fmt))
+
+
+_ROWS = [
+    ("size (bytes)", "size_bytes", "{:,}"),
+    ("load (s)", "load_s", "{:.3f}"),
+    ("ms / token", "ms_per_token", "{:.2f}"),
+    ("tokens / s", "tokens_per_s", "{:.1f}"),
+    ("peak RSS (MB)", "peak_rss_mb", "{:.1f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+]
+
+
+def _cell(metrics: dict[str, Any], key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(metrics: dict[str, Any], variant_name: str = "variant", parent_name: str = "parent") -> str:
+    """Variant next to parent, one row per measure, then the comparison figures."""
+    width = max(len(variant_name), len(parent_name), 12)
+    lines = [f"{'':<16}{parent_name:>{width}}  {variant_name:>{width}}"]
+    for label, key, fmt in _ROWS:
+        lines.append(f"{label:<16}{_cell(metrics, 'parent_' + key, fmt):>{width}}  {_cell(metrics, key, fmt):>{width}}")
+    for key in ("size_reduction", "next_token_agreement", "argmax_agreement", "quality_retention"):
+        if key in metrics:
+            lines.append(f"{key:<24}{metrics[key]:.2%}")
+    if "max_abs_diff" in metrics:
+        lines.append(f"{'max_abs_diff':<24}{metrics['max_abs_diff']:.6f}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Measure one model on this machine: load time, speed, peak RSS, and the raw outputs quality needs.
+
+Each model is measured in a fresh spawned process, so its peak RSS is its own and a crash in a
+native runtime cannot take the caller down. What comes back is plain data (floats and numpy
+arrays) that `slmops.modelopt.compare` turns into metrics against a parent.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import resource
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+GEN_TOKENS = 32
+ONNX_INPUT_SEQS = 8
+ONNX_SEQ_LEN = 48
+
+
+@dataclass
+class Measurement:
+    """What measuring one model produced; `argmax` and `logits` are compared with the parent's."""
+
+    path: str
+    format: str
+    size_bytes: int
+    load_s: float
+    ms_per_token: float | None
+    peak_rss_mb: float
+    perplexity: float | None = None
+    argmax: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    logits: np.ndarray | None = None  # ONNX only: the outputs on the deterministic input set
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return 1000.0 / self.ms_per_token if self.ms_per_token else None
+
+
+def eval_texts() -> list[str]:
+    """The packaged perplexity text set, one paragraph per entry."""
+    text = resources.files("slmops.modelopt").joinpath("data/eval_text.txt").read_text(encoding="utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    return [p.strip() for p in body.split("\n\n") if p.strip()]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _ms_per_token(engine: object) -> float | None:
+    from edge_agent.runtime import UnsupportedOperation
+
+    try:
+        list(engine.complete("Hello", max_tokens=2))  # type: ignore[attr-defined]  # warm-up
+        started = time.perf_counter()
+        chunks = list(engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS))  # type: ignore[attr-defined]
+    except UnsupportedOperation:
+        return None  # a graph that is not a language model has no per-token speed
+    produced = max(1, len([c for c in chunks if c.finish_reason is None]))
+    return (time.perf_counter() - started) * 1000.0 / produced
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood of `targets` (one per row of `logits`)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1))
+    return float((log_z - shifted[np.arange(len(targets)), targets]).sum())
+
+
+def _gguf_quality(path: Path) -> tuple[float, np.ndarray]:
+    """Perplexity on the text set, and the greedy next token at every position of the text set
+    and the prompt set (teacher forced, so one early difference does not hide the rest)."""
+    import llama_cpp
+
+    from slmops.modelopt.evaluate import default_prompts
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0)
+    texts = eval_texts()
+    total_nll, total_tokens, argmaxes = 0.0, 0, []
+    try:
+        for index, text in enumerate(texts + default_prompts()):
+            tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[: llm.n_ctx()]
+            llm.reset()
+            llm.eval(tokens)
+            logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+            argmaxes.append(logits.argmax(axis=1))
+            if index < len(texts):
+                total_nll += _nll(logits[:-1], np.asarray(tokens[1:]))
+                total_tokens += len(tokens) - 1
+    finally:
+        llm.close()
+    return math.exp(total_nll / total_tokens), np.concatenate(argmaxes)
+
+
+def _onnx_inputs(session: object) -> dict[str, np.ndarray]:
+    """A deterministic input set: text bytes for byte LMs, seeded random values otherwise."""
+    from edge_agent.runtime.onnx_engine import BOS_ID, BYTE_OFFSET
+
+    specs = session.get_inputs()  # type: ignore[attr-defined]
+    if [s.name for s in specs] == ["input_ids"]:
+        data = "\n".join(eval_texts()).encode("utf-8")
+        rows = [
+            [BOS_ID] + [BYTE_OFFSET + b for b in data[i * ONNX_SEQ_LEN : (i + 1) * ONNX_SEQ_LEN - 1]]
+            for i in range(ONNX_INPUT_SEQS)
+        ]
+        return {"input_ids": np.asarray(rows, dtype=np.int64)}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d > 0 else ONNX_INPUT_SEQS for d in spec.shape]
+        if "int" in spec.type:
+            feeds[spec.name] = rng.integers(0, 2, size=shape, dtype=np.int64)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _onnx_quality(path: Path) -> tuple[float | None, np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    feeds = _onnx_inputs(session)
+    logits = np.asarray(session.run([session.get_outputs()[0].name], feeds)[0], dtype=np.float32)
+    perplexity = None
+    if list(feeds) == ["input_ids"] and logits.ndim == 3:
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).astype(np.float64)
+        targets = feeds["input_ids"][:, 1:].reshape(-1)
+        perplexity = math.exp(_nll(flat, targets) / len(targets))
+    return perplexity, logits.argmax(axis=-1).reshape(-1), logits
+
+
+def measure_here(path: Path | str, fmt: str) -> Measurement:
+    """Measure in this process (peak RSS is then this process's peak so far)."""
+    from edge_agent.runtime import load_engine
+
+    model_path = Path(path)
+    started = time.perf_counter()
+    engine = load_engine(model_path, fmt, n_ctx=512)
+    load_s = time.perf_counter() - started
+    try:
+        ms_per_token = _ms_per_token(engine)
+    finally:
+        engine.close()
+    logits = None
+    if fmt == "gguf":
+        perplexity, argmax = _gguf_quality(model_path)
+    else:
+        perplexity, argmax, logits = _onnx_quality(model_path)
+    return Measurement(
+        path=str(model_path),
+        format=fmt,
+        size_bytes=model_path.stat().st_size,
+        load_s=load_s,
+        ms_per_token=ms_per_token,
+        peak_rss_mb=_peak_rss_mb(),
+        perplexity=perplexity,
+        argmax=argmax,
+        logits=logits,
+    )
+
+
+def measure(path: Path | str, fmt: str) -> Measurement:
+    """Measure in a fresh spawned process, so peak RSS belongs to this model alone."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(measure_here, (str(path), fmt))
