@@ -11,7 +11,7 @@ import importlib
 
 from slmops.cli.app import app
 
-_COMMAND_MODULES = ("server", "agent", "tiny", "ops", "demo")
+_COMMAND_MODULES = ("server", "agent", "tiny", "ops", "demo", "simulate")
 
 
 def _register() -> None:

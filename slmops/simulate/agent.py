@@ -1,0 +1,245 @@
+"""One simulated agent on asyncio: a real MQTT connection (aiomqtt) speaking the agent's protocol.
+
+Protocol, as `slmops.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
+with the hardware profile, a retained last will saying offline, the retained device state
+republished on every connect, desired states deduplicated by message id (an empty retained
+payload means "cleared"), and telemetry windows at an interval. Thousands of these share one event
+loop: paho's own threaded loop waits on select(), which cannot watch descriptors above 1,024.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import aiomqtt
+
+from shared.desired import DesiredState
+from shared.hardware import HardwareProfile
+from shared.messages import MessageDecodeError, StateMessage, StatusMessage, TelemetryMessage, decode, encode
+from shared.state import DeviceState, ModelRef
+from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
+from shared.topics import TopicKind, Topics
+from slmops.mqtt.dedup import RecentIds
+from slmops.mqtt.url import parse_broker_url
+
+log = logging.getLogger("slmops.simulate")
+AGENT_VERSION = "sim"
+
+
+@dataclass
+class SimConfig:
+    """How every simulated agent behaves. `latency_ms` may depend on the version served."""
+
+    apply_delay_s: float = 0.5
+    failure_rate: float = 0.0  # chance that a desired state naming a new version ends in activation_failed
+    telemetry_interval_s: float | None = 10.0  # None: no telemetry
+    latency_ms: Callable[[str], float] = field(default=lambda _version: 40.0)
+    requests_per_window: int = 20
+    error_rate: float = 0.0
+    rss_mb: float = 120.0
+    reconnect_delay_s: float = 1.0
+    hardware: HardwareProfile = field(
+        default_factory=lambda: HardwareProfile(
+            cpu_model="sim", cpu_cores=4, ram_mb=4096, arch="x86_64", agent_version=AGENT_VERSION
+        )
+    )
+
+
+@dataclass
+class SimStats:
+    """Fleet-wide counters, shared by every agent of one process."""
+
+    connected: int = 0
+    connects: int = 0
+    connect_errors: int = 0
+    applied: int = 0
+    failed: int = 0
+    telemetry_sent: int = 0
+    malformed_desired: int = 0
+
+
+@dataclass(frozen=True)
+class Credential:
+    device_id: str
+    device_secret: str
+    mqtt_url: str
+    topic_prefix: str
+
+
+class SimAgent:
+    def __init__(self, credential: Credential, config: SimConfig, stats: SimStats) -> None:
+        self.device_id = credential.device_id
+        self.credential = credential
+        self.topics = Topics(credential.topic_prefix)
+        self.config = config
+        self.stats = stats
+        self.state = DeviceState(device_id=credential.device_id)
+        self.applied: list[str] = []  # desired message ids acted on, in order
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._seen = RecentIds(64)
+        self._seq = 0
+        self._rng = random.Random(credential.device_id)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def current_version(self) -> str | None:
+        return self.state.current.version if self.state.current else None
+
+    def _new_client(self) -> aiomqtt.Client:
+        broker = parse_broker_url(self.credential.mqtt_url)
+        will = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="connection lost")
+        return aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=self.device_id,
+            password=self.credential.device_secret,
+            identifier=self.device_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=True,
+            keepalive=60,
+            timeout=60,
+            # A fresh will per connection: ingest deduplicates by message id.
+            will=aiomqtt.Will(self.topics.status(self.device_id), encode(will), qos=1, retain=True),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until `stop` is set, reconnecting after a lost connection."""
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+            except aiomqtt.MqttError as exc:
+                self.stats.connect_errors += 1
+                log.debug("device %s: %s; reconnecting", self.device_id, exc)
+            finally:
+                if self.connected.is_set():
+                    self.connected.clear()
+                    self.stats.connected -= 1
+            if not stop.is_set():
+                await _wait(stop, self.config.reconnect_delay_s * (0.5 + self._rng.random()))
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        async with self._new_client() as client:
+            self._client = client
+            birth = StatusMessage(status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware)
+            await client.publish(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
+            await client.subscribe(self.topics.desired(self.device_id), qos=1)
+            await self._publish_state()
+            self.connected.set()
+            self.stats.connected += 1
+            self.stats.connects += 1
+            reader = asyncio.create_task(self._read(client))
+            telemetry = asyncio.create_task(self._telemetry_loop(stop))
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (reader, telemetry, stopper):
+                    task.cancel()
+                self._client = None
+            if not stop.is_set():
+                reader.result()  # raises the MqttError that ended the connection
+                raise aiomqtt.MqttError("the broker closed the connection")
+            for task in list(self._tasks):  # pending applies survive a reconnect, not a stop
+                task.cancel()
+            # A clean stop says why it went offline (the will is only for a lost connection).
+            offline = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="shutdown")
+            await client.publish(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray) or not payload:
+                continue  # an empty retained message: the control plane cleared the desired state
+            try:
+                desired = decode(TopicKind.DESIRED, bytes(payload))
+            except MessageDecodeError:
+                self.stats.malformed_desired += 1
+                log.warning("device %s: malformed desired state dropped", self.device_id)
+                continue
+            assert isinstance(desired, DesiredState)
+            if self._seen.first_time(desired.message_id):
+                # Applied later, as a real download and activation would be; reading goes on meanwhile.
+                task = asyncio.create_task(self._apply(desired))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, desired: DesiredState) -> None:
+        if self.config.apply_delay_s > 0:
+            await asyncio.sleep(self.config.apply_delay_s)
+        update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
+        known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
+        # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
+        if desired.version not in known and self._rng.random() < self.config.failure_rate:
+            update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
+            self.stats.failed += 1
+        else:
+            ref = ModelRef(model=desired.model, version=desired.version, sha256=desired.artifact.sha256,
+                           format=desired.artifact.format, quantization=desired.artifact.quantization)  # fmt: skip
+            update |= {"phase": "committed", "reason": None, "previous": self.state.current, "current": ref,
+                       "serving": True}  # fmt: skip
+            self.stats.applied += 1
+        self.state = self.state.model_copy(update=update)
+        self.applied.append(desired.message_id)
+        await self._publish_state()
+
+    async def _publish_state(self) -> None:
+        if self._client is None:
+            return  # published on the next connect
+        message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
+        try:
+            await self._client.publish(self.topics.state(self.device_id), encode(message), qos=1, retain=True)
+        except aiomqtt.MqttError:
+            pass  # the connection dropped: the next connect republishes the latest state
+
+    async def _telemetry_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.telemetry_interval_s
+        if not interval:
+            return
+        # A random phase spreads a fleet's windows over the interval instead of one burst.
+        await asyncio.sleep(self._rng.random() * interval)
+        while not stop.is_set():
+            window = self.telemetry_window(interval)
+            if window is not None and self._client is not None:
+                try:
+                    await self._client.publish(self.topics.telemetry(self.device_id), encode(window), qos=1)
+                    self.stats.telemetry_sent += 1
+                except aiomqtt.MqttError:
+                    pass  # lost with the connection; a real agent would spool it
+            await asyncio.sleep(interval)
+
+    def telemetry_window(self, seconds: float) -> TelemetryMessage | None:
+        """One synthetic window for the version being served (None while nothing is served)."""
+        current = self.state.current
+        if current is None:
+            return None
+        cfg = self.config
+        base = cfg.latency_ms(current.version) / 1000
+        samples = sorted(max(0.0005, self._rng.gauss(base, base * 0.1)) for _ in range(cfg.requests_per_window))
+        counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
+        for s in samples:
+            counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
+        n, end, rss = len(samples), datetime.now(UTC), int(cfg.rss_mb * 2**20)
+        self._seq += 1
+        return TelemetryMessage(
+            device_id=self.device_id, seq=self._seq, window_start=end - timedelta(seconds=seconds), window_end=end,
+            model=current.model, version=current.version, sha256=current.sha256,
+            requests=n, errors=int(round(n * cfg.error_rate)),
+            latency_s=Summary(count=n, p50=samples[n // 2], p95=samples[max(0, int(n * 0.95) - 1)],
+                              p99=samples[-1], max=samples[-1]),
+            latency_histogram=Histogram(bounds=REQUEST_DURATION_BUCKETS, counts=tuple(counts), sum=sum(samples)),
+            system=SystemSample(rss_bytes=rss, peak_rss_bytes=rss),
+        )  # fmt: skip
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass

@@ -1,0 +1,155 @@
+"""The asyncio fleet simulator against the real Mosquitto and a real control plane (in process).
+
+The devices are created and enrolled through the REST API (`enroll_fleet`), connect with their own
+credentials, and the control plane's rollouts see them as it sees real agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, SQLModel
+
+from control_plane.api.main import create_app
+from control_plane.config import Settings
+from control_plane.models import Role
+from control_plane.services import auth
+from slmops.simulate import Credential, SimConfig, SimFleet, enroll_fleet, load_credentials, save_credentials
+from tests.fleet_helpers import upload_version, wait_for
+
+MOSQUITTO = "mqtt://127.0.0.1:1883"
+PLAN = {
+    "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],
+    "gates": {"max_p95_latency_ratio": None, "max_error_rate": None, "min_activated_fraction": 1.0},
+}
+pytestmark = pytest.mark.mosquitto
+
+
+class LoopThread:
+    """An event loop on its own thread, so the simulated fleet runs while the test polls the API."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings, dict[str, str]]]:  # type: ignore[no-untyped-def]
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        mqtt_url=MOSQUITTO,
+        mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
+        controller_tick_s=0.1,
+        mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
+    )
+    app = create_app(settings, engine=engine)
+    with Session(engine) as session:
+        _, token = auth.create_token(session, name="admin", role=Role.admin)
+        session.commit()
+    with TestClient(app) as client:
+        yield client, settings, {"Authorization": f"Bearer {token}"}
+    with engine.begin() as conn:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+def _enroll(client: TestClient, headers: dict[str, str], n: int) -> list[Credential]:
+    # The REST calls go through the ASGI app the TestClient started (same database and fleet runtime).
+    async def go() -> list[Credential]:
+        transport = httpx.ASGITransport(app=client.app)
+        token = headers["Authorization"].removeprefix("Bearer ")
+        return await enroll_fleet("http://cp", token, n, mqtt_url=MOSQUITTO, transport=transport)
+
+    return asyncio.run(go())
+
+
+def _devices(client: TestClient, headers: dict[str, str]) -> list[dict[str, Any]]:
+    return client.get("/v1/devices", params={"limit": 500}, headers=headers).json()["data"]  # type: ignore[no-any-return]
+
+
+def _rollout_done(client: TestClient, headers: dict[str, str], rollout_id: str) -> dict[str, Any] | None:
+    body = client.get(f"/v1/rollouts/{rollout_id}", headers=headers).json()
+    return body if body["state"] in ("completed", "rolled_back", "aborted") else None
+
+
+def _roll_out(client: TestClient, headers: dict[str, str], version: str) -> dict[str, Any]:
+    created = client.post("/v1/rollouts", json={"model": "tiny", "version": version, **PLAN}, headers=headers)
+    assert created.status_code == 201, created.text
+    return wait_for(lambda: _rollout_done(client, headers, created.json()["id"]), 60, f"rollout of {version}")  # type: ignore[no-any-return]
+
+
+def test_fifty_devices_roll_out_to_all_and_report(fleet, loop, tiny_gguf, tiny_gguf_other):  # type: ignore[no-untyped-def]
+    client, settings, admin = fleet
+    assert client.post("/v1/models", json={"name": "tiny"}, headers=admin).status_code == 201
+    upload_version(client, admin, "tiny", "1", tiny_gguf)
+    creds = _enroll(client, admin, 50)
+    assert {c.topic_prefix for c in creds} == {settings.mqtt_topic_prefix}
+    sim = SimFleet(creds, SimConfig(apply_delay_s=0.05, telemetry_interval_s=0.2))
+    loop.run(sim.start(concurrency=25))
+    try:
+        devices = wait_for(lambda: (d := _devices(client, admin)) and all(x["status"] == "online" for x in d) and d)
+        assert len(devices) == 50 and all(d["hardware"]["cpu_model"] == "sim" for d in devices)
+        done = _roll_out(client, admin, "1")
+        assert done["state"] == "completed", done
+        assert sim.versions() == {"1": 50}
+        wait_for(lambda: all(d["current_version"] == "1" for d in _devices(client, admin)), what="all acked")
+        # Telemetry windows of the new version reach the control plane's store.
+        wait_for(lambda: sim.stats.telemetry_sent >= 50, what="telemetry sent")
+    finally:
+        loop.run(sim.stop())
+    assert sim.stats.applied == 50 and sim.stats.failed == 0
+    # A clean stop publishes "offline" (retained), which the control plane records.
+    wait_for(lambda: all(d["status"] == "offline" for d in _devices(client, admin)), what="devices offline")
+
+
+def test_failure_rate_rolls_the_rollout_back(fleet, loop, tiny_gguf, tiny_gguf_other):  # type: ignore[no-untyped-def]
+    client, _settings, admin = fleet
+    assert client.post("/v1/models", json={"name": "tiny"}, headers=admin).status_code == 201
+    upload_version(client, admin, "tiny", "1", tiny_gguf)
+    upload_version(client, admin, "tiny", "2", tiny_gguf_other)
+    config = SimConfig(apply_delay_s=0.05, telemetry_interval_s=None)
+    sim = SimFleet(_enroll(client, admin, 20), config)
+    loop.run(sim.start())
+    try:
+        assert _roll_out(client, admin, "1")["state"] == "completed"
+        config.failure_rate = 0.5  # every agent shares the config: v2 fails on about half of them
+        done = _roll_out(client, admin, "2")
+        assert done["state"] == "rolled_back", done
+        assert sim.stats.failed > 0
+        # Devices that applied v2 are sent back to v1; those that failed never left it.
+        wait_for(lambda: sim.versions() == {"1": 20}, what="every device back on v1")
+    finally:
+        loop.run(sim.stop())
+
+
+def test_credentials_file_round_trip(tmp_path):  # type: ignore[no-untyped-def]
+    creds = [Credential(f"d{i}", f"s{i}", "mqtt://127.0.0.1:1883", "p/x") for i in range(3)]
+    path = tmp_path / "creds.json"
+    save_credentials(path, creds)
+    assert load_credentials(path) == creds
+    assert load_credentials(path, "mqtt://other:1")[0].mqtt_url == "mqtt://other:1"
+    assert path.stat().st_mode & 0o077 == 0  # device secrets are not world-readable
