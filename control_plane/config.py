@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         default=True, description="Run the broker link, ingest and rollout controller."
     )
     controller_tick_s: float = Field(default=1.0, gt=0, le=60)
+    telemetry_retention_s: int = Field(default=2 * 86400, ge=3600, description="Raw telemetry windows kept.")
+    telemetry_minute_retention_s: int = Field(default=14 * 86400, ge=7200, description="Per-minute rollups kept.")
+    telemetry_hour_retention_s: int = Field(default=400 * 86400, ge=7200, description="Per-hour rollups kept.")
+    telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
     mqtt_topic_prefix: str = "slmops/v1"
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     log_json: bool = False

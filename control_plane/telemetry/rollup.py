@@ -1,0 +1,239 @@
+"""Roll raw telemetry windows up into per-minute and per-hour rows, then apply retention.
+
+run_rollup(session, policy)
+  -> minute buckets touched by raw rows that arrived since the watermark (minus a settle margin)
+  -> each touched minute is recomputed from all its raw rows: delete its rollup rows, insert anew
+  -> each touched hour is recomputed from its minute rows the same way
+  -> raw rows, minute rows and hour rows past their retention are deleted
+
+Recomputing whole buckets (never adding into them) makes a run idempotent: re-running over the
+same windows, or two runs overlapping, cannot double count. A window is in the bucket of its
+`window_end`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from control_plane.models import TelemetryRecord, as_utc, utcnow
+from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
+from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRollup
+
+log = logging.getLogger("slmops.telemetry")
+MINUTE, HOUR = 60, 3600
+# Ingest stamps received_at before its transaction commits; rows committed up to this long after
+# their stamp are still found by the next run.
+SETTLE = timedelta(seconds=120)
+MAX_RUN_MINUTES = 60  # raw rows of at most this many minutes are held in memory at once
+STATE_NAME = "rollup"
+Key = tuple[str, str, str]  # (model, version, device_id); device "" for the per-version row
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    raw_s: int
+    minute_s: int
+    hour_s: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RetentionPolicy:
+        return cls(
+            raw_s=settings.telemetry_retention_s,
+            minute_s=settings.telemetry_minute_retention_s,
+            hour_s=settings.telemetry_hour_retention_s,
+        )
+
+
+@dataclass
+class RollupReport:
+    minute_buckets: int = 0
+    hour_buckets: int = 0
+    raw_deleted: int = 0
+    rollups_deleted: int = 0
+
+
+def floor_time(value: datetime, step_s: int) -> datetime:
+    utc = as_utc(value)
+    assert utc is not None
+    seconds = int(utc.timestamp())
+    return datetime.fromtimestamp(seconds - seconds % step_s, UTC)
+
+
+def _minute_expr(dialect: str) -> Any:
+    column = col(TelemetryRecord.window_end)
+    if dialect == "postgresql":
+        return sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
+    return sa.func.strftime("%Y-%m-%d %H:%M:00", column)
+
+
+def _touched_minutes(session: Session, since: datetime | None) -> list[datetime]:
+    expr = _minute_expr(session.get_bind().dialect.name)
+    stmt = sa.select(expr).distinct()
+    if since is not None:
+        stmt = stmt.where(col(TelemetryRecord.received_at) >= since)
+    found: set[datetime] = set()
+    for (value,) in session.execute(stmt):
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
+        found.add(parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC))
+    return sorted(found)
+
+
+def _runs(minutes: list[datetime]) -> Iterable[tuple[datetime, datetime]]:
+    """Contiguous minutes as [start, end) ranges, so a backlog is read in a few range scans."""
+    start = prev = None
+    for minute in minutes:
+        if start is not None and prev is not None:
+            contiguous = minute - prev == timedelta(seconds=MINUTE)
+            if contiguous and minute - start < timedelta(seconds=MINUTE * MAX_RUN_MINUTES):
+                prev = minute
+                continue
+            yield start, prev + timedelta(seconds=MINUTE)
+        start = prev = minute
+    if start is not None and prev is not None:
+        yield start, prev + timedelta(seconds=MINUTE)
+
+
+def _group_raw(session: Session, start: datetime, end: datetime) -> dict[tuple[datetime, Key], Aggregate]:
+    columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
+    rows = session.execute(
+        sa.select(*columns).where(col(TelemetryRecord.window_end) >= start, col(TelemetryRecord.window_end) < end)
+    )
+    groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
+    for row in rows:
+        bucket = floor_time(row.window_end, MINUTE)
+        model, version = row.model or "", row.version or ""
+        groups[(bucket, (model, version, row.device_id))].add_window(row)
+        groups[(bucket, (model, version, ""))].add_window(row)
+    return groups
+
+
+def _group_minutes(session: Session, start: datetime, end: datetime) -> dict[tuple[datetime, Key], Aggregate]:
+    groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
+    for table in (DeviceRollup, VersionRollup):
+        rows = session.exec(
+            select(table).where(
+                table.resolution_s == MINUTE,
+                col(table.bucket_start) >= start,
+                col(table.bucket_start) < end,
+            )
+        )
+        for row in rows:
+            device = getattr(row, "device_id", "")
+            groups[(floor_time(row.bucket_start, HOUR), (row.model, row.version, device))].add_rollup(row)
+    return groups
+
+
+def _replace(
+    session: Session, resolution_s: int, start: datetime, end: datetime, groups: dict[tuple[datetime, Key], Aggregate]
+) -> None:
+    """Swap the rollup rows of [start, end) at one resolution for freshly computed ones."""
+    now = utcnow()
+    device_rows: list[dict[str, Any]] = []
+    version_rows: list[dict[str, Any]] = []
+    for (bucket, (model, version, device)), agg in groups.items():
+        row = {"resolution_s": resolution_s, "model": model, "version": version, "bucket_start": bucket}
+        row.update(agg.columns(), updated_at=now)
+        (device_rows if device else version_rows).append({**row, "device_id": device} if device else row)
+    for table, rows in ((DeviceRollup, device_rows), (VersionRollup, version_rows)):
+        session.execute(
+            sa.delete(table).where(
+                col(table.resolution_s) == resolution_s,
+                col(table.bucket_start) >= start,
+                col(table.bucket_start) < end,
+            )
+        )
+        if rows:
+            session.execute(sa.insert(table), rows)
+
+
+def _apply_retention(session: Session, policy: RetentionPolicy, now: datetime, report: RollupReport) -> None:
+    raw_cutoff = now - timedelta(seconds=policy.raw_s)
+    result = session.execute(sa.delete(TelemetryRecord).where(col(TelemetryRecord.window_end) < raw_cutoff))
+    report.raw_deleted = result.rowcount or 0  # type: ignore[attr-defined]
+    for resolution_s, keep_s in ((MINUTE, policy.minute_s), (HOUR, policy.hour_s)):
+        cutoff = now - timedelta(seconds=keep_s)
+        for table in (DeviceRollup, VersionRollup):
+            result = session.execute(
+                sa.delete(table).where(col(table.resolution_s) == resolution_s, col(table.bucket_start) < cutoff)
+            )
+            report.rollups_deleted += result.rowcount or 0  # type: ignore[attr-defined]
+
+
+def run_rollup(session: Session, policy: RetentionPolicy, now: datetime | None = None) -> RollupReport:
+    """One pass: roll up what arrived since the last pass, then delete what retention expires.
+
+    `now` moves the retention cutoffs (tests); arrival is always judged by the real clock.
+    """
+    now = now or utcnow()
+    scan_started = utcnow()
+    state = session.get(RollupState, STATE_NAME) or RollupState(name=STATE_NAME)
+    watermark = as_utc(state.watermark)
+    since = watermark - SETTLE if watermark is not None else None
+    # A minute whose older raw rows are already gone would be recomputed from a fragment.
+    complete_from = floor_time(now - timedelta(seconds=policy.raw_s), MINUTE) + timedelta(seconds=MINUTE)
+    minutes = [m for m in _touched_minutes(session, since) if m >= complete_from]
+    report = RollupReport(minute_buckets=len(minutes))
+    for start, end in _runs(minutes):
+        _replace(session, MINUTE, start, end, _group_raw(session, start, end))
+    hours = sorted({floor_time(m, HOUR) for m in minutes})
+    report.hour_buckets = len(hours)
+    for hour in hours:
+        end = hour + timedelta(seconds=HOUR)
+        _replace(session, HOUR, hour, end, _group_minutes(session, hour, end))
+    _apply_retention(session, policy, now, report)
+    state.watermark = scan_started
+    session.add(state)
+    session.commit()
+    return report
+
+
+def rollup_watermark(session: Session) -> datetime | None:
+    state = session.get(RollupState, STATE_NAME)
+    return as_utc(state.watermark) if state else None
+
+
+class RollupJob:
+    """A thread that runs `run_rollup` every `interval_s` while `may_run()` (the leader) says so."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        policy: RetentionPolicy,
+        interval_s: float,
+        may_run: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.interval_s = interval_s
+        self.may_run = may_run
+        self.last_report: RollupReport | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="slmops-rollup", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self.may_run():
+                continue
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    self.last_report = run_rollup(session, self.policy)
+            except Exception:  # a database blip must not end the job; the next pass recomputes
+                log.exception("telemetry rollup failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
