@@ -21,6 +21,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "device_not_found": 404,
     "token_not_found": 404,
     "rollout_not_found": 404,
+    "job_not_found": 404,
     "model_exists": 409,
     "version_exists": 409,
     "device_exists": 409,
@@ -36,6 +37,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "idempotency_key_reused": 422,
     "invalid_selector": 422,
     "quality_below_floor": 422,
+    "quantization_unsupported": 422,
     "insufficient_storage": 507,
 }
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.api.routes import artifacts, devices, health, models, rollouts, tokens
+from control_plane.api.routes import artifacts, devices, health, jobs, modelopt, models, rollouts, tokens
 from control_plane.config import Settings
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
@@ -127,6 +127,6 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)
-    for module in (health, models, artifacts, devices, tokens, rollouts):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts):
         app.include_router(module.router)
     return app

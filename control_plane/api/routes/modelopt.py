@@ -1,0 +1,50 @@
+"""Model optimisation on registry versions: store eval metrics, start quantization jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from control_plane.api.deps import MutationDep, OperatorDep
+from control_plane.schemas import VersionPublic
+from control_plane.services import registry
+from control_plane.services.eval_metrics import EvalMetricsUpdate, store_eval_metrics
+from control_plane.services.quantize_jobs import JobPublic, QuantizeJobs, QuantizeRequest
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def quantize_jobs(request: Request) -> QuantizeJobs:
+    """The app's job runner, created on first use (apps that never quantize start no thread)."""
+    state = request.app.state
+    if getattr(state, "quantize_jobs", None) is None:
+        state.quantize_jobs = QuantizeJobs(state.engine, state.blob_store)
+    return state.quantize_jobs  # type: ignore[no-any-return]
+
+
+@router.put("/{name}/versions/{version}/eval-metrics", response_model=VersionPublic)
+def put_eval_metrics(
+    name: str, version: str, update: EvalMetricsUpdate, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    model, row = registry.get_version(mutation.session, name, version)
+    store_eval_metrics(mutation.session, version=row, update=update)
+    mutation.audit(principal, "version.eval_metrics", f"{name}@{version}", keys=sorted(update.metrics))
+    body = registry.version_public(mutation.session, model, row)
+    mutation.commit(principal, 200, body)
+    return body
+
+
+@router.post("/{name}/versions/{version}/quantize", status_code=202, response_model=JobPublic)
+async def quantize_version(
+    name: str, version: str, spec: QuantizeRequest, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """Queue a quantization of the version's float artifact; poll `GET /v1/jobs/{id}`."""
+    jobs = quantize_jobs(request)
+    job = await run_in_threadpool(
+        jobs.submit, mutation.session, model=name, version=version, request=spec, actor=principal.actor
+    )
+    mutation.audit(principal, "job.create", f"{name}@{version}", job_id=job.id, to=spec.to)
+    mutation.session.commit()
+    return job
