@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,17 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.llama
-def test_demo_runs_green(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_demo_runs_green(tmp_path: Path, broker: str) -> None:
+    """Real agent processes: canary -> fleet succeeds, a latency regression rolls back by itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
+    extra = (
+        []
+        if broker == "embedded"
+        else ["--mqtt-url", "mqtt://127.0.0.1:1883", "--topic-prefix", f"slmops-test/{uuid.uuid4().hex[:10]}"]
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "slmops", "demo", "--devices", "5", "--workdir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "slmops", "demo", "--devices", "5", "--workdir", str(tmp_path / "demo"), *extra],
         env=env,
         capture_output=True,
         text=True,

@@ -18,6 +18,10 @@ def demo(
     devices: Annotated[int, typer.Option(help="How many agent processes to run.", min=2, max=20)] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave everything running; print the URLs.")] = False,
     workdir: Annotated[Path | None, typer.Option(help="Where to put data and logs (default: a temp dir).")] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option(help="Use this broker (e.g. Mosquitto) instead of the embedded one.")
+    ] = None,
+    topic_prefix: Annotated[str, typer.Option(help="MQTT topic prefix.")] = "slmops/v1",
 ) -> None:
     """Run a whole fleet on this machine: v1 to all, v2 canary -> fleet, v3 regresses and rolls back."""
     from slmops.demo import run_demo
@@ -26,6 +30,6 @@ def demo(
     console = Console(width=None if sys.stdout.isatty() else 140)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        raise typer.Exit(run_demo(workdir.resolve(), devices, keep, console))
+        raise typer.Exit(run_demo(workdir.resolve(), devices, keep, console, mqtt_url, topic_prefix))
     with tempfile.TemporaryDirectory(prefix="slmops-demo-") as tmp:
-        raise typer.Exit(run_demo(Path(tmp), devices, keep, console))
+        raise typer.Exit(run_demo(Path(tmp), devices, keep, console, mqtt_url, topic_prefix))
