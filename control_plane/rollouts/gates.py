@@ -73,7 +73,7 @@ def collect(
             TelemetryRecord.version == version,
             TelemetryRecord.window_end >= since,
         )
-        .order_by(TelemetryRecord.device_id, TelemetryRecord.seq)
+        .order_by(col(TelemetryRecord.device_id), col(TelemetryRecord.seq))
     ).all()
     if warmup_windows:
         per_device: dict[str, int] = {}
