@@ -205,14 +205,20 @@ class SimAgent:
         # A random phase spreads a fleet's windows over the interval instead of one burst.
         await asyncio.sleep(self._rng.random() * interval)
         while not stop.is_set():
-            window = self.telemetry_window(interval)
-            if window is not None and self._client is not None:
-                try:
-                    await self._client.publish(self.topics.telemetry(self.device_id), encode(window), qos=1)
-                    self.stats.telemetry_sent += 1
-                except aiomqtt.MqttError:
-                    pass  # lost with the connection; a real agent would spool it
+            await self.send_telemetry(interval)
             await asyncio.sleep(interval)
+
+    async def send_telemetry(self, window_s: float = 1.0) -> bool:
+        """Publish one window (QoS 1, awaiting the PUBACK); False if none was sent."""
+        window = self.telemetry_window(window_s)
+        if window is None or self._client is None:
+            return False
+        try:
+            await self._client.publish(self.topics.telemetry(self.device_id), encode(window), qos=1)
+        except aiomqtt.MqttError:
+            return False  # lost with the connection; a real agent would spool it
+        self.stats.telemetry_sent += 1
+        return True
 
     def telemetry_window(self, seconds: float) -> TelemetryMessage | None:
         """One synthetic window for the version being served (None while nothing is served)."""

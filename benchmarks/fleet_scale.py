@@ -1,0 +1,189 @@
+"""A simulated fleet of N devices against a real `slmops server` (PostgreSQL, Mosquitto): rollout
+convergence next to a raw retained publish, telemetry ingest, and the server's resident memory.
+
+One run, one machine, figures side by side:
+  1. promote -> every device's acknowledgement stored by the control plane, next to N raw retained
+     QoS 1 messages published to one live subscriber on the same broker (target ratio <= 2);
+  2. telemetry windows published by the devices at a fixed offered rate through the control
+     plane's ingest path (subscriber -> IngestWriter -> PostgreSQL): stored rate, loss and the p99
+     of (stored at - window end) (target >= 5,000 msg/s, zero loss);
+  4. the server's RSS idle, with N devices connected, after the rollout and after the ingest.
+
+The devices are `slmops.simulate` agents in this process (asyncio, one MQTT connection and one
+enrolled credential each). The broker is a private Mosquitto with max_queued_messages raised
+(the system one keeps the default 1000, which drops a 10,000-message QoS 1 burst).
+
+    .venv/bin/python benchmarks/fleet_scale.py --devices 10000 --rates 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.fleet_support import (  # noqa: E402
+    Server,
+    fresh_postgres,
+    private_mosquitto,
+    push_version,
+    slmops_server,
+    start_rollout,
+)
+from benchmarks.mqtt_retained import run_once  # noqa: E402
+from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit  # noqa: E402
+from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
+
+ONLINE = "SELECT count(*) FROM devices WHERE status = 'online'"
+ACKED = (
+    "SELECT count(*) FROM devices d JOIN desired_states s ON s.device_id = d.id "
+    "WHERE s.version = :v AND d.acked_message_id = s.message_id"
+)
+STORED = "SELECT count(*) FROM telemetry_windows"
+LAG = (
+    "SELECT count(*), min(received_at), max(received_at), "
+    "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - window_end)), "
+    "percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - window_end)), "
+    "max(extract(epoch FROM received_at - window_end)) FROM telemetry_windows WHERE received_at > :since"
+)
+
+
+def scalar(engine: sa.Engine, sql: str, **params: object) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql), params).scalar_one())
+
+
+async def poll(engine: sa.Engine, sql: str, target: int, timeout_s: float, **params: object) -> float:
+    """Seconds until the query's count reaches `target` (polled off the event loop)."""
+    start = time.perf_counter()
+    while (value := await asyncio.to_thread(scalar, engine, sql, **params)) < target:
+        if time.perf_counter() - start > timeout_s:
+            raise SystemExit(f"timed out: {value}/{target} for {sql[:60]}")
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def progress(what: str):  # type: ignore[no-untyped-def]
+    step = {"next": 0}
+
+    def report(done: int, total: int) -> None:
+        if done >= step["next"] or done == total:
+            print(f"  {what} {done}/{total}", flush=True)
+            step["next"] = done + max(1, total // 5)
+
+    return report
+
+
+async def rollout_phase(server: Server, engine: sa.Engine, sim: SimFleet, n: int) -> dict[str, float]:
+    start = time.perf_counter()
+    await asyncio.to_thread(start_rollout, server, "bench", "1")
+    created = time.perf_counter() - start
+    ok = await sim.wait(lambda: sim.stats.applied >= n, timeout_s=600)
+    applied = time.perf_counter() - start
+    if not ok:
+        raise SystemExit(f"only {sim.stats.applied}/{n} devices applied the desired state")
+    await poll(engine, ACKED, n, 600, v="1")
+    return {"created": created, "applied": applied, "acked": time.perf_counter() - start}
+
+
+async def ingest_phase(engine: sa.Engine, sim: SimFleet, rate: int, seconds: float) -> dict[str, float]:
+    """Offer `rate` windows/s for `seconds`, spread over the fleet, then wait for every one to be stored."""
+    since = await asyncio.to_thread(lambda: _now(engine))
+    before = await asyncio.to_thread(scalar, engine, STORED)
+    sent_before = sim.stats.telemetry_sent
+    tick_s, agents, i = 0.01, sim.agents, 0
+    per_tick = max(1, round(rate * tick_s))
+    start = time.perf_counter()
+    ticks = int(seconds / tick_s)
+    for k in range(ticks):
+        batch = [agents[(i + j) % len(agents)] for j in range(per_tick)]
+        i += per_tick
+        await asyncio.gather(*(a.send_telemetry(1.0) for a in batch))
+        # Pace against the clock so a slow tick is made up for, not accumulated.
+        await asyncio.sleep(max(0.0, start + (k + 1) * tick_s - time.perf_counter()))
+    offered_s = time.perf_counter() - start
+    sent = sim.stats.telemetry_sent - sent_before
+    try:
+        await poll(engine, STORED, before + sent, 120)
+    except SystemExit:
+        pass  # reported below as loss
+    with engine.connect() as conn:
+        count, first, last, p50, p99, worst = conn.execute(sa.text(LAG), {"since": since}).one()
+    span = (last - first).total_seconds() if count > 1 else float("nan")
+    return {
+        "offered": sent / offered_s, "sent": sent, "stored": count, "stored_rate": count / span,
+        "p50": p50, "p99": p99, "max": worst,
+    }  # fmt: skip
+
+
+def _now(engine: sa.Engine) -> object:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT now()")).scalar_one()
+
+
+async def run(args: argparse.Namespace) -> None:
+    n = args.devices
+    with fresh_postgres() as db_url, private_mosquitto() as mqtt_url, slmops_server(db_url, mqtt_url) as server:
+        engine = sa.create_engine(db_url, pool_size=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            push_version(server, "bench", "1", write_tiny_gguf(Path(tmp) / "m.gguf", seed=1))
+        rss = {"idle": server.rss_mb()}
+        start = time.perf_counter()
+        creds = await enroll_fleet(server.url, server.token, n, mqtt_url=mqtt_url, progress=progress("enrolled"))
+        print(f"enrolled {n} devices through the REST API in {time.perf_counter() - start:.1f} s", flush=True)
+        sim = SimFleet(creds, SimConfig(apply_delay_s=0.0, telemetry_interval_s=None))
+        start = time.perf_counter()
+        await sim.start(concurrency=200, progress=progress("connected"))
+        await poll(engine, ONLINE, n, 600)
+        print(f"{n} devices connected, all online in the control plane, in {time.perf_counter() - start:.1f} s")
+        rss["connected"] = server.rss_mb()
+        times = await rollout_phase(server, engine, sim, n)
+        rss["after rollout"] = server.rss_mb()
+        ingest = [await ingest_phase(engine, sim, rate, args.ingest_seconds) for rate in args.rates]
+        rss["after ingest"] = server.rss_mb()
+        await sim.stop()
+        engine.dispose()
+        baseline = run_once(mqtt_url, n, payload_size=600)
+    report(n, times, baseline.live_received_s, ingest, rss)
+
+
+def report(
+    n: int, times: dict[str, float], raw_s: float, ingest: list[dict[str, float]], rss: dict[str, float]
+) -> None:
+    print(f"\n== 1. rollout convergence, {n} devices (private Mosquitto, PostgreSQL, slmops server) ==")
+    print(f"raw: {n} retained QoS 1 publishes, live subscriber has all   {raw_s:8.3f} s")
+    print(f"rollout: POST /v1/rollouts returned                          {times['created']:8.3f} s")
+    print(f"rollout: every device applied its desired state              {times['applied']:8.3f} s")
+    ratio = times["acked"] / raw_s
+    print(f"rollout: control plane stored every acknowledgement          {times['acked']:8.3f} s  "
+          f"ratio {ratio:5.2f} (target <= 2)")  # fmt: skip
+    print("\n== 2. telemetry ingest (MQTT -> subscriber -> IngestWriter -> PostgreSQL) ==")
+    print(f"{'offered msg/s':>14} {'sent':>8} {'stored':>8} {'lost':>6} {'stored msg/s':>13} "
+          f"{'p50 lag':>9} {'p99 lag':>9} {'max lag':>9}")  # fmt: skip
+    for r in ingest:
+        print(f"{r['offered']:>14.0f} {r['sent']:>8.0f} {r['stored']:>8.0f} {r['sent'] - r['stored']:>6.0f} "
+              f"{r['stored_rate']:>13.0f} {r['p50']:>8.3f}s {r['p99']:>8.3f}s {r['max']:>8.3f}s")  # fmt: skip
+    print("target: >= 5,000 msg/s with zero loss")
+    print(f"\n== 4. slmops server resident memory ({n} devices) ==")
+    for what, mb in rss.items():
+        print(f"{what:<16} {mb:8.1f} MiB")
+
+
+def main() -> None:
+    raise_fd_limit()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000])
+    parser.add_argument("--ingest-seconds", type=float, default=20.0)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
