@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.api.routes import artifacts, devices, health, jobs, modelopt, models, rollouts, tokens
 from control_plane.config import Settings
+from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
 from control_plane.storage import LocalBlobStore
@@ -88,7 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(runtime.start)
         app.state.device_mqtt_url = runtime.device_mqtt_url
     app.state.fleet = runtime
-    app.state.on_device_enrolled = _credential_hook(settings)
+    app.state.broker_credentials = _broker_credentials(settings)
     try:
         yield
     finally:
@@ -96,8 +97,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await run_in_threadpool(runtime.stop)
 
 
-def _credential_hook(settings: Settings) -> Any:
-    """Keep an external Mosquitto's password file in step with enrolled devices (see deploy/mosquitto)."""
+def _broker_credentials(settings: Settings) -> Any:
+    """Keep an external Mosquitto's password file in step with enrolled devices (see deploy/mosquitto).
+
+    The embedded broker needs none of this: it checks device credentials against the registry.
+    """
     if settings.mqtt_password_file is None:
         return None
     from slmops.mqtt.credentials import MosquittoPasswordFile
@@ -108,10 +112,7 @@ def _credential_hook(settings: Settings) -> Any:
         url = parse_broker_url(settings.mqtt_url)
         if url.username and url.password:
             admins[url.username] = url.password
-    password_file = MosquittoPasswordFile(
-        settings.mqtt_password_file, admins=admins, pid_file=settings.mqtt_pid_file
-    )
-    return lambda device_id, secret: password_file.add_device(device_id, secret)
+    return MosquittoPasswordFile(settings.mqtt_password_file, admins=admins, pid_file=settings.mqtt_pid_file)
 
 
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:
@@ -127,6 +128,6 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)
-    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard):
         app.include_router(module.router)
     return app

@@ -11,6 +11,7 @@ from control_plane.errors import DomainError
 from control_plane.models import as_utc
 from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
 from control_plane.services import devices
+from control_plane.services.auth import Principal
 from shared.enrollment import EnrollRequest, EnrollResponse
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -45,14 +46,12 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
     """Exchange a one-time enrollment token for the device credential. No bearer token needed."""
     device, secret = devices.enroll(mutation.session, request)
     mutation.session.flush()
-    from control_plane.services.auth import Principal
-
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
     settings = mutation.settings
-    hook = getattr(mutation.request.app.state, "on_device_enrolled", None)
-    if hook is not None:  # the MQTT layer adds the device's broker credential
-        hook(device.id, secret)
+    broker = getattr(mutation.request.app.state, "broker_credentials", None)
+    if broker is not None:  # an external Mosquitto learns the device's credential (and reloads)
+        broker.add_device(device.id, secret)
     return EnrollResponse(
         device_id=device.id,
         device_secret=secret,
@@ -97,6 +96,9 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
     token = devices.reissue_enrollment_token(
         mutation.session, device, mutation.settings.enrollment_token_ttl_s
     )
+    broker = getattr(mutation.request.app.state, "broker_credentials", None)
+    if broker is not None:  # the old credential stops working on the broker too
+        broker.remove_device(device.id)
     mutation.audit(principal, "device.reissue_token", device.id)
     body = DeviceCreated.model_validate(
         {
