@@ -17,9 +17,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # httpx is imported on first use: `slmops agent` loads this module and must stay small
+    import httpx
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 CHUNK = 1024 * 1024
@@ -135,6 +136,8 @@ class ApiClient:
 
     def __init__(self, config: ClientConfig, *, transport: httpx.BaseTransport | None = None, timeout: float = 30):
         self.config = config
+        import httpx
+
         headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
         self._http = httpx.Client(base_url=config.server, headers=headers, timeout=timeout, transport=transport)
 
@@ -145,6 +148,8 @@ class ApiClient:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         if not self.config.token:
             raise ApiError("missing_token", f"no API token for {self.config.server}")
         try:
@@ -174,6 +179,8 @@ class ApiClient:
             "Content-Length": str(len(body)),
             "Idempotency-Key": idempotency_key,
         }
+        import httpx
+
         timeout = httpx.Timeout(30, read=600)
         return self.request("POST", path, content=body.iter_chunks(on_bytes), headers=headers, timeout=timeout)
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from slmops.cli.app import model_app
 from slmops.cli.client import ApiClient, ApiError, MultipartFile, file_sha256, push_idempotency_key
@@ -30,6 +29,9 @@ from slmops.cli.ops_common import (
     err,
     parse_json_object,
 )
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 PUSH_ATTEMPTS = 3
 
@@ -144,6 +146,8 @@ def _upload_once(client: ApiClient, path: str, body: MultipartFile, key: str) ->
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
 from rich.table import Table
 
 from slmops.cli.app import app
@@ -168,6 +167,8 @@ def rollout_status(
 
 def _watch(client: ApiClient, rollout: dict[str, Any], interval: float, *, live: bool) -> dict[str, Any]:
     """Poll until the rollout finishes; an unreachable control plane (a restart) is waited out, not fatal."""
+    from rich.live import Live
+
     view = Live(render_rollout(rollout), console=console, refresh_per_second=4) if live else None
     try:
         with view or contextlib.nullcontext():
