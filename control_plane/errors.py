@@ -37,6 +37,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "idempotency_key_reused": 422,
     "invalid_selector": 422,
     "quality_below_floor": 422,
+    "too_many_points": 422,
     "quantization_unsupported": 422,
     "insufficient_storage": 507,
 }

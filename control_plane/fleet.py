@@ -24,6 +24,7 @@ from control_plane.models import DesiredStateRow, Device
 from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
 from control_plane.security import verify_secret
+from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
 from slmops.mqtt.client import MqttClient, Outgoing
@@ -41,6 +42,9 @@ class FleetRuntime:
         self.controller = RolloutController()
         self.ingest = IngestWriter(engine)
         self.leader = LeaderLock(engine, settings.data_dir)
+        # Rollups run where the controller runs: one replica writes them, so inserts never collide.
+        policy = RetentionPolicy.from_settings(settings)
+        self.rollups = RollupJob(engine, policy, settings.telemetry_rollup_interval_s, lambda: self.leader.held)
         self.broker: EmbeddedBroker | None = None
         self.client: MqttClient | None = None
         self.subscriber: DeviceMessageSubscriber | None = None
@@ -60,6 +64,7 @@ class FleetRuntime:
         self.client.start(wait=True, timeout_s=15)
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
+        self.rollups.start()
 
     def _start_broker(self) -> str:
         if self.settings.mqtt_url:
@@ -122,6 +127,7 @@ class FleetRuntime:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.rollups.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
         if self.client is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from control_plane import metrics
 from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, utcnow
 from shared.topics import TopicKind
 
@@ -68,6 +69,7 @@ class IngestWriter:
                 return
             seen.add(key)
             session.add(telemetry_record(device.id, body))
+            metrics.observe_ingest_lag(body.window_end)
         elif message.kind == TopicKind.EVENTS:
             detail = body.model_dump(mode="json", exclude={"schema_version", "kind"})
             session.add(DeviceEvent(device_id=device.id, kind=body.kind, detail=detail))

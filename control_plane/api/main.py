@@ -16,11 +16,23 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.api.routes import artifacts, devices, health, jobs, modelopt, models, rollouts, tokens
+from control_plane.api.routes import (
+    artifacts,
+    devices,
+    health,
+    jobs,
+    metrics,
+    modelopt,
+    models,
+    rollouts,
+    telemetry,
+    tokens,
+)
 from control_plane.config import Settings
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
+from control_plane.metrics import HttpMetricsMiddleware
 from control_plane.storage import LocalBlobStore
 
 log = logging.getLogger("slmops.api")
@@ -127,7 +139,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HttpMetricsMiddleware)
     _install_error_handlers(app)
-    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
         app.include_router(module.router)
     return app

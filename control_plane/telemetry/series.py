@@ -1,0 +1,118 @@
+"""Time series of a model version (fleet-wide) or of one device, one point per `step_s`.
+
+Steps that are whole hours read the hour rollups, whole minutes the minute rollups, anything else
+the raw windows. Buckets the rollup job has not reached yet (at or after its watermark) are
+computed from raw windows, so the newest points are never missing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col
+
+from control_plane.errors import DomainError
+from control_plane.models import TelemetryRecord
+from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
+from control_plane.telemetry.rollup import HOUR, MINUTE, floor_time, rollup_watermark
+from control_plane.telemetry.tables import DeviceRollup, VersionRollup
+
+MAX_POINTS = 1440
+
+
+@dataclass(frozen=True)
+class SeriesQuery:
+    start: datetime
+    end: datetime
+    step_s: int
+    model: str | None = None
+    version: str | None = None
+    device_id: str | None = None
+
+    def buckets(self) -> list[datetime]:
+        if self.end <= self.start:
+            raise DomainError("validation_error", "`end` must be after `start`")
+        first = floor_time(self.start, self.step_s)
+        count = -(-int((self.end - first).total_seconds()) // self.step_s)
+        if count > MAX_POINTS:
+            raise DomainError(
+                "too_many_points",
+                f"{count} points asked for; at most {MAX_POINTS}: use a larger step or a shorter range",
+                max_points=MAX_POINTS,
+            )
+        return [first + timedelta(seconds=i * self.step_s) for i in range(count)]
+
+
+def resolution_for(step_s: int) -> int | None:
+    if step_s % HOUR == 0:
+        return HOUR
+    if step_s % MINUTE == 0:
+        return MINUTE
+    return None
+
+
+def _add_rollups(
+    session: Session, query: SeriesQuery, resolution: int, start: datetime, end: datetime, into: Any
+) -> None:
+    table = DeviceRollup if query.device_id else VersionRollup
+    stmt = sa.select(table).where(
+        col(table.resolution_s) == resolution,
+        col(table.bucket_start) >= start,
+        col(table.bucket_start) < end,
+    )
+    if query.device_id:
+        stmt = stmt.where(col(DeviceRollup.device_id) == query.device_id)
+    if query.model is not None:
+        stmt = stmt.where(col(table.model) == query.model)
+    if query.version is not None:
+        stmt = stmt.where(col(table.version) == query.version)
+    for (row,) in session.execute(stmt):
+        into[floor_time(row.bucket_start, query.step_s)].add_rollup(row)
+
+
+def _add_raw(session: Session, query: SeriesQuery, start: datetime, end: datetime, into: Any) -> None:
+    columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
+    stmt = sa.select(*columns).where(col(TelemetryRecord.window_end) >= start, col(TelemetryRecord.window_end) < end)
+    if query.device_id:
+        stmt = stmt.where(col(TelemetryRecord.device_id) == query.device_id)
+    if query.model is not None:
+        stmt = stmt.where(col(TelemetryRecord.model) == query.model)
+    if query.version is not None:
+        stmt = stmt.where(col(TelemetryRecord.version) == query.version)
+    for row in session.execute(stmt):
+        into[floor_time(row.window_end, query.step_s)].add_window(row)
+
+
+def series(session: Session, query: SeriesQuery) -> dict[str, Any]:
+    """Points from `start` (floored to the step) to `end`; steps without telemetry have null values."""
+    buckets = query.buckets()
+    first, end = buckets[0], buckets[-1] + timedelta(seconds=query.step_s)
+    resolution = resolution_for(query.step_s)
+    watermark = rollup_watermark(session)
+    split = first
+    if resolution is not None and watermark is not None:
+        split = min(end, max(first, floor_time(watermark, query.step_s)))
+    aggregates: dict[datetime, Aggregate] = defaultdict(Aggregate)
+    if split > first and resolution is not None:
+        _add_rollups(session, query, resolution, first, split, aggregates)
+    if split < end:
+        _add_raw(session, query, split, end, aggregates)
+    sources = []
+    if split > first:
+        sources.append(f"rollup_{resolution}s")
+    if split < end:
+        sources.append("raw")
+    return {
+        "model": query.model,
+        "version": query.version,
+        "device_id": query.device_id,
+        "step_s": query.step_s,
+        "start": first,
+        "end": end,
+        "sources": sources,
+        "points": [{"t": b, **aggregates.get(b, Aggregate()).point()} for b in buckets],
+    }
