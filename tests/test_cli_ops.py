@@ -382,7 +382,7 @@ def test_watch_waits_out_an_unreachable_control_plane(
     assert link.refused >= 2  # it kept trying instead of giving up with an error
 
 
-def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: dict[str, str]) -> None:
+def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: dict[str, str], tiny_gguf: Path) -> None:
     unauthenticated = cli("model", "list", code=1, SLMOPS_TOKEN="not-a-token")
     message = _one_line(unauthenticated.stderr)
     assert "unauthenticated" in message and "slmops token create --role operator" in message
@@ -398,6 +398,13 @@ def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: d
 
     bad_stage = _one_line(cli("rollout", "create", "m", "1", "--stage", "canary", code=1).stderr)
     assert "name:percent%[:bake_s]" in bad_stage
+
+    cli("model", "create", "lonely")
+    no_devices = _one_line(cli("rollout", "create", "lonely", "1", code=1).stderr)
+    assert "version_not_found" in no_devices  # the version is checked first
+    cli("model", "push", "lonely", "1", str(tiny_gguf))
+    no_devices = _one_line(cli("rollout", "create", "lonely", "1", "--selector", "region=mars", code=1).stderr)
+    assert "validation_error" in no_devices and "slmops device list --selector 'region=mars'" in no_devices
 
     no_server = cli("model", "list", code=1, SLMOPS_SERVER=f"http://127.0.0.1:{_free_port()}")
     assert "connection_failed" in no_server.stderr and "slmops server" in no_server.stderr

@@ -64,6 +64,12 @@ HINTS: dict[str, str] = {
     "internal_error": "the server failed; its log has the details (request id {request_id})",
 }
 
+# More precise hints when the problem body carries a given field: (code, field) -> hint.
+FIELD_HINTS: dict[tuple[str, str], str] = {
+    ("validation_error", "selector"): "no enrolled device matches: see the candidates with "
+    "`slmops device list --selector '{selector}'`; devices enroll when their agent starts with its token",
+}
+
 
 class ApiError(Exception):
     """A failed call, with the problem's stable `code` and what to do next."""
@@ -77,7 +83,8 @@ class ApiError(Exception):
 
     @property
     def hint(self) -> str | None:
-        template = HINTS.get(self.code)
+        template = next((h for (code, key), h in FIELD_HINTS.items() if code == self.code and key in self.fields), None)
+        template = template or HINTS.get(self.code)
         if template is None:
             return None
         return template.format_map(_Missing(self.fields))
