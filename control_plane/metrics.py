@@ -126,7 +126,7 @@ class FleetCollector(Collector):
             "unknown_topic": counters.unknown_topics if counters else 0,
         }
         for reason, count in (counters.malformed if counters else {}).items():
-            reasons[f"malformed_{reason}"] = count
+            reasons[str(reason)] = count  # malformed_json, invalid, unknown_schema_version, unknown_kind
         for reason, count in sorted(reasons.items()):
             rejected.add_metric([reason], count)
         yield rejected
