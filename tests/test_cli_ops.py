@@ -406,6 +406,9 @@ def test_errors_say_what_to_do_next(cli: Cli, server_url: str, viewer_headers: d
     no_devices = _one_line(cli("rollout", "create", "lonely", "1", "--selector", "region=mars", code=1).stderr)
     assert "validation_error" in no_devices and "slmops device list --selector 'region=mars'" in no_devices
 
+    bad_since = _one_line(cli("telemetry", "version", "m", "1", "--since", "yesterday", code=1).stderr)
+    assert "is not a duration like 30s, 5m, 6h or 2d" in bad_since
+
     no_server = cli("model", "list", code=1, SLMOPS_SERVER=f"http://127.0.0.1:{_free_port()}")
     assert "connection_failed" in no_server.stderr and "slmops server" in no_server.stderr
 
@@ -506,6 +509,8 @@ def test_watch_a_real_rollout_complete_then_roll_back(
             assert "max_p95_latency_ratio fail" in view  # the check that decided it, with value and limit
             # The rolled-back canary returns to v1 (stopping a simulated device mid-apply races its timer).
             wait_for(lambda: {d.current_version for d in devices} == {"1"}, what="devices back on v1")
+            wait_for(lambda: _running(cli) == [("tiny", "1", 2)], what="the control plane sees both on v1")
+            _fleet_telemetry_shows_the_rollback(cli, creds[0]["device_id"])
     finally:
         for device in devices:
             device.stop()
@@ -516,3 +521,20 @@ def test_watch_a_real_rollout_complete_then_roll_back(
     assert history[0]["result"] == "fail" and history[0] == final["last_evaluation"]  # newest first
     table = _one_line(cli("rollout", "evaluations", second["id"]).stdout)
     assert f"max_p95_latency_ratio {ratio['value']:g} / 1.5" in table
+
+
+def _fleet_telemetry_shows_the_rollback(cli: Cli, device_id: str) -> None:
+    summary = cli.json("telemetry", "summary")
+    assert summary["devices"] == 2 and summary["online"] == 2
+    assert "2 devices (online 2)" in _one_line(cli("telemetry", "summary").stdout)
+    v2 = cli.json("telemetry", "version", "tiny", "2", "--since", "10m", "--step", "1m")
+    served = [p for p in v2["points"] if p["requests"]]
+    assert served and all(p["latency_p95_ms"] > 100 for p in served)  # the canary's slow version (200 ms)
+    table = _one_line(cli("telemetry", "version", "tiny", "1", "--since", "10m", "--step", "1m").stdout)
+    assert "tiny@1, every 60s" in table and "p95 ms" in table
+    device = cli.json("telemetry", "device", device_id, "--since", "10m", "--step", "1m")
+    assert device["device_id"] == device_id and any(p["requests"] for p in device["points"])
+
+
+def _running(cli: Cli) -> list[tuple[str, str, int]]:
+    return [(v["model"], v["version"], v["devices"]) for v in cli.json("telemetry", "summary")["by_version"]]

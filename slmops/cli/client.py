@@ -84,6 +84,8 @@ class ApiError(Exception):
     @property
     def hint(self) -> str | None:
         template = next((h for (code, key), h in FIELD_HINTS.items() if code == self.code and key in self.fields), None)
+        if self.code == "not_found" and self.detail == "Not Found":  # no such route, not a missing resource
+            template = "this server has no such endpoint: it may be older than this CLI; upgrade the control plane"
         template = template or HINTS.get(self.code)
         if template is None:
             return None
