@@ -292,6 +292,8 @@ def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:
     assert [d["name"] for d in eu] == ["edge-1"]
     assert {d["name"] for d in cli.json("device", "list")} == {"edge-1", "edge-2"}
     assert cli.json("device", "list", "--status", "online") == []
+    assert len(cli.json("device", "list", "--limit", "1")) == 1
+    assert "1 devices (more left: --limit 0 lists all)" in cli("device", "list", "--limit", "1").stdout
     shown = cli.json("device", "show", second["id"])
     assert shown["name"] == "edge-2" and "enrollment_token" not in shown
     assert "region=us" in cli("device", "show", second["id"]).stdout

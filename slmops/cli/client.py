@@ -195,14 +195,19 @@ class ApiClient:
 
     def get_all(self, path: str, **params: Any) -> list[dict[str, Any]]:
         """Every item of a paginated listing ({data, next_cursor})."""
+        return self.get_items(path, None, **params)[0]
+
+    def get_items(self, path: str, max_items: int | None, **params: Any) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `max_items` (None: all) of a paginated listing, and whether more were left."""
         items: list[dict[str, Any]] = []
         cursor = None
         while True:
-            page = self.get(path, cursor=cursor, limit=500, **params)
+            wanted = 500 if max_items is None else min(500, max_items - len(items))
+            page = self.get(path, cursor=cursor, limit=wanted, **params)
             items.extend(page["data"])
             cursor = page.get("next_cursor")
-            if not cursor:
-                return items
+            if not cursor or (max_items is not None and len(items) >= max_items):
+                return items, bool(cursor)
 
 
 def _problem(response: httpx.Response) -> ApiError:

@@ -140,18 +140,20 @@ def device_create(
 @device_app.command("list")
 def device_list(
     selector: Annotated[str | None, typer.Option(help="Label selector, e.g. region=eu,tier!=canary")] = None,
-    status: Annotated[str | None, typer.Option(help="e.g. online, offline, pending")] = None,
+    status: Annotated[str | None, typer.Option(help="online, offline, pending_enrollment, decommissioned")] = None,
+    limit: Annotated[int, typer.Option(help="List at most this many (0: all).", min=0)] = 200,
     server: ServerOpt = None,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """List devices, filtered by labels and status."""
     with api(server, token) as client:
-        devices = client.get_all("/v1/devices", selector=selector, status=status)
+        devices, more = client.get_items("/v1/devices", limit or None, selector=selector, status=status)
     if output is Output.json:
         emit_json(devices)
         return
-    table = Table("id", "name", "status", "labels", "running", "last seen", title=f"{len(devices)} devices")
+    title = f"{len(devices)} devices" + (" (more left: --limit 0 lists all)" if more else "")
+    table = Table("id", "name", "status", "labels", "running", "last seen", title=title)
     for d in devices:
         table.add_row(d["id"], d["name"], d["status"], labels_text(d["labels"]), _running(d), ago(d["last_seen"]))
     console.print(table)
