@@ -105,7 +105,7 @@ def _fleet(client: TestClient, admin_headers: dict[str, str], engine: sa.Engine)
         "a": {"status": "online", "current_version": "1", "current_sha256": "1" * 64},
         "b": {"status": "online", "current_version": "1", "current_sha256": "1" * 64},
         "c": {"status": "online", "current_version": "2", "current_sha256": "2" * 64, "phase": "activation_failed",
-              "phase_reason": "smoke test failed"},
+              "phase_reason": "smoke test failed", "acked_message_id": "m1"},
         "d": {"status": "offline", "current_version": "1", "current_sha256": "1" * 64},
     }  # fmt: skip
     with Session(engine) as session:
@@ -194,27 +194,43 @@ def _window(
     )  # fmt: skip
 
 
-def test_chart_series_merge_histograms_per_version(client: TestClient, engine: sa.Engine) -> None:
+def test_chart_series_merge_histograms_and_match_the_rest_api(
+    client: TestClient, engine: sa.Engine, viewer_headers: dict[str, str]
+) -> None:
     rows = [
         _window("d1", 1, 100, 0.03, 100, "1"),
-        _window("d2", 1, 100, 0.3, 140, "1"),  # same bucket of time, another device: merged, not averaged
+        _window("d2", 1, 100, 0.3, 140, "1"),  # same time, another device: merged, not averaged
         _window("d1", 2, 20, 0.03, 110, "2"),
     ]
-    with Session(engine, expire_on_commit=False) as session:
+    histograms = [rows[0].latency_histogram, rows[1].latency_histogram]
+    with Session(engine) as session:
         session.add_all(rows)
         session.commit()
+    since = utcnow() - timedelta(seconds=600)
     with Session(engine) as session:
-        series = telemetry.version_series(session, since=utcnow() - timedelta(seconds=300), step_s=300)
-    p95 = {s["name"]: s["points"] for s in series["p95_ms"]}
-    expected = merged_percentile([rows[0].latency_histogram, rows[1].latency_histogram], 0.95)
-    assert expected is not None
-    assert len(p95["tiny@1"]) == 1 and p95["tiny@1"][0][1] == pytest.approx(expected * 1000, abs=0.01)
-    rss = {s["name"]: s["points"] for s in series["rss_mb"]}
+        charts = telemetry.version_series(session, since=since, step_s=600)
+    p95 = {s["name"]: s["points"] for s in charts["p95_ms"]}
+    rss = {s["name"]: s["points"] for s in charts["rss_mb"]}
+    assert sorted(p95) == ["tiny@1", "tiny@2"] and len(p95["tiny@1"]) == 1
+    # Far above d1's 30 ms: the merged p95 lies in d2's slow bucket.
+    assert p95["tiny@1"][0][1] > 200 and p95["tiny@1"][0][1] == pytest.approx(
+        merged_percentile(histograms, 0.95) * 1000,
+        rel=0.05,  # type: ignore[operator]
+    )
     assert rss["tiny@1"][0][1] == pytest.approx(120.0) and rss["tiny@2"][0][1] == pytest.approx(110.0)
+
+    rest = client.get(
+        "/v1/telemetry/versions",
+        params={"model": "tiny", "version": "1", "start": since.isoformat(), "step": "600"},
+        headers=viewer_headers,
+    ).json()
+    shown = [p for p in rest["points"] if p["latency_p95_ms"] is not None]
+    assert [round(p["latency_p95_ms"], 3) for p in shown] == [p95["tiny@1"][0][1]]
 
     _sign_in(client, _token(engine)[1])
     body = client.get("/ui/api/telemetry?range=5m").json()
     assert {s["name"] for s in body["p95_ms"]} == {"tiny@1", "tiny@2"} and body["step_s"] == 5
+    assert client.get("/ui/api/telemetry?range=24h").json()["step_s"] == 1440  # whole minutes: rollups answer
 
 
 def test_static_files_are_served_from_the_package_only(client: TestClient) -> None:

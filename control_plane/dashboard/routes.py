@@ -70,7 +70,7 @@ def logout() -> Response:
 def overview(request: Request, session: SessionDep, viewer: ViewerCookieDep, partial: PartialQuery = None) -> Response:
     if viewer is None:
         return sign_in_required(request, partial)
-    summary = queries.fleet_summary(session)
+    summary = queries.fleet_overview(session)
     return render(request, "overview.html", partial, viewer=viewer, summary=summary, now=utcnow())
 
 

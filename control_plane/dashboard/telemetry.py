@@ -1,96 +1,82 @@
-"""Time series for the dashboard charts: p95 latency and RSS per model version, from telemetry windows.
+"""Chart data: p95 latency, RSS and requests per model version over time, one series per version.
 
-p95 per time bucket comes from the windows' merged fixed-bucket histograms (the gates' method), so
-devices and windows combine correctly; a window without a histogram falls back to its own p95,
-weighted by its request count. RSS is the mean over the windows in the bucket.
+Each series comes from `control_plane.telemetry.series` (what `/v1/telemetry/versions` serves):
+merged fixed-bucket histograms, minute or hour rollups when the step allows and raw windows for
+the newest buckets, so the charts and the REST API always agree and survive raw-window retention.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlmodel import Session, col, select
+import sqlalchemy as sa
+from sqlmodel import Session, col
 
 from control_plane.models import TelemetryRecord, as_utc, utcnow
-from control_plane.rollouts.gates import merged_percentile
+from control_plane.telemetry.rollup import MINUTE
+from control_plane.telemetry.series import SeriesQuery, series
+from control_plane.telemetry.tables import VersionRollup
 
-MAX_ROWS = 50_000  # a chart of 60 points needs no more; bounds the cost on a large fleet
 RANGES_S = {"5m": 300, "15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600}
 POINTS = 60
-
-
-@dataclass
-class _Bucket:
-    histograms: list[dict[str, Any]] = field(default_factory=list)
-    weighted_p95: float = 0.0
-    weight: int = 0
-    rss_sum: float = 0.0
-    windows: int = 0
-    requests: int = 0
-
-    def p95_ms(self) -> float | None:
-        merged = merged_percentile(self.histograms, 0.95)
-        if merged is not None:
-            return merged * 1000
-        return self.weighted_p95 / self.weight if self.weight else None
+MAX_VERSIONS = 8  # one colour each; more lines than this are unreadable anyway
 
 
 def step_for(span_s: float) -> int:
-    return max(1, int(span_s // POINTS))
-
-
-def version_series(
-    session: Session, *, since: datetime, step_s: int, model: str | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """{"p95_ms": [{"name": "m@v", "points": [[epoch_ms, value], ...]}], "rss_mb": [...], "requests": [...]}"""
-    stmt = select(
-        TelemetryRecord.window_end,
-        TelemetryRecord.model,
-        TelemetryRecord.version,
-        TelemetryRecord.requests,
-        TelemetryRecord.latency_p95_ms,
-        TelemetryRecord.latency_histogram,
-        TelemetryRecord.rss_bytes,
-    ).where(TelemetryRecord.window_end >= since, col(TelemetryRecord.version).is_not(None))
-    if model:
-        stmt = stmt.where(TelemetryRecord.model == model)
-    rows = session.exec(stmt.order_by(col(TelemetryRecord.window_end).desc()).limit(MAX_ROWS)).all()
-    buckets: dict[str, dict[int, _Bucket]] = defaultdict(lambda: defaultdict(_Bucket))
-    for end, row_model, version, requests, p95, histogram, rss in rows:
-        stamp = as_utc(end) or since
-        slot = int(stamp.timestamp() // step_s) * step_s
-        bucket = buckets[f"{row_model}@{version}"][slot]
-        if histogram and histogram.get("counts"):
-            bucket.histograms.append(histogram)
-        elif p95 is not None and requests:
-            bucket.weighted_p95 += p95 * requests
-            bucket.weight += requests
-        bucket.rss_sum += rss / 2**20
-        bucket.windows += 1
-        bucket.requests += requests
-    return {
-        "p95_ms": _series(buckets, step_s, lambda b: b.p95_ms()),
-        "rss_mb": _series(buckets, step_s, lambda b: b.rss_sum / b.windows if b.windows else None),
-        "requests": _series(buckets, step_s, lambda b: float(b.requests)),
-    }
-
-
-def _series(buckets: dict[str, dict[int, _Bucket]], step_s: int, value: Any) -> list[dict[str, Any]]:
-    out = []
-    for name in sorted(buckets):
-        points = []
-        for slot in sorted(buckets[name]):
-            v = value(buckets[name][slot])
-            if v is not None:
-                # Plot at the bucket's middle, in epoch milliseconds (what JS dates use).
-                points.append([int((slot + step_s / 2) * 1000), round(float(v), 3)])
-        out.append({"name": name, "points": points})
-    return out
+    """About POINTS points; from an hour up, whole minutes so the minute rollups answer."""
+    step = max(1, int(span_s // POINTS))
+    return -(-step // MINUTE) * MINUTE if span_s >= 3600 else step
 
 
 def since_for(range_key: str) -> tuple[datetime, int]:
     span = RANGES_S.get(range_key, RANGES_S["15m"])
     return utcnow() - timedelta(seconds=span), step_for(span)
+
+
+def _versions(session: Session, since: datetime, model: str | None) -> list[tuple[str, str]]:
+    """(model, version) pairs with telemetry since `since`, in raw windows or in rollups."""
+    raw = sa.select(TelemetryRecord.model, TelemetryRecord.version).where(
+        col(TelemetryRecord.window_end) >= since,
+        col(TelemetryRecord.model).is_not(None),
+        col(TelemetryRecord.version).is_not(None),
+    )
+    rolled = sa.select(VersionRollup.model, VersionRollup.version).where(
+        col(VersionRollup.bucket_start) >= since, col(VersionRollup.model) != ""
+    )
+    if model:
+        raw, rolled = raw.where(col(TelemetryRecord.model) == model), rolled.where(col(VersionRollup.model) == model)
+    pairs = {(m, v) for m, v in session.execute(raw.distinct())} | {
+        (m, v) for m, v in session.execute(rolled.distinct())
+    }
+    return sorted(pairs)[:MAX_VERSIONS]
+
+
+def version_series(
+    session: Session, *, since: datetime, step_s: int, model: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """{"p95_ms"|"rss_mb"|"requests": [{"name": "m@v", "points": [[epoch_ms, value], ...]}]}"""
+    end = utcnow()
+    out: dict[str, list[dict[str, Any]]] = {"p95_ms": [], "rss_mb": [], "requests": []}
+    for model_name, version in _versions(session, since, model):
+        query = SeriesQuery(start=since, end=end, step_s=step_s, model=model_name, version=version)
+        points = series(session, query)["points"]
+        name = f"{model_name}@{version}"
+        out["p95_ms"].append({"name": name, "points": _points(points, "latency_p95_ms", step_s)})
+        out["rss_mb"].append({"name": name, "points": _points(points, "rss_bytes", step_s, scale=1 / 2**20)})
+        out["requests"].append({"name": name, "points": _points(points, "requests", step_s, skip_zero=True)})
+    return out
+
+
+def _points(
+    points: list[dict[str, Any]], key: str, step_s: int, scale: float = 1.0, skip_zero: bool = False
+) -> list[list[float]]:
+    out = []
+    for point in points:
+        value = point.get(key)
+        if value is None or (skip_zero and not point.get("windows")):
+            continue  # a step without telemetry is a gap, not a zero
+        stamp = as_utc(point["t"]) or utcnow()
+        # Plotted at the step's middle, in epoch milliseconds (what JS dates use).
+        out.append([int((stamp.timestamp() + step_s / 2) * 1000), round(float(value) * scale, 3)])
+    return out
