@@ -8,14 +8,37 @@ from typing import Any
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from control_plane.models import Artifact, DesiredStateRow, Device, Model, ModelVersion, utcnow
+from control_plane.models import (
+    Artifact,
+    ArtifactFormat,
+    DesiredStateRow,
+    Device,
+    LineageRelation,
+    Model,
+    ModelVersion,
+    utcnow,
+)
 from shared.desired import ArtifactRef, DesiredState, RuntimeParams
 
 DEFAULT_N_CTX = 512
 
 
+def _ref(artifact: Artifact) -> ArtifactRef:
+    return ArtifactRef(
+        sha256=artifact.sha256,
+        size_bytes=artifact.size_bytes,
+        format=artifact.format,  # type: ignore[arg-type]
+        quantization=artifact.quantization,
+        url=artifact.external_url or f"/v1/artifacts/{artifact.sha256}",
+    )
+
+
 def desired_payload(
-    model: Model, version: ModelVersion, artifact: Artifact, rollout_id: str | None
+    model: Model,
+    version: ModelVersion,
+    artifact: Artifact,
+    rollout_id: str | None,
+    adapter: Artifact | None = None,
 ) -> DesiredState:
     hints = artifact.runtime_hints or {}
     n_ctx = min(int(hints.get("context_length") or DEFAULT_N_CTX), 4096)
@@ -23,16 +46,25 @@ def desired_payload(
         message_id=str(uuid.uuid4()),
         model=model.name,
         version=version.version,
-        artifact=ArtifactRef(
-            sha256=artifact.sha256,
-            size_bytes=artifact.size_bytes,
-            format=artifact.format,  # type: ignore[arg-type]
-            quantization=artifact.quantization,
-            url=artifact.external_url or f"/v1/artifacts/{artifact.sha256}",
-        ),
+        artifact=_ref(artifact),
+        adapter=_ref(adapter) if adapter is not None else None,
         runtime=RuntimeParams(n_ctx=n_ctx, chat_template=hints.get("chat_template")),
         rollout_id=rollout_id,
     )
+
+
+def deployable_artifacts(session: Session, version: ModelVersion) -> tuple[list[Artifact], Artifact | None]:
+    """The artifacts devices choose from, and the LoRA adapter applied on top (adapter versions only).
+
+    An `adapter_of` version ships its GGUF LoRA file with its base version's artifacts: a device that
+    already holds the base downloads only the adapter, since agents fetch only what their store lacks.
+    """
+    own = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
+    if version.lineage_relation != LineageRelation.adapter_of or version.parent_version_id is None:
+        return own, None
+    adapter = next((a for a in own if a.format == ArtifactFormat.gguf_lora), None)
+    base = session.exec(select(Artifact).where(Artifact.version_id == version.parent_version_id))
+    return [a for a in base if a.format == ArtifactFormat.gguf], adapter
 
 
 def current_desired(session: Session, device_id: str) -> DesiredStateRow | None:

@@ -32,6 +32,7 @@ from control_plane.rollouts import assign, gates
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.rollouts.variants import choose_variant
 from control_plane.services import registry
+from control_plane.services.eval_metrics import quality_retention
 from control_plane.services.selectors import parse_selector, selector_clauses
 
 log = logging.getLogger("slmops.rollouts")
@@ -46,10 +47,28 @@ def target_devices(session: Session, selector: str) -> list[Device]:
     return list(session.exec(stmt).all())
 
 
+def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVersion) -> None:
+    """Refuse a version measured below the plan's floor; one never measured is not refused."""
+    floor = spec.min_quality_retention
+    retention = quality_retention(session, version)
+    if floor is None or retention is None or retention >= floor:
+        return
+    raise DomainError(
+        "quality_below_floor",
+        f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality, below the floor of "
+        f"{floor:.1%}; set force to roll it out anyway",
+        quality_retention=retention,
+        min_quality_retention=floor,
+        evaluated_against=(version.eval_metrics or {}).get("evaluated_against"),
+    )
+
+
 def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) -> Rollout:
     model, version = registry.get_version(session, spec.model, spec.version)
     if version.status == "revoked":
         raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
+    if not spec.force:
+        check_quality_floor(session, spec, version)
     devices = target_devices(session, spec.selector)
     if not devices:
         raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
@@ -118,12 +137,19 @@ class RolloutController:
         if rollout.state != RolloutState.running:
             return
         size = plan.stages[rollout.stage_index].cumulative_size(len(members))
-        artifacts = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
+        artifacts, adapter = assign.deployable_artifacts(session, version)
         with session.no_autoflush:  # one flush at commit instead of one per device
             for member in members[:size]:
                 if member.stage_index < 0:
                     self._assign(
-                        session, rollout, member, model, version, artifacts, devices[member.device_id], desired_rows
+                        session,
+                        rollout,
+                        member,
+                        model,
+                        version,
+                        (artifacts, adapter),
+                        devices[member.device_id],
+                        desired_rows,
                     )
         touched = [m for m in members if m.stage_index >= 0]
         result = self._evaluate(session, rollout, plan, version, members, touched)
@@ -162,19 +188,20 @@ class RolloutController:
         member: RolloutDevice,
         model: Model,
         version: ModelVersion,
-        artifacts: list[Artifact],
+        deployable: tuple[list[Artifact], Artifact | None],
         device: Device,
         desired_rows: dict[str, DesiredStateRow],
     ) -> None:
         member.stage_index = rollout.stage_index
         member.assigned_at = self._now()
+        artifacts, adapter = deployable
         artifact, why = choose_variant(artifacts, device.hardware)
         if artifact is None:
             member.status, member.reason = "incompatible", why
         else:
             previous = desired_rows.get(device.id)
             member.previous_desired = dict(previous.payload) if previous else None
-            payload = assign.desired_payload(model, version, artifact, rollout.id)
+            payload = assign.desired_payload(model, version, artifact, rollout.id, adapter)
             state = desired_rows[device.id] = assign.set_desired(session, device, payload, previous)
             member.status, member.artifact_sha256 = "assigned", state.artifact_sha256
         session.add(member)
@@ -191,7 +218,13 @@ class RolloutController:
             desired = assign.current_desired(session, member.device_id)
             if device is None or desired is None or desired.rollout_id != rollout.id:
                 continue
-            if device.current_sha256 == member.artifact_sha256 and device.phase in ("on_trial", "committed"):
+            # With an adapter the base sha256 is already current before the adapter loads: the version says.
+            same_version = desired.payload.get("adapter") is None or device.current_version == desired.version
+            if (
+                device.current_sha256 == member.artifact_sha256
+                and same_version
+                and device.phase in ("on_trial", "committed")
+            ):
                 member.status, member.reason = "active", ""
             elif device.acked_message_id == desired.message_id and device.phase in (
                 "activation_failed",
@@ -293,7 +326,7 @@ class RolloutController:
             return
         known = {m.device_id for m in members}
         _, version = registry.get_version(session, model.name, stable)
-        artifacts = list(session.exec(select(Artifact).where(Artifact.version_id == version.id)))
+        artifacts, adapter = assign.deployable_artifacts(session, version)
         for device in target_devices(session, rollout.selector):
             if device.id in known:
                 continue
@@ -303,4 +336,5 @@ class RolloutController:
                 continue
             artifact, _ = choose_variant(artifacts, device.hardware)
             if artifact is not None:
-                assign.set_desired(session, device, assign.desired_payload(model, version, artifact, None), current)
+                payload = assign.desired_payload(model, version, artifact, None, adapter)
+                assign.set_desired(session, device, payload, current)

@@ -16,9 +16,7 @@ class Gates(BaseModel):
     max_error_rate: float | None = Field(default=0.05, ge=0, le=1)
     max_rss_mb: float | None = Field(default=None, gt=0)
     min_activated_fraction: float = Field(default=1.0, ge=0, le=1)
-    min_samples: int = Field(
-        default=20, ge=1, description="requests needed before latency/error gates decide"
-    )
+    min_samples: int = Field(default=20, ge=1, description="requests needed before latency/error gates decide")
     warmup_windows: int = Field(default=1, ge=0, description="first telemetry windows per device ignored")
 
 
@@ -58,6 +56,9 @@ class RolloutCreate(BaseModel):
     stages: list[Stage] = Field(default_factory=default_stages, min_length=1, max_length=20)
     gates: Gates = Field(default_factory=Gates)
     promotion: Literal["auto", "manual"] = "auto"
+    min_quality_retention: float | None = Field(
+        default=0.9, ge=0, le=1, description="refuse versions whose measured quality retention is lower; None: off"
+    )
     force: bool = Field(default=False, description="start even if quality checks would refuse it")
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ server kept nothing of a cut upload).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -54,12 +55,20 @@ def model_push(
     min_ram_mb: Annotated[int | None, typer.Option(help="Least device RAM this artifact needs.")] = None,
     cpu_arch: Annotated[str | None, typer.Option(help="Comma separated, e.g. x86_64,aarch64")] = None,
     accelerators: Annotated[str | None, typer.Option(help="Comma separated, e.g. cuda,npu")] = None,
+    provenance: Annotated[
+        str | None, typer.Option(help='Where it came from, a JSON object: {"tool": "olive", "run": "..."}')
+    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="Distillation: the teacher model.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Distillation or fine-tuning dataset.")] = None,
+    method: Annotated[str | None, typer.Option(help="e.g. distillation, lora, qlora, full fine-tune")] = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Upload FILE as VERSION of model NAME: streamed, sha256-verified, safe to run again."""
     parse_json_object("--metrics", metrics)
+    origin = parse_json_object("--provenance", provenance) or {}
+    origin |= {k: v for k, v in (("teacher", teacher), ("dataset", dataset), ("method", method)) if v}
     fields = {
         "version": version,
         "quantization": quantization,
@@ -67,6 +76,7 @@ def model_push(
         "relation": relation,
         "notes": notes,
         "eval_metrics": metrics,
+        "provenance": json.dumps(origin) if origin else None,
         "min_ram_mb": None if min_ram_mb is None else str(min_ram_mb),
         "cpu_arch": cpu_arch,
         "accelerators": accelerators,

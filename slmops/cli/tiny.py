@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from slmops.cli import ops_modelopt  # noqa: F401  (registers `model evaluate`)
 from slmops.cli.app import model_app
 
 
@@ -62,20 +63,31 @@ def make_tiny(
 
 @model_app.command("quantize")
 def quantize(
-    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="Float model (GGUF or ONNX)."),
-    dst: Path = typer.Argument(..., help="Quantized model to write."),
+    src: str = typer.Argument(..., help="Float model file (GGUF or ONNX), or a registry MODEL."),
+    dst: str = typer.Argument(..., help="Quantized file to write, or the registry VERSION to quantize."),
     to: str = typer.Option("Q8_0", "--to", help="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8."),
+    new_version: str | None = typer.Option(None, "--new-version", help="Registry form: name of the result."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Registry form: follow the job to its end."),
+    server: str | None = typer.Option(None, "--server", help="Registry form: control plane URL."),
+    token: str | None = typer.Option(None, "--token", help="Registry form: API token."),
 ) -> None:
-    """Quantize a GGUF model with llama.cpp or an ONNX model to dynamic int8 with onnxruntime."""
+    """Quantize a file here (SRC DST), or a registry version as a control-plane job (MODEL VERSION).
+
+    The first argument names a file when it exists or looks like one (a path, .gguf or .onnx).
+    """
+    if not _looks_like_file(src):
+        ops_modelopt.quantize_registry_version(src, dst, to, new_version, wait, server, token)
+        return
     from slmops.modelopt import QuantizeError, quantize_gguf, quantize_onnx_int8
 
+    src_path, dst_path = Path(src), Path(dst)
     try:
-        if src.suffix == ".onnx":
+        if src_path.suffix == ".onnx":
             if to.lower() != "int8":
                 raise QuantizeError(f"ONNX models quantize to int8 only, not {to!r}")
-            result = quantize_onnx_int8(src, dst)
+            result = quantize_onnx_int8(src_path, dst_path)
         else:
-            result = quantize_gguf(src, dst, to.upper())
+            result = quantize_gguf(src_path, dst_path, to.upper())
     except QuantizeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -83,6 +95,10 @@ def quantize(
         f"wrote {result.dst} ({result.quant_type}): {result.size_before} -> {result.size_after} bytes "
         f"({result.ratio:.1%}) in {result.seconds:.2f} s, sha256 {result.sha256}"
     )
+
+
+def _looks_like_file(arg: str) -> bool:
+    return Path(arg).exists() or "/" in arg or arg.endswith((".gguf", ".onnx"))
 
 
 def _format_of(path: Path) -> str:

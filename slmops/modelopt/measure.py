@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 GEN_TOKENS = 32
+SPEED_ROUNDS = 3
 ONNX_INPUT_SEQS = 8
 ONNX_SEQ_LEN = 48
 
@@ -53,16 +54,21 @@ def _peak_rss_mb() -> float:
 
 
 def _ms_per_token(engine: object) -> float | None:
+    """Best of a few greedy runs: on a shared machine the fastest run is the least disturbed."""
     from edge_agent.runtime import UnsupportedOperation
 
+    best: float | None = None
     try:
         list(engine.complete("Hello", max_tokens=2))  # type: ignore[attr-defined]  # warm-up
-        started = time.perf_counter()
-        chunks = list(engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS))  # type: ignore[attr-defined]
+        for _ in range(SPEED_ROUNDS):
+            started = time.perf_counter()
+            chunks = list(engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS))  # type: ignore[attr-defined]
+            produced = max(1, len([c for c in chunks if c.finish_reason is None]))
+            ms = (time.perf_counter() - started) * 1000.0 / produced
+            best = ms if best is None else min(best, ms)
     except UnsupportedOperation:
         return None  # a graph that is not a language model has no per-token speed
-    produced = max(1, len([c for c in chunks if c.finish_reason is None]))
-    return (time.perf_counter() - started) * 1000.0 / produced
+    return best
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
