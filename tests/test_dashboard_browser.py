@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
 ]
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 SHOWCASE = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "dashboard.png"
-LATENCY_MS = {"1": 40.0, "2": 46.0}
+LATENCY_MS = {"1": 60.0, "2": 30.0}  # v2 is faster: the charts show the drop
 # Long bakes: the rollout stays live at its canary stage (evaluated every tick) until promoted.
 LIVE_PLAN = {
     "stages": [
@@ -196,7 +196,7 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
         ratio = page.locator("#gate-checks tr[data-gate=max_p95_latency_ratio]")
         assert ratio.get_attribute("data-result") == "pass"
         assert ratio.locator("[data-limit]").inner_text() == "1.5"
-        assert 0.5 < float(ratio.locator("[data-value]").inner_text()) < 1.5
+        assert 0.2 < float(ratio.locator("[data-value]").inner_text()) < 0.9  # v2 is about twice as fast
         rss = page.locator("#gate-checks tr[data-gate=max_rss_mb]")
         assert float(rss.locator("[data-value]").inner_text()) == pytest.approx(120.0)
         assert rss.locator("[data-limit]").inner_text() == "512"
@@ -236,8 +236,8 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
         assert shot.stat().st_size > 10_000
 
         _check_overview(page, base_url, ctx["devices"], tmp_path)
-        _check_devices(page, base_url)
-        _check_registry(page, base_url, hashlib.sha256(tiny_gguf_other.read_bytes()).hexdigest())
+        _check_devices(page, base_url, tmp_path)
+        _check_registry(page, base_url, hashlib.sha256(tiny_gguf_other.read_bytes()).hexdigest(), tmp_path)
         browser.close()
     assert not problems, problems
 
@@ -258,7 +258,7 @@ def _check_overview(page: Any, base_url: str, devices: list[SimDevice], tmp_path
     assert "kiosk-" in page.inner_text("#offline")
 
 
-def _check_devices(page: Any, base_url: str) -> None:
+def _check_devices(page: Any, base_url: str, tmp_path: Path) -> None:
     page.goto(base_url + "/devices")
     assert page.locator("#devices-table tbody tr[data-device]").count() == 5
     page.fill("#device-filters input[name=selector]", "region=eu")
@@ -269,14 +269,16 @@ def _check_devices(page: Any, base_url: str) -> None:
     names = sorted(shown.nth(i).get_attribute("data-device") for i in range(shown.count()))
     # kiosk-1 and kiosk-3 are in eu; spare-1 is too but never enrolled; one kiosk may be the one stopped.
     assert names == ["kiosk-1", "kiosk-3"], names
+    page.screenshot(path=str(tmp_path / "dashboard-devices.png"), full_page=True)
     page.goto(base_url + "/devices?selector=not%20a%20selector!")
     assert "cannot parse selector" in page.inner_text("#filter-error")
 
 
-def _check_registry(page: Any, base_url: str, v2_sha256: str) -> None:
+def _check_registry(page: Any, base_url: str, v2_sha256: str, tmp_path: Path) -> None:
     page.goto(base_url + "/registry")
     v2 = page.locator("[data-model=tiny] [data-version='2']")
     assert v2.locator("code.sha").inner_text() == v2_sha256
     assert "finetuned from tiny@1" in v2.locator(".lineage").inner_text()
     assert "perplexity = 12.5" in v2.locator(".metrics").inner_text()
     assert "gguf" in v2.locator("table.artifacts").inner_text()
+    page.screenshot(path=str(tmp_path / "dashboard-registry.png"), full_page=True)
