@@ -143,14 +143,14 @@ def test_metrics_count_real_mqtt_messages_and_the_rollup_job_runs(fleet, engine)
         def counted() -> Samples | None:
             s = scrape(client)
             rejected = sum(v for (name, _), v in s.items() if name == "slmops_ingest_rejected_total")
-            done = value(s, "slmops_ingest_messages_total", kind="telemetry") >= 6 and rejected >= 1
+            windows = value(s, "slmops_ingest_messages_total", kind="telemetry")
+            done = windows >= 6 and rejected >= 1 and value(s, "slmops_devices_online") == 2
             return s if done else None
 
-        samples = wait_for(counted, what="six windows ingested and one malformed message rejected")
+        samples = wait_for(counted, what="both devices online, six windows ingested, one malformed message rejected")
         assert value(samples, "slmops_ingest_messages_total", kind="telemetry") == 6
         assert value(samples, "slmops_ingest_rejected_total", reason="malformed_json") == 1
         assert value(samples, "slmops_mqtt_messages_received_total") >= 7
-        assert value(samples, "slmops_devices_online") == 2
         assert value(samples, "slmops_ingest_lag_seconds_count") >= 6
         expected = 6 * SimBehaviour().requests_per_window
         wait_for(lambda: _rolled_up_requests(engine) == expected, what="the rollup job to roll up every window")
