@@ -64,13 +64,17 @@ def server_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
 class FlakyLink:
     """A TCP proxy to the server that fails on purpose.
 
-    `break_upload="response"` loses the answer to the first upload, `"request"` cuts its body in half;
+    `break_upload="response"` loses the answer to the first POST starting with `post`, `"request"` cuts
+    its body after `cut_after` bytes;
     `go_down()` hangs up every connection, open or new, until `go_up()`. It keeps the head of every
     upload and every upload response, so tests can see the Idempotency-Key on the wire.
     """
 
-    def __init__(self, upstream: str, *, break_upload: str | None = None, cut_after: int = 0) -> None:
+    def __init__(
+        self, upstream: str, *, break_upload: str | None = None, cut_after: int = 0, post: bytes = b"POST /v1/models/"
+    ) -> None:
         self.upstream_port = int(upstream.rsplit(":", 1)[1])
+        self.post = post
         self.break_upload = break_upload
         self.cut_after = cut_after
         self.broken = threading.Event()
@@ -131,7 +135,7 @@ class FlakyLink:
             while data := client.recv(65536):
                 if data.startswith((b"GET ", b"POST ")):
                     self.requests += 1
-                if data.startswith(b"POST /v1/models/"):
+                if data.startswith(self.post):
                     self.posts.append(data[:2048])
                     posting.set()
                     sent = 0
@@ -279,6 +283,33 @@ def test_push_cut_mid_upload_keeps_nothing_partial(cli: Cli, server_url: str, se
     assert pushed["artifacts"][0]["sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     stored = [p for p in settings.blob_dir.rglob("*") if p.is_file()]
     assert [p.stat().st_size for p in stored] == [tiny_gguf.stat().st_size]  # no half file left behind
+
+
+def test_create_commands_retry_a_lost_answer_without_doing_it_twice(
+    cli: Cli, admin_cli: Cli, server_url: str, tiny_gguf: Path
+) -> None:
+    cli("model", "create", "tiny")
+    cli("model", "push", "tiny", "1", str(tiny_gguf))
+    device = _through_lossy_link(admin_cli, server_url, b"POST /v1/devices ", "device", "create", "edge-1")
+    # The replayed answer carries the enrollment token the server made the first time: it works.
+    enrolled = httpx.post(
+        f"{server_url}/v1/devices/enroll", json={"enrollment_token": device["enrollment_token"], "hardware": HARDWARE}
+    )
+    assert enrolled.status_code == 201, enrolled.text
+    rollout = _through_lossy_link(cli, server_url, b"POST /v1/rollouts ", "rollout", "create", "tiny", "1")
+    assert rollout["state"] == "running"
+    assert len(cli.json("device", "list")) == 1 and len(cli.json("rollout", "list")) == 1
+
+
+def _through_lossy_link(cli: Cli, server_url: str, post: bytes, *command: str) -> Any:
+    link = FlakyLink(server_url, break_upload="response", post=post)
+    try:
+        result = json.loads(cli(*command, "-o", "json", SLMOPS_SERVER=link.url).stdout)
+    finally:
+        link.close()
+    assert link.broken.is_set() and len(link.posts) == 2  # the first answer was lost, then a retry
+    assert b"idempotent-replayed: true" in b"".join(link.responses).lower()
+    return result
 
 
 def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # httpx is imported on first use: `slmops agent` loads this m
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 CHUNK = 1024 * 1024
+POST_ATTEMPTS = 3
 _TOKEN_HINT = (
     "create a token on the server host with `slmops token create --role operator`, then pass it with "
     "--token or set SLMOPS_TOKEN"
@@ -176,8 +178,20 @@ class ApiClient:
         return self.request("GET", path, params=clean).json()
 
     def post(self, path: str, body: Any = None, *, idempotency_key: str | None = None) -> Any:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", path, json=body, headers=headers).json()
+        return self.post_response(path, body, idempotency_key=idempotency_key).json()
+
+    def post_response(self, path: str, body: Any = None, *, idempotency_key: str | None = None) -> httpx.Response:
+        """With a key, a broken connection is retried: the server replays what it did instead of doing it twice."""
+        if idempotency_key is None:
+            return self.request("POST", path, json=body)
+        for attempt in range(1, POST_ATTEMPTS + 1):
+            try:
+                return self.request("POST", path, json=body, headers={"Idempotency-Key": idempotency_key})
+            except ApiError as exc:
+                if exc.code != "connection_failed" or attempt == POST_ATTEMPTS:
+                    raise
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
     def upload(
         self, path: str, body: MultipartFile, *, idempotency_key: str, on_bytes: Callable[[int], None]
@@ -282,3 +296,8 @@ class MultipartFile:
                     on_bytes(len(block))
                 yield block
         yield self._tail()
+
+
+def new_idempotency_key() -> str:
+    """One per command run: its retries are replays, a second run is a new request."""
+    return f"cli-{uuid.uuid4().hex}"

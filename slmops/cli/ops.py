@@ -15,7 +15,7 @@ from rich.table import Table
 
 from slmops.cli import ops_push, ops_rollout, ops_telemetry  # noqa: F401  (registers commands)
 from slmops.cli.app import app, device_app, model_app
-from slmops.cli.client import config_path
+from slmops.cli.client import config_path, new_idempotency_key
 from slmops.cli.ops_common import (
     Output,
     OutputOpt,
@@ -43,7 +43,8 @@ def model_create(
 ) -> None:
     """Register a model NAME in the registry (versions are pushed to it)."""
     with api(server, token) as client:
-        model = client.post("/v1/models", {"name": name, "description": description, "task": task})
+        body = {"name": name, "description": description, "task": task}
+        model = client.post("/v1/models", body, idempotency_key=new_idempotency_key())
     if output is Output.json:
         emit_json(model)
         return
@@ -121,7 +122,8 @@ def device_create(
     """Register a device (admin token) and print its one-time enrollment token."""
     labels = parse_labels(label or [])
     with api(server, token) as client:
-        device = client.post("/v1/devices", {"name": name, "labels": labels})
+        # A retry after a lost answer replays it: the one enrollment token is not lost with it.
+        device = client.post("/v1/devices", {"name": name, "labels": labels}, idempotency_key=new_idempotency_key())
         server_url = client.config.server
     if output is Output.json:
         emit_json(device)

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from slmops.cli.app import app
-from slmops.cli.client import ApiClient, ApiError
+from slmops.cli.client import ApiClient, ApiError, new_idempotency_key
 from slmops.cli.ops_common import (
     Output,
     OutputOpt,
@@ -106,7 +106,7 @@ def rollout_create(
     }
     body["gates"] = dict(body.get("gates") or {}) | {k: v for k, v in limits.items() if v is not None}
     with api(server, token) as client:
-        rollout = client.post("/v1/rollouts", body)
+        rollout = client.post("/v1/rollouts", body, idempotency_key=new_idempotency_key())
     if output is Output.json:
         emit_json(rollout)
         return
