@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
+from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
 from tests.agent_support import AgentProcess, ServerThread, wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto, pytest.mark.slow]
@@ -112,6 +113,8 @@ def test_an_adapter_rollout_downloads_only_the_adapter_where_the_base_runs(  # t
 ) -> None:
     pytest.importorskip("llama_cpp")
     url, counted = fleet
+    other_base = write_tiny_gguf(tmp_path / "small.gguf", seed=3, size="small")
+    bad_lora = write_tiny_lora_gguf(other_base, tmp_path / "bad-lora.gguf")
     httpx.post(f"{url}/v1/models", json={"name": "tiny"}, headers=operator_headers).raise_for_status()
     base = _upload(url, operator_headers, tiny_gguf, version="1.0")["artifacts"][0]
     adapter_version = _upload(
@@ -150,6 +153,16 @@ def test_an_adapter_rollout_downloads_only_the_adapter_where_the_base_runs(  # t
             assert reply.usage.completion_tokens == 4
         devices = httpx.get(f"{url}/v1/devices", headers=operator_headers).json()["data"]
         assert {d["current_version"] for d in devices} == {"1.0-lora"}
+
+        # An adapter made for another base fails a's activation: the rollout rolls back, a keeps serving.
+        _upload(url, operator_headers, bad_lora, version="1.0-bad", parent="1.0", relation="adapter_of")
+        failed = _roll_out(url, operator_headers, "1.0-bad", "slot=a")
+        assert failed["state"] == "rolled_back", failed
+        wait_for(lambda: agent_a.state()["phase"] in ("activation_failed", "committed"), what="a settles")
+        state = agent_a.state()
+        assert state["current"]["version"] == "1.0-lora" and state["serving"], state
+        ai = openai.OpenAI(base_url=f"{agent_a.url}/v1", api_key="unused", max_retries=0)
+        assert ai.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
     finally:
         agent_a.stop()
         agent_b.stop()

@@ -29,6 +29,16 @@ from edge_agent.runtime.chat_format import check_messages, format_default, rende
 SEED = 0
 
 
+def _check_adapter_fits(model_path: Path, lora_path: Path) -> None:
+    # llama.cpp crashes the process (SIGSEGV) on an adapter whose shapes do not match the base.
+    from slmops.modelopt.lora import lora_mismatches
+
+    problems = lora_mismatches(model_path, lora_path)
+    if problems:
+        shown = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+        raise ModelLoadError(f"LoRA adapter {lora_path.name} does not fit {model_path.name}: {shown}")
+
+
 class LlamaEngine:
     """A GGUF model loaded with llama-cpp-python (CPU)."""
 
@@ -50,6 +60,8 @@ class LlamaEngine:
         for path in filter(None, (self.model_path, self.lora_path)):
             if not path.is_file():
                 raise ModelLoadError(f"model file not found: {path}")
+        if self.lora_path is not None:
+            _check_adapter_fits(self.model_path, self.lora_path)
         try:
             self._llm: llama_cpp.Llama | None = llama_cpp.Llama(
                 model_path=str(self.model_path),
@@ -102,9 +114,7 @@ class LlamaEngine:
     ) -> Iterator[TokenChunk]:
         check_messages(messages)
         if self._chat_template:
-            prompt = render_template(
-                self._chat_template, messages, bos_token=self._bos_text, eos_token=self._eos_text
-            )
+            prompt = render_template(self._chat_template, messages, bos_token=self._bos_text, eos_token=self._eos_text)
         else:
             prompt = format_default(messages)
         # Templates that write the BOS text themselves must not get a second BOS token.
