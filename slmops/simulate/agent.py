@@ -1,4 +1,4 @@
-"""One simulated agent on asyncio: a real MQTT connection (aiomqtt) speaking the agent's protocol.
+"""One simulated agent on asyncio: a real MQTT connection (`wire.MqttWire`) speaking the agent's protocol.
 
 Protocol, as `slmops.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
 with the hardware profile, a retained last will saying offline, the retained device state
@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import aiomqtt
-
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import MessageDecodeError, StateMessage, StatusMessage, TelemetryMessage, decode, encode
@@ -27,9 +25,12 @@ from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, Syste
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.dedup import RecentIds
 from slmops.mqtt.url import parse_broker_url
+from slmops.simulate.wire import MqttWire, Will, WireError
 
 log = logging.getLogger("slmops.simulate")
 AGENT_VERSION = "sim"
+_TABLE_RNG = random.Random(0)
+_NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 
 @dataclass
@@ -82,7 +83,7 @@ class SimAgent:
         self.state = DeviceState(device_id=credential.device_id)
         self.applied: list[str] = []  # desired message ids acted on, in order
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._wire: MqttWire | None = None
         self._seen = RecentIds(64)
         self._seq = 0
         self._rng = random.Random(credential.device_id)
@@ -92,32 +93,25 @@ class SimAgent:
     def current_version(self) -> str | None:
         return self.state.current.version if self.state.current else None
 
-    def _new_client(self) -> aiomqtt.Client:
+    async def _open(self) -> MqttWire:
         broker = parse_broker_url(self.credential.mqtt_url)
+        # A fresh will per connection: ingest deduplicates by message id.
         will = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="connection lost")
-        return aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=self.device_id,
-            password=self.credential.device_secret,
-            identifier=self.device_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=True,
-            keepalive=60,
-            timeout=60,
-            # A fresh will per connection: ingest deduplicates by message id.
-            will=aiomqtt.Will(self.topics.status(self.device_id), encode(will), qos=1, retain=True),
-        )
+        return await MqttWire.open(
+            broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
+            password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
+        )  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until `stop` is set, reconnecting after a lost connection."""
         while not stop.is_set():
             try:
                 await self._session(stop)
-            except aiomqtt.MqttError as exc:
+            except WireError as exc:
                 self.stats.connect_errors += 1
                 log.debug("device %s: %s; reconnecting", self.device_id, exc)
             finally:
+                self._wire = None
                 if self.connected.is_set():
                     self.connected.clear()
                     self.stats.connected -= 1
@@ -125,50 +119,45 @@ class SimAgent:
                 await _wait(stop, self.config.reconnect_delay_s * (0.5 + self._rng.random()))
 
     async def _session(self, stop: asyncio.Event) -> None:
-        async with self._new_client() as client:
-            self._client = client
-            birth = StatusMessage(status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware)
-            await client.publish(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
-            await client.subscribe(self.topics.desired(self.device_id), qos=1)
-            await self._publish_state()
-            self.connected.set()
-            self.stats.connected += 1
-            self.stats.connects += 1
-            reader = asyncio.create_task(self._read(client))
-            telemetry = asyncio.create_task(self._telemetry_loop(stop))
-            stopper = asyncio.create_task(stop.wait())
-            try:
-                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (reader, telemetry, stopper):
-                    task.cancel()
-                self._client = None
-            if not stop.is_set():
-                reader.result()  # raises the MqttError that ended the connection
-                raise aiomqtt.MqttError("the broker closed the connection")
-            for task in list(self._tasks):  # pending applies survive a reconnect, not a stop
-                task.cancel()
-            # A clean stop says why it went offline (the will is only for a lost connection).
-            offline = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="shutdown")
-            await client.publish(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
+        wire = self._wire = await self._open()
+        birth = StatusMessage(status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware)
+        await wire.publish(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
+        await wire.subscribe(self.topics.desired(self.device_id), qos=1)
+        await self._publish_state()
+        self.connected.set()
+        self.stats.connected += 1
+        self.stats.connects += 1
+        telemetry = asyncio.create_task(self._telemetry_loop(stop))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopper, wire.closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            telemetry.cancel()
+            stopper.cancel()
+        if not stop.is_set():
+            raise WireError("the broker closed the connection")
+        for task in list(self._tasks):  # pending applies survive a reconnect, not a stop
+            task.cancel()
+        # A clean stop says why it went offline (the will is only for a lost connection).
+        offline = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="shutdown")
+        await wire.publish(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
+        await wire.close()
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray) or not payload:
-                continue  # an empty retained message: the control plane cleared the desired state
-            try:
-                desired = decode(TopicKind.DESIRED, bytes(payload))
-            except MessageDecodeError:
-                self.stats.malformed_desired += 1
-                log.warning("device %s: malformed desired state dropped", self.device_id)
-                continue
-            assert isinstance(desired, DesiredState)
-            if self._seen.first_time(desired.message_id):
-                # Applied later, as a real download and activation would be; reading goes on meanwhile.
-                task = asyncio.create_task(self._apply(desired))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+    def _on_message(self, _topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # an empty retained message: the control plane cleared the desired state
+        try:
+            desired = decode(TopicKind.DESIRED, payload)
+        except MessageDecodeError:
+            self.stats.malformed_desired += 1
+            log.warning("device %s: malformed desired state dropped", self.device_id)
+            return
+        assert isinstance(desired, DesiredState)
+        if self._seen.first_time(desired.message_id):
+            # Applied later, as a real download and activation would be; reading goes on meanwhile.
+            task = asyncio.create_task(self._apply(desired))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _apply(self, desired: DesiredState) -> None:
         if self.config.apply_delay_s > 0:
@@ -190,12 +179,12 @@ class SimAgent:
         await self._publish_state()
 
     async def _publish_state(self) -> None:
-        if self._client is None:
+        if self._wire is None:
             return  # published on the next connect
         message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
         try:
-            await self._client.publish(self.topics.state(self.device_id), encode(message), qos=1, retain=True)
-        except aiomqtt.MqttError:
+            await self._wire.publish(self.topics.state(self.device_id), encode(message), qos=1, retain=True)
+        except WireError:
             pass  # the connection dropped: the next connect republishes the latest state
 
     async def _telemetry_loop(self, stop: asyncio.Event) -> None:
@@ -211,11 +200,11 @@ class SimAgent:
     async def send_telemetry(self, window_s: float = 1.0) -> bool:
         """Publish one window (QoS 1, awaiting the PUBACK); False if none was sent."""
         window = self.telemetry_window(window_s)
-        if window is None or self._client is None:
+        if window is None or self._wire is None:
             return False
         try:
-            await self._client.publish(self.topics.telemetry(self.device_id), encode(window), qos=1)
-        except aiomqtt.MqttError:
+            await self._wire.publish(self.topics.telemetry(self.device_id), encode(window), qos=1)
+        except WireError:
             return False  # lost with the connection; a real agent would spool it
         self.stats.telemetry_sent += 1
         return True
@@ -227,7 +216,11 @@ class SimAgent:
             return None
         cfg = self.config
         base = cfg.latency_ms(current.version) / 1000
-        samples = sorted(max(0.0005, self._rng.gauss(base, base * 0.1)) for _ in range(cfg.requests_per_window))
+        # Standard normals from a shared table at a random offset: random.gauss per sample was half
+        # the cost of a window, and the simulator must offer thousands of windows a second.
+        start = self._rng.randrange(len(_NORMALS) - cfg.requests_per_window)
+        normals = _NORMALS[start : start + cfg.requests_per_window]
+        samples = sorted(max(0.0005, base + base * 0.1 * z) for z in normals)
         counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
         for s in samples:
             counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
