@@ -531,7 +531,13 @@ def test_watch_a_real_rollout_complete_then_roll_back(
     try:
         with TelemetryPump(devices):
             wait_for(lambda: len(cli.json("device", "list", "--status", "online")) == 2, what="devices online")
-            first = cli.json("rollout", "create", "tiny", "1", *fast)
+            first = cli.json("rollout", "create", "tiny", "1", *fast, "--manual")
+            waiting = wait_for(
+                lambda: cli.json("rollout", "status", first["id"])["state"] == "waiting_promotion",
+                what="the canary's gates to pass",
+            )
+            assert waiting and "gates passed: promote with" in _one_line(cli("rollout", "status", first["id"]).stdout)
+            assert cli.json("rollout", "promote", first["id"])["stage"] == "fleet"
             done = _one_line(cli("rollout", "status", first["id"], "--watch", "--interval", "0.2").stdout)
             assert "completed" in done and "2/2 stages done" in done and "min_activated_fraction pass" in done
 

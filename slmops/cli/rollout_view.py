@@ -61,6 +61,8 @@ def render_rollout(rollout: dict[str, Any], note: str | None = None) -> Renderab
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=len(stages), completed=done, width=40), Text(f"{done}/{len(stages)} stages done"))
     parts: list[RenderableType] = [header, bar, _devices_table(rollout), _checks_table(rollout.get("last_evaluation"))]
+    if rollout["state"] == "waiting_promotion":
+        parts.append(Text(f"gates passed: promote with `slmops rollout promote {rollout['id']}`", style="bold yellow"))
     if note:
         parts.append(Text(note, style="bold red"))
     return Group(*parts)
