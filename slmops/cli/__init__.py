@@ -8,10 +8,10 @@ and the agent stay light.
 from __future__ import annotations
 
 import importlib
-
-from slmops.cli.app import app
+import sys
 
 _COMMAND_MODULES = ("server", "agent", "tiny", "ops", "demo", "simulate")
+_AGENT_SUBCOMMANDS = {"apply", "rollback", "status"}
 
 
 def _register() -> None:
@@ -23,6 +23,23 @@ def _register() -> None:
                 raise
 
 
+def _is_agent_daemon(argv: list[str]) -> bool:
+    """`slmops agent --config FILE [--log-json]`: the daemon itself, which systemd keeps running."""
+    if not argv or argv[0] != "agent":
+        return False
+    rest = set(argv[1:])
+    return not (rest & _AGENT_SUBCOMMANDS) and not (rest & {"--help", "-h"}) and ("--config" in rest or "-c" in rest)
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    if _is_agent_daemon(argv):
+        # Skip Typer and rich (about 7 MB resident) for the long-running daemon on small devices.
+        from edge_agent.__main__ import main as agent_main
+
+        sys.argv = ["slmops agent", *("--config" if a == "-c" else a for a in argv[1:])]
+        sys.exit(agent_main())
+    from slmops.cli.app import app
+
     _register()
     app()
