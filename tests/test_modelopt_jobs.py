@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
+from control_plane.models import Job
+from control_plane.services.quantize_jobs import QuantizeJobs
+from control_plane.storage import LocalBlobStore
 from slmops.tinymodels import TinyLlamaShape, write_tiny_gguf
 from tests.fleet_helpers import upload_version, wait_for
 
@@ -107,3 +111,16 @@ def test_eval_metrics_are_stored_on_version_and_artifact(
     missing = client.put("/v1/models/m/versions/1/eval-metrics", json=wrong, headers=operator_headers)
     assert missing.status_code == 404 and missing.json()["code"] == "artifact_not_found"
     assert client.get("/v1/jobs/nope", headers=viewer_headers).json()["code"] == "job_not_found"
+
+
+def test_a_job_a_restart_interrupted_is_reported_failed(
+    client: TestClient, operator_headers: dict[str, str], engine: Any, tmp_path: Path
+) -> None:
+    with Session(engine) as session:
+        job = Job(kind="quantize", state="running", progress=0.1, step="quantizing", target="m@1 -> m@1-q8_0")
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    QuantizeJobs(engine, LocalBlobStore(tmp_path / "blobs"))  # what a restarted control plane builds
+    status = client.get(f"/v1/jobs/{job_id}", headers=operator_headers).json()
+    assert status["state"] == "failed" and "restarted" in status["error"]

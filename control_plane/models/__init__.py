@@ -3,6 +3,7 @@
 from control_plane.models.auth import ApiToken, AuditEntry, IdempotencyRecord, Role
 from control_plane.models.base import as_utc, new_id, utcnow
 from control_plane.models.devices import Device, DeviceLabel, DeviceStatus
+from control_plane.models.jobs import Job
 from control_plane.models.registry import (
     Artifact,
     ArtifactFormat,
@@ -42,6 +43,7 @@ __all__ = [
     "DeviceLabel",
     "DeviceStatus",
     "IdempotencyRecord",
+    "Job",
     "LineageRelation",
     "Model",
     "ModelVersion",

@@ -1,29 +1,26 @@
 """Quantization as a control-plane background job: a stored artifact in, a new version out.
 
-Jobs live in memory (one worker thread per control plane, one job at a time): a restart forgets
-them, and the version a finished job registered stays. Requests are checked before a job is queued,
-so a type a model's shapes cannot take is a 422 from the POST, not a failed job.
+Jobs are rows in `jobs` (state, progress, result), so their status survives the process that ran
+them; one worker thread per control plane runs them one at a time. A job a restart interrupted is
+marked failed when the next runner starts. Requests are checked before a job is queued, so a type
+a model's shapes cannot take is a 422 from the POST, not a failed job.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field
-from sqlmodel import Session, select
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
-from control_plane.models import Artifact, ModelVersion, utcnow
-from control_plane.schemas import VERSION_PATTERN, ArtifactSpec, VersionSpec
+from control_plane.models import Artifact, Job, ModelVersion, utcnow
+from control_plane.schemas import VERSION_PATTERN, ArtifactSpec, UTCDatetime, VersionSpec
 from control_plane.services import audit, registry
 from control_plane.services.sniff import sniff_artifact
 from control_plane.storage import LocalBlobStore
@@ -39,35 +36,19 @@ class QuantizeRequest(BaseModel):
 
 
 class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     id: str
     kind: str
     state: str  # queued, running, succeeded, failed
     progress: float
     step: str
     target: str
+    params: dict[str, Any]
     created_by: str
-    created_at: datetime
-    finished_at: datetime | None = None
+    created_at: UTCDatetime
+    finished_at: UTCDatetime | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
-
-
-@dataclass
-class QuantizeJob:
-    """What a job needs to run, and (in `public`) what callers see of it."""
-
-    public: JobPublic
-    model: str
-    version: str
-    new_version: str
-    to: str
-    source: Artifact
-    source_path: Path
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def update(self, **changes: Any) -> None:
-        with self.lock:
-            self.public = self.public.model_copy(update=changes)
 
 
 def _pick_source(session: Session, version: ModelVersion, sha256: str | None) -> Artifact:
@@ -99,68 +80,90 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
 
 
 class QuantizeJobs:
-    """The control plane's job table (in memory) and its single worker thread."""
+    """Runs queued quantize jobs on one worker thread; their state lives in the `jobs` table."""
 
     def __init__(self, engine: sa.Engine, store: LocalBlobStore) -> None:
         self._engine = engine
         self._store = store
-        self._jobs: dict[str, QuantizeJob] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantize-job")
+        self._fail_interrupted()
 
-    def get(self, job_id: str) -> JobPublic:
-        job = self._jobs.get(job_id)
+    def _fail_interrupted(self) -> None:
+        with Session(self._engine) as session:
+            for job in session.exec(select(Job).where(col(Job.state).in_(("queued", "running")))):
+                job.state, job.step, job.finished_at = "failed", "failed", utcnow()
+                job.error = "interrupted: the control plane restarted before the job finished"
+                session.add(job)
+            session.commit()
+
+    @staticmethod
+    def get(session: Session, job_id: str) -> JobPublic:
+        job = session.get(Job, job_id)
         if job is None:
             raise DomainError("job_not_found", f"no job {job_id}")
-        return job.public
+        return JobPublic.model_validate(job)
 
-    def submit(self, session: Session, *, model: str, version: str, request: QuantizeRequest, actor: str) -> JobPublic:
-        """Check the request, then queue the job; refusals raise DomainError before anything runs."""
+    def prepare(self, session: Session, *, model: str, version: str, request: QuantizeRequest, actor: str) -> Job:
+        """Check the request and add its job row (the caller commits, then calls `start`)."""
         model_row, version_row = registry.get_version(session, model, version)
         source = _pick_source(session, version_row, request.artifact_sha256)
-        source_path = self._store.path_for(source.sha256)
-        to = _check_target(source, source_path, request.to)
+        to = _check_target(source, self._store.path_for(source.sha256), request.to)
         new_version = request.version or f"{version}-{to.lower()}"
         if session.exec(
             select(ModelVersion).where(ModelVersion.model_id == model_row.id, ModelVersion.version == new_version)
         ).first():
             raise DomainError("version_exists", f"model {model!r} already has version {new_version!r}")
-        public = JobPublic(
-            id=str(uuid.uuid4()),
+        params = {"model": model, "version": version, "new_version": new_version, "to": to}
+        job = Job(
             kind="quantize",
-            state="queued",
-            progress=0.0,
-            step="queued",
             target=f"{model}@{version} -> {new_version} ({to})",
+            params=params | {"source_sha256": source.sha256, "source_format": source.format},
             created_by=actor,
-            created_at=utcnow(),
         )
-        job = QuantizeJob(public, model, version, new_version, to, source, source_path)
-        self._jobs[public.id] = job
-        self._pool.submit(self._run, job)
-        return public
+        session.add(job)
+        session.flush()
+        return job
 
-    def _run(self, job: QuantizeJob) -> None:
+    def start(self, job_id: str) -> None:
+        self._pool.submit(self._run, job_id)
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with Session(self._engine) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            for key, value in changes.items():
+                setattr(job, key, value)
+            session.add(job)
+            session.commit()
+
+    def _run(self, job_id: str) -> None:
         try:
-            job.update(state="running", step="quantizing", progress=0.1)
+            with Session(self._engine) as session:
+                job = session.get(Job, job_id)
+                assert job is not None
+                params, created_by = dict(job.params), job.created_by
+            self._update(job_id, state="running", step="quantizing", progress=0.1)
             with tempfile.TemporaryDirectory(dir=self._store.root) as scratch:
-                out = Path(scratch) / ("quantized.onnx" if job.source.format == "onnx" else "quantized.gguf")
-                result = self._quantize(job, out)
-                job.update(step="storing", progress=0.7)
-                result_body = self._register(job, out, result.size_before)
-            job.update(state="succeeded", step="done", progress=1.0, result=result_body, finished_at=utcnow())
+                out = Path(scratch) / f"quantized.{params['source_format']}"
+                size_before = self._quantize(params, out)
+                self._update(job_id, step="registering", progress=0.7)
+                result = self._register(job_id, params, created_by, out, size_before)
+            self._update(job_id, state="succeeded", step="done", progress=1.0, result=result, finished_at=utcnow())
         except Exception as exc:  # a job reports every failure in its status instead of dying silently
-            log.exception("quantize job %s failed", job.public.id)
-            job.update(state="failed", step="failed", error=str(exc), finished_at=utcnow())
+            log.exception("quantize job %s failed", job_id)
+            self._update(job_id, state="failed", step="failed", error=str(exc)[:4000], finished_at=utcnow())
 
-    @staticmethod
-    def _quantize(job: QuantizeJob, out: Path) -> Any:
+    def _quantize(self, params: dict[str, Any], out: Path) -> int:
         from slmops.modelopt import quantize_gguf, quantize_onnx_int8
 
-        if job.source.format == "onnx":
-            return quantize_onnx_int8(job.source_path, out)
-        return quantize_gguf(job.source_path, out, job.to)
+        source = self._store.path_for(params["source_sha256"])
+        if params["source_format"] == "onnx":
+            return quantize_onnx_int8(source, out).size_before
+        return quantize_gguf(source, out, params["to"]).size_before
 
-    def _register(self, job: QuantizeJob, out: Path, size_before: int) -> dict[str, Any]:
+    def _register(
+        self, job_id: str, params: dict[str, Any], created_by: str, out: Path, size_before: int
+    ) -> dict[str, Any]:
         from slmops.modelopt.quantize import file_sha256
 
         size_after = out.stat().st_size
@@ -170,38 +173,26 @@ class QuantizeJobs:
         reduction = round(1.0 - size_after / size_before, 4)
         metrics = {"size_reduction": reduction, "parent_size_bytes": size_before, "size_bytes": size_after}
         with Session(self._engine, expire_on_commit=False) as session:
-            model, _ = registry.get_version(session, job.model, job.version)
+            model, _ = registry.get_version(session, params["model"], params["version"])
             spec = VersionSpec(
-                version=job.new_version,
-                parent=job.version,
+                version=params["new_version"],
+                parent=params["version"],
                 relation="quantized_from",
                 eval_metrics=metrics,
-                notes=f"quantized to {job.to} by job {job.public.id}",
+                notes=f"quantized to {params['to']} by job {job_id}",
             )
-            row = registry.create_version(session, model=model, spec=spec, created_by=job.public.created_by)
+            row = registry.create_version(session, model=model, spec=spec, created_by=created_by)
+            artifact_spec = ArtifactSpec(quantization=params["to"])
             registry.add_stored_artifact(
-                session,
-                version=row,
-                blob=blob,
-                fmt=fmt,
-                file_metadata=metadata,
-                spec=ArtifactSpec(quantization=job.to),
+                session, version=row, blob=blob, fmt=fmt, file_metadata=metadata, spec=artifact_spec
             )
+            target = f"{params['model']}@{params['new_version']}"
             audit.record(
-                session,
-                actor=job.public.created_by,
-                action="version.quantize",
-                target=f"{job.model}@{job.new_version}",
-                request_id=job.public.id,
-                source_sha256=job.source.sha256,
-                sha256=sha256,
+                session, actor=created_by, action="version.quantize", target=target, request_id=job_id, sha256=sha256
             )
             session.commit()
-        return {"model": job.model, "version": job.new_version, "sha256": sha256, **metrics}
+        return {"model": params["model"], "version": params["new_version"], "sha256": sha256, **metrics}
 
     def wait_idle(self) -> None:
         """Block until queued jobs ran (shutdown and tests)."""
         self._pool.submit(lambda: None).result()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)

@@ -43,8 +43,10 @@ async def quantize_version(
     """Queue a quantization of the version's float artifact; poll `GET /v1/jobs/{id}`."""
     jobs = quantize_jobs(request)
     job = await run_in_threadpool(
-        jobs.submit, mutation.session, model=name, version=version, request=spec, actor=principal.actor
+        jobs.prepare, mutation.session, model=name, version=version, request=spec, actor=principal.actor
     )
     mutation.audit(principal, "job.create", f"{name}@{version}", job_id=job.id, to=spec.to)
+    body = JobPublic.model_validate(job)
     mutation.session.commit()
-    return job
+    jobs.start(job.id)  # after the commit, so the worker finds the row
+    return body
