@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -233,3 +233,21 @@ def test_telemetry_needs_the_viewer_role(client, admin_headers, path: str) -> No
     basic = base64.b64encode(f"{device['device_id']}:{device['device_secret']}".encode()).decode()
     as_device = client.get(path, headers={"Authorization": f"Basic {basic}"})
     assert (as_device.status_code, as_device.json()["code"]) == (403, "forbidden")
+
+
+def test_newest_windows_come_from_raw_rows_without_double_counting(client, engine, viewer_headers) -> None:  # type: ignore[no-untyped-def]
+    (a,) = add_devices(engine, "dev-a")
+    now = datetime.now(UTC)
+    ingest(engine, [window(a, now - timedelta(minutes=2), {3: 10})])
+    with Session(engine) as session:
+        run_rollup(session, KEEP_ALL)
+    ingest(engine, [window(a, datetime.now(UTC), {4: 4})])  # after the job's watermark
+    params = {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(minutes=1)).isoformat()}
+
+    for step in ("1h", "5m", "60"):
+        body = _versions(client, viewer_headers, step, **params)
+        assert body["sources"][-1] == "raw" and body["sources"][0].startswith("rollup_"), body["sources"]
+        assert sum(p["requests"] for p in body["points"]) == 14, step
+    with Session(engine) as session:
+        run_rollup(session, KEEP_ALL)
+    assert sum(p["requests"] for p in _versions(client, viewer_headers, "1h", **params)["points"]) == 14

@@ -93,6 +93,16 @@ class Aggregate:
         self.add_histogram(row.latency_histogram)
         self._add_max(row.latency_max_ms, row.max_rss_bytes)
 
+    def merge(self, other: Aggregate, sign: int = 1) -> None:
+        """Add (sign 1) or take away (sign -1) another aggregate; maxima only ever grow."""
+        for name in SUM_FIELDS:
+            setattr(self, name, getattr(self, name) + sign * getattr(other, name))
+        if other.bounds is not None and other.counts is not None:
+            histogram = {"bounds": other.bounds, "counts": [sign * c for c in other.counts]}
+            self.add_histogram(histogram)
+        if sign > 0:
+            self._add_max(other.latency_max_ms, other.max_rss_bytes)
+
     def histogram(self) -> dict[str, Any]:
         if self.bounds is None or self.counts is None:
             return {}

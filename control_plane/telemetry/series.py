@@ -1,8 +1,9 @@
 """Time series of a model version (fleet-wide) or of one device, one point per `step_s`.
 
 Steps that are whole hours read the hour rollups, whole minutes the minute rollups, anything else
-the raw windows. Buckets the rollup job has not reached yet (at or after its watermark) are
-computed from raw windows, so the newest points are never missing.
+the raw windows. What the rollup job has not reached yet (the minute of its watermark and after)
+is read at the next finer level (minute rollups, then raw windows), so the newest points are
+never missing and a query reads at most a minute or two of raw windows.
 """
 
 from __future__ import annotations
@@ -87,25 +88,44 @@ def _add_raw(session: Session, query: SeriesQuery, start: datetime, end: datetim
         into[floor_time(row.window_end, query.step_s)].add_window(row)
 
 
+Part = tuple[int, datetime, datetime]
+
+
+def _plan(step_s: int, first: datetime, end: datetime, watermark: datetime | None) -> list[Part]:
+    """Which source serves which part of [first, end): (resolution, or 0 for raw windows, start, end).
+
+    Each window is read from exactly one source, so a step bucket may safely mix them.
+    """
+    resolution = resolution_for(step_s)
+    if resolution is None or watermark is None:
+        return [(0, first, end)]
+
+    def clamp(t: datetime) -> datetime:
+        return min(end, max(first, t))
+
+    minute_split = clamp(floor_time(watermark, MINUTE))
+    parts = []
+    if resolution == HOUR:
+        hour_split = clamp(floor_time(watermark, HOUR))
+        parts += [(HOUR, first, hour_split), (MINUTE, hour_split, minute_split)]
+    else:
+        parts.append((MINUTE, first, minute_split))
+    parts.append((0, minute_split, end))  # what the rollup job has not reached yet
+    return [part for part in parts if part[1] < part[2]]
+
+
 def series(session: Session, query: SeriesQuery) -> dict[str, Any]:
     """Points from `start` (floored to the step) to `end`; steps without telemetry have null values."""
     buckets = query.buckets()
     first, end = buckets[0], buckets[-1] + timedelta(seconds=query.step_s)
-    resolution = resolution_for(query.step_s)
-    watermark = rollup_watermark(session)
-    split = first
-    if resolution is not None and watermark is not None:
-        split = min(end, max(first, floor_time(watermark, query.step_s)))
     aggregates: dict[datetime, Aggregate] = defaultdict(Aggregate)
-    if split > first and resolution is not None:
-        _add_rollups(session, query, resolution, first, split, aggregates)
-    if split < end:
-        _add_raw(session, query, split, end, aggregates)
     sources = []
-    if split > first:
-        sources.append(f"rollup_{resolution}s")
-    if split < end:
-        sources.append("raw")
+    for resolution, part_start, part_end in _plan(query.step_s, first, end, rollup_watermark(session)):
+        if resolution:
+            _add_rollups(session, query, resolution, part_start, part_end, aggregates)
+        else:
+            _add_raw(session, query, part_start, part_end, aggregates)
+        sources.append(f"rollup_{resolution}s" if resolution else "raw")
     return {
         "model": query.model,
         "version": query.version,
