@@ -325,6 +325,13 @@ def test_device_create_list_show(admin_cli: Cli, cli: Cli) -> None:
     assert cli.json("device", "list", "--status", "online") == []
     assert len(cli.json("device", "list", "--limit", "1")) == 1
     assert "1 devices (more left: --limit 0 lists all)" in cli("device", "list", "--limit", "1").stdout
+    fresh = admin_cli.json("device", "reissue-token", second["id"])
+    assert fresh["enrollment_token"] != second["enrollment_token"]
+    stale = httpx.post(
+        admin_cli.env["SLMOPS_SERVER"] + "/v1/devices/enroll",
+        json={"enrollment_token": second["enrollment_token"], "hardware": HARDWARE},
+    )
+    assert stale.status_code == 401  # the reissued token replaced the first one
     shown = cli.json("device", "show", second["id"])
     assert shown["name"] == "edge-2" and "enrollment_token" not in shown
     assert "region=us" in cli("device", "show", second["id"]).stdout

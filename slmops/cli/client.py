@@ -63,6 +63,11 @@ HINTS: dict[str, str] = {
     "quality_below_floor": "the version scores below the quality floor; pass --force to roll it out anyway",
     "connection_failed": "is the control plane running? start it with `slmops server`, or point --server "
     "(or SLMOPS_SERVER) at it",
+    "too_many_points": "ask for fewer points: a larger --step or a shorter --since",
+    "job_not_found": "the job id is unknown to this server (jobs are listed with the version they produced)",
+    "enrollment_token_invalid": "issue a new enrollment token with `slmops device reissue-token ID`",
+    "enrollment_token_expired": "issue a new enrollment token with `slmops device reissue-token ID`",
+    "enrollment_token_used": "the device already enrolled; to enroll it again, `slmops device reissue-token ID`",
     "internal_error": "the server failed; its log has the details (request id {request_id})",
 }
 

@@ -129,6 +129,10 @@ def device_create(
         emit_json(device)
         return
     console.print(f"created device [bold]{device['name']}[/bold] (id {device['id']}), labels {labels_text(labels)}")
+    _print_enrollment(device, server_url)
+
+
+def _print_enrollment(device: dict[str, Any], server_url: str) -> None:
     console.print(f"enrollment token (shown once, expires {device['enrollment_expires_at']}):")
     console.print(device["enrollment_token"], soft_wrap=True, highlight=False)
     console.print(
@@ -137,6 +141,22 @@ def device_create(
         soft_wrap=True,
         highlight=False,
     )
+
+
+@device_app.command("reissue-token")
+def device_reissue_token(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """A new one-time enrollment token for a device (admin); its current credential stops working."""
+    with api(server, token) as client:
+        device = client.post(f"/v1/devices/{device_id}/enrollment-token")
+    if output is Output.json:
+        emit_json(device)
+        return
+    _print_enrollment(device, client.config.server)
 
 
 @device_app.command("list")
