@@ -52,3 +52,19 @@ def test_models_of_different_shapes_are_not_compared(tmp_path: Path, tiny_gguf: 
     pytest.importorskip("llama_cpp")
     with pytest.raises(ValueError, match="not comparable"):
         metrics_against(measure_here(tiny_onnx, "onnx"), measure_here(tiny_gguf, "gguf"))
+
+
+@pytest.mark.llama
+def test_an_adapter_is_measured_on_its_base_and_judged_by_perplexity(tiny_gguf: Path, tiny_lora_gguf: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    base = measure_here(tiny_gguf, "gguf")
+    adapted = measure_here(tiny_gguf, "gguf", lora_path=tiny_lora_gguf)
+    assert adapted.size_bytes == tiny_lora_gguf.stat().st_size
+    metrics = metrics_against(base, adapted, relation="adapter_of")
+    # The adapter changes predictions (that is its job), so it is judged by perplexity instead.
+    assert metrics["next_token_agreement"] < 1.0
+    assert metrics["retention_basis"] == "perplexity_ratio"
+    assert metrics["quality_retention"] == pytest.approx(base.perplexity / adapted.perplexity, abs=1e-3)  # type: ignore[operator]
+    assert metrics["size_reduction"] > 0.9
+    quantized_view = metrics_against(base, adapted)
+    assert quantized_view["retention_basis"] == "next_token_agreement"

@@ -127,3 +127,23 @@ def test_push_records_the_provenance_of_a_distilled_model(  # type: ignore[no-un
             "dataset": "maintenance-logs-v2",
             "method": "distillation",
         }
+
+
+def test_evaluate_an_adapter_version_against_its_base(  # type: ignore[no-untyped-def]
+    app, operator_headers, tiny_gguf: Path, tiny_lora_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    token = operator_headers["Authorization"].removeprefix("Bearer ")
+    with ServerThread(app) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        _cli(url, token, "model", "create", "tiny")
+        _cli(url, token, "model", "push", "tiny", "1.0", str(tiny_gguf))
+        _cli(url, token, "model", "push", "tiny", "1.0-lora", str(tiny_lora_gguf), "--parent", "1.0",
+             "--relation", "adapter_of")  # fmt: skip
+        _cli(url, token, "model", "evaluate", "tiny", "1.0-lora")
+        version = httpx.get(f"{url}/v1/models/tiny/versions/1.0-lora", headers=operator_headers).json()
+        metrics = version["eval_metrics"]
+        assert metrics["retention_basis"] == "perplexity_ratio" and metrics["quality_retention"] > 0
+        assert version["artifacts"][0]["format"] == "gguf-lora"
+        assert version["artifacts"][0]["eval_metrics"]["quality_retention"] == metrics["quality_retention"]

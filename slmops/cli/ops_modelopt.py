@@ -68,6 +68,34 @@ def _parent_ref(version: dict[str, Any], against: str | None) -> tuple[str, str]
     usage_error("no_parent", f"{version['model']}@{version['version']} has no parent; pass --against VERSION")
 
 
+def _measure_pair(
+    client: ApiClient, variant: dict[str, Any], parent: dict[str, Any], artifact: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, the variant artifact measured): both downloaded, each measured in its own process."""
+    from slmops.modelopt.compare import evaluate_files
+
+    parent_artifact = _evaluable(parent, None)
+    parent_path = download_artifact(client, parent_artifact, cache_dir())
+    adapter = next((a for a in variant["artifacts"] if a["format"] == "gguf-lora"), None)
+    if adapter is not None and artifact in (None, adapter["sha256"]):
+        # An adapter is measured as the parent (its base) with the adapter loaded on top.
+        measured, variant_path = adapter, parent_path
+        lora_path: Path | None = download_artifact(client, adapter, cache_dir())
+    else:
+        measured, lora_path = _evaluable(variant, artifact), None
+        variant_path = download_artifact(client, measured, cache_dir())
+    if (measured["format"] == "onnx") != (parent_artifact["format"] == "onnx"):
+        usage_error("not_comparable", "variant and parent are in different formats")
+    metrics = evaluate_files(
+        str(variant_path),
+        str(parent_path),
+        parent_artifact["format"],
+        lora_path=str(lora_path) if lora_path else None,
+        relation=(variant.get("parent") or {}).get("relation"),
+    )
+    return metrics, measured
+
+
 @model_app.command("evaluate")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model name.")],
@@ -80,22 +108,16 @@ def evaluate(
     output: OutputOpt = Output.table,
 ) -> None:
     """Measure a version next to its parent on this machine (speed, memory, quality) and store the metrics."""
-    from slmops.modelopt.compare import evaluate_files, format_table
+    from slmops.modelopt.compare import format_table
 
     with api(server, token) as client:
         variant = client.get(f"/v1/models/{model}/versions/{version}")
         parent_model, parent_version = _parent_ref(variant, against)
         parent = client.get(f"/v1/models/{parent_model}/versions/{parent_version}")
-        variant_artifact = _evaluable(variant, artifact)
-        parent_artifact = _evaluable(parent, None)
-        if variant_artifact["format"] != parent_artifact["format"]:
-            usage_error("not_comparable", "variant and parent are in different formats")
-        variant_path = download_artifact(client, variant_artifact, cache_dir())
-        parent_path = download_artifact(client, parent_artifact, cache_dir())
-        metrics = evaluate_files(str(variant_path), str(parent_path), variant_artifact["format"])
+        metrics, measured = _measure_pair(client, variant, parent, artifact)
         against_ref = f"{parent_model}@{parent_version}"
         if store:
-            body = {"metrics": metrics, "artifact_sha256": variant_artifact["sha256"], "against": against_ref}
+            body = {"metrics": metrics, "artifact_sha256": measured["sha256"], "against": against_ref}
             client.request("PUT", f"/v1/models/{model}/versions/{version}/eval-metrics", json=body)
     if output is Output.json:
         emit_json(metrics | {"evaluated_against": against_ref})

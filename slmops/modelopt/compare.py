@@ -1,10 +1,13 @@
 """Turn a variant's and its parent's measurements into eval metrics, and print them as a table.
 
-`quality_retention` is the number rollouts gate on (1.0: the parent's behaviour kept): the share of
-positions where the variant's greedy next token equals the parent's (GGUF: teacher forced over the
-packaged text and prompt sets; ONNX: argmax over the deterministic input set). Perplexity is
-reported next to it but is not the gate: on the random-weight test models quantization noise can
-*lower* perplexity while changing a fifth of the predictions, and agreement catches that.
+`quality_retention` is the number rollouts gate on (1.0: as good as the parent):
+- for a quantization (or an unspecified relation) it is the share of positions where the variant's
+  greedy next token equals the parent's (GGUF: teacher forced over the packaged text and prompt sets;
+  ONNX: argmax over the deterministic input set). Perplexity is reported next to it but is not the
+  gate: on the random-weight test models quantization noise can *lower* perplexity while changing
+  a fifth of the predictions, and agreement catches that;
+- for a fine-tune, distillation or adapter, whose point is to behave differently, it is parent
+  perplexity / variant perplexity on the text set (above 1.0: better than the parent).
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ def _speed(m: Measurement, prefix: str = "") -> dict[str, Any]:
     }
 
 
-def metrics_against(parent: Measurement, variant: Measurement) -> dict[str, Any]:
-    """Eval metrics of `variant` relative to `parent` (plain JSON values)."""
+BEHAVIOUR_CHANGING = ("finetuned_from", "distilled_from", "adapter_of")
+
+
+def metrics_against(parent: Measurement, variant: Measurement, relation: str | None = None) -> dict[str, Any]:
+    """Eval metrics of `variant` relative to `parent` (plain JSON values); `relation` is the lineage."""
     agreement = _agreement(parent, variant)
     metrics: dict[str, Any] = {"format": variant.format, **_speed(variant), **_speed(parent, "parent_")}
     metrics["size_reduction"] = round(1.0 - variant.size_bytes / parent.size_bytes, 4)
@@ -47,13 +53,21 @@ def metrics_against(parent: Measurement, variant: Measurement) -> dict[str, Any]
         metrics["argmax_agreement"] = round(agreement, 4)
         assert parent.logits is not None and variant.logits is not None
         metrics["max_abs_diff"] = round(float(np.abs(parent.logits - variant.logits).max()), 6)
-    metrics["quality_retention"] = round(agreement, 4)
+    if relation in BEHAVIOUR_CHANGING and variant.perplexity and parent.perplexity:
+        metrics["quality_retention"] = round(parent.perplexity / variant.perplexity, 4)
+        metrics["retention_basis"] = "perplexity_ratio"
+    else:
+        metrics["quality_retention"] = round(agreement, 4)
+        metrics["retention_basis"] = "next_token_agreement"
     return metrics
 
 
-def evaluate_files(variant: str, parent: str, fmt: str) -> dict[str, Any]:
-    """Measure both files (each in its own process) and compare them."""
-    return metrics_against(measure(parent, fmt), measure(variant, fmt))
+def evaluate_files(
+    variant: str, parent: str, fmt: str, *, lora_path: str | None = None, relation: str | None = None
+) -> dict[str, Any]:
+    """Measure both (each in its own process) and compare them; with `lora_path` the variant is
+    `variant` (the base file) plus that adapter."""
+    return metrics_against(measure(parent, fmt), measure(variant, fmt, lora_path), relation)
 
 
 _ROWS = [

@@ -78,14 +78,15 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((log_z - shifted[np.arange(len(targets)), targets]).sum())
 
 
-def _gguf_quality(path: Path) -> tuple[float, np.ndarray]:
+def _gguf_quality(path: Path, lora_path: Path | None) -> tuple[float, np.ndarray]:
     """Perplexity on the text set, and the greedy next token at every position of the text set
     and the prompt set (teacher forced, so one early difference does not hide the rest)."""
     import llama_cpp
 
     from slmops.modelopt.evaluate import default_prompts
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0)
+    lora = str(lora_path) if lora_path else None
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0, lora_path=lora)
     texts = eval_texts()
     total_nll, total_tokens, argmaxes = 0.0, 0, []
     try:
@@ -142,13 +143,18 @@ def _onnx_quality(path: Path) -> tuple[float | None, np.ndarray, np.ndarray]:
     return perplexity, logits.argmax(axis=-1).reshape(-1), logits
 
 
-def measure_here(path: Path | str, fmt: str) -> Measurement:
-    """Measure in this process (peak RSS is then this process's peak so far)."""
+def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None) -> Measurement:
+    """Measure in this process (peak RSS is then this process's peak so far).
+
+    With `lora_path` the model is the base plus that adapter, and its size is the adapter's: the
+    bytes a device that runs the base has to fetch.
+    """
     from edge_agent.runtime import load_engine
 
     model_path = Path(path)
+    lora = Path(lora_path) if lora_path else None
     started = time.perf_counter()
-    engine = load_engine(model_path, fmt, n_ctx=512)
+    engine = load_engine(model_path, fmt, n_ctx=512, lora_path=lora)
     load_s = time.perf_counter() - started
     try:
         ms_per_token = _ms_per_token(engine)
@@ -156,13 +162,13 @@ def measure_here(path: Path | str, fmt: str) -> Measurement:
         engine.close()
     logits = None
     if fmt == "gguf":
-        perplexity, argmax = _gguf_quality(model_path)
+        perplexity, argmax = _gguf_quality(model_path, lora)
     else:
         perplexity, argmax, logits = _onnx_quality(model_path)
     return Measurement(
         path=str(model_path),
         format=fmt,
-        size_bytes=model_path.stat().st_size,
+        size_bytes=(lora or model_path).stat().st_size,
         load_s=load_s,
         ms_per_token=ms_per_token,
         peak_rss_mb=_peak_rss_mb(),
@@ -172,8 +178,8 @@ def measure_here(path: Path | str, fmt: str) -> Measurement:
     )
 
 
-def measure(path: Path | str, fmt: str) -> Measurement:
+def measure(path: Path | str, fmt: str, lora_path: Path | str | None = None) -> Measurement:
     """Measure in a fresh spawned process, so peak RSS belongs to this model alone."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(measure_here, (str(path), fmt))
+        return pool.apply(measure_here, (str(path), fmt, str(lora_path) if lora_path else None))
