@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from control_plane import metrics
-from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, utcnow
+from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, new_id, utcnow
 from shared.topics import TopicKind
 
 log = logging.getLogger("slmops.ingest")
@@ -32,13 +32,18 @@ class IngestWriter:
             ids = {m.device_id for m in batch}
             devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))}
             seen_ids = self._known_ids(session, batch)
+            windows: list[dict[str, Any]] = []
             for message in batch:
                 device = devices.get(message.device_id)
                 if device is None or device.status == DeviceStatus.decommissioned:
                     self.counters["unknown_device"] += 1
                     log.warning("dropped %s message from unknown device %s", message.kind, message.device_id)
                     continue
-                self._apply(session, device, message, seen_ids)
+                self._apply(session, device, message, seen_ids, windows)
+            if windows:
+                # A bulk INSERT of plain values (multi-row VALUES on PostgreSQL): a SQLModel object per
+                # window and the unit of work's per-row INSERT were half of ingest's time (profiled).
+                session.execute(sa.insert(TelemetryRecord), windows)
             session.commit()
 
     def _known_ids(self, session: Session, batch: list[Any]) -> set[tuple[str, str]]:
@@ -53,7 +58,9 @@ class IngestWriter:
         ).all()
         return {(d, m) for d, m in rows}
 
-    def _apply(self, session: Session, device: Device, message: Any, seen: set[tuple[str, str]]) -> None:
+    def _apply(
+        self, session: Session, device: Device, message: Any, seen: set[tuple[str, str]], windows: list[dict[str, Any]]
+    ) -> None:
         body = message.message
         device.last_seen = message.received_at
         if message.kind == TopicKind.STATUS:
@@ -68,7 +75,7 @@ class IngestWriter:
                 self.counters["duplicate_telemetry"] += 1
                 return
             seen.add(key)
-            session.add(telemetry_record(device.id, body))
+            windows.append(telemetry_values(device.id, body))
             metrics.observe_ingest_lag(body.window_end)
         elif message.kind == TopicKind.EVENTS:
             detail = body.model_dump(mode="json", exclude={"schema_version", "kind"})
@@ -96,25 +103,31 @@ def _ms(value: float | None) -> float | None:
 
 
 def telemetry_record(device_id: str, window: Any) -> TelemetryRecord:
+    return TelemetryRecord(**telemetry_values(device_id, window))
+
+
+def telemetry_values(device_id: str, window: Any) -> dict[str, Any]:
+    """A `telemetry_windows` row for one window, every column given (no model defaults apply)."""
     hist = window.latency_histogram
-    return TelemetryRecord(
-        device_id=device_id,
-        message_id=window.message_id,
-        seq=window.seq,
-        window_start=window.window_start,
-        window_end=window.window_end,
-        model=window.model,
-        version=window.version,
-        requests=window.requests,
-        errors=window.errors,
-        latency_p50_ms=_ms(window.latency_s.p50),
-        latency_p95_ms=_ms(window.latency_s.p95),
-        latency_p99_ms=_ms(window.latency_s.p99),
-        latency_max_ms=_ms(window.latency_s.max),
-        ttft_p95_ms=_ms(window.time_to_first_token_s.p95),
-        tokens_per_s_p50=window.tokens_per_s.p50,
-        rss_bytes=window.system.rss_bytes,
-        peak_rss_bytes=window.system.peak_rss_bytes,
-        latency_histogram={"bounds": list(hist.bounds), "counts": list(hist.counts)} if hist else {},
-        received_at=utcnow(),
-    )
+    return {
+        "id": new_id(),
+        "device_id": device_id,
+        "message_id": window.message_id,
+        "seq": window.seq,
+        "window_start": window.window_start,
+        "window_end": window.window_end,
+        "model": window.model,
+        "version": window.version,
+        "requests": window.requests,
+        "errors": window.errors,
+        "latency_p50_ms": _ms(window.latency_s.p50),
+        "latency_p95_ms": _ms(window.latency_s.p95),
+        "latency_p99_ms": _ms(window.latency_s.p99),
+        "latency_max_ms": _ms(window.latency_s.max),
+        "ttft_p95_ms": _ms(window.time_to_first_token_s.p95),
+        "tokens_per_s_p50": window.tokens_per_s.p50,
+        "rss_bytes": window.system.rss_bytes,
+        "peak_rss_bytes": window.system.peak_rss_bytes,
+        "latency_histogram": {"bounds": list(hist.bounds), "counts": list(hist.counts)} if hist else {},
+        "received_at": utcnow(),
+    }
