@@ -209,11 +209,11 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
         )
 
         # The chart: an SVG path per version with several points, v1 before the rollout and v2 on the canary.
-        page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", timeout=15000)
+        page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached", timeout=25000)
         page.wait_for_function(
             "() => (document.querySelector(\"#chart-p95 path[data-series='tiny@2']\").getAttribute('d')"
             ".match(/L/g) || []).length >= 2",
-            timeout=15000,
+            timeout=25000,
         )
         for name in ("tiny@1", "tiny@2"):
             d = page.get_attribute(f"#chart-p95 path[data-series='{name}']", "d") or ""
@@ -228,7 +228,8 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
             "() => (document.querySelector('#device-states .count-active b') || {}).textContent === '4'",
             timeout=30000,
         )
-        page.wait_for_timeout(2500)  # one more refresh so the charts include the fleet stage
+        page.reload()  # charts refresh every 10 s; a reload draws them with the fleet stage at once
+        page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached")
         shot = tmp_path / "dashboard-rollout.png"
         page.screenshot(path=str(shot), full_page=True)
         SHOWCASE.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,10 @@ MAX_VERSIONS = 8  # one colour each; more lines than this are unreadable anyway
 
 
 def step_for(span_s: float) -> int:
-    """About POINTS points; from an hour up, whole minutes so the minute rollups answer."""
+    """About POINTS points; from a quarter hour up, whole minutes, so the minute rollups answer
+    and only the newest minutes (past the rollup watermark) are read from raw windows."""
     step = max(1, int(span_s // POINTS))
-    return -(-step // MINUTE) * MINUTE if span_s >= 3600 else step
+    return -(-step // MINUTE) * MINUTE if span_s >= 900 else step
 
 
 def since_for(range_key: str) -> tuple[datetime, int]:

@@ -3,6 +3,9 @@
 (function () {
   "use strict";
   var REFRESH_MS = 2000;
+  // Charts move slower than states and each refresh reads telemetry: every 5th tick is plenty.
+  var CHART_EVERY = 5;
+  var ticks = 0;
   var SVG = "http://www.w3.org/2000/svg";
   var COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626", "#4b5563"];
 
@@ -138,7 +141,9 @@
 
   function tick() {
     var status = document.getElementById("live-status");
-    Promise.all([refreshLive(), refreshCharts()]).then(function () {
+    ticks += 1;
+    var charts = ticks % CHART_EVERY === 0 ? refreshCharts() : Promise.resolve();
+    Promise.all([refreshLive(), charts]).then(function () {
       var when = "updated " + new Date().toISOString().substring(11, 19) + " UTC";
       if (status) { status.classList.remove("stale"); status.title = when; }
       var stamp = document.getElementById("updated");
