@@ -57,8 +57,8 @@ class FlakyLink:
 
     `break_upload="response"` loses the answer to the first POST starting with `post`; `"request"` cuts
     that POST's body after `cut_after` bytes. `go_down()` hangs up every connection, open or new, until
-    `go_up()`. It keeps the head of every
-    upload and every upload response, so tests can see the Idempotency-Key on the wire.
+    `go_up()`. It keeps the head of every such POST and of its answers, so tests can see the
+    Idempotency-Key on the wire.
     """
 
     def __init__(
