@@ -176,71 +176,81 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
     from playwright.sync_api import sync_playwright
 
     ctx = fleet_with_live_rollout
-    base_url, api, operator, rollout = ctx["base_url"], ctx["api"], ctx["operator"], ctx["rollout"]
+    base_url, rollout_id = ctx["base_url"], ctx["rollout"]["id"]
     problems: list[str] = []
     with sync_playwright() as playwright:
         browser = _launch(playwright)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        _sign_in(page, base_url, f"/rollouts/{rollout['id']}", ctx["viewer_token"])
+        _sign_in(page, base_url, f"/rollouts/{rollout_id}", ctx["viewer_token"])
         # From here on no console error at all (the wrong token's 401 above is logged by Chromium).
         page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
         cookie = next(c for c in page.context.cookies() if c["name"] == "slmops_token")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
-        # The rollout: state, stage, devices per state, the last evaluation's numbers.
-        assert page.get_attribute("#rollout-state", "data-state") == "running"
-        assert page.inner_text("#rollout-stage") == "canary"
-        assert page.inner_text("#device-states .count-active b") == "1"
-        assert page.inner_text("#device-states .count-waiting b") == "3"
-        ratio = page.locator("#gate-checks tr[data-gate=max_p95_latency_ratio]")
-        assert ratio.get_attribute("data-result") == "pass"
-        assert ratio.locator("[data-limit]").inner_text() == "1.5"
-        assert 0.2 < float(ratio.locator("[data-value]").inner_text()) < 0.9  # v2 is about twice as fast
-        rss = page.locator("#gate-checks tr[data-gate=max_rss_mb]")
-        assert float(rss.locator("[data-value]").inner_text()) == pytest.approx(120.0)
-        assert rss.locator("[data-limit]").inner_text() == "512"
-
-        # Live: the evaluation count grows without a reload.
-        seen = int(page.get_attribute("#evaluation-count", "data-count") or 0)
-        assert seen >= 1
-        page.wait_for_function(
-            "n => Number(document.querySelector('#evaluation-count').dataset.count) > n", arg=seen, timeout=15000
-        )
-
-        # The chart: an SVG path per version with several points, v1 before the rollout and v2 on the canary.
-        page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached", timeout=25000)
-        page.wait_for_function(
-            "() => (document.querySelector(\"#chart-p95 path[data-series='tiny@2']\").getAttribute('d')"
-            ".match(/L/g) || []).length >= 2",
-            timeout=25000,
-        )
-        for name in ("tiny@1", "tiny@2"):
-            d = page.get_attribute(f"#chart-p95 path[data-series='{name}']", "d") or ""
-            assert _path_points(d) >= 3, d
-        assert page.locator("#chart-rss svg path.series").count() == 2
-
-        # An operator promotes through the API; the open page follows by itself.
-        promoted = api.post(f"/v1/rollouts/{rollout['id']}/promote", headers=operator)
-        assert promoted.status_code == 200, promoted.text
-        page.wait_for_function("() => document.querySelector('#rollout-stage').textContent === 'fleet'", timeout=15000)
-        page.wait_for_function(
-            "() => (document.querySelector('#device-states .count-active b') || {}).textContent === '4'",
-            timeout=30000,
-        )
-        page.reload()  # charts refresh every 10 s; a reload draws them with the fleet stage at once
-        page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached")
-        shot = tmp_path / "dashboard-rollout.png"
-        page.screenshot(path=str(shot), full_page=True)
-        SHOWCASE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, SHOWCASE)
-        assert shot.stat().st_size > 10_000
-
+        _check_canary(page)
+        _check_charts(page)
+        _promote_and_follow(page, ctx["api"], ctx["operator"], rollout_id, tmp_path)
         _check_overview(page, base_url, ctx["devices"], tmp_path)
         _check_devices(page, base_url, tmp_path)
         _check_registry(page, base_url, hashlib.sha256(tiny_gguf_other.read_bytes()).hexdigest(), tmp_path)
         browser.close()
     assert not problems, problems
+
+
+def _check_canary(page: Any) -> None:
+    """State, stage, devices per state and the last evaluation's numbers; then a live update."""
+    assert page.get_attribute("#rollout-state", "data-state") == "running"
+    assert page.inner_text("#rollout-stage") == "canary"
+    assert page.inner_text("#device-states .count-active b") == "1"
+    assert page.inner_text("#device-states .count-waiting b") == "3"
+    ratio = page.locator("#gate-checks tr[data-gate=max_p95_latency_ratio]")
+    assert ratio.get_attribute("data-result") == "pass"
+    assert ratio.locator("[data-limit]").inner_text() == "1.5"
+    assert 0.2 < float(ratio.locator("[data-value]").inner_text()) < 0.9  # v2 is about twice as fast
+    rss = page.locator("#gate-checks tr[data-gate=max_rss_mb]")
+    assert float(rss.locator("[data-value]").inner_text()) == pytest.approx(120.0)
+    assert rss.locator("[data-limit]").inner_text() == "512"
+    # Live: the evaluation count grows without a reload.
+    seen = int(page.get_attribute("#evaluation-count", "data-count") or 0)
+    assert seen >= 1
+    page.wait_for_function(
+        "n => Number(document.querySelector('#evaluation-count').dataset.count) > n", arg=seen, timeout=15000
+    )
+
+
+def _check_charts(page: Any) -> None:
+    """An SVG path per version with several points: v1 before the rollout, v2 on the canary."""
+    page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached", timeout=25000)
+    page.wait_for_function(
+        "() => (document.querySelector(\"#chart-p95 path[data-series='tiny@2']\").getAttribute('d')"
+        ".match(/L/g) || []).length >= 2",
+        timeout=25000,
+    )
+    for name in ("tiny@1", "tiny@2"):
+        d = page.get_attribute(f"#chart-p95 path[data-series='{name}']", "d") or ""
+        assert _path_points(d) >= 3, d
+    assert page.locator("#chart-rss svg path.series").count() == 2
+
+
+def _promote_and_follow(
+    page: Any, api: httpx.Client, operator: dict[str, str], rollout_id: str, tmp_path: Path
+) -> None:
+    """An operator promotes through the API; the open page follows by itself. Then the screenshot."""
+    promoted = api.post(f"/v1/rollouts/{rollout_id}/promote", headers=operator)
+    assert promoted.status_code == 200, promoted.text
+    page.wait_for_function("() => document.querySelector('#rollout-stage').textContent === 'fleet'", timeout=15000)
+    page.wait_for_function(
+        "() => (document.querySelector('#device-states .count-active b') || {}).textContent === '4'",
+        timeout=30000,
+    )
+    page.reload()  # charts refresh every 10 s; a reload draws them with the fleet stage at once
+    page.wait_for_selector("#chart-p95 svg path.series[data-series='tiny@2']", state="attached")
+    shot = tmp_path / "dashboard-rollout.png"
+    page.screenshot(path=str(shot), full_page=True)
+    SHOWCASE.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, SHOWCASE)
+    assert shot.stat().st_size > 10_000
 
 
 def _check_overview(page: Any, base_url: str, devices: list[SimDevice], tmp_path: Path) -> None:
