@@ -240,3 +240,9 @@ def test_static_files_are_served_from_the_package_only(client: TestClient) -> No
     assert js.status_code == 200 and "lineChart" in js.text and "slmops_token" not in js.text
     assert client.get("/ui/static/..%2Fqueries.py").status_code == 404
     assert client.get("/ui/static/routes.py").status_code == 404
+
+
+def test_an_unknown_rollout_is_a_404_page(client: TestClient, engine: sa.Engine) -> None:
+    _sign_in(client, _token(engine)[1])
+    response = client.get("/rollouts/no-such-rollout")
+    assert response.status_code == 404 and "There is no rollout no-such-rollout" in response.text

@@ -194,6 +194,7 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
         _check_overview(page, base_url, ctx["devices"], tmp_path)
         _check_devices(page, base_url, tmp_path)
         _check_registry(page, base_url, hashlib.sha256(tiny_gguf_other.read_bytes()).hexdigest(), tmp_path)
+        _check_rollouts_and_telemetry(page, base_url, rollout_id)
         browser.close()
     assert not problems, problems
 
@@ -293,3 +294,16 @@ def _check_registry(page: Any, base_url: str, v2_sha256: str, tmp_path: Path) ->
     assert "perplexity = 12.5" in v2.locator(".metrics").inner_text()
     assert "gguf" in v2.locator("table.artifacts").inner_text()
     page.screenshot(path=str(tmp_path / "dashboard-registry.png"), full_page=True)
+
+
+def _check_rollouts_and_telemetry(page: Any, base_url: str, rollout_id: str) -> None:
+    page.goto(base_url + "/rollouts")
+    rows = page.locator("#rollouts-table tbody tr")
+    assert rows.count() == 2
+    assert "running" in rows.nth(0).inner_text() and "completed" in rows.nth(1).inner_text()
+    page.click(f"#rollouts-table a[href='/rollouts/{rollout_id}']")
+    page.wait_for_url(f"**/rollouts/{rollout_id}")
+    page.goto(base_url + "/telemetry?range=5m")
+    for chart in ("#chart-p95", "#chart-rss", "#chart-requests"):
+        page.wait_for_selector(f"{chart} svg path.series[data-series='tiny@2']", state="attached")
+    assert "tiny@1" in page.inner_text("#chart-p95 .legend")
