@@ -32,9 +32,9 @@ from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRol
 
 log = logging.getLogger("slmops.telemetry")
 MINUTE, HOUR = 60, 3600
-# Ingest stamps received_at before its transaction commits; rows committed up to this long after
-# their stamp are still found by the next run.
-SETTLE = timedelta(seconds=120)
+# Ingest stamps received_at before its batch commits (well under a second); rows committed up to
+# this long after their stamp are still found by the next run.
+SETTLE = timedelta(seconds=15)
 MAX_RUN_MINUTES = 60  # raw rows of at most this many minutes are held in memory at once
 STATE_NAME = "rollup"
 Key = tuple[str, str, str]  # (model, version, device_id); device "" for the per-version row
@@ -104,10 +104,17 @@ def _runs(minutes: list[datetime]) -> Iterable[tuple[datetime, datetime]]:
         yield start, prev + timedelta(seconds=MINUTE)
 
 
-def _group_raw(session: Session, start: datetime, end: datetime) -> dict[tuple[datetime, Key], Aggregate]:
+def _group_raw(
+    session: Session, start: datetime, end: datetime, received_before: datetime
+) -> dict[tuple[datetime, Key], Aggregate]:
     columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
     rows = session.execute(
-        sa.select(*columns).where(col(TelemetryRecord.window_end) >= start, col(TelemetryRecord.window_end) < end)
+        sa.select(*columns).where(
+            col(TelemetryRecord.window_end) >= start,
+            col(TelemetryRecord.window_end) < end,
+            # Later rows wait for the next pass, so a query can add exactly `received_at >= watermark`.
+            col(TelemetryRecord.received_at) < received_before,
+        )
     )
     groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
     for row in rows:
@@ -135,10 +142,10 @@ def _load(session: Session, resolution_s: int, start: datetime, end: datetime) -
     return groups
 
 
-def _roll_minutes(session: Session, start: datetime, end: datetime, hour_deltas: Any) -> None:
+def _roll_minutes(session: Session, start: datetime, end: datetime, watermark: datetime, hour_deltas: Any) -> None:
     """Recompute the minutes of [start, end) from raw rows; note how each changed for the hours."""
     old = _load(session, MINUTE, start, end)
-    new = _group_raw(session, start, end)
+    new = _group_raw(session, start, end, watermark)
     _replace(session, MINUTE, start, end, new)
     for (bucket, key), agg in new.items():
         hour_deltas[(floor_time(bucket, HOUR), key)].merge(agg)
@@ -208,7 +215,7 @@ def run_rollup(session: Session, policy: RetentionPolicy, now: datetime | None =
     report = RollupReport(minute_buckets=len(minutes))
     hour_deltas: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
     for start, end in _runs(minutes):
-        _roll_minutes(session, start, end, hour_deltas)
+        _roll_minutes(session, start, end, scan_started, hour_deltas)
     hours = sorted({bucket for bucket, _ in hour_deltas})
     report.hour_buckets = len(hours)
     for hour in hours:

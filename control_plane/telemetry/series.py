@@ -1,9 +1,9 @@
 """Time series of a model version (fleet-wide) or of one device, one point per `step_s`.
 
 Steps that are whole hours read the hour rollups, whole minutes the minute rollups, anything else
-the raw windows. What the rollup job has not reached yet (the minute of its watermark and after)
-is read at the next finer level (minute rollups, then raw windows), so the newest points are
-never missing and a query reads at most a minute or two of raw windows.
+the raw windows. Windows that arrived after the rollup job's last pass (its watermark) are added
+from the raw table, so the newest points are never missing and a query reads at most one
+rollup interval of raw windows.
 """
 
 from __future__ import annotations
@@ -75,9 +75,18 @@ def _add_rollups(
         into[floor_time(row.bucket_start, query.step_s)].add_rollup(row)
 
 
-def _add_raw(session: Session, query: SeriesQuery, start: datetime, end: datetime, into: Any) -> None:
+def _add_raw(
+    session: Session,
+    query: SeriesQuery,
+    start: datetime,
+    end: datetime,
+    into: Any,
+    received_since: datetime | None = None,
+) -> None:
     columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
     stmt = sa.select(*columns).where(col(TelemetryRecord.window_end) >= start, col(TelemetryRecord.window_end) < end)
+    if received_since is not None:
+        stmt = stmt.where(col(TelemetryRecord.received_at) >= received_since)
     if query.device_id:
         stmt = stmt.where(col(TelemetryRecord.device_id) == query.device_id)
     if query.model is not None:
@@ -88,44 +97,22 @@ def _add_raw(session: Session, query: SeriesQuery, start: datetime, end: datetim
         into[floor_time(row.window_end, query.step_s)].add_window(row)
 
 
-Part = tuple[int, datetime, datetime]
-
-
-def _plan(step_s: int, first: datetime, end: datetime, watermark: datetime | None) -> list[Part]:
-    """Which source serves which part of [first, end): (resolution, or 0 for raw windows, start, end).
-
-    Each window is read from exactly one source, so a step bucket may safely mix them.
-    """
-    resolution = resolution_for(step_s)
-    if resolution is None or watermark is None:
-        return [(0, first, end)]
-
-    def clamp(t: datetime) -> datetime:
-        return min(end, max(first, t))
-
-    minute_split = clamp(floor_time(watermark, MINUTE))
-    parts = []
-    if resolution == HOUR:
-        hour_split = clamp(floor_time(watermark, HOUR))
-        parts += [(HOUR, first, hour_split), (MINUTE, hour_split, minute_split)]
-    else:
-        parts.append((MINUTE, first, minute_split))
-    parts.append((0, minute_split, end))  # what the rollup job has not reached yet
-    return [part for part in parts if part[1] < part[2]]
-
-
 def series(session: Session, query: SeriesQuery) -> dict[str, Any]:
     """Points from `start` (floored to the step) to `end`; steps without telemetry have null values."""
     buckets = query.buckets()
     first, end = buckets[0], buckets[-1] + timedelta(seconds=query.step_s)
     aggregates: dict[datetime, Aggregate] = defaultdict(Aggregate)
-    sources = []
-    for resolution, part_start, part_end in _plan(query.step_s, first, end, rollup_watermark(session)):
-        if resolution:
-            _add_rollups(session, query, resolution, part_start, part_end, aggregates)
-        else:
-            _add_raw(session, query, part_start, part_end, aggregates)
-        sources.append(f"rollup_{resolution}s" if resolution else "raw")
+    resolution = resolution_for(query.step_s)
+    watermark = rollup_watermark(session)
+    if resolution is None or watermark is None:
+        _add_raw(session, query, first, end, aggregates)
+        sources = ["raw"]
+    else:
+        # Rollups hold every window received before the job's watermark; the raw rows received
+        # since are exactly the rest, so nothing is counted twice or missed.
+        _add_rollups(session, query, resolution, first, end, aggregates)
+        _add_raw(session, query, first, end, aggregates, received_since=watermark)
+        sources = [f"rollup_{resolution}s", "raw"]
     return {
         "model": query.model,
         "version": query.version,
