@@ -53,6 +53,7 @@ class SimDevice:
         self._seq = 0
         self._seen = RecentIds(1024)
         self._lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
         self._rng = random.Random(device_id)
         status_topic = topics.status(device_id)
         broker = parse_broker_url(url).with_credentials(device_id, secret)
@@ -76,6 +77,8 @@ class SimDevice:
         self._publish_state()
 
     def stop(self) -> None:
+        for timer in self._timers:  # a desired state still "downloading" is abandoned, as on power loss
+            timer.cancel()
         self.client.stop(publish_offline=True)
 
     @property
@@ -92,7 +95,9 @@ class SimDevice:
         if not self._seen.first_time(desired.message_id):
             return
         # Never block paho's network thread: apply on a timer, as a real download would.
-        threading.Timer(self.behaviour.apply_delay_s, self._apply, args=(desired,)).start()
+        timer = threading.Timer(self.behaviour.apply_delay_s, self._apply, args=(desired,))
+        self._timers.append(timer)
+        timer.start()
 
     def _apply(self, desired: DesiredState) -> None:
         ref = ModelRef(model=desired.model, version=desired.version, sha256=desired.artifact.sha256,
