@@ -79,7 +79,11 @@ def test_rollouts_below_the_quality_floor_are_refused_unless_forced(  # type: ig
 
         assert _rollout(url, operator_headers, "1.0-q4_0", "a", force=True).status_code == 201
         assert _rollout(url, operator_headers, "1.0-q8_0", "b").status_code == 201
-        assert _rollout(url, operator_headers, "1.0-q4_0", "c", min_quality_retention=0.5).status_code == 201
+        # The same through the CLI: refused with the code, then accepted under a lower floor.
+        args = ["rollout", "create", "tiny", "1.0-q4_0", "--selector", "slot=c", "--server", url, "--token", token]
+        refused_cli = CliRunner().invoke(cli_app, args)
+        assert refused_cli.exit_code == 1 and "quality_below_floor" in refused_cli.output
+        _cli(url, token, "rollout", "create", *args[2:4], "--selector", "slot=c", "--min-quality-retention", "0.5")
         # A version never evaluated has nothing to be refused for.
         assert _rollout(url, operator_headers, "1.0", "d").status_code == 201
 

@@ -82,6 +82,9 @@ def rollout_create(
     max_rss_mb: Annotated[float | None, typer.Option(help="Max resident memory in MB.")] = None,
     min_samples: Annotated[int | None, typer.Option(help="Requests needed before latency gates decide.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start even below the quality floor.")] = False,
+    min_quality_retention: Annotated[
+        float | None, typer.Option(help="Quality floor, 0..1 of the parent (server default 0.9).", min=0, max=1)
+    ] = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
@@ -97,6 +100,8 @@ def rollout_create(
         body["promotion"] = "manual"
     if force:
         body["force"] = True
+    if min_quality_retention is not None:
+        body["min_quality_retention"] = min_quality_retention
     limits = {
         "max_p95_latency_ratio": max_p95_ratio,
         "max_p95_latency_ms": max_p95_ms,

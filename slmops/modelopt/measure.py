@@ -160,7 +160,8 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
         ms_per_token = _ms_per_token(engine)
     finally:
         engine.close()
-    logits = None
+    logits: np.ndarray | None = None
+    perplexity: float | None
     if fmt == "gguf":
         perplexity, argmax = _gguf_quality(model_path, lora)
     else:
