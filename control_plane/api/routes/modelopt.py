@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,11 +17,19 @@ from control_plane.services.quantize_jobs import JobPublic, QuantizeJobs, Quanti
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
+_RUNNER_LOCK = threading.Lock()
+
+
 def quantize_jobs(request: Request) -> QuantizeJobs:
-    """The app's job runner, created on first use (apps that never quantize start no thread)."""
+    """The app's job runner, created on first use (apps that never quantize start no thread).
+
+    Created once per process under a lock: a second runner would fail the first one's jobs as
+    interrupted. The control plane runs jobs in one process (like its controller).
+    """
     state = request.app.state
-    if getattr(state, "quantize_jobs", None) is None:
-        state.quantize_jobs = QuantizeJobs(state.engine, state.blob_store)
+    with _RUNNER_LOCK:
+        if getattr(state, "quantize_jobs", None) is None:
+            state.quantize_jobs = QuantizeJobs(state.engine, state.blob_store)
     return state.quantize_jobs  # type: ignore[no-any-return]
 
 
