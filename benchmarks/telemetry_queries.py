@@ -45,7 +45,7 @@ SELECT md5('w' || g), 'dev-' || (g % :devices), md5('m' || g), g / :devices,
     'tiny', (CASE WHEN g % 2 = 0 THEN '1' ELSE '2' END), 20, g % 3, 80.0, 30.0, 25.0,
     (100 + g % 50) * 1048576, (120 + g % 50) * 1048576,
     ('{{"bounds": {BOUNDS}, "counts": ' || {COUNTS} || '}}')::json,
-    :now - ((g - :lo) / :devices) * 10 * interval '1 second'
+    COALESCE(CAST(:received AS timestamptz), :now - ((g - :lo) / :devices) * 10 * interval '1 second')
 FROM generate_series(:lo, :hi) AS g
 """
 DEVICES = """
@@ -67,10 +67,14 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     return statistics.median(samples), samples[max(0, int(len(samples) * 0.95) - 1)]
 
 
-def windows(engine: sa.Engine, lo: int, hi: int, devices: int, newest: datetime) -> None:
-    """Rows lo..hi-1, the first `devices` of them ending at `newest`, each next round 10 s earlier."""
+def windows(
+    engine: sa.Engine, lo: int, hi: int, devices: int, newest: datetime, received: datetime | None = None
+) -> None:
+    """Rows lo..hi-1, the first `devices` of them ending at `newest`, each next round 10 s earlier;
+    received when they ended unless `received` is given."""
+    params = {"devices": devices, "now": newest, "lo": lo, "hi": hi - 1, "received": received}
     with engine.begin() as conn:
-        conn.execute(sa.text(GENERATE), {"devices": devices, "now": newest, "lo": lo, "hi": hi - 1})
+        conn.execute(sa.text(GENERATE), params)
 
 
 def populate(engine: sa.Engine, rows: int, devices: int) -> float:
@@ -103,6 +107,8 @@ def run(url: str, rows: int, devices: int, repeat: int) -> None:
         live = run_rollup(session, policy)
         elapsed_ms = (time.perf_counter() - started) * 1000
     print(f"live rollup pass (30 s of new windows, {live.minute_buckets} minutes recomputed): {elapsed_ms:.0f} ms")
+    # Queries run as they would mid-interval: 30 s of windows arrived since the job's last pass.
+    windows(engine, rows + 3 * devices, rows + 6 * devices, devices, utcnow(), received=utcnow())
     span = timedelta(seconds=rows // devices * 10)
     end = utcnow()
     queries: dict[str, Callable[[Session], Any]] = {
