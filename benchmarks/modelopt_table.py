@@ -1,6 +1,7 @@
 """Size reduction and quality retention of quantized tiny models next to their float parents.
 
-GGUF F32 -> Q8_0, Q4_0, Q4_K_M (llama.cpp) and ONNX fp32 -> int8 (onnxruntime dynamic). Each model
+GGUF F32 -> Q8_0, Q4_0, Q4_K_M (llama.cpp) and ONNX fp32 -> int8 (onnxruntime dynamic, and static
+QDQ calibrated on the prompt set). Each model
 is measured in its own process (see slmops.modelopt.measure); quality retention is the share of the
 parent's greedy next tokens the variant reproduces (1.0 = unchanged), next to perplexity on the
 packaged text set. Random-weight models: the figures show the method, not a real model's loss.
@@ -20,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slmops.modelopt import quantize_gguf, quantize_onnx_int8  # noqa: E402
 from slmops.modelopt.compare import evaluate_files  # noqa: E402
+from slmops.modelopt.onnx_static import quantize_onnx_int8_static  # noqa: E402
 from slmops.tinymodels import write_tiny_gguf, write_tiny_onnx  # noqa: E402
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
@@ -35,6 +37,8 @@ def rows(size: str, workdir: Path) -> list[dict[str, Any]]:
     onnx_parent = write_tiny_onnx(workdir / "tiny-fp32.onnx", seed=0, size=size)  # type: ignore[arg-type]
     variant = quantize_onnx_int8(onnx_parent, workdir / "tiny-int8.onnx").dst
     results.append({"variant": "ONNX fp32 -> int8", **evaluate_files(str(variant), str(onnx_parent), "onnx")})
+    static = quantize_onnx_int8_static(onnx_parent, workdir / "tiny-int8-static.onnx").dst
+    results.append({"variant": "ONNX fp32 -> int8 static", **evaluate_files(str(static), str(onnx_parent), "onnx")})
     return results
 
 
@@ -72,8 +76,11 @@ def main() -> None:
         return
     print(f"Quantization of the {args.size} test models (retention: greedy next-token agreement with the parent)")
     print(table(results))
-    onnx = results[-1]
-    print(f"ONNX int8 argmax agreement {onnx['argmax_agreement']:.1%}, max |logit diff| {onnx['max_abs_diff']:.4f}")
+    for onnx in results[-2:]:
+        print(
+            f"{onnx['variant']}: argmax agreement {onnx['argmax_agreement']:.1%}, "
+            f"max |logit diff| {onnx['max_abs_diff']:.4f}"
+        )
 
 
 if __name__ == "__main__":

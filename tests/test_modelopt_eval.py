@@ -68,3 +68,16 @@ def test_an_adapter_is_measured_on_its_base_and_judged_by_perplexity(tiny_gguf: 
     assert metrics["size_reduction"] > 0.9
     quantized_view = metrics_against(base, adapted)
     assert quantized_view["retention_basis"] == "next_token_agreement"
+
+
+def test_onnx_static_int8_is_calibrated_and_compared(tmp_path: Path, tiny_onnx: Path) -> None:
+    import onnx
+
+    from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+
+    result = quantize_onnx_int8_static(tiny_onnx, tmp_path / "static.onnx")
+    ops = {node.op_type for node in onnx.load(str(result.dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too (QDQ)
+    metrics = metrics_against(measure_here(tiny_onnx, "onnx"), measure_here(result.dst, "onnx"))
+    assert 0.5 < metrics["argmax_agreement"] < 1.0 and metrics["size_reduction"] > 0.6
+    assert not list(tmp_path.glob("*augmented*"))  # calibration leaves no intermediate model behind

@@ -91,6 +91,12 @@ def test_onnx_quantizes_to_int8_only(client: TestClient, operator_headers: dict[
     version = client.get("/v1/models/byte-lm/versions/1-int8", headers=operator_headers).json()
     assert version["artifacts"][0]["format"] == "onnx" and version["artifacts"][0]["quantization"] == "int8"
     assert version["eval_metrics"]["size_reduction"] > 0.6
+    static = client.post("/v1/models/byte-lm/versions/1/quantize", json={"to": "INT8-static"}, headers=operator_headers)
+    assert static.status_code == 202, static.text
+    assert _finished_job(client, operator_headers, static.json()["id"])["state"] == "succeeded"
+    calibrated = client.get("/v1/models/byte-lm/versions/1-int8-static", headers=operator_headers).json()
+    assert calibrated["artifacts"][0]["quantization"] == "int8-static"
+    assert calibrated["parent"]["relation"] == "quantized_from"
 
 
 def test_eval_metrics_are_stored_on_version_and_artifact(

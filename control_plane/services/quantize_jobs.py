@@ -30,7 +30,7 @@ QUANTIZABLE = ("gguf", "onnx")
 
 
 class QuantizeRequest(BaseModel):
-    to: str = Field(min_length=1, max_length=32, description="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8")
+    to: str = Field(min_length=1, max_length=32, description="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8, int8-static")
     version: str | None = Field(default=None, pattern=VERSION_PATTERN, description="default: <version>-<to>")
     artifact_sha256: str | None = Field(default=None, description="source artifact; default: the float one")
 
@@ -69,9 +69,11 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
     from slmops.modelopt import QuantizeError, check_gguf_quantizable
 
     if source.format == "onnx":
-        if to.lower() != "int8":
-            raise DomainError("quantization_unsupported", f"ONNX models quantize to int8 only, not {to!r}")
-        return "int8"
+        if to.lower() not in ("int8", "int8-static"):
+            raise DomainError(
+                "quantization_unsupported", f"ONNX models quantize to int8 or int8-static only, not {to!r}"
+            )
+        return to.lower()
     try:
         check_gguf_quantizable(path, to.upper())
     except QuantizeError as exc:
@@ -157,6 +159,10 @@ class QuantizeJobs:
         from slmops.modelopt import quantize_gguf, quantize_onnx_int8
 
         source = self._store.path_for(params["source_sha256"])
+        if params["to"] == "int8-static":
+            from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+
+            return quantize_onnx_int8_static(source, out).size_before
         if params["source_format"] == "onnx":
             return quantize_onnx_int8(source, out).size_before
         return quantize_gguf(source, out, params["to"]).size_before

@@ -65,7 +65,7 @@ def make_tiny(
 def quantize(
     src: str = typer.Argument(..., help="Float model file (GGUF or ONNX), or a registry MODEL."),
     dst: str = typer.Argument(..., help="Quantized file to write, or the registry VERSION to quantize."),
-    to: str = typer.Option("Q8_0", "--to", help="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8."),
+    to: str = typer.Option("Q8_0", "--to", help="GGUF: Q8_0, Q4_0, Q4_K_M, ...; ONNX: int8, int8-static."),
     new_version: str | None = typer.Option(None, "--new-version", help="Registry form: name of the result."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Registry form: follow the job to its end."),
     server: str | None = typer.Option(None, "--server", help="Registry form: control plane URL."),
@@ -83,9 +83,14 @@ def quantize(
     src_path, dst_path = Path(src), Path(dst)
     try:
         if src_path.suffix == ".onnx":
-            if to.lower() != "int8":
-                raise QuantizeError(f"ONNX models quantize to int8 only, not {to!r}")
-            result = quantize_onnx_int8(src_path, dst_path)
+            if to.lower() not in ("int8", "int8-static"):
+                raise QuantizeError(f"ONNX models quantize to int8 or int8-static only, not {to!r}")
+            if to.lower() == "int8-static":
+                from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+
+                result = quantize_onnx_int8_static(src_path, dst_path)
+            else:
+                result = quantize_onnx_int8(src_path, dst_path)
         else:
             result = quantize_gguf(src_path, dst_path, to.upper())
     except QuantizeError as exc:
