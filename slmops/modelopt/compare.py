@@ -94,6 +94,8 @@ def format_table(metrics: dict[str, Any], variant_name: str = "variant", parent_
     for key in ("size_reduction", "next_token_agreement", "argmax_agreement", "quality_retention"):
         if key in metrics:
             lines.append(f"{key:<24}{metrics[key]:.2%}")
+    if "retention_basis" in metrics:
+        lines.append(f"{'retention_basis':<24}{metrics['retention_basis']}")
     if "max_abs_diff" in metrics:
         lines.append(f"{'max_abs_diff':<24}{metrics['max_abs_diff']:.6f}")
     return "\n".join(lines)
