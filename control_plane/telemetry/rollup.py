@@ -28,6 +28,7 @@ from sqlmodel import Session, col
 
 from control_plane.models import TelemetryRecord, as_utc, utcnow
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
+from control_plane.telemetry.pg_group import group_raw_pg
 from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRollup
 
 log = logging.getLogger("slmops.telemetry")
@@ -107,6 +108,8 @@ def _runs(minutes: list[datetime]) -> Iterable[tuple[datetime, datetime]]:
 def _group_raw(
     session: Session, start: datetime, end: datetime, received_before: datetime
 ) -> dict[tuple[datetime, Key], Aggregate]:
+    if session.get_bind().dialect.name == "postgresql":
+        return group_raw_pg(session, start, end, received_before)
     columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
     rows = session.execute(
         sa.select(*columns).where(
