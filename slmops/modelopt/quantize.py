@@ -143,9 +143,7 @@ def quantize_gguf(
     previous_level = llama_logger.level
     llama_logger.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(
-            str(src_path).encode(), str(partial).encode(), ctypes.byref(params)
-        )
+        rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(partial).encode(), ctypes.byref(params))
     finally:
         llama_logger.setLevel(previous_level)
     if rc != 0 or not partial.is_file():
