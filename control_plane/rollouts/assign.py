@@ -84,13 +84,20 @@ def set_desired(
     row = session.get(DesiredStateRow, device.id) if current is _UNKNOWN else current
     assert row is None or isinstance(row, DesiredStateRow)
     if row is None:
+        # Every field at construction: SQLModel's per-attribute __setattr__ made setting them again
+        # below the largest cost of a 10,000-device assignment (cProfile).
         row = DesiredStateRow(
             device_id=device.id,
             message_id=state.message_id,
             model=state.model,
             version=state.version,
             artifact_sha256=state.artifact.sha256,
+            rollout_id=state.rollout_id,
+            payload=state.model_dump(mode="json"),
+            updated_at=utcnow(),
         )
+        session.add(row)
+        return row
     row.message_id = state.message_id
     row.model = state.model
     row.version = state.version
@@ -124,4 +131,7 @@ def mark_published(session: Session, message_ids: list[str]) -> None:
             update(DesiredStateRow)
             .where(col(DesiredStateRow.message_id).in_(chunk))
             .values(published_message_id=DesiredStateRow.message_id)
+            # Not "evaluate": matching the IN list against every loaded row, per chunk, took 1.3 s
+            # for 5,000 rows (cProfile); the publisher's session ends right after this.
+            .execution_options(synchronize_session=False)
         )
