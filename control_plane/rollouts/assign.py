@@ -63,6 +63,8 @@ def deployable_artifacts(session: Session, version: ModelVersion) -> tuple[list[
     if version.lineage_relation != LineageRelation.adapter_of or version.parent_version_id is None:
         return own, None
     adapter = next((a for a in own if a.format == ArtifactFormat.gguf_lora), None)
+    if adapter is None:  # an "adapter" pushed as a merged model deploys as itself
+        return own, None
     base = session.exec(select(Artifact).where(Artifact.version_id == version.parent_version_id))
     return [a for a in base if a.format == ArtifactFormat.gguf], adapter
 
