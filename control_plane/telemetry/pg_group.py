@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
@@ -22,14 +24,15 @@ Key = tuple[str, str, str]
 MAX_BUCKETS = 32  # count columns summed; the OpenTelemetry layouts we use have at most 17
 _COUNT_SUMS = ",\n       ".join(f"SUM((counts ->> {i})::bigint) AS c{i}" for i in range(MAX_BUCKETS))
 # MATERIALIZED: each window's JSON is parsed once (to jsonb), not once per count column.
-GROUPED = f"""
+GROUPED = """
 WITH w AS MATERIALIZED (
     SELECT device_id, COALESCE(model, '') AS model, COALESCE(version, '') AS version,
-           date_trunc('minute', timezone('UTC', window_end)) AS bucket, requests, errors, latency_max_ms,
+           timezone('UTC', to_timestamp(floor(extract(epoch FROM window_end) / :step) * :step)) AS bucket,
+           requests, errors, latency_max_ms,
            ttft_p95_ms, tokens_per_s_p50, rss_bytes, peak_rss_bytes,
            (latency_histogram ->> 'bounds') AS bounds, (latency_histogram::jsonb -> 'counts') AS counts
     FROM telemetry_windows
-    WHERE window_end >= :start AND window_end < :end AND received_at < :before
+    WHERE {where}
 )
 SELECT device_id, model, version, bucket, bounds, COUNT(*) AS windows, SUM(requests) AS requests,
        SUM(errors) AS errors, MAX(latency_max_ms) AS latency_max_ms,
@@ -41,9 +44,17 @@ SELECT device_id, model, version, bucket, bounds, COUNT(*) AS windows, SUM(reque
        COALESCE(SUM(requests) FILTER (WHERE tokens_per_s_p50 IS NOT NULL AND requests > 0), 0)
            AS tokens_per_s_requests,
        SUM(rss_bytes) AS rss_bytes_sum, MAX(GREATEST(peak_rss_bytes, rss_bytes)) AS max_rss_bytes,
-       {_COUNT_SUMS}
+       {count_sums}
 FROM w GROUP BY device_id, model, version, bucket, bounds
-"""
+""".replace("{count_sums}", _COUNT_SUMS)
+# Optional filters: fixed clauses, values always bound.
+_FILTERS = {
+    "received_before": "received_at < :received_before",
+    "received_since": "received_at >= :received_since",
+    "model": "model = :model",
+    "version": "version = :version",
+    "device_id": "device_id = :device_id",
+}
 _SCALAR_FIELDS = (
     "windows",
     "requests",
@@ -73,16 +84,25 @@ def _aggregate(row: sa.Row) -> Aggregate:  # type: ignore[type-arg]
     return agg
 
 
+def grouped_windows_pg(
+    session: Session, start: datetime, end: datetime, step_s: int, **filters: Any
+) -> Iterator[tuple[datetime, Key, Aggregate]]:
+    """(bucket, (model, version, device), aggregate) of the windows ending in [start, end)."""
+    given = {name: value for name, value in filters.items() if value is not None}
+    where = ["window_end >= :start", "window_end < :end", *(_FILTERS[name] for name in given)]
+    sql = GROUPED.replace("{where}", " AND ".join(where))
+    for row in session.execute(sa.text(sql), {"start": start, "end": end, "step": step_s, **given}):
+        yield _utc(row.bucket), (row.model, row.version, row.device_id), _aggregate(row)
+
+
 def group_raw_pg(
     session: Session, start: datetime, end: datetime, before: datetime
 ) -> dict[tuple[datetime, Key], Aggregate]:
     """Per (minute, key) aggregates of the windows in [start, end) received before `before`,
     per device and per version (device "")."""
     groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
-    for row in session.execute(sa.text(GROUPED), {"start": start, "end": end, "before": before}):
-        agg = _aggregate(row)
-        bucket = _utc(row.bucket)
+    for bucket, (model, version, device), agg in grouped_windows_pg(session, start, end, 60, received_before=before):
         # A device key sees one row per histogram layout (almost always one); merging adds them.
-        groups[(bucket, (row.model, row.version, row.device_id))].merge(agg)
-        groups[(bucket, (row.model, row.version, ""))].merge(agg)
+        groups[(bucket, (model, version, device))].merge(agg)
+        groups[(bucket, (model, version, ""))].merge(agg)
     return dict(groups)

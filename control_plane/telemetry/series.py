@@ -19,6 +19,7 @@ from sqlmodel import Session, col
 from control_plane.errors import DomainError
 from control_plane.models import TelemetryRecord
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
+from control_plane.telemetry.pg_group import grouped_windows_pg
 from control_plane.telemetry.rollup import HOUR, MINUTE, floor_time, rollup_watermark
 from control_plane.telemetry.tables import DeviceRollup, VersionRollup
 
@@ -83,6 +84,13 @@ def _add_raw(
     into: Any,
     received_since: datetime | None = None,
 ) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        filters = {"model": query.model, "version": query.version, "device_id": query.device_id}
+        for bucket, _, agg in grouped_windows_pg(
+            session, start, end, query.step_s, received_since=received_since, **filters
+        ):
+            into[bucket].merge(agg)
+        return
     columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
     stmt = sa.select(*columns).where(col(TelemetryRecord.window_end) >= start, col(TelemetryRecord.window_end) < end)
     if received_since is not None:
