@@ -246,3 +246,54 @@ def test_an_unknown_rollout_is_a_404_page(client: TestClient, engine: sa.Engine)
     _sign_in(client, _token(engine)[1])
     response = client.get("/rollouts/no-such-rollout")
     assert response.status_code == 404 and "There is no rollout no-such-rollout" in response.text
+
+
+def test_a_rollout_page_renders_whatever_its_evaluations_hold(client: TestClient, engine: sa.Engine) -> None:
+    """Evaluations without an activation check, with a gate that had no value, or with no details."""
+    from control_plane.models import GateEvaluation, Model, ModelVersion, Rollout
+
+    plan = {"stages": [{"name": "canary", "count": 1, "min_bake_s": 60}, {"name": "fleet", "percent": 100}]}
+    with Session(engine) as session:
+        model = Model(name="tiny")
+        session.add(model)
+        session.flush()
+        version = ModelVersion(model_id=model.id, version="1")
+        session.add(version)
+        session.flush()
+        rollout = Rollout(model_id=model.id, version_id=version.id, plan=plan, state="paused")
+        session.add(rollout)
+        session.flush()
+        checks = [{"gate": "max_error_rate", "result": "inconclusive", "value": None, "limit": 0.05}]
+        session.add(GateEvaluation(rollout_id=rollout.id, stage_index=0, result="inconclusive", details={}))
+        session.add(
+            GateEvaluation(rollout_id=rollout.id, stage_index=0, result="inconclusive", details={"checks": checks})
+        )
+        session.commit()
+        rollout_id = rollout.id
+    _sign_in(client, _token(engine)[1])
+    html = client.get(f"/rollouts/{rollout_id}").text
+    assert 'data-gate="max_error_rate" data-result="inconclusive"' in html
+    assert 'data-count="2"' in html and "badge-paused" in html
+
+
+def test_a_large_fleet_charts_from_rollups_only(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the raw budget the chart uses whole minutes from the rollups, up to the job's watermark."""
+    from control_plane.telemetry.rollup import RetentionPolicy, run_rollup
+
+    monkeypatch.setattr(telemetry, "RAW_BUDGET", 2)
+    with Session(engine) as session:
+        session.add_all([_window(f"d{i}", 1, 150, 0.03, 100, "1") for i in range(3)])
+        session.commit()
+    since = utcnow() - timedelta(seconds=600)
+    with Session(engine) as session:
+        step_s, _, raw = telemetry.plan_range(session, since, 10)
+        assert (step_s, raw) == (60, True)  # the rollup job never ran: raw windows are all there is
+        run_rollup(session, RetentionPolicy(raw_s=86400, minute_s=14 * 86400, hour_s=400 * 86400))
+        session.add(_window("late", 1, 1, 0.3, 500, "2"))  # after the watermark: not charted yet
+        session.commit()
+        step_s, end, raw = telemetry.plan_range(session, since, 10)
+        assert (step_s, raw) == (60, False) and end <= utcnow()
+        charts = telemetry.version_series(session, since=since, step_s=10)
+    assert charts["step_s"] == 60
+    assert [s["name"] for s in charts["rss_mb"]] == ["tiny@1"]
+    assert [p[1] for p in charts["rss_mb"][0]["points"]] == [pytest.approx(100.0)]

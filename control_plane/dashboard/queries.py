@@ -99,3 +99,12 @@ def known_versions(session: Session) -> list[str]:
 def metric_rows(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Gate checks in a stable order for display (activation first, then the plan's order)."""
     return sorted(checks, key=lambda c: (c.get("gate") != "min_activated_fraction",))
+
+
+def check_value(details: dict[str, Any], gate: str) -> float | None:
+    """The value one gate had in an evaluation, or None when it was not checked or had no value."""
+    for check in details.get("checks", []):
+        if check.get("gate") == gate:
+            value = check.get("value")
+            return float(value) if isinstance(value, int | float) else None
+    return None

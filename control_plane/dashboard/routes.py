@@ -122,7 +122,14 @@ def rollout_page(
         return render(request, "missing.html", partial, status_code=404, viewer=viewer, what=f"rollout {rollout_id}")
     view = queries.rollout_view(session, rollout)
     return render(
-        request, "rollout.html", partial, viewer=viewer, view=view, r=view.rollout, ordered=queries.metric_rows
+        request,
+        "rollout.html",
+        partial,
+        viewer=viewer,
+        view=view,
+        r=view.rollout,
+        ordered=queries.metric_rows,
+        check_value=queries.check_value,
     )
 
 
@@ -161,7 +168,7 @@ def telemetry_series(
         step_s = telemetry.step_for((utcnow() - since).total_seconds())
         owner = session.get(Model, row.model_id)
         model = owner.name if owner else None
-    body: dict[str, Any] = {"step_s": step_s, "since": since.isoformat()}
+    body: dict[str, Any] = {"since": since.isoformat()}  # version_series adds the step it used
     body.update(telemetry.version_series(session, since=since, step_s=step_s, model=model))
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

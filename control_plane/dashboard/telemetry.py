@@ -14,13 +14,14 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from control_plane.models import TelemetryRecord, as_utc, utcnow
-from control_plane.telemetry.rollup import MINUTE
+from control_plane.telemetry.rollup import MINUTE, floor_time, rollup_watermark
 from control_plane.telemetry.series import SeriesQuery, series
 from control_plane.telemetry.tables import VersionRollup
 
 RANGES_S = {"5m": 300, "15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600}
 POINTS = 60
 MAX_VERSIONS = 8  # one colour each; more lines than this are unreadable anyway
+RAW_BUDGET = 20_000  # raw windows one chart request may aggregate; above it, rollups only
 
 
 def step_for(span_s: float) -> int:
@@ -35,31 +36,51 @@ def since_for(range_key: str) -> tuple[datetime, int]:
     return utcnow() - timedelta(seconds=span), step_for(span)
 
 
-def _versions(session: Session, since: datetime, model: str | None) -> list[tuple[str, str]]:
-    """(model, version) pairs with telemetry since `since`, in raw windows or in rollups."""
-    raw = sa.select(TelemetryRecord.model, TelemetryRecord.version).where(
-        col(TelemetryRecord.window_end) >= since,
-        col(TelemetryRecord.model).is_not(None),
-        col(TelemetryRecord.version).is_not(None),
-    )
+def _versions(session: Session, since: datetime, model: str | None, raw: bool) -> list[tuple[str, str]]:
+    """(model, version) pairs with telemetry since `since`, in rollups and (when `raw`) raw windows."""
     rolled = sa.select(VersionRollup.model, VersionRollup.version).where(
         col(VersionRollup.bucket_start) >= since, col(VersionRollup.model) != ""
     )
     if model:
-        raw, rolled = raw.where(col(TelemetryRecord.model) == model), rolled.where(col(VersionRollup.model) == model)
-    pairs = {(m, v) for m, v in session.execute(raw.distinct())} | {
-        (m, v) for m, v in session.execute(rolled.distinct())
-    }
+        rolled = rolled.where(col(VersionRollup.model) == model)
+    pairs = {(m, v) for m, v in session.execute(rolled.distinct())}
+    if raw:
+        windows = sa.select(TelemetryRecord.model, TelemetryRecord.version).where(
+            col(TelemetryRecord.window_end) >= since,
+            col(TelemetryRecord.model).is_not(None),
+            col(TelemetryRecord.version).is_not(None),
+        )
+        if model:
+            windows = windows.where(col(TelemetryRecord.model) == model)
+        pairs |= {(m, v) for m, v in session.execute(windows.distinct())}
     return sorted(pairs)[:MAX_VERSIONS]
 
 
-def version_series(
-    session: Session, *, since: datetime, step_s: int, model: str | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """{"p95_ms"|"rss_mb"|"requests": [{"name": "m@v", "points": [[epoch_ms, value], ...]}]}"""
-    end = utcnow()
-    out: dict[str, list[dict[str, Any]]] = {"p95_ms": [], "rss_mb": [], "requests": []}
-    for model_name, version in _versions(session, since, model):
+def _many_raw_windows(session: Session, since: datetime) -> bool:
+    # Reads at most RAW_BUDGET + 1 index entries, so asking costs little however large the fleet.
+    probe = sa.select(TelemetryRecord.id).where(col(TelemetryRecord.window_end) >= since).limit(RAW_BUDGET + 1)
+    return int(session.execute(sa.select(sa.func.count()).select_from(probe.subquery())).scalar_one()) > RAW_BUDGET
+
+
+def plan_range(session: Session, since: datetime, step_s: int) -> tuple[int, datetime, bool]:
+    """(step, end, read raw windows?). A small fleet gets fine steps from raw windows up to now; a
+    large one whole minutes from the rollups only, ending at the rollup job's watermark (one job
+    interval behind at most), so a chart refresh never aggregates hundreds of thousands of windows."""
+    now = utcnow()
+    if not _many_raw_windows(session, since):
+        return step_s, now, True
+    minutes = -(-step_s // MINUTE) * MINUTE
+    watermark = rollup_watermark(session)
+    if watermark is None:  # the rollup job has not run yet: raw windows are all there is
+        return minutes, now, True
+    return minutes, max(floor_time(watermark, minutes), since + timedelta(seconds=minutes)), False
+
+
+def version_series(session: Session, *, since: datetime, step_s: int, model: str | None = None) -> dict[str, Any]:
+    """{"step_s": n, "p95_ms"|"rss_mb"|"requests": [{"name": "m@v", "points": [[epoch_ms, value], ...]}]}"""
+    step_s, end, raw = plan_range(session, since, step_s)
+    out: dict[str, Any] = {"step_s": step_s, "p95_ms": [], "rss_mb": [], "requests": []}
+    for model_name, version in _versions(session, since, model, raw):
         query = SeriesQuery(start=since, end=end, step_s=step_s, model=model_name, version=version)
         points = series(session, query)["points"]
         name = f"{model_name}@{version}"
