@@ -87,7 +87,7 @@ ENV = _environment()
 def render(request: Request, name: str, partial: str | None, status_code: int = 200, **context: Any) -> HTMLResponse:
     """The whole page, or with `partial` only its live block (what the 2-second refresh swaps in)."""
     template = ENV.get_template(name)
-    context = {"request": request, "path": request.url.path, "viewer": None, **context}
+    context = {"request": request, "path": request.url.path, "viewer": None, "now": utcnow(), **context}
     if partial and LIVE_BLOCK in template.blocks:
         body = "".join(template.blocks[LIVE_BLOCK](template.new_context(context)))
     else:

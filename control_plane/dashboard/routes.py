@@ -71,7 +71,7 @@ def overview(request: Request, session: SessionDep, viewer: ViewerCookieDep, par
     if viewer is None:
         return sign_in_required(request, partial)
     summary = queries.fleet_overview(session)
-    return render(request, "overview.html", partial, viewer=viewer, summary=summary, now=utcnow())
+    return render(request, "overview.html", partial, viewer=viewer, summary=summary)
 
 
 @router.get("/devices")
