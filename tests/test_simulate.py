@@ -153,3 +153,20 @@ def test_credentials_file_round_trip(tmp_path):  # type: ignore[no-untyped-def]
     assert load_credentials(path) == creds
     assert load_credentials(path, "mqtt://other:1")[0].mqtt_url == "mqtt://other:1"
     assert path.stat().st_mode & 0o077 == 0  # device secrets are not world-readable
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic"),
+    [
+        ("a/+/c", "a/b/c"), ("a/+/c", "a/b/d"), ("a/#", "a"), ("a/#", "a/b/c"), ("#", "a/b"), ("+", "a"),
+        ("+", "a/b"), ("+/+", "/a"), ("a/+", "a/"), ("#", "$SYS/x"), ("+/x", "$SYS/x"), ("$SYS/#", "$SYS/x"),
+        ("a/b", "a/b"), ("a/b", "a/b/c"), ("a/+/+", "a/b"), ("p/devices/+/state", "p/devices/d1/state"),
+    ],
+)  # fmt: skip
+def test_control_plane_topic_matching_agrees_with_paho(topic_filter: str, topic: str) -> None:
+    # The simulator's load made paho's matcher the control plane's hot spot; its replacement must agree.
+    import paho.mqtt.client as paho
+
+    from slmops.mqtt.client import topic_matches
+
+    assert topic_matches(topic_filter, topic) == paho.topic_matches_sub(topic_filter, topic)

@@ -324,7 +324,7 @@ class MqttClient:
             handlers = [
                 h
                 for s in self._subscriptions.values()
-                if paho.topic_matches_sub(s.topic_filter, message.topic)
+                if topic_matches(s.topic_filter, message.topic)
                 for h in s.handlers
             ]
         for handler in handlers:
@@ -404,3 +404,23 @@ class MqttClient:
 
 def _resolve(message: Outgoing | Callable[[], Outgoing]) -> Outgoing:
     return message() if callable(message) else message
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 section 4.7 filter matching, as paho.topic_matches_sub decides it.
+
+    paho builds a matcher tree on every call; on the control plane's network thread that was a
+    third of the time per message at thousands of messages a second (py-spy, benchmarks/fleet_scale.py).
+    """
+    if topic_filter == topic:
+        return True
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False  # wildcards at the first level never match $SYS-style topics (4.7.2)
+    levels = topic.split("/")
+    parts = topic_filter.split("/")
+    for i, part in enumerate(parts):
+        if part == "#":
+            return True  # also matches the parent level: "a/#" matches "a" (4.7.1.2)
+        if i >= len(levels) or (part != "+" and part != levels[i]):
+            return False
+    return len(parts) == len(levels)
