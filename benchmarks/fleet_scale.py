@@ -95,6 +95,7 @@ async def rollout_phase(server: Server, engine: sa.Engine, sim: SimFleet, n: int
 
 async def ingest_phase(engine: sa.Engine, sim: SimFleet, rate: int, seconds: float) -> dict[str, float]:
     """Offer `rate` windows/s for `seconds`, spread over the fleet, then wait for every one to be stored."""
+    print(f"  offering {rate} telemetry windows/s for {seconds:.0f} s", flush=True)
     since = await asyncio.to_thread(lambda: _now(engine))
     before = await asyncio.to_thread(scalar, engine, STORED)
     sent_before = sim.stats.telemetry_sent
