@@ -34,7 +34,7 @@ WITH w AS MATERIALIZED (
     FROM telemetry_windows
     WHERE {where}
 )
-SELECT device_id, model, version, bucket, bounds, COUNT(*) AS windows, SUM(requests) AS requests,
+SELECT {keys}, bucket, bounds, COUNT(*) AS windows, SUM(requests) AS requests,
        SUM(errors) AS errors, MAX(latency_max_ms) AS latency_max_ms,
        COALESCE(SUM(ttft_p95_ms * requests) FILTER (WHERE ttft_p95_ms IS NOT NULL AND requests > 0), 0)
            AS ttft_ms_sum,
@@ -45,7 +45,7 @@ SELECT device_id, model, version, bucket, bounds, COUNT(*) AS windows, SUM(reque
            AS tokens_per_s_requests,
        SUM(rss_bytes) AS rss_bytes_sum, MAX(GREATEST(peak_rss_bytes, rss_bytes)) AS max_rss_bytes,
        {count_sums}
-FROM w GROUP BY device_id, model, version, bucket, bounds
+FROM w GROUP BY {group}bucket, bounds
 """.replace("{count_sums}", _COUNT_SUMS)
 # Optional filters: fixed clauses, values always bound.
 _FILTERS = {
@@ -85,12 +85,16 @@ def _aggregate(row: sa.Row) -> Aggregate:  # type: ignore[type-arg]
 
 
 def grouped_windows_pg(
-    session: Session, start: datetime, end: datetime, step_s: int, **filters: Any
+    session: Session, start: datetime, end: datetime, step_s: int, per_key: bool = True, **filters: Any
 ) -> Iterator[tuple[datetime, Key, Aggregate]]:
     """(bucket, (model, version, device), aggregate) of the windows ending in [start, end)."""
     given = {name: value for name, value in filters.items() if value is not None}
     where = ["window_end >= :start", "window_end < :end", *(_FILTERS[name] for name in given)]
     sql = GROUPED.replace("{where}", " AND ".join(where))
+    if per_key:
+        sql = sql.replace("{keys}", "device_id, model, version").replace("{group}", "device_id, model, version, ")
+    else:  # one row per bucket: what a series needs, and far fewer rows to hand to Python
+        sql = sql.replace("{keys}", "'' AS device_id, '' AS model, '' AS version").replace("{group}", "")
     for row in session.execute(sa.text(sql), {"start": start, "end": end, "step": step_s, **given}):
         yield _utc(row.bucket), (row.model, row.version, row.device_id), _aggregate(row)
 

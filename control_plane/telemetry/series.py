@@ -87,7 +87,7 @@ def _add_raw(
     if session.get_bind().dialect.name == "postgresql":
         filters = {"model": query.model, "version": query.version, "device_id": query.device_id}
         for bucket, _, agg in grouped_windows_pg(
-            session, start, end, query.step_s, received_since=received_since, **filters
+            session, start, end, query.step_s, per_key=False, received_since=received_since, **filters
         ):
             into[bucket].merge(agg)
         return
