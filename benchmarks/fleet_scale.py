@@ -70,6 +70,16 @@ async def poll(engine: sa.Engine, sql: str, target: int, timeout_s: float, **par
     return time.perf_counter() - start
 
 
+async def drain(engine: sa.Engine, target: int, stall_s: float = 30.0) -> None:
+    """Wait until `target` windows are stored, or none more arrived for `stall_s` (the rest are lost)."""
+    stored, last_change = -1, time.perf_counter()
+    while stored < target and time.perf_counter() - last_change < stall_s:
+        now_stored = await asyncio.to_thread(scalar, engine, STORED)
+        if now_stored != stored:
+            stored, last_change = now_stored, time.perf_counter()
+        await asyncio.sleep(0.2)
+
+
 def progress(what: str):  # type: ignore[no-untyped-def]
     step = {"next": 0}
 
@@ -111,10 +121,7 @@ async def ingest_phase(engine: sa.Engine, sim: SimFleet, rate: int, seconds: flo
         await asyncio.sleep(max(0.0, start + (k + 1) * tick_s - time.perf_counter()))
     offered_s = time.perf_counter() - start
     sent = sim.stats.telemetry_sent - sent_before
-    try:
-        await poll(engine, STORED, before + sent, 120)
-    except SystemExit:
-        pass  # reported below as loss
+    await drain(engine, before + sent)
     with engine.connect() as conn:
         count, first, last, p50, p99, worst = conn.execute(sa.text(LAG), {"since": since}).one()
     span = (last - first).total_seconds() if count > 1 else float("nan")
