@@ -130,7 +130,8 @@ class SimAgent:
         telemetry = asyncio.create_task(self._telemetry_loop(stop))
         stopper = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({stopper, wire.closed}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[object]] = {stopper, wire.closed}  # type: ignore[arg-type]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             telemetry.cancel()
             stopper.cancel()

@@ -14,6 +14,7 @@ import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 OnMessage = Callable[[str, bytes], None]
@@ -107,7 +108,8 @@ class MqttWire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = WireError(f"connection lost: {exc}" if exc else "connection closed")
-        for future in (self._connack, *self._pending.values()):
+        futures: list[asyncio.Future[Any]] = [self._connack, *self._pending.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
