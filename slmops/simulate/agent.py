@@ -100,6 +100,7 @@ class SimAgent:
         return await MqttWire.open(
             broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
             password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
+            tls=broker.tls,
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:

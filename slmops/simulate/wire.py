@@ -11,6 +11,7 @@ QoS 2 is not spoken (devices subscribe at QoS 1, so the broker never delivers Qo
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,11 +82,13 @@ class MqttWire(asyncio.Protocol):
     async def open(
         cls, host: str, port: int, client_id: str, *, on_message: OnMessage, username: str | None = None,
         password: str | None = None, will: Will | None = None, keepalive: int = 60, timeout_s: float = 60,
+        tls: bool = False,
     ) -> MqttWire:  # fmt: skip
         loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if tls else None  # mqtts://: the system's CAs
         try:
             _, wire = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(on_message, keepalive), host, port), timeout_s
+                loop.create_connection(lambda: cls(on_message, keepalive), host, port, ssl=context), timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise WireError(f"cannot connect to {host}:{port}: {exc}") from exc
