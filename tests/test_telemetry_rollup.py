@@ -117,3 +117,15 @@ def test_retention_deletes_raw_rows_but_keeps_rollups(db: sa.Engine) -> None:
     assert _rows(db, VersionRollup, MINUTE) == []
     assert _rows(db, DeviceRollup, MINUTE) == []
     assert [r.requests for r in _rows(db, VersionRollup, HOUR)] == [25]
+
+
+def test_a_late_window_for_an_expired_minute_does_not_count_twice_in_its_hour(db: sa.Engine) -> None:
+    a, _ = _two_devices_two_minutes(db)
+    policy = RetentionPolicy(raw_s=30 * DAY, minute_s=7200, hour_s=400 * DAY)
+    later = T0 + timedelta(hours=3)
+    _rollup(db, policy, now=T0 + timedelta(minutes=30))
+    _rollup(db, policy, now=later)  # the minute rows expire; the hour stays
+    assert _rows(db, VersionRollup, MINUTE) == []
+    ingest(db, [window(a, T0 + timedelta(seconds=30), {3: 7})])
+    _rollup(db, policy, now=later)
+    assert [r.requests for r in _rows(db, VersionRollup, HOUR)] == [25]

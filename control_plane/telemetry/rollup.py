@@ -212,8 +212,10 @@ def run_rollup(session: Session, policy: RetentionPolicy, now: datetime | None =
     state = session.get(RollupState, STATE_NAME) or RollupState(name=STATE_NAME)
     watermark = as_utc(state.watermark)
     since = watermark - SETTLE if watermark is not None else None
-    # A minute whose older raw rows are already gone would be recomputed from a fragment.
-    complete_from = floor_time(now - timedelta(seconds=policy.raw_s), MINUTE) + timedelta(seconds=MINUTE)
+    # A minute whose older raw rows are gone would be recomputed from a fragment, and one whose
+    # minute row is gone would be added to its hour a second time: leave both alone.
+    kept_s = min(policy.raw_s, policy.minute_s)
+    complete_from = floor_time(now - timedelta(seconds=kept_s), MINUTE) + timedelta(seconds=MINUTE)
     minutes = [m for m in _touched_minutes(session, since) if m >= complete_from]
     report = RollupReport(minute_buckets=len(minutes))
     hour_deltas: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
