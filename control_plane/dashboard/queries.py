@@ -87,7 +87,9 @@ def registry_view(session: Session) -> list[ModelView]:
             .where(Device.current_model == model.name)
             .group_by(Device.current_version)
         ).all()
-        views.append(ModelView(model, [version_public(session, model, r) for r in rows], dict(serving)))
+        views.append(
+            ModelView(model, [version_public(session, model, r) for r in rows], {v: n for v, n in serving if v})
+        )
     return views
 
 

@@ -87,7 +87,9 @@ def devices_page(
 ) -> Response:
     if viewer is None:
         return sign_in_required(request, partial)
-    error, rows, next_cursor = None, [], None
+    error: str | None = None
+    rows: list[Any] = []
+    next_cursor: str | None = None
     try:
         rows, next_cursor = device_service.list_devices(
             session, selector=selector or None, status=status or None, current_version=version or None,

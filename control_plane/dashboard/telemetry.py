@@ -38,14 +38,14 @@ def since_for(range_key: str) -> tuple[datetime, int]:
 
 def _versions(session: Session, since: datetime, model: str | None, raw: bool) -> list[tuple[str, str]]:
     """(model, version) pairs with telemetry since `since`, in rollups and (when `raw`) raw windows."""
-    rolled = sa.select(VersionRollup.model, VersionRollup.version).where(
+    rolled = sa.select(col(VersionRollup.model), col(VersionRollup.version)).where(
         col(VersionRollup.bucket_start) >= since, col(VersionRollup.model) != ""
     )
     if model:
         rolled = rolled.where(col(VersionRollup.model) == model)
     pairs = {(m, v) for m, v in session.execute(rolled.distinct())}
     if raw:
-        windows = sa.select(TelemetryRecord.model, TelemetryRecord.version).where(
+        windows = sa.select(col(TelemetryRecord.model), col(TelemetryRecord.version)).where(
             col(TelemetryRecord.window_end) >= since,
             col(TelemetryRecord.model).is_not(None),
             col(TelemetryRecord.version).is_not(None),
@@ -58,7 +58,7 @@ def _versions(session: Session, since: datetime, model: str | None, raw: bool) -
 
 def _many_raw_windows(session: Session, since: datetime) -> bool:
     # Reads at most RAW_BUDGET + 1 index entries, so asking costs little however large the fleet.
-    probe = sa.select(TelemetryRecord.id).where(col(TelemetryRecord.window_end) >= since).limit(RAW_BUDGET + 1)
+    probe = sa.select(col(TelemetryRecord.id)).where(col(TelemetryRecord.window_end) >= since).limit(RAW_BUDGET + 1)
     return int(session.execute(sa.select(sa.func.count()).select_from(probe.subquery())).scalar_one()) > RAW_BUDGET
 
 
