@@ -7,6 +7,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +130,12 @@ def test_password_file_matches_mosquitto_passwd(tmp_path: Path) -> None:
 
 
 def test_sync_writes_exactly_the_given_devices_plus_admins_and_signals(tmp_path: Path) -> None:
-    sleeper = subprocess.Popen(["sleep", "60"])  # stands in for mosquitto: SIGHUP ends it
+    # Stands in for mosquitto: SIGHUP ends it. It restores SIGHUP's default action itself, since a
+    # parent started under nohup passes SIGHUP down as ignored.
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); time.sleep(60)"]
+    )
+    time.sleep(0.5)  # let it install the handler before the signal is sent
     try:
         pid_file = tmp_path / "broker.pid"
         pid_file.write_text(f"{sleeper.pid}\n")
