@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
@@ -108,8 +109,8 @@ def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) ->
 
 
 class RolloutController:
-    def __init__(self, clock: type[datetime] | None = None) -> None:
-        self._now = utcnow
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self._now = clock  # injectable, so bake times can be tested without sleeping
 
     def tick(self, session: Session) -> int:
         """Advance every running rollout once; returns how many were looked at."""

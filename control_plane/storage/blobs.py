@@ -61,8 +61,8 @@ class BlobWriter:
             self._file.close()
             self._closed = True
 
-    def commit(self, declared_sha256: str | None = None) -> StoredBlob:
-        self.finish_writing()
+    def verify(self, declared_sha256: str | None) -> None:
+        """Refuse (and remove) the bytes when they are not what the client declared."""
         digest = self.sha256
         if declared_sha256 and declared_sha256.lower() != digest:
             self.abort()
@@ -72,7 +72,11 @@ class BlobWriter:
                 declared_sha256=declared_sha256.lower(),
                 computed_sha256=digest,
             )
-        return self._store.adopt(self.temp_path, digest, self.size)
+
+    def commit(self, declared_sha256: str | None = None) -> StoredBlob:
+        self.finish_writing()
+        self.verify(declared_sha256)
+        return self._store.adopt(self.temp_path, self.sha256, self.size)
 
     def abort(self) -> None:
         if not self._closed:

@@ -214,13 +214,7 @@ def _store_upload(form: ReceivedForm, spec: ArtifactSpec) -> tuple[Any, str, dic
     if writer is None:
         raise DomainError("validation_error", "the multipart body has no 'file' part")
     try:
-        if spec.sha256 and spec.sha256 != writer.sha256:
-            raise DomainError(
-                "sha256_mismatch",
-                "the uploaded bytes do not match the declared sha256; nothing was stored",
-                declared_sha256=spec.sha256,
-                computed_sha256=writer.sha256,
-            )
+        writer.verify(spec.sha256)  # before sniffing: a wrong file is a wrong hash first
         fmt, metadata = sniff_artifact(writer.temp_path)
         if spec.format and spec.format != fmt:
             raise DomainError(
@@ -229,7 +223,7 @@ def _store_upload(form: ReceivedForm, spec: ArtifactSpec) -> tuple[Any, str, dic
     except BaseException:
         writer.abort()
         raise
-    return writer.commit(spec.sha256), fmt, metadata
+    return writer.commit(), fmt, metadata
 
 
 def _create_version_from_upload(name: str, form: ReceivedForm, principal: Principal, mutation: Any) -> Any:
