@@ -82,7 +82,7 @@ class VersionPublic(BaseModel):
 class ArtifactSpec(BaseModel):
     """Metadata an operator declares next to an uploaded file (multipart fields) or a reference."""
 
-    format: Literal["gguf", "onnx", "gguf-lora"] | None = None
+    format: Literal["gguf", "onnx", "onnx-tar", "gguf-lora"] | None = None
     quantization: str | None = Field(default=None, max_length=32)
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     min_ram_mb: int = Field(default=0, ge=0)
@@ -97,7 +97,7 @@ class ArtifactReference(ArtifactSpec):
     url: str = Field(pattern=r"^(https|s3)://.+", max_length=2000)
     sha256: str = Field(pattern=SHA256_PATTERN)  # type: ignore[assignment]
     size_bytes: int = Field(gt=0)
-    format: Literal["gguf", "onnx", "gguf-lora"]  # type: ignore[assignment]
+    format: Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]  # type: ignore[assignment]
 
 
 class VersionSpec(BaseModel):

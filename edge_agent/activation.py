@@ -95,9 +95,9 @@ class Activator:
             self.slot.set_unavailable(f"no model: reloading {spec.version} failed")
 
     def _load(self, spec: DesiredState) -> Engine:
-        model_path, adapter_path = self.paths_for(spec)
         runtime = spec.runtime
         try:
+            model_path, adapter_path = self.paths_for(spec)  # may unpack a folder bundle again
             engine = load_engine(
                 model_path,
                 spec.artifact.format,

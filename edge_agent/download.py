@@ -107,7 +107,8 @@ class Downloader:
     def check_space(self, artifact: ArtifactRef, protected: tuple[str, ...]) -> None:
         partial = self.store.partial_path(artifact.sha256)
         have = partial.stat().st_size if partial.exists() else 0
-        still_needed = max(artifact.size_bytes - have, 0)
+        footprint = self.store.footprint_bytes(artifact)  # a folder bundle is unpacked beside its blob
+        still_needed = max(footprint - have, 0)
         free = self.store.free_bytes()
         if still_needed > free:
             raise InsufficientSpaceError(
@@ -117,9 +118,9 @@ class Downloader:
         quota = self.store.quota_bytes
         if quota is not None:
             kept = self.store.used_bytes(only=protected)
-            if kept + artifact.size_bytes > quota:
+            if kept + footprint > quota:
                 raise InsufficientSpaceError(
-                    f"artifact of {artifact.size_bytes} bytes plus {kept} bytes of kept models "
+                    f"artifact of {footprint} bytes on disk plus {kept} bytes of kept models "
                     f"exceeds the store quota of {quota} bytes",
                     code="quota_exceeded",
                 )

@@ -178,6 +178,10 @@ class Reconciler:
             url, with_auth = self.url_for(artifact)
             self.downloader.fetch(artifact, url, protected=protected, with_auth=with_auth)
             protected = protected + (artifact.sha256,)
+            try:
+                self.store.model_path(artifact)  # unpacks a folder bundle, from its verified blob
+            except Exception as exc:  # BundleError, tarfile's and the disk's errors
+                raise DownloadError(f"unpacking {artifact.sha256[:12]} failed: {exc}", code="unpack_failed") from exc
 
     def _protected(self) -> tuple[str, ...]:
         shas: list[str] = []
@@ -189,8 +193,8 @@ class Reconciler:
         return tuple(shas)
 
     def paths_for(self, spec: DesiredState) -> tuple[Path, Path | None]:
-        adapter = self.store.path_for(spec.adapter.sha256) if spec.adapter else None
-        return self.store.path_for(spec.artifact.sha256), adapter
+        adapter = self.store.model_path(spec.adapter) if spec.adapter else None
+        return self.store.model_path(spec.artifact), adapter
 
     # -- trial and rollback -----------------------------------------------------------------------
 

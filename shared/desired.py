@@ -8,7 +8,8 @@ from pydantic import Field
 
 from shared.base import WireModel
 
-ArtifactFormat = Literal["gguf", "onnx", "gguf-lora"]
+# "onnx-tar": an ONNX model folder with external data, packed as one tar the agent unpacks.
+ArtifactFormat = Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]
 
 
 class ArtifactRef(WireModel):

@@ -29,6 +29,7 @@ class LineageRelation(StrEnum):
 class ArtifactFormat(StrEnum):
     gguf = "gguf"
     onnx = "onnx"
+    onnx_tar = "onnx-tar"  # an ONNX model folder with external data, packed as one tar
     gguf_lora = "gguf-lora"
 
 

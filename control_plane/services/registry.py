@@ -139,7 +139,7 @@ def _insert_artifact(session: Session, artifact: Artifact) -> Artifact:
 
 
 def _default_quant(fmt: str) -> str | None:
-    return "fp32" if fmt == "onnx" else None
+    return "fp32" if fmt in ("onnx", "onnx-tar") else None
 
 
 def find_artifact(session: Session, sha256: str) -> Artifact:

@@ -1,4 +1,8 @@
-"""Recognise an uploaded artifact and read its header: GGUF via `gguf`, ONNX via `onnx`."""
+"""Recognise an uploaded artifact and read its header: GGUF via `gguf`, ONNX via `onnx`.
+
+An ONNX model folder with external data arrives as a tar (see `slmops.onnx_bundle`): it is checked
+member by member and its graph read without loading the external data.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.errors import DomainError
+from slmops.onnx_bundle import BUNDLE_FORMAT, MAX_GRAPH_BYTES, BundleError, inspect_bundle, is_tar
 
 GGUF_MAGIC = b"GGUF"
-_MAX_ONNX_INSPECT_BYTES = 2 * 1024**3  # protobuf's own limit; larger models use external data
 
 
 def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:
     """Return (format, metadata) or raise `unrecognized_artifact`."""
     with path.open("rb") as fh:
-        head = fh.read(8)
+        head = fh.read(512)
     if head[:4] == GGUF_MAGIC:
         return _gguf_metadata(path)
+    if is_tar(head):
+        return BUNDLE_FORMAT, _bundle_metadata(path)
     if head[:1] == b"\x08":  # ModelProto field 1 (ir_version, varint) is written first
         return "onnx", _onnx_metadata(path)
-    raise DomainError("unrecognized_artifact", "the file is neither a GGUF nor an ONNX model")
+    raise DomainError("unrecognized_artifact", "the file is neither a GGUF, an ONNX model nor an ONNX model folder")
 
 
 def _field_value(reader: Any, key: str) -> Any:
@@ -74,7 +80,7 @@ def _gguf_quant_label(file_type: Any, reader: Any) -> str | None:
 def _onnx_metadata(path: Path) -> dict[str, Any]:
     import onnx
 
-    if path.stat().st_size > _MAX_ONNX_INSPECT_BYTES:
+    if path.stat().st_size > MAX_GRAPH_BYTES:
         raise DomainError("unrecognized_artifact", "ONNX files over 2 GB must use external data")
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -82,6 +88,23 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
         raise DomainError("unrecognized_artifact", f"not a valid ONNX model: {exc}") from exc
     if not model.graph.node and not model.graph.output:
         raise DomainError("unrecognized_artifact", "the ONNX graph is empty")
+    return _graph_metadata(model)
+
+
+def _bundle_metadata(path: Path) -> dict[str, Any]:
+    try:
+        model, contents = inspect_bundle(path)
+    except BundleError as exc:
+        raise DomainError("unrecognized_artifact", f"not a valid ONNX model folder: {exc}") from exc
+    return _graph_metadata(model) | {
+        "graph": contents.graph,
+        "files": contents.files,
+        "external_data": sorted(contents.external_data),
+        "unpacked_bytes": contents.unpacked_bytes,
+    }
+
+
+def _graph_metadata(model: Any) -> dict[str, Any]:
     return {
         "ir_version": model.ir_version,
         "opset": {op.domain or "ai.onnx": op.version for op in model.opset_import},

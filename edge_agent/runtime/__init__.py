@@ -19,7 +19,7 @@ from edge_agent.runtime.base import (
     UnsupportedOperation,
 )
 
-FORMATS = ("gguf", "onnx")
+FORMATS = ("gguf", "onnx", "onnx-tar")  # onnx-tar: the .onnx graph of an unpacked model folder
 
 __all__ = [
     "FINISH_LENGTH",
@@ -44,7 +44,10 @@ def load_engine(
     lora_path: Path | None = None,
     chat_template: str | None = None,
 ) -> Engine:
-    """Load a model file with the engine for its format; failures raise ModelLoadError."""
+    """Load a model file with the engine for its format; failures raise ModelLoadError.
+
+    For "onnx-tar" `path` is the .onnx graph inside the unpacked folder, its external data beside it.
+    """
     if fmt == "gguf":
         try:
             from edge_agent.runtime.llama_engine import LlamaEngine
@@ -53,7 +56,7 @@ def load_engine(
         return LlamaEngine(
             Path(path), n_ctx=n_ctx, n_threads=n_threads, lora_path=lora_path, chat_template=chat_template
         )
-    if fmt == "onnx":
+    if fmt in ("onnx", "onnx-tar"):  # onnxruntime finds external data next to the graph
         if lora_path is not None:
             raise UnsupportedOperation("LoRA adapters apply to GGUF models only")
         try:

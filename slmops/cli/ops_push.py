@@ -5,12 +5,19 @@ after success uploads nothing). The upload is one streamed multipart request car
 sha256 and an Idempotency-Key derived from (model, version, sha256): when the connection breaks, the
 retry either replays the server's stored answer (the first upload did land) or uploads afresh (the
 server kept nothing of a cut upload).
+
+A folder (an ONNX graph with external data files, as Olive and optimum export large models) is
+checked and packed into a deterministic tar first (`slmops.onnx_bundle`), which is then pushed like
+a file: the same folder gives the same bytes, so re-running the push stays safe.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +48,10 @@ PUSH_ATTEMPTS = 3
 def model_push(
     name: str,
     version: str,
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, readable=True, help="GGUF or ONNX file, or ONNX model folder with external data."),
+    ],
     add_artifact: Annotated[
         bool, typer.Option("--add-artifact", help="Add FILE as another variant of an existing VERSION.")
     ] = False,
@@ -65,7 +75,10 @@ def model_push(
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Upload FILE as VERSION of model NAME: streamed, sha256-verified, safe to run again."""
+    """Upload FILE as VERSION of model NAME: streamed, sha256-verified, safe to run again.
+
+    FILE may be a folder holding one .onnx graph and the external data files it names.
+    """
     parse_json_object("--metrics", metrics)
     origin = parse_json_object("--provenance", provenance) or {}
     origin |= {k: v for k, v in (("teacher", teacher), ("dataset", dataset), ("method", method)) if v}
@@ -81,10 +94,10 @@ def model_push(
         "cpu_arch": cpu_arch,
         "accelerators": accelerators,
     }
-    with api(server, token) as client:
-        sha256 = _hash_with_progress(file)
+    with api(server, token) as client, _as_file(file) as upload:
+        sha256 = _hash_with_progress(upload)
         form = {"sha256": sha256} | {k: v for k, v in fields.items() if v is not None}
-        result, replayed = _push(client, name, version, MultipartFile(file, form), sha256, add_artifact)
+        result, replayed = _push(client, name, version, MultipartFile(upload, form), sha256, add_artifact)
     if output is Output.json:
         emit_json(result)
         return
@@ -166,6 +179,27 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
     )
+
+
+@contextmanager
+def _as_file(path: Path) -> Iterator[Path]:
+    """`path` itself, or for a model folder a temporary deterministic tar of it."""
+    if not path.is_dir():
+        yield path
+        return
+    from slmops.onnx_bundle import BundleError, check_folder, pack_folder
+
+    try:
+        checked = check_folder(path)
+    except BundleError as exc:
+        raise ApiError("invalid_model_folder", f"{path}: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="slmops-push-") as tmp:
+        bundle = Path(tmp) / f"{path.resolve().name}.onnx.tar"
+        with _progress() as progress:
+            task = progress.add_task(f"pack {path.name}", total=checked.unpacked_bytes)
+            pack_folder(path, bundle, contents=checked, on_bytes=lambda n: progress.advance(task, n))
+        err.print(f"packed {len(checked.files)} files ({checked.graph} and its external data) into one tar")
+        yield bundle
 
 
 def _hash_with_progress(file: Path) -> str:

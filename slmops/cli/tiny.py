@@ -29,7 +29,7 @@ def _describe(path: Path) -> str:
 
 @model_app.command("make-tiny")
 def make_tiny(
-    out: Path = typer.Option(..., "--out", help="File to write."),
+    out: Path = typer.Option(..., "--out", help="File to write (a folder with --external-data)."),
     fmt: TinyFormat = typer.Option(TinyFormat.gguf, "--format", help="Model format."),
     seed: int = typer.Option(0, "--seed", help="Weights are a function of the seed."),
     size: TinySize = typer.Option(TinySize.tiny, "--size", help="tiny (~5 MB GGUF) or small (~40 MB)."),
@@ -42,8 +42,13 @@ def make_tiny(
         dir_okay=False,
         help="Write a LoRA adapter for this tiny GGUF instead.",
     ),
+    external_data: bool = typer.Option(
+        False, "--external-data", help="ONNX only: write OUT as a folder, model.onnx plus model.onnx.data."
+    ),
 ) -> None:
     """Write a random-weight model that real runtimes load (llama.cpp for GGUF, onnxruntime for ONNX)."""
+    if external_data and (fmt is not TinyFormat.onnx or lora_of is not None):
+        raise typer.BadParameter("--external-data applies to ONNX models only")
     if lora_of is not None:
         from slmops.tinymodels import write_tiny_lora_gguf
 
@@ -55,6 +60,13 @@ def make_tiny(
     else:
         if slow or layers is not None:
             raise typer.BadParameter("--slow and --layers apply to GGUF models only")
+        if external_data:
+            from slmops.tinymodels import write_tiny_onnx_folder
+
+            folder = write_tiny_onnx_folder(out, seed=seed, size=size.value)
+            for written in sorted(folder.iterdir()):
+                typer.echo(_describe(written))
+            return
         from slmops.tinymodels import write_tiny_onnx
 
         written = write_tiny_onnx(out, seed=seed, size=size.value)

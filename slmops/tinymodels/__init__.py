@@ -12,7 +12,7 @@ from slmops.tinymodels.gguf_tiny import (
     write_tiny_gguf,
     write_tiny_lora_gguf,
 )
-from slmops.tinymodels.onnx_tiny import write_tiny_onnx
+from slmops.tinymodels.onnx_tiny import write_tiny_onnx, write_tiny_onnx_folder
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",
@@ -20,4 +20,5 @@ __all__ = [
     "write_tiny_gguf",
     "write_tiny_lora_gguf",
     "write_tiny_onnx",
+    "write_tiny_onnx_folder",
 ]

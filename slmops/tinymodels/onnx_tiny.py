@@ -127,3 +127,27 @@ def write_tiny_onnx(path: Path | str, *, seed: int = 0, size: Literal["tiny", "s
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(build_tiny_onnx(seed=seed, size=size).SerializeToString())
     return out
+
+
+def write_tiny_onnx_folder(
+    folder: Path | str, *, seed: int = 0, size: Literal["tiny", "small"] = "tiny", one_file: bool = True
+) -> Path:
+    """Write the tiny LM as Olive and optimum write large models: `model.onnx` plus external data files.
+
+    `one_file` keeps every weight in `model.onnx.data`; otherwise each tensor gets a file of its own.
+    Returns the folder.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_onnx(seed=seed, size=size)
+    for stale in ["model.onnx", "model.onnx.data", *(t.name for t in model.graph.initializer)]:
+        (out / stale).unlink(missing_ok=True)  # onnx appends to an existing external data file
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location="model.onnx.data" if one_file else None,
+        size_threshold=1024,  # small shape constants stay inline: shape inference must read them
+    )
+    return out
