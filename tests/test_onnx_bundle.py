@@ -15,7 +15,10 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from edge_agent.download import Downloader
+from edge_agent.errors import InsufficientSpaceError
 from edge_agent.store import ModelStore
+from shared.desired import ArtifactRef
 from slmops.cli import tiny  # noqa: F401  (registers `model make-tiny`)
 from slmops.cli.app import app as cli_app
 from slmops.onnx_bundle import BundleError, check_folder, pack_folder
@@ -243,3 +246,17 @@ def test_store_unpacks_only_verified_bundles_and_removes_folders_with_blobs(onnx
     (store.unpacked / ("f" * 64)).mkdir()  # a folder whose blob is gone: collected with the next prune
     store.prune(protected=[evil_sha])
     assert list(store.unpacked.iterdir()) == []
+
+
+def test_a_bundle_counts_twice_against_the_store_quota(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "agent", quota_bytes=3000)
+    with httpx.Client() as client:
+        downloader = Downloader(store, client=client)
+        for fmt, fits in (("onnx", True), ("onnx-tar", False)):
+            artifact = ArtifactRef(sha256="a" * 64, size_bytes=2000, format=fmt)  # type: ignore[arg-type]
+            if fits:
+                downloader.check_space(artifact, protected=())
+                continue
+            with pytest.raises(InsufficientSpaceError) as refused:
+                downloader.check_space(artifact, protected=())
+            assert refused.value.code == "quota_exceeded" and "4000 bytes on disk" in str(refused.value)
