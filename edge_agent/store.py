@@ -17,8 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edge_agent.fsutil import fsync_dir, sha256_file
-from shared.desired import ArtifactRef
-from slmops.onnx_bundle import BUNDLE_FORMAT, extract_bundle, find_graph
+from shared.desired import BUNDLE_FORMAT, ArtifactRef
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,8 @@ class ModelStore:
 
     def unpack(self, sha256: str) -> Path:
         """Unpack a stored (verified) folder bundle once; returns its .onnx graph. Raises BundleError, OSError."""
+        from slmops.onnx_bundle import extract_bundle, find_graph  # tarfile only on devices that need it
+
         target = self.unpacked_path(sha256)
         if not target.is_dir():
             staging = self.unpacked / f".{sha256}.tmp"

@@ -8,8 +8,8 @@ from pydantic import Field
 
 from shared.base import WireModel
 
-# "onnx-tar": an ONNX model folder with external data, packed as one tar the agent unpacks.
 ArtifactFormat = Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]
+BUNDLE_FORMAT = "onnx-tar"  # an ONNX model folder with external data, packed as one tar the agent unpacks
 
 
 class ArtifactRef(WireModel):

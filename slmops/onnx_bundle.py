@@ -1,4 +1,4 @@
-"""ONNX model folders with external data, shipped as one deterministic tar (artifact format "onnx-tar").
+"""ONNX model folders with external data, shipped as one deterministic tar (`shared.desired.BUNDLE_FORMAT`).
 
 Olive and optimum export large models as a .onnx graph whose initializers live in external data
 files beside it. The registry stores one blob per artifact, so `slmops model push` packs such a
@@ -22,8 +22,6 @@ from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnx
-
-BUNDLE_FORMAT = "onnx-tar"
 TAR_MAGIC = b"ustar"  # POSIX and GNU tar headers both carry it at offset 257
 TAR_MAGIC_OFFSET = 257
 MAX_GRAPH_BYTES = 2 * 1024**3  # protobuf's own limit: the graph itself must fit in one message

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.errors import DomainError
-from slmops.onnx_bundle import BUNDLE_FORMAT, MAX_GRAPH_BYTES, BundleError, inspect_bundle, is_tar
+from shared.desired import BUNDLE_FORMAT
+from slmops.onnx_bundle import MAX_GRAPH_BYTES, BundleError, inspect_bundle, is_tar
 
 GGUF_MAGIC = b"GGUF"
 
