@@ -23,14 +23,19 @@ from slmops.cli import tiny  # noqa: F401  (registers `model make-tiny`)
 from slmops.cli.app import app as cli_app
 from slmops.onnx_bundle import BundleError, check_folder, pack_folder
 from slmops.tinymodels import write_tiny_onnx_folder
+from tests import test_lora_rollout
 from tests.agent_support import AgentProcess, desired_for_artifact
 from tests.cli_support import (  # noqa: F401  (fixtures)
     Cli,
     admin_cli_fixture,
+    bearer,
     cli_fixture,
     one_line,
     server_url_fixture,
 )
+from tests.test_lora_rollout import _roll_out, _start_agent
+
+rollout_fleet = test_lora_rollout.fleet  # a control plane on Mosquitto, as a fixture of this name
 
 
 @pytest.fixture(name="onnx_folder", scope="module")
@@ -198,6 +203,28 @@ def test_agent_deploys_unpacks_serves_and_collects_bundles(  # type: ignore[no-u
         _deploy(agent, "3", artifacts[2])  # current and previous are kept; the first goes, folder and all
         assert sorted(p.name for p in unpacked.iterdir()) == sorted([second, third])
         assert not (agent.data_dir / "store" / "sha256" / first).exists()
+    finally:
+        agent.stop()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_a_rollout_ships_a_pushed_folder_to_a_real_agent(  # type: ignore[no-untyped-def]
+    rollout_fleet, admin_headers, operator_headers, onnx_folder: Path, tmp_path: Path
+) -> None:
+    url, counted = rollout_fleet
+    cli = Cli(url, bearer(operator_headers), tmp_path)
+    cli("model", "create", "tiny")
+    artifact = cli.json("model", "push", "tiny", "1", str(onnx_folder))["artifacts"][0]
+    device_id, agent = _start_agent(url, admin_headers, tmp_path, "a")
+    try:
+        assert _roll_out(url, operator_headers, "1")["state"] == "completed"
+        assert counted.sent[(device_id, artifact["sha256"])] == artifact["size_bytes"]  # one tar crossed the wire
+        assert agent.state()["current"]["version"] == "1"
+        assert (agent.data_dir / "store" / "unpacked" / artifact["sha256"] / "model.onnx.data").is_file()
+        ai = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0)
+        reply = ai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.choices[0].message.content
     finally:
         agent.stop()
 
