@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnx
+
 TAR_MAGIC = b"ustar"  # POSIX and GNU tar headers both carry it at offset 257
 TAR_MAGIC_OFFSET = 257
 MAX_GRAPH_BYTES = 2 * 1024**3  # protobuf's own limit: the graph itself must fit in one message
