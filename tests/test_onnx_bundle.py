@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
 import tarfile
@@ -22,7 +23,7 @@ from shared.desired import ArtifactRef
 from slmops.cli import tiny  # noqa: F401  (registers `model make-tiny`)
 from slmops.cli.app import app as cli_app
 from slmops.onnx_bundle import BundleError, check_folder, pack_folder
-from slmops.tinymodels import write_tiny_onnx_folder
+from slmops.tinymodels import write_tiny_onnx, write_tiny_onnx_folder
 from tests import test_lora_rollout
 from tests.agent_support import AgentProcess, desired_for_artifact
 from tests.cli_support import (  # noqa: F401  (fixtures)
@@ -205,6 +206,22 @@ def test_agent_deploys_unpacks_serves_and_collects_bundles(  # type: ignore[no-u
         assert not (agent.data_dir / "store" / "sha256" / first).exists()
     finally:
         agent.stop()
+
+
+@pytest.mark.slow
+def test_a_pushed_folder_is_evaluated_against_its_parent(cli: Cli, onnx_folder: Path, tmp_path: Path) -> None:
+    tiny_onnx = write_tiny_onnx(tmp_path / "tiny.onnx", seed=0)
+    cli("model", "create", "tiny-ext")
+    cli("model", "push", "tiny-ext", "1", str(tiny_onnx))  # the same weights, inside one file
+    cli("model", "push", "tiny-ext", "2", str(onnx_folder), "--parent", "1", "--relation", "distilled_from")
+    out = cli("model", "evaluate", "tiny-ext", "2", "-o", "json", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    metrics = json.loads(out.stdout)
+    assert metrics["format"] == "onnx-tar" and metrics["argmax_agreement"] == 1.0
+    assert metrics["max_abs_diff"] < 1e-4 and metrics["quality_retention"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["size_bytes"] == sum(p.stat().st_size for p in onnx_folder.iterdir())
+    assert metrics["parent_size_bytes"] == tiny_onnx.stat().st_size
+    stored = cli.json("model", "show", "tiny-ext", "2")
+    assert stored["artifacts"][0]["eval_metrics"]["argmax_agreement"] == 1.0, stored
 
 
 @pytest.mark.mosquitto

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ def cache_dir() -> Path:
 
 def _evaluable(version: dict[str, Any], sha256: str | None) -> dict[str, Any]:
     for artifact in version["artifacts"]:
-        if artifact["format"] in ("gguf", "onnx") and (sha256 is None or artifact["sha256"] == sha256):
+        if artifact["format"] in ("gguf", "onnx", "onnx-tar") and (sha256 is None or artifact["sha256"] == sha256):
             return artifact  # type: ignore[no-any-return]
     usage_error("not_evaluable", f"{version['model']}@{version['version']} has no GGUF or ONNX artifact to evaluate")
 
@@ -59,6 +60,22 @@ def download_artifact(client: ApiClient, artifact: dict[str, Any], into: Path) -
     return path
 
 
+def local_model(client: ApiClient, artifact: dict[str, Any], into: Path) -> Path:
+    """What a runtime loads: the downloaded file, or the .onnx graph of an unpacked ONNX model folder."""
+    path = download_artifact(client, artifact, into)
+    if artifact["format"] != "onnx-tar":
+        return path
+    from slmops.onnx_bundle import extract_bundle, find_graph
+
+    folder = into / artifact["sha256"]
+    if not folder.is_dir():
+        staging = into / f".{artifact['sha256']}.{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        extract_bundle(path, staging)
+        staging.replace(folder)
+    return find_graph(folder)
+
+
 def _parent_ref(version: dict[str, Any], against: str | None) -> tuple[str, str]:
     if against:
         model, _, name = against.rpartition("@")
@@ -75,7 +92,7 @@ def _measure_pair(
     from slmops.modelopt.compare import evaluate_files
 
     parent_artifact = _evaluable(parent, None)
-    parent_path = download_artifact(client, parent_artifact, cache_dir())
+    parent_path = local_model(client, parent_artifact, cache_dir())
     adapter = next((a for a in variant["artifacts"] if a["format"] == "gguf-lora"), None)
     if adapter is not None and artifact in (None, adapter["sha256"]):
         # An adapter is measured as the parent (its base) with the adapter loaded on top.
@@ -83,13 +100,14 @@ def _measure_pair(
         lora_path: Path | None = download_artifact(client, adapter, cache_dir())
     else:
         measured, lora_path = _evaluable(variant, artifact), None
-        variant_path = download_artifact(client, measured, cache_dir())
-    if (measured["format"] == "onnx") != (parent_artifact["format"] == "onnx"):
+        variant_path = local_model(client, measured, cache_dir())
+    if measured["format"].startswith("onnx") != parent_artifact["format"].startswith("onnx"):
         usage_error("not_comparable", "variant and parent are in different formats")
     metrics = evaluate_files(
         str(variant_path),
         str(parent_path),
         parent_artifact["format"],
+        variant_fmt=None if lora_path else measured["format"],  # an adapter runs on its base's format
         lora_path=str(lora_path) if lora_path else None,
         relation=(variant.get("parent") or {}).get("relation"),
     )

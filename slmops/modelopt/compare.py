@@ -63,11 +63,17 @@ def metrics_against(parent: Measurement, variant: Measurement, relation: str | N
 
 
 def evaluate_files(
-    variant: str, parent: str, fmt: str, *, lora_path: str | None = None, relation: str | None = None
+    variant: str,
+    parent: str,
+    fmt: str,
+    *,
+    variant_fmt: str | None = None,
+    lora_path: str | None = None,
+    relation: str | None = None,
 ) -> dict[str, Any]:
     """Measure both (each in its own process) and compare them; with `lora_path` the variant is
-    `variant` (the base file) plus that adapter."""
-    return metrics_against(measure(parent, fmt), measure(variant, fmt, lora_path), relation)
+    `variant` (the base file) plus that adapter. `variant_fmt` defaults to the parent's `fmt`."""
+    return metrics_against(measure(parent, fmt), measure(variant, variant_fmt or fmt, lora_path), relation)
 
 
 _ROWS = [

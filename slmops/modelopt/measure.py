@@ -169,7 +169,7 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
     return Measurement(
         path=str(model_path),
         format=fmt,
-        size_bytes=(lora or model_path).stat().st_size,
+        size_bytes=_model_bytes(model_path, fmt, lora),
         load_s=load_s,
         ms_per_token=ms_per_token,
         peak_rss_mb=_peak_rss_mb(),
@@ -177,6 +177,14 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
         argmax=argmax,
         logits=logits,
     )
+
+
+def _model_bytes(model_path: Path, fmt: str, lora: Path | None) -> int:
+    if lora is not None:  # what a device that runs the base fetches
+        return lora.stat().st_size
+    if fmt == "onnx-tar":  # the graph and its external data: the unpacked folder holds nothing else
+        return sum(p.stat().st_size for p in model_path.parent.rglob("*") if p.is_file())
+    return model_path.stat().st_size
 
 
 def measure(path: Path | str, fmt: str, lora_path: Path | str | None = None) -> Measurement:
