@@ -106,7 +106,8 @@ def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 0.1) -> I
         token = subprocess.run(
             [*slmops, "token", "create"], env=env, check=True, capture_output=True, text=True
         ).stdout.strip()
-        log = (Path(tmp) / "server.log").open("wb")
+        # SLMOPS_BENCH_SERVER_LOG keeps the server's log after the run (timings of ticks and publishes).
+        log = Path(os.environ.get("SLMOPS_BENCH_SERVER_LOG") or Path(tmp) / "server.log").open("wb")
         process = subprocess.Popen([*slmops, "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     mqtt_topic_prefix: str = "slmops/v1"
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     log_json: bool = False
+    log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
     @field_validator("database_url")
     @classmethod

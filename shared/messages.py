@@ -142,6 +142,18 @@ def decode(kind: TopicKind | str, payload: bytes | str) -> BaseModel:
     """Parse and validate `payload` as the message of topic `kind`."""
     model = model_for(kind)
     try:
+        # pydantic-core parses and validates in one pass: the ingest path's largest saving per message.
+        message = model.model_validate_json(payload)
+    except ValidationError:
+        return _decode_slowly(model, payload)  # says precisely why (or, rarely, accepts it)
+    version = getattr(message, "schema_version", SCHEMA_VERSION)
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise MessageDecodeError("unknown_schema_version", f"schema_version {version!r} is not supported")
+    return message
+
+
+def _decode_slowly(model: type[BaseModel], payload: bytes | str) -> BaseModel:
+    try:
         raw = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageDecodeError("malformed_json", str(exc)[:200]) from exc

@@ -11,9 +11,12 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from control_plane import bulk
 from control_plane.errors import DomainError
 from control_plane.models import (
     ACTIVE_STATES,
@@ -30,6 +33,8 @@ from control_plane.models import (
     utcnow,
 )
 from control_plane.rollouts import assign, gates
+from control_plane.rollouts import members as members_
+from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.rollouts.variants import choose_variant
 from control_plane.services import registry
@@ -39,10 +44,12 @@ from control_plane.services.selectors import parse_selector, selector_clauses
 log = logging.getLogger("slmops.rollouts")
 ENROLLED = ("online", "offline")
 BASELINE_LOOKBACK = timedelta(minutes=30)
+_MEMBER_CHANGES = ("stage_index", "assigned_at", "status", "reason", "artifact_sha256", "previous_desired")
 
 
-def target_devices(session: Session, selector: str) -> list[Device]:
-    stmt = select(Device).where(col(Device.status).in_(ENROLLED))
+def target_device_ids(session: Session, selector: str) -> list[str]:
+    """Ids of the enrolled devices the selector matches (ids only: a fleet's JSON columns are not free)."""
+    stmt = select(Device.id).where(col(Device.status).in_(ENROLLED))
     for clause in selector_clauses(parse_selector(selector)):
         stmt = stmt.where(clause)
     return list(session.exec(stmt).all())
@@ -70,25 +77,26 @@ def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) ->
         raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
     if not spec.force:
         check_quality_floor(session, spec, version)
-    devices = target_devices(session, spec.selector)
-    if not devices:
+    device_ids = target_device_ids(session, spec.selector)
+    if not device_ids:
         raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
-    ids = {d.id for d in devices}
+    ids = set(device_ids)
     for other in session.exec(
         select(Rollout).where(Rollout.model_id == model.id, col(Rollout.state).in_(ACTIVE_STATES))
     ):
-        members = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
-        if ids & set(members):
+        others = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
+        if ids & set(others):
             raise DomainError(
                 "rollout_conflict",
                 "an active rollout of this model covers some of these devices",
                 rollout_id=other.id,
             )
-    baseline = Counter(
-        r.version
-        for r in session.exec(select(DesiredStateRow).where(col(DesiredStateRow.device_id).in_(ids)))
-        if r.model == model.name
-    ).most_common(1)
+    versions: Counter[str] = Counter()
+    for clause in bulk.matching(session, col(DesiredStateRow.device_id), device_ids):
+        versions.update(
+            session.exec(select(DesiredStateRow.version).where(clause, DesiredStateRow.model == model.name)).all()
+        )
+    baseline = versions.most_common(1)
     plan = spec.model_dump(mode="json") | {"baseline_version": baseline[0][0] if baseline else None}
     rollout = Rollout(
         model_id=model.id,
@@ -101,10 +109,22 @@ def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) ->
     )
     session.add(rollout)
     session.flush()
-    for device in devices:
-        order = hashlib.sha256(f"{rollout.id}:{device.id}".encode()).hexdigest()
-        session.add(RolloutDevice(rollout_id=rollout.id, device_id=device.id, order_key=order))
-    session.flush()
+    # Plain rows in one executemany: a SQLModel object per member cost more than the rest of the request.
+    member_rows = [
+        {
+            "rollout_id": rollout.id,
+            "device_id": device_id,
+            "order_key": hashlib.sha256(f"{rollout.id}:{device_id}".encode()).hexdigest(),
+            "stage_index": -1,
+            "status": "waiting",
+            "reason": "",
+            "artifact_sha256": None,
+            "previous_desired": None,
+            "assigned_at": None,
+        }
+        for device_id in device_ids
+    ]
+    bulk.insert(session, members_.TABLE, member_rows)
     return rollout
 
 
@@ -130,28 +150,18 @@ class RolloutController:
         version = session.get(ModelVersion, rollout.version_id)
         assert model is not None and version is not None
         members = self._members(session, rollout)
-        # Load every member's device and desired state in two queries; the session.get() calls
-        # below are then answered from the identity map (these lists keep the objects alive).
-        devices, desired_rows = self._preload(session, [m.device_id for m in members])
-        self._refresh_statuses(session, rollout, members)
+        self._refresh_statuses(session, rollout, version, members)
         self._cover_newcomers(session, rollout, plan, model, members)
         if rollout.state != RolloutState.running:
             return
         size = plan.stages[rollout.stage_index].cumulative_size(len(members))
-        artifacts, adapter = assign.deployable_artifacts(session, version)
-        with session.no_autoflush:  # one flush at commit instead of one per device
-            for member in members[:size]:
-                if member.stage_index < 0:
-                    self._assign(
-                        session,
-                        rollout,
-                        member,
-                        model,
-                        version,
-                        (artifacts, adapter),
-                        devices[member.device_id],
-                        desired_rows,
-                    )
+        unassigned = [m for m in members[:size] if m.stage_index < 0]
+        if unassigned:
+            deployable = assign.deployable_artifacts(session, version)
+            self._assign(session, rollout, unassigned, model, version, deployable)
+            # Gates are evaluated from the next tick: the caller commits now and the publisher sends
+            # the new desired states without waiting for an evaluation that could only say "wait".
+            return
         touched = [m for m in members if m.stage_index >= 0]
         result = self._evaluate(session, rollout, plan, version, members, touched)
         if result.result == gates.FAIL:
@@ -167,74 +177,110 @@ class RolloutController:
                 self._cover_newcomers(session, rollout, plan, model, members)
 
     @staticmethod
-    def _preload(session: Session, device_ids: list[str]) -> tuple[dict[str, Device], dict[str, DesiredStateRow]]:
-        """Members' devices and desired states, in a few queries instead of two per device."""
-        devices: dict[str, Device] = {}
-        desired: dict[str, DesiredStateRow] = {}
-        for start in range(0, len(device_ids), 900):
-            chunk = device_ids[start : start + 900]
-            devices.update((d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(chunk))))
-            for row in session.exec(select(DesiredStateRow).where(col(DesiredStateRow.device_id).in_(chunk))):
-                desired[row.device_id] = row
-        return devices, desired
+    def _hardware(session: Session, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for clause in bulk.matching(session, col(Device.id), device_ids):
+            rows = session.exec(select(Device.id, Device.hardware).where(clause))
+            out.update((device_id, dict(hardware or {})) for device_id, hardware in rows)
+        return out
 
-    def _members(self, session: Session, rollout: Rollout) -> list[RolloutDevice]:
-        stmt = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id).order_by(RolloutDevice.order_key)
-        return list(session.exec(stmt).all())
+    @staticmethod
+    def _desired(session: Session, device_ids: list[str]) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        """device id -> (rollout id, payload) of its current desired state."""
+        out: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+        for clause in bulk.matching(session, table.c.device_id, device_ids):
+            stmt = sa.select(table.c.device_id, table.c.rollout_id, table.c.payload).where(clause)
+            out.update((d, (r, p)) for d, r, p in session.execute(stmt))
+        return out
+
+    def _members(self, session: Session, rollout: Rollout) -> list[Member]:
+        return members_.load(session, rollout.id)
 
     def _assign(
         self,
         session: Session,
         rollout: Rollout,
-        member: RolloutDevice,
+        members: list[Member],
         model: Model,
         version: ModelVersion,
         deployable: tuple[list[Artifact], Artifact | None],
-        device: Device,
-        desired_rows: dict[str, DesiredStateRow],
     ) -> None:
-        member.stage_index = rollout.stage_index
-        member.assigned_at = self._now()
+        """Give `members` the rollout's version: one validated payload per artifact, bulk writes."""
         artifacts, adapter = deployable
-        artifact, why = choose_variant(artifacts, device.hardware)
-        if artifact is None:
-            member.status, member.reason = "incompatible", why
-        else:
-            previous = desired_rows.get(device.id)
-            member.previous_desired = dict(previous.payload) if previous else None
-            payload = assign.desired_payload(model, version, artifact, rollout.id, adapter)
-            state = desired_rows[device.id] = assign.set_desired(session, device, payload, previous)
-            member.status, member.artifact_sha256 = "assigned", state.artifact_sha256
-        session.add(member)
+        now = self._now()
+        ids = [m.device_id for m in members]
+        hardware, desired_rows = self._hardware(session, ids), self._desired(session, ids)
+        templates: dict[str, dict[str, Any]] = {}
+        states: dict[str, dict[str, Any]] = {}
+        changes: list[dict[str, Any]] = []
+        for member in members:
+            artifact, why = choose_variant(artifacts, hardware.get(member.device_id) or {})
+            change: dict[str, Any] = {
+                "device_id": member.device_id,
+                "stage_index": rollout.stage_index,
+                "assigned_at": now,
+            }
+            if artifact is None:
+                change |= {"status": "incompatible", "reason": why, "artifact_sha256": None, "previous_desired": None}
+            else:
+                template = templates.get(artifact.sha256)
+                if template is None:
+                    state = assign.desired_payload(model, version, artifact, rollout.id, adapter)
+                    template = templates[artifact.sha256] = state.model_dump(mode="json")
+                previous = desired_rows.get(member.device_id)
+                states[member.device_id] = assign.with_message_id(template)
+                change |= {
+                    "status": "assigned",
+                    "reason": "",
+                    "artifact_sha256": artifact.sha256,
+                    "previous_desired": previous[1] if previous else None,
+                }
+            changes.append(change)
+        assign.write_desired(session, states)
+        members_.save(session, rollout.id, changes)
+        for member, change in zip(members, changes, strict=True):
+            member.stage_index, member.status = rollout.stage_index, change["status"]
+            member.artifact_sha256 = change["artifact_sha256"]
 
-    def _refresh_statuses(self, session: Session, rollout: Rollout, members: list[RolloutDevice]) -> None:
-        pending = [m for m in members if m.status == "assigned"]
+    def _refresh_statuses(
+        self, session: Session, rollout: Rollout, version: ModelVersion, members: list[Member]
+    ) -> None:
+        pending = {m.device_id: m for m in members if m.status == "assigned"}
         if not pending:
             return
-        devices = {
-            d.id: d for d in session.exec(select(Device).where(col(Device.id).in_([m.device_id for m in pending])))
-        }
-        for member in pending:
-            device = devices.get(member.device_id)
-            desired = assign.current_desired(session, member.device_id)
-            if device is None or desired is None or desired.rollout_id != rollout.id:
-                continue
-            # With an adapter the base sha256 is already current before the adapter loads: the version says.
-            same_version = desired.payload.get("adapter") is None or device.current_version == desired.version
-            if (
-                device.current_sha256 == member.artifact_sha256
-                and same_version
-                and device.phase in ("on_trial", "committed")
+        # With an adapter the base sha256 is already current before the adapter loads: the version says.
+        check_version = assign.deployable_artifacts(session, version)[1] is not None
+        table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+        dev = Device.__table__  # type: ignore[attr-defined]
+        changes: list[dict[str, Any]] = []
+        for clause in bulk.matching(session, dev.c.id, list(pending)):
+            stmt = (
+                sa.select(
+                    dev.c.id,
+                    dev.c.current_sha256,
+                    dev.c.current_version,
+                    dev.c.phase,
+                    dev.c.phase_reason,
+                    dev.c.acked_message_id,
+                    table.c.message_id,
+                    table.c.version,
+                )
+                .join(table, table.c.device_id == dev.c.id)
+                .where(clause, table.c.rollout_id == rollout.id)
+            )
+            for device_id, sha, current_version, phase, reason, acked, message_id, desired_version in session.execute(
+                stmt
             ):
-                member.status, member.reason = "active", ""
-            elif device.acked_message_id == desired.message_id and device.phase in (
-                "activation_failed",
-                "download_failed",
-            ):
-                member.status, member.reason = "failed", device.phase_reason or device.phase or ""
-            else:
-                continue
-            session.add(member)
+                member = pending[device_id]
+                same_version = not check_version or current_version == desired_version
+                if sha == member.artifact_sha256 and same_version and phase in ("on_trial", "committed"):
+                    member.status = "active"
+                    changes.append({"device_id": device_id, "status": "active", "reason": ""})
+                elif acked == message_id and phase in ("activation_failed", "download_failed"):
+                    member.status = "failed"
+                    changes.append({"device_id": device_id, "status": "failed", "reason": reason or phase or ""})
+        members_.save(session, rollout.id, changes)
 
     def _evaluate(
         self,
@@ -242,8 +288,8 @@ class RolloutController:
         rollout: Rollout,
         plan: RolloutCreate,
         version: ModelVersion,
-        members: list[RolloutDevice],
-        touched: list[RolloutDevice],
+        members: list[Member],
+        touched: list[Member],
     ) -> gates.GateResult:
         stage_since = as_utc(rollout.stage_started_at) or self._now()
         baseline_ids = [m.device_id for m in members if m.status in ("waiting", "incompatible")]
@@ -292,15 +338,21 @@ class RolloutController:
 
     def rollback(self, session: Session, rollout: Rollout, reason: str) -> None:
         """Every touched device returns to the desired state it had before this rollout."""
-        for member in self._members(session, rollout):
-            if member.stage_index < 0 or member.status in ("incompatible", "rolled_back"):
-                continue
-            device = session.get(Device, member.device_id)
-            desired = assign.current_desired(session, member.device_id)
-            if device is not None and member.previous_desired and desired and desired.rollout_id == rollout.id:
-                assign.restore_desired(session, device, member.previous_desired)
+        touched = [
+            m
+            for m in self._members(session, rollout)
+            if m.stage_index >= 0 and m.status not in ("incompatible", "rolled_back")
+        ]
+        ids = [m.device_id for m in touched]
+        desired, previous = self._desired(session, ids), members_.previous_desired(session, rollout.id, ids)
+        restored: dict[str, dict[str, Any]] = {}
+        for member in touched:
+            current = desired.get(member.device_id)
+            if member.device_id in previous and current is not None and current[0] == rollout.id:
+                restored[member.device_id] = assign.restore_desired(previous[member.device_id])
             member.status = "rolled_back"
-            session.add(member)
+        assign.write_desired(session, restored)
+        members_.save(session, rollout.id, [{"device_id": d, "status": "rolled_back"} for d in ids])
         self._finish(session, rollout, RolloutState.rolled_back, reason)
         log.warning("rollout %s rolled back: %s", rollout.id, reason)
 
@@ -316,7 +368,7 @@ class RolloutController:
         rollout: Rollout,
         plan: RolloutCreate,
         model: Model,
-        members: list[RolloutDevice],
+        members: list[Member],
     ) -> None:
         """Devices that enrolled after the rollout began get the stable version until it completes,
         then the new one (they were never part of the stages, so never part of the risk)."""
@@ -326,16 +378,18 @@ class RolloutController:
         if stable is None:
             return
         known = {m.device_id for m in members}
+        newcomers = [d for d in target_device_ids(session, rollout.selector) if d not in known]
+        if not newcomers:
+            return
         _, version = registry.get_version(session, model.name, stable)
         artifacts, adapter = assign.deployable_artifacts(session, version)
-        for device in target_devices(session, rollout.selector):
-            if device.id in known:
-                continue
-            current = assign.current_desired(session, device.id)
-            on_baseline = current is not None and current.rollout_id is None and current.version == baseline
+        hardware, desired = self._hardware(session, newcomers), self._desired(session, newcomers)
+        for device_id in newcomers:
+            current = desired.get(device_id)
+            on_baseline = current is not None and current[0] is None and current[1].get("version") == baseline
             if current is not None and not (completed and on_baseline):
                 continue
-            artifact, _ = choose_variant(artifacts, device.hardware)
+            artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
             if artifact is not None:
                 payload = assign.desired_payload(model, version, artifact, None, adapter)
-                assign.set_desired(session, device, payload, current)
+                assign.write_desired(session, {device_id: payload.model_dump(mode="json")})

@@ -52,6 +52,9 @@ def server(
     if not no_migrate:
         db.upgrade(settings.sqlalchemy_url)
     console.print(f"slmops control plane on http://{settings.host}:{settings.port}  (API docs: /docs)")
+    from edge_agent.logs import configure  # the same plain or JSON-lines format as the agent
+
+    configure(json_lines=settings.log_json, level=settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

@@ -4,6 +4,8 @@ paho's network thread only enqueues raw messages; a worker thread decodes them, 
 malformed ones (counted by reason, logged with the device id), drops QoS 1 redeliveries by
 message id, and calls the batch handler with up to `max_batch` messages or whatever arrived
 within `max_delay_s` of the first one, so the handler can write one SQL transaction per batch.
+The delay is short: batches grow by themselves while the handler is busy, and an acknowledgement
+should reach the database in milliseconds, not wait for company.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class DeviceMessageSubscriber:
         handler: BatchHandler,
         *,
         max_batch: int = 500,
-        max_delay_s: float = 0.2,
+        max_delay_s: float = 0.01,
         dedup: RecentIds | None = None,
         kinds: tuple[TopicKind, ...] | None = None,
     ) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from control_plane.api.deps import MutationDep, OperatorDep, SessionDep, ViewerDep
 from control_plane.errors import DomainError
@@ -59,7 +59,19 @@ class RolloutPublic(BaseModel):
 def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) -> RolloutPublic:
     model = session.get(Model, rollout.model_id)
     version = session.get(ModelVersion, rollout.version_id)
-    members = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
+    counts = session.exec(
+        select(RolloutDevice.status, func.count())
+        .where(RolloutDevice.rollout_id == rollout.id)
+        .group_by(RolloutDevice.status)
+    ).all()
+    details = None
+    if detail:
+        columns = ("device_id", "stage_index", "status", "reason", "artifact_sha256")
+        table = RolloutDevice.__table__  # type: ignore[attr-defined]
+        rows = session.execute(
+            sa.select(*(table.c[c] for c in columns)).where(table.c.rollout_id == rollout.id)
+        ).all()
+        details = [dict(zip(columns, row, strict=True)) for row in rows]
     last = session.exec(
         select(GateEvaluation)
         .where(GateEvaluation.rollout_id == rollout.id)
@@ -79,12 +91,8 @@ def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) 
         promotion=plan.get("promotion", "auto"),
         reason=rollout.reason,
         baseline_version=plan.get("baseline_version"),
-        devices=dict(Counter(m.status for m in members)),
-        device_details=[
-            {"device_id": m.device_id, "stage_index": m.stage_index, "status": m.status, "reason": m.reason,
-             "artifact_sha256": m.artifact_sha256}
-            for m in members
-        ] if detail else None,
+        devices={status: int(n) for status, n in counts},
+        device_details=details,
         last_evaluation=GateEvaluationPublic.model_validate(last, from_attributes=True) if last else None,
         created_by=rollout.created_by,
         created_at=rollout.created_at,

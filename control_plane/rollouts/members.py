@@ -1,0 +1,51 @@
+"""A rollout's devices as plain rows: read in one column query, written back in one set-based update.
+
+The controller reads every member on every tick; ORM objects (identity map, deferred-column
+loaders, unit-of-work flush) cost more than the whole decision at 10,000 devices (cProfile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from control_plane import bulk
+from control_plane.models import RolloutDevice
+
+TABLE: sa.Table = RolloutDevice.__table__  # type: ignore[attr-defined]
+
+
+@dataclass
+class Member:
+    device_id: str
+    stage_index: int  # -1: in the target set, not yet assigned
+    status: str  # waiting|assigned|active|failed|incompatible|rolled_back
+    artifact_sha256: str | None
+
+
+def load(session: Session, rollout_id: str) -> list[Member]:
+    """Members in their stable pseudo-random order (the first ones are the canaries)."""
+    stmt = (
+        sa.select(TABLE.c.device_id, TABLE.c.stage_index, TABLE.c.status, TABLE.c.artifact_sha256)
+        .where(TABLE.c.rollout_id == rollout_id)
+        .order_by(TABLE.c.order_key)
+    )
+    return [Member(*row) for row in session.execute(stmt)]
+
+
+def previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The desired state each device had before the rollout assigned it (for rollback)."""
+    out: dict[str, dict[str, Any]] = {}
+    for clause in bulk.matching(session, TABLE.c.device_id, device_ids):
+        stmt = sa.select(TABLE.c.device_id, TABLE.c.previous_desired).where(TABLE.c.rollout_id == rollout_id, clause)
+        out.update((device_id, previous) for device_id, previous in session.execute(stmt) if previous)
+    return out
+
+
+def save(session: Session, rollout_id: str, changes: list[dict[str, Any]]) -> None:
+    """Write `changes` (each with device_id and the same other columns) to the rollout's members."""
+    rows = [{"rollout_id": rollout_id, **change} for change in changes]
+    bulk.update(session, TABLE, rows, key=("rollout_id", "device_id"))
