@@ -88,7 +88,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 0.1) -> Iterator[Server]:
+def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 1.0) -> Iterator[Server]:
     """`slmops server` in its own process (what an operator runs), with an admin token."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()

@@ -49,7 +49,8 @@ class FleetRuntime:
         policy = RetentionPolicy.from_settings(settings)
         self.rollups = RollupJob(engine, policy, settings.telemetry_rollup_interval_s, lambda: self.leader.held)
         self.broker: EmbeddedBroker | None = None
-        self.client: MqttClient | None = None
+        self.client: MqttClient | None = None  # ingest: subscriptions in a persistent session
+        self.publisher: MqttClient | None = None  # desired states
         self.subscriber: DeviceMessageSubscriber | None = None
         self.device_mqtt_url: str | None = None
         self._cp_password = secrets.token_urlsafe(24)
@@ -65,6 +66,10 @@ class FleetRuntime:
         self.subscriber = DeviceMessageSubscriber(self.client, self.topics, self.ingest)
         self.subscriber.start()
         self.client.start(wait=True, timeout_s=15)
+        # Publishing on its own connection: the ingest connection's network thread also stores the
+        # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
+        self.publisher = MqttClient(url, client_id=f"{self.settings.mqtt_client_id}-pub", protocol="auto")
+        self.publisher.start(wait=True, timeout_s=15)
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
         self.rollups.start()
@@ -119,7 +124,7 @@ class FleetRuntime:
         """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
         in batches: a 10,000-device stage goes out now, not one batch per controller tick."""
         sent = 0
-        while self.client is not None and self.client.connected:
+        while self.publisher is not None and self.publisher.connected:
             with Session(self.engine, expire_on_commit=False) as session:
                 rows = assign.pending_publication(session, limit=PUBLISH_BATCH)
                 if not rows:
@@ -128,7 +133,7 @@ class FleetRuntime:
                     Outgoing(self.topics.desired(device_id), _payload(payload), qos=1, retain=True)
                     for device_id, _, payload in rows
                 ]
-                self.client.publish_many(messages, timeout_s=60)
+                self.publisher.publish_many(messages, timeout_s=60)
                 assign.mark_published(session, [message_id for _, message_id, _ in rows])
                 session.commit()
             sent += len(rows)
@@ -146,6 +151,8 @@ class FleetRuntime:
             self.subscriber.stop()
         if self.client is not None:
             self.client.stop(publish_offline=False)
+        if self.publisher is not None:
+            self.publisher.stop(publish_offline=False)
         if self.broker is not None:
             self.broker.stop()
         self.leader.release()
