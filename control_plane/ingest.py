@@ -8,7 +8,9 @@ Messages from devices the registry does not know are counted and dropped.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,9 +38,11 @@ class IngestWriter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.counters: Counter[str] = Counter()
+        self._now = utcnow()
 
     def __call__(self, batch: list[Any]) -> None:
         """The subscriber's batch handler (runs on its worker thread); one transaction per batch."""
+        self._now = utcnow()  # the batch's write time: one clock read, not one per window
         with Session(self.engine) as session:
             statuses = self._statuses(session, {m.device_id for m in batch})
             changes: dict[str, dict[str, Any]] = {}  # device id -> columns to set, latest message wins
@@ -94,7 +98,7 @@ class IngestWriter:
             if key in windows:
                 self.counters["duplicate_telemetry"] += 1
                 return
-            windows[key] = telemetry_values(device_id, body)
+            windows[key] = telemetry_values(device_id, body, received_at=self._now)
             metrics.observe_ingest_lag(body.window_end)
         elif message.kind == TopicKind.EVENTS:
             detail = body.model_dump(mode="json", exclude={"schema_version", "kind"})
@@ -135,15 +139,11 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000
 
 
-def telemetry_record(device_id: str, window: Any) -> TelemetryRecord:
-    return TelemetryRecord(**telemetry_values(device_id, window))
-
-
-def telemetry_values(device_id: str, window: Any) -> dict[str, Any]:
+def telemetry_values(device_id: str, window: Any, received_at: datetime | None = None) -> dict[str, Any]:
     """A `telemetry_windows` row for one window, every column given (no model defaults apply)."""
     hist = window.latency_histogram
     return {
-        "id": new_id(),
+        "id": secrets.token_hex(16),  # random like new_id(), without building a uuid.UUID per window
         "device_id": device_id,
         "message_id": window.message_id,
         "seq": window.seq,
@@ -162,5 +162,5 @@ def telemetry_values(device_id: str, window: Any) -> dict[str, Any]:
         "rss_bytes": window.system.rss_bytes,
         "peak_rss_bytes": window.system.peak_rss_bytes,
         "latency_histogram": {"bounds": list(hist.bounds), "counts": list(hist.counts)} if hist else {},
-        "received_at": utcnow(),
+        "received_at": received_at or utcnow(),
     }
