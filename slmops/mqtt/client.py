@@ -20,6 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from slmops.mqtt.buffered import BufferedClient
 from slmops.mqtt.errors import MqttConnectError, MqttPublishError
 from slmops.mqtt.types import (
     AsyncHandler,
@@ -346,7 +347,7 @@ class MqttClient:
 
     def _build_paho(self, protocol: MQTTProtocolVersion) -> paho.Client:
         v5 = protocol == MQTTProtocolVersion.MQTTv5
-        client = paho.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
