@@ -8,7 +8,6 @@ FleetRuntime.start()
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -16,6 +15,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -160,7 +160,7 @@ class FleetRuntime:
 
 def _payload(payload: dict[str, Any]) -> bytes:
     # The row holds a validated DesiredState already (assign.write_desired wrote it).
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return orjson.dumps(payload)
 
 
 def _without_credentials(url: str) -> str:

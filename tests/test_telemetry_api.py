@@ -57,6 +57,8 @@ def test_version_series_same_numbers_from_raw_and_from_rollups(client, engine, v
     _ingest_known(engine)
     raw = _versions(client, viewer_headers, "1m")
     assert raw["sources"] == ["raw"]
+    raw_30s = _versions(client, viewer_headers, "30s")
+    assert raw_30s["sources"] == ["raw"]
     first, second = raw["points"]
     assert _latency(first) == (20, pytest.approx(80.0), pytest.approx(304.0), pytest.approx(316.8))
     assert (first["error_rate"], first["ttft_ms"], first["tokens_per_s"]) == (0.1, 40.0, 20.0)
@@ -73,9 +75,12 @@ def test_version_series_same_numbers_from_raw_and_from_rollups(client, engine, v
     (hour,) = hourly["points"]
     assert _latency(hour)[:2] == (25, pytest.approx(120.0))  # rank 12.5 of [10, 5, 10]: half into (80, 160]
 
-    fine = _versions(client, viewer_headers, "30s")  # not whole minutes: raw windows only
-    assert fine["sources"] == ["raw"]
+    fine = _versions(client, viewer_headers, "30s")  # whole 10-second rows per version
+    assert fine["sources"] == ["rollup_10s", "raw"]
     assert [p["requests"] for p in fine["points"]] == [20, 0, 5, 0]
+    assert [_latency(p) for p in fine["points"]] == [_latency(p) for p in raw_30s["points"]]
+    odd = _versions(client, viewer_headers, "7s")  # no rollup divides it: raw windows only
+    assert odd["sources"] == ["raw"] and sum(p["requests"] for p in odd["points"]) == 25
 
 
 def test_device_history_and_query_errors(client, engine, viewer_headers) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from sqlmodel import Session, func, select
 
 from control_plane.models import TelemetryRecord
 from control_plane.telemetry.aggregate import Aggregate
-from control_plane.telemetry.rollup import HOUR, MINUTE, RetentionPolicy, run_rollup
+from control_plane.telemetry.rollup import HOUR, MINUTE, TEN_SECONDS, RetentionPolicy, run_rollup
 from control_plane.telemetry.tables import DeviceRollup, VersionRollup
 from tests.telemetry_support import T0, add_devices, ingest, window
 
@@ -84,6 +84,17 @@ def test_minute_and_hour_rows_merge_histograms_exactly(db: sa.Engine) -> None:
     device_hours = {r.device_id: r.requests for r in _rows(db, DeviceRollup, HOUR)}
     assert device_hours == {a: 15, b: 10}
 
+    # 10-second rows, per version only: each window in the bucket its window_end falls in.
+    tens = _rows(db, VersionRollup, TEN_SECONDS)
+    start = T0.replace(tzinfo=None)
+    assert [((r.bucket_start.replace(tzinfo=None) - start).seconds, r.requests, r.errors) for r in tens] == [
+        (10, 10, 0),
+        (20, 10, 2),
+        (70, 5, 0),
+    ]
+    assert tens[1].latency_histogram["counts"][5] == 10
+    assert _rows(db, DeviceRollup, TEN_SECONDS) == []
+
 
 def test_rerunning_does_not_double_count_and_late_windows_are_added(db: sa.Engine) -> None:
     a, _ = _two_devices_two_minutes(db)
@@ -112,6 +123,7 @@ def test_retention_deletes_raw_rows_but_keeps_rollups(db: sa.Engine) -> None:
     with Session(db) as session:
         assert session.exec(select(func.count()).select_from(TelemetryRecord)).one() == 1
     assert [r.requests for r in _rows(db, VersionRollup, MINUTE)] == [20, 5]  # not recomputed from a fragment
+    assert [r.requests for r in _rows(db, VersionRollup, TEN_SECONDS)] == [5]  # kept as long as raw rows
 
     _rollup(db, policy, now=T0 + timedelta(hours=4))  # minute rollups expired too; hours stay
     assert _rows(db, VersionRollup, MINUTE) == []

@@ -84,17 +84,23 @@ def _aggregate(row: sa.Row) -> Aggregate:  # type: ignore[type-arg]
     return agg
 
 
+_GROUPINGS = {
+    "device": ("device_id, model, version", "device_id, model, version, "),
+    "version": ("'' AS device_id, model, version", "model, version, "),
+    # one row per bucket: what a series needs, and far fewer rows to hand to Python
+    "bucket": ("'' AS device_id, '' AS model, '' AS version", ""),
+}
+
+
 def grouped_windows_pg(
-    session: Session, start: datetime, end: datetime, step_s: int, per_key: bool = True, **filters: Any
+    session: Session, start: datetime, end: datetime, step_s: int, by: str = "device", **filters: Any
 ) -> Iterator[tuple[datetime, Key, Aggregate]]:
-    """(bucket, (model, version, device), aggregate) of the windows ending in [start, end)."""
+    """(bucket, (model, version, device), aggregate) of the windows ending in [start, end), grouped
+    `by` device (and version), by version only (device ""), or by bucket only (all keys "")."""
     given = {name: value for name, value in filters.items() if value is not None}
     where = ["window_end >= :start", "window_end < :end", *(_FILTERS[name] for name in given)]
-    sql = GROUPED.replace("{where}", " AND ".join(where))
-    if per_key:
-        sql = sql.replace("{keys}", "device_id, model, version").replace("{group}", "device_id, model, version, ")
-    else:  # one row per bucket: what a series needs, and far fewer rows to hand to Python
-        sql = sql.replace("{keys}", "'' AS device_id, '' AS model, '' AS version").replace("{group}", "")
+    keys, group = _GROUPINGS[by]
+    sql = GROUPED.replace("{where}", " AND ".join(where)).replace("{keys}", keys).replace("{group}", group)
     for row in session.execute(sa.text(sql), {"start": start, "end": end, "step": step_s, **given}):
         yield _utc(row.bucket), (row.model, row.version, row.device_id), _aggregate(row)
 
@@ -109,4 +115,14 @@ def group_raw_pg(
         # A device key sees one row per histogram layout (almost always one); merging adds them.
         groups[(bucket, (model, version, device))].merge(agg)
         groups[(bucket, (model, version, ""))].merge(agg)
+    return dict(groups)
+
+
+def group_versions_pg(
+    session: Session, start: datetime, end: datetime, step_s: int, before: datetime
+) -> dict[tuple[datetime, Key], Aggregate]:
+    """Per (bucket of `step_s`, version) aggregates of the windows in [start, end) received before `before`."""
+    groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
+    for bucket, key, agg in grouped_windows_pg(session, start, end, step_s, by="version", received_before=before):
+        groups[(bucket, key)].merge(agg)
     return dict(groups)

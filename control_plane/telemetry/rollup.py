@@ -3,6 +3,8 @@
 run_rollup(session, policy)
   -> minute buckets touched by raw rows that arrived since the watermark (minus a settle margin)
   -> each touched minute is recomputed from all its raw rows: delete its rollup rows, insert anew
+     (per device and per version), and its six 10-second rows per version (live charts with
+     sub-minute steps read those instead of every raw window of the fleet)
   -> each touched hour gets the difference between the new and the old minute rows added
   -> raw rows, minute rows and hour rows past their retention are deleted
 
@@ -28,11 +30,11 @@ from sqlmodel import Session, col
 
 from control_plane.models import TelemetryRecord, as_utc, utcnow
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
-from control_plane.telemetry.pg_group import group_raw_pg
+from control_plane.telemetry.pg_group import group_raw_pg, group_versions_pg
 from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRollup
 
 log = logging.getLogger("slmops.telemetry")
-MINUTE, HOUR = 60, 3600
+TEN_SECONDS, MINUTE, HOUR = 10, 60, 3600
 # Ingest stamps received_at before its batch commits (well under a second); rows committed up to
 # this long after their stamp are still found by the next run.
 SETTLE = timedelta(seconds=15)
@@ -128,6 +130,26 @@ def _group_raw(
     return groups
 
 
+def _group_versions(
+    session: Session, start: datetime, end: datetime, received_before: datetime
+) -> dict[tuple[datetime, Key], Aggregate]:
+    """Per (10-second bucket, version) aggregates, device "" (the per-version rows only)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return group_versions_pg(session, start, end, TEN_SECONDS, received_before)
+    columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
+    rows = session.execute(
+        sa.select(*columns).where(
+            col(TelemetryRecord.window_end) >= start,
+            col(TelemetryRecord.window_end) < end,
+            col(TelemetryRecord.received_at) < received_before,
+        )
+    )
+    groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
+    for row in rows:
+        groups[(floor_time(row.window_end, TEN_SECONDS), (row.model or "", row.version or "", ""))].add_window(row)
+    return groups
+
+
 def _load(session: Session, resolution_s: int, start: datetime, end: datetime) -> dict[tuple[datetime, Key], Aggregate]:
     """Stored rollup rows of one resolution in [start, end), as aggregates."""
     groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
@@ -150,6 +172,7 @@ def _roll_minutes(session: Session, start: datetime, end: datetime, watermark: d
     old = _load(session, MINUTE, start, end)
     new = _group_raw(session, start, end, watermark)
     _replace(session, MINUTE, start, end, new)
+    _replace(session, TEN_SECONDS, start, end, _group_versions(session, start, end, watermark))
     for (bucket, key), agg in new.items():
         hour_deltas[(floor_time(bucket, HOUR), key)].merge(agg)
     for (bucket, key), agg in old.items():
@@ -193,7 +216,7 @@ def _apply_retention(session: Session, policy: RetentionPolicy, now: datetime, r
     raw_cutoff = now - timedelta(seconds=policy.raw_s)
     result = session.execute(sa.delete(TelemetryRecord).where(col(TelemetryRecord.window_end) < raw_cutoff))
     report.raw_deleted = result.rowcount or 0  # type: ignore[attr-defined]
-    for resolution_s, keep_s in ((MINUTE, policy.minute_s), (HOUR, policy.hour_s)):
+    for resolution_s, keep_s in ((TEN_SECONDS, policy.raw_s), (MINUTE, policy.minute_s), (HOUR, policy.hour_s)):
         cutoff = now - timedelta(seconds=keep_s)
         for table in (DeviceRollup, VersionRollup):
             result = session.execute(

@@ -20,7 +20,7 @@ from control_plane.errors import DomainError
 from control_plane.models import TelemetryRecord
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
 from control_plane.telemetry.pg_group import grouped_windows_pg
-from control_plane.telemetry.rollup import HOUR, MINUTE, floor_time, rollup_watermark
+from control_plane.telemetry.rollup import HOUR, MINUTE, TEN_SECONDS, floor_time, rollup_watermark
 from control_plane.telemetry.tables import DeviceRollup, VersionRollup
 
 MAX_POINTS = 1440
@@ -49,11 +49,14 @@ class SeriesQuery:
         return [first + timedelta(seconds=i * self.step_s) for i in range(count)]
 
 
-def resolution_for(step_s: int) -> int | None:
+def resolution_for(step_s: int, device_id: str | None = None) -> int | None:
+    """The coarsest rollup a step can be built from; None: raw windows only."""
     if step_s % HOUR == 0:
         return HOUR
     if step_s % MINUTE == 0:
         return MINUTE
+    if step_s % TEN_SECONDS == 0 and device_id is None:  # 10 s rows exist per version, not per device
+        return TEN_SECONDS
     return None
 
 
@@ -87,7 +90,7 @@ def _add_raw(
     if session.get_bind().dialect.name == "postgresql":
         filters = {"model": query.model, "version": query.version, "device_id": query.device_id}
         for bucket, _, agg in grouped_windows_pg(
-            session, start, end, query.step_s, per_key=False, received_since=received_since, **filters
+            session, start, end, query.step_s, by="bucket", received_since=received_since, **filters
         ):
             into[bucket].merge(agg)
         return
@@ -110,7 +113,7 @@ def series(session: Session, query: SeriesQuery) -> dict[str, Any]:
     buckets = query.buckets()
     first, end = buckets[0], buckets[-1] + timedelta(seconds=query.step_s)
     aggregates: dict[datetime, Aggregate] = defaultdict(Aggregate)
-    resolution = resolution_for(query.step_s)
+    resolution = resolution_for(query.step_s, query.device_id)
     watermark = rollup_watermark(session)
     if resolution is None or watermark is None:
         _add_raw(session, query, first, end, aggregates)
