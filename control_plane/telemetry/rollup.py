@@ -107,13 +107,9 @@ def _runs(minutes: list[datetime]) -> Iterable[tuple[datetime, datetime]]:
         yield start, prev + timedelta(seconds=MINUTE)
 
 
-def _group_raw(
-    session: Session, start: datetime, end: datetime, received_before: datetime
-) -> dict[tuple[datetime, Key], Aggregate]:
-    if session.get_bind().dialect.name == "postgresql":
-        return group_raw_pg(session, start, end, received_before)
+def _raw_rows(session: Session, start: datetime, end: datetime, received_before: datetime) -> Any:
     columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
-    rows = session.execute(
+    return session.execute(
         sa.select(*columns).where(
             col(TelemetryRecord.window_end) >= start,
             col(TelemetryRecord.window_end) < end,
@@ -121,8 +117,15 @@ def _group_raw(
             col(TelemetryRecord.received_at) < received_before,
         )
     )
+
+
+def _group_raw(
+    session: Session, start: datetime, end: datetime, received_before: datetime
+) -> dict[tuple[datetime, Key], Aggregate]:
+    if session.get_bind().dialect.name == "postgresql":
+        return group_raw_pg(session, start, end, received_before)
     groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
-    for row in rows:
+    for row in _raw_rows(session, start, end, received_before):
         bucket = floor_time(row.window_end, MINUTE)
         model, version = row.model or "", row.version or ""
         groups[(bucket, (model, version, row.device_id))].add_window(row)
@@ -136,16 +139,8 @@ def _group_versions(
     """Per (10-second bucket, version) aggregates, device "" (the per-version rows only)."""
     if session.get_bind().dialect.name == "postgresql":
         return group_versions_pg(session, start, end, TEN_SECONDS, received_before)
-    columns = [getattr(TelemetryRecord, name) for name in RAW_COLUMNS]
-    rows = session.execute(
-        sa.select(*columns).where(
-            col(TelemetryRecord.window_end) >= start,
-            col(TelemetryRecord.window_end) < end,
-            col(TelemetryRecord.received_at) < received_before,
-        )
-    )
     groups: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
-    for row in rows:
+    for row in _raw_rows(session, start, end, received_before):
         groups[(floor_time(row.window_end, TEN_SECONDS), (row.model or "", row.version or "", ""))].add_window(row)
     return groups
 
