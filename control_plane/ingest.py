@@ -10,19 +10,20 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane import bulk, metrics
-from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, new_id, utcnow
+from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, as_utc, new_id, utcnow
 from shared.topics import TopicKind
 
 log = logging.getLogger("slmops.ingest")
 
 
+LAST_SEEN_RESOLUTION = timedelta(seconds=15)
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryRecord.__table__  # type: ignore[attr-defined]
 _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
@@ -44,7 +45,7 @@ class IngestWriter:
         """The subscriber's batch handler (runs on its worker thread); one transaction per batch."""
         self._now = utcnow()  # the batch's write time: one clock read, not one per window
         with Session(self.engine) as session:
-            statuses = self._statuses(session, {m.device_id for m in batch})
+            statuses, last_seen = self._statuses(session, {m.device_id for m in batch})
             changes: dict[str, dict[str, Any]] = {}  # device id -> columns to set, latest message wins
             windows: dict[tuple[str, str], dict[str, Any]] = {}
             events: list[dict[str, Any]] = []
@@ -62,16 +63,19 @@ class IngestWriter:
                 self._insert_windows(session, list(windows.values()))
             if events:
                 bulk.insert(session, _EVENTS, events)
-            self._update_devices(session, changes)
+            self._update_devices(session, _drop_fresh_last_seen(changes, last_seen))
             session.commit()
 
     @staticmethod
-    def _statuses(session: Session, device_ids: set[str]) -> dict[str, str]:
+    def _statuses(session: Session, device_ids: set[str]) -> tuple[dict[str, str], dict[str, datetime | None]]:
+        """Each known sender's status and when it was last seen."""
         found: dict[str, str] = {}
+        seen: dict[str, datetime | None] = {}
         for clause in bulk.matching(session, _DEVICES.c.id, sorted(device_ids)):
-            stmt = sa.select(_DEVICES.c.id, _DEVICES.c.status).where(clause)
-            found.update((device_id, status) for device_id, status in session.execute(stmt))
-        return found
+            stmt = sa.select(_DEVICES.c.id, _DEVICES.c.status, _DEVICES.c.last_seen).where(clause)
+            for device_id, status, last_seen in session.execute(stmt):
+                found[device_id], seen[device_id] = status, as_utc(last_seen)
+        return found, seen
 
     def _apply(
         self,
@@ -120,6 +124,24 @@ class IngestWriter:
             by_shape.setdefault(tuple(sorted(change)), []).append({"id": device_id, **change})
         for rows in by_shape.values():
             bulk.update(session, _DEVICES, rows, key=("id",))
+
+
+def _drop_fresh_last_seen(
+    changes: dict[str, dict[str, Any]], last_seen: dict[str, datetime | None]
+) -> dict[str, dict[str, Any]]:
+    """Leave out updates that would only move `last_seen` by less than LAST_SEEN_RESOLUTION.
+
+    A telemetry window changes nothing else on its device; rewriting the device row for every
+    window doubled the database's write work at fleet scale, for a timestamp nobody reads to the
+    second (online/offline comes from status messages)."""
+    kept = {}
+    for device_id, change in changes.items():
+        before = last_seen.get(device_id)
+        if change.keys() == {"last_seen"} and before is not None:
+            if as_utc(change["last_seen"]) - before < LAST_SEEN_RESOLUTION:  # type: ignore[operator]
+                continue
+        kept[device_id] = change
+    return kept
 
 
 def state_values(state: Any) -> dict[str, Any]:
