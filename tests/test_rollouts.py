@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -125,3 +126,33 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
     ratio = next(c for c in failed[0].details["checks"] if c["gate"] == "max_p95_latency_ratio")
     assert ratio["value"] > 1.5 and ratio["limit"] == 1.5
     assert failed[0].details["baseline"]["version"] == "2"
+
+
+@pytest.mark.mosquitto
+def test_device_enrolled_after_a_completed_rollout_gets_its_version(fleet, engine, tiny_gguf, tiny_gguf_other):  # type: ignore[no-untyped-def]
+    client, settings = fleet
+    admin, operator = _token(engine, "admin"), _token(engine, "operator")
+    assert client.post("/v1/models", json={"name": "tiny"}, headers=operator).status_code == 201
+    for version, path in (("1", tiny_gguf), ("2", tiny_gguf_other)):
+        upload_version(client, operator, "tiny", version, path)
+    topics = Topics(settings.mqtt_topic_prefix)
+    behaviour = SimBehaviour(requests_per_window=10)
+    creds = enroll_devices(client, admin, [("eu-1", {"region": "eu"}), ("us-1", {"region": "us"})])
+    devices = start_sim_devices(MOSQUITTO, topics, creds, behaviour)
+    try:
+        with TelemetryPump(devices):
+            wait_for(lambda: _all_online(client, operator), what="devices online")
+            plan = {"model": "tiny", "selector": "region=eu", **FAST_PLAN}
+            eu = client.post("/v1/rollouts", json={**plan, "version": "2"}, headers=operator).json()
+            done = wait_for(lambda: _finished(client, operator, eu["id"]), what="v2 to region=eu")
+            assert done["state"] == "completed", done
+            # Enrolled afterwards: one matching the completed rollout's selector, one not.
+            late = enroll_devices(client, admin, [("eu-2", {"region": "eu"}), ("ap-1", {"region": "ap"})])
+            devices += start_sim_devices(MOSQUITTO, topics, late, behaviour)
+            wait_for(lambda: devices[2].current_version == "2", what="late eu device on v2")
+            time.sleep(1.0)  # several controller ticks
+            assert devices[3].current_version is None, "a device no completed rollout selects gets nothing"
+            assert devices[1].current_version is None
+    finally:
+        for device in devices:
+            device.stop()

@@ -142,7 +142,57 @@ class RolloutController:
             except Exception:  # one broken rollout must not stop the others
                 session.rollback()
                 log.exception("rollout %s: controller step failed", rollout.id)
+        try:
+            self.cover_late_enrollments(session)
+            session.commit()
+        except Exception:
+            session.rollback()
+            log.exception("giving late-enrolled devices their desired state failed")
         return len(rollouts)
+
+    def cover_late_enrollments(self, session: Session, lookback: int = 20) -> int:
+        """Devices enrolled after a rollout completed, with no desired state yet, get the version of
+        the latest completed rollout whose selector they match (an active rollout covers its own
+        newcomers). Returns how many were given one."""
+        table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+        waiting = set(
+            session.exec(
+                select(Device.id).where(
+                    col(Device.status).in_(ENROLLED), col(Device.id).not_in(sa.select(table.c.device_id))
+                )
+            ).all()
+        )
+        given = 0
+        if not waiting:
+            return given
+        completed = session.exec(
+            select(Rollout)
+            .where(Rollout.state == RolloutState.completed)
+            .order_by(col(Rollout.finished_at).desc())
+            .limit(lookback)
+        ).all()
+        for rollout in completed:
+            matching = [d for d in target_device_ids(session, rollout.selector) if d in waiting]
+            if not matching:
+                continue
+            model = session.get(Model, rollout.model_id)
+            version = session.get(ModelVersion, rollout.version_id)
+            if model is None or version is None or version.status == "revoked":
+                continue
+            artifacts, adapter = assign.deployable_artifacts(session, version)
+            hardware = self._hardware(session, matching)
+            states = {}
+            for device_id in matching:
+                artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
+                if artifact is not None:
+                    payload = assign.desired_payload(model, version, artifact, None, adapter)
+                    states[device_id] = payload.model_dump(mode="json")
+            assign.write_desired(session, states)
+            given += len(states)
+            waiting -= set(matching)
+            if not waiting:
+                break
+        return given
 
     def advance(self, session: Session, rollout: Rollout) -> None:
         plan = RolloutCreate.model_validate(rollout.plan)
