@@ -155,16 +155,38 @@ class RolloutController:
         the latest completed rollout whose selector they match (an active rollout covers its own
         newcomers). Returns how many were given one."""
         table = DesiredStateRow.__table__  # type: ignore[attr-defined]
-        waiting = set(
-            session.exec(
-                select(Device.id).where(
-                    col(Device.status).in_(ENROLLED), col(Device.id).not_in(sa.select(table.c.device_id))
-                )
-            ).all()
+        waiting = select(Device.id).where(
+            col(Device.status).in_(ENROLLED), col(Device.id).not_in(sa.select(table.c.device_id))
         )
         given = 0
-        if not waiting:
-            return given
+        if session.exec(waiting.limit(1)).first() is None:
+            return given  # the usual case: one cheap anti-join per tick
+        completed = session.exec(
+            select(Rollout)
+            .where(Rollout.state == RolloutState.completed)
+            .order_by(col(Rollout.finished_at).desc())
+            .limit(lookback)
+        ).all()
+        for rollout in completed:
+            stmt = waiting  # re-evaluated per rollout: devices given a state above are no longer waiting
+            for clause in selector_clauses(parse_selector(rollout.selector)):
+                stmt = stmt.where(clause)
+            matching = list(session.exec(stmt).all())
+            model = session.get(Model, rollout.model_id)
+            version = session.get(ModelVersion, rollout.version_id)
+            if not matching or model is None or version is None or version.status == "revoked":
+                continue
+            artifacts, adapter = assign.deployable_artifacts(session, version)
+            hardware = self._hardware(session, matching)
+            states = {}
+            for device_id in matching:
+                artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
+                if artifact is not None:
+                    payload = assign.desired_payload(model, version, artifact, None, adapter)
+                    states[device_id] = payload.model_dump(mode="json")
+            assign.write_desired(session, states)
+            given += len(states)
+        return given
         completed = session.exec(
             select(Rollout)
             .where(Rollout.state == RolloutState.completed)
