@@ -44,7 +44,6 @@ from control_plane.services.selectors import parse_selector, selector_clauses
 log = logging.getLogger("slmops.rollouts")
 ENROLLED = ("online", "offline")
 BASELINE_LOOKBACK = timedelta(minutes=30)
-_MEMBER_CHANGES = ("stage_index", "assigned_at", "status", "reason", "artifact_sha256", "previous_desired")
 
 
 def target_device_ids(session: Session, selector: str) -> list[str]:
@@ -109,7 +108,7 @@ def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) ->
     )
     session.add(rollout)
     session.flush()
-    # Plain rows in one executemany: a SQLModel object per member cost more than the rest of the request.
+    # Plain rows in one set-based insert: a SQLModel object per member cost more than the rest of the request.
     member_rows = [
         {
             "rollout_id": rollout.id,
@@ -176,45 +175,28 @@ class RolloutController:
             version = session.get(ModelVersion, rollout.version_id)
             if not matching or model is None or version is None or version.status == "revoked":
                 continue
-            artifacts, adapter = assign.deployable_artifacts(session, version)
-            hardware = self._hardware(session, matching)
-            states = {}
-            for device_id in matching:
-                artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
-                if artifact is not None:
-                    payload = assign.desired_payload(model, version, artifact, None, adapter)
-                    states[device_id] = payload.model_dump(mode="json")
+            states = self._stable_states(session, model, version, matching)
             assign.write_desired(session, states)
             given += len(states)
         return given
-        completed = session.exec(
-            select(Rollout)
-            .where(Rollout.state == RolloutState.completed)
-            .order_by(col(Rollout.finished_at).desc())
-            .limit(lookback)
-        ).all()
-        for rollout in completed:
-            matching = [d for d in target_device_ids(session, rollout.selector) if d in waiting]
-            if not matching:
+
+    def _stable_states(
+        self, session: Session, model: Model, version: ModelVersion, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Desired states of `version` outside any rollout, for the devices it has a fitting variant for."""
+        artifacts, adapter = assign.deployable_artifacts(session, version)
+        hardware = self._hardware(session, device_ids)
+        templates: dict[str, dict[str, Any]] = {}
+        states: dict[str, dict[str, Any]] = {}
+        for device_id in device_ids:
+            artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
+            if artifact is None:
                 continue
-            model = session.get(Model, rollout.model_id)
-            version = session.get(ModelVersion, rollout.version_id)
-            if model is None or version is None or version.status == "revoked":
-                continue
-            artifacts, adapter = assign.deployable_artifacts(session, version)
-            hardware = self._hardware(session, matching)
-            states = {}
-            for device_id in matching:
-                artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
-                if artifact is not None:
-                    payload = assign.desired_payload(model, version, artifact, None, adapter)
-                    states[device_id] = payload.model_dump(mode="json")
-            assign.write_desired(session, states)
-            given += len(states)
-            waiting -= set(matching)
-            if not waiting:
-                break
-        return given
+            if artifact.sha256 not in templates:
+                state = assign.desired_payload(model, version, artifact, None, adapter)
+                templates[artifact.sha256] = state.model_dump(mode="json")
+            states[device_id] = assign.with_message_id(templates[artifact.sha256])
+        return states
 
     def advance(self, session: Session, rollout: Rollout) -> None:
         plan = RolloutCreate.model_validate(rollout.plan)
@@ -454,14 +436,12 @@ class RolloutController:
         if not newcomers:
             return
         _, version = registry.get_version(session, model.name, stable)
-        artifacts, adapter = assign.deployable_artifacts(session, version)
-        hardware, desired = self._hardware(session, newcomers), self._desired(session, newcomers)
+        desired = self._desired(session, newcomers)
+        due = []
         for device_id in newcomers:
             current = desired.get(device_id)
             on_baseline = current is not None and current[0] is None and current[1].get("version") == baseline
-            if current is not None and not (completed and on_baseline):
-                continue
-            artifact, _ = choose_variant(artifacts, hardware.get(device_id) or {})
-            if artifact is not None:
-                payload = assign.desired_payload(model, version, artifact, None, adapter)
-                assign.write_desired(session, {device_id: payload.model_dump(mode="json")})
+            if current is None or (completed and on_baseline):
+                due.append(device_id)
+        if due:
+            assign.write_desired(session, self._stable_states(session, model, version, due))
