@@ -147,10 +147,12 @@ class FleetRuntime:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.rollups.stop()
-        if self.subscriber is not None:
-            self.subscriber.stop()
+        # Disconnect first, then store what gathered: a message read after the last flush would
+        # otherwise be acknowledged to the broker and never written.
         if self.client is not None:
             self.client.stop(publish_offline=False)
+        if self.subscriber is not None:
+            self.subscriber.stop()
         if self.publisher is not None:
             self.publisher.stop(publish_offline=False)
         if self.broker is not None:
