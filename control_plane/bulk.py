@@ -13,9 +13,8 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
-
-from control_plane import db
 
 _PG_CHUNK = 20_000  # rows per statement; bounds the size of one parameter set
 
@@ -72,7 +71,10 @@ def _write(
         return 0
     columns = list(rows[0])
     if not _is_postgres(session):
-        stmt: Any = db.dialect_insert(session)(table)
+        dialect = session.get_bind().dialect.name
+        if dialect != "sqlite":
+            raise NotImplementedError(f"no ON CONFLICT insert for {dialect}")
+        stmt: Any = sqlite_insert(table)
         if conflict and update:
             stmt = stmt.on_conflict_do_update(index_elements=list(conflict), set_={c: stmt.excluded[c] for c in update})
         elif conflict:

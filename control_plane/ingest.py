@@ -39,11 +39,10 @@ class IngestWriter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.counters: Counter[str] = Counter()
-        self._now = utcnow()
 
     def __call__(self, batch: list[Any]) -> None:
-        """The subscriber's batch handler (runs on its worker thread); one transaction per batch."""
-        self._now = utcnow()  # the batch's write time: one clock read, not one per window
+        """The subscriber's batch handler (on its network or flusher thread); one transaction per batch."""
+        now = utcnow()  # the batch's write time: one clock read, not one per window
         with Session(self.engine) as session:
             statuses, last_seen = self._statuses(session, {m.device_id for m in batch})
             changes: dict[str, dict[str, Any]] = {}  # device id -> columns to set, latest message wins
@@ -57,7 +56,7 @@ class IngestWriter:
                     continue
                 change = changes.setdefault(message.device_id, {})
                 change["last_seen"] = message.received_at
-                self._apply(message, change, statuses, windows, events)
+                self._apply(message, change, statuses, windows, events, now)
                 self.counters[str(message.kind)] += 1
             if windows:
                 self._insert_windows(session, list(windows.values()))
@@ -84,6 +83,7 @@ class IngestWriter:
         statuses: dict[str, str],
         windows: dict[tuple[str, str], dict[str, Any]],
         events: list[dict[str, Any]],
+        now: datetime,
     ) -> None:
         body = message.message
         device_id = message.device_id
@@ -102,12 +102,12 @@ class IngestWriter:
             if key in windows:
                 self.counters["duplicate_telemetry"] += 1
                 return
-            windows[key] = telemetry_values(device_id, body, received_at=self._now)
+            windows[key] = telemetry_values(device_id, body, received_at=now)
             metrics.observe_ingest_lag(body.window_end)
         elif message.kind == TopicKind.EVENTS:
             detail = body.model_dump(mode="json", exclude={"schema_version", "kind"})
             events.append(
-                {"id": new_id(), "device_id": device_id, "kind": body.kind, "detail": detail, "created_at": utcnow()}
+                {"id": new_id(), "device_id": device_id, "kind": body.kind, "detail": detail, "created_at": now}
             )
 
     def _insert_windows(self, session: Session, rows: list[dict[str, Any]]) -> None:

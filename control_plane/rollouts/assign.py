@@ -70,10 +70,6 @@ def deployable_artifacts(session: Session, version: ModelVersion) -> tuple[list[
     return [a for a in base if a.format == ArtifactFormat.gguf], adapter
 
 
-def current_desired(session: Session, device_id: str) -> DesiredStateRow | None:
-    return session.get(DesiredStateRow, device_id)
-
-
 def with_message_id(template: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """A copy of a validated DesiredState (as JSON) under a fresh message id."""
     # 128 random bits as hex: as unique as a uuid4 string, without uuid.UUID's cost per device.

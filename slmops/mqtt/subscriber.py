@@ -60,13 +60,6 @@ class IngestCounters:
         return sum(self.malformed.values())
 
 
-@dataclass(frozen=True)
-class _Raw:
-    topic: str
-    payload: bytes
-    received_at: datetime
-
-
 class DeviceMessageSubscriber:
     """Subscribe with `client` to everything devices publish under `topics` and feed `handler`."""
 
@@ -123,7 +116,7 @@ class DeviceMessageSubscriber:
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
         self.counters.received += 1
-        decoded = self.decode_raw(_Raw(topic, payload, datetime.now(UTC)))
+        decoded = self._decode(topic, payload, datetime.now(UTC))
         if decoded is None:
             return
         with self._batch_lock:
@@ -155,15 +148,15 @@ class DeviceMessageSubscriber:
             if batch:
                 self._dispatch(batch)
 
-    def decode_raw(self, raw: _Raw) -> DeviceMessage | None:
+    def _decode(self, topic: str, payload: bytes, received_at: datetime) -> DeviceMessage | None:
         """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
-        parsed = self.topics.parse(raw.topic)
+        parsed = self.topics.parse(topic)
         if parsed is None:
             self.counters.unknown_topics += 1
-            log.warning("dropping a message on unknown topic %s", raw.topic)
+            log.warning("dropping a message on unknown topic %s", topic)
             return None
         try:
-            message = decode(parsed.kind, raw.payload)
+            message = decode(parsed.kind, payload)
         except MessageDecodeError as exc:
             self.counters.malformed[exc.reason] += 1
             log.warning("dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc)
@@ -172,7 +165,7 @@ class DeviceMessageSubscriber:
         if message_id is not None and not self._dedup.first_time(f"{parsed.device_id}/{message_id}"):
             self.counters.duplicates += 1
             return None
-        return DeviceMessage(parsed.device_id, parsed.kind, message, raw.topic, raw.received_at)
+        return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at)
 
     def _dispatch(self, batch: list[DeviceMessage]) -> None:
         self.counters.batches += 1
