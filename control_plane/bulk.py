@@ -27,6 +27,32 @@ def insert(
     return _write(session, table, rows, conflict=tuple(skip_conflicts_on), update=None)
 
 
+def insert_copying(
+    session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, column: str, source: sa.Column[Any], on: str
+) -> None:
+    """Insert `rows`, setting `column` of each to `source` of the source table's row whose primary
+    key equals the row's `on` value (NULL where there is none), read by the database itself:
+    the value never travels to Python and back."""
+    if not rows:
+        return
+    src = source.table
+    (src_key,) = src.primary_key.columns
+    if _is_postgres(session):
+        columns = list(rows[0])
+        q = _quoter(session)
+        names = ", ".join(q(c) for c in [*columns, column])
+        for start in range(0, len(rows), _PG_CHUNK):
+            recordset, params = _unnest(session, table, columns, rows[start : start + _PG_CHUNK])
+            sql = (
+                f"INSERT INTO {q(table.name)} ({names}) SELECT {', '.join(f'u.{q(c)}' for c in columns)}, "
+                f"s.{q(source.name)} FROM {recordset} LEFT JOIN {q(src.name)} AS s ON s.{q(src_key.name)} = u.{q(on)}"
+            )
+            session.execute(sa.text(sql), params)
+        return
+    lookup = sa.select(source).where(src_key == sa.bindparam("_copy_key")).scalar_subquery()
+    session.execute(table.insert().values({column: lookup}), [{**row, "_copy_key": row[on]} for row in rows])
+
+
 def upsert(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]) -> None:
     """Insert `rows`, or overwrite every other given column where `key` already exists."""
     if rows:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmops.mqtt.types import Protocol
+
 
 class Settings(BaseSettings):
     """Everything the control plane reads from its environment.
@@ -52,6 +54,10 @@ class Settings(BaseSettings):
     telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
     mqtt_topic_prefix: str = "slmops/v1"
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
+    # The control plane needs no MQTT 5 feature (a 3.1.1 session without clean_session persists
+    # too), and paho builds a Properties object for every MQTT 5 PUBLISH and PUBACK it reads:
+    # 17 us per message against 2 us for 3.1.1, on the one thread that ingests the whole fleet.
+    mqtt_protocol: Protocol = Field(default="3.1.1", description="MQTT version of the control plane's connections.")
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 

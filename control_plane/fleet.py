@@ -12,10 +12,8 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any
 from urllib.parse import quote
 
-import orjson
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -62,13 +60,14 @@ class FleetRuntime:
         url = self._start_broker()
         # A stable client id and a persistent session: what devices send while the control plane
         # restarts waits in the broker instead of being lost.
-        self.client = MqttClient(url, client_id=self.settings.mqtt_client_id, protocol="auto", persistent_session=True)
+        protocol, client_id = self.settings.mqtt_protocol, self.settings.mqtt_client_id
+        self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True)
         self.subscriber = DeviceMessageSubscriber(self.client, self.topics, self.ingest)
         self.subscriber.start()
         self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the
         # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
-        self.publisher = MqttClient(url, client_id=f"{self.settings.mqtt_client_id}-pub", protocol="auto")
+        self.publisher = MqttClient(url, client_id=f"{client_id}-pub", protocol=protocol)
         self.publisher.start(wait=True, timeout_s=15)
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
@@ -104,21 +103,22 @@ class FleetRuntime:
         while not self._stop.is_set():
             try:
                 if self.leader.try_acquire():
+                    # What an API call just wrote (a new rollout's first stage, a promotion's
+                    # rollback) goes out first: the tick's gate evaluations can wait, devices should not.
+                    self._publish_logged("before the controller tick")
                     started = time.perf_counter()
                     with Session(self.engine, expire_on_commit=False) as session:
                         self.controller.tick(session)
-                    ticked = time.perf_counter()
-                    if sent := self.publish_pending():
-                        log.info(
-                            "published %d desired states in %.3f s (controller tick %.3f s)",
-                            sent,
-                            time.perf_counter() - ticked,
-                            ticked - started,
-                        )
+                    self._publish_logged(f"after a controller tick of {time.perf_counter() - started:.3f} s")
             except Exception:  # the loop must survive a database blip; the next tick retries
                 log.exception("controller tick failed")
             self._wake.wait(self.settings.controller_tick_s)
             self._wake.clear()
+
+    def _publish_logged(self, when: str) -> None:
+        started = time.perf_counter()
+        if sent := self.publish_pending():
+            log.info("published %d desired states in %.3f s (%s)", sent, time.perf_counter() - started, when)
 
     def publish_pending(self) -> int:
         """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
@@ -130,11 +130,11 @@ class FleetRuntime:
                 if not rows:
                     break
                 messages = [
-                    Outgoing(self.topics.desired(device_id), _payload(payload), qos=1, retain=True)
+                    Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
                     for device_id, _, payload in rows
                 ]
                 self.publisher.publish_many(messages, timeout_s=60)
-                assign.mark_published(session, [message_id for _, message_id, _ in rows])
+                assign.mark_published(session, [(device_id, message_id) for device_id, message_id, _ in rows])
                 session.commit()
             sent += len(rows)
             if len(rows) < PUBLISH_BATCH:
@@ -158,11 +158,6 @@ class FleetRuntime:
         if self.broker is not None:
             self.broker.stop()
         self.leader.release()
-
-
-def _payload(payload: dict[str, Any]) -> bytes:
-    # The row holds a validated DesiredState already (assign.write_desired wrote it).
-    return orjson.dumps(payload)
 
 
 def _without_credentials(url: str) -> str:

@@ -86,6 +86,17 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 def app(settings: Settings, engine: sa.Engine):  # type: ignore[no-untyped-def]
     application = create_app(settings, engine=engine)
     yield application
+    _empty_tables(engine)
+
+
+@pytest.fixture
+def empty_tables(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """For tests that write through `engine` alone: the next test starts from empty tables."""
+    yield engine
+    _empty_tables(engine)
+
+
+def _empty_tables(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         for table in reversed(SQLModel.metadata.sorted_tables):
             conn.execute(table.delete())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -18,6 +19,7 @@ DESIRED: sa.Table = DesiredStateRow.__table__  # type: ignore[attr-defined]
 DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]
 EVENTS: sa.Table = DeviceEvent.__table__  # type: ignore[attr-defined]
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+pytestmark = pytest.mark.usefixtures("empty_tables")  # its online devices would join later tests' rollouts
 
 
 def _n(name: str) -> str:

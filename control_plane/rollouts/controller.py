@@ -6,9 +6,7 @@ desired states it writes go through the outbox (`desired_states`), never straigh
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +15,6 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from control_plane import bulk
-from control_plane.errors import DomainError
 from control_plane.models import (
     ACTIVE_STATES,
     Artifact,
@@ -27,7 +24,6 @@ from control_plane.models import (
     Model,
     ModelVersion,
     Rollout,
-    RolloutDevice,
     RolloutState,
     as_utc,
     utcnow,
@@ -38,7 +34,6 @@ from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.rollouts.variants import choose_variant
 from control_plane.services import registry
-from control_plane.services.eval_metrics import quality_retention
 from control_plane.services.selectors import parse_selector, selector_clauses
 
 log = logging.getLogger("slmops.rollouts")
@@ -52,79 +47,6 @@ def target_device_ids(session: Session, selector: str) -> list[str]:
     for clause in selector_clauses(parse_selector(selector)):
         stmt = stmt.where(clause)
     return list(session.exec(stmt).all())
-
-
-def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVersion) -> None:
-    """Refuse a version measured below the plan's floor; one never measured is not refused."""
-    floor = spec.min_quality_retention
-    retention = quality_retention(session, version)
-    if floor is None or retention is None or retention >= floor:
-        return
-    raise DomainError(
-        "quality_below_floor",
-        f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality, below the floor of "
-        f"{floor:.1%}; set force to roll it out anyway",
-        quality_retention=retention,
-        min_quality_retention=floor,
-        evaluated_against=(version.eval_metrics or {}).get("evaluated_against"),
-    )
-
-
-def create_rollout(session: Session, *, spec: RolloutCreate, created_by: str) -> Rollout:
-    model, version = registry.get_version(session, spec.model, spec.version)
-    if version.status == "revoked":
-        raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
-    if not spec.force:
-        check_quality_floor(session, spec, version)
-    device_ids = target_device_ids(session, spec.selector)
-    if not device_ids:
-        raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
-    ids = set(device_ids)
-    for other in session.exec(
-        select(Rollout).where(Rollout.model_id == model.id, col(Rollout.state).in_(ACTIVE_STATES))
-    ):
-        others = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
-        if ids & set(others):
-            raise DomainError(
-                "rollout_conflict",
-                "an active rollout of this model covers some of these devices",
-                rollout_id=other.id,
-            )
-    versions: Counter[str] = Counter()
-    for clause in bulk.matching(session, col(DesiredStateRow.device_id), device_ids):
-        versions.update(
-            session.exec(select(DesiredStateRow.version).where(clause, DesiredStateRow.model == model.name)).all()
-        )
-    baseline = versions.most_common(1)
-    plan = spec.model_dump(mode="json") | {"baseline_version": baseline[0][0] if baseline else None}
-    rollout = Rollout(
-        model_id=model.id,
-        version_id=version.id,
-        selector=spec.selector,
-        plan=plan,
-        created_by=created_by,
-        stage_started_at=utcnow(),
-        updated_at=utcnow(),
-    )
-    session.add(rollout)
-    session.flush()
-    # Plain rows in one set-based insert: a SQLModel object per member cost more than the rest of the request.
-    member_rows = [
-        {
-            "rollout_id": rollout.id,
-            "device_id": device_id,
-            "order_key": hashlib.sha256(f"{rollout.id}:{device_id}".encode()).hexdigest(),
-            "stage_index": -1,
-            "status": "waiting",
-            "reason": "",
-            "artifact_sha256": None,
-            "previous_desired": None,
-            "assigned_at": None,
-        }
-        for device_id in device_ids
-    ]
-    bulk.insert(session, members_.TABLE, member_rows)
-    return rollout
 
 
 class RolloutController:
@@ -261,10 +183,27 @@ class RolloutController:
         deployable: tuple[list[Artifact], Artifact | None],
     ) -> None:
         """Give `members` the rollout's version: one validated payload per artifact, bulk writes."""
+        states, changes = self.assignments(
+            rollout, members, model, version, deployable, self._hardware(session, [m.device_id for m in members])
+        )
+        members_.save(session, rollout.id, changes)
+        members_.keep_previous_desired(session, rollout.id, list(states))
+        assign.write_desired(session, states)
+
+    def assignments(
+        self,
+        rollout: Rollout,
+        members: list[Member],
+        model: Model,
+        version: ModelVersion,
+        deployable: tuple[list[Artifact], Artifact | None],
+        hardware: dict[str, dict[str, Any]],
+    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """(desired states, member changes) that give `members` the rollout's current stage; the
+        members are updated in place. `hardware` holds at least these devices' profiles. The
+        caller saves the changes, then keeps each device's previous desired state, then writes."""
         artifacts, adapter = deployable
         now = self._now()
-        ids = [m.device_id for m in members]
-        hardware, desired_rows = self._hardware(session, ids), self._desired(session, ids)
         templates: dict[str, dict[str, Any]] = {}
         states: dict[str, dict[str, Any]] = {}
         changes: list[dict[str, Any]] = []
@@ -274,28 +213,20 @@ class RolloutController:
                 "device_id": member.device_id,
                 "stage_index": rollout.stage_index,
                 "assigned_at": now,
+                "status": "assigned" if artifact is not None else "incompatible",
+                "reason": "" if artifact is not None else why,
+                "artifact_sha256": artifact.sha256 if artifact is not None else None,
             }
-            if artifact is None:
-                change |= {"status": "incompatible", "reason": why, "artifact_sha256": None, "previous_desired": None}
-            else:
+            if artifact is not None:
                 template = templates.get(artifact.sha256)
                 if template is None:
                     state = assign.desired_payload(model, version, artifact, rollout.id, adapter)
                     template = templates[artifact.sha256] = state.model_dump(mode="json")
-                previous = desired_rows.get(member.device_id)
                 states[member.device_id] = assign.with_message_id(template)
-                change |= {
-                    "status": "assigned",
-                    "reason": "",
-                    "artifact_sha256": artifact.sha256,
-                    "previous_desired": previous[1] if previous else None,
-                }
             changes.append(change)
-        assign.write_desired(session, states)
-        members_.save(session, rollout.id, changes)
-        for member, change in zip(members, changes, strict=True):
             member.stage_index, member.status = rollout.stage_index, change["status"]
             member.artifact_sha256 = change["artifact_sha256"]
+        return states, changes
 
     def _refresh_statuses(
         self, session: Session, rollout: Rollout, version: ModelVersion, members: list[Member]

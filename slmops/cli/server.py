@@ -41,7 +41,7 @@ def server(
     import uvicorn
 
     from control_plane import db
-    from control_plane.api.main import create_app
+    from control_plane.api.main import create_app, settle_heap
 
     settings = _settings()
     if host:
@@ -55,7 +55,9 @@ def server(
     from edge_agent.logs import configure  # the same plain or JSON-lines format as the agent
 
     configure(json_lines=settings.log_json, level=settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    application = create_app(settings)
+    settle_heap()
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 
 @db_app.command("upgrade")

@@ -1,22 +1,31 @@
-"""A paho client that reads its socket in large chunks and handles every whole packet it has.
+"""A paho client that reads and writes its socket in large chunks.
 
-paho reads one packet in three or more recv() calls of a few bytes each, and handles a single
-packet per select() wake-up unless many of its own messages are in flight. For the control
-plane's ingest connection, at thousands of messages a second, that was most of the network
-thread's time (py-spy on benchmarks/fleet_scale.py). Here recv() takes up to 64 KiB, paho's small
-reads are served from that buffer, and loop_read() goes on while buffered bytes remain, so one
-wake-up handles a burst. The overridden methods are paho 2.x internals (the version is pinned
-to 2.x in pyproject.toml); behaviour on the wire is unchanged.
+Reads: paho reads one packet in three or more recv() calls of a few bytes each, and handles a
+single packet per select() wake-up unless many of its own messages are in flight. Here recv()
+takes up to 64 KiB, paho's small reads are served from that buffer, and loop_read() goes on while
+buffered bytes remain, so one wake-up handles a burst.
+
+Writes: paho sends every queued packet with its own send() call, and every packet queued (a
+PUBACK for each message received, too) also writes a byte to its wake-up socket pair. Here the
+network thread joins the queued packets into one send() of up to 64 KiB, and a packet queued on
+the network thread itself wakes nothing: that thread looks at the queue before its next select().
+At thousands of messages a second these syscalls were most of the network thread's time (py-spy
+on benchmarks/fleet_scale.py).
+
+The overridden methods are paho 2.x internals (the version is pinned to 2.x in pyproject.toml);
+behaviour on the wire is unchanged: the same bytes in the same order.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
 READ_CHUNK = 65536
+WRITE_CHUNK = 65536
 
 
 class BufferedClient(paho.Client):
@@ -24,6 +33,8 @@ class BufferedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+
+    # -- reading -----------------------------------------------------------------------------
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
@@ -45,3 +56,80 @@ class BufferedClient(paho.Client):
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0  # bytes of a closed connection must not reach the next one
         super()._sock_close()
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        # Without per-topic callbacks (message_callback_add, which MqttClient never uses) paho
+        # would still walk its matcher tree for every message before calling on_message.
+        if self._on_message_filtered._root._children:
+            return super()._handle_on_message(message)
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                on_message(self, self._userdata, message)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
+    ) -> MQTTErrorCode:
+        if self._thread is None or threading.get_ident() != self._thread.ident:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # On the network thread: its loop sees the queue (want_write) before it selects again.
+        self._out_packet.append(
+            {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet,
+             "info": info}
+        )  # fmt: skip
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """Send runs of queued packets one send() each; paho's own loop handles the rest."""
+        while self._out_packet:
+            run = self._take_plain_run()
+            if not run:
+                # A QoS 0 PUBLISH or a DISCONNECT leads: paho's per-packet path does what follows its send.
+                return super()._packet_write()
+            try:
+                written = self._sock_send(b"".join(p["packet"][p["pos"] :] for p in run))
+            except (AttributeError, ValueError):
+                self._out_packet.extendleft(reversed(run))
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                self._out_packet.extendleft(reversed(run))
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:
+                self._out_packet.extendleft(reversed(run))
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            unsent = _advance(run, written)
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+            if unsent:
+                self._out_packet.extendleft(reversed(unsent))
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _take_plain_run(self) -> list[Any]:
+        """Packets from the head of the queue that need nothing done once sent, up to WRITE_CHUNK bytes."""
+        run: list[Any] = []
+        size = 0
+        while self._out_packet and size < WRITE_CHUNK:
+            head = self._out_packet[0]
+            command = head["command"] & 0xF0
+            if command == paho.DISCONNECT or (command == paho.PUBLISH and head["qos"] == 0):
+                break
+            run.append(self._out_packet.popleft())
+            size += head["to_process"]
+        return run
+
+
+def _advance(run: list[Any], written: int) -> list[Any]:
+    """Account `written` bytes against the run in order; returns the packets not wholly sent."""
+    for i, packet in enumerate(run):
+        if written >= packet["to_process"]:
+            written -= packet["to_process"]
+            packet["pos"] += packet["to_process"]
+            packet["to_process"] = 0
+            continue
+        packet["pos"] += written
+        packet["to_process"] -= written
+        return run[i:]
+    return []

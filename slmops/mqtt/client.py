@@ -38,6 +38,7 @@ from slmops.mqtt.types import (
 from slmops.mqtt.url import BrokerURL, parse_broker_url
 
 log = logging.getLogger(__name__)
+ROUTE_CACHE_SIZE = 65536  # topics whose matching handlers are remembered
 
 __all__ = [
     "AsyncHandler",
@@ -87,6 +88,7 @@ class MqttClient:
         self._paho_lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._subscriptions: dict[str, _Subscription] = {}
+        self._routes: dict[str, list[Handler]] = {}  # topic -> handlers of the filters matching it
         self._suback_waiters: dict[int, _SubackWaiter] = {}
         self._early_subacks: dict[int, list[int | None]] = {}
         self._listeners: list[ConnectionListener] = []
@@ -236,6 +238,7 @@ class MqttClient:
             is_new = topic_filter not in self._subscriptions
             sub = self._subscriptions.setdefault(topic_filter, _Subscription(topic_filter, qos))
             sub.handlers.append(handler)
+            self._routes.clear()
             # Decided under the lock `_on_connect` takes to snapshot: each filter is sent once,
             # either here or by the reconnect.
             send_now = is_new and self._connected.is_set()
@@ -247,6 +250,7 @@ class MqttClient:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._state_lock:
             self._subscriptions.pop(topic_filter, None)
+            self._routes.clear()
         with self._paho_lock:
             if self._paho is not None and self.connected:
                 self._paho.unsubscribe(topic_filter)
@@ -321,16 +325,26 @@ class MqttClient:
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         self.counters.messages_received += 1
-        with self._state_lock:
-            handlers = [
-                h
-                for s in self._subscriptions.values()
-                if topic_matches(s.topic_filter, message.topic)
-                for h in s.handlers
-            ]
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # brokers should refuse such topics (MQTT 3.1.1 section 1.5.3)
+            self.counters.handler_errors += 1
+            log.warning("dropped a message whose topic is not UTF-8")
+            return
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            with self._state_lock:
+                handlers = [
+                    h for s in self._subscriptions.values() if topic_matches(s.topic_filter, topic) for h in s.handlers
+                ]
+                # Matching every filter per message was a fifth of the ingest thread's time; a fleet
+                # has a few topics per device, so the cache stays small (and is bounded anyway).
+                if len(self._routes) >= ROUTE_CACHE_SIZE:
+                    self._routes.clear()
+                self._routes[topic] = handlers
         for handler in handlers:
             try:
-                handler(message.topic, bytes(message.payload))
+                handler(topic, bytes(message.payload))
             except Exception:
                 # A handler's bug must never kill paho's network thread.
                 self.counters.handler_errors += 1
@@ -360,7 +374,10 @@ class MqttClient:
         # The will must be in the CONNECT packet (MQTT 3.1.1 section 3.1.2.5): set it first.
         self._arm_will(client)
         client.reconnect_delay_set(*self._reconnect_delays)
-        client.max_inflight_messages_set(1000)  # pipelined QoS 1 publishes (publish_many)
+        # No cap on QoS 1 messages in flight: publish_many pipelines a whole batch, and with a cap
+        # paho scans every message it holds on each PUBACK (quadratic in the batch; py-spy).
+        # The broker's own receive maximum still applies on its side.
+        client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

@@ -20,7 +20,8 @@ from control_plane.models import (
     RolloutDevice,
     RolloutState,
 )
-from control_plane.rollouts.controller import RolloutController, create_rollout
+from control_plane.rollouts.controller import RolloutController
+from control_plane.rollouts.create import create_rollout
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.schemas import UTCDatetime
 from control_plane.services import pagination

@@ -1,0 +1,135 @@
+"""Starting a rollout: checks, its members, and its first stage assigned in the same transaction.
+
+The first stage's desired states are written with the rollout, so the publisher can send them
+the moment the request commits: no controller tick between "promote" and the devices hearing of
+it, and each member row is written once (inserted assigned) instead of inserted then updated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from control_plane import bulk
+from control_plane.errors import DomainError
+from control_plane.models import ACTIVE_STATES, DesiredStateRow, Device, ModelVersion, Rollout, RolloutDevice, utcnow
+from control_plane.rollouts import assign
+from control_plane.rollouts import members as members_
+from control_plane.rollouts.controller import ENROLLED, RolloutController
+from control_plane.rollouts.members import Member
+from control_plane.rollouts.plan import RolloutCreate
+from control_plane.services import registry
+from control_plane.services.eval_metrics import quality_retention
+from control_plane.services.selectors import parse_selector, selector_clauses
+
+
+def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVersion) -> None:
+    """Refuse a version measured below the plan's floor; one never measured is not refused."""
+    floor = spec.min_quality_retention
+    retention = quality_retention(session, version)
+    if floor is None or retention is None or retention >= floor:
+        return
+    raise DomainError(
+        "quality_below_floor",
+        f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality, below the floor of "
+        f"{floor:.1%}; set force to roll it out anyway",
+        quality_retention=retention,
+        min_quality_retention=floor,
+        evaluated_against=(version.eval_metrics or {}).get("evaluated_against"),
+    )
+
+
+def create_rollout(
+    session: Session, *, spec: RolloutCreate, created_by: str, controller: RolloutController | None = None
+) -> Rollout:
+    """A running rollout whose first stage is assigned (desired states written, not yet published)."""
+    controller = controller or RolloutController()
+    model, version = registry.get_version(session, spec.model, spec.version)
+    if version.status == "revoked":
+        raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
+    if not spec.force:
+        check_quality_floor(session, spec, version)
+    hardware = _targets(session, spec.selector)
+    if not hardware:
+        raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
+    _refuse_overlap(session, model.id, set(hardware))
+    device_ids = list(hardware)
+    baseline = _versions_now(session, model.name, device_ids).most_common(1)
+    plan = spec.model_dump(mode="json") | {"baseline_version": baseline[0][0] if baseline else None}
+    now = utcnow()
+    rollout = Rollout(
+        model_id=model.id,
+        version_id=version.id,
+        selector=spec.selector,
+        plan=plan,
+        created_by=created_by,
+        stage_started_at=now,
+        updated_at=now,
+    )
+    session.add(rollout)
+    session.flush()
+    keys = {d: hashlib.sha256(f"{rollout.id}:{d}".encode()).hexdigest() for d in device_ids}
+    members = [Member(d, -1, "waiting", None) for d in sorted(device_ids, key=keys.__getitem__)]
+    first = members[: spec.stages[0].cumulative_size(len(members))]
+    deployable = assign.deployable_artifacts(session, version)
+    states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
+    assigned = {change["device_id"]: change for change in changes}
+    # Plain rows in one set-based insert: a SQLModel object per member cost more than the rest of the request.
+    member_rows: list[dict[str, Any]] = [
+        {
+            "rollout_id": rollout.id,
+            "device_id": m.device_id,
+            "order_key": keys[m.device_id],
+            "stage_index": -1,
+            "status": "waiting",
+            "reason": "",
+            "artifact_sha256": None,
+            "assigned_at": None,
+        }
+        | assigned.get(m.device_id, {})
+        for m in members
+    ]
+    # The first stage's rows carry each device's desired state from before the rollout (for a
+    # rollback), copied by the database in the same statement; the others get theirs when assigned.
+    first_rows = [row for row in member_rows if row["device_id"] in states]
+    members_.insert(session, first_rows, keep_previous_desired=True)
+    members_.insert(session, [row for row in member_rows if row["device_id"] not in states])
+    assign.write_desired(session, states)
+    return rollout
+
+
+def _targets(session: Session, selector: str) -> dict[str, dict[str, Any]]:
+    """device id -> hardware profile of the enrolled devices the selector matches (one query)."""
+    table = Device.__table__  # type: ignore[attr-defined]
+    stmt = sa.select(table.c.id, table.c.hardware).where(table.c.status.in_(ENROLLED))
+    for clause in selector_clauses(parse_selector(selector)):
+        stmt = stmt.where(clause)
+    return {device_id: dict(hw or {}) for device_id, hw in session.execute(stmt)}
+
+
+def _versions_now(session: Session, model_name: str, device_ids: list[str]) -> Counter[str]:
+    """How many of these devices are meant to run each version of the model now (the baseline)."""
+    table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+    versions: Counter[str] = Counter()
+    for clause in bulk.matching(session, table.c.device_id, device_ids):
+        stmt = sa.select(table.c.version).where(clause, table.c.model == model_name)
+        versions.update(session.execute(stmt).scalars())
+    return versions
+
+
+def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> None:
+    """Only one active rollout per model may cover a device (409 `rollout_conflict`)."""
+    for other in session.exec(
+        select(Rollout).where(Rollout.model_id == model_id, col(Rollout.state).in_(ACTIVE_STATES))
+    ):
+        others = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
+        if device_ids & set(others):
+            raise DomainError(
+                "rollout_conflict",
+                "an active rollout of this model covers some of these devices",
+                rollout_id=other.id,
+            )
