@@ -10,6 +10,7 @@ from sqlmodel import Session, select
 
 from control_plane.leader import LeaderLock
 from control_plane.models import DesiredStateRow, Device, RolloutDevice, TelemetryRecord, utcnow
+from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 
@@ -173,3 +174,41 @@ def test_only_one_controller_holds_the_lock(engine, tmp_path):  # type: ignore[n
     finally:
         first.release()
         second.release()
+
+
+def test_creating_a_rollout_assigns_its_first_stage_in_the_same_request(  # type: ignore[no-untyped-def]
+    client, engine, admin_headers, operator_headers
+):
+    """No controller tick runs here: the POST itself writes the first stage, ready to publish,
+    and keeps each canary's previous desired state for a rollback."""
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    _version(client, operator_headers, "1", [_reference("a")])
+    _version(client, operator_headers, "2", [_reference("b")])
+    devices = [_device(client, admin_headers, f"d{i}") for i in range(10)]
+    everyone = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": NO_WAIT}
+    r1 = client.post("/v1/rollouts", json={"model": "m", "version": "1", **everyone}, headers=operator_headers)
+    assert r1.status_code == 201 and r1.json()["devices"] == {"assigned": 10}
+    with Session(engine) as session:
+        v1 = {d: session.get(DesiredStateRow, d) for d in devices}
+        assert {row.version for row in v1.values() if row} == {"1"} and None not in v1.values()
+        assert all(m.previous_desired is None for m in _members(engine, r1.json()["id"]).values())
+        pending = {d for d, _, _ in assign.pending_publication(session)}
+    assert pending == set(devices)
+    _report_active(engine, devices, "1")
+    _tick(engine)
+
+    canary = {"stages": [{"name": "canary", "count": 3, "min_bake_s": 0}, everyone["stages"][0]], "gates": NO_WAIT}
+    r2 = client.post("/v1/rollouts", json={"model": "m", "version": "2", **canary}, headers=operator_headers).json()
+    assert r2["devices"] == {"assigned": 3, "waiting": 7} and r2["baseline_version"] == "1"
+    members = _members(engine, r2["id"])
+    canaries = [d for d, m in members.items() if m.status == "assigned"]
+    with Session(engine) as session:
+        for device_id in devices:
+            row = session.get(DesiredStateRow, device_id)
+            assert row is not None and row.version == ("2" if device_id in canaries else "1")
+            assert (row.rollout_id == r2["id"]) == (device_id in canaries)
+    for device_id in canaries:  # what a rollback restores: the v1 state, message id and all
+        previous = members[device_id].previous_desired
+        assert previous is not None and previous["message_id"] == v1[device_id].message_id  # type: ignore[union-attr]
+        assert previous["version"] == "1"
+    assert all(members[d].previous_desired is None for d in devices if d not in canaries)
