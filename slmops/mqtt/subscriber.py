@@ -1,21 +1,24 @@
 """The control plane's ingest side: every device message under the prefix, decoded, in batches.
 
 Messages are decoded on paho's network thread as they arrive (malformed ones counted by reason and
-logged with the device id, QoS 1 redeliveries dropped by message id) and handed to the batch
-handler there too, once `max_batch` have gathered; a flusher thread hands over a partial batch
-`max_delay_s` after its first message. The handler can so write one SQL transaction per batch.
+logged with the device id, QoS 1 redeliveries dropped by message id) and gathered into a batch;
+the batch goes to a writer thread once `max_batch` have gathered, or `max_delay_s` after its first
+message (a flusher thread watches the clock). The writer calls the handler, one batch at a time in
+arrival order, so the handler can write one SQL transaction per batch.
 
-Why not a queue and a worker thread: at thousands of messages a second, a hand-off per message
-made the network thread and the worker trade the GIL for every message, which cost more than
-decoding and storing it (py-spy on benchmarks/fleet_scale.py). While the handler writes, paho
-reads nothing more: the broker holds the rest (TCP backpressure), nothing is lost. A client
-used for ingest should not also wait for PUBACKs of its own publishes (the control plane
-publishes on a second connection).
+Why the hand-off is per batch: handing each message to another thread made the network thread and
+a worker trade the GIL for every message, which cost more than decoding and storing it (py-spy on
+benchmarks/fleet_scale.py). Per batch it costs nothing, and while the writer waits on the database
+(the GIL released) the network thread decodes the next batch. At most two batches wait for the
+writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
+the rest (TCP backpressure) and nothing is lost. A client used for ingest should not also wait for
+PUBACKs of its own publishes (the control plane publishes on a second connection).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -31,6 +34,7 @@ from slmops.mqtt.client import MqttClient
 from slmops.mqtt.dedup import RecentIds
 
 log = logging.getLogger(__name__)
+PENDING_BATCHES = 2  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
 
 
 @dataclass(frozen=True)
@@ -86,13 +90,17 @@ class DeviceMessageSubscriber:
         self._batch_started = 0.0
         self._batch_lock = threading.Lock()  # guards _batch; held only to append or swap
         self._write_lock = threading.Lock()  # one batch handed over at a time, in arrival order
+        self._pending: queue.Queue[list[DeviceMessage] | None] = queue.Queue(maxsize=PENDING_BATCHES)
         self._stop = threading.Event()
         self._gathering = threading.Event()  # set while a batch has messages (wakes the flusher)
         self._flusher: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the flusher and register the subscriptions (restored by the client on reconnect)."""
         self._stop.clear()
+        self._writer = threading.Thread(target=self._write_batches, name="slmops-mqtt-ingest-writer", daemon=True)
+        self._writer.start()
         self._flusher = threading.Thread(target=self._flush_when_due, name="slmops-mqtt-ingest", daemon=True)
         self._flusher.start()
         filters = (
@@ -104,7 +112,7 @@ class DeviceMessageSubscriber:
             self.client.subscribe(topic_filter, self._receive, qos=1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Hand over what has gathered, then stop the flusher."""
+        """Hand over what has gathered, let the writer store every batch, then stop both threads."""
         if self._flusher is None:
             return
         self._stop.set()
@@ -112,6 +120,10 @@ class DeviceMessageSubscriber:
         self._flusher.join(timeout_s)
         self._flusher = None
         self._flush()
+        self._pending.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout_s)
+            self._writer = None
 
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
@@ -146,7 +158,11 @@ class DeviceMessageSubscriber:
             with self._batch_lock:
                 batch, self._batch = self._batch, []
             if batch:
-                self._dispatch(batch)
+                self._pending.put(batch)  # waits while PENDING_BATCHES are queued: backpressure
+
+    def _write_batches(self) -> None:
+        while (batch := self._pending.get()) is not None:
+            self._dispatch(batch)
 
     def _decode(self, topic: str, payload: bytes, received_at: datetime) -> DeviceMessage | None:
         """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
