@@ -1,13 +1,15 @@
-"""Set-based writes of many plain rows: one statement per call on PostgreSQL, executemany on SQLite.
+"""Set-based writes of many plain rows: COPY and one statement per call on PostgreSQL,
+executemany on SQLite.
 
-On PostgreSQL the rows travel as one JSON parameter that `json_to_recordset()` turns back into
-typed rows, so 10,000 rows cost one round trip and no per-row SQL. Profiled on the fleet paths
+On PostgreSQL the rows are copied into a temporary staging table (`_stage`) and written from it
+with one INSERT or UPDATE, so 10,000 rows cost no per-row SQL. Profiled on the fleet paths
 (desired-state assignment, ingest), an executemany of the same rows spent most of its time in
 the driver splitting and binding per-row statements. SQLite's executemany runs in C already.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +17,6 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
-
-_PG_CHUNK = 20_000  # rows per statement; bounds the size of one parameter set
 
 
 def insert(
@@ -40,14 +40,15 @@ def insert_copying(
     if _is_postgres(session):
         columns = list(rows[0])
         q = _quoter(session)
-        names = ", ".join(q(c) for c in [*columns, column])
-        for start in range(0, len(rows), _PG_CHUNK):
-            recordset, params = _unnest(session, table, columns, rows[start : start + _PG_CHUNK])
-            sql = (
-                f"INSERT INTO {q(table.name)} ({names}) SELECT {', '.join(f'u.{q(c)}' for c in columns)}, "
-                f"s.{q(source.name)} FROM {recordset} LEFT JOIN {q(src.name)} AS s ON s.{q(src_key.name)} = u.{q(on)}"
+        names = ", ".join(q(c) for c in columns)
+        stage = _stage(session, table, columns, rows)
+        session.execute(
+            sa.text(
+                f"INSERT INTO {q(table.name)} ({names}, {q(column)}) SELECT {', '.join(f'u.{q(c)}' for c in columns)}, "
+                f"s.{q(source.name)} FROM {stage} AS u LEFT JOIN {q(src.name)} AS s ON s.{q(src_key.name)} = u.{q(on)}"
             )
-            session.execute(sa.text(sql), params)
+        )
+        session.execute(sa.text(f"TRUNCATE {stage}"))
         return
     lookup = sa.select(source).where(src_key == sa.bindparam("_copy_key")).scalar_subquery()
     session.execute(table.insert().values({column: lookup}), [{**row, "_copy_key": row[on]} for row in rows])
@@ -67,14 +68,12 @@ def update(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *,
     columns = list(rows[0])
     values = [c for c in columns if c not in key]
     if _is_postgres(session):
-        for start in range(0, len(rows), _PG_CHUNK):
-            chunk = rows[start : start + _PG_CHUNK]
-            source, params = _unnest(session, table, columns, chunk)
-            q = _quoter(session)
-            assignments = ", ".join(f"{q(c)} = u.{q(c)}" for c in values)
-            match = " AND ".join(f"t.{q(c)} = u.{q(c)}" for c in key)
-            sql = f"UPDATE {q(table.name)} AS t SET {assignments} FROM {source} WHERE {match}"
-            session.execute(sa.text(sql), params)
+        q = _quoter(session)
+        stage = _stage(session, table, columns, rows)
+        assignments = ", ".join(f"{q(c)} = u.{q(c)}" for c in values)
+        match = " AND ".join(f"t.{q(c)} = u.{q(c)}" for c in key)
+        session.execute(sa.text(f"UPDATE {q(table.name)} AS t SET {assignments} FROM {stage} AS u WHERE {match}"))
+        session.execute(sa.text(f"TRUNCATE {stage}"))
         return
     stmt = (
         table.update()
@@ -110,36 +109,46 @@ def _write(
             return len(session.execute(stmt.returning(table.c[columns[0]]), list(rows)).all())
         session.execute(stmt, list(rows))
         return len(rows)
-    written = 0
-    for start in range(0, len(rows), _PG_CHUNK):
-        chunk = rows[start : start + _PG_CHUNK]
-        source, params = _unnest(session, table, columns, chunk)
-        q = _quoter(session)
-        names = ", ".join(q(c) for c in columns)
-        sql = f"INSERT INTO {q(table.name)} ({names}) SELECT {', '.join(f'u.{q(c)}' for c in columns)} FROM {source}"
-        if conflict and update:
-            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in update)
-            sql += f" ON CONFLICT ({', '.join(q(c) for c in conflict)}) DO UPDATE SET {sets}"
-        elif conflict:
-            sql += f" ON CONFLICT ({', '.join(q(c) for c in conflict)}) DO NOTHING"
-        result = session.execute(sa.text(sql), params)
-        written += result.rowcount if result.rowcount >= 0 else len(chunk)  # type: ignore[attr-defined]
-    return written
+    q = _quoter(session)
+    names = ", ".join(q(c) for c in columns)
+    stage = _stage(session, table, columns, rows)
+    sql = f"INSERT INTO {q(table.name)} ({names}) SELECT {names} FROM {stage}"
+    if conflict and update:
+        sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in update)
+        sql += f" ON CONFLICT ({', '.join(q(c) for c in conflict)}) DO UPDATE SET {sets}"
+    elif conflict:
+        sql += f" ON CONFLICT ({', '.join(q(c) for c in conflict)}) DO NOTHING"
+    result = session.execute(sa.text(sql))
+    written = result.rowcount if result.rowcount >= 0 else len(rows)  # type: ignore[attr-defined]
+    session.execute(sa.text(f"TRUNCATE {stage}"))
+    return int(written)
 
 
-def _unnest(
-    session: Session, table: sa.Table, columns: list[str], rows: Sequence[dict[str, Any]]
-) -> tuple[str, dict[str, Any]]:
-    """The rows as one JSON document, turned back into typed rows by `json_to_recordset`.
+def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence[dict[str, Any]]) -> str:
+    """Copy `rows` into a temporary table of just these columns (one per connection, emptied at
+    commit and after each use); returns its quoted name.
 
-    One parameter, serialised by orjson in C and parsed by PostgreSQL in C: array parameters
-    were slower, the driver escaping every element of a text array with a regular expression.
+    COPY is the cheapest way into PostgreSQL: 1,000 desired states took 13-19 ms copied and
+    inserted from the staging table, 20-34 ms as one `json_to_recordset` document, whose nested
+    JSON the server parses twice (idle machine, same rows); array parameters were slower still,
+    the driver escaping every element with a regular expression.
     """
     dialect = session.get_bind().dialect
     q = _quoter(session)
+    shape = ",".join(f"{c}:{table.c[c].type.compile(dialect=dialect)}" for c in columns)
+    name = q(f"_stage_{table.name}_{hashlib.sha1(shape.encode()).hexdigest()[:10]}")
     definition = ", ".join(f"{q(c)} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
-    document = orjson.dumps([{c: row[c] for c in columns} for row in rows]).decode()
-    return f"json_to_recordset(CAST(:rows AS JSON)) AS u({definition})", {"rows": document}
+    session.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({definition}) ON COMMIT DELETE ROWS"))
+    json_columns = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor, cursor.copy(f"COPY {name} ({', '.join(q(c) for c in columns)}) FROM STDIN") as copy:
+        for row in rows:
+            values = [row[c] for c in columns]
+            for i in json_columns:
+                if values[i] is not None:
+                    values[i] = orjson.dumps(values[i]).decode()
+            copy.write_row(values)
+    return name
 
 
 def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
