@@ -62,7 +62,9 @@ class FleetRuntime:
         # restarts waits in the broker instead of being lost.
         protocol, client_id = self.settings.mqtt_protocol, self.settings.mqtt_client_id
         self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True)
-        self.subscriber = DeviceMessageSubscriber(self.client, self.topics, self.ingest)
+        self.subscriber = DeviceMessageSubscriber(
+            self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group
+        )
         self.subscriber.start()
         self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the

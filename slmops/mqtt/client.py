@@ -430,6 +430,10 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     paho builds a matcher tree on every call; on the control plane's network thread that was a
     third of the time per message at thousands of messages a second (py-spy, benchmarks/fleet_scale.py).
     """
+    if topic_filter.startswith("$share/"):
+        # A shared subscription (MQTT 5 section 4.8.2; Mosquitto and EMQX take it over 3.1.1 too)
+        # delivers messages under their own topic: match the filter after "$share/<group>/".
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     if topic_filter == topic:
         return True
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):

@@ -77,6 +77,7 @@ class DeviceMessageSubscriber:
         max_delay_s: float = 0.01,
         dedup: RecentIds | None = None,
         kinds: tuple[TopicKind, ...] | None = None,
+        share_group: str | None = None,
     ) -> None:
         self.client = client
         self.topics = topics
@@ -86,6 +87,7 @@ class DeviceMessageSubscriber:
         self._max_delay_s = max_delay_s
         self._dedup = dedup if dedup is not None else RecentIds(65536)
         self._kinds = kinds
+        self._share_group = share_group
         self._batch: list[DeviceMessage] = []
         self._batch_started = 0.0
         self._batch_lock = threading.Lock()  # guards _batch; held only to append or swap
@@ -108,6 +110,9 @@ class DeviceMessageSubscriber:
             if self._kinds
             else self.topics.control_plane_subscriptions()
         )
+        if self._share_group:
+            # Replicas in one group each get a share of the device messages instead of all of them.
+            filters = [f"$share/{self._share_group}/{f}" for f in filters]
         for topic_filter in filters:
             self.client.subscribe(topic_filter, self._receive, qos=1)
 
