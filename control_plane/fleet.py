@@ -105,8 +105,8 @@ class FleetRuntime:
         while not self._stop.is_set():
             try:
                 if self.leader.try_acquire():
-                    # What an API call just wrote (a new rollout's first stage, a promotion's
-                    # rollback) goes out first: the tick's gate evaluations can wait, devices should not.
+                    # What an API call just wrote (a new rollout's first stage, the states an abort
+                    # restores) goes out first: the tick's gate evaluations can wait, devices should not.
                     self._publish_logged("before the controller tick")
                     started = time.perf_counter()
                     with Session(self.engine, expire_on_commit=False) as session:
