@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -139,16 +140,24 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
     name = q(f"_stage_{table.name}_{hashlib.sha1(shape.encode()).hexdigest()[:10]}")
     definition = ", ".join(f"{q(c)} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
     session.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({definition}) ON COMMIT DELETE ROWS"))
-    json_columns = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
+    is_json = [isinstance(table.c[c].type, sa.JSON) for c in columns]
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor, cursor.copy(f"COPY {name} ({', '.join(q(c) for c in columns)}) FROM STDIN") as copy:
         for row in rows:
-            values = [row[c] for c in columns]
-            for i in json_columns:
-                if values[i] is not None:
-                    values[i] = orjson.dumps(values[i]).decode()
-            copy.write_row(values)
+            copy.write_row([_copy_value(row[c], json) for c, json in zip(columns, is_json, strict=True)])
     return name
+
+
+def _copy_value(value: Any, is_json: bool) -> Any:
+    """A value as COPY takes it: JSON columns as JSON text, enums by value (psycopg would write
+    an enum's name, which is not always its value: ArtifactFormat.onnx_tar is "onnx-tar")."""
+    if value is None:
+        return None
+    if is_json:
+        return orjson.dumps(value).decode()
+    if isinstance(value, Enum):
+        return value.value
+    return value
 
 
 def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.ColumnElement[bool]]:

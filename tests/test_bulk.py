@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 
 import pytest
 import sqlalchemy as sa
@@ -119,3 +120,19 @@ def test_events_insert_and_empty_batches(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         stored = conn.execute(sa.select(EVENTS.c.kind, EVENTS.c.detail).where(EVENTS.c.device_id == a)).all()
     assert sorted((k, d["n"]) for k, d in stored) == [("download_completed", 1), ("download_started", 0)]
+
+
+class _Kind(Enum):
+    onnx_tar = "onnx-tar"  # a name that is not its value, as in ArtifactFormat
+
+
+def test_enums_are_written_by_value_and_json_keeps_its_shape(engine: sa.Engine) -> None:
+    (a,) = add_devices(engine, _n("enum-a"))
+    detail = {"nested": {"list": [1, 2.5, None, "x"], "when": "2026-11-23T12:00:00Z"}, "unicode": "größe"}
+    event = {"id": new_id(), "device_id": a, "kind": _Kind.onnx_tar, "detail": detail, "created_at": T0}
+    with Session(engine) as session:
+        assert bulk.insert(session, EVENTS, [event]) == 1
+        session.commit()
+    with engine.connect() as conn:
+        kind, stored = conn.execute(sa.select(EVENTS.c.kind, EVENTS.c.detail).where(EVENTS.c.device_id == a)).one()
+    assert (kind, stored) == ("onnx-tar", detail)
