@@ -149,8 +149,8 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
 
 
 def _copy_value(value: Any, is_json: bool) -> Any:
-    """A value as COPY takes it: JSON columns as JSON text, enums by value (psycopg would write
-    an enum's name, which is not always its value: ArtifactFormat.onnx_tar is "onnx-tar")."""
+    """A value as COPY takes it: JSON columns as JSON text, enums by value, as the JSON path wrote
+    them (psycopg writes a plain Enum's name, which need not be its value)."""
     if value is None:
         return None
     if is_json:

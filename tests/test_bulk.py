@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 
 import pytest
 import sqlalchemy as sa
@@ -122,7 +122,7 @@ def test_events_insert_and_empty_batches(engine: sa.Engine) -> None:
     assert sorted((k, d["n"]) for k, d in stored) == [("download_completed", 1), ("download_started", 0)]
 
 
-class _Kind(Enum):
+class _Kind(StrEnum):
     onnx_tar = "onnx-tar"  # a name that is not its value, as in ArtifactFormat
 
 
