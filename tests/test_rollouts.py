@@ -14,6 +14,7 @@ from sqlmodel import Session, SQLModel, select
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.models import GateEvaluation
+from control_plane.rollouts import assign
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour
 from tests.fleet_helpers import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
@@ -115,6 +116,7 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
             # Every device that touched v3 returns to v2.
             wait_for(lambda: {d.current_version for d in devices} == {"2"}, what="devices back on v2")
             wait_for(lambda: len(_on_version(client, operator, "2")) == 4, what="control plane sees all on v2")
+            wait_for(lambda: _unpublished(engine) == [], what="every desired state marked published")
     finally:
         for device in devices:
             device.stop()
@@ -126,6 +128,11 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
     ratio = next(c for c in failed[0].details["checks"] if c["gate"] == "max_p95_latency_ratio")
     assert ratio["value"] > 1.5 and ratio["limit"] == 1.5
     assert failed[0].details["baseline"]["version"] == "2"
+
+
+def _unpublished(engine: sa.Engine) -> list[tuple[str, str, str]]:
+    with Session(engine) as session:
+        return assign.pending_publication(session)
 
 
 @pytest.mark.mosquitto
