@@ -104,9 +104,10 @@ class StateMessage(DeviceState, Envelope):
     @classmethod
     def wrap(cls, state: DeviceState) -> StateMessage:
         # `state` is a validated DeviceState: its fields are taken as they are (a dump and a
-        # second validation per state message were a third of a simulated fleet's time), and the
-        # envelope's fields get their defaults (a fresh message id).
-        return cls.model_construct(**dict(state))
+        # second validation per state message were a third of a simulated fleet's time). The
+        # envelope's fields are given, not defaulted: for a default factory, model_construct
+        # inspects the factory's signature every time.
+        return cls.model_construct(**dict(state), message_id=new_message_id(), sent_at=utc_now())
 
 
 class TelemetryMessage(TelemetryWindow, Envelope):
