@@ -77,11 +77,27 @@ def create_rollout(
     first = members[: spec.stages[0].cumulative_size(len(members))]
     deployable = assign.deployable_artifacts(session, version)
     states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
-    assigned = {change["device_id"]: change for change in changes}
-    # Plain rows in one set-based insert: a SQLModel object per member cost more than the rest of the request.
-    member_rows: list[dict[str, Any]] = [
+    _insert_members(session, rollout.id, members, keys, changes, set(states))
+    assign.write_desired(session, states)
+    return rollout
+
+
+def _insert_members(
+    session: Session,
+    rollout_id: str,
+    members: list[Member],
+    keys: dict[str, str],
+    changes: list[dict[str, Any]],
+    assigned: set[str],
+) -> None:
+    """Every member in one set-based insert per kind: a SQLModel object per member cost more than
+    the rest of the request. The first stage's rows carry each device's desired state from before
+    the rollout (for a rollback), copied by the database in the same statement; the others get
+    theirs when they are assigned."""
+    by_device = {change["device_id"]: change for change in changes}
+    rows: list[dict[str, Any]] = [
         {
-            "rollout_id": rollout.id,
+            "rollout_id": rollout_id,
             "device_id": m.device_id,
             "order_key": keys[m.device_id],
             "stage_index": -1,
@@ -90,16 +106,11 @@ def create_rollout(
             "artifact_sha256": None,
             "assigned_at": None,
         }
-        | assigned.get(m.device_id, {})
+        | by_device.get(m.device_id, {})
         for m in members
     ]
-    # The first stage's rows carry each device's desired state from before the rollout (for a
-    # rollback), copied by the database in the same statement; the others get theirs when assigned.
-    first_rows = [row for row in member_rows if row["device_id"] in states]
-    members_.insert(session, first_rows, keep_previous_desired=True)
-    members_.insert(session, [row for row in member_rows if row["device_id"] not in states])
-    assign.write_desired(session, states)
-    return rollout
+    members_.insert(session, [row for row in rows if row["device_id"] in assigned], keep_previous_desired=True)
+    members_.insert(session, [row for row in rows if row["device_id"] not in assigned])
 
 
 def _targets(session: Session, selector: str) -> dict[str, dict[str, Any]]:
