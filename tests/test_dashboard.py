@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from control_plane.dashboard import telemetry
 from control_plane.dashboard.render import human_bytes
-from control_plane.models import DesiredStateRow, Device, Role, TelemetryRecord, utcnow
+from control_plane.models import ApiToken, DesiredStateRow, Device, Role, TelemetryRecord, utcnow
 from control_plane.rollouts.gates import merged_percentile
 from control_plane.services import auth
 from shared.telemetry import REQUEST_DURATION_BUCKETS
@@ -53,13 +53,15 @@ def test_login_checks_the_token_and_sets_an_httponly_cookie(client: TestClient, 
     assert refused.status_code == 401 and "unknown or revoked" in refused.text
     assert "set-cookie" not in refused.headers
 
-    _, token = _token(engine)
+    token_id, token = _token(engine)
     accepted = client.post("/login", data={"token": token, "next": "/registry"}, follow_redirects=False)
     assert accepted.status_code == 303 and accepted.headers["location"] == "/registry"
     cookie = accepted.headers["set-cookie"]
     assert cookie.startswith(f"slmops_token={token};")
     assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
     assert client.get("/registry").status_code == 200
+    with Session(engine) as session:  # the token list shows when it was last used, dashboard included
+        assert session.get(ApiToken, token_id).last_used_at is not None  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example"])

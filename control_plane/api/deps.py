@@ -51,7 +51,7 @@ def _principal(request: Request, session: Session) -> Principal:
     scheme = scheme.lower()
     if scheme == "bearer" and value:
         principal = authenticate_token(session, value.strip())
-        _touch_token(session, principal.id)
+        touch_token(session, principal.id)
         return principal
     if scheme == "basic" and value:
         try:
@@ -64,7 +64,8 @@ def _principal(request: Request, session: Session) -> Principal:
     )
 
 
-def _touch_token(session: Session, token_id: str) -> None:
+def touch_token(session: Session, token_id: str) -> None:
+    """Record that the token was used (the API and the dashboard both call this)."""
     # At most once a minute, so read-heavy dashboards do not turn every GET into a write.
     token = session.get(ApiToken, token_id)
     last = as_utc(token.last_used_at) if token else None

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
-from control_plane.api.deps import SessionDep
+from control_plane.api.deps import SessionDep, touch_token
 from control_plane.errors import DomainError
 from control_plane.services.auth import Principal, authenticate_token
 
@@ -24,6 +24,7 @@ def cookie_principal(request: Request, session: SessionDep) -> Principal | None:
         principal = authenticate_token(session, token)
     except DomainError:
         return None
+    touch_token(session, principal.id)
     request.state.actor = principal.actor
     return principal
 
