@@ -2,28 +2,29 @@
 protocol (the `shared` schemas). They apply desired states after a delay (optionally failing for
 chosen versions) and publish synthetic telemetry windows whose latency depends on the version.
 
-Used by tests, benchmarks and `slmops simulate`; the real agent is in `edge_agent/`.
+One thread and one paho client (`MqttClient`, as the agent's) per device, for tests with a
+handful of devices; `slmops.simulate` runs thousands on asyncio. Both act through
+`slmops.simulate.behaviour`. The real agent is in `edge_agent/`.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import StateMessage, StatusMessage, TelemetryMessage, decode, encode
-from shared.state import DeviceState, ModelRef
-from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
+from shared.state import DeviceState
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.dedup import RecentIds
 from slmops.mqtt.url import parse_broker_url
+from slmops.simulate import behaviour as simulated
 
 log = logging.getLogger("slmops.simulator")
 
@@ -100,18 +101,9 @@ class SimDevice:
         timer.start()
 
     def _apply(self, desired: DesiredState) -> None:
-        ref = ModelRef(model=desired.model, version=desired.version, sha256=desired.artifact.sha256,
-                       format=desired.artifact.format, quantization=desired.artifact.quantization)  # fmt: skip
         with self._lock:
-            if desired.version in self.behaviour.failing_versions:
-                self.state = self.state.model_copy(update={
-                    "phase": "activation_failed", "reason": "smoke test failed (simulated)",
-                    "desired_message_id": desired.message_id, "rollout_id": desired.rollout_id})  # fmt: skip
-            else:
-                self.state = self.state.model_copy(update={
-                    "phase": "committed", "reason": None, "previous": self.state.current, "current": ref,
-                    "desired_message_id": desired.message_id, "rollout_id": desired.rollout_id,
-                    "serving": True})  # fmt: skip
+            fail = desired.version in self.behaviour.failing_versions
+            self.state = simulated.applied(self.state, desired, fail=fail)
             self.applied.append(desired.message_id)
         self._publish_state()
 
@@ -123,26 +115,15 @@ class SimDevice:
 
     def telemetry_window(self, seconds: float = 1.0) -> TelemetryMessage | None:
         """One synthetic window for the version being served (None while nothing is served)."""
-        version = self.current_version
-        if version is None:
+        current = self.state.current
+        if current is None:
             return None
         b = self.behaviour
-        base = b.latency_ms(version) / 1000
-        samples = sorted(max(0.0005, self._rng.gauss(base, base * 0.1)) for _ in range(b.requests_per_window))
-        counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
-        for s in samples:
-            counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
-        n = len(samples)
-        end = datetime.now(UTC)
         self._seq += 1
-        return TelemetryMessage(
-            device_id=self.device_id, seq=self._seq, window_start=end - timedelta(seconds=seconds), window_end=end,
-            model=self.state.current.model if self.state.current else None, version=version,
-            requests=n, errors=int(round(n * b.error_rate)),
-            latency_s=Summary(count=n, p50=samples[n // 2], p95=samples[int(n * 0.95) - 1], p99=samples[-1],
-                              max=samples[-1]),
-            latency_histogram=Histogram(bounds=REQUEST_DURATION_BUCKETS, counts=tuple(counts), sum=sum(samples)),
-            system=SystemSample(rss_bytes=int(b.rss_mb * 2**20), peak_rss_bytes=int(b.rss_mb * 2**20)),
+        return simulated.telemetry_window(
+            self.device_id, current, rng=self._rng, seq=self._seq, seconds=seconds,
+            latency_ms=b.latency_ms(current.version), requests=b.requests_per_window,
+            error_rate=b.error_rate, rss_mb=b.rss_mb,
         )  # fmt: skip
 
     def publish_telemetry(self) -> bool:

@@ -10,27 +10,24 @@ loop: paho's own threaded loop waits on select(), which cannot watch descriptors
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import MessageDecodeError, StateMessage, StatusMessage, TelemetryMessage, decode, encode
-from shared.state import DeviceState, ModelRef
-from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
+from shared.state import DeviceState
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.dedup import RecentIds
 from slmops.mqtt.url import parse_broker_url
+from slmops.simulate import behaviour as simulated
 from slmops.simulate.wire import MqttWire, Will, WireError
 
 log = logging.getLogger("slmops.simulate")
 AGENT_VERSION = "sim"
-_TABLE_RNG = random.Random(0)
-_NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 
 @dataclass
@@ -164,19 +161,14 @@ class SimAgent:
     async def _apply(self, desired: DesiredState) -> None:
         if self.config.apply_delay_s > 0:
             await asyncio.sleep(self.config.apply_delay_s)
-        update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
-        if desired.version not in known and self._rng.random() < self.config.failure_rate:
-            update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
+        fail = desired.version not in known and self._rng.random() < self.config.failure_rate
+        self.state = simulated.applied(self.state, desired, fail=fail)
+        if fail:
             self.stats.failed += 1
         else:
-            ref = ModelRef(model=desired.model, version=desired.version, sha256=desired.artifact.sha256,
-                           format=desired.artifact.format, quantization=desired.artifact.quantization)  # fmt: skip
-            update |= {"phase": "committed", "reason": None, "previous": self.state.current, "current": ref,
-                       "serving": True}  # fmt: skip
             self.stats.applied += 1
-        self.state = self.state.model_copy(update=update)
         self.applied.append(desired.message_id)
         await self._publish_state()
 
@@ -217,25 +209,11 @@ class SimAgent:
         if current is None:
             return None
         cfg = self.config
-        base = cfg.latency_ms(current.version) / 1000
-        # Standard normals from a shared table at a random offset: random.gauss per sample was half
-        # the cost of a window, and the simulator must offer thousands of windows a second.
-        start = self._rng.randrange(len(_NORMALS) - cfg.requests_per_window)
-        normals = _NORMALS[start : start + cfg.requests_per_window]
-        samples = sorted(max(0.0005, base + base * 0.1 * z) for z in normals)
-        counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
-        for s in samples:
-            counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
-        n, end, rss = len(samples), datetime.now(UTC), int(cfg.rss_mb * 2**20)
         self._seq += 1
-        return TelemetryMessage(
-            device_id=self.device_id, seq=self._seq, window_start=end - timedelta(seconds=seconds), window_end=end,
-            model=current.model, version=current.version, sha256=current.sha256,
-            requests=n, errors=int(round(n * cfg.error_rate)),
-            latency_s=Summary(count=n, p50=samples[n // 2], p95=samples[max(0, int(n * 0.95) - 1)],
-                              p99=samples[-1], max=samples[-1]),
-            latency_histogram=Histogram(bounds=REQUEST_DURATION_BUCKETS, counts=tuple(counts), sum=sum(samples)),
-            system=SystemSample(rss_bytes=rss, peak_rss_bytes=rss),
+        return simulated.telemetry_window(
+            self.device_id, current, rng=self._rng, seq=self._seq, seconds=seconds,
+            latency_ms=cfg.latency_ms(current.version), requests=cfg.requests_per_window,
+            error_rate=cfg.error_rate, rss_mb=cfg.rss_mb,
         )  # fmt: skip
 
 

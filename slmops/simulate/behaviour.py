@@ -1,0 +1,63 @@
+"""What a simulated device does, whatever carries its messages: apply a desired state and make
+telemetry windows. The thread-per-device `slmops.simulator.SimDevice` (paho, for tests) and the
+asyncio `SimAgent` (a fleet in one process) share it, so both speak the same protocol."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from datetime import UTC, datetime, timedelta
+
+from shared.desired import DesiredState
+from shared.messages import TelemetryMessage
+from shared.state import DeviceState, ModelRef
+from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
+
+_TABLE_RNG = random.Random(0)
+# Standard normals drawn once: random.gauss per sample was half the cost of a window, and a
+# simulated fleet must offer thousands of windows a second.
+_NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
+
+
+def applied(state: DeviceState, desired: DesiredState, *, fail: bool) -> DeviceState:
+    """The device's state after acting on `desired`: serving it, or `activation_failed`."""
+    update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
+    if fail:
+        update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
+    else:
+        artifact = desired.artifact
+        ref = ModelRef(model=desired.model, version=desired.version, sha256=artifact.sha256,
+                       format=artifact.format, quantization=artifact.quantization)  # fmt: skip
+        update |= {"phase": "committed", "reason": None, "previous": state.current, "current": ref, "serving": True}
+    return state.model_copy(update=update)
+
+
+def telemetry_window(
+    device_id: str,
+    current: ModelRef,
+    *,
+    rng: random.Random,
+    seq: int,
+    seconds: float,
+    latency_ms: float,
+    requests: int,
+    error_rate: float,
+    rss_mb: float,
+) -> TelemetryMessage:
+    """One window of `requests` latencies around `latency_ms` (10 % spread), bucketed as the agent does."""
+    base = latency_ms / 1000
+    start = rng.randrange(len(_NORMALS) - requests)  # a random offset into the shared table
+    samples = sorted(max(0.0005, base + base * 0.1 * z) for z in _NORMALS[start : start + requests])
+    counts = [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
+    for s in samples:
+        counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, s)] += 1
+    n, end, rss = len(samples), datetime.now(UTC), int(rss_mb * 2**20)
+    return TelemetryMessage(
+        device_id=device_id, seq=seq, window_start=end - timedelta(seconds=seconds), window_end=end,
+        model=current.model, version=current.version, sha256=current.sha256,
+        requests=n, errors=int(round(n * error_rate)),
+        latency_s=Summary(count=n, p50=samples[n // 2], p95=samples[max(0, int(n * 0.95) - 1)],
+                          p99=samples[-1], max=samples[-1]),
+        latency_histogram=Histogram(bounds=REQUEST_DURATION_BUCKETS, counts=tuple(counts), sum=sum(samples)),
+        system=SystemSample(rss_bytes=rss, peak_rss_bytes=rss),
+    )  # fmt: skip
