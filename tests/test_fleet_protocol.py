@@ -24,6 +24,9 @@ from tests.telemetry_support import add_devices
 __all__ = ["clients"]  # fixtures
 
 
+GROUP = "0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a"  # a secret in production (see Settings.mqtt_ingest_group)
+
+
 def _settings(tmp_path: Path, db_url: str, **extra: object) -> Settings:
     values: dict[str, object] = {
         "data_dir": tmp_path / "data",
@@ -54,9 +57,11 @@ def test_connections_use_the_configured_protocol(
         runtime.stop()
 
 
-def test_an_unknown_protocol_is_refused(tmp_path: Path, db_url: str) -> None:
+def test_an_unknown_protocol_and_a_guessable_ingest_group_are_refused(tmp_path: Path, db_url: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="mqtt_protocol"):
         _settings(tmp_path, db_url, mqtt_protocol="4")
+    with pytest.raises(pydantic.ValidationError, match="mqtt_ingest_group"):
+        _settings(tmp_path, db_url, mqtt_ingest_group="ingest")
 
 
 @pytest.mark.mosquitto
@@ -66,9 +71,7 @@ def test_replicas_in_one_ingest_group_split_the_device_messages(
 ) -> None:
     prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
     replicas = [
-        FleetRuntime(
-            _settings(tmp_path / f"r{i}", db_url, mqtt_ingest_group="ingest", mqtt_topic_prefix=prefix), engine
-        )
+        FleetRuntime(_settings(tmp_path / f"r{i}", db_url, mqtt_ingest_group=GROUP, mqtt_topic_prefix=prefix), engine)
         for i in range(2)
     ]
     device_ids = add_devices(engine, *(f"dev-{i}" for i in range(4)))

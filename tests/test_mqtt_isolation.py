@@ -194,3 +194,25 @@ def test_shipped_production_config_runs_and_isolates(tmp_path: Path, clients: Cl
         assert seen.payloads() == [b"own"]
     finally:
         broker.stop()
+
+
+def test_the_control_plane_ingests_through_a_secret_shared_subscription_under_the_acl(
+    private_mosquitto: MosquittoProcess, clients: ClientFactory
+) -> None:
+    """SLMOPS_MQTT_INGEST_GROUP's `$share/` filter passes the production ACL. Mosquitto picks a
+    group member before it checks the member may read, so a device in the same group would divert
+    messages: the group name is a secret (checked in Settings), and a device guessing another name
+    only forms a group of its own, which the ACL gives nothing."""
+    private_mosquitto.start(DEVICES)
+    topics = private_mosquitto.topics
+    seen, guessed = Collector(), Collector()
+    secret_group = "3f9c2a7be41d08c6a5f1e2d3c4b5a697"
+    clients(private_mosquitto.admin_url).subscribe(f"$share/{secret_group}/{topics.all_devices('telemetry')}", seen)
+    clients(private_mosquitto.url("dev-b", DEVICES["dev-b"]), client_id="dev-b").subscribe(
+        f"$share/ingest/{topics.all_devices('telemetry')}", guessed, timeout_s=10
+    )
+    device_a = clients(private_mosquitto.url("dev-a", DEVICES["dev-a"]), client_id="dev-a")
+    for i in range(4):
+        device_a.publish(topics.telemetry("dev-a"), f"w{i}".encode())
+    assert seen.wait_for(4) == [b"w0", b"w1", b"w2", b"w3"]  # the control plane got every window
+    assert guessed.payloads() == []  # delivered at the same time as the control plane's copies, had it had any
