@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -28,31 +29,49 @@ def insert(
     return _write(session, table, rows, conflict=tuple(skip_conflicts_on), update=None)
 
 
-def insert_copying(
-    session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, column: str, source: sa.Column[Any], on: str
-) -> None:
-    """Insert `rows`, setting `column` of each to `source` of the source table's row whose primary
-    key equals the row's `on` value (NULL where there is none), read by the database itself:
-    the value never travels to Python and back."""
+@dataclass(frozen=True)
+class CopyFrom:
+    """Set `column` to `source` of the source table's row whose primary key equals the row's `on`
+    value (NULL where there is none), read by the database itself: the value never travels to
+    Python and back."""
+
+    column: str
+    source: sa.Column[Any]
+    on: str
+
+    def join(self, q: Any) -> tuple[str, str]:
+        """(the value's SQL, the LEFT JOIN that provides it) against staged rows named `u`."""
+        src = self.source.table
+        (key,) = src.primary_key.columns
+        return f"s.{q(self.source.name)}", f"LEFT JOIN {q(src.name)} AS s ON s.{q(key.name)} = u.{q(self.on)}"
+
+    def lookup(self) -> Any:
+        """The value as a scalar subquery on the `_copy_key` parameter (executemany on SQLite)."""
+        (key,) = self.source.table.primary_key.columns
+        return sa.select(self.source).where(key == sa.bindparam("_copy_key")).scalar_subquery()
+
+
+def insert_copying(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], copy: CopyFrom) -> None:
+    """Insert `rows`, with `copy.column` of each taken from the source table (see CopyFrom)."""
     if not rows:
         return
-    src = source.table
-    (src_key,) = src.primary_key.columns
     if _is_postgres(session):
         columns = list(rows[0])
         q = _quoter(session)
         names = ", ".join(q(c) for c in columns)
         stage = _stage(session, table, columns, rows)
+        value, join = copy.join(q)
         session.execute(
             sa.text(
-                f"INSERT INTO {q(table.name)} ({names}, {q(column)}) SELECT {', '.join(f'u.{q(c)}' for c in columns)}, "
-                f"s.{q(source.name)} FROM {stage} AS u LEFT JOIN {q(src.name)} AS s ON s.{q(src_key.name)} = u.{q(on)}"
+                f"INSERT INTO {q(table.name)} ({names}, {q(copy.column)}) "
+                f"SELECT {', '.join(f'u.{q(c)}' for c in columns)}, {value} FROM {stage} AS u {join}"
             )
         )
         session.execute(sa.text(f"TRUNCATE {stage}"))
         return
-    lookup = sa.select(source).where(src_key == sa.bindparam("_copy_key")).scalar_subquery()
-    session.execute(table.insert().values({column: lookup}), [{**row, "_copy_key": row[on]} for row in rows])
+    session.execute(
+        table.insert().values({copy.column: copy.lookup()}), [{**row, "_copy_key": row[copy.on]} for row in rows]
+    )
 
 
 def upsert(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]) -> None:
@@ -62,8 +81,16 @@ def upsert(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *,
         _write(session, table, rows, conflict=tuple(key), update=update)
 
 
-def update(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]) -> None:
-    """Set the non-key columns of each row on the table's row matching `key` (same keys in every row)."""
+def update(
+    session: Session,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    key: Sequence[str],
+    copy: CopyFrom | None = None,
+) -> None:
+    """Set the non-key columns of each row on the table's row matching `key` (same keys in every
+    row), and with `copy` one more column from another table (see CopyFrom)."""
     if not rows:
         return
     columns = list(rows[0])
@@ -71,17 +98,23 @@ def update(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *,
     if _is_postgres(session):
         q = _quoter(session)
         stage = _stage(session, table, columns, rows)
-        assignments = ", ".join(f"{q(c)} = u.{q(c)}" for c in values)
+        assignments = [f"{q(c)} = u.{q(c)}" for c in values]
+        join = ""
+        if copy is not None:
+            value, join = copy.join(q)
+            assignments.append(f"{q(copy.column)} = {value}")
         match = " AND ".join(f"t.{q(c)} = u.{q(c)}" for c in key)
-        session.execute(sa.text(f"UPDATE {q(table.name)} AS t SET {assignments} FROM {stage} AS u WHERE {match}"))
+        sql = f"UPDATE {q(table.name)} AS t SET {', '.join(assignments)} FROM {stage} AS u {join} WHERE {match}"
+        session.execute(sa.text(sql))
         session.execute(sa.text(f"TRUNCATE {stage}"))
         return
-    stmt = (
-        table.update()
-        .where(*(table.c[c] == sa.bindparam(f"k_{c}") for c in key))
-        .values({c: sa.bindparam(f"v_{c}") for c in values})
-    )
+    new_values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in values}
+    if copy is not None:
+        new_values[copy.column] = copy.lookup()
+    stmt = table.update().where(*(table.c[c] == sa.bindparam(f"k_{c}") for c in key)).values(new_values)
     params_list = [{**{f"k_{c}": r[c] for c in key}, **{f"v_{c}": r[c] for c in values}} for r in rows]
+    if copy is not None:
+        params_list = [{**p, "_copy_key": r[copy.on]} for p, r in zip(params_list, rows, strict=True)]
     session.execute(stmt, params_list)
 
 

@@ -212,3 +212,13 @@ def test_creating_a_rollout_assigns_its_first_stage_in_the_same_request(  # type
         assert previous is not None and previous["message_id"] == v1[device_id].message_id  # type: ignore[union-attr]
         assert previous["version"] == "1"
     assert all(members[d].previous_desired is None for d in devices if d not in canaries)
+
+    # The next stage is the controller's: its members keep their previous desired state too.
+    _report_active(engine, canaries, "2")
+    _tick(engine)  # gates pass: next stage
+    _tick(engine)  # assigns it
+    members = _members(engine, r2["id"])
+    assert {m.status for d, m in members.items() if d not in canaries} == {"assigned"}
+    for device_id in devices:
+        previous = members[device_id].previous_desired
+        assert previous is not None and previous["message_id"] == v1[device_id].message_id  # type: ignore[union-attr]

@@ -186,8 +186,9 @@ class RolloutController:
         states, changes = self.assignments(
             rollout, members, model, version, deployable, self._hardware(session, [m.device_id for m in members])
         )
-        members_.save(session, rollout.id, changes)
-        members_.keep_previous_desired(session, rollout.id, list(states))
+        # Assigned members keep what a rollback restores; incompatible ones have nothing to restore.
+        members_.save(session, rollout.id, [c for c in changes if c["device_id"] in states], keep_previous_desired=True)
+        members_.save(session, rollout.id, [c for c in changes if c["device_id"] not in states])
         assign.write_desired(session, states)
 
     def assignments(
@@ -201,7 +202,8 @@ class RolloutController:
     ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         """(desired states, member changes) that give `members` the rollout's current stage; the
         members are updated in place. `hardware` holds at least these devices' profiles. The
-        caller saves the changes, then keeps each device's previous desired state, then writes."""
+        caller saves the changes (keeping each assigned device's previous desired state), then
+        writes the states."""
         artifacts, adapter = deployable
         now = self._now()
         templates: dict[str, dict[str, Any]] = {}

@@ -45,31 +45,30 @@ def previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -
     return out
 
 
+# What a rollback restores: each device's desired state as it was before the rollout replaced it,
+# copied column to column by the database (reading thousands of JSON payloads into Python only to
+# write them back was most of the time a rollout's first request took; py-spy).
+_PREVIOUS_DESIRED = bulk.CopyFrom(
+    column="previous_desired",
+    source=DesiredStateRow.__table__.c.payload,  # type: ignore[attr-defined]
+    on="device_id",
+)
+
+
 def insert(session: Session, rows: list[dict[str, Any]], *, keep_previous_desired: bool = False) -> None:
     """New members (rows without `previous_desired`); with `keep_previous_desired`, each row gets
     its device's desired state as it is now, before the rollout replaces it."""
-    if not keep_previous_desired:
+    if keep_previous_desired:
+        bulk.insert_copying(session, TABLE, rows, _PREVIOUS_DESIRED)
+    else:
         bulk.insert(session, TABLE, [{**row, "previous_desired": None} for row in rows])
-        return
-    desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
-    bulk.insert_copying(session, TABLE, rows, column="previous_desired", source=desired.c.payload, on="device_id")
 
 
-def keep_previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -> None:
-    """Copy each device's desired state, as it is before the rollout replaces it, to its member row.
-
-    In SQL, column to column: reading thousands of JSON payloads into Python only to write them
-    back was most of the time a rollout's first request took (py-spy)."""
-    desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
-    current = sa.select(desired.c.payload).where(desired.c.device_id == TABLE.c.device_id).scalar_subquery()
-    for clause in bulk.matching(session, TABLE.c.device_id, device_ids):
-        session.execute(
-            TABLE.update().where(TABLE.c.rollout_id == rollout_id, clause).values(previous_desired=current),
-            execution_options={"synchronize_session": False},
-        )
-
-
-def save(session: Session, rollout_id: str, changes: list[dict[str, Any]]) -> None:
-    """Write `changes` (each with device_id and the same other columns) to the rollout's members."""
+def save(
+    session: Session, rollout_id: str, changes: list[dict[str, Any]], *, keep_previous_desired: bool = False
+) -> None:
+    """Write `changes` (each with device_id and the same other columns) to the rollout's members;
+    with `keep_previous_desired`, as `insert` does, in the same statement."""
     rows = [{"rollout_id": rollout_id, **change} for change in changes]
-    bulk.update(session, TABLE, rows, key=("rollout_id", "device_id"))
+    copy = _PREVIOUS_DESIRED if keep_previous_desired else None
+    bulk.update(session, TABLE, rows, key=("rollout_id", "device_id"), copy=copy)
