@@ -182,8 +182,8 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
 
 
 def _copy_value(value: Any, is_json: bool) -> Any:
-    """A value as COPY takes it: JSON columns as JSON text, enums by value, as the JSON path wrote
-    them (psycopg writes a plain Enum's name, which need not be its value)."""
+    """A value as COPY takes it: JSON columns as JSON text, enums by value (psycopg writes a plain
+    Enum's name, which need not be its value)."""
     if value is None:
         return None
     if is_json:
