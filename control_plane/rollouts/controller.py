@@ -41,12 +41,17 @@ ENROLLED = ("online", "offline")
 BASELINE_LOOKBACK = timedelta(minutes=30)
 
 
-def target_device_ids(session: Session, selector: str) -> list[str]:
-    """Ids of the enrolled devices the selector matches (ids only: a fleet's JSON columns are not free)."""
-    stmt = select(Device.id).where(col(Device.status).in_(ENROLLED))
+def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
+    """`columns` of the enrolled devices the selector matches."""
+    stmt = sa.select(*columns).where(col(Device.status).in_(ENROLLED))
     for clause in selector_clauses(parse_selector(selector)):
         stmt = stmt.where(clause)
-    return list(session.exec(stmt).all())
+    return stmt
+
+
+def target_device_ids(session: Session, selector: str) -> list[str]:
+    """Ids of the enrolled devices the selector matches (ids only: a fleet's JSON columns are not free)."""
+    return list(session.execute(enrolled_matching(selector, Device.id)).scalars())
 
 
 class RolloutController:

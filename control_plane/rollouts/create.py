@@ -19,12 +19,11 @@ from control_plane.errors import DomainError
 from control_plane.models import ACTIVE_STATES, DesiredStateRow, Device, ModelVersion, Rollout, RolloutDevice, utcnow
 from control_plane.rollouts import assign
 from control_plane.rollouts import members as members_
-from control_plane.rollouts.controller import ENROLLED, RolloutController
+from control_plane.rollouts.controller import RolloutController, enrolled_matching
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.services import registry
 from control_plane.services.eval_metrics import quality_retention
-from control_plane.services.selectors import parse_selector, selector_clauses
 
 
 def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVersion) -> None:
@@ -115,10 +114,7 @@ def _insert_members(
 
 def _targets(session: Session, selector: str) -> dict[str, dict[str, Any]]:
     """device id -> hardware profile of the enrolled devices the selector matches (one query)."""
-    table = Device.__table__  # type: ignore[attr-defined]
-    stmt = sa.select(table.c.id, table.c.hardware).where(table.c.status.in_(ENROLLED))
-    for clause in selector_clauses(parse_selector(selector)):
-        stmt = stmt.where(clause)
+    stmt = enrolled_matching(selector, Device.id, Device.hardware)
     return {device_id: dict(hw or {}) for device_id, hw in session.execute(stmt)}
 
 
