@@ -154,6 +154,15 @@ def start_rollout(server: Server, model: str, version: str) -> str:
         "gates": {"min_activated_fraction": 0, "max_error_rate": None, "max_p95_latency_ratio": None},
     }
     headers = {"Authorization": f"Bearer {server.token}"}
-    response = httpx.post(f"{server.url}/v1/rollouts", json=plan, headers=headers, timeout=120)
+    response = _client().post(f"{server.url}/v1/rollouts", json=plan, headers=headers, timeout=120)
     response.raise_for_status()
     return str(response.json()["id"])
+
+
+_CLIENT: list[httpx.Client] = []
+
+
+def _client() -> httpx.Client:
+    if not _CLIENT:
+        _CLIENT.append(httpx.Client())
+    return _CLIENT[0]

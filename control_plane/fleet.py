@@ -8,6 +8,7 @@ FleetRuntime.start()
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -54,6 +55,7 @@ class FleetRuntime:
         self._cp_password = secrets.token_urlsafe(24)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._tick_now = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -97,25 +99,40 @@ class FleetRuntime:
             device = session.get(Device, username)
             return device is not None and verify_secret(password, device.secret_hash)
 
-    def wake(self) -> None:
-        """Run the controller now (after an API change) instead of at the next tick."""
+    def wake(self, *, tick: bool = True) -> None:
+        """Publish what an API change wrote now instead of at the next tick; with `tick`, run the
+        controller now too."""
+        if tick:
+            self._tick_now.set()
         self._wake.set()
 
     def _loop(self) -> None:
+        next_tick = 0.0
         while not self._stop.is_set():
+            timeout_s = self.settings.controller_tick_s
             try:
                 if self.leader.try_acquire():
                     # What an API call just wrote (a new rollout's first stage, the states an abort
                     # restores) goes out first: the tick's gate evaluations can wait, devices should not.
                     self._publish_logged("before the controller tick")
-                    started = time.perf_counter()
-                    with Session(self.engine, expire_on_commit=False) as session:
-                        self.controller.tick(session)
-                    self._publish_logged(f"after a controller tick of {time.perf_counter() - started:.3f} s")
+                    # A wake that only publishes (a new rollout) skips the tick until it is due: the
+                    # tick has nothing to decide before devices act, and it would compete with
+                    # ingesting their acknowledgements (a third of the server's CPU at 10,000 devices).
+                    if self._tick_now.is_set() or time.monotonic() >= next_tick:
+                        self._tick_now.clear()
+                        next_tick = time.monotonic() + self.settings.controller_tick_s
+                        self._tick()
+                    timeout_s = max(0.0, next_tick - time.monotonic())
             except Exception:  # the loop must survive a database blip; the next tick retries
                 log.exception("controller tick failed")
-            self._wake.wait(self.settings.controller_tick_s)
+            self._wake.wait(timeout_s)
             self._wake.clear()
+
+    def _tick(self) -> None:
+        started = time.perf_counter()
+        with Session(self.engine, expire_on_commit=False) as session:
+            self.controller.tick(session)
+        self._publish_logged(f"after a controller tick of {time.perf_counter() - started:.3f} s")
 
     def _publish_logged(self, when: str) -> None:
         started = time.perf_counter()
@@ -135,7 +152,8 @@ class FleetRuntime:
                     Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
                     for device_id, _, payload in rows
                 ]
-                self.publisher.publish_many(messages, timeout_s=60)
+                with self.subscriber.held() if self.subscriber is not None else contextlib.nullcontext():
+                    self.publisher.publish_many(messages, timeout_s=60)
                 assign.mark_published(session, [(device_id, message_id) for device_id, message_id, _ in rows])
                 session.commit()
             sent += len(rows)

@@ -102,12 +102,16 @@ class StateMessage(DeviceState, Envelope):
     """A `DeviceState` as published on `state`."""
 
     @classmethod
-    def wrap(cls, state: DeviceState) -> StateMessage:
+    def wrap(cls, state: DeviceState, *, updated_at: datetime | None = None) -> StateMessage:
+        """`state` as a message; `updated_at` replaces the state's own (saves copying it first)."""
         # `state` is a validated DeviceState: its fields are taken as they are (a dump and a
         # second validation per state message were a third of a simulated fleet's time). The
         # envelope's fields are given, not defaulted: for a default factory, model_construct
         # inspects the factory's signature every time.
-        return cls.model_construct(**dict(state), message_id=new_message_id(), sent_at=utc_now())
+        fields = dict(state)
+        if updated_at is not None:
+            fields["updated_at"] = updated_at
+        return cls.model_construct(**fields, message_id=new_message_id(), sent_at=utc_now())
 
 
 class TelemetryMessage(TelemetryWindow, Envelope):

@@ -109,7 +109,7 @@ class SimDevice:
 
     def _publish_state(self) -> None:
         with self._lock:
-            message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
+            message = StateMessage.wrap(self.state, updated_at=datetime.now(UTC))
         # Retained, as the agent does: the control plane reads the latest state again after a restart.
         self.client.publish(self.topics.state(self.device_id), encode(message), retain=True, wait=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -109,6 +110,30 @@ def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> N
     finally:
         ingest.stop()
     assert all(len(b) <= 10 for b in batches.batches) and len(batches.batches) >= 4
+
+
+def test_held_ingest_reads_nothing_until_released_and_loses_nothing(
+    broker_url: str, clients: ClientFactory
+) -> None:
+    topics = unique_topics()
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.01)
+    ingest.start()
+    try:
+        with ingest.held():
+            clients(broker_url).publish_many(
+                [Outgoing(topics.telemetry(f"dev-{i % 5}"), encode(window(i))) for i in range(50)]
+            )
+            time.sleep(0.5)
+            assert ingest.counters.received == 0 and batches.messages == []
+        assert wait_until(lambda: len(batches.messages) == 50)
+        # A hold ends by itself after max_s, even if the caller never leaves the block in time.
+        with ingest.held(max_s=0.2):
+            clients(broker_url).publish(topics.telemetry("dev-9"), encode(window(99)))
+            assert wait_until(lambda: len(batches.messages) == 51, timeout_s=5)
+    finally:
+        ingest.stop()
+    assert sorted(m.message.seq for m in batches.messages) == [*range(50), 99]  # type: ignore[attr-defined]
 
 
 def test_telemetry_produced_during_an_outage_arrives_after_it(

@@ -170,3 +170,55 @@ def test_control_plane_topic_matching_agrees_with_paho(topic_filter: str, topic:
     from slmops.mqtt.client import topic_matches
 
     assert topic_matches(topic_filter, topic) == paho.topic_matches_sub(topic_filter, topic)
+
+
+class _Transport:
+    """What MqttWire writes, one entry per transport.write call."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_an_agent_acknowledges_and_reports_its_state_in_one_write() -> None:
+    # A desired state applied at once: the PUBACK and the state it leads to leave in one send().
+    from shared.desired import ArtifactRef, DesiredState
+    from shared.messages import StateMessage, decode, encode
+    from shared.topics import TopicKind
+    from slmops.simulate import SimAgent, SimStats
+    from slmops.simulate.wire import PUBACK, PUBLISH, MqttWire, _packet, _string
+
+    async def deliver() -> tuple[list[bytes], SimAgent, SimStats]:
+        stats = SimStats()
+        config = SimConfig(apply_delay_s=0, telemetry_interval_s=None)
+        agent = SimAgent(Credential("dev-1", "secret", "mqtt://127.0.0.1:1", "slmops-test/x"), config, stats)
+        wire = MqttWire(agent._on_message, keepalive=0)
+        transport = _Transport()
+        wire.connection_made(transport)  # type: ignore[arg-type]
+        agent._wire = wire
+        desired = DesiredState(
+            message_id="m-1", model="m", version="2", artifact=ArtifactRef(sha256="a" * 64, size_bytes=1, format="gguf")
+        )
+        body = _string(agent.topics.desired("dev-1")) + b"\x00\x07" + encode(desired)
+        wire.data_received(_packet(PUBLISH, 0x02, body))  # QoS 1, packet id 7
+        return transport.writes, agent, stats
+
+    writes, agent, stats = asyncio.run(deliver())
+    assert len(writes) == 1
+    puback, publish = writes[0][:4], writes[0][4:]
+    assert puback == bytes([PUBACK << 4, 2, 0, 7])
+    assert publish[0] >> 4 == PUBLISH and publish[0] & 0x01  # retained
+    # remaining length (one or two bytes), topic, packet id, then the state message
+    header = 3 if publish[1] & 0x80 else 2
+    topic_len = int.from_bytes(publish[header : header + 2], "big")
+    topic = publish[header + 2 : header + 2 + topic_len].decode()
+    state = decode(TopicKind.STATE, publish[header + 2 + topic_len + 2 :])
+    assert topic == agent.topics.state("dev-1")
+    assert isinstance(state, StateMessage) and state.desired_message_id == "m-1"
+    assert state.current is not None and state.current.version == "2"
+    assert stats.applied == 1 and agent.current_version == "2"

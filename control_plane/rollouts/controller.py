@@ -32,7 +32,7 @@ from control_plane.rollouts import assign, gates
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
-from control_plane.rollouts.variants import choose_variant
+from control_plane.rollouts.variants import choose_variant, hardware_class
 from control_plane.services import registry
 from control_plane.services.selectors import parse_selector, selector_clauses
 
@@ -214,8 +214,14 @@ class RolloutController:
         templates: dict[str, dict[str, Any]] = {}
         states: dict[str, dict[str, Any]] = {}
         changes: list[dict[str, Any]] = []
+        # A fleet has few hardware classes: the variant is chosen once per class, not per device.
+        chosen: dict[tuple[Any, ...], tuple[Artifact | None, str]] = {}
         for member in members:
-            artifact, why = choose_variant(artifacts, hardware.get(member.device_id) or {})
+            profile = hardware.get(member.device_id) or {}
+            key = hardware_class(profile)
+            if (choice := chosen.get(key)) is None:
+                choice = chosen[key] = choose_variant(artifacts, profile)
+            artifact, why = choice
             change: dict[str, Any] = {
                 "device_id": member.device_id,
                 "stage_index": rollout.stage_index,

@@ -14,7 +14,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from control_plane import bulk
 from control_plane.errors import DomainError
 from control_plane.models import ACTIVE_STATES, DesiredStateRow, Device, ModelVersion, Rollout, RolloutDevice, utcnow
 from control_plane.rollouts import assign
@@ -52,12 +51,12 @@ def create_rollout(
         raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
     if not spec.force:
         check_quality_floor(session, spec, version)
-    hardware = _targets(session, spec.selector)
+    hardware, versions_now = _targets(session, spec.selector, model.name)
     if not hardware:
         raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
     _refuse_overlap(session, model.id, set(hardware))
     device_ids = list(hardware)
-    baseline = _versions_now(session, model.name, device_ids).most_common(1)
+    baseline = versions_now.most_common(1)
     plan = spec.model_dump(mode="json") | {"baseline_version": baseline[0][0] if baseline else None}
     now = utcnow()
     rollout = Rollout(
@@ -112,20 +111,21 @@ def _insert_members(
     members_.insert(session, [row for row in rows if row["device_id"] not in assigned])
 
 
-def _targets(session: Session, selector: str) -> dict[str, dict[str, Any]]:
-    """device id -> hardware profile of the enrolled devices the selector matches (one query)."""
-    stmt = enrolled_matching(selector, Device.id, Device.hardware)
-    return {device_id: dict(hw or {}) for device_id, hw in session.execute(stmt)}
-
-
-def _versions_now(session: Session, model_name: str, device_ids: list[str]) -> Counter[str]:
-    """How many of these devices are meant to run each version of the model now (the baseline)."""
-    table = DesiredStateRow.__table__  # type: ignore[attr-defined]
+def _targets(session: Session, selector: str, model_name: str) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
+    """device id -> hardware profile of the enrolled devices the selector matches, and how many of
+    them are meant to run each version of the model now (the baseline), in one query."""
+    desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
+    on = sa.and_(desired.c.device_id == Device.id, desired.c.model == model_name)
+    stmt = enrolled_matching(selector, Device.id, Device.hardware, desired.c.version).outerjoin_from(
+        Device, desired, on
+    )
+    hardware: dict[str, dict[str, Any]] = {}
     versions: Counter[str] = Counter()
-    for clause in bulk.matching(session, table.c.device_id, device_ids):
-        stmt = sa.select(table.c.version).where(clause, table.c.model == model_name)
-        versions.update(session.execute(stmt).scalars())
-    return versions
+    for device_id, hw, version in session.execute(stmt):
+        hardware[device_id] = dict(hw or {})
+        if version is not None:
+            versions[version] += 1
+    return hardware, versions
 
 
 def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> None:

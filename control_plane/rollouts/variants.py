@@ -32,6 +32,11 @@ def fits(artifact: Artifact, hardware: dict[str, Any]) -> tuple[bool, str]:
     return True, ""
 
 
+def hardware_class(hardware: dict[str, Any]) -> tuple[Any, ...]:
+    """What `fits` reads of a hardware profile: devices alike in it get the same variant."""
+    return (hardware.get("ram_mb"), tuple(sorted(hardware.get("accelerators") or ())), hardware.get("arch"))
+
+
 def choose_variant(artifacts: list[Artifact], hardware: dict[str, Any]) -> tuple[Artifact | None, str]:
     """The best fitting artifact, or None with the reasons each variant was refused."""
     fitting: list[Artifact] = []

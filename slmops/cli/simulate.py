@@ -46,7 +46,7 @@ def simulate(
     name_prefix: Annotated[str | None, typer.Option(help="Device name prefix (default: sim-<random>).")] = None,
 ) -> None:
     """Run a simulated fleet: enroll (or load) N devices, connect them, apply desired states, send telemetry."""
-    from slmops.simulate import SimConfig, raise_fd_limit
+    from slmops.simulate import SimConfig, raise_fd_limit, run
 
     console = Console(stderr=True)
     limit = raise_fd_limit()
@@ -60,7 +60,7 @@ def simulate(
     )
     creds = _credentials(console, credentials, devices, control_plane, token, mqtt_url, name_prefix)
     try:
-        asyncio.run(_run(console, creds, config, duration))
+        run(_run(console, creds, config, duration))
     except KeyboardInterrupt:
         console.print("stopped")
 
@@ -74,7 +74,7 @@ def _credentials(
     mqtt_url: str | None,
     name_prefix: str | None,
 ) -> list[Credential]:
-    from slmops.simulate import enroll_fleet, load_credentials, save_credentials
+    from slmops.simulate import enroll_fleet, load_credentials, run, save_credentials
 
     if path is not None and path.exists():
         creds = load_credentials(path, mqtt_url)
@@ -85,7 +85,7 @@ def _credentials(
         raise typer.BadParameter("creating devices needs an admin token: pass --token or set SLMOPS_TOKEN")
     prefix = name_prefix or f"sim-{uuid.uuid4().hex[:6]}"
     with _progress(console, "enrolling") as (progress, task):
-        creds = asyncio.run(
+        creds = run(
             enroll_fleet(
                 control_plane, token, devices, name_prefix=prefix, mqtt_url=mqtt_url,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),

@@ -17,12 +17,13 @@ PUBACKs of its own publishes (the control plane publishes on a second connection
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,6 +36,7 @@ from slmops.mqtt.dedup import RecentIds
 
 log = logging.getLogger(__name__)
 PENDING_BATCHES = 2  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
+MAX_HOLD_S = 10.0  # the longest `held()` stops reading, whatever the caller does
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class DeviceMessageSubscriber:
         self._gathering = threading.Event()  # set while a batch has messages (wakes the flusher)
         self._flusher: threading.Thread | None = None
         self._writer: threading.Thread | None = None
+        self._reading = threading.Event()  # cleared while held()
+        self._reading.set()
+        self._held_until = 0.0
 
     def start(self) -> None:
         """Start the flusher and register the subscriptions (restored by the client on reconnect)."""
@@ -130,8 +135,25 @@ class DeviceMessageSubscriber:
             self._writer.join(timeout_s)
             self._writer = None
 
+    @contextlib.contextmanager
+    def held(self, max_s: float = MAX_HOLD_S) -> Iterator[None]:
+        """Read nothing more while the block runs (at most `max_s`): the broker keeps what arrives
+        (QoS 1, within its max_queued_messages) and it is read afterwards, in fuller batches.
+
+        The control plane holds ingest while it publishes a stage: the acknowledgements that start
+        coming back at once would otherwise take turns with the publisher for the interpreter
+        and the database, and every device would wait longer for its desired state."""
+        self._held_until = time.monotonic() + max_s
+        self._reading.clear()
+        try:
+            yield
+        finally:
+            self._reading.set()
+
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
+        if not self._reading.is_set():
+            self._reading.wait(max(0.0, self._held_until - time.monotonic()))
         self.counters.received += 1
         decoded = self._decode(topic, payload, datetime.now(UTC))
         if decoded is None:

@@ -5,7 +5,7 @@ package scales to a fleet (one event loop, one socket per device, no thread per 
 """
 
 from slmops.simulate.agent import Credential, SimAgent, SimConfig, SimStats
-from slmops.simulate.fleet import SimFleet, enroll_fleet, load_credentials, raise_fd_limit, save_credentials
+from slmops.simulate.fleet import SimFleet, enroll_fleet, load_credentials, raise_fd_limit, run, save_credentials
 
 __all__ = [
     "Credential",
@@ -16,5 +16,6 @@ __all__ = [
     "enroll_fleet",
     "load_credentials",
     "raise_fd_limit",
+    "run",
     "save_credentials",
 ]

@@ -152,15 +152,23 @@ class SimAgent:
             log.warning("device %s: malformed desired state dropped", self.device_id)
             return
         assert isinstance(desired, DesiredState)
-        if self._seen.first_time(desired.message_id):
-            # Applied later, as a real download and activation would be; reading goes on meanwhile.
-            task = asyncio.create_task(self._apply(desired))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not self._seen.first_time(desired.message_id):
+            return
+        if self.config.apply_delay_s <= 0:
+            # Acted on at once: the state goes out in the same write as the PUBACK (wire.py
+            # gathers what a read produces), with no task per message.
+            self._apply_now(desired)
+            return
+        # Applied later, as a real download and activation would be; reading goes on meanwhile.
+        task = asyncio.create_task(self._apply_later(desired))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, desired: DesiredState) -> None:
-        if self.config.apply_delay_s > 0:
-            await asyncio.sleep(self.config.apply_delay_s)
+    async def _apply_later(self, desired: DesiredState) -> None:
+        await asyncio.sleep(self.config.apply_delay_s)
+        self._apply_now(desired)
+
+    def _apply_now(self, desired: DesiredState) -> None:
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
         fail = desired.version not in known and self._rng.random() < self.config.failure_rate
@@ -170,16 +178,28 @@ class SimAgent:
         else:
             self.stats.applied += 1
         self.applied.append(desired.message_id)
-        await self._publish_state()
+        self._send_state()
 
     async def _publish_state(self) -> None:
+        """Publish the state and wait for its PUBACK (on connect)."""
+        sent = self._send_state()
+        if sent is not None:
+            try:
+                await sent
+            except WireError:
+                pass  # the connection dropped: the next connect republishes the latest state
+
+    def _send_state(self) -> asyncio.Future[None] | None:
+        """Write the state (QoS 1, retained); the future ends at its PUBACK. None if not connected."""
         if self._wire is None:
-            return  # published on the next connect
-        message = StateMessage.wrap(self.state.model_copy(update={"updated_at": datetime.now(UTC)}))
+            return None  # published on the next connect
+        message = StateMessage.wrap(self.state, updated_at=datetime.now(UTC))
         try:
-            await self._wire.publish(self.topics.state(self.device_id), encode(message), qos=1, retain=True)
+            sent = self._wire.publish_nowait(self.topics.state(self.device_id), encode(message), qos=1, retain=True)
         except WireError:
-            pass  # the connection dropped: the next connect republishes the latest state
+            return None  # the connection dropped: the next connect republishes the latest state
+        sent.add_done_callback(_consume)
+        return sent
 
     async def _telemetry_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.telemetry_interval_s
@@ -215,6 +235,12 @@ class SimAgent:
             latency_ms=cfg.latency_ms(current.version), requests=cfg.requests_per_window,
             error_rate=cfg.error_rate, rss_mb=cfg.rss_mb,
         )  # fmt: skip
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Retrieve a PUBACK future's outcome nobody awaits (a lost connection is handled on reconnect)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:

@@ -69,9 +69,7 @@ def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) 
     if detail:
         columns = ("device_id", "stage_index", "status", "reason", "artifact_sha256")
         table = RolloutDevice.__table__  # type: ignore[attr-defined]
-        rows = session.execute(
-            sa.select(*(table.c[c] for c in columns)).where(table.c.rollout_id == rollout.id)
-        ).all()
+        rows = session.execute(sa.select(*(table.c[c] for c in columns)).where(table.c.rollout_id == rollout.id)).all()
         details = [dict(zip(columns, row, strict=True)) for row in rows]
     last = session.exec(
         select(GateEvaluation)
@@ -102,10 +100,10 @@ def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) 
     )  # fmt: skip
 
 
-def _wake(request: Request) -> None:
+def _wake(request: Request, *, tick: bool = True) -> None:
     fleet = getattr(request.app.state, "fleet", None)
     if fleet is not None:
-        fleet.wake()
+        fleet.wake(tick=tick)
 
 
 def _get(session: Session, rollout_id: str) -> Rollout:
@@ -116,9 +114,7 @@ def _get(session: Session, rollout_id: str) -> Rollout:
 
 
 @router.post("", status_code=201, response_model=RolloutPublic)
-def start_rollout(
-    spec: RolloutCreate, request: Request, principal: OperatorDep, mutation: MutationDep
-) -> Any:
+def start_rollout(spec: RolloutCreate, request: Request, principal: OperatorDep, mutation: MutationDep) -> Any:
     """Start a staged rollout (default canary 5% -> 25% -> 100%, automatic promotion)."""
     if (replayed := mutation.replay(principal, spec)) is not None:
         return replayed
@@ -126,7 +122,7 @@ def start_rollout(
     mutation.audit(principal, "rollout.create", rollout.id, model=spec.model, version=spec.version)
     body = rollout_public(mutation.session, rollout)
     mutation.commit(principal, 201, body)
-    _wake(request)
+    _wake(request, tick=False)  # the first stage is assigned: publish it, decide at the next tick
     return body
 
 
@@ -152,9 +148,7 @@ def get_rollout(rollout_id: str, session: SessionDep, _: ViewerDep) -> Any:
 
 
 @router.get("/{rollout_id}/evaluations", response_model=list[GateEvaluationPublic])
-def list_evaluations(
-    rollout_id: str, session: SessionDep, _: ViewerDep, limit: int = Query(100, ge=1, le=1000)
-) -> Any:
+def list_evaluations(rollout_id: str, session: SessionDep, _: ViewerDep, limit: int = Query(100, ge=1, le=1000)) -> Any:
     _get(session, rollout_id)
     rows = session.exec(
         select(GateEvaluation)
@@ -179,16 +173,12 @@ def change_rollout(
 ) -> Any:
     """`promote` (next stage now), `pause`, `resume`, `abort` (rolls touched devices back)."""
     if action not in _TRANSITIONS:
-        raise DomainError(
-            "not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort"
-        )
+        raise DomainError("not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort")
     session = mutation.session
     rollout = _get(session, rollout_id)
     allowed, verb = _TRANSITIONS[action]
     if rollout.state not in allowed:
-        raise DomainError(
-            "invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state
-        )
+        raise DomainError("invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state)
     controller = RolloutController()
     if action == "promote":
         plan = RolloutCreate.model_validate(rollout.plan)
