@@ -12,6 +12,7 @@ messages (how offline devices pick up their desired state).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -20,14 +21,18 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.topics import Topics
 from slmops.mqtt.broker import free_port
 from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.testing import MosquittoProcess
+from slmops.mqtt.url import parse_broker_url
+from slmops.simulate import raise_fd_limit, run
+from slmops.simulate.wire import MqttWire
 
 SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
 EMBEDDED = "embedded"
@@ -84,6 +89,55 @@ def run_once(url: str, count: int, payload_size: int) -> Result:
         subscriber.stop(publish_offline=False)
         publisher.stop(publish_offline=False)
     return Result(url, count, acked, received, late_s)
+
+
+def run_fanout(url: str, count: int, payload_size: int) -> float:
+    """Seconds from the first publish until each of `count` subscribers holds its own message:
+    one retained QoS 1 message per topic, one connection subscribed to each topic (the path a
+    rollout's desired states take to their devices, with nothing done on either side)."""
+    raise_fd_limit()
+    return run(fanout(url, count, payload_size))
+
+
+async def fanout(url: str, count: int, payload_size: int) -> float:
+    """`run_fanout` on the running loop (the caller raises the descriptor limit)."""
+    tag = uuid.uuid4().hex[:8]
+    topics = Topics(f"slmops-bench/{tag}/v1")
+    # The publisher connects first: paho waits on select(), which needs its descriptor below 1,024.
+    publisher = MqttClient(url, client_id=f"bench-fanout-pub-{tag}")
+    publisher.start()
+    broker = parse_broker_url(url)
+    received = 0
+    everyone = asyncio.Event()
+
+    def on_message(_topic: str, _payload: bytes) -> None:
+        nonlocal received
+        received += 1
+        if received >= count:
+            everyone.set()
+
+    def connect(i: int) -> Coroutine[Any, Any, MqttWire]:
+        return MqttWire.open(broker.host, broker.port, f"bench-fanout-{tag}-{i}", on_message=on_message)
+
+    wires: list[MqttWire] = []
+    try:
+        for first in range(0, count, 200):  # bounded concurrency, as the simulator connects
+            wires += await asyncio.gather(*(connect(i) for i in range(first, min(first + 200, count))))
+        await asyncio.gather(*(w.subscribe(topics.desired(f"dev-{i:06d}"), qos=1) for i, w in enumerate(wires)))
+        messages = [
+            Outgoing(topics.desired(f"dev-{i:06d}"), os.urandom(payload_size // 2).hex().encode(), retain=True)
+            for i in range(count)
+        ]
+        start = time.perf_counter()
+        await asyncio.to_thread(publisher.publish_many, messages, timeout_s=300)
+        await asyncio.wait_for(everyone.wait(), 120)
+        elapsed = time.perf_counter() - start
+        cleared = [Outgoing(m.topic, b"", retain=True) for m in messages]
+        await asyncio.to_thread(publisher.publish_many, cleared, timeout_s=300)
+    finally:
+        await asyncio.gather(*(w.close() for w in wires), return_exceptions=True)
+        publisher.stop(publish_offline=False)
+    return elapsed
 
 
 def _late_subscriber(url: str, topics: Topics, count: int) -> float:

@@ -120,8 +120,10 @@ class FleetRuntime:
                     # ingesting their acknowledgements (a third of the server's CPU at 10,000 devices).
                     if self._tick_now.is_set() or time.monotonic() >= next_tick:
                         self._tick_now.clear()
-                        next_tick = time.monotonic() + self.settings.controller_tick_s
                         self._tick()
+                        # A full interval after the tick ends, however long it took: a slow tick
+                        # (a large fleet under ingest load) must not run back to back.
+                        next_tick = time.monotonic() + self.settings.controller_tick_s
                     timeout_s = max(0.0, next_tick - time.monotonic())
             except Exception:  # the loop must survive a database blip; the next tick retries
                 log.exception("controller tick failed")

@@ -8,10 +8,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, encode
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
+from slmops.mqtt import subscriber as subscriber_module
 from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.outbox import SpooledPublisher
 from slmops.mqtt.spool import MessageSpool
@@ -112,28 +115,45 @@ def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> N
     assert all(len(b) <= 10 for b in batches.batches) and len(batches.batches) >= 4
 
 
-def test_held_ingest_reads_nothing_until_released_and_loses_nothing(
+def test_held_ingest_stores_nothing_until_released_then_everything_in_order(
     broker_url: str, clients: ClientFactory
 ) -> None:
     topics = unique_topics()
     batches = Batches()
     ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.01)
     ingest.start()
+    device = clients(broker_url)
     try:
         with ingest.held():
-            clients(broker_url).publish_many(
-                [Outgoing(topics.telemetry(f"dev-{i % 5}"), encode(window(i))) for i in range(50)]
-            )
-            time.sleep(0.5)
-            assert ingest.counters.received == 0 and batches.messages == []
-        assert wait_until(lambda: len(batches.messages) == 50)
-        # A hold ends by itself after max_s, even if the caller never leaves the block in time.
-        with ingest.held(max_s=0.2):
-            clients(broker_url).publish(topics.telemetry("dev-9"), encode(window(99)))
-            assert wait_until(lambda: len(batches.messages) == 51, timeout_s=5)
+            device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)])
+            # Read and acknowledged to the broker, not decoded or stored yet.
+            assert wait_until(lambda: len(ingest._held) == 30)
+            time.sleep(0.2)
+            assert batches.messages == [] and ingest.counters.received == 0
+        # Released: stored in arrival order, before and with what arrives after the hold.
+        device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30, 40)])
+        assert wait_until(lambda: len(batches.messages) == 40)
     finally:
         ingest.stop()
-    assert sorted(m.message.seq for m in batches.messages) == [*range(50), 99]  # type: ignore[attr-defined]
+    assert [m.message.seq for m in batches.messages] == list(range(40))  # type: ignore[attr-defined]
+
+
+def test_a_full_hold_ends_early_and_keeps_the_order(
+    broker_url: str, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriber_module, "MAX_HELD", 5)
+    topics = unique_topics()
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.01)
+    ingest.start()
+    try:
+        with ingest.held():
+            messages = [Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(12)]
+            clients(broker_url).publish_many(messages)
+            assert wait_until(lambda: len(batches.messages) == 12)  # stored although still inside the block
+    finally:
+        ingest.stop()
+    assert [m.message.seq for m in batches.messages] == list(range(12))  # type: ignore[attr-defined]
 
 
 def test_telemetry_produced_during_an_outage_arrives_after_it(

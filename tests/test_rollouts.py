@@ -30,14 +30,13 @@ FAST_PLAN = {
 }
 
 
-@pytest.fixture
-def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  # type: ignore[no-untyped-def]
+def _control_plane(tmp_path, db_url, engine, tick_s: float) -> Iterator[tuple[TestClient, Settings]]:  # type: ignore[no-untyped-def]
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=db_url,
         mqtt_url=MOSQUITTO,
         mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
-        controller_tick_s=0.1,
+        controller_tick_s=tick_s,
         mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
     )
     app = create_app(settings, engine=engine)
@@ -46,6 +45,16 @@ def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  #
     with engine.begin() as conn:
         for table in reversed(SQLModel.metadata.sorted_tables):
             conn.execute(table.delete())
+
+
+@pytest.fixture
+def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  # type: ignore[no-untyped-def]
+    yield from _control_plane(tmp_path, db_url, engine, tick_s=0.1)
+
+
+@pytest.fixture
+def slow_ticking_fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  # type: ignore[no-untyped-def]
+    yield from _control_plane(tmp_path, db_url, engine, tick_s=60)
 
 
 def _token(engine: sa.Engine, role: str) -> dict[str, str]:
@@ -160,6 +169,32 @@ def test_device_enrolled_after_a_completed_rollout_gets_its_version(fleet, engin
             time.sleep(1.0)  # several controller ticks
             assert devices[3].current_version is None, "a device no completed rollout selects gets nothing"
             assert devices[1].current_version is None
+    finally:
+        for device in devices:
+            device.stop()
+
+
+@pytest.mark.mosquitto
+def test_a_new_rollout_is_published_at_once_and_decided_at_a_tick(slow_ticking_fleet, engine, tiny_gguf):  # type: ignore[no-untyped-def]
+    # Ticks 60 s apart: the first stage reaches the devices without one; a tick-waking call
+    # (resume) decides the stage straight away.
+    client, settings = slow_ticking_fleet
+    admin, operator = _token(engine, "admin"), _token(engine, "operator")
+    assert client.post("/v1/models", json={"name": "tiny"}, headers=operator).status_code == 201
+    upload_version(client, operator, "tiny", "1", tiny_gguf)
+    creds = enroll_devices(client, admin, [("a-1", {}), ("a-2", {})])
+    devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, SimBehaviour())
+    try:
+        wait_for(lambda: _all_online(client, operator), what="devices online")
+        gates = {"min_activated_fraction": 1.0, "max_error_rate": None, "max_p95_latency_ratio": None}
+        plan = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": gates}
+        rollout = client.post("/v1/rollouts", json={"model": "tiny", "version": "1", **plan}, headers=operator).json()
+        wait_for(lambda: len(_on_version(client, operator, "1")) == 2, timeout_s=20, what="both devices on v1")
+        assert client.get(f"/v1/rollouts/{rollout['id']}", headers=operator).json()["state"] == "running"
+        for action in ("pause", "resume"):
+            assert client.post(f"/v1/rollouts/{rollout['id']}/{action}", headers=operator).status_code == 200
+        done = wait_for(lambda: _finished(client, operator, rollout["id"]), timeout_s=20, what="the rollout decided")
+        assert done["state"] == "completed", done
     finally:
         for device in devices:
             device.stop()

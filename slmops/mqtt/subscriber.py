@@ -36,7 +36,7 @@ from slmops.mqtt.dedup import RecentIds
 
 log = logging.getLogger(__name__)
 PENDING_BATCHES = 2  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
-MAX_HOLD_S = 10.0  # the longest `held()` stops reading, whatever the caller does
+MAX_HELD = 100_000  # messages `held()` puts aside; at this many the hold ends early
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,11 @@ class DeviceMessageSubscriber:
         self._gathering = threading.Event()  # set while a batch has messages (wakes the flusher)
         self._flusher: threading.Thread | None = None
         self._writer: threading.Thread | None = None
-        self._reading = threading.Event()  # cleared while held()
-        self._reading.set()
-        self._held_until = 0.0
+        self._hold_lock = threading.Lock()  # guards _holding, _draining and _held
+        self._holding = False
+        self._draining = False
+        self._held: list[tuple[str, bytes, datetime]] = []
+        self._drain_lock = threading.Lock()  # one thread drains at a time: arrival order is kept
 
     def start(self) -> None:
         """Start the flusher and register the subscriptions (restored by the client on reconnect)."""
@@ -136,26 +138,54 @@ class DeviceMessageSubscriber:
             self._writer = None
 
     @contextlib.contextmanager
-    def held(self, max_s: float = MAX_HOLD_S) -> Iterator[None]:
-        """Read nothing more while the block runs (at most `max_s`): the broker keeps what arrives
-        (QoS 1, within its max_queued_messages) and it is read afterwards, in fuller batches.
+    def held(self) -> Iterator[None]:
+        """While the block runs, put arriving messages aside undecoded; decode and store them,
+        in arrival order, when it ends (on the caller's thread).
 
         The control plane holds ingest while it publishes a stage: the acknowledgements that start
-        coming back at once would otherwise take turns with the publisher for the interpreter
-        and the database, and every device would wait longer for its desired state."""
-        self._held_until = time.monotonic() + max_s
-        self._reading.clear()
+        coming back at once would otherwise take turns with the publisher for the interpreter and
+        the database, and every device would wait longer for its desired state. Messages are
+        still read and acknowledged to the broker meanwhile, so none wait in the broker's queue
+        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop). Put aside, at
+        most MAX_HELD of them (the hold ends early at that many) are lost with the process if it
+        dies inside the block, like the batches waiting for the writer."""
+        with self._hold_lock:
+            self._holding = True
         try:
             yield
         finally:
-            self._reading.set()
+            self._drain()
+
+    def _drain(self) -> None:
+        """End the hold and decode what it put aside, including what arrives meanwhile."""
+        with self._drain_lock:
+            with self._hold_lock:
+                self._holding, self._draining = False, True
+            while True:
+                with self._hold_lock:
+                    if not self._held:
+                        self._draining = False  # under the lock: later messages are decoded as they come
+                        return
+                    held, self._held = self._held, []
+                for topic, payload, received_at in held:
+                    self._accept(topic, payload, received_at)
 
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
-        if not self._reading.is_set():
-            self._reading.wait(max(0.0, self._held_until - time.monotonic()))
+        received_at = datetime.now(UTC)
+        if self._holding or self._draining:
+            with self._hold_lock:
+                room = len(self._held) < MAX_HELD
+                if (self._holding or self._draining) and room:
+                    self._held.append((topic, payload, received_at))
+                    return
+            if not room:
+                self._drain()  # after everything put aside before this message
+        self._accept(topic, payload, received_at)
+
+    def _accept(self, topic: str, payload: bytes, received_at: datetime) -> None:
         self.counters.received += 1
-        decoded = self._decode(topic, payload, datetime.now(UTC))
+        decoded = self._decode(topic, payload, received_at)
         if decoded is None:
             return
         with self._batch_lock:
