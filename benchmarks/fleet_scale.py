@@ -172,6 +172,17 @@ async def measure(args: argparse.Namespace) -> None:
     report(n, times, baseline.live_received_s, fan, ingest, rss)
 
 
+def report_convergence(n: int, times: dict[str, float], raw_s: float, fanout_s: float) -> None:
+    """The rollout's figures next to both raw baselines, with their ratios."""
+    print(f"raw: {n} retained QoS 1 publishes, one live subscriber has all   {raw_s:8.3f} s")
+    print(f"raw: {n} retained QoS 1 publishes, {n} subscribers have theirs  {fanout_s:8.3f} s")
+    print(f"rollout: POST /v1/rollouts returned                              {times['created']:8.3f} s")
+    for key, what in (("applied", "every device acknowledged (applied) its state"),
+                      ("acked", "control plane stored every acknowledgement")):  # fmt: skip
+        print(f"rollout: {what:<56}{times[key]:8.3f} s  ratio {times[key] / raw_s:5.2f} to one subscriber, "
+              f"{times[key] / fanout_s:5.2f} to {n} (target <= 2)")  # fmt: skip
+
+
 def report(
     n: int,
     times: dict[str, float],
@@ -181,13 +192,7 @@ def report(
     rss: dict[str, float],
 ) -> None:
     print(f"\n== 1. rollout convergence, {n} devices (private Mosquitto, PostgreSQL, slmops server) ==")
-    print(f"raw: {n} retained QoS 1 publishes, one live subscriber has all   {raw_s:8.3f} s")
-    print(f"raw: {n} retained QoS 1 publishes, {n} subscribers have theirs  {fanout_s:8.3f} s")
-    print(f"rollout: POST /v1/rollouts returned                              {times['created']:8.3f} s")
-    for key, what in (("applied", "every device applied its desired state"),
-                      ("acked", "control plane stored every acknowledgement")):  # fmt: skip
-        print(f"rollout: {what:<56}{times[key]:8.3f} s  ratio {times[key] / raw_s:5.2f} to one subscriber, "
-              f"{times[key] / fanout_s:5.2f} to {n} (target <= 2)")  # fmt: skip
+    report_convergence(n, times, raw_s, fanout_s)
     print("\n== 2. telemetry ingest (MQTT -> subscriber -> IngestWriter -> PostgreSQL) ==")
     print(f"{'offered msg/s':>14} {'sent':>8} {'stored':>8} {'lost':>6} {'stored msg/s':>13} "
           f"{'p50 lag':>9} {'p99 lag':>9} {'max lag':>9}")  # fmt: skip

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.fleet_scale import ONLINE, poll, rollout_phase  # noqa: E402
+from benchmarks.fleet_scale import ONLINE, poll, report_convergence, rollout_phase  # noqa: E402
 from benchmarks.fleet_support import Server, fresh_postgres, private_mosquitto, push_version, slmops_server  # noqa: E402
 from benchmarks.mqtt_retained import run_fanout, run_once  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
@@ -82,15 +82,8 @@ async def measure(args: argparse.Namespace) -> None:
         engine.dispose()
     raw_worker.shutdown()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    raw, fan = median["raw"], median["fanout"]
     print(f"\n{n} devices, {len(rounds)} rounds (medians; private Mosquitto, PostgreSQL, slmops server)")
-    print(f"raw: {n} retained QoS 1 publishes, one live subscriber has all   {raw:8.3f} s")
-    print(f"raw: {n} retained QoS 1 publishes, {n} subscribers have theirs  {fan:8.3f} s")
-    print(f"rollout: POST /v1/rollouts returned                          {median['created']:8.3f} s")
-    for key, what in (("applied", "every device acknowledged (applied) its state"),
-                      ("acked", "control plane stored every acknowledgement")):  # fmt: skip
-        print(f"rollout: {what:<52}{median[key]:8.3f} s  ratio {median[key] / raw:5.2f} to one subscriber, "
-              f"{median[key] / fan:5.2f} to {n} (target <= 2)")  # fmt: skip
+    report_convergence(n, median, median["raw"], median["fanout"])
 
 
 def main() -> None:
