@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import os
 import subprocess
@@ -159,10 +160,8 @@ def start_rollout(server: Server, model: str, version: str) -> str:
     return str(response.json()["id"])
 
 
-_CLIENT: list[httpx.Client] = []
-
-
+@functools.cache
 def _client() -> httpx.Client:
-    if not _CLIENT:
-        _CLIENT.append(httpx.Client())
-    return _CLIENT[0]
+    """One client for the run: building an httpx.Client (its TLS context) took ~30 ms, which a
+    timed POST would otherwise include."""
+    return httpx.Client()

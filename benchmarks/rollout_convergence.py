@@ -60,7 +60,12 @@ async def measure(args: argparse.Namespace) -> None:
     raw_worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     raw_worker.submit(time.sleep, 0).result()
     loop = asyncio.get_running_loop()
-    with fresh_postgres() as db_url, private_mosquitto() as mqtt_url, slmops_server(db_url, mqtt_url) as server:
+    with (
+        raw_worker,
+        fresh_postgres() as db_url,
+        private_mosquitto() as mqtt_url,
+        slmops_server(db_url, mqtt_url) as server,
+    ):
         engine = sa.create_engine(db_url, pool_size=2)
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(1, args.rounds + 1):
@@ -80,7 +85,6 @@ async def measure(args: argparse.Namespace) -> None:
                   f"applied {times['applied']:.3f} s, stored {times['acked']:.3f} s", flush=True)  # fmt: skip
         await sim.stop()
         engine.dispose()
-    raw_worker.shutdown()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print(f"\n{n} devices, {len(rounds)} rounds (medians; private Mosquitto, PostgreSQL, slmops server)")
     report_convergence(n, median, median["raw"], median["fanout"])

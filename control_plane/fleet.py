@@ -145,22 +145,25 @@ class FleetRuntime:
         """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
         in batches: a 10,000-device stage goes out now, not one batch per controller tick."""
         sent = 0
-        while self.publisher is not None and self.publisher.connected:
-            with Session(self.engine, expire_on_commit=False) as session:
-                rows = assign.pending_publication(session, limit=PUBLISH_BATCH)
-                if not rows:
-                    break
-                messages = [
-                    Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
-                    for device_id, _, payload in rows
-                ]
-                with self.subscriber.held() if self.subscriber is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as hold:
+            while self.publisher is not None and self.publisher.connected:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    rows = assign.pending_publication(session, limit=PUBLISH_BATCH)
+                    if not rows:
+                        break
+                    if sent == 0 and self.subscriber is not None:
+                        # Ingest waits until every batch is out, not between them (see held()).
+                        hold.enter_context(self.subscriber.held())
+                    messages = [
+                        Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
+                        for device_id, _, payload in rows
+                    ]
                     self.publisher.publish_many(messages, timeout_s=60)
-                assign.mark_published(session, [(device_id, message_id) for device_id, message_id, _ in rows])
-                session.commit()
-            sent += len(rows)
-            if len(rows) < PUBLISH_BATCH:
-                break
+                    assign.mark_published(session, [(device_id, message_id) for device_id, message_id, _ in rows])
+                    session.commit()
+                sent += len(rows)
+                if len(rows) < PUBLISH_BATCH:
+                    break
         return sent
 
     def stop(self) -> None:
