@@ -191,6 +191,8 @@ def test_a_new_rollout_is_published_at_once_and_decided_at_a_tick(slow_ticking_f
         rollout = client.post("/v1/rollouts", json={"model": "tiny", "version": "1", **plan}, headers=operator).json()
         wait_for(lambda: len(_on_version(client, operator, "1")) == 2, timeout_s=20, what="both devices on v1")
         assert client.get(f"/v1/rollouts/{rollout['id']}", headers=operator).json()["state"] == "running"
+        # No tick has looked at it: a tick right after the POST would have stored an evaluation.
+        assert client.get(f"/v1/rollouts/{rollout['id']}/evaluations", headers=operator).json() == []
         for action in ("pause", "resume"):
             assert client.post(f"/v1/rollouts/{rollout['id']}/{action}", headers=operator).status_code == 200
         done = wait_for(lambda: _finished(client, operator, rollout["id"]), timeout_s=20, what="the rollout decided")
