@@ -119,3 +119,43 @@ def test_a_handler_subscribed_later_gets_the_next_message_on_a_topic_seen_before
     publisher.publish(topics.state("dev-1"), b"three")
     assert second.wait_for(2) == [b"two", b"three"]
     assert first.payloads() == [b"one", b"two"]  # unsubscribed handlers hear nothing more
+
+
+class CountingSocket:
+    """Counts the wake-up bytes sent on paho's socket pair (and passes them on)."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self._sock.send(data)  # type: ignore[attr-defined,no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.mosquitto
+def test_a_burst_of_publishes_wakes_the_network_thread_once_not_per_message(
+    broker_url: str, clients: ClientFactory
+) -> None:
+    topics = unique_topics()
+    received = Collector()
+    clients(broker_url).subscribe(topics.state("dev-1"), received)
+    publisher = clients(broker_url)
+    paho_client = publisher._require_client()
+    wakeups = CountingSocket(paho_client._sockpairW)
+    paho_client._sockpairW = wakeups  # type: ignore[assignment]
+    payloads = [f"{i}".encode() for i in range(1000)]
+    assert publisher.publish_many([Outgoing(topics.state("dev-1"), p) for p in payloads], timeout_s=60) == 1000
+    assert received.wait_for(1000) == payloads
+    # paho wrote one byte per publish(); a burst now wakes the thread again only after it drained.
+    assert wakeups.sends < 100
+    # Each lone publish after a drain must wake the thread itself: one waiting for select()'s
+    # 1 s timeout instead would make these 20 round trips take 20 s.
+    before = wakeups.sends
+    for i in range(20):
+        publisher.publish(topics.state("dev-1"), f"lone {i}".encode(), timeout_s=0.5)
+    assert wakeups.sends - before == 20
+    assert received.wait_for(1020)[-1] == b"lone 19"

@@ -9,8 +9,11 @@ Writes: paho sends every queued packet with its own send() call, and every packe
 PUBACK for each message received, too) also writes a byte to its wake-up socket pair. Here the
 network thread joins the queued packets into one send() of up to 64 KiB, and a packet queued on
 the network thread itself wakes nothing: that thread looks at the queue before its next select().
-At thousands of messages a second these syscalls were most of the network thread's time (py-spy
-on benchmarks/fleet_scale.py).
+A packet queued from another thread wakes the network thread only if no wake-up is pending since
+it last took from the queue, so a burst of publish() calls costs one wake-up byte, not one each:
+each send() on the socket pair released the GIL, and the publishing thread then waited its turn
+behind the network threads once per message. At thousands of messages a second these syscalls
+were most of the network thread's time (py-spy on benchmarks/fleet_scale.py).
 
 The overridden methods are paho 2.x internals (the version is pinned to 2.x in pyproject.toml);
 behaviour on the wire is unchanged: the same bytes in the same order.
@@ -33,6 +36,8 @@ class BufferedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+        # A wake-up byte was sent and the network thread has not taken from the queue since.
+        self._wake_pending = False
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -72,17 +77,27 @@ class BufferedClient(paho.Client):
     def _packet_queue(
         self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
     ) -> MQTTErrorCode:
-        if self._thread is None or threading.get_ident() != self._thread.ident:
-            return super()._packet_queue(command, packet, mid, qos, info)
-        # On the network thread: its loop sees the queue (want_write) before it selects again.
+        if self._thread is None:
+            return super()._packet_queue(command, packet, mid, qos, info)  # no network thread: paho writes now
         self._out_packet.append(
             {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet,
              "info": info}
         )  # fmt: skip
+        # On the network thread, its loop sees the queue (want_write) before it selects again.
+        # From another thread, one byte wakes it; more would only repeat the same wake-up. The
+        # flag is cleared before the network thread drains the queue (`_packet_write`), so a
+        # packet appended after that drain always sends a byte of its own.
+        if threading.get_ident() != self._thread.ident and not self._wake_pending and self._sockpairW is not None:
+            self._wake_pending = True
+            try:
+                self._sockpairW.send(b"0")
+            except BlockingIOError:
+                pass  # the socket pair is full of wake-ups already
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _packet_write(self) -> MQTTErrorCode:
         """Send runs of queued packets one send() each; paho's own loop handles the rest."""
+        self._wake_pending = False  # before taking from the queue: see _packet_queue
         while self._out_packet:
             run = self._take_plain_run()
             if not run:
