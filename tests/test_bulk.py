@@ -136,3 +136,32 @@ def test_enums_are_written_by_value_and_json_keeps_its_shape(engine: sa.Engine) 
     with engine.connect() as conn:
         kind, stored = conn.execute(sa.select(EVENTS.c.kind, EVENTS.c.detail).where(EVENTS.c.device_id == a)).one()
     assert (kind, stored) == ("onnx-tar", detail)
+
+
+def test_a_staging_table_lost_with_a_rollback_is_made_again(engine: sa.Engine) -> None:
+    """PostgreSQL's staging tables are created once per connection, and counted only once their
+    transaction commits: a rolled-back transaction or savepoint takes its table away."""
+    a, b = add_devices(engine, _n("stage-a"), _n("stage-b"))
+    one_connection = sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0)
+    try:
+        with Session(one_connection) as session:
+            bulk.update(session, DEVICES, [{"id": a, "phase_reason": "rolled back"}], key=("id",))
+            session.rollback()
+            # The same shape again, on the same connection, after its table went with the rollback.
+            bulk.update(session, DEVICES, [{"id": a, "phase_reason": "kept"}], key=("id",))
+            session.commit()
+            with session.begin_nested() as savepoint:
+                bulk.update(session, DEVICES, [{"id": b, "current_model": "m", "phase_reason": "no"}], key=("id",))
+                savepoint.rollback()
+            session.commit()  # commits nothing: the savepoint's table went with the savepoint
+            bulk.update(session, DEVICES, [{"id": b, "current_model": "m", "phase_reason": "yes"}], key=("id",))
+            session.commit()
+            # Made in a committed transaction, the tables are reused without being created again.
+            bulk.update(session, DEVICES, [{"id": b, "current_model": "m2", "phase_reason": "again"}], key=("id",))
+            session.commit()
+    finally:
+        one_connection.dispose()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(DEVICES.c.id, DEVICES.c.current_model, DEVICES.c.phase_reason)
+                            .where(DEVICES.c.id.in_([a, b])).order_by(DEVICES.c.name)).all()  # fmt: skip
+    assert [tuple(r) for r in rows] == [(a, None, "kept"), (b, "m2", "again")]
