@@ -10,9 +10,9 @@ the driver splitting and binding per-row statements. SQLite's executemany runs i
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import orjson
@@ -177,11 +177,19 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
         definition = ", ".join(f"{q(c)} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
         session.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({definition}) ON COMMIT DELETE ROWS"))
         info.setdefault(_STAGES_PENDING, set()).add(name)
-    is_json = [isinstance(table.c[c].type, sa.JSON) for c in columns]
+    json_at = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
+    values = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor, cursor.copy(f"COPY {name} ({', '.join(q(c) for c in columns)}) FROM STDIN") as copy:
+        # Values pass as they are but for JSON (as text): a conversion call per value was a third
+        # of the time the rows of a 10,000-device assignment took to copy. The models' enums are
+        # str and int enums, which psycopg's str and int dumpers write by value.
         for row in rows:
-            copy.write_row([_copy_value(row[c], json) for c, json in zip(columns, is_json, strict=True)])
+            out = list(values(row))
+            for i in json_at:
+                if out[i] is not None:
+                    out[i] = orjson.dumps(out[i]).decode()
+            copy.write_row(out)
     return name
 
 
@@ -208,18 +216,6 @@ def _stages_rolled_back(conn: sa.Connection, *_: Any) -> None:
 def _stages_reset(_dbapi_connection: Any, record: Any, _reset_state: Any) -> None:
     # A connection returned to the pool mid-transaction is rolled back by the pool itself.
     record.info.pop(_STAGES_PENDING, None)
-
-
-def _copy_value(value: Any, is_json: bool) -> Any:
-    """A value as COPY takes it: JSON columns as JSON text, enums by value (psycopg writes a plain
-    Enum's name, which need not be its value)."""
-    if value is None:
-        return None
-    if is_json:
-        return orjson.dumps(value).decode()
-    if isinstance(value, Enum):
-        return value.value
-    return value
 
 
 def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.ColumnElement[bool]]:

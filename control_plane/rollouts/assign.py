@@ -105,9 +105,9 @@ def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
         for device_id, payload in states.items()
     ]
     bulk.upsert(session, table, rows, key=["device_id"])
-    for device_id in states:
-        cached = session.identity_map.get(session.identity_key(DesiredStateRow, device_id))  # type: ignore[attr-defined]
-        if cached is not None:
+    # The session rarely holds any of these rows: walk what it holds, not every device's key.
+    for cached in list(session.identity_map.values()):
+        if isinstance(cached, DesiredStateRow) and cached.device_id in states:
             session.expire(cached)
 
 
