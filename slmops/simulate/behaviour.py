@@ -7,20 +7,23 @@ from __future__ import annotations
 import bisect
 import random
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from shared.desired import DesiredState
 from shared.messages import TelemetryMessage
 from shared.state import DeviceState, ModelRef
 from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, SystemSample
 
+S = TypeVar("S", bound=DeviceState)
 _TABLE_RNG = random.Random(0)
 # Standard normals drawn once: random.gauss per sample was half the cost of a window, and a
 # simulated fleet must offer thousands of windows a second.
 _NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 
-def applied(state: DeviceState, desired: DesiredState, *, fail: bool) -> DeviceState:
-    """The device's state after acting on `desired`: serving it, or `activation_failed`."""
+def applied(state: S, desired: DesiredState, *, fail: bool) -> S:
+    """The device's state after acting on `desired`: serving it, or `activation_failed` (of the
+    same class as `state`: a StateMessage stays one)."""
     update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
     if fail:
         update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
