@@ -38,12 +38,15 @@ from control_plane.services.selectors import parse_selector, selector_clauses
 
 log = logging.getLogger("slmops.rollouts")
 ENROLLED = ("online", "offline")
+# Bulk reads select the table's columns, not the model's attributes: for ORM attributes SQLAlchemy
+# runs its ORM loading per row, 120 ms instead of 35-50 ms for 10,000 devices' ids and hardware.
+DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]
 BASELINE_LOOKBACK = timedelta(minutes=30)
 
 
 def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
     """`columns` of the enrolled devices the selector matches."""
-    stmt = sa.select(*columns).where(col(Device.status).in_(ENROLLED))
+    stmt = sa.select(*columns).where(DEVICES.c.status.in_(ENROLLED))
     for clause in selector_clauses(parse_selector(selector)):
         stmt = stmt.where(clause)
     return stmt
@@ -51,7 +54,7 @@ def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
 
 def target_device_ids(session: Session, selector: str) -> list[str]:
     """Ids of the enrolled devices the selector matches (ids only: a fleet's JSON columns are not free)."""
-    return list(session.execute(enrolled_matching(selector, Device.id)).scalars())
+    return list(session.execute(enrolled_matching(selector, DEVICES.c.id)).scalars())
 
 
 class RolloutController:
@@ -160,8 +163,8 @@ class RolloutController:
     @staticmethod
     def _hardware(session: Session, device_ids: list[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for clause in bulk.matching(session, col(Device.id), device_ids):
-            rows = session.exec(select(Device.id, Device.hardware).where(clause))
+        for clause in bulk.matching(session, DEVICES.c.id, device_ids):
+            rows = session.execute(sa.select(DEVICES.c.id, DEVICES.c.hardware).where(clause))
             out.update((device_id, dict(hardware or {})) for device_id, hardware in rows)
         return out
 

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
-from control_plane.models import ACTIVE_STATES, DesiredStateRow, Device, ModelVersion, Rollout, RolloutDevice, utcnow
+from control_plane.models import ACTIVE_STATES, DesiredStateRow, ModelVersion, Rollout, utcnow
 from control_plane.rollouts import assign
 from control_plane.rollouts import members as members_
-from control_plane.rollouts.controller import RolloutController, enrolled_matching
+from control_plane.rollouts.controller import DEVICES, RolloutController, enrolled_matching
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.services import registry
@@ -115,9 +115,9 @@ def _targets(session: Session, selector: str, model_name: str) -> tuple[dict[str
     """device id -> hardware profile of the enrolled devices the selector matches, and how many of
     them are meant to run each version of the model now (the baseline), in one query."""
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
-    on = sa.and_(desired.c.device_id == Device.id, desired.c.model == model_name)
-    stmt = enrolled_matching(selector, Device.id, Device.hardware, desired.c.version).outerjoin_from(
-        Device, desired, on
+    on = sa.and_(desired.c.device_id == DEVICES.c.id, desired.c.model == model_name)
+    stmt = enrolled_matching(selector, DEVICES.c.id, DEVICES.c.hardware, desired.c.version).outerjoin_from(
+        DEVICES, desired, on
     )
     hardware: dict[str, dict[str, Any]] = {}
     versions: Counter[str] = Counter()
@@ -133,7 +133,8 @@ def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> No
     for other in session.exec(
         select(Rollout).where(Rollout.model_id == model_id, col(Rollout.state).in_(ACTIVE_STATES))
     ):
-        others = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == other.id)).all()
+        member = members_.TABLE.c
+        others = session.execute(sa.select(member.device_id).where(member.rollout_id == other.id)).scalars()
         if device_ids & set(others):
             raise DomainError(
                 "rollout_conflict",

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from control_plane import bulk
 from control_plane.models import Device, TelemetryRecord
@@ -134,8 +134,9 @@ def evaluate(
     active = [m for m in deployable if m.status == "active"]
     failed = [m for m in deployable if m.status == "failed"]
     statuses: dict[str, str] = {}
-    for clause in bulk.matching(session, col(Device.id), [m.device_id for m in members]):
-        statuses.update(session.exec(select(Device.id, Device.status).where(clause)).all())
+    devices = Device.__table__.c  # type: ignore[attr-defined]  # table columns: see controller.DEVICES
+    for clause in bulk.matching(session, devices.id, [m.device_id for m in members]):
+        statuses.update((d, s) for d, s in session.execute(sa.select(devices.id, devices.status).where(clause)))
     offline = [m.device_id for m in deployable if statuses.get(m.device_id, "online") != "online"]
     new = collect(session, [m.device_id for m in active], new_version, stage_since, gates.warmup_windows)
     base = collect(session, baseline_device_ids, baseline_version, baseline_since)
