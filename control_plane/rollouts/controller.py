@@ -217,31 +217,31 @@ class RolloutController:
         templates: dict[str, dict[str, Any]] = {}
         states: dict[str, dict[str, Any]] = {}
         changes: list[dict[str, Any]] = []
-        # A fleet has few hardware classes: the variant is chosen once per class, not per device.
-        chosen: dict[tuple[Any, ...], tuple[Artifact | None, str]] = {}
+        stage_index = rollout.stage_index  # ORM attributes are read once, not per member
+        # A fleet has few hardware classes: the variant is chosen once per class, not per device,
+        # as (status, reason, sha256, desired-state template or None).
+        chosen: dict[tuple[Any, ...], tuple[str, str, str | None, dict[str, Any] | None]] = {}
         for member in members:
             profile = hardware.get(member.device_id) or {}
             key = hardware_class(profile)
             if (choice := chosen.get(key)) is None:
-                choice = chosen[key] = choose_variant(artifacts, profile)
-            artifact, why = choice
-            change: dict[str, Any] = {
-                "device_id": member.device_id,
-                "stage_index": rollout.stage_index,
-                "assigned_at": now,
-                "status": "assigned" if artifact is not None else "incompatible",
-                "reason": "" if artifact is not None else why,
-                "artifact_sha256": artifact.sha256 if artifact is not None else None,
-            }
-            if artifact is not None:
-                template = templates.get(artifact.sha256)
-                if template is None:
-                    state = assign.desired_payload(model, version, artifact, rollout.id, adapter)
-                    template = templates[artifact.sha256] = state.model_dump(mode="json")
+                artifact, why = choose_variant(artifacts, profile)
+                if artifact is None:
+                    choice = ("incompatible", why, None, None)
+                else:
+                    if (template := templates.get(artifact.sha256)) is None:
+                        state = assign.desired_payload(model, version, artifact, rollout.id, adapter)
+                        template = templates[artifact.sha256] = state.model_dump(mode="json")
+                    choice = ("assigned", "", artifact.sha256, template)
+                chosen[key] = choice
+            status, reason, sha256, template = choice
+            changes.append(
+                {"device_id": member.device_id, "stage_index": stage_index, "assigned_at": now, "status": status,
+                 "reason": reason, "artifact_sha256": sha256}
+            )  # fmt: skip
+            if template is not None:
                 states[member.device_id] = assign.with_message_id(template)
-            changes.append(change)
-            member.stage_index, member.status = rollout.stage_index, change["status"]
-            member.artifact_sha256 = change["artifact_sha256"]
+            member.stage_index, member.status, member.artifact_sha256 = stage_index, status, sha256
         return states, changes
 
     def _refresh_statuses(
