@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -143,26 +144,36 @@ class FleetRuntime:
 
     def publish_pending(self) -> int:
         """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
-        in batches: a 10,000-device stage goes out now, not one batch per controller tick."""
-        sent = 0
+        in batches: a 10,000-device stage goes out now, not one batch per controller tick.
+
+        Batches are read in device-id order and pipelined: the next one is queued before the
+        broker's PUBACKs for the last one are waited on and marked, so the broker is never left
+        idle between batches (waiting, marking and reading had left it idle 4 times per 10,000).
+        A state written meanwhile for a device already passed goes out on the next call."""
+        publisher = self.publisher
+        sent, after = 0, None
+        in_flight: tuple[list[tuple[str, str]], list[Any]] | None = None  # (device id, message id)s, PUBACKs
         with contextlib.ExitStack() as hold:
-            while self.publisher is not None and self.publisher.connected:
+            while publisher is not None and publisher.connected:
                 with Session(self.engine, expire_on_commit=False) as session:
-                    rows = assign.pending_publication(session, limit=PUBLISH_BATCH)
-                    if not rows:
-                        break
-                    if sent == 0 and self.subscriber is not None:
+                    rows = assign.pending_publication(session, limit=PUBLISH_BATCH, after=after)
+                    if rows and sent == 0 and self.subscriber is not None:
                         # Ingest waits until every batch is out, not between them (see held()).
                         hold.enter_context(self.subscriber.held())
-                    messages = [
+                    queued = publisher.publish_all(
                         Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
                         for device_id, _, payload in rows
-                    ]
-                    self.publisher.publish_many(messages, timeout_s=60)
-                    assign.mark_published(session, [(device_id, message_id) for device_id, message_id, _ in rows])
-                    session.commit()
-                sent += len(rows)
-                if len(rows) < PUBLISH_BATCH:
+                    )
+                    if in_flight is not None:
+                        publisher.wait_published(in_flight[1], timeout_s=60)
+                        assign.mark_published(session, in_flight[0])
+                        session.commit()
+                    in_flight = None
+                    if rows:
+                        in_flight = ([(device_id, message_id) for device_id, message_id, _ in rows], queued)
+                        sent += len(rows)
+                        after = rows[-1][0]
+                if len(rows) < PUBLISH_BATCH and in_flight is None:
                     break
         return sent
 

@@ -116,16 +116,21 @@ def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:
     return with_message_id(DesiredState.model_validate(previous).model_dump(mode="json"), rollout_id=None)
 
 
-def pending_publication(session: Session, limit: int = 5000) -> list[tuple[str, str, str]]:
-    """(device id, message id, payload as JSON text) of desired states the broker has not acknowledged yet.
+def pending_publication(
+    session: Session, limit: int = 5000, *, after: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(device id, message id, payload as JSON text) of desired states the broker has not
+    acknowledged yet, in device-id order, from the first device id above `after`.
 
     The payload is read as the column's text (PostgreSQL's `json` keeps what was written): it goes
     on the wire as it is, without a decode and a re-encode per device."""
     table = DesiredStateRow.__table__  # type: ignore[attr-defined]
     unpublished = or_(table.c.published_message_id.is_(None), table.c.published_message_id != table.c.message_id)
     payload = sa.cast(table.c.payload, sa.Text)
-    stmt = select(table.c.device_id, table.c.message_id, payload).where(unpublished).limit(limit)
-    return [(d, m, p) for d, m, p in session.execute(stmt)]
+    stmt = select(table.c.device_id, table.c.message_id, payload).where(unpublished)
+    if after is not None:
+        stmt = stmt.where(table.c.device_id > after)
+    return [(d, m, p) for d, m, p in session.execute(stmt.order_by(table.c.device_id).limit(limit))]
 
 
 def mark_published(session: Session, published: list[tuple[str, str]]) -> None:

@@ -185,7 +185,15 @@ class MqttClient:
 
         `timeout_s` bounds the whole batch, not each message.
         """
-        infos = [(m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages]
+        return self.wait_published(self.publish_all(messages), timeout_s=timeout_s)
+
+    def publish_all(self, messages: Iterable[Outgoing]) -> list[tuple[str, paho.MQTTMessageInfo]]:
+        """Queue every message without waiting for the broker; `wait_published` waits. A caller
+        can queue the next batch before waiting on this one, so the broker never runs dry."""
+        return [(m.topic, self._publish_nowait(m.topic, m.payload, qos=m.qos, retain=m.retain)) for m in messages]
+
+    def wait_published(self, infos: list[tuple[str, paho.MQTTMessageInfo]], *, timeout_s: float = 30.0) -> int:
+        """Wait for every PUBACK of what `publish_all` queued; `timeout_s` bounds them all."""
         deadline = time.monotonic() + timeout_s
         for topic, info in infos:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_AGAIN:
