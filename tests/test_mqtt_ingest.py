@@ -21,6 +21,7 @@ from slmops.mqtt.spool import MessageSpool
 from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
 from slmops.mqtt.testing import MosquittoProcess
 from tests.mqtt_support import (
+    WAIT_S,
     ClientFactory,
     broker_url,
     clients,
@@ -103,7 +104,7 @@ def test_failing_batch_handler_does_not_stop_ingest(embedded_broker: object, cli
 def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> None:
     topics = unique_topics()
     batches = Batches()
-    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=10, max_delay_s=2.0)
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=10, max_write=10, max_delay_s=2.0)
     ingest.start()
     try:
         clients(broker_url).publish_many(
@@ -113,6 +114,44 @@ def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> N
     finally:
         ingest.stop()
     assert all(len(b) <= 10 for b in batches.batches) and len(batches.batches) >= 4
+
+
+class SlowFirst(Batches):
+    """A handler whose first call waits until released, as a slow database transaction would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, batch: list[DeviceMessage]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(WAIT_S)
+        super().__call__(batch)
+
+
+def test_batches_queued_behind_a_slow_write_go_to_the_next_call_together_in_order(
+    broker_url: str, clients: ClientFactory
+) -> None:
+    topics = unique_topics()
+    handler = SlowFirst()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, handler, max_batch=5, max_write=20, max_delay_s=0.01)
+    ingest.start()
+    try:
+        device = clients(broker_url)
+        device.publish(topics.telemetry("dev-1"), encode(window(0)))  # the first call takes this one
+        assert handler.entered.wait(WAIT_S)
+        device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 31)])
+        assert wait_until(lambda: ingest.counters.received == 31)
+        time.sleep(0.1)  # past max_delay_s: the last partial batch is queued too
+        handler.release.set()
+        assert wait_until(lambda: len(handler.messages) == 31)
+    finally:
+        ingest.stop()
+    sizes = [len(b) for b in handler.batches]
+    # Queued 5 at a time while the first call waited, they reach the handler 20 at a time at most.
+    assert sizes[0] == 1 and max(sizes[1:]) == 20 and all(size <= 20 for size in sizes), sizes
+    assert [m.message.seq for m in handler.messages] == list(range(31))  # type: ignore[attr-defined]
 
 
 def test_held_ingest_stores_nothing_until_released_then_everything_in_order(

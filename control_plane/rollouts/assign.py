@@ -116,9 +116,7 @@ def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:
     return with_message_id(DesiredState.model_validate(previous).model_dump(mode="json"), rollout_id=None)
 
 
-def pending_publication(
-    session: Session, limit: int = 5000, *, after: str | None = None
-) -> list[tuple[str, str, str]]:
+def pending_publication(session: Session, limit: int = 5000, *, after: str | None = None) -> list[tuple[str, str, str]]:
     """(device id, message id, payload as JSON text) of desired states the broker has not
     acknowledged yet, in device-id order, from the first device id above `after`.
 
