@@ -166,6 +166,9 @@ class FleetRuntime:
                     )
                     if in_flight is not None:
                         publisher.wait_published(in_flight[1], timeout_s=60)
+                        if not rows:
+                            # All out: the acknowledgements are stored before the bookkeeping.
+                            hold.close()
                         assign.mark_published(session, in_flight[0])
                         session.commit()
                     in_flight = None
