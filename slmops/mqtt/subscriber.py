@@ -10,7 +10,7 @@ Why the hand-off is per batch: handing each message to another thread made the n
 a worker trade the GIL for every message, which cost more than decoding and storing it (py-spy on
 benchmarks/fleet_scale.py). Per batch it costs nothing, and while the writer waits on the database
 (the GIL released) the network thread decodes the next batch. The writer takes the batches
-queued behind the one it picks up into the same call (up to `max_write` messages), so under load
+queued behind the one it picks up into the same call (about `max_write` messages), so under load
 a transaction grows to what arrived during the last one. At most PENDING_BATCHES batches wait for
 the writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
 the rest (TCP backpressure) and nothing is lost. A client used for ingest should not also wait for
@@ -222,8 +222,9 @@ class DeviceMessageSubscriber:
                 self._pending.put(batch)  # waits while PENDING_BATCHES are queued: backpressure
 
     def _write_batches(self) -> None:
-        """Hand each batch to the handler together with the batches queued behind it (up to
-        `max_write` messages, still in arrival order): under load, one transaction takes what arrived
+        """Hand each batch to the handler together with the batches queued behind it (until the
+        call holds `max_write` messages, so at most `max_write + max_batch - 1`; still in arrival
+        order): under load, one transaction takes what arrived
         during the last one. A batch is cut 10 ms after its first message, so at thousands of
         messages a second batches were small, and per-transaction costs bounded the rate: 10,000
         windows stored at 4,600 msg/s in batches of 50, 10,000 in batches of 500, 16,000-21,000 in
