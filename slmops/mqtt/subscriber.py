@@ -37,7 +37,7 @@ from slmops.mqtt.client import MqttClient
 from slmops.mqtt.dedup import RecentIds
 
 log = logging.getLogger(__name__)
-PENDING_BATCHES = 16  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
+PENDING_BATCHES = 8  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
 MAX_HELD = 100_000  # messages `held()` puts aside; at this many the hold ends early
 
 
@@ -78,7 +78,7 @@ class DeviceMessageSubscriber:
         handler: BatchHandler,
         *,
         max_batch: int = 500,
-        max_write: int = 4000,
+        max_write: int = 2000,
         max_delay_s: float = 0.01,
         dedup: RecentIds | None = None,
         kinds: tuple[TopicKind, ...] | None = None,
