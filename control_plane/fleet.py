@@ -13,9 +13,9 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any
 from urllib.parse import quote
 
+import paho.mqtt.client as paho
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -152,7 +152,8 @@ class FleetRuntime:
         A state written meanwhile for a device already passed goes out on the next call."""
         publisher = self.publisher
         sent, after = 0, None
-        in_flight: tuple[list[tuple[str, str]], list[Any]] | None = None  # (device id, message id)s, PUBACKs
+        # The batch waiting for its PUBACKs: its (device id, message id)s and what publish_all returned.
+        in_flight: tuple[list[tuple[str, str]], list[tuple[str, paho.MQTTMessageInfo]]] | None = None
         with contextlib.ExitStack() as hold:
             while publisher is not None and publisher.connected:
                 with Session(self.engine, expire_on_commit=False) as session:

@@ -253,7 +253,7 @@ class RolloutController:
         # With an adapter the base sha256 is already current before the adapter loads: the version says.
         check_version = assign.deployable_artifacts(session, version)[1] is not None
         table = DesiredStateRow.__table__  # type: ignore[attr-defined]
-        dev = Device.__table__  # type: ignore[attr-defined]
+        dev = DEVICES
         changes: list[dict[str, Any]] = []
         for clause in bulk.matching(session, dev.c.id, list(pending)):
             stmt = (

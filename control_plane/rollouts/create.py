@@ -130,10 +130,10 @@ def _targets(session: Session, selector: str, model_name: str) -> tuple[dict[str
 
 def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> None:
     """Only one active rollout per model may cover a device (409 `rollout_conflict`)."""
+    member = members_.TABLE.c
     for other in session.exec(
         select(Rollout).where(Rollout.model_id == model_id, col(Rollout.state).in_(ACTIVE_STATES))
     ):
-        member = members_.TABLE.c
         others = session.execute(sa.select(member.device_id).where(member.rollout_id == other.id)).scalars()
         if device_ids & set(others):
             raise DomainError(
