@@ -4,8 +4,10 @@ under way, for a device it has passed, goes out on the next call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -79,3 +81,43 @@ def test_batches_are_pipelined_and_a_state_written_meanwhile_goes_out_next(
     assert wait_until(lambda: len(received.items) >= 11)
     topic, payload = received.items[-1]
     assert topic == runtime.topics.desired(early) and json.loads(payload)["version"] == "2"
+
+
+class Hold:
+    """Stands in for the ingest subscriber: records when publish_pending holds and releases it."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.events.append("hold")
+        try:
+            yield
+        finally:
+            self.events.append("release")
+
+
+def test_ingest_is_held_over_every_batch_and_released_before_the_last_one_is_marked(
+    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)
+    runtime = FleetRuntime(
+        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
+    )
+    runtime.publisher = clients(SYSTEM_MOSQUITTO)
+    events: list[str] = []
+    runtime.subscriber = Hold(events)  # type: ignore[assignment]
+    devices = add_devices(engine, *(f"hold-{i}-{uuid.uuid4().hex[:6]}" for i in range(7)))
+    _write(engine, {device_id: assign.with_message_id(_state("1")) for device_id in devices})
+    real_mark = assign.mark_published
+
+    def mark(session: Session, published: list[tuple[str, str]]) -> None:
+        events.append(f"mark {len(published)}")
+        real_mark(session, published)
+
+    monkeypatch.setattr(assign, "mark_published", mark)
+    assert runtime.publish_pending() == 7
+    # Held once for all three batches; the acknowledgements are stored before the last mark.
+    assert events == ["hold", "mark 3", "mark 3", "release", "mark 1"]
+    assert _pending(engine) == []
