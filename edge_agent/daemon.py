@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from edge_agent import logs, sdnotify
 from edge_agent.agent import Agent
 from edge_agent.api.app import create_app
-from edge_agent.fsutil import write_atomic
+from edge_agent.fsutil import remove_stale_temps, write_atomic
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import WatchedFileSource
 
@@ -41,6 +41,9 @@ def admin_token(path: Path) -> str:
 
 
 def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
+    if settings.data_dir.is_dir():
+        for leftover in remove_stale_temps(settings.data_dir):
+            log.info("removed %s, left by a write that did not finish", leftover.name)
     agent = Agent(settings)
     agent.add_source(WatchedFileSource(settings.desired_path, interval_s=settings.watch_interval_s))
     app = create_app(agent, admin_token=admin_token(settings.admin_token_path))

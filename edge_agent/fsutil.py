@@ -38,6 +38,20 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files `write_atomic` left in `directory` when the process writing them died
+    (kill -9, power loss): `.NAME.PID.tmp` of any other process id. The file they were to replace
+    is intact, so nothing is lost. Returns what was removed."""
+    removed = []
+    for tmp in directory.glob(".*.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

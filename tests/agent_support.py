@@ -1,7 +1,8 @@
 """Helpers for the agent tests: a real artifact server that can misbehave, and agent processes.
 
 The artifact server speaks the control plane's artifact protocol (`GET /v1/artifacts/{sha256}`
-with Range, Content-Range, ETag) and its enrollment endpoint, over real HTTP (uvicorn in a thread).
+with Range, Content-Range, ETag) and its enrollment endpoint, over real HTTP
+(uvicorn in a thread: tests/server_thread.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,21 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.desired import DesiredState
+from slmops.mqtt.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sha256_of(data: bytes) -> str:
@@ -162,27 +155,6 @@ class ArtifactServer:
                 Route("/v1/devices/enroll", self._enroll, methods=["POST"]),
             ]
         )
-
-
-class ServerThread:
-    """uvicorn serving an ASGI app on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def desired_for(

@@ -6,44 +6,27 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import Result
 from typer.testing import CliRunner
 
 import slmops.cli.ops  # noqa: F401  (registers the commands)
 from slmops.cli.app import app as cli_app
+from tests.server_thread import ServerThread
 
 HARDWARE = {"cpu_model": "test", "cpu_cores": 4, "ram_mb": 4096, "arch": "x86_64"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def serve(application: Any) -> Iterator[str]:
     """The app on a real uvicorn server (its lifespan included) in a thread, on a free port."""
-    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with ServerThread(application, lifespan="auto") as server:
+        yield server.url
 
 
 @pytest.fixture(name="server_url")

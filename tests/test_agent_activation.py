@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, ServerThread, desired_for, wait_for
+from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
+from tests.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -12,7 +12,8 @@ import pytest
 
 from slmops.modelopt.quantize import quantize_gguf
 from slmops.tinymodels import write_tiny_gguf, write_tiny_onnx
-from tests.agent_support import AgentProcess, ArtifactServer, ServerThread, desired_for
+from tests.agent_support import AgentProcess, ArtifactServer, desired_for
+from tests.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -8,7 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.agent_support import AgentProcess, ServerThread, desired_for_artifact
+from tests.agent_support import AgentProcess, desired_for_artifact
+from tests.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -16,7 +16,8 @@ import pytest
 
 from edge_agent.settings import ConfigError, load_settings
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_support import REPO, AgentProcess, ArtifactServer, ServerThread, desired_for, wait_for
+from tests.agent_support import REPO, AgentProcess, ArtifactServer, desired_for, wait_for
+from tests.server_thread import ServerThread
 
 SLMOPS = str(Path(sys.executable).with_name("slmops"))
 
@@ -96,6 +97,24 @@ def test_first_start_enrolls_and_later_starts_reuse_the_credential(artifacts, gg
     try:
         assert agent.state()["device_id"] == "dev-1"
         agent.wait_ready()
+    finally:
+        agent.stop()
+
+
+def test_start_removes_temp_files_left_by_a_killed_write(artifacts, tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    # What write_atomic leaves when kill -9 lands between creating its temp file and the rename.
+    leftovers = [data / ".state.json.4242.tmp", data / ".credential.json.17.tmp"]
+    for leftover in leftovers:
+        leftover.write_text("{half a st")
+    unrelated = data / ".notes.tmp"  # not write_atomic's (no process id): left alone
+    unrelated.write_text("mine")
+    agent = AgentProcess(data, control_plane_url=artifacts.url).start()
+    try:
+        assert not any(p.exists() for p in leftovers)
+        assert unrelated.read_text() == "mine"
+        assert "left by a write that did not finish" in agent.log.read_text()
     finally:
         agent.stop()
 

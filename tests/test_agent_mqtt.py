@@ -23,7 +23,7 @@ from slmops.mqtt.broker import EmbeddedBroker, free_port
 from slmops.mqtt.testing import MosquittoProcess
 from slmops.tinymodels import write_tiny_gguf
 from tests.agent_mqtt_support import DEVICE, SECRET, ControlPlane, Device, serving, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, ServerThread, desired_for
+from tests.agent_support import AgentProcess, ArtifactServer, desired_for
 from tests.mqtt_support import (
     SYSTEM_MOSQUITTO,
     ClientFactory,
@@ -35,6 +35,7 @@ from tests.mqtt_support import (
     unique_topics,
     wait_until,
 )
+from tests.server_thread import ServerThread
 
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 

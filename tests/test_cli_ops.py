@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from slmops.cli.app import app as cli_app
 from slmops.cli.client import CHUNK, MultipartFile, resolve_config
+from slmops.mqtt.broker import free_port
 from tests.cli_support import (  # noqa: F401  (fixtures)
     HARDWARE,
     Cli,
@@ -20,7 +21,6 @@ from tests.cli_support import (  # noqa: F401  (fixtures)
     admin_cli_fixture,
     bearer,
     cli_fixture,
-    free_port,
     one_line,
     server_url_fixture,
 )

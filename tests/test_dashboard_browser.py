@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from sqlmodel import Session, SQLModel
 
 from control_plane.api.main import create_app
@@ -26,6 +23,7 @@ from control_plane.services import auth
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour, SimDevice
 from tests.fleet_helpers import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
+from tests.server_thread import ServerThread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -59,12 +57,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def live_server(tmp_path: Path, db_url: str, engine: sa.Engine) -> Iterator[tuple[str, Settings]]:
     """A real control plane on a free port: uvicorn in a thread, fleet runtime on Mosquitto."""
@@ -76,16 +68,8 @@ def live_server(tmp_path: Path, db_url: str, engine: sa.Engine) -> Iterator[tupl
         controller_tick_s=0.3,
         mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
     )
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, what="uvicorn to start")
-    yield f"http://127.0.0.1:{port}", settings
-    server.should_exit = True
-    thread.join(timeout=15)
+    with ServerThread(create_app(settings, engine=engine), lifespan="auto") as server:
+        yield server.url, settings
     with engine.begin() as conn:
         for table in reversed(SQLModel.metadata.sorted_tables):
             conn.execute(table.delete())
