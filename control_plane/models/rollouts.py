@@ -81,7 +81,9 @@ class DesiredStateRow(SQLModel, table=True):
     device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=36)
     message_id: str = Field(max_length=36)
     model: str = Field(max_length=128)
-    version: str = Field(max_length=64, index=True)
+    # Not indexed: nothing filters on it, and the index kept every assignment (the version
+    # changes) from updating the row in place (migration 0007).
+    version: str = Field(max_length=64)
     artifact_sha256: str = Field(max_length=64)
     rollout_id: str | None = Field(default=None, max_length=36)
     payload: dict[str, Any] = json_field()  # shared.desired.DesiredState as JSON

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
@@ -42,6 +43,7 @@ ENROLLED = ("online", "offline")
 # runs its ORM loading per row, 120 ms instead of 35-50 ms for 10,000 devices' ids and hardware.
 DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]
 BASELINE_LOOKBACK = timedelta(minutes=30)
+_NO_PROFILE: dict[str, Any] = {}  # a device that reported no hardware: one class, one shared dict
 
 
 def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
@@ -50,6 +52,35 @@ def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
     for clause in selector_clauses(parse_selector(selector)):
         stmt = stmt.where(clause)
     return stmt
+
+
+def hardware_json(column: Any = None) -> Any:
+    """The devices' hardware column as its JSON text, for `HardwareProfiles` to parse."""
+    return sa.cast(DEVICES.c.hardware if column is None else column, sa.Text)
+
+
+class HardwareProfiles(dict[str, dict[str, Any]]):
+    """device id -> hardware profile, from (device id, profile as JSON text) rows.
+
+    A fleet has few distinct profiles: each text is parsed once and its dict shared by the devices
+    that report it (read-only), and `hardware_class` is worked out once per dict. Parsing a JSON
+    column per row was a third of the time a 10,000-device rollout took to read its targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parsed: dict[str | None, dict[str, Any]] = {}
+        self._classes: dict[int, tuple[Any, ...]] = {}
+
+    def add(self, device_id: str, text: str | None) -> dict[str, Any]:
+        if (profile := self._parsed.get(text)) is None:
+            profile = self._parsed[text] = dict(orjson.loads(text) or {}) if text else {}
+        self[device_id] = profile
+        return profile
+
+    def class_of(self, profile: dict[str, Any]) -> tuple[Any, ...]:
+        if (key := self._classes.get(id(profile))) is None:
+            key = self._classes[id(profile)] = hardware_class(profile)
+        return key
 
 
 def target_device_ids(session: Session, selector: str) -> list[str]:
@@ -161,11 +192,11 @@ class RolloutController:
                 self._cover_newcomers(session, rollout, plan, model, members)
 
     @staticmethod
-    def _hardware(session: Session, device_ids: list[str]) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
+    def _hardware(session: Session, device_ids: list[str]) -> HardwareProfiles:
+        out = HardwareProfiles()
         for clause in bulk.matching(session, DEVICES.c.id, device_ids):
-            rows = session.execute(sa.select(DEVICES.c.id, DEVICES.c.hardware).where(clause))
-            out.update((device_id, dict(hardware or {})) for device_id, hardware in rows)
+            for device_id, text in session.execute(sa.select(DEVICES.c.id, hardware_json()).where(clause)):
+                out.add(device_id, text)
         return out
 
     @staticmethod
@@ -206,7 +237,7 @@ class RolloutController:
         model: Model,
         version: ModelVersion,
         deployable: tuple[list[Artifact], Artifact | None],
-        hardware: dict[str, dict[str, Any]],
+        hardware: HardwareProfiles,
     ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         """(desired states, member changes) that give `members` the rollout's current stage; the
         members are updated in place. `hardware` holds at least these devices' profiles. The
@@ -222,10 +253,9 @@ class RolloutController:
         # as (status, reason, sha256, desired-state template or None).
         chosen: dict[tuple[Any, ...], tuple[str, str, str | None, dict[str, Any] | None]] = {}
         for member in members:
-            profile = hardware.get(member.device_id) or {}
-            key = hardware_class(profile)
+            key = hardware.class_of(hardware.get(member.device_id) or _NO_PROFILE)
             if (choice := chosen.get(key)) is None:
-                artifact, why = choose_variant(artifacts, profile)
+                artifact, why = choose_variant(artifacts, hardware.get(member.device_id) or _NO_PROFILE)
                 if artifact is None:
                     choice = ("incompatible", why, None, None)
                 else:

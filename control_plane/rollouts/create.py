@@ -18,7 +18,13 @@ from control_plane.errors import DomainError
 from control_plane.models import ACTIVE_STATES, DesiredStateRow, ModelVersion, Rollout, utcnow
 from control_plane.rollouts import assign
 from control_plane.rollouts import members as members_
-from control_plane.rollouts.controller import DEVICES, RolloutController, enrolled_matching
+from control_plane.rollouts.controller import (
+    DEVICES,
+    HardwareProfiles,
+    RolloutController,
+    enrolled_matching,
+    hardware_json,
+)
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.services import registry
@@ -111,18 +117,18 @@ def _insert_members(
     members_.insert(session, [row for row in rows if row["device_id"] not in assigned])
 
 
-def _targets(session: Session, selector: str, model_name: str) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
+def _targets(session: Session, selector: str, model_name: str) -> tuple[HardwareProfiles, Counter[str]]:
     """device id -> hardware profile of the enrolled devices the selector matches, and how many of
     them are meant to run each version of the model now (the baseline), in one query."""
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
     on = sa.and_(desired.c.device_id == DEVICES.c.id, desired.c.model == model_name)
-    stmt = enrolled_matching(selector, DEVICES.c.id, DEVICES.c.hardware, desired.c.version).outerjoin_from(
+    stmt = enrolled_matching(selector, DEVICES.c.id, hardware_json(), desired.c.version).outerjoin_from(
         DEVICES, desired, on
     )
-    hardware: dict[str, dict[str, Any]] = {}
+    hardware = HardwareProfiles()
     versions: Counter[str] = Counter()
-    for device_id, hw, version in session.execute(stmt):
-        hardware[device_id] = dict(hw or {})
+    for device_id, text, version in session.execute(stmt):
+        hardware.add(device_id, text)
         if version is not None:
             versions[version] += 1
     return hardware, versions
