@@ -32,7 +32,8 @@ class Device(SQLModel, table=True):
     secret_hash: str | None = Field(default=None, max_length=64)
     last_seen: datetime | None = ts_field()
     current_model: str | None = Field(default=None, max_length=128)
-    current_version: str | None = Field(default=None, max_length=64, index=True)
+    # Not indexed, so acknowledgements update the row in place (migration 0008).
+    current_version: str | None = Field(default=None, max_length=64)
     current_sha256: str | None = Field(default=None, max_length=64)
     phase: str | None = Field(default=None, max_length=32)  # from the device's state reports
     phase_reason: str | None = Field(default=None, max_length=2000)
