@@ -8,6 +8,7 @@ FleetRuntime.start()
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import secrets
@@ -34,7 +35,9 @@ from slmops.mqtt.subscriber import DeviceMessageSubscriber
 
 log = logging.getLogger("slmops.fleet")
 CONTROL_PLANE_USER = "slmops-control-plane"
-PUBLISH_BATCH = 2000  # desired states per publish_many: big enough to pipeline, small enough to mark often
+PUBLISH_BATCH = 2000  # desired states read and queued at a time
+PUBLISH_AHEAD = 4  # batches queued beyond the one whose PUBACKs are awaited (bounds what paho holds)
+MARK_EVERY = 20_000  # acknowledged states marked published at least this often
 
 
 class FleetRuntime:
@@ -146,40 +149,51 @@ class FleetRuntime:
         """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
         in batches: a 10,000-device stage goes out now, not one batch per controller tick.
 
-        Batches are read in device-id order and pipelined: the next one is queued before the
-        broker's PUBACKs for the last one are waited on and marked, so the broker is never left
-        idle between batches (waiting, marking and reading had left it idle 4 times per 10,000).
-        A state written meanwhile for a device already passed goes out on the next call."""
+        Batches are read in device-id order and queued back to back, up to PUBLISH_AHEAD of them
+        waiting for the broker's PUBACKs, so the broker never waits for the database: marking
+        each batch before reading the next had left it idle for as long as it spent publishing.
+        What the broker acknowledged is marked published once at the end (and every MARK_EVERY
+        states): a crash before that sends those states again, which devices ignore (message
+        ids). A state written meanwhile for a device already passed goes out on the next call."""
         publisher = self.publisher
         sent, after = 0, None
-        # The batch waiting for its PUBACKs: its (device id, message id)s and what publish_all returned.
-        in_flight: tuple[list[tuple[str, str]], list[tuple[str, paho.MQTTMessageInfo]]] | None = None
+        # Queued batches whose PUBACKs are not waited on yet: (device id, message id)s, publish_all's infos.
+        waiting: collections.deque[tuple[list[tuple[str, str]], list[tuple[str, paho.MQTTMessageInfo]]]]
+        waiting = collections.deque()
+        acked: list[tuple[str, str]] = []  # acknowledged by the broker, not marked yet
         with contextlib.ExitStack() as hold:
             while publisher is not None and publisher.connected:
-                with Session(self.engine, expire_on_commit=False) as session:
+                with Session(self.engine) as session:
                     rows = assign.pending_publication(session, limit=PUBLISH_BATCH, after=after)
-                    if rows and sent == 0 and self.subscriber is not None:
+                last = len(rows) < PUBLISH_BATCH
+                if rows:
+                    if sent == 0 and self.subscriber is not None:
                         # Ingest waits until every batch is out, not between them (see held()).
                         hold.enter_context(self.subscriber.held())
                     queued = publisher.publish_all(
                         Outgoing(self.topics.desired(device_id), payload.encode(), qos=1, retain=True)
                         for device_id, _, payload in rows
                     )
-                    if in_flight is not None:
-                        publisher.wait_published(in_flight[1], timeout_s=60)
-                        if not rows:
-                            # All out: the acknowledgements are stored before the bookkeeping.
-                            hold.close()
-                        assign.mark_published(session, in_flight[0])
-                        session.commit()
-                    in_flight = None
-                    if rows:
-                        in_flight = ([(device_id, message_id) for device_id, message_id, _ in rows], queued)
-                        sent += len(rows)
-                        after = rows[-1][0]
-                if len(rows) < PUBLISH_BATCH and in_flight is None:
+                    waiting.append(([(device_id, message_id) for device_id, message_id, _ in rows], queued))
+                    sent += len(rows)
+                    after = rows[-1][0]
+                while waiting and (last or len(waiting) > PUBLISH_AHEAD):
+                    published, queued = waiting.popleft()
+                    publisher.wait_published(queued, timeout_s=60)
+                    acked.extend(published)
+                if len(acked) >= MARK_EVERY or (last and acked):
+                    if last:
+                        hold.close()  # all out: the devices' acknowledgements are stored before the bookkeeping
+                    self._mark(acked)
+                    acked = []
+                if last:
                     break
         return sent
+
+    def _mark(self, published: list[tuple[str, str]]) -> None:
+        with Session(self.engine) as session:
+            assign.mark_published(session, published)
+            session.commit()
 
     def stop(self) -> None:
         self._stop.set()

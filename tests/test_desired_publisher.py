@@ -1,6 +1,6 @@
 """FleetRuntime.publish_pending against the real Mosquitto: the desired-state outbox goes out in
-pipelined batches, every state once and marked published; a state written while a publish is
-under way, for a device it has passed, goes out on the next call."""
+batches queued ahead of the broker's acknowledgements, every state once and marked published; a
+state written while a publish is under way, for a device it has passed, goes out on the next call."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _pending(engine: sa.Engine) -> list[str]:
         return [device_id for device_id, _, _ in assign.pending_publication(session)]
 
 
-def test_batches_are_pipelined_and_a_state_written_meanwhile_goes_out_next(
+def test_batches_go_out_in_id_order_and_a_state_written_meanwhile_goes_out_next(
     engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)  # 10 states: batches of 3, 3, 3 and 1
@@ -55,32 +55,81 @@ def test_batches_are_pipelined_and_a_state_written_meanwhile_goes_out_next(
     first = {device_id: assign.with_message_id(_state("1")) for device_id in devices}
     _write(engine, first)
 
-    # While the second batch is marked, a new state is written for the first device in id order,
-    # which the publish has passed already (as an abort could, from an API request).
+    # As the third batch is read, a new state is written for the first device in id order, which
+    # the publish has passed already (as an abort could, from an API request).
     early = sorted(devices)[0]
+    reads: list[list[str]] = []
     marks: list[list[tuple[str, str]]] = []
-    real_mark = assign.mark_published
+    real_read, real_mark = assign.pending_publication, assign.mark_published
+
+    def read(session: Session, limit: int = 5000, *, after: str | None = None) -> list[tuple[str, str, str]]:
+        if len(reads) == 2:
+            _write(engine, {early: assign.with_message_id(_state("2"))})
+        rows = real_read(session, limit, after=after)
+        reads.append([device_id for device_id, _, _ in rows])
+        return rows
 
     def mark(session: Session, published: list[tuple[str, str]]) -> None:
         marks.append(published)
-        if len(marks) == 2:
-            _write(engine, {early: assign.with_message_id(_state("2"))})
         real_mark(session, published)
 
+    monkeypatch.setattr(assign, "pending_publication", read)
     monkeypatch.setattr(assign, "mark_published", mark)
     assert runtime.publish_pending() == 10
-    assert [len(batch) for batch in marks] == [3, 3, 3, 1]
-    assert [d for batch in marks for d, _ in batch] == sorted(devices)  # each once, in id order
+    assert [len(batch) for batch in reads] == [3, 3, 3, 1]
+    assert [d for batch in reads for d in batch] == sorted(devices)  # each once, in id order
+    # Marked once, after the broker acknowledged all of them, with the message ids that went out.
+    assert marks == [[(d, first[d]["message_id"]) for d in sorted(devices)]]
     assert wait_until(lambda: len(received.items) >= 10)
     got = {topic.split("/")[-2]: json.loads(payload) for topic, payload in received.items}
     assert {d: p["message_id"] for d, p in got.items()} == {d: s["message_id"] for d, s in first.items()}
     assert _pending(engine) == [early]  # its new state was written after the publish passed it
 
+    monkeypatch.setattr(assign, "pending_publication", real_read)
     assert runtime.publish_pending() == 1
     assert _pending(engine) == []
     assert wait_until(lambda: len(received.items) >= 11)
     topic, payload = received.items[-1]
     assert topic == runtime.topics.desired(early) and json.loads(payload)["version"] == "2"
+
+
+def test_batches_are_queued_ahead_of_the_acknowledgements_and_marked_in_bounded_lots(
+    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)
+    monkeypatch.setattr(fleet, "PUBLISH_AHEAD", 1)
+    monkeypatch.setattr(fleet, "MARK_EVERY", 6)
+    runtime = FleetRuntime(
+        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
+    )
+    publisher = runtime.publisher = clients(SYSTEM_MOSQUITTO)
+    events: list[str] = []
+    real_publish_all, real_wait, real_mark = publisher.publish_all, publisher.wait_published, assign.mark_published
+
+    def publish_all(messages: Any) -> Any:
+        queued = real_publish_all(messages)
+        events.append(f"publish {len(queued)}")
+        return queued
+
+    def wait_published(infos: Any, *, timeout_s: float = 30.0) -> int:
+        events.append(f"wait {len(infos)}")
+        return real_wait(infos, timeout_s=timeout_s)
+
+    def mark(session: Session, published: list[tuple[str, str]]) -> None:
+        events.append(f"mark {len(published)}")
+        real_mark(session, published)
+
+    monkeypatch.setattr(publisher, "publish_all", publish_all)
+    monkeypatch.setattr(publisher, "wait_published", wait_published)
+    monkeypatch.setattr(assign, "mark_published", mark)
+    devices = add_devices(engine, *(f"ahead-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)))
+    _write(engine, {device_id: assign.with_message_id(_state("1")) for device_id in devices})
+    assert runtime.publish_pending() == 10
+    # One batch queued beyond the one awaited; marks once 6 are acknowledged, then at the end.
+    assert events == [
+        "publish 3", "publish 3", "wait 3", "publish 3", "wait 3", "mark 6", "publish 1", "wait 3", "wait 1", "mark 4"
+    ]  # fmt: skip
+    assert _pending(engine) == []
 
 
 class Hold:
@@ -98,7 +147,7 @@ class Hold:
             self.events.append("release")
 
 
-def test_ingest_is_held_over_every_batch_and_released_before_the_last_one_is_marked(
+def test_ingest_is_held_over_every_batch_and_released_before_marking(
     engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)
@@ -118,6 +167,6 @@ def test_ingest_is_held_over_every_batch_and_released_before_the_last_one_is_mar
 
     monkeypatch.setattr(assign, "mark_published", mark)
     assert runtime.publish_pending() == 7
-    # Held once for all three batches; the acknowledgements are stored before the last mark.
-    assert events == ["hold", "mark 3", "mark 3", "release", "mark 1"]
+    # Held once for all three batches; the acknowledgements are stored before the mark.
+    assert events == ["hold", "release", "mark 7"]
     assert _pending(engine) == []
