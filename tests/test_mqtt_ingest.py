@@ -149,8 +149,9 @@ def test_batches_queued_behind_a_slow_write_go_to_the_next_call_together_in_orde
     finally:
         ingest.stop()
     sizes = [len(b) for b in handler.batches]
-    # Queued 5 at a time while the first call waited, they reach the handler 20 at a time at most.
-    assert sizes[0] == 1 and max(sizes[1:]) == 20 and all(size <= 20 for size in sizes), sizes
+    # Queued at most 5 at a time while the first call waited (fewer when a batch is cut by time), they
+    # reach the handler merged: a call takes batches until it holds 20, so at most 20 + 5 - 1.
+    assert sizes[0] == 1 and max(sizes[1:]) >= 20 and all(size <= 24 for size in sizes), sizes
     assert [m.message.seq for m in handler.messages] == list(range(31))  # type: ignore[attr-defined]
 
 
