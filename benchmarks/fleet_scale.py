@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from benchmarks.fleet_support import (  # noqa: E402
     push_version,
     slmops_server,
     start_rollout,
+    wait_completed,
 )
 from benchmarks.mqtt_retained import fanout, run_once  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
@@ -150,7 +152,8 @@ async def measure(args: argparse.Namespace) -> None:
     with fresh_postgres() as db_url, private_mosquitto() as mqtt_url, slmops_server(db_url, mqtt_url) as server:
         engine = sa.create_engine(db_url, pool_size=2)
         with tempfile.TemporaryDirectory() as tmp:
-            push_version(server, "bench", "1", write_tiny_gguf(Path(tmp) / "m.gguf", seed=1))
+            for r in range(1, args.rollouts + 1):
+                push_version(server, "bench", str(r), write_tiny_gguf(Path(tmp) / f"m{r}.gguf", seed=r))
         rss = {"idle": server.rss_mb()}
         start = time.perf_counter()
         creds = await enroll_fleet(server.url, server.token, n, mqtt_url=mqtt_url, progress=progress("enrolled"))
@@ -161,7 +164,13 @@ async def measure(args: argparse.Namespace) -> None:
         await poll(engine, ONLINE, n, 600)
         print(f"{n} devices connected, all online in the control plane, in {time.perf_counter() - start:.1f} s")
         rss["connected"] = server.rss_mb()
-        times = await rollout_phase(server, engine, sim, n)
+        rounds = []
+        for r in range(1, args.rollouts + 1):
+            rounds.append(await rollout_phase(server, engine, sim, n, version=str(r)))
+            print(f"  rollout {r}: POST {rounds[-1]['created']:.3f} s, applied {rounds[-1]['applied']:.3f} s, "
+                  f"stored {rounds[-1]['acked']:.3f} s", flush=True)  # fmt: skip
+            await asyncio.to_thread(wait_completed, server)
+        times = {k: statistics.median(t[k] for t in rounds) for k in rounds[0]}
         rss["after rollout"] = server.rss_mb()
         ingest = [await ingest_phase(engine, sim, rate, args.ingest_seconds) for rate in args.rates]
         rss["after ingest"] = server.rss_mb()
@@ -211,6 +220,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000])
     parser.add_argument("--ingest-seconds", type=float, default=20.0)
+    parser.add_argument("--rollouts", type=int, default=1, help="rollouts to all N devices (their median is reported)")
     run(measure(parser.parse_args()))
 
 

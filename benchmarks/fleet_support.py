@@ -160,6 +160,18 @@ def start_rollout(server: Server, model: str, version: str) -> str:
     return str(response.json()["id"])
 
 
+def wait_completed(server: Server, timeout_s: float = 60) -> None:
+    """The previous rollout must end before the next one may cover the same devices (409 otherwise)."""
+    headers = {"Authorization": f"Bearer {server.token}"}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        active = httpx.get(f"{server.url}/v1/rollouts", params={"state": "running"}, headers=headers).json()
+        if not active["data"]:
+            return
+        time.sleep(0.1)
+    raise SystemExit("a rollout did not complete")
+
+
 @functools.cache
 def _client() -> httpx.Client:
     """One client for the run: building an httpx.Client (its TLS context) took ~30 ms, which a

@@ -27,28 +27,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import httpx
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fleet_scale import ONLINE, poll, report_convergence, rollout_phase  # noqa: E402
-from benchmarks.fleet_support import Server, fresh_postgres, private_mosquitto, push_version, slmops_server  # noqa: E402
+from benchmarks.fleet_support import fresh_postgres, private_mosquitto, push_version, slmops_server, wait_completed  # noqa: E402
 from benchmarks.mqtt_retained import run_fanout, run_once  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
-
-
-def wait_completed(server: Server, timeout_s: float = 60) -> None:
-    """The previous rollout must end before the next one may cover the same devices (409 otherwise)."""
-    headers = {"Authorization": f"Bearer {server.token}"}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        active = httpx.get(f"{server.url}/v1/rollouts", params={"state": "running"}, headers=headers).json()
-        if not active["data"]:
-            return
-        time.sleep(0.1)
-    raise SystemExit("a rollout did not complete")
 
 
 async def measure(args: argparse.Namespace) -> None:
