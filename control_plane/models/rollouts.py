@@ -50,8 +50,8 @@ class Rollout(SQLModel, table=True):
 class RolloutDevice(SQLModel, table=True):
     __tablename__ = "rollout_devices"
 
-    rollout_id: str = Field(foreign_key="rollouts.id", primary_key=True, max_length=36)
-    # No foreign key to devices: see migration 0006 (it locked every member's device row).
+    # No foreign keys: checking them locked a parent row per member inserted (migrations 0006, 0009).
+    rollout_id: str = Field(primary_key=True, max_length=36)
     device_id: str = Field(primary_key=True, max_length=36)
     stage_index: int = Field(default=-1)  # -1: in the target set, not yet assigned
     order_key: str = Field(max_length=64)  # stable pseudo-random order: who is canary
