@@ -41,6 +41,7 @@ from benchmarks.fleet_support import (  # noqa: E402
     wait_completed,
 )
 from benchmarks.mqtt_retained import fanout, run_once  # noqa: E402
+from slmops.heap import settle_heap  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
 
@@ -161,6 +162,7 @@ async def measure(args: argparse.Namespace) -> None:
         sim = SimFleet(creds, SimConfig(apply_delay_s=0.0, telemetry_interval_s=None))
         start = time.perf_counter()
         await sim.start(concurrency=200, progress=progress("connected"))
+        settle_heap()  # as `slmops simulate` does: the agents are long-lived
         await poll(engine, ONLINE, n, 600)
         print(f"{n} devices connected, all online in the control plane, in {time.perf_counter() - start:.1f} s")
         rss["connected"] = server.rss_mb()

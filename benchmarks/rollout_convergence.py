@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.fleet_scale import ONLINE, poll, report_convergence, rollout_phase  # noqa: E402
 from benchmarks.fleet_support import fresh_postgres, private_mosquitto, push_version, slmops_server, wait_completed  # noqa: E402
 from benchmarks.mqtt_retained import run_fanout, run_once  # noqa: E402
+from slmops.heap import settle_heap  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
 
@@ -60,6 +61,7 @@ async def measure(args: argparse.Namespace) -> None:
         creds = await enroll_fleet(server.url, server.token, n, mqtt_url=mqtt_url)
         sim = SimFleet(creds, SimConfig(apply_delay_s=0.0, telemetry_interval_s=None))
         await sim.start(concurrency=200)
+        settle_heap()  # as `slmops simulate` does: the agents are long-lived
         await poll(engine, ONLINE, n, 600)
         print(f"{n} simulated devices connected and online", flush=True)
         for r in range(1, args.rounds + 1):

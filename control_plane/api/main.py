@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -86,9 +85,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _problem_response(
-            request, 500, "internal_error", "unexpected server error; see the server log"
-        )
+        return _problem_response(request, 500, "internal_error", "unexpected server error; see the server log")
 
 
 @asynccontextmanager
@@ -108,21 +105,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if runtime is not None:
             await run_in_threadpool(runtime.stop)
-
-
-def settle_heap() -> None:
-    """For a server process (`slmops server`), once the app is built: start-up objects (modules,
-    mappers, schemas) go to the permanent generation, and young collections run every 50,000
-    allocations instead of 700.
-
-    The fleet paths allocate a dict per row and per message by the thousand: with the defaults, a
-    run of benchmarks/rollout_convergence.py (five 1,000-device rollouts) triggered 369 young
-    collections and two full ones of ~150 ms each, which traversed every start-up object again
-    (measured with gc.callbacks); with these settings, one young collection.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def _broker_credentials(settings: Settings) -> Any:

@@ -33,15 +33,14 @@ def _settings():  # type: ignore[no-untyped-def]
 def server(
     host: Annotated[str | None, typer.Option(help="Listen address (default SLMOPS_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default SLMOPS_PORT).")] = None,
-    no_migrate: Annotated[
-        bool, typer.Option("--no-migrate", help="Do not upgrade the schema at start.")
-    ] = False,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not upgrade the schema at start.")] = False,
 ) -> None:
     """Run the control plane (SQLite in ./.slmops and defaults when nothing is configured)."""
     import uvicorn
 
     from control_plane import db
-    from control_plane.api.main import create_app, settle_heap
+    from control_plane.api.main import create_app
+    from slmops.heap import settle_heap
 
     settings = _settings()
     if host:
@@ -109,9 +108,7 @@ def token_create(
     engine = db.make_engine(settings.sqlalchemy_url)
     with Session(engine, expire_on_commit=False) as session:
         token, plaintext = auth.create_token(session, name=name, role=Role[role], created_by="cli")
-        audit.record(
-            session, actor="cli:local", action="token.create", target=token.id, request_id="", role=role
-        )
+        audit.record(session, actor="cli:local", action="token.create", target=token.id, request_id="", role=role)
         session.commit()
     err.print(f"created {role} token {name!r} (id {token.id}); it is shown only once:")
     sys.stdout.write(plaintext + "\n")

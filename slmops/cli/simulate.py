@@ -98,11 +98,13 @@ def _credentials(
 
 
 async def _run(console: Console, creds: list[Credential], config: SimConfig, duration: float | None) -> None:
+    from slmops.heap import settle_heap
     from slmops.simulate import SimFleet
 
     fleet = SimFleet(creds, config)
     with _progress(console, "connecting") as (progress, task):
         await fleet.start(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    settle_heap()  # the agents live as long as the process: full collections need not traverse them
     console.print(f"{len(creds)} devices connected (process {os.getpid()}); Ctrl-C stops them")
     try:
         await _report(console, fleet, duration)
