@@ -54,9 +54,9 @@ def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
     return stmt
 
 
-def hardware_json(column: Any = None) -> Any:
+def hardware_json() -> Any:
     """The devices' hardware column as its JSON text, for `HardwareProfiles` to parse."""
-    return sa.cast(DEVICES.c.hardware if column is None else column, sa.Text)
+    return sa.cast(DEVICES.c.hardware, sa.Text)
 
 
 class HardwareProfiles(dict[str, dict[str, Any]]):
@@ -253,9 +253,10 @@ class RolloutController:
         # as (status, reason, sha256, desired-state template or None).
         chosen: dict[tuple[Any, ...], tuple[str, str, str | None, dict[str, Any] | None]] = {}
         for member in members:
-            key = hardware.class_of(hardware.get(member.device_id) or _NO_PROFILE)
+            profile = hardware.get(member.device_id) or _NO_PROFILE
+            key = hardware.class_of(profile)
             if (choice := chosen.get(key)) is None:
-                artifact, why = choose_variant(artifacts, hardware.get(member.device_id) or _NO_PROFILE)
+                artifact, why = choose_variant(artifacts, profile)
                 if artifact is None:
                     choice = ("incompatible", why, None, None)
                 else:
