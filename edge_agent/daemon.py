@@ -41,9 +41,13 @@ def admin_token(path: Path) -> str:
 
 
 def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
-    if settings.data_dir.is_dir():
-        for leftover in remove_stale_temps(settings.data_dir):
-            log.info("removed %s, left by a write that did not finish", leftover.name)
+    # Every directory the agent writes into atomically; the credential and the watched file may
+    # live outside its data dir.
+    written = (settings.state_path, settings.credential_path, settings.desired_path, settings.admin_token_path)
+    for directory in {path.parent for path in written}:
+        if directory.is_dir():
+            for leftover in remove_stale_temps(directory):
+                log.info("removed %s, left by a write that did not finish", leftover)
     agent = Agent(settings)
     agent.add_source(WatchedFileSource(settings.desired_path, interval_s=settings.watch_interval_s))
     app = create_app(agent, admin_token=admin_token(settings.admin_token_path))

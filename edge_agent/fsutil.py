@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import psutil
+
 CHUNK = 1024 * 1024
 
 
@@ -40,12 +42,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete the temp files `write_atomic` left in `directory` when the process writing them died
-    (kill -9, power loss): `.NAME.PID.tmp` of any other process id. The file they were to replace
-    is intact, so nothing is lost. Returns what was removed."""
+    (kill -9, power loss): `.NAME.PID.tmp` whose process no longer runs. A live writer's (say
+    `slmops agent apply` writing the watched file as the agent starts) is left to finish. The file
+    they were to replace is intact, so nothing is lost. Returns what was removed."""
     removed = []
     for tmp in directory.glob(".*.*.tmp"):
         pid = tmp.name.removesuffix(".tmp").rpartition(".")[2]
-        if pid.isdigit() and int(pid) != os.getpid():
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
                 removed.append(tmp)

@@ -102,17 +102,24 @@ def test_first_start_enrolls_and_later_starts_reuse_the_credential(artifacts, gg
 
 
 def test_start_removes_temp_files_left_by_a_killed_write(artifacts, tmp_path) -> None:
-    data = tmp_path / "data"
+    data, elsewhere = tmp_path / "data", tmp_path / "watched"
     data.mkdir()
-    # What write_atomic leaves when kill -9 lands between creating its temp file and the rename.
-    leftovers = [data / ".state.json.4242.tmp", data / ".credential.json.17.tmp"]
+    elsewhere.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited, as a killed writer has
+    # What write_atomic leaves when kill -9 lands between creating its temp file and the rename,
+    # beside the state file and beside a watched file configured outside the data dir.
+    leftovers = [data / f".state.json.{dead_pid}.tmp", elsewhere / f".desired.json.{dead_pid}.tmp"]
     for leftover in leftovers:
         leftover.write_text("{half a st")
+    live = data / f".desired.json.{os.getpid()}.tmp"  # a writer still running (this test): left to finish
+    live.write_text("{in progress")
     unrelated = data / ".notes.tmp"  # not write_atomic's (no process id): left alone
     unrelated.write_text("mine")
-    agent = AgentProcess(data, control_plane_url=artifacts.url).start()
+    agent = AgentProcess(data, control_plane_url=artifacts.url, desired_file=str(elsewhere / "desired.json")).start()
     try:
         assert not any(p.exists() for p in leftovers)
+        assert live.read_text() == "{in progress"
         assert unrelated.read_text() == "mine"
         assert "left by a write that did not finish" in agent.log.read_text()
     finally:
