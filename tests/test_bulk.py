@@ -4,7 +4,7 @@ with JSON, timestamps, NULLs and conflicts; what they report matches what the ta
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 
 import pytest
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane import bulk
-from control_plane.models import DesiredStateRow, Device, DeviceEvent, TelemetryRecord, new_id
+from control_plane.models import DesiredStateRow, Device, DeviceEvent, TelemetryRecord, as_utc, new_id
 from tests.telemetry_support import add_devices
 
 WINDOWS: sa.Table = TelemetryRecord.__table__  # type: ignore[attr-defined]
@@ -165,3 +165,26 @@ def test_a_staging_table_lost_with_a_rollback_is_made_again(engine: sa.Engine) -
         rows = conn.execute(sa.select(DEVICES.c.id, DEVICES.c.current_model, DEVICES.c.phase_reason)
                             .where(DEVICES.c.id.in_([a, b])).order_by(DEVICES.c.name)).all()  # fmt: skip
     assert [tuple(r) for r in rows] == [(a, None, "kept"), (b, "m2", "again")]
+
+
+def test_timestamps_keep_their_instant_whatever_their_zone_and_precision(engine: sa.Engine) -> None:
+    """Timestamps reach PostgreSQL's COPY as ISO text, one formatting per distinct value: rows
+    sharing one object, other zones and microseconds must all read back as the same instants."""
+    (device,) = add_devices(engine, _n("bulk-ts"))
+    india = timezone(timedelta(hours=5, minutes=30))
+    shared = T0 + timedelta(microseconds=123456)
+    starts = [shared, shared, (T0 + timedelta(hours=1)).astimezone(india), T0.astimezone(india) + timedelta(seconds=1)]
+    rows = [
+        {**_window(device, f"ts{i}", i), "window_start": start, "received_at": shared} for i, start in enumerate(starts)
+    ]
+    with Session(engine) as session:
+        bulk.insert(session, WINDOWS, rows, skip_conflicts_on=())
+        session.commit()
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(WINDOWS.c.window_start, WINDOWS.c.received_at)
+            .where(WINDOWS.c.device_id == device)
+            .order_by(WINDOWS.c.seq)
+        ).all()
+    # SQLite hands back naive UTC, PostgreSQL aware values; aware datetimes compare as instants.
+    assert [(as_utc(start), as_utc(received)) for start, received in stored] == [(start, shared) for start in starts]

@@ -5,6 +5,7 @@ asyncio `SimAgent` (a fleet in one process) share it, so both speak the same pro
 from __future__ import annotations
 
 import bisect
+import functools
 import random
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -21,6 +22,13 @@ _TABLE_RNG = random.Random(0)
 _NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 
+@functools.lru_cache(maxsize=64)
+def _model_ref(model: str, version: str, sha256: str, format: str, quantization: str | None) -> ModelRef:
+    # One per artifact, shared by every device serving it (never mutated: states are copied on
+    # change): a fleet applying one rollout would otherwise validate the same reference N times.
+    return ModelRef(model=model, version=version, sha256=sha256, format=format, quantization=quantization)
+
+
 def applied(state: S, desired: DesiredState, *, fail: bool) -> S:
     """The device's state after acting on `desired`: serving it, or `activation_failed` (of the
     same class as `state`: a StateMessage stays one)."""
@@ -29,8 +37,7 @@ def applied(state: S, desired: DesiredState, *, fail: bool) -> S:
         update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
     else:
         artifact = desired.artifact
-        ref = ModelRef(model=desired.model, version=desired.version, sha256=artifact.sha256,
-                       format=artifact.format, quantization=artifact.quantization)  # fmt: skip
+        ref = _model_ref(desired.model, desired.version, artifact.sha256, artifact.format, artifact.quantization)
         update |= {"phase": "committed", "reason": None, "previous": state.current, "current": ref, "serving": True}
     return state.model_copy(update=update)
 
