@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import timedelta
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
 from control_plane.leader import LeaderLock
-from control_plane.models import DesiredStateRow, Device, RolloutDevice, TelemetryRecord, utcnow
+from control_plane.models import DesiredStateRow, Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
 from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
 from shared.telemetry import REQUEST_DURATION_BUCKETS
@@ -222,3 +224,32 @@ def test_creating_a_rollout_assigns_its_first_stage_in_the_same_request(  # type
     for device_id in devices:
         previous = members[device_id].previous_desired
         assert previous is not None and previous["message_id"] == v1[device_id].message_id  # type: ignore[union-attr]
+
+
+def test_an_abort_waits_for_the_controller_step_it_races_and_rolls_back_what_that_step_assigned(
+    client, engine, admin_headers, operator_headers
+):  # type: ignore[no-untyped-def]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks between replicas' sessions: PostgreSQL (SQLite has a single writer)")
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    _version(client, operator_headers, "1", [_reference("a")])
+    devices = [_device(client, admin_headers, f"race-{i}") for i in range(4)]
+    stages = [{"name": "canary", "count": 1, "min_bake_s": 0}, {"name": "all", "percent": 100, "min_bake_s": 0}]
+    plan = {"model": "m", "version": "1", "stages": stages, "gates": NO_WAIT, "promotion": "manual"}
+    rollout = client.post("/v1/rollouts", json=plan, headers=operator_headers).json()
+    assert client.post(f"/v1/rollouts/{rollout['id']}/promote", headers=operator_headers).status_code == 200
+    aborted: dict[str, object] = {}
+    with Session(engine, expire_on_commit=False) as session:
+        step = session.get(Rollout, rollout["id"])
+        RolloutController().advance(session, step)  # assigns the last stage's 3 devices, not committed yet
+        abort = f"/v1/rollouts/{rollout['id']}/abort"
+        operator = threading.Thread(target=lambda: aborted.update(r=client.post(abort, headers=operator_headers)))
+        operator.start()
+        operator.join(1.0)
+        assert operator.is_alive(), "the abort must wait for the controller's step on the same rollout"
+        session.commit()
+    operator.join(15)
+    assert aborted["r"].status_code == 200  # type: ignore[attr-defined]
+    # The abort saw the step's assignments: every device it touched is rolled back, the last three too.
+    members = _members(engine, rollout["id"])
+    assert set(members) == set(devices) and {m.status for m in members.values()} == {"rolled_back"}

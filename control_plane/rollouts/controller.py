@@ -160,6 +160,11 @@ class RolloutController:
         return states
 
     def advance(self, session: Session, rollout: Rollout) -> None:
+        # The row stays locked until the caller commits: an operator's pause, promote or abort
+        # (which lock it too) waits for this step instead of interleaving with it.
+        session.refresh(rollout, with_for_update=True)
+        if rollout.state not in ACTIVE_STATES:
+            return
         plan = RolloutCreate.model_validate(rollout.plan)
         model = session.get(Model, rollout.model_id)
         version = session.get(ModelVersion, rollout.version_id)

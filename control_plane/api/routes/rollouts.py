@@ -106,8 +106,9 @@ def _wake(request: Request, *, tick: bool = True) -> None:
         fleet.wake(tick=tick)
 
 
-def _get(session: Session, rollout_id: str) -> Rollout:
-    rollout = session.get(Rollout, rollout_id)
+def _get(session: Session, rollout_id: str, *, lock: bool = False) -> Rollout:
+    """The rollout; with `lock`, its row locked until commit (the controller locks it for each step)."""
+    rollout = session.get(Rollout, rollout_id, with_for_update=lock)
     if rollout is None:
         raise DomainError("rollout_not_found", f"no rollout with id {rollout_id}")
     return rollout
@@ -175,7 +176,7 @@ def change_rollout(
     if action not in _TRANSITIONS:
         raise DomainError("not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort")
     session = mutation.session
-    rollout = _get(session, rollout_id)
+    rollout = _get(session, rollout_id, lock=True)
     allowed, verb = _TRANSITIONS[action]
     if rollout.state not in allowed:
         raise DomainError("invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state)
