@@ -72,7 +72,7 @@ class IngestWriter:
         seen: dict[str, datetime | None] = {}
         for clause in bulk.matching(session, _DEVICES.c.id, sorted(device_ids)):
             stmt = sa.select(_DEVICES.c.id, _DEVICES.c.status, _DEVICES.c.last_seen).where(clause)
-            for device_id, status, last_seen in session.execute(stmt):
+            for device_id, status, last_seen in session.execute(stmt).all():
                 found[device_id], seen[device_id] = status, as_utc(last_seen)
         return found, seen
 

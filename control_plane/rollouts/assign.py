@@ -128,7 +128,7 @@ def pending_publication(session: Session, limit: int = 5000, *, after: str | Non
     stmt = select(table.c.device_id, table.c.message_id, payload).where(unpublished)
     if after is not None:
         stmt = stmt.where(table.c.device_id > after)
-    return [(d, m, p) for d, m, p in session.execute(stmt.order_by(table.c.device_id).limit(limit))]
+    return [(d, m, p) for d, m, p in session.execute(stmt.order_by(table.c.device_id).limit(limit)).all()]
 
 
 def mark_published(session: Session, published: list[tuple[str, str]]) -> None:

@@ -43,7 +43,10 @@ ENROLLED = ("online", "offline")
 # runs its ORM loading per row, 120 ms instead of 35-50 ms for 10,000 devices' ids and hardware.
 DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]
 BASELINE_LOOKBACK = timedelta(minutes=30)
+ANALYZE_AT = 1000  # members from which a rollout's table statistics are refreshed (see _analyze_once)
 _NO_PROFILE: dict[str, Any] = {}  # a device that reported no hardware: one class, one shared dict
+_ACTIVE_PHASES = ("on_trial", "committed")  # serving the assigned artifact: the member is active
+_FAILED_PHASES = ("activation_failed", "download_failed")  # having acted on its desired state: failed
 
 
 def enrolled_matching(selector: str, *columns: Any) -> sa.Select[Any]:
@@ -83,14 +86,10 @@ class HardwareProfiles(dict[str, dict[str, Any]]):
         return key
 
 
-def target_device_ids(session: Session, selector: str) -> list[str]:
-    """Ids of the enrolled devices the selector matches (ids only: a fleet's JSON columns are not free)."""
-    return list(session.execute(enrolled_matching(selector, DEVICES.c.id)).scalars())
-
-
 class RolloutController:
     def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
         self._now = clock  # injectable, so bake times can be tested without sleeping
+        self._analyzed: set[str] = set()  # large rollouts whose members the planner has been shown
 
     def tick(self, session: Session) -> int:
         """Advance every running rollout once; returns how many were looked at."""
@@ -170,8 +169,9 @@ class RolloutController:
         version = session.get(ModelVersion, rollout.version_id)
         assert model is not None and version is not None
         members = self._members(session, rollout)
+        self._analyze_once(session, rollout, members)
         self._refresh_statuses(session, rollout, version, members)
-        self._cover_newcomers(session, rollout, plan, model, members)
+        self._cover_newcomers(session, rollout, plan, model)
         if rollout.state != RolloutState.running:
             return
         size = plan.stages[rollout.stage_index].cumulative_size(len(members))
@@ -194,13 +194,13 @@ class RolloutController:
         elif result.result == gates.PASS and self._baked(rollout, plan):
             self._stage_passed(session, rollout, plan)
             if rollout.state == RolloutState.completed:
-                self._cover_newcomers(session, rollout, plan, model, members)
+                self._cover_newcomers(session, rollout, plan, model)
 
     @staticmethod
     def _hardware(session: Session, device_ids: list[str]) -> HardwareProfiles:
         out = HardwareProfiles()
         for clause in bulk.matching(session, DEVICES.c.id, device_ids):
-            for device_id, text in session.execute(sa.select(DEVICES.c.id, hardware_json()).where(clause)):
+            for device_id, text in session.execute(sa.select(DEVICES.c.id, hardware_json()).where(clause)).all():
                 out.add(device_id, text)
         return out
 
@@ -211,8 +211,20 @@ class RolloutController:
         table = DesiredStateRow.__table__  # type: ignore[attr-defined]
         for clause in bulk.matching(session, table.c.device_id, device_ids):
             stmt = sa.select(table.c.device_id, table.c.rollout_id, table.c.payload).where(clause)
-            out.update((d, (r, p)) for d, r, p in session.execute(stmt))
+            out.update((d, (r, p)) for d, r, p in session.execute(stmt).all())
         return out
+
+    def _analyze_once(self, session: Session, rollout: Rollout, members: list[Member]) -> None:
+        """Refresh PostgreSQL's statistics of `rollout_devices` once per large rollout.
+
+        Until autovacuum gets to it (a minute or more), the planner still believes what it saw
+        before the rollout's members arrived (21 members per rollout, say, for 10,000): its
+        nested-loop plan made each tick's member queries 90 ms instead of ~10 ms, on the
+        database's core, while devices were acknowledging. Once per rollout, ~10-20 ms."""
+        if len(members) < ANALYZE_AT or rollout.id in self._analyzed or session.get_bind().dialect.name != "postgresql":
+            return
+        session.execute(sa.text("ANALYZE rollout_devices"))
+        self._analyzed.add(rollout.id)
 
     def _members(self, session: Session, rollout: Rollout) -> list[Member]:
         return members_.load(session, rollout.id)
@@ -289,34 +301,43 @@ class RolloutController:
         # With an adapter the base sha256 is already current before the adapter loads: the version says.
         check_version = assign.deployable_artifacts(session, version)[1] is not None
         table = DesiredStateRow.__table__  # type: ignore[attr-defined]
-        dev = DEVICES
-        changes: list[dict[str, Any]] = []
-        for clause in bulk.matching(session, dev.c.id, list(pending)):
-            stmt = (
-                sa.select(
-                    dev.c.id,
-                    dev.c.current_sha256,
-                    dev.c.current_version,
-                    dev.c.phase,
-                    dev.c.phase_reason,
-                    dev.c.acked_message_id,
-                    table.c.message_id,
-                    table.c.version,
-                )
-                .join(table, table.c.device_id == dev.c.id)
-                .where(clause, table.c.rollout_id == rollout.id)
+        dev, member = DEVICES, members_.TABLE.c
+        # Only the members whose device reports a phase that can settle them: every tick of a
+        # large stage had read all of its devices (10,000 rows, passed back as a 10,000-id array)
+        # to find the few that moved. The phases are the ones decided on below.
+        stmt = (
+            sa.select(
+                dev.c.id,
+                dev.c.current_sha256,
+                dev.c.current_version,
+                dev.c.phase,
+                dev.c.phase_reason,
+                dev.c.acked_message_id,
+                table.c.message_id,
+                table.c.version,
             )
-            for device_id, sha, current_version, phase, reason, acked, message_id, desired_version in session.execute(
-                stmt
-            ):
-                member = pending[device_id]
-                same_version = not check_version or current_version == desired_version
-                if sha == member.artifact_sha256 and same_version and phase in ("on_trial", "committed"):
-                    member.status = "active"
-                    changes.append({"device_id": device_id, "status": "active", "reason": ""})
-                elif acked == message_id and phase in ("activation_failed", "download_failed"):
-                    member.status = "failed"
-                    changes.append({"device_id": device_id, "status": "failed", "reason": reason or phase or ""})
+            .join_from(members_.TABLE, dev, dev.c.id == member.device_id)
+            .join(table, table.c.device_id == dev.c.id)
+            .where(
+                member.rollout_id == rollout.id,
+                member.status == "assigned",
+                table.c.rollout_id == rollout.id,
+                dev.c.phase.in_(_ACTIVE_PHASES + _FAILED_PHASES),
+            )
+        )
+        changes: list[dict[str, Any]] = []
+        for device_id, sha, current_version, phase, reason, acked, message_id, desired_version in session.execute(
+            stmt
+        ).all():
+            if (pending_member := pending.get(device_id)) is None:
+                continue
+            same_version = not check_version or current_version == desired_version
+            if sha == pending_member.artifact_sha256 and same_version and phase in _ACTIVE_PHASES:
+                pending_member.status = "active"
+                changes.append({"device_id": device_id, "status": "active", "reason": ""})
+            elif acked == message_id and phase in _FAILED_PHASES:
+                pending_member.status = "failed"
+                changes.append({"device_id": device_id, "status": "failed", "reason": reason or phase or ""})
         members_.save(session, rollout.id, changes)
 
     def _evaluate(
@@ -405,7 +426,6 @@ class RolloutController:
         rollout: Rollout,
         plan: RolloutCreate,
         model: Model,
-        members: list[Member],
     ) -> None:
         """Devices that enrolled after the rollout began get the stable version until it completes,
         then the new one (they were never part of the stages, so never part of the risk)."""
@@ -414,8 +434,11 @@ class RolloutController:
         stable = plan.version if completed else baseline
         if stable is None:
             return
-        known = {m.device_id for m in members}
-        newcomers = [d for d in target_device_ids(session, rollout.selector) if d not in known]
+        # Matching devices that are not members, found by the database: reading every target's id
+        # on every tick to compare in Python was a tenth of a 10,000-device tick.
+        member = members_.TABLE.c
+        not_member = ~sa.exists().where(member.rollout_id == rollout.id, member.device_id == DEVICES.c.id)
+        newcomers = list(session.execute(enrolled_matching(rollout.selector, DEVICES.c.id).where(not_member)).scalars())
         if not newcomers:
             return
         _, version = registry.get_version(session, model.name, stable)

@@ -127,7 +127,7 @@ def _targets(session: Session, selector: str, model_name: str) -> tuple[Hardware
     )
     hardware = HardwareProfiles()
     versions: Counter[str] = Counter()
-    for device_id, text, version in session.execute(stmt):
+    for device_id, text, version in session.execute(stmt).all():
         hardware.add(device_id, text)
         if version is not None:
             versions[version] += 1
@@ -140,7 +140,7 @@ def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> No
     for other in session.exec(
         select(Rollout).where(Rollout.model_id == model_id, col(Rollout.state).in_(ACTIVE_STATES))
     ):
-        others = session.execute(sa.select(member.device_id).where(member.rollout_id == other.id)).scalars()
+        others = session.execute(sa.select(member.device_id).where(member.rollout_id == other.id)).scalars().all()
         if device_ids & set(others):
             raise DomainError(
                 "rollout_conflict",

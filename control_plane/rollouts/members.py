@@ -33,7 +33,7 @@ def load(session: Session, rollout_id: str) -> list[Member]:
         .where(TABLE.c.rollout_id == rollout_id)
         .order_by(TABLE.c.order_key)
     )
-    return [Member(*row) for row in session.execute(stmt)]
+    return [Member(*row) for row in session.execute(stmt).all()]
 
 
 def previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -41,7 +41,7 @@ def previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -
     out: dict[str, dict[str, Any]] = {}
     for clause in bulk.matching(session, TABLE.c.device_id, device_ids):
         stmt = sa.select(TABLE.c.device_id, TABLE.c.previous_desired).where(TABLE.c.rollout_id == rollout_id, clause)
-        out.update((device_id, previous) for device_id, previous in session.execute(stmt) if previous)
+        out.update((device_id, previous) for device_id, previous in session.execute(stmt).all() if previous)
     return out
 
 
