@@ -4,7 +4,8 @@ convergence next to a raw retained publish, telemetry ingest, and the server's r
 One run, one machine, figures side by side:
   1. promote -> every device's acknowledgement stored by the control plane, next to N raw retained
      QoS 1 messages published to the same broker and received by one live subscriber, and by N
-     subscribers with one topic each (the broker's fan-out, as to devices) (target ratio <= 2);
+     subscribers with one topic each (the broker's fan-out, as to devices) (target ratio <= 2),
+     and the CPU seconds each process spent on a rollout (`fleet_support.CpuMeter`);
   2. telemetry windows published by the devices at a fixed offered rate through the control
      plane's ingest path (subscriber -> IngestWriter -> PostgreSQL): stored rate, loss and the p99
      of (stored at - window end) (target >= 5,000 msg/s, zero loss);
@@ -32,6 +33,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fleet_support import (  # noqa: E402
+    CpuMeter,
     Server,
     fresh_postgres,
     private_mosquitto,
@@ -98,10 +100,12 @@ def progress(what: str):  # type: ignore[no-untyped-def]
 
 
 async def rollout_phase(
-    server: Server, engine: sa.Engine, sim: SimFleet, n: int, version: str = "1"
+    server: Server, engine: sa.Engine, sim: SimFleet, n: int, version: str = "1", meter: CpuMeter | None = None
 ) -> dict[str, float]:
-    """Roll `version` out to all N devices at once; seconds until applied and until every ack is stored."""
+    """Roll `version` out to all N devices at once; seconds until applied and until every ack is
+    stored, and with `meter` the CPU seconds each process spent meanwhile (`cpu_<role>`)."""
     applied_before = sim.stats.applied
+    cpu_before = meter.read() if meter else {}
     start = time.perf_counter()
     await asyncio.to_thread(start_rollout, server, "bench", version)
     created = time.perf_counter() - start
@@ -112,7 +116,9 @@ async def rollout_phase(
     # Polled every 20 ms: the figure is late by half that on average (one query costs PostgreSQL
     # about 1 ms per 1,000 devices).
     await poll(engine, ACKED, n, 600, interval_s=0.02, v=version)
-    return {"created": created, "applied": applied, "acked": time.perf_counter() - start}
+    acked = time.perf_counter() - start
+    cpu = CpuMeter.since(cpu_before, meter.read()) if meter else {}
+    return {"created": created, "applied": applied, "acked": acked, **cpu}
 
 
 async def ingest_phase(engine: sa.Engine, sim: SimFleet, rate: int, seconds: float) -> dict[str, float]:
@@ -167,8 +173,9 @@ async def measure(args: argparse.Namespace) -> None:
         print(f"{n} devices connected, all online in the control plane, in {time.perf_counter() - start:.1f} s")
         rss["connected"] = server.rss_mb()
         rounds = []
+        meter = CpuMeter(server, mqtt_url)
         for r in range(1, args.rollouts + 1):
-            rounds.append(await rollout_phase(server, engine, sim, n, version=str(r)))
+            rounds.append(await rollout_phase(server, engine, sim, n, version=str(r), meter=meter))
             print(f"  rollout {r}: POST {rounds[-1]['created']:.3f} s, applied {rounds[-1]['applied']:.3f} s, "
                   f"stored {rounds[-1]['acked']:.3f} s", flush=True)  # fmt: skip
             await asyncio.to_thread(wait_completed, server)
@@ -192,6 +199,10 @@ def report_convergence(n: int, times: dict[str, float], raw_s: float, fanout_s: 
                       ("acked", "control plane stored every acknowledgement")):  # fmt: skip
         print(f"rollout: {what:<56}{times[key]:8.3f} s  ratio {times[key] / raw_s:5.2f} to one subscriber, "
               f"{times[key] / fanout_s:5.2f} to {n} (target <= 2)")  # fmt: skip
+    if cpu := {k.removeprefix("cpu_"): v for k, v in times.items() if k.startswith("cpu_")}:
+        spent = ", ".join(f"{role} {s:.2f} s" for role, s in cpu.items())
+        print(f"rollout: CPU from POST to every ack stored: {spent}; {sum(cpu.values()):.2f} s in all "
+              f"({1e6 * sum(cpu.values()) / n:.0f} us per device)")  # fmt: skip
 
 
 def report(

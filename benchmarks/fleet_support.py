@@ -71,10 +71,42 @@ def private_mosquitto() -> Iterator[str]:
             Path(tmp), topics=Topics("slmops-bench"), port=port, config=private_mosquitto_config(port, Path(tmp))
         )
         broker.start()
+        BROKER_PIDS[broker.url()] = broker.pid or 0
         try:
             yield broker.url()
         finally:
             broker.stop()
+
+
+BROKER_PIDS: dict[str, int] = {}  # private broker URL -> its process id (for CpuMeter)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by each process of a fleet benchmark: the server, the
+    broker, PostgreSQL (every backend; other databases' too, if anything else runs), and this
+    process (the simulated devices). Unlike wall time it barely moves when a neighbour on the
+    host takes the cores, so figures from different days compare; a ratio of wall times does not
+    say whether the control plane got slower or the machine did."""
+
+    def __init__(self, server: Server, mqtt_url: str) -> None:
+        self._fixed = {"server": server.process.pid, "broker": BROKER_PIDS[mqtt_url], "simulator": os.getpid()}
+
+    def read(self) -> dict[str, float]:
+        out = {role: _cpu_s(pid) for role, pid in self._fixed.items()}
+        out["postgres"] = sum(_cpu_s(p.pid) for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres")
+        return out
+
+    @staticmethod
+    def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {f"cpu_{role}": after[role] - before[role] for role in before}
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0  # a backend that ended between two reads: its share is lost, not double-counted
+    return float(times.user + times.system)
 
 
 @dataclass

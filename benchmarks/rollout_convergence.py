@@ -10,7 +10,9 @@ connected, received (a) by one live subscriber to all the topics, and (b) by N s
 connection per topic, as the devices receive their desired states (the broker's fan-out to N
 sockets is then in both figures). The raw runs happen in a process of their own. Rounds alternate
 raw and rollout, so both see the same machine; the medians and the ratios are printed (target
-ratio <= 2 at 1,000 devices).
+ratio <= 2 at 1,000 devices), with the CPU seconds the server, the broker, PostgreSQL and the
+simulated devices spent on each rollout (`fleet_support.CpuMeter`: comparable across days on a
+shared host, where wall times are not).
 
     .venv/bin/python benchmarks/rollout_convergence.py --devices 1000 --rounds 5
 """
@@ -32,7 +34,14 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fleet_scale import ONLINE, poll, report_convergence, rollout_phase  # noqa: E402
-from benchmarks.fleet_support import fresh_postgres, private_mosquitto, push_version, slmops_server, wait_completed  # noqa: E402
+from benchmarks.fleet_support import (  # noqa: E402
+    CpuMeter,
+    fresh_postgres,
+    private_mosquitto,
+    push_version,
+    slmops_server,
+    wait_completed,
+)
 from benchmarks.mqtt_retained import run_fanout, run_once  # noqa: E402
 from slmops.heap import settle_heap  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
@@ -64,10 +73,11 @@ async def measure(args: argparse.Namespace) -> None:
         settle_heap()  # as `slmops simulate` does: the agents are long-lived
         await poll(engine, ONLINE, n, 600)
         print(f"{n} simulated devices connected and online", flush=True)
+        meter = CpuMeter(server, mqtt_url)
         for r in range(1, args.rounds + 1):
             raw = await loop.run_in_executor(raw_worker, run_once, mqtt_url, n, 600)
             fan = await loop.run_in_executor(raw_worker, run_fanout, mqtt_url, n, 600)
-            times = await rollout_phase(server, engine, sim, n, version=str(r))
+            times = await rollout_phase(server, engine, sim, n, version=str(r), meter=meter)
             await asyncio.to_thread(wait_completed, server)
             rounds.append({"raw": raw.live_received_s, "fanout": fan, **times})
             print(f"  round {r}: raw {raw.live_received_s:.3f} s, raw to {n} subscribers {fan:.3f} s, "

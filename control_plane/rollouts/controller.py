@@ -355,6 +355,7 @@ class RolloutController:
             baseline_ids = [m.device_id for m in members]
         result = gates.evaluate(
             session,
+            rollout_id=rollout.id,
             gates=plan.gates_for(rollout.stage_index),
             members=touched,
             new_version=version.version,

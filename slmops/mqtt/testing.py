@@ -103,6 +103,10 @@ class MosquittoProcess:
                 return
         raise MqttError(f"mosquitto did not listen on {self.port} within {timeout_s}s")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is None:
             return
