@@ -178,6 +178,26 @@ def test_held_ingest_stores_nothing_until_released_then_everything_in_order(
     assert [m.message.seq for m in batches.messages] == list(range(40))  # type: ignore[attr-defined]
 
 
+def test_what_a_hold_put_aside_is_handed_over_in_batches_of_max_write(broker_url: str, clients: ClientFactory) -> None:
+    # A stage's acknowledgements come back during its publish: on release they reach the handler
+    # in as few calls as `max_write` allows, not one per `max_batch`.
+    topics = unique_topics()
+    batches = Batches()
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=10, max_write=25, max_delay_s=0.01)
+    ingest.start()
+    try:
+        with ingest.held():
+            clients(broker_url).publish_many(
+                [Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)]
+            )
+            assert wait_until(lambda: len(ingest._held) == 30)
+        assert wait_until(lambda: len(batches.messages) == 30)
+    finally:
+        ingest.stop()
+    assert [len(batch) for batch in batches.batches] == [25, 5]
+    assert [m.message.seq for m in batches.messages] == list(range(30))  # type: ignore[attr-defined]
+
+
 def test_a_full_hold_ends_early_and_keeps_the_order(
     broker_url: str, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,8 @@ a worker trade the GIL for every message, which cost more than decoding and stor
 benchmarks/fleet_scale.py). Per batch it costs nothing, and while the writer waits on the database
 (the GIL released) the network thread decodes the next batch. The writer takes the batches
 queued behind the one it picks up into the same call (about `max_write` messages), so under load
-a transaction grows to what arrived during the last one. At most PENDING_BATCHES batches wait for
+a transaction grows to what arrived during the last one. What a hold (`held()`) put aside goes
+over in batches of `max_write` at its end. At most PENDING_BATCHES batches wait for
 the writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
 the rest (TCP backpressure) and nothing is lost. A client used for ingest should not also wait for
 PUBACKs of its own publishes (the control plane publishes on a second connection).
@@ -171,8 +172,26 @@ class DeviceMessageSubscriber:
                         self._draining = False  # under the lock: later messages are decoded as they come
                         return
                     held, self._held = self._held, []
-                for topic, payload, received_at in held:
-                    self._accept(topic, payload, received_at)
+                self._accept_all(held)
+
+    def _accept_all(self, held: list[tuple[str, bytes, datetime]]) -> None:
+        """Decode what a hold put aside and hand it over in batches of up to `max_write`, after
+        the batch gathering now: one transaction for a 1,000-device stage's acknowledgements
+        instead of one per `max_batch` (the flusher cuts a batch 10 ms after its first message,
+        and decoding them takes longer than that)."""
+        decoded: list[DeviceMessage] = []
+        for topic, payload, received_at in held:
+            self.counters.received += 1
+            if (message := self._decode(topic, payload, received_at)) is not None:
+                decoded.append(message)
+        step = self._max_write
+        with self._write_lock:
+            with self._batch_lock:
+                batches, self._batch = [self._batch], []
+            batches += [decoded[i : i + step] for i in range(0, len(decoded), step)]
+            for batch in batches:
+                if batch:
+                    self._pending.put(batch)  # waits while PENDING_BATCHES are queued: backpressure
 
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
