@@ -13,7 +13,7 @@ import hashlib
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import orjson
@@ -190,9 +190,11 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
         # value was a third of the time the rows of a 10,000-device assignment took to copy, and
         # psycopg's own timestamp formatting cost ~4 us a value, half of a member row's. ISO text
         # reads back as the same instant (naive values in the session's zone, as psycopg sends
-        # them); most rows of a batch share one timestamp, formatted once. The models' enums are
+        # them). Most rows of a batch share one timestamp object (the batch's clock reading): it
+        # is formatted once per object, which `rows` keeps alive (not per equal value: the same
+        # instant in two zones makes equal datetimes with different texts). The models' enums are
         # str and int enums, which psycopg's str and int dumpers write by value.
-        formatted: dict[datetime, str] = {}
+        formatted: dict[int, str] = {}
         for row in rows:
             out = list(values(row))
             for i in json_at:
@@ -200,8 +202,8 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
                     out[i] = orjson.dumps(out[i]).decode()
             for i in time_at:
                 if (at := out[i]) is not None:
-                    if (text := formatted.get(at)) is None:
-                        text = formatted[at] = at.isoformat()
+                    if (text := formatted.get(id(at))) is None:
+                        text = formatted[id(at)] = at.isoformat()
                     out[i] = text
             copy.write_row(out)
     return name
