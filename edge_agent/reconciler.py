@@ -85,7 +85,9 @@ class Reconciler:
 
     def _serve_verified(self) -> None:
         state = self.state
-        for candidate in (state.current, state.previous):
+        # `previous` is the fallback for a current model that fails; with no current model (none
+        # yet, or withdrawn by the control plane) there is nothing to serve.
+        for candidate in (state.current, state.previous) if state.current is not None else ():
             if candidate is None:
                 continue
             if not self._verified(candidate):
@@ -118,6 +120,9 @@ class Reconciler:
         if desired.message_id == state.desired_message_id and state.phase != "download_failed":
             log.info("desired state %s already handled; ignoring the duplicate", desired.message_id)
             return
+        if desired.unload:
+            self._unload(desired)
+            return
         current = state.current
         if current is not None and _same_model(current, desired):
             # Already serving it (e.g. the fleet rolled back to what this device rolled back to).
@@ -132,6 +137,27 @@ class Reconciler:
             activation_attempts=0,
         )
         self._reconcile(desired)
+
+    def _unload(self, desired: DesiredState) -> None:
+        """Serve nothing (the control plane withdrew the model from a device that ran nothing
+        before). The withdrawn model stays `previous`, its files kept, so going forward again
+        needs no download; a restart serves nothing (see _serve_verified)."""
+        reason = f"{desired.model} {desired.version} was withdrawn by the control plane: serving nothing"
+        current = self.state.current
+        if current is not None:
+            log.warning("unloading %s %s: withdrawn by the control plane", current.model, current.version)
+            self.slot.take_offline(reason)
+            self.on_swap("unloaded")
+        previous = current if current is not None else self.state.previous
+        self._save(
+            desired_message_id=desired.message_id,
+            current=None,
+            previous=previous,
+            pending=None,
+            phase="idle",
+            reason=reason,
+            activation_attempts=0,
+        )
 
     def _reconcile(self, desired: DesiredState) -> None:
         try:

@@ -28,7 +28,12 @@ class RuntimeParams(WireModel):
 
 
 class DesiredState(WireModel):
-    """A device's target. `message_id` makes a duplicated QoS 1 delivery idempotent."""
+    """A device's target. `message_id` makes a duplicated QoS 1 delivery idempotent.
+
+    With `unload`, the target is to serve nothing: the control plane withdraws `version` (named
+    by `artifact`) from a device that ran nothing before the rollout being rolled back. The field
+    defaults to false, so messages from older control planes read as they always did.
+    """
 
     message_id: str
     model: str
@@ -37,3 +42,4 @@ class DesiredState(WireModel):
     adapter: ArtifactRef | None = None  # a LoRA adapter applied on top of `artifact`
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     rollout_id: str | None = None
+    unload: bool = False

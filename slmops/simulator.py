@@ -102,7 +102,7 @@ class SimDevice:
 
     def _apply(self, desired: DesiredState) -> None:
         with self._lock:
-            fail = desired.version in self.behaviour.failing_versions
+            fail = not desired.unload and desired.version in self.behaviour.failing_versions
             self.state = simulated.applied(self.state, desired, fail=fail)
             self.applied.append(desired.message_id)
         self._publish_state()

@@ -121,3 +121,31 @@ def test_a_swap_closes_the_telemetry_window_so_versions_never_mix(agent, artifac
     by_version = {w.version: w.requests for w in windows[1:]}
     assert by_version == {"1": 3, "2": 2}
     assert len({w.seq for w in windows}) == len(windows)
+
+
+def test_an_unload_stops_serving_and_a_restart_serves_nothing(agent, artifacts, models) -> None:
+    """A rollback that withdraws a device's first model: the agent serves nothing, reports so,
+    keeps serving nothing after a restart, and goes forward again without a download."""
+    first = desired_for(artifacts, models["a"], version="1", message_id="serve-1")
+    submit(agent, first)
+    assert agent.slot.current is not None
+    withdraw = first.model_copy(update={"message_id": "unload-1", "unload": True, "rollout_id": None})
+    state = submit(agent, withdraw)
+    assert state.current is None and state.phase == "idle" and state.desired_message_id == "unload-1"
+    assert state.previous is not None and state.previous.version == "1"
+    assert state.reason is not None and "withdrawn" in state.reason
+    assert agent.slot.current is None
+    assert submit(agent, withdraw).desired_message_id == "unload-1"  # a redelivery changes nothing
+
+    agent.stop()
+    again = Agent(agent.settings)
+    again.start()
+    try:
+        wait_for(again.started.is_set, what="agent restart")
+        assert again.slot.current is None and again.device_state().current is None
+        requests_before = len(artifacts.ranges_for(models["a"]))
+        state = submit(again, first.model_copy(update={"message_id": "serve-2"}))
+        assert state.phase == "on_trial" and state.current is not None and state.current.version == "1"
+        assert len(artifacts.ranges_for(models["a"])) == requests_before  # its file was kept
+    finally:
+        again.stop()

@@ -253,3 +253,44 @@ def test_an_abort_waits_for_the_controller_step_it_races_and_rolls_back_what_tha
     # The abort saw the step's assignments: every device it touched is rolled back, the last three too.
     members = _members(engine, rollout["id"])
     assert set(members) == set(devices) and {m.status for m in members.values()} == {"rolled_back"}
+
+
+def test_rolling_back_a_devices_first_model_withdraws_it(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
+    """Devices whose first desired state came with the rollout have nothing to go back to: an
+    abort sends them an `unload` desired state (outside any rollout), published like any other,
+    and the fleet summary counts them on their desired state once they serve nothing."""
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    _version(client, operator_headers, "1", [_reference("a")])
+    devices = [_device(client, admin_headers, f"d{i}") for i in range(3)]
+    everyone = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": NO_WAIT}
+    rollout = client.post("/v1/rollouts", json={"model": "m", "version": "1", **everyone}, headers=operator_headers)
+    assert rollout.status_code == 201, rollout.text
+    _report_active(engine, devices, "1")
+    with Session(engine) as session:
+        served = {d: session.get(DesiredStateRow, d).message_id for d in devices}  # type: ignore[union-attr]
+    aborted = client.post(f"/v1/rollouts/{rollout.json()['id']}/abort", headers=operator_headers)
+    assert aborted.status_code == 200 and aborted.json()["state"] == "aborted", aborted.text
+
+    with Session(engine) as session:
+        rows = {d: session.get(DesiredStateRow, d) for d in devices}
+        pending = {d for d, _, _ in assign.pending_publication(session)}
+    for device_id, row in rows.items():
+        assert row is not None and row.unload and row.payload["unload"] is True
+        assert row.rollout_id is None and row.payload["rollout_id"] is None
+        assert row.version == "1" and row.message_id != served[device_id]
+    assert pending == set(devices)  # to be published, retained, as every desired state is
+    summary = client.get("/v1/telemetry/summary", headers=operator_headers).json()
+    assert summary["not_on_desired"]["count"] == 3  # still serving the withdrawn version
+    assert {d["desired_version"] for d in summary["not_on_desired"]["devices"]} == {None}
+
+    with Session(engine) as session:  # the devices unload and acknowledge
+        for device_id in devices[:2]:
+            device = session.get(Device, device_id)
+            assert device is not None
+            device.current_sha256 = device.current_version = None
+            device.phase, device.acked_message_id = "idle", rows[device_id].message_id  # type: ignore[union-attr]
+            session.add(device)
+        session.commit()
+    summary = client.get("/v1/telemetry/summary", headers=operator_headers).json()
+    assert summary["not_on_desired"]["count"] == 1
+    assert [d["device_id"] for d in summary["not_on_desired"]["devices"]] == [devices[2]]

@@ -146,6 +146,26 @@ def test_failure_rate_rolls_the_rollout_back(fleet, loop, tiny_gguf, tiny_gguf_o
         loop.run(sim.stop())
 
 
+def test_a_failed_first_rollout_leaves_every_device_serving_nothing(fleet, loop, tiny_gguf):  # type: ignore[no-untyped-def]
+    """The devices had no model before: the rollback withdraws v1 (unload) over MQTT, and the
+    fleet summary shows every device on its desired state once they serve nothing."""
+    client, _settings, admin = fleet
+    assert client.post("/v1/models", json={"name": "tiny"}, headers=admin).status_code == 201
+    upload_version(client, admin, "tiny", "1", tiny_gguf)
+    config = SimConfig(apply_delay_s=0.05, failure_rate=0.5, telemetry_interval_s=None)
+    sim = SimFleet(_enroll(client, admin, 20), config)
+    loop.run(sim.start())
+    try:
+        done = _roll_out(client, admin, "1")
+        assert done["state"] == "rolled_back", done
+        wait_for(lambda: sim.versions() == {None: 20}, what="every device serving nothing")
+        summary = lambda: client.get("/v1/telemetry/summary", headers=admin).json()["not_on_desired"]  # noqa: E731
+        wait_for(lambda: summary()["count"] == 0, what="every device on its desired state")
+        assert {d["current_version"] for d in _devices(client, admin)} == {None}
+    finally:
+        loop.run(sim.stop())
+
+
 def test_credentials_file_round_trip(tmp_path):  # type: ignore[no-untyped-def]
     creds = [Credential(f"d{i}", f"s{i}", "mqtt://127.0.0.1:1883", "p/x") for i in range(3)]
     path = tmp_path / "creds.json"

@@ -55,9 +55,7 @@ class RolloutDevice(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=36)
     stage_index: int = Field(default=-1)  # -1: in the target set, not yet assigned
     order_key: str = Field(max_length=64)  # stable pseudo-random order: who is canary
-    status: str = Field(
-        default="waiting", max_length=24
-    )  # waiting|assigned|active|failed|incompatible|rolled_back
+    status: str = Field(default="waiting", max_length=24)  # waiting|assigned|active|failed|incompatible|rolled_back
     artifact_sha256: str | None = Field(default=None, max_length=64)
     reason: str = Field(default="", max_length=500)
     previous_desired: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
@@ -87,5 +85,7 @@ class DesiredStateRow(SQLModel, table=True):
     artifact_sha256: str = Field(max_length=64)
     rollout_id: str | None = Field(default=None, max_length=36)
     payload: dict[str, Any] = json_field()  # shared.desired.DesiredState as JSON
+    # The payload's `unload`: serve nothing (version and artifact name what was withdrawn).
+    unload: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false(), "nullable": False})
     published_message_id: str | None = Field(default=None, max_length=36)
     updated_at: datetime = created_at_field()

@@ -99,6 +99,7 @@ def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
             "artifact_sha256": payload["artifact"]["sha256"],
             "rollout_id": payload.get("rollout_id"),
             "payload": payload,
+            "unload": bool(payload.get("unload", False)),
             "published_message_id": None,
             "updated_at": now,
         }
@@ -109,6 +110,13 @@ def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
     for cached in list(session.identity_map.values()):
         if isinstance(cached, DesiredStateRow) and cached.device_id in states:
             session.expire(cached)
+
+
+def unload_desired(current: dict[str, Any]) -> dict[str, Any]:
+    """The desired state that withdraws `current` (a DesiredState as JSON): serve nothing. For a
+    rollback of a device that had no desired state before the rollout."""
+    withdrawn = DesiredState.model_validate(current).model_copy(update={"unload": True, "rollout_id": None})
+    return with_message_id(withdrawn.model_dump(mode="json"))
 
 
 def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:

@@ -407,8 +407,12 @@ class RolloutController:
         restored: dict[str, dict[str, Any]] = {}
         for member in touched:
             current = desired.get(member.device_id)
-            if member.device_id in previous and current is not None and current[0] == rollout.id:
-                restored[member.device_id] = assign.restore_desired(previous[member.device_id])
+            if current is not None and current[0] == rollout.id:
+                # A device with nothing to go back to stops serving what this rollout gave it.
+                before = previous.get(member.device_id)
+                restored[member.device_id] = (
+                    assign.restore_desired(before) if before else assign.unload_desired(current[1])
+                )
             member.status = "rolled_back"
         assign.write_desired(session, restored)
         members_.save(session, rollout.id, [{"device_id": d, "status": "rolled_back"} for d in ids])

@@ -121,7 +121,8 @@ def _targets(session: Session, selector: str, model_name: str) -> tuple[Hardware
     """device id -> hardware profile of the enrolled devices the selector matches, and how many of
     them are meant to run each version of the model now (the baseline), in one query."""
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
-    on = sa.and_(desired.c.device_id == DEVICES.c.id, desired.c.model == model_name)
+    # A withdrawn version (unload) is not what the device is meant to run: it is no baseline.
+    on = sa.and_(desired.c.device_id == DEVICES.c.id, desired.c.model == model_name, desired.c.unload.is_(False))
     stmt = enrolled_matching(selector, DEVICES.c.id, hardware_json(), desired.c.version).outerjoin_from(
         DEVICES, desired, on
     )

@@ -78,9 +78,21 @@ def _why_not_desired(device: Device, desired: DesiredStateRow) -> str:
 
 
 def _not_on_desired(session: Session, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    # Each part is true or false, never NULL (NOT NULL would drop the row from either side).
+    serving_desired = sa.and_(
+        col(DesiredStateRow.unload).is_(False),
+        col(Device.current_sha256).is_not(None),
+        col(Device.current_sha256) == DesiredStateRow.artifact_sha256,
+    )
+    # A withdrawn model (unload) is done once the device serves nothing and acknowledged it.
+    serving_nothing = sa.and_(
+        col(DesiredStateRow.unload).is_(True),
+        col(Device.current_sha256).is_(None),
+        col(Device.acked_message_id).is_not(None),
+        col(Device.acked_message_id) == DesiredStateRow.message_id,
+    )
     mismatch = sa.and_(
-        col(Device.status) != DeviceStatus.decommissioned,
-        sa.or_(col(Device.current_sha256).is_(None), col(Device.current_sha256) != DesiredStateRow.artifact_sha256),
+        col(Device.status) != DeviceStatus.decommissioned, sa.not_(sa.or_(serving_desired, serving_nothing))
     )
     on_desired = col(DesiredStateRow.device_id) == Device.id
     joined = select(Device, DesiredStateRow).join(DesiredStateRow, on_desired)
@@ -93,7 +105,7 @@ def _not_on_desired(session: Session, limit: int) -> tuple[int, list[dict[str, A
             "name": device.name,
             "status": device.status,
             "current_version": device.current_version,
-            "desired_version": desired.version,
+            "desired_version": None if desired.unload else desired.version,
             "rollout_id": desired.rollout_id,
             "phase": device.phase,
             "reason": _why_not_desired(device, desired),

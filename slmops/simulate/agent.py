@@ -184,7 +184,7 @@ class SimAgent:
     def _apply_now(self, desired: DesiredState) -> None:
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
-        fail = desired.version not in known and self._rng.random() < self.config.failure_rate
+        fail = not desired.unload and desired.version not in known and self._rng.random() < self.config.failure_rate
         self.state = simulated.applied(self.state, desired, fail=fail)
         if fail:
             self.stats.failed += 1

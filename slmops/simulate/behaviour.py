@@ -33,7 +33,11 @@ def applied(state: S, desired: DesiredState, *, fail: bool) -> S:
     """The device's state after acting on `desired`: serving it, or `activation_failed` (of the
     same class as `state`: a StateMessage stays one)."""
     update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
-    if fail:
+    if desired.unload:  # withdrawn: serve nothing, as the agent's reconciler does
+        reason = f"{desired.model} {desired.version} was withdrawn by the control plane: serving nothing"
+        previous = state.current or state.previous
+        update |= {"phase": "idle", "reason": reason, "previous": previous, "current": None, "serving": False}
+    elif fail:
         update |= {"phase": "activation_failed", "reason": "smoke test failed (simulated)"}
     else:
         artifact = desired.artifact
