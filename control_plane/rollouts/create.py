@@ -49,8 +49,9 @@ def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVer
 
 def create_rollout(
     session: Session, *, spec: RolloutCreate, created_by: str, controller: RolloutController | None = None
-) -> Rollout:
-    """A running rollout whose first stage is assigned (desired states written, not yet published)."""
+) -> tuple[Rollout, dict[str, int]]:
+    """A running rollout whose first stage is assigned (desired states written, not yet published),
+    and how many of its members are in each status."""
     controller = controller or RolloutController()
     model, version = registry.get_version(session, spec.model, spec.version)
     if version.status == "revoked":
@@ -83,7 +84,7 @@ def create_rollout(
     states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
     _insert_members(session, rollout.id, members, keys, changes, set(states))
     assign.write_desired(session, states)
-    return rollout
+    return rollout, dict(Counter(m.status for m in members))
 
 
 def _insert_members(

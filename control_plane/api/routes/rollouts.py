@@ -57,26 +57,37 @@ class RolloutPublic(BaseModel):
     finished_at: datetime | None
 
 
-def rollout_public(session: Session, rollout: Rollout, *, detail: bool = False) -> RolloutPublic:
+def rollout_public(
+    session: Session, rollout: Rollout, *, detail: bool = False, created: dict[str, int] | None = None
+) -> RolloutPublic:
+    """The rollout as the API shows it. `created`: members per status of a rollout this request
+    created (it has no evaluation yet), which saves two queries on the path from promote to the
+    devices: the publisher starts when the request commits."""
     model = session.get(Model, rollout.model_id)
     version = session.get(ModelVersion, rollout.version_id)
-    counts = session.exec(
-        select(RolloutDevice.status, func.count())
-        .where(RolloutDevice.rollout_id == rollout.id)
-        .group_by(RolloutDevice.status)
-    ).all()
+    counts = (
+        list(created.items())
+        if created is not None
+        else session.exec(
+            select(RolloutDevice.status, func.count())
+            .where(RolloutDevice.rollout_id == rollout.id)
+            .group_by(RolloutDevice.status)
+        ).all()
+    )
     details = None
     if detail:
         columns = ("device_id", "stage_index", "status", "reason", "artifact_sha256")
         table = RolloutDevice.__table__  # type: ignore[attr-defined]
         rows = session.execute(sa.select(*(table.c[c] for c in columns)).where(table.c.rollout_id == rollout.id)).all()
         details = [dict(zip(columns, row, strict=True)) for row in rows]
-    last = session.exec(
-        select(GateEvaluation)
-        .where(GateEvaluation.rollout_id == rollout.id)
-        .order_by(col(GateEvaluation.created_at).desc())
-        .limit(1)
-    ).first()
+    last = None
+    if created is None:
+        last = session.exec(
+            select(GateEvaluation)
+            .where(GateEvaluation.rollout_id == rollout.id)
+            .order_by(col(GateEvaluation.created_at).desc())
+            .limit(1)
+        ).first()
     plan = rollout.plan
     return RolloutPublic(
         id=rollout.id,
@@ -119,9 +130,9 @@ def start_rollout(spec: RolloutCreate, request: Request, principal: OperatorDep,
     """Start a staged rollout (default canary 5% -> 25% -> 100%, automatic promotion)."""
     if (replayed := mutation.replay(principal, spec)) is not None:
         return replayed
-    rollout = create_rollout(mutation.session, spec=spec, created_by=principal.actor)
+    rollout, devices = create_rollout(mutation.session, spec=spec, created_by=principal.actor)
     mutation.audit(principal, "rollout.create", rollout.id, model=spec.model, version=spec.version)
-    body = rollout_public(mutation.session, rollout)
+    body = rollout_public(mutation.session, rollout, created=devices)
     mutation.commit(principal, 201, body)
     _wake(request, tick=False)  # the first stage is assigned: publish it, decide at the next tick
     return body
