@@ -278,16 +278,16 @@ def test_a_rollout_page_renders_whatever_its_evaluations_hold(client: TestClient
     assert 'data-count="2"' in html and "badge-paused" in html
 
 
-def test_a_large_fleet_charts_from_rollups_only(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_fleet_charts_from_rollups_only(empty_tables: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the raw budget the chart uses whole minutes from the rollups, up to the job's watermark."""
     from control_plane.telemetry.rollup import RetentionPolicy, run_rollup
 
     monkeypatch.setattr(telemetry, "RAW_BUDGET", 2)
-    with Session(engine) as session:
+    with Session(empty_tables) as session:
         session.add_all([_window(f"d{i}", 1, 150, 0.03, 100, "1") for i in range(3)])
         session.commit()
     since = utcnow() - timedelta(seconds=600)
-    with Session(engine) as session:
+    with Session(empty_tables) as session:
         step_s, _, raw = telemetry.plan_range(session, since, 10)
         assert (step_s, raw) == (60, True)  # the rollup job never ran: raw windows are all there is
         run_rollup(session, RetentionPolicy(raw_s=86400, minute_s=14 * 86400, hour_s=400 * 86400))
