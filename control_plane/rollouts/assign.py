@@ -115,8 +115,7 @@ def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
 def unload_desired(current: dict[str, Any]) -> dict[str, Any]:
     """The desired state that withdraws `current` (a DesiredState as JSON): serve nothing. For a
     rollback of a device that had no desired state before the rollout."""
-    withdrawn = DesiredState.model_validate(current).model_copy(update={"unload": True, "rollout_id": None})
-    return with_message_id(withdrawn.model_dump(mode="json"))
+    return with_message_id(DesiredState.model_validate(current).model_dump(mode="json"), rollout_id=None, unload=True)
 
 
 def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:
