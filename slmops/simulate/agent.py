@@ -67,6 +67,13 @@ class SimStats:
     failed: int = 0
     telemetry_sent: int = 0
     malformed_desired: int = 0
+    # Called after every applied or failed desired state (`SimFleet.wait`): a waiter sees the
+    # count that completes it at once, where polling was late by half its interval on average.
+    listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def notify(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
 
 @dataclass(frozen=True)
@@ -185,13 +192,15 @@ class SimAgent:
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
         fail = not desired.unload and desired.version not in known and self._rng.random() < self.config.failure_rate
-        self.state = simulated.applied(self.state, desired, fail=fail)
+        # The envelope of the state sent comes in the same copy (one model_copy per message, not two).
+        self.state = simulated.applied(self.state, desired, fail=fail, envelope=self._envelope())
         if fail:
             self.stats.failed += 1
         else:
             self.stats.applied += 1
         self.applied.append(desired.message_id)
-        self._send_state()
+        self._send_state(fresh=True)
+        self.stats.notify()
 
     async def _publish_state(self) -> None:
         """Publish the state and wait for its PUBACK (on connect)."""
@@ -202,12 +211,18 @@ class SimAgent:
             except WireError:
                 pass  # the connection dropped: the next connect republishes the latest state
 
-    def _send_state(self) -> asyncio.Future[None] | None:
-        """Write the state (QoS 1, retained); the future ends at its PUBACK. None if not connected."""
-        if self._wire is None:
-            return None  # published on the next connect
+    @staticmethod
+    def _envelope() -> dict[str, object]:
         now = datetime.now(UTC)
-        message = self.state.model_copy(update={"message_id": new_message_id(), "sent_at": now, "updated_at": now})
+        return {"message_id": new_message_id(), "sent_at": now, "updated_at": now}
+
+    def _send_state(self, *, fresh: bool = False) -> asyncio.Future[None] | None:
+        """Write the state (QoS 1, retained); the future ends at its PUBACK. None if not connected.
+
+        `fresh`: `self.state` already carries a new envelope (message id, times) for this send."""
+        if self._wire is None:
+            return None  # published on the next connect (with an envelope of its own)
+        message = self.state if fresh else self.state.model_copy(update=self._envelope())
         try:
             sent = self._wire.publish_nowait(self._state_topic, encode(message), qos=1, retain=True)
         except WireError:

@@ -29,10 +29,12 @@ def _model_ref(model: str, version: str, sha256: str, format: str, quantization:
     return ModelRef(model=model, version=version, sha256=sha256, format=format, quantization=quantization)
 
 
-def applied(state: S, desired: DesiredState, *, fail: bool) -> S:
+def applied(state: S, desired: DesiredState, *, fail: bool, envelope: dict[str, object] | None = None) -> S:
     """The device's state after acting on `desired`: serving it, or `activation_failed` (of the
-    same class as `state`: a StateMessage stays one)."""
+    same class as `state`: a StateMessage stays one). `envelope`: further fields set in the same
+    copy (a StateMessage's message id and times)."""
     update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
+    update |= envelope or {}
     if desired.unload:  # withdrawn: serve nothing, as the agent's reconciler does
         reason = f"{desired.model} {desired.version} was withdrawn by the control plane: serving nothing"
         previous = state.current or state.previous

@@ -134,14 +134,26 @@ class SimFleet:
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def wait(self, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> bool:
-        """Poll `predicate` on the loop (agents keep running) until true or timed out."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not predicate():
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(poll_s)
-        return True
+    async def wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait (agents keep running) until `predicate` is true or `timeout_s` passed. It is checked
+        now and each time an agent has applied or failed a desired state, so the wait ends with the
+        state that completes it (benchmarks time it)."""
+        if predicate():
+            return True
+        done = asyncio.get_running_loop().create_future()
+
+        def check() -> None:
+            if not done.done() and predicate():
+                done.set_result(None)
+
+        self.stats.listeners.append(check)
+        try:
+            await asyncio.wait_for(done, timeout_s)
+            return True
+        except TimeoutError:
+            return predicate()
+        finally:
+            self.stats.listeners.remove(check)
 
     def versions(self) -> dict[str | None, int]:
         counts: dict[str | None, int] = {}
