@@ -242,3 +242,32 @@ def test_an_agent_acknowledges_and_reports_its_state_in_one_write() -> None:
     assert isinstance(state, StateMessage) and state.desired_message_id == "m-1"
     assert state.current is not None and state.current.version == "2"
     assert stats.applied == 1 and agent.current_version == "2"
+
+
+def test_a_fleet_wait_ends_on_the_applied_state_that_completes_it() -> None:
+    # The wait is woken by the agent applying, not by a poll: it ends within the same loop turn.
+    from shared.desired import ArtifactRef, DesiredState
+    from slmops.simulate import SimFleet
+
+    async def scenario() -> tuple[bool, bool, float, list[str], int]:
+        creds = [Credential(f"dev-{i}", "secret", "mqtt://127.0.0.1:1", "slmops-test/x") for i in range(2)]
+        fleet = SimFleet(creds, SimConfig(apply_delay_s=0, telemetry_interval_s=None))
+        loop = asyncio.get_running_loop()
+        for k, agent in enumerate(fleet.agents):
+            desired = DesiredState(
+                message_id=f"m-{k}", model="m", version="2",
+                artifact=ArtifactRef(sha256="a" * 64, size_bytes=1, format="gguf"),
+            )  # fmt: skip
+            loop.call_later(0.05 * (k + 1), agent._apply_now, desired)
+        start = loop.time()
+        ok = await fleet.wait(lambda: fleet.stats.applied >= 2, timeout_s=5)
+        took = loop.time() - start
+        missed = await fleet.wait(lambda: fleet.stats.applied >= 3, timeout_s=0.05)
+        ids = [str(agent.state.message_id) for agent in fleet.agents]
+        return ok, missed, took, ids, len(fleet.stats.listeners)
+
+    ok, missed, took, ids, listeners = asyncio.run(scenario())
+    assert ok and not missed
+    assert 0.1 <= took < 2  # not before the second apply (at 0.1 s), and well before the timeout
+    assert len(set(ids)) == 2  # each applied state carries an envelope of its own
+    assert listeners == 0  # both waits removed their listener
