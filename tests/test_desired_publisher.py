@@ -62,10 +62,10 @@ def test_batches_go_out_in_id_order_and_a_state_written_meanwhile_goes_out_next(
     marks: list[list[tuple[str, str]]] = []
     real_read, real_mark = assign.pending_publication, assign.mark_published
 
-    def read(session: Session, limit: int = 5000, *, after: str | None = None) -> list[tuple[str, str, str]]:
+    def read(session: Session, limit: int = 5000, **kwargs: Any) -> list[tuple[str, str, str]]:
         if len(reads) == 2:
             _write(engine, {early: assign.with_message_id(_state("2"))})
-        rows = real_read(session, limit, after=after)
+        rows = real_read(session, limit, **kwargs)
         reads.append([device_id for device_id, _, _ in rows])
         return rows
 
@@ -169,4 +169,99 @@ def test_ingest_is_held_over_every_batch_and_released_before_marking(
     assert runtime.publish_pending() == 7
     # Held once for all three batches; the acknowledgements are stored before the mark.
     assert events == ["hold", "release", "mark 7"]
+    assert _pending(engine) == []
+
+
+@pytest.fixture
+def leading(engine: sa.Engine, settings: Settings, clients: ClientFactory) -> Iterator[FleetRuntime]:
+    """A runtime holding the controller lock (as the replica that publishes), on the real Mosquitto."""
+    runtime = FleetRuntime(
+        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
+    )
+    runtime.publisher = clients(SYSTEM_MOSQUITTO)
+    assert runtime.leader.try_acquire()
+    yield runtime
+    runtime.leader.release()
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Device ids read back from the outbox from now on, in order."""
+    read: list[str] = []
+    real_read = assign.pending_publication
+
+    def recording(session: Session, limit: int = 5000, **kwargs: Any) -> list[tuple[str, str, str]]:
+        rows = real_read(session, limit, **kwargs)
+        read.extend(device_id for device_id, _, _ in rows)
+        return rows
+
+    monkeypatch.setattr(assign, "pending_publication", recording)
+    return read
+
+
+def test_states_handed_over_at_commit_go_out_first_and_are_never_read_back(
+    engine: sa.Engine, leading: FleetRuntime, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)  # 7 handed over: three batches from memory
+    received = Collector()
+    clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
+    handed_ids = add_devices(engine, *(f"hand-{i}-{uuid.uuid4().hex[:6]}" for i in range(7)))
+    other = add_devices(engine, f"other-{uuid.uuid4().hex[:6]}")[0]
+    _write(engine, {other: assign.with_message_id(_state("1"))})  # in the outbox only
+    handed = {device_id: assign.with_message_id(_state("2")) for device_id in handed_ids}
+    with Session(engine) as session, leading.handing_over(handed):
+        assign.write_desired(session, handed)
+        session.commit()
+    read = _reads(monkeypatch)
+
+    assert leading.publish_pending() == 8
+    assert read == [other]  # the handed-over states were not read back
+    assert wait_until(lambda: len(received.items) >= 8)
+    order = [topic.split("/")[-2] for topic, _ in received.items]
+    assert set(order[:7]) == set(handed_ids) and order[7] == other
+    got = {topic.split("/")[-2]: json.loads(payload) for topic, payload in received.items}
+    assert {d: got[d] for d in handed_ids} == handed  # as committed, byte for byte in content
+    assert _pending(engine) == []  # all marked published
+
+
+def test_a_state_written_after_a_handed_over_one_goes_out_after_it(
+    engine: sa.Engine, leading: FleetRuntime, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rollout's first stage is handed over; before the publisher runs, an abort (another
+    # request, perhaps on another replica) replaces one device's state without handing it over.
+    received = Collector()
+    clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
+    devices = add_devices(engine, *(f"race-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)))
+    stage = {device_id: assign.with_message_id(_state("2")) for device_id in devices}
+    with Session(engine) as session, leading.handing_over(stage):
+        assign.write_desired(session, stage)
+        session.commit()
+    restored = {devices[0]: assign.with_message_id(_state("1"))}
+    _write(engine, restored)
+    read = _reads(monkeypatch)
+
+    assert leading.publish_pending() == 4
+    assert read == [devices[0]]  # the replacement is read back; the handed-over states are not
+    assert wait_until(lambda: len(received.items) >= 4)
+    for_first = [json.loads(p)["message_id"] for t, p in received.items if t == leading.topics.desired(devices[0])]
+    # The newer state last: the broker retains it and the device acts on it.
+    assert for_first == [stage[devices[0]]["message_id"], restored[devices[0]]["message_id"]]
+    assert _pending(engine) == []
+
+
+def test_a_replica_that_does_not_publish_takes_nothing_over(
+    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = FleetRuntime(
+        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
+    )
+    runtime.publisher = clients(SYSTEM_MOSQUITTO)
+    devices = add_devices(engine, *(f"follow-{i}-{uuid.uuid4().hex[:6]}" for i in range(2)))
+    states = {device_id: assign.with_message_id(_state("1")) for device_id in devices}
+    with Session(engine) as session, runtime.handing_over(states):  # not the leader
+        assign.write_desired(session, states)
+        session.commit()
+    read = _reads(monkeypatch)
+    # Should it become the leader, its publisher reads them from the outbox like any other state.
+    assert runtime.publish_pending() == 2
+    assert sorted(read) == sorted(devices)
     assert _pending(engine) == []

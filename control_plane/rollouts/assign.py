@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -123,9 +124,12 @@ def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:
     return with_message_id(DesiredState.model_validate(previous).model_dump(mode="json"), rollout_id=None)
 
 
-def pending_publication(session: Session, limit: int = 5000, *, after: str | None = None) -> list[tuple[str, str, str]]:
+def pending_publication(
+    session: Session, limit: int = 5000, *, after: str | None = None, excluding: Sequence[str] = ()
+) -> list[tuple[str, str, str]]:
     """(device id, message id, payload as JSON text) of desired states the broker has not
-    acknowledged yet, in device-id order, from the first device id above `after`.
+    acknowledged yet, in device-id order, from the first device id above `after`, but for the
+    message ids in `excluding` (states the publisher holds already).
 
     The payload is read as the column's text (PostgreSQL's `json` keeps what was written): it goes
     on the wire as it is, without a decode and a re-encode per device."""
@@ -133,6 +137,8 @@ def pending_publication(session: Session, limit: int = 5000, *, after: str | Non
     unpublished = or_(table.c.published_message_id.is_(None), table.c.published_message_id != table.c.message_id)
     payload = sa.cast(table.c.payload, sa.Text)
     stmt = select(table.c.device_id, table.c.message_id, payload).where(unpublished)
+    for clause in bulk.matching(session, table.c.message_id, excluding):
+        stmt = stmt.where(sa.not_(clause))
     if after is not None:
         stmt = stmt.where(table.c.device_id > after)
     return [(d, m, p) for d, m, p in session.execute(stmt.order_by(table.c.device_id).limit(limit)).all()]

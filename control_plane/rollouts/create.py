@@ -49,9 +49,10 @@ def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVer
 
 def create_rollout(
     session: Session, *, spec: RolloutCreate, created_by: str, controller: RolloutController | None = None
-) -> tuple[Rollout, dict[str, int]]:
+) -> tuple[Rollout, dict[str, int], dict[str, dict[str, Any]]]:
     """A running rollout whose first stage is assigned (desired states written, not yet published),
-    and how many of its members are in each status."""
+    how many of its members are in each status, and the desired states written (device id ->
+    DesiredState as JSON), for the publisher once this commits."""
     controller = controller or RolloutController()
     model, version = registry.get_version(session, spec.model, spec.version)
     if version.status == "revoked":
@@ -84,7 +85,7 @@ def create_rollout(
     states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
     _insert_members(session, rollout.id, members, keys, changes, set(states))
     assign.write_desired(session, states)
-    return rollout, dict(Counter(m.status for m in members))
+    return rollout, dict(Counter(m.status for m in members)), states
 
 
 def _insert_members(

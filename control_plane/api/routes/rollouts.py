@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -130,10 +131,13 @@ def start_rollout(spec: RolloutCreate, request: Request, principal: OperatorDep,
     """Start a staged rollout (default canary 5% -> 25% -> 100%, automatic promotion)."""
     if (replayed := mutation.replay(principal, spec)) is not None:
         return replayed
-    rollout, devices = create_rollout(mutation.session, spec=spec, created_by=principal.actor)
+    rollout, devices, states = create_rollout(mutation.session, spec=spec, created_by=principal.actor)
     mutation.audit(principal, "rollout.create", rollout.id, model=spec.model, version=spec.version)
     body = rollout_public(mutation.session, rollout, created=devices)
-    mutation.commit(principal, 201, body)
+    fleet = getattr(request.app.state, "fleet", None)
+    # The first stage's states go to the publisher as committed, not read back from the outbox.
+    with fleet.handing_over(states) if fleet is not None else contextlib.nullcontext():
+        mutation.commit(principal, 201, body)
     _wake(request, tick=False)  # the first stage is assigned: publish it, decide at the next tick
     return body
 
