@@ -9,7 +9,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from slmops.mqtt.buffered import WRITE_CHUNK, BufferedClient
 from slmops.mqtt.client import Outgoing
-from tests.mqtt_support import ClientFactory, Collector, broker_url, clients, embedded_broker, unique_topics
+from tests.mqtt_support import (
+    SYSTEM_MOSQUITTO,
+    ClientFactory,
+    Collector,
+    broker_url,
+    clients,
+    embedded_broker,
+    unique_topics,
+)
 
 __all__ = ["broker_url", "clients", "embedded_broker"]  # fixtures
 
@@ -159,3 +167,35 @@ def test_a_burst_of_publishes_wakes_the_network_thread_once_not_per_message(
         publisher.publish(topics.state("dev-1"), f"lone {i}".encode(), timeout_s=0.5)
     assert wakeups.sends - before == 20
     assert received.wait_for(1020)[-1] == b"lone 19"
+
+
+@pytest.mark.mosquitto
+def test_mqtt_3_1_1_pubacks_complete_publishes_without_paho_decoding_them(
+    clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from paho.mqtt import _packet
+
+    topics = unique_topics()
+    decoded: list[int] = []
+    real_decode = _packet.decode_puback
+
+    def decode_puback(*args: object) -> object:
+        decoded.append(1)
+        return real_decode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_packet, "decode_puback", decode_puback)
+    messages = [Outgoing(topics.state(f"dev-{i}"), b"x") for i in range(50)]
+    assert clients(SYSTEM_MOSQUITTO).publish_many(messages, timeout_s=30) == 50  # every PUBACK matched
+    assert decoded == []
+    # MQTT 5 PUBACKs may carry a reason code and properties: paho decodes those as it always did.
+    assert clients(SYSTEM_MOSQUITTO, protocol="5").publish_many(messages, timeout_s=30) == 50
+    assert len(decoded) == 50
+
+
+def test_a_puback_for_no_message_in_flight_is_ignored_and_a_malformed_one_is_refused() -> None:
+    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv311)
+    client._in_packet["packet"] = b"\x00\x07"  # nothing was published with packet id 7
+    assert client._handle_pubackcomp("PUBACK") == MQTTErrorCode.MQTT_ERR_SUCCESS
+    client._in_packet["packet"] = b"\x00\x07\x00"  # a 3.1.1 PUBACK is exactly two bytes
+    with pytest.raises(paho.MalformedPacket):  # type: ignore[attr-defined]
+        client._handle_pubackcomp("PUBACK")

@@ -15,20 +15,29 @@ each send() on the socket pair released the GIL, and the publishing thread then 
 behind the network threads once per message. At thousands of messages a second these syscalls
 were most of the network thread's time (py-spy on benchmarks/fleet_scale.py).
 
+PUBACKs of MQTT 3.1.1 are read without building paho's MQTT 5 reason code and properties objects.
+
 The overridden methods are paho 2.x internals (the version is pinned to 2.x in pyproject.toml);
 behaviour on the wire is unchanged: the same bytes in the same order.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 READ_CHUNK = 65536
 WRITE_CHUNK = 65536
+# What an MQTT 3.1.1 PUBACK carries implicitly, built once: paho hands them to on_publish only.
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 
 
 class BufferedClient(paho.Client):
@@ -71,6 +80,19 @@ class BufferedClient(paho.Client):
         if on_message is not None:
             with self._in_callback_mutex:
                 on_message(self, self._userdata, message)
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        # An MQTT 3.1.1 PUBACK is its packet id and nothing else (section 3.4). paho 2.x decodes
+        # it into a fresh ReasonCode and Properties object all the same, 11.5 us a PUBACK here:
+        # 115 ms of the control plane's GIL per 10,000 desired states published.
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == paho.MQTTv5 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)  # MQTT 5, QoS 2, or a malformed packet paho reports
+        (mid,) = struct.unpack("!H", packet)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     # -- writing -----------------------------------------------------------------------------
 
