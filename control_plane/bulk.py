@@ -239,16 +239,34 @@ def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.Co
 
     PostgreSQL: one clause, `column = ANY(array)`, a single parameter however many values (an IN
     list of 10,000 binds costs the driver more to render and split than the query costs to run).
+    Strings travel as one text that the server splits (`string_to_array`): psycopg dumps a list
+    parameter element by element in Python, 7.5 ms for 10,000 device ids against 1.5 ms as one
+    text (the ingest's sender lookup, gate evaluation and the publisher's reads pass such lists).
     SQLite: IN lists of at most 900 values (its limit on bound parameters per statement).
     """
     values = list(values)
     if not values:
         return []
     if _is_postgres(session):
+        if (joined := _joined(values)) is not None:
+            return [column == sa.any_(sa.func.string_to_array(sa.bindparam(None, joined, type_=sa.Text), _SEPARATOR))]
         from sqlalchemy.dialects.postgresql import ARRAY
 
         return [column == sa.any_(sa.bindparam(None, values, type_=ARRAY(column.type)))]
     return [column.in_(values[start : start + 900]) for start in range(0, len(values), 900)]
+
+
+_SEPARATOR = "\x1f"  # ASCII unit separator: no device id, message id or name holds it (see `_joined`)
+
+
+def _joined(values: list[Any]) -> str | None:
+    """`values` as one text for `string_to_array`, or None where that would not split back into
+    them: a value that is no string or holds the separator, or a lone empty string (which
+    `string_to_array` reads as no element at all)."""
+    if not all(isinstance(value, str) for value in values) or values == [""]:
+        return None
+    joined = _SEPARATOR.join(values)
+    return joined if joined.count(_SEPARATOR) == len(values) - 1 else None
 
 
 def _in_utc(table: sa.Table, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

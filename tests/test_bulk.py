@@ -188,3 +188,26 @@ def test_timestamps_keep_their_instant_whatever_their_zone_and_precision(engine:
         ).all()
     # SQLite hands back naive UTC, PostgreSQL aware values; aware datetimes compare as instants.
     assert [(as_utc(start), as_utc(received)) for start, received in stored] == [(start, shared) for start in starts]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        ["dev-1", "dev-3"],
+        ["a\x1fb", "dev-2"],  # holds the separator the values travel with on PostgreSQL
+        [""],  # string_to_array('') is no element at all
+        ["", "dev-2"],
+        [1, 3],
+    ],
+    ids=["ids", "separator-inside", "lone-empty", "empty-and-id", "ints"],
+)
+def test_matching_selects_exactly_the_given_values(engine: sa.Engine, wanted: list[object]) -> None:
+    strings = isinstance(wanted[0], str)
+    universe = ["dev-1", "dev-2", "dev-3", "", "a\x1fb", "a", "b"] if strings else [1, 2, 3, 4]
+    kind = sa.Text if strings else sa.Integer
+    table = sa.union_all(*(sa.select(sa.literal(v, kind).label("v")) for v in universe)).subquery("u")
+    with Session(engine) as session:
+        got = set()
+        for clause in bulk.matching(session, table.c.v, wanted):
+            got |= set(session.execute(sa.select(table.c.v).where(clause)).scalars())
+    assert got == set(wanted)
