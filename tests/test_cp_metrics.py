@@ -150,6 +150,9 @@ def test_metrics_count_real_mqtt_messages_and_the_rollup_job_runs(fleet, engine)
         samples = wait_for(counted, what="both devices online, six windows ingested, one malformed message rejected")
         assert value(samples, "slmops_ingest_messages_total", kind="telemetry") == 6
         assert value(samples, "slmops_ingest_rejected_total", reason="malformed_json") == 1
+        assert value(samples, "slmops_ingest_rejected_total", reason="handler_failed") == 0
+        client.app.state.fleet.subscriber.counters.lost += 3  # as the writer counts what it could not store
+        assert value(scrape(client), "slmops_ingest_rejected_total", reason="handler_failed") == 3
         assert value(samples, "slmops_mqtt_messages_received_total") >= 7
         assert value(samples, "slmops_ingest_lag_seconds_count") >= 6
         expected = 6 * SimBehaviour().requests_per_window

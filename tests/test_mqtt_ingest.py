@@ -21,6 +21,7 @@ from slmops.mqtt.spool import MessageSpool
 from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
 from slmops.mqtt.testing import MosquittoProcess
 from tests.mqtt_support import (
+    SYSTEM_MOSQUITTO,
     WAIT_S,
     ClientFactory,
     broker_url,
@@ -84,21 +85,79 @@ def test_typed_batches_with_malformed_and_duplicates_dropped(broker_url: str, cl
     assert ingest.counters.dispatched == 3
 
 
-def test_failing_batch_handler_does_not_stop_ingest(embedded_broker: object, clients: ClientFactory) -> None:
+def test_a_batch_the_handler_fails_once_is_stored_on_the_retry(
+    embedded_broker: object, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriber_module, "RETRY_DELAYS_S", (0.05,))
     url = embedded_broker.url  # type: ignore[attr-defined]
     topics = unique_topics()
-    batches = Batches(fail_first=True)
+    batches = Batches(fail_first=True)  # a database blip
     ingest = DeviceMessageSubscriber(clients(url), topics, batches, max_batch=1, max_delay_s=0.01)
     ingest.start()
     try:
         device = clients(url)
         device.publish(topics.status("dev-1"), encode(StatusMessage(status="online")))
-        assert wait_until(lambda: ingest.counters.handler_errors == 1)
         device.publish(topics.status("dev-1"), encode(StatusMessage(status="offline")))
-        assert wait_until(lambda: len(batches.messages) == 1)
+        assert wait_until(lambda: len(batches.messages) == 2)
     finally:
         ingest.stop()
-    assert batches.messages[0].message.status == "offline"  # type: ignore[attr-defined]
+    assert [m.message.status for m in batches.messages] == ["online", "offline"]  # type: ignore[attr-defined]
+    assert ingest.counters.handler_errors == 1 and ingest.counters.lost == 0
+
+
+class Refusing:
+    """A handler that refuses every batch holding one of `bad` (by telemetry seq), or everything."""
+
+    def __init__(self, bad: set[int] | None) -> None:
+        self.bad = bad
+        self.stored: list[int] = []
+        self.calls = 0
+
+    def __call__(self, batch: list[DeviceMessage]) -> None:
+        self.calls += 1
+        seqs = [m.message.seq for m in batch]  # type: ignore[attr-defined]
+        if self.bad is None or self.bad & set(seqs):
+            raise RuntimeError("value out of range")
+        self.stored += seqs
+
+
+def _ingest_windows(
+    handler: Refusing, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch, count: int
+) -> DeviceMessageSubscriber:
+    """`count` telemetry windows from one device, written as one batch (a hold ends in one write)."""
+    monkeypatch.setattr(subscriber_module, "RETRY_DELAYS_S", (0.01,))
+    topics = unique_topics()
+    ingest = DeviceMessageSubscriber(clients(SYSTEM_MOSQUITTO), topics, handler, max_batch=count, max_write=count)
+    ingest.start()
+    try:
+        with ingest.held():
+            clients(SYSTEM_MOSQUITTO).publish_many(
+                [Outgoing(topics.telemetry("dev-1"), encode(window(seq))) for seq in range(count)], timeout_s=30
+            )
+            assert wait_until(lambda: ingest.counters.received + len(ingest._held) >= count)
+    finally:
+        ingest.stop()
+    return ingest
+
+
+@pytest.mark.mosquitto
+def test_a_message_the_handler_refuses_costs_only_itself_not_its_batch(
+    clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = Refusing(bad={37, 300})
+    ingest = _ingest_windows(handler, clients, monkeypatch, 400)
+    assert sorted(handler.stored) == [seq for seq in range(400) if seq not in (37, 300)]
+    assert ingest.counters.lost == 2 and ingest.counters.dispatched == 398
+
+
+@pytest.mark.mosquitto
+def test_a_handler_that_refuses_everything_loses_a_counted_batch_in_bounded_calls(
+    clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = Refusing(bad=None)  # the database stays down
+    ingest = _ingest_windows(handler, clients, monkeypatch, 400)
+    assert handler.stored == [] and ingest.counters.lost == 400
+    assert handler.calls <= 2 + subscriber_module.ISOLATE_CALLS  # the first try, one retry, then halves
 
 
 def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> None:

@@ -40,6 +40,8 @@ from slmops.mqtt.dedup import RecentIds
 log = logging.getLogger(__name__)
 PENDING_BATCHES = 8  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
 MAX_HELD = 100_000  # messages `held()` puts aside; at this many the hold ends early
+RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # pauses before a failed batch is handed over again
+ISOLATE_CALLS = 64  # handler calls spent halving a batch that keeps failing (finds a few bad messages in 2,000)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class IngestCounters:
     unknown_topics: int = 0
     malformed: Counter[str] = field(default_factory=Counter)  # by MessageDecodeError.reason
     batches: int = 0
-    handler_errors: int = 0
+    handler_errors: int = 0  # failed handler calls, retries included
+    lost: int = 0  # messages no handler call took, after the retries and halving
 
     @property
     def malformed_total(self) -> int:
@@ -281,12 +284,47 @@ class DeviceMessageSubscriber:
         return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at)
 
     def _dispatch(self, batch: list[DeviceMessage]) -> None:
+        """Hand `batch` to the handler; a failing one is tried again after each of RETRY_DELAYS_S
+        (a database restart or a deadlock passes), then in halves (`_isolate`). The messages are
+        acknowledged to the broker already: what the handler never takes is lost, so it is
+        counted (`lost`) and logged with the device ids."""
         self.counters.batches += 1
-        try:
-            self._handler(batch)
-        except Exception:
-            # The consumer survives a failing handler; the batch is logged as lost.
-            self.counters.handler_errors += 1
-            log.exception("ingest batch handler failed on %d messages", len(batch))
+        for delay_s in (*RETRY_DELAYS_S, None):
+            try:
+                self._handler(batch)
+            except Exception:
+                self.counters.handler_errors += 1
+                log.exception("ingest batch handler failed on %d messages", len(batch))
+                if delay_s is not None:
+                    time.sleep(delay_s)  # the writer's thread: paho reads on, backpressure bounds it
+                continue
+            self.counters.dispatched += len(batch)
             return
-        self.counters.dispatched += len(batch)
+        self._isolate(batch, budget=[ISOLATE_CALLS])
+
+    def _isolate(self, batch: list[DeviceMessage], budget: list[int]) -> None:
+        """Store what the handler takes of a batch it keeps refusing, half by half, so one message
+        it cannot store (a value the database rejects) costs only itself, not its batch; at most
+        `budget` further calls (a database that stays down refuses every half)."""
+        if len(batch) == 1 or budget[0] <= 0:
+            self._lose(batch)
+            return
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            if budget[0] <= 0:
+                self._lose(part)
+                continue
+            budget[0] -= 1
+            try:
+                self._handler(part)
+            except Exception:
+                self.counters.handler_errors += 1
+                self._isolate(part, budget)
+            else:
+                self.counters.dispatched += len(part)
+
+    def _lose(self, batch: list[DeviceMessage]) -> None:
+        self.counters.lost += len(batch)
+        devices = sorted({m.device_id for m in batch})
+        shown = ", ".join(devices[:10]) + (f" and {len(devices) - 10} more" if len(devices) > 10 else "")
+        log.error("ingest lost %d messages the handler kept refusing, from devices %s", len(batch), shown)
