@@ -33,6 +33,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fleet_support import (  # noqa: E402
+    BROKER_PIDS,
     CpuMeter,
     Server,
     fresh_postgres,
@@ -125,6 +126,7 @@ async def rollout_phase(
     created = time.perf_counter() - start
     ok = await sim.wait(lambda: sim.stats.applied - applied_before >= n, timeout_s=600)
     applied = time.perf_counter() - start
+    cpu_applied = meter.read() if meter else {}
     if not ok:
         raise SystemExit(f"only {sim.stats.applied - applied_before}/{n} devices applied the desired state")
     # Polled every 20 ms, or 9 times as long as a query takes if that is longer (see poll): the
@@ -133,7 +135,8 @@ async def rollout_phase(
     await poll(engine, ACKED, n, 600, interval_s=0.02, v=version)
     acked = time.perf_counter() - start
     cpu = CpuMeter.since(cpu_before, meter.read()) if meter else {}
-    return {"created": created, "applied": applied, "acked": acked, **cpu}
+    until_applied = {f"applied_{k}": v for k, v in CpuMeter.since(cpu_before, cpu_applied).items()} if meter else {}
+    return {"created": created, "applied": applied, "acked": acked, **cpu, **until_applied}
 
 
 async def ingest_phase(engine: sa.Engine, sim: SimFleet, rate: int, seconds: float) -> dict[str, float]:
@@ -200,13 +203,17 @@ async def measure(args: argparse.Namespace) -> None:
         rss["after ingest"] = server.rss_mb()
         await sim.stop()
         engine.dispose()
-        baseline = run_once(mqtt_url, n, payload_size=600)
-        fan = await fanout(mqtt_url, n, payload_size=600)
-    report(n, times, baseline.live_received_s, fan, ingest, rss)
+        baseline = run_once(mqtt_url, n, payload_size=600, broker_pid=BROKER_PIDS[mqtt_url])
+        fan, fan_cpu = await fanout(mqtt_url, n, payload_size=600, broker_pid=BROKER_PIDS[mqtt_url])
+        raw_cpu = {"raw": baseline.cpu_s, "fanout": fan_cpu}
+    report(n, times, baseline.live_received_s, fan, ingest, rss, raw_cpu)
 
 
-def report_convergence(n: int, times: dict[str, float], raw_s: float, fanout_s: float) -> None:
-    """The rollout's figures next to both raw baselines, with their ratios."""
+def report_convergence(
+    n: int, times: dict[str, float], raw_s: float, fanout_s: float, raw_cpu: dict[str, float] | None = None
+) -> None:
+    """The rollout's figures next to both raw baselines, with their ratios; with `raw_cpu` (CPU
+    seconds of each raw run, its publisher, subscribers and broker), the CPU each side needed."""
     print(f"raw: {n} retained QoS 1 publishes, one live subscriber has all   {raw_s:8.3f} s")
     print(f"raw: {n} retained QoS 1 publishes, {n} subscribers have theirs  {fanout_s:8.3f} s")
     print(f"rollout: POST /v1/rollouts returned                              {times['created']:8.3f} s")
@@ -218,6 +225,16 @@ def report_convergence(n: int, times: dict[str, float], raw_s: float, fanout_s: 
         spent = ", ".join(f"{role} {s:.2f} s" for role, s in cpu.items())
         print(f"rollout: CPU from POST to every ack stored: {spent}; {sum(cpu.values()):.2f} s in all "
               f"({1e6 * sum(cpu.values()) / n:.0f} us per device)")  # fmt: skip
+    if applied_cpu := {k.removeprefix("applied_cpu_"): v for k, v in times.items() if k.startswith("applied_cpu_")}:
+        spent = ", ".join(f"{role} {s:.2f} s" for role, s in applied_cpu.items())
+        print(f"rollout: CPU from POST to the last device applied: {spent}; {sum(applied_cpu.values()):.2f} s in all")
+    if raw_cpu and applied_cpu:
+        # On a host whose cores are all busy, wall time follows CPU time: a rollout that needs K
+        # times the CPU of the raw publish cannot take much less than K times as long there.
+        total, one, fan = sum(applied_cpu.values()), raw_cpu["raw"], raw_cpu["fanout"]
+        print(f"raw: CPU of the publish to one subscriber {one:.2f} s, to {n} subscribers {fan:.2f} s "
+              f"(publisher, subscribers, broker); the rollout needed {total / one:.2f} / {total / fan:.2f} "
+              "times as much")  # fmt: skip
 
 
 def report(
@@ -227,9 +244,10 @@ def report(
     fanout_s: float,
     ingest: list[dict[str, float]],
     rss: dict[str, float],
+    raw_cpu: dict[str, float] | None = None,
 ) -> None:
     print(f"\n== 1. rollout convergence, {n} devices (private Mosquitto, PostgreSQL, slmops server) ==")
-    report_convergence(n, times, raw_s, fanout_s)
+    report_convergence(n, times, raw_s, fanout_s, raw_cpu)
     print("\n== 2. telemetry ingest (MQTT -> subscriber -> IngestWriter -> PostgreSQL) ==")
     print(f"{'offered msg/s':>14} {'sent':>8} {'stored':>8} {'lost':>6} {'stored msg/s':>13} "
           f"{'p50 lag':>9} {'p99 lag':>9} {'max lag':>9}")  # fmt: skip

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from shared.topics import Topics
 from slmops.mqtt.broker import free_port
 from slmops.mqtt.client import MqttClient, Outgoing
@@ -46,6 +48,24 @@ class Result:
     all_acked_s: float
     live_received_s: float
     late_received_s: float
+    cpu_s: float = 0.0  # until the live subscriber had all: this process, and the broker given its pid
+
+
+class CpuWindow:
+    """CPU seconds since it was made, of this process (every thread: publisher and subscribers)
+    and of the broker when its pid is known, so a timed window's CPU can be set beside the wall
+    time of another measured on the same host."""
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self._broker = psutil.Process(broker_pid) if broker_pid else None
+        self._start = self._now()
+
+    def _now(self) -> float:
+        broker = sum(self._broker.cpu_times()[:2]) if self._broker is not None else 0.0
+        return time.process_time() + broker
+
+    def spent(self) -> float:
+        return self._now() - self._start
 
 
 class Counter:
@@ -62,7 +82,7 @@ class Counter:
                 self.done.set()
 
 
-def run_once(url: str, count: int, payload_size: int) -> Result:
+def run_once(url: str, count: int, payload_size: int, broker_pid: int | None = None) -> Result:
     topics = Topics(f"slmops-bench/{uuid.uuid4().hex[:8]}/v1")  # under the private ACL's prefix
     messages = [
         Outgoing(topics.desired(f"dev-{i:06d}"), os.urandom(payload_size // 2).hex().encode(), retain=True)
@@ -75,31 +95,32 @@ def run_once(url: str, count: int, payload_size: int) -> Result:
     publisher.start()
     subscriber.subscribe(topics.all_devices("desired"), live)
     try:
-        start = time.perf_counter()
+        cpu, start = CpuWindow(broker_pid), time.perf_counter()
         publisher.publish_many(messages, timeout_s=300)
         acked = time.perf_counter() - start
         if not live.done.wait(30):
             # Mosquitto drops QoS 1 messages beyond a client's max_queued_messages (default 1000).
             raise SystemExit(f"live subscriber got {live.seen}/{count}: raise max_queued_messages")
-        received = time.perf_counter() - start
+        received, cpu_s = time.perf_counter() - start, cpu.spent()
         late_s = _late_subscriber(url, topics, count)
     finally:
         # Empty retained payloads delete the benchmark's messages from the broker.
         publisher.publish_many([Outgoing(m.topic, b"", retain=True) for m in messages], timeout_s=300)
         subscriber.stop(publish_offline=False)
         publisher.stop(publish_offline=False)
-    return Result(url, count, acked, received, late_s)
+    return Result(url, count, acked, received, late_s, cpu_s)
 
 
-def run_fanout(url: str, count: int, payload_size: int) -> float:
+def run_fanout(url: str, count: int, payload_size: int, broker_pid: int | None = None) -> tuple[float, float]:
     """Seconds from the first publish until each of `count` subscribers holds its own message:
     one retained QoS 1 message per topic, one connection subscribed to each topic (the path a
-    rollout's desired states take to their devices, with nothing done on either side)."""
+    rollout's desired states take to their devices, with nothing done on either side); and the
+    CPU seconds that took (`CpuWindow`)."""
     raise_fd_limit()
-    return run(fanout(url, count, payload_size))
+    return run(fanout(url, count, payload_size, broker_pid))
 
 
-async def fanout(url: str, count: int, payload_size: int) -> float:
+async def fanout(url: str, count: int, payload_size: int, broker_pid: int | None = None) -> tuple[float, float]:
     """`run_fanout` on the running loop (the caller raises the descriptor limit)."""
     tag = uuid.uuid4().hex[:8]
     topics = Topics(f"slmops-bench/{tag}/v1")
@@ -128,16 +149,16 @@ async def fanout(url: str, count: int, payload_size: int) -> float:
             Outgoing(topics.desired(f"dev-{i:06d}"), os.urandom(payload_size // 2).hex().encode(), retain=True)
             for i in range(count)
         ]
-        start = time.perf_counter()
+        cpu, start = CpuWindow(broker_pid), time.perf_counter()
         await asyncio.to_thread(publisher.publish_many, messages, timeout_s=300)
         await asyncio.wait_for(everyone.wait(), 120)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_s = time.perf_counter() - start, cpu.spent()
         cleared = [Outgoing(m.topic, b"", retain=True) for m in messages]
         await asyncio.to_thread(publisher.publish_many, cleared, timeout_s=300)
     finally:
         await asyncio.gather(*(w.close() for w in wires), return_exceptions=True)
         publisher.stop(publish_offline=False)
-    return elapsed
+    return elapsed, cpu_s
 
 
 def _late_subscriber(url: str, topics: Topics, count: int) -> float:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fleet_scale import ONLINE, poll, report_convergence, rollout_phase  # noqa: E402
 from benchmarks.fleet_support import (  # noqa: E402
+    BROKER_PIDS,
     CpuMeter,
     fresh_postgres,
     private_mosquitto,
@@ -73,20 +74,22 @@ async def measure(args: argparse.Namespace) -> None:
         settle_heap()  # as `slmops simulate` does: the agents are long-lived
         await poll(engine, ONLINE, n, 600)
         print(f"{n} simulated devices connected and online", flush=True)
-        meter = CpuMeter(server, mqtt_url)
+        meter, broker_pid = CpuMeter(server, mqtt_url), BROKER_PIDS[mqtt_url]
         for r in range(1, args.rounds + 1):
-            raw = await loop.run_in_executor(raw_worker, run_once, mqtt_url, n, 600)
-            fan = await loop.run_in_executor(raw_worker, run_fanout, mqtt_url, n, 600)
+            raw = await loop.run_in_executor(raw_worker, run_once, mqtt_url, n, 600, broker_pid)
+            fan, fan_cpu = await loop.run_in_executor(raw_worker, run_fanout, mqtt_url, n, 600, broker_pid)
             times = await rollout_phase(server, engine, sim, n, version=str(r), meter=meter)
             await asyncio.to_thread(wait_completed, server)
-            rounds.append({"raw": raw.live_received_s, "fanout": fan, **times})
+            cpu = {"raw_cpu": raw.cpu_s, "fan_cpu": fan_cpu}
+            rounds.append({"raw": raw.live_received_s, "fanout": fan, **cpu, **times})
             print(f"  round {r}: raw {raw.live_received_s:.3f} s, raw to {n} subscribers {fan:.3f} s, "
                   f"applied {times['applied']:.3f} s, stored {times['acked']:.3f} s", flush=True)  # fmt: skip
         await sim.stop()
         engine.dispose()
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print(f"\n{n} devices, {len(rounds)} rounds (medians; private Mosquitto, PostgreSQL, slmops server)")
-    report_convergence(n, median, median["raw"], median["fanout"])
+    raw_cpu = {"raw": median["raw_cpu"], "fanout": median["fan_cpu"]}
+    report_convergence(n, median, median["raw"], median["fanout"], raw_cpu)
 
 
 def main() -> None:
