@@ -142,7 +142,7 @@ class Reconciler:
         """Serve nothing (the control plane withdrew the model from a device that ran nothing
         before). The withdrawn model stays `previous`, its files kept, so going forward again
         needs no download; a restart serves nothing (see _serve_verified)."""
-        reason = f"{desired.model} {desired.version} was withdrawn by the control plane: serving nothing"
+        reason = desired.withdrawal_reason()
         current = self.state.current
         if current is not None:
             log.warning("unloading %s %s: withdrawn by the control plane", current.model, current.version)

@@ -43,3 +43,7 @@ class DesiredState(WireModel):
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     rollout_id: str | None = None
     unload: bool = False
+
+    def withdrawal_reason(self) -> str:
+        """The reason a device reports once it serves nothing because of this (unload) state."""
+        return f"{self.model} {self.version} was withdrawn by the control plane: serving nothing"

@@ -159,6 +159,9 @@ def test_a_failed_first_rollout_leaves_every_device_serving_nothing(fleet, loop,
         done = _roll_out(client, admin, "1")
         assert done["state"] == "rolled_back", done
         wait_for(lambda: sim.versions() == {None: 20}, what="every device serving nothing")
+        assert {agent.state.reason for agent in sim.agents} == {
+            "tiny 1 was withdrawn by the control plane: serving nothing"
+        }
         summary = lambda: client.get("/v1/telemetry/summary", headers=admin).json()["not_on_desired"]  # noqa: E731
         wait_for(lambda: summary()["count"] == 0, what="every device on its desired state")
         assert {d["current_version"] for d in _devices(client, admin)} == {None}

@@ -36,7 +36,7 @@ def applied(state: S, desired: DesiredState, *, fail: bool, envelope: dict[str, 
     update: dict[str, object] = {"desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
     update |= envelope or {}
     if desired.unload:  # withdrawn: serve nothing, as the agent's reconciler does
-        reason = f"{desired.model} {desired.version} was withdrawn by the control plane: serving nothing"
+        reason = desired.withdrawal_reason()
         previous = state.current or state.previous
         update |= {"phase": "idle", "reason": reason, "previous": previous, "current": None, "serving": False}
     elif fail:
