@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Shared-subscription group (16-64 random characters, e.g. `openssl rand -hex 16`): "
         "replicas in the group split device messages between them.",
     )
+    # paho acknowledges a device message before ingest stores it: the journal keeps what is in
+    # between on disk, so a crash of the control plane (kill -9 included) loses none of it.
+    ingest_journal: bool = Field(
+        default=True,
+        description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
+    )
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 

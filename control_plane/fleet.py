@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -34,6 +35,7 @@ from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
 from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.journal import IngestJournal
 from slmops.mqtt.subscriber import DeviceMessageSubscriber
 
 log = logging.getLogger("slmops.fleet")
@@ -74,8 +76,11 @@ class FleetRuntime:
         # restarts waits in the broker instead of being lost.
         protocol, client_id = self.settings.mqtt_protocol, self.settings.mqtt_client_id
         self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True)
+        # One journal per broker session (replicas may share a data dir; each has its client id).
+        journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", client_id)
+        journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
         self.subscriber = DeviceMessageSubscriber(
-            self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group
+            self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
         )
         self.subscriber.start()
         self.client.start(wait=True, timeout_s=15)

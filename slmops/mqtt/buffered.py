@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
@@ -47,6 +48,7 @@ class BufferedClient(paho.Client):
         self._rpos = 0
         # A wake-up byte was sent and the network thread has not taken from the queue since.
         self._wake_pending = False
+        self.on_read_burst: Callable[[], None] | None = None  # after each burst of packets read
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -65,6 +67,10 @@ class BufferedClient(paho.Client):
         rc = super().loop_read(max_packets)
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
             rc = super().loop_read(max_packets)
+        if self.on_read_burst is not None:
+            # After the burst's messages were handed over, before their PUBACKs (queued while they
+            # were read) leave: the network thread writes only once loop_read has returned.
+            self.on_read_burst()
         return rc
 
     def _sock_close(self) -> None:

@@ -92,6 +92,7 @@ class MqttClient:
         self._suback_waiters: dict[int, _SubackWaiter] = {}
         self._early_subacks: dict[int, list[int | None]] = {}
         self._listeners: list[ConnectionListener] = []
+        self._burst_hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._network_thread_id: int | None = None
         self._paho: paho.Client | None = None
@@ -151,6 +152,11 @@ class MqttClient:
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """`listener(True)` after each (re)connect and its resubscriptions, `listener(False)` on loss."""
         self._listeners.append(listener)
+
+    def add_read_burst_hook(self, hook: Callable[[], None]) -> None:
+        """`hook()` on the network thread after each burst of packets read, before the PUBACKs of
+        the messages in it are sent (the ingest journal writes what it recorded then)."""
+        self._burst_hooks.append(hook)
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -390,7 +396,12 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_read_burst = self._read_burst
         return client
+
+    def _read_burst(self) -> None:
+        for hook in self._burst_hooks:
+            hook()
 
     def _arm_will(self, client: paho.Client) -> None:
         """Set the will for the next CONNECT; a callable gives each connection a fresh message id."""

@@ -15,7 +15,9 @@ a transaction grows to what arrived during the last one. What a hold (`held()`) 
 over in batches of `max_write` at its end. At most PENDING_BATCHES batches wait for
 the writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
 the rest (TCP backpressure) and nothing is lost. A client used for ingest should not also wait for
-PUBACKs of its own publishes (the control plane publishes on a second connection).
+PUBACKs of its own publishes (the control plane publishes on a second connection). With an
+`IngestJournal`, every message is journaled before its PUBACK leaves and forgotten once stored, so
+what was acknowledged and not yet stored is ingested again after a crash (`start()` replays it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from shared.messages import MessageDecodeError, decode, message_id_of
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.client import MqttClient
 from slmops.mqtt.dedup import RecentIds
+from slmops.mqtt.journal import IngestJournal
 
 log = logging.getLogger(__name__)
 PENDING_BATCHES = 8  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
@@ -51,6 +54,7 @@ class DeviceMessage:
     message: BaseModel  # the model `shared.messages.model_for(kind)` names
     topic: str
     received_at: datetime
+    seq: int = 0  # its number in the ingest journal (0 without one)
 
 
 BatchHandler = Callable[[list[DeviceMessage]], None]
@@ -66,6 +70,8 @@ class IngestCounters:
     batches: int = 0
     handler_errors: int = 0  # failed handler calls, retries included
     lost: int = 0  # messages no handler call took, after the retries and halving
+    replayed: int = 0  # messages taken again from the ingest journal after a crash
+    journal_errors: int = 0  # bursts the journal could not write
 
     @property
     def malformed_total(self) -> int:
@@ -87,6 +93,7 @@ class DeviceMessageSubscriber:
         dedup: RecentIds | None = None,
         kinds: tuple[TopicKind, ...] | None = None,
         share_group: str | None = None,
+        journal: IngestJournal | None = None,
     ) -> None:
         self.client = client
         self.topics = topics
@@ -98,6 +105,7 @@ class DeviceMessageSubscriber:
         self._dedup = dedup if dedup is not None else RecentIds(65536)
         self._kinds = kinds
         self._share_group = share_group
+        self._journal = journal  # what was acknowledged and not stored yet survives a crash there
         self._batch: list[DeviceMessage] = []
         self._batch_started = 0.0
         self._batch_lock = threading.Lock()  # guards _batch; held only to append or swap
@@ -110,7 +118,7 @@ class DeviceMessageSubscriber:
         self._hold_lock = threading.Lock()  # guards _holding, _draining and _held
         self._holding = False
         self._draining = False
-        self._held: list[tuple[str, bytes, datetime]] = []
+        self._held: list[tuple[str, bytes, datetime, int]] = []
         self._drain_lock = threading.Lock()  # one thread drains at a time: arrival order is kept
 
     def start(self) -> None:
@@ -120,6 +128,9 @@ class DeviceMessageSubscriber:
         self._writer.start()
         self._flusher = threading.Thread(target=self._flush_when_due, name="slmops-mqtt-ingest", daemon=True)
         self._flusher.start()
+        if self._journal is not None:
+            self.client.add_read_burst_hook(self._write_journal)
+            self._replay(self._journal)
         filters = (
             [self.topics.all_devices(k) for k in self._kinds]
             if self._kinds
@@ -144,6 +155,28 @@ class DeviceMessageSubscriber:
         if self._writer is not None:
             self._writer.join(timeout_s)
             self._writer = None
+        if self._journal is not None:
+            self._journal.close()
+
+    def _replay(self, journal: IngestJournal) -> None:
+        """Ingest what the journal holds from before a crash (acknowledged, never stored), in order,
+        before the client connects: a redelivery of the same message is then a duplicate."""
+        replayed = 0
+        for record in journal.unstored():
+            self._accept(record.topic, record.payload, record.received_at, record.seq)
+            replayed += 1
+        if replayed:
+            self.counters.replayed += replayed
+            log.warning("ingesting %d messages acknowledged before a crash and not stored then", replayed)
+
+    def _write_journal(self) -> None:
+        assert self._journal is not None
+        try:
+            self._journal.flush()
+        except OSError:
+            # Ingest goes on; only what this burst held is unprotected should the process die now.
+            self.counters.journal_errors += 1
+            log.exception("the ingest journal could not be written")
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -154,9 +187,10 @@ class DeviceMessageSubscriber:
         coming back at once would otherwise take turns with the publisher for the interpreter and
         the database, and every device would wait longer for its desired state. Messages are
         still read and acknowledged to the broker meanwhile, so none wait in the broker's queue
-        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop). Put aside, at
-        most MAX_HELD of them (the hold ends early at that many) are lost with the process if it
-        dies inside the block, like the batches waiting for the writer."""
+        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop). At most MAX_HELD
+        are put aside (the hold ends early at that many); with a journal (`IngestJournal`) a crash
+        inside the block loses none of them, as it loses none of the batches waiting for the
+        writer, and without one it loses them all."""
         with self._hold_lock:
             self._holding = True
         try:
@@ -177,15 +211,15 @@ class DeviceMessageSubscriber:
                     held, self._held = self._held, []
                 self._accept_all(held)
 
-    def _accept_all(self, held: list[tuple[str, bytes, datetime]]) -> None:
+    def _accept_all(self, held: list[tuple[str, bytes, datetime, int]]) -> None:
         """Decode what a hold put aside and hand it over in batches of up to `max_write`, after
         the batch gathering now: one transaction for a 1,000-device stage's acknowledgements
         instead of one per `max_batch` (the flusher cuts a batch 10 ms after its first message,
         and decoding them takes longer than that)."""
         decoded: list[DeviceMessage] = []
-        for topic, payload, received_at in held:
+        for topic, payload, received_at, seq in held:
             self.counters.received += 1
-            if (message := self._decode(topic, payload, received_at)) is not None:
+            if (message := self._decode(topic, payload, received_at, seq)) is not None:
                 decoded.append(message)
         step = self._max_write
         with self._write_lock:
@@ -199,19 +233,21 @@ class DeviceMessageSubscriber:
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
         received_at = datetime.now(UTC)
+        # Journaled before anything else: paho acknowledges the message once this returns.
+        seq = self._journal.record(topic, payload, received_at) if self._journal is not None else 0
         if self._holding or self._draining:
             with self._hold_lock:
                 room = len(self._held) < MAX_HELD
                 if (self._holding or self._draining) and room:
-                    self._held.append((topic, payload, received_at))
+                    self._held.append((topic, payload, received_at, seq))
                     return
             if not room:
                 self._drain()  # after everything put aside before this message
-        self._accept(topic, payload, received_at)
+        self._accept(topic, payload, received_at, seq)
 
-    def _accept(self, topic: str, payload: bytes, received_at: datetime) -> None:
+    def _accept(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> None:
         self.counters.received += 1
-        decoded = self._decode(topic, payload, received_at)
+        decoded = self._decode(topic, payload, received_at, seq)
         if decoded is None:
             return
         with self._batch_lock:
@@ -264,7 +300,7 @@ class DeviceMessageSubscriber:
                 batch.extend(more)
             self._dispatch(batch)
 
-    def _decode(self, topic: str, payload: bytes, received_at: datetime) -> DeviceMessage | None:
+    def _decode(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> DeviceMessage | None:
         """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
         parsed = self.topics.parse(topic)
         if parsed is None:
@@ -281,7 +317,7 @@ class DeviceMessageSubscriber:
         if message_id is not None and not self._dedup.first_time(f"{parsed.device_id}/{message_id}"):
             self.counters.duplicates += 1
             return None
-        return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at)
+        return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at, seq)
 
     def _dispatch(self, batch: list[DeviceMessage]) -> None:
         """Hand `batch` to the handler; a failing one is tried again after each of RETRY_DELAYS_S
@@ -299,8 +335,11 @@ class DeviceMessageSubscriber:
                     time.sleep(delay_s)  # the writer's thread: paho reads on, backpressure bounds it
                 continue
             self.counters.dispatched += len(batch)
-            return
-        self._isolate(batch, budget=[ISOLATE_CALLS])
+            break
+        else:
+            self._isolate(batch, budget=[ISOLATE_CALLS])
+        if self._journal is not None and batch:
+            self._journal.stored_up_to(batch[-1].seq)  # batches come in arrival order
 
     def _isolate(self, batch: list[DeviceMessage], budget: list[int]) -> None:
         """Store what the handler takes of a batch it keeps refusing, half by half, so one message
