@@ -61,7 +61,8 @@ class IngestWriter:
             if windows:
                 self._insert_windows(session, list(windows.values()))
             if events:
-                bulk.insert(session, _EVENTS, events)
+                # Once per (device, message id): a replay of the ingest journal may bring some again.
+                bulk.insert(session, _EVENTS, events, skip_conflicts_on=("device_id", "message_id"))
             self._update_devices(session, _drop_fresh_last_seen(changes, last_seen))
             session.commit()
 
@@ -107,8 +108,9 @@ class IngestWriter:
         elif message.kind == TopicKind.EVENTS:
             detail = body.model_dump(mode="json", exclude={"schema_version", "kind"})
             events.append(
-                {"id": new_id(), "device_id": device_id, "kind": body.kind, "detail": detail, "created_at": now}
-            )
+                {"id": new_id(), "device_id": device_id, "message_id": body.message_id, "kind": body.kind,
+                 "detail": detail, "created_at": now}
+            )  # fmt: skip
 
     def _insert_windows(self, session: Session, rows: list[dict[str, Any]]) -> None:
         """Insert, skipping windows already stored (a redelivery after a restart): the unique

@@ -14,14 +14,15 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.messages import TelemetryMessage, encode
+from shared.messages import EventMessage, TelemetryMessage, encode
 from shared.telemetry import TelemetryWindow
-from shared.topics import Topics
+from shared.topics import TopicKind, Topics
 from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.journal import IngestJournal
 from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
 from tests.fleet_helpers import wait_for
 from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics
+from tests.telemetry_support import add_devices, ingest
 from tests.test_rollout_resilience import ServerProcess, _cli_token, server  # noqa: F401  (fixture)
 
 __all__ = ["clients"]  # fixture
@@ -68,6 +69,26 @@ def test_a_record_torn_by_a_crash_mid_write_ends_the_journal(tmp_path: Path) -> 
     (segment,) = tmp_path.glob("segment-*.log")
     segment.write_bytes(segment.read_bytes()[:-3])  # the last record's tail never reached the file
     assert [r.payload for r in IngestJournal(tmp_path).unstored()] == [b"payload 0", b"payload 1"]
+
+
+@pytest.mark.usefixtures("empty_tables")
+def test_a_replayed_batch_stores_each_event_and_window_once(engine: sa.Engine) -> None:
+    # A batch stored just before a crash, ahead of the journal's watermark, is ingested again.
+    (device_id,) = add_devices(engine, f"replay-{uuid.uuid4().hex[:6]}")
+    event = EventMessage(kind="download_failed", message="404")
+    now = datetime.now(UTC)
+    window = TelemetryMessage.wrap(TelemetryWindow(seq=1, window_start=now, window_end=now, requests=3))
+    batch = [
+        DeviceMessage(device_id, TopicKind.EVENTS, event, "t/events", now),
+        DeviceMessage(device_id, TopicKind.TELEMETRY, window, "t/telemetry", now),
+    ]
+    ingest(engine, batch)
+    ingest(engine, batch)
+    with engine.connect() as conn:
+        events = conn.execute(sa.text("SELECT message_id FROM device_events WHERE device_id = :d"), {"d": device_id})
+        windows = conn.execute(sa.text("SELECT count(*) FROM telemetry_windows WHERE device_id = :d"), {"d": device_id})
+        assert [row[0] for row in events] == [event.message_id]
+        assert windows.scalar_one() == 1
 
 
 def _windows(topics: Topics, device_id: str, count: int) -> list[Outgoing]:

@@ -40,9 +40,12 @@ class TelemetryRecord(SQLModel, table=True):
 
 class DeviceEvent(SQLModel, table=True):
     __tablename__ = "device_events"
+    # Stored once per message id: a redelivery, or a replay of the ingest journal after a crash.
+    __table_args__ = (sa.UniqueConstraint("device_id", "message_id", name="uq_device_events_device_message"),)
 
     id: str = id_field()
     device_id: str = Field(max_length=36, index=True)
+    message_id: str | None = Field(default=None, max_length=64)  # None: stored before migration 0011
     kind: str = Field(max_length=64)
     detail: dict[str, Any] = json_field()
     created_at: datetime = created_at_field(index=True)

@@ -12,8 +12,8 @@ The writer reports how far it stored, in arrival order (`stored_up_to`); that wa
 a file of its own, and a segment whose messages are all stored is deleted. After a restart,
 `unstored()` gives back what was acknowledged and never stored, in order, to be ingested again
 before the client reconnects. A message stored just before a crash, ahead of its watermark,
-comes back too: telemetry windows and states are idempotent by message id; an event may be kept
-twice.
+comes back too: the database keeps telemetry windows and events once per device and message id,
+and a state applied twice leaves the device as it was.
 
 Record: 4-byte length, 8-byte sequence number, 8-byte receive time (float seconds), 2-byte topic
 length, topic, payload. A record torn by a crash mid-write ends the segment: its message was
