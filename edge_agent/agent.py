@@ -158,7 +158,8 @@ class Agent:
             import httpx
 
             # Redirects are followed (the control plane may send artifacts to a CDN); httpx drops the
-            # Authorization header when a redirect leaves the control plane's origin.
+            # Authorization header when a redirect leaves the control plane's origin. Downloads
+            # follow them hop by hop under the rules of shared.references instead.
             timeout = httpx.Timeout(self.settings.download_timeout_s, connect=10.0)
             self._http = httpx.Client(timeout=timeout, follow_redirects=True)
         return self._http
@@ -182,6 +183,7 @@ class Agent:
                 on_bytes=self.metrics.download_bytes.inc,
                 # A newer desired state or a rollback should not wait for a long download.
                 superseded=self._supersede.is_set,
+                redirect_allowed_hosts=tuple(s.download_redirect_allowed_hosts),
             )
         return self._downloader
 
