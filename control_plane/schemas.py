@@ -92,7 +92,11 @@ class ArtifactSpec(BaseModel):
 
 
 class ArtifactReference(ArtifactSpec):
-    """An artifact that lives elsewhere (https:// or s3://): sha256 and size are mandatory."""
+    """An artifact that lives elsewhere (https://; s3:// is refused for now): sha256 and size are mandatory.
+
+    The URL may hold no credentials nor name a loopback, link-local or private host unless
+    SLMOPS_ARTIFACT_REFERENCE_ALLOWED_HOSTS lists it (422 `invalid_reference`).
+    """
 
     url: str = Field(pattern=r"^(https|s3)://.+", max_length=2000)
     sha256: str = Field(pattern=SHA256_PATTERN)  # type: ignore[assignment]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from control_plane.schemas import (
     VersionSpec,
 )
 from control_plane.storage import StoredBlob
+from shared.references import reference_problem
 
 
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
@@ -111,7 +113,16 @@ def add_stored_artifact(
     return _insert_artifact(session, artifact)
 
 
-def add_referenced_artifact(session: Session, *, version: ModelVersion, ref: ArtifactReference) -> Artifact:
+def check_reference(url: str, allowed_hosts: Sequence[str] = ()) -> None:
+    """Refuse a reference devices must not be sent to (see shared/references.py for the rules)."""
+    if (problem := reference_problem(url, allowed_hosts=allowed_hosts)) is not None:
+        raise DomainError("invalid_reference", f"artifact reference refused: {problem}")
+
+
+def add_referenced_artifact(
+    session: Session, *, version: ModelVersion, ref: ArtifactReference, allowed_hosts: Sequence[str] = ()
+) -> Artifact:
+    check_reference(ref.url, allowed_hosts)
     artifact = Artifact(
         version_id=version.id,
         format=ref.format,
