@@ -176,3 +176,15 @@ class AuditPublic(BaseModel):
     request_id: str
     detail: dict[str, Any]
     created_at: UTCDatetime
+
+
+class DeviceEventPublic(BaseModel):
+    """An event a device reported (download, activation, rollback, ...); `detail` is the message as sent."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    device_id: str
+    message_id: str | None
+    kind: str
+    detail: dict[str, Any]
+    created_at: UTCDatetime
