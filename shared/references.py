@@ -89,20 +89,20 @@ def _literal_address(host: str) -> tuple[IPAddress | None, str | None]:
     """The address `host` spells, or None for a DNS name; a problem for hosts no one should write."""
     if ":" in host:
         try:
-            address = ipaddress.IPv6Address(host)
+            v6 = ipaddress.IPv6Address(host)
         except ValueError:
             return None, f"{host!r} is not a valid IPv6 address"
-        return address.ipv4_mapped or address, None
+        return v6.ipv4_mapped or v6, None
     if not _NAME.match(host):
         return None, f"{host!r} is not a valid host name (write international names in punycode)"
     try:
         packed = socket.inet_aton(host)  # also reads 127.1, 0x7f.0.0.1 and 2130706433, as connect() would
     except OSError:
         return None, None
-    address = ipaddress.IPv4Address(packed)
-    if str(address) != host:
-        return None, f"{host!r} is an IPv4 address in an unusual form: write it as {address}"
-    return address, None
+    v4 = ipaddress.IPv4Address(packed)
+    if str(v4) != host:
+        return None, f"{host!r} is an IPv4 address in an unusual form: write it as {v4}"
+    return v4, None
 
 
 def _allowed(host: str, address: IPAddress | None, entries: Iterable[str]) -> bool:
