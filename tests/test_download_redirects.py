@@ -150,3 +150,29 @@ def test_a_redirect_loop_ends_with_an_error(servers, store, tls_files) -> None: 
         _downloader(store, tls_files).fetch(_ref("ab" * 32), f"{thread.url}/loop")
     assert refused.value.code == "too_many_redirects"
     assert len(loop.hits) == 6  # the request and five redirects
+
+
+def test_the_agent_holds_artifact_urls_elsewhere_to_the_reference_rules(tmp_path: Path) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.settings import load_settings
+
+    base = "http://127.0.0.1:8080"
+    agent = Agent(load_settings(None, data_dir=tmp_path / "data", control_plane_url=base))
+    sha = "ab" * 32
+
+    def url_for(url: str | None) -> tuple[str, bool]:
+        return agent.artifact_url(ArtifactRef(sha256=sha, size_bytes=1, format="gguf", url=url))
+
+    assert url_for(None) == (f"{base}/v1/artifacts/{sha}", True)
+    assert url_for(f"{base}/v1/artifacts/{sha}") == (f"{base}/v1/artifacts/{sha}", True)  # its control plane
+    assert url_for("https://cdn.example/m.gguf") == ("https://cdn.example/m.gguf", False)  # no credential
+    for url in ("s3://models/m.gguf", "https://169.254.169.254/m", "https://u:p@cdn.example/m", "http://cdn.example/m"):
+        with pytest.raises(DownloadError) as refused:
+            url_for(url)
+        assert refused.value.code == "reference_refused", url
+    mirror = Agent(
+        load_settings(None, data_dir=tmp_path / "m", control_plane_url=base, download_allowed_hosts=["10.0.0.0/8"])
+    )
+    assert (
+        mirror.artifact_url(ArtifactRef(sha256=sha, size_bytes=1, format="gguf", url="https://10.2.3.4/m"))[1] is False
+    )
