@@ -81,6 +81,17 @@ def redirect_problem(source: str, target: str, *, allowed_hosts: Iterable[str] =
     return target_problem(dst, allowed_hosts=allowed_hosts)
 
 
+def without_credentials(url: str) -> str:
+    """`url` with any `user:password@` removed, for showing a reference stored before these rules."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an invalid URL)"
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").rstrip("."), parts.port or _DEFAULT_PORTS.get(parts.scheme)
 

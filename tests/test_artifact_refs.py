@@ -98,6 +98,22 @@ def test_a_reference_stored_before_the_rules_is_not_redirected_to(client, operat
     assert download.status_code == 422 and download.json()["code"] == "invalid_reference"
 
 
+def test_credentials_in_a_stored_reference_are_never_shown(client, operator_headers, viewer_headers, engine):  # type: ignore[no-untyped-def]
+    _model(client, operator_headers)
+    good = {"version": "1", "artifact": _reference("https://models.example/m.gguf")}
+    assert client.post("/v1/models/m/versions", json=good, headers=operator_headers).status_code == 201
+    with Session(engine) as session:  # as an older control plane accepted it
+        artifact = session.exec(select(Artifact)).one()
+        artifact.external_url = "https://reader:s3cr3t@models.example/m.gguf"
+        session.add(artifact)
+        session.commit()
+    shown = client.get("/v1/models/m/versions/1", headers=viewer_headers)
+    assert shown.status_code == 200 and "s3cr3t" not in shown.text
+    assert shown.json()["artifacts"][0]["download_url"] == "https://models.example/m.gguf"
+    download = client.get(f"/v1/artifacts/{'a' * 64}", headers=viewer_headers, follow_redirects=False)
+    assert download.status_code == 422 and "s3cr3t" not in download.text
+
+
 # -- downloads by device credential ---------------------------------------------------------------
 
 

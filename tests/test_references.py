@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from control_plane.config import Settings
-from shared.references import redirect_problem, reference_problem
+from shared.references import redirect_problem, reference_problem, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -126,3 +126,12 @@ def test_redirects_that_weaken_the_transfer_are_refused(source: str, target: str
 def test_an_allowed_private_host_may_be_redirected_to_over_https_only() -> None:
     assert redirect_problem("https://cdn.example/a", "https://10.0.0.5/a", allowed_hosts=["10.0.0.0/8"]) is None
     assert redirect_problem("https://cdn.example/a", "http://10.0.0.5/a", allowed_hosts=["10.0.0.0/8"]) is not None
+
+
+def test_credentials_are_removed_from_a_reference_before_it_is_shown() -> None:
+    assert without_credentials("https://user:secret@models.example:8443/a.gguf?x=1") == (
+        "https://models.example:8443/a.gguf?x=1"
+    )
+    assert without_credentials("https://token@models.example/a") == "https://models.example/a"
+    assert without_credentials("https://models.example/a@b") == "https://models.example/a@b"  # a path keeps its @
+    assert without_credentials("https://[zz::1]/a") == "(an invalid URL)"

@@ -20,7 +20,7 @@ from control_plane.schemas import (
     VersionSpec,
 )
 from control_plane.storage import StoredBlob
-from shared.references import reference_problem
+from shared.references import reference_problem, without_credentials
 
 
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
@@ -161,9 +161,10 @@ def find_artifact(session: Session, sha256: str) -> Artifact:
 
 
 def artifact_public(artifact: Artifact, deduplicated: bool | None = None) -> ArtifactPublic:
-    url = artifact.external_url or f"/v1/artifacts/{artifact.sha256}"
+    external = without_credentials(artifact.external_url) if artifact.external_url else None
+    url = external or f"/v1/artifacts/{artifact.sha256}"
     return ArtifactPublic.model_validate(
-        {**artifact.model_dump(), "download_url": url, "deduplicated": deduplicated}
+        {**artifact.model_dump(), "external_url": external, "download_url": url, "deduplicated": deduplicated}
     )
 
 
