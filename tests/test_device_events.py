@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -78,6 +78,15 @@ def test_fleet_events_filter_by_device_type_and_time(client: TestClient, viewer_
     assert _kinds(one) == ["download_started", "download_completed"]
     ancient = client.get("/v1/events", params={"since": "0001-01-01T00:00:00Z"}, headers=viewer_headers)
     assert ancient.status_code == 200 and len(ancient.json()["data"]) == 5
+    # Any offset means the same instant; the calendar's ends stay in range.
+    east = between.astimezone(timezone(timedelta(hours=14))).isoformat()
+    assert _kinds(client.get("/v1/events", params={"since": east}, headers=viewer_headers)) == [
+        "download_started",
+        "download_completed",
+    ]
+    for edge, count in (("0001-01-01T00:00:00+14:00", 5), ("9999-12-31T23:59:59-14:00", 0)):
+        response = client.get("/v1/events", params={"since": edge}, headers=viewer_headers)
+        assert response.status_code == 200 and len(response.json()["data"]) == count, response.text
 
 
 def test_event_queries_refuse_bad_input_and_other_principals(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
@@ -27,7 +27,7 @@ def list_events(
     if kind is not None:
         stmt = stmt.where(DeviceEvent.kind == kind)
     if since is not None:
-        stmt = stmt.where(col(DeviceEvent.created_at) >= since)
+        stmt = stmt.where(col(DeviceEvent.created_at) >= _utc(since))
     stmt = pagination.apply_page(stmt, DeviceEvent.created_at, DeviceEvent.id, cursor, limit)
     return pagination.split_page(list(session.exec(stmt).all()), limit)
 
@@ -43,3 +43,14 @@ def latest_events(session: Session, device_ids: Sequence[str], limit: int) -> li
         .limit(limit)
     )
     return list(session.exec(stmt).all())
+
+
+def _utc(value: datetime) -> datetime:
+    """`value` in UTC (SQLite compares stored UTC times as text); naive means UTC, and year 1 or 9999
+    with an offset that leaves the calendar stays at its end."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return (datetime.min if value.year == 1 else datetime.max).replace(tzinfo=UTC)
