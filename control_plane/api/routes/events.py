@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query
+from sqlmodel import Session
 
 from control_plane.api.deps import SessionDep, ViewerDep
 from control_plane.schemas import DeviceEventPublic, Page
@@ -49,7 +50,7 @@ def fleet_events(
 
 
 def _page(
-    session: SessionDep, device_id: str | None, kind: str | None, since: datetime | None, cursor: str | None, limit: int
+    session: Session, device_id: str | None, kind: str | None, since: datetime | None, cursor: str | None, limit: int
 ) -> Page[DeviceEventPublic]:
     rows, next_cursor = events.list_events(
         session, device_id=device_id, kind=kind, since=since, cursor=cursor, limit=limit
