@@ -28,7 +28,7 @@ from edge_agent.store import ModelStore
 from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
 from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
-from shared.references import reference_problem
+from shared.references import reference_problem, without_credentials
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 
@@ -232,7 +232,8 @@ class Agent:
             own = base is not None and url.startswith(base.rstrip("/") + "/")
             allowed = self.settings.download_allowed_hosts
             if not own and (problem := reference_problem(url, allowed_hosts=allowed)) is not None:
-                raise DownloadError(f"artifact URL {url!r} refused: {problem}", code="reference_refused")
+                shown = without_credentials(url)  # the reason travels in state reports and events
+                raise DownloadError(f"artifact URL {shown!r} refused: {problem}", code="reference_refused")
             return url, own
         if not base:
             raise DownloadError(

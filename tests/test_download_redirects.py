@@ -170,6 +170,7 @@ def test_the_agent_holds_artifact_urls_elsewhere_to_the_reference_rules(tmp_path
         with pytest.raises(DownloadError) as refused:
             url_for(url)
         assert refused.value.code == "reference_refused", url
+        assert "u:p@" not in str(refused.value)
     mirror = Agent(
         load_settings(None, data_dir=tmp_path / "m", control_plane_url=base, download_allowed_hosts=["10.0.0.0/8"])
     )
