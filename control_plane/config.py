@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from slmops.mqtt.types import Protocol
 
@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         default=True,
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
     )
+    # Names are compared as written, never resolved: see shared/references.py.
+    artifact_reference_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
+        "name although loopback, link-local or private (e.g. a LAN mirror).",
+    )
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -86,6 +92,13 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg://" + value[len(prefix) :]
         if not (value.startswith("postgresql+psycopg://") or value.startswith("sqlite")):
             raise ValueError("SLMOPS_DATABASE_URL must be a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("artifact_reference_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
 
     @field_validator("mqtt_topic_prefix")

@@ -34,6 +34,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "sha256_mismatch": 422,
     "size_mismatch": 422,
     "unrecognized_artifact": 422,
+    "invalid_reference": 422,
     "idempotency_key_reused": 422,
     "invalid_selector": 422,
     "quality_below_floor": 422,

@@ -92,7 +92,11 @@ class ArtifactSpec(BaseModel):
 
 
 class ArtifactReference(ArtifactSpec):
-    """An artifact that lives elsewhere (https:// or s3://): sha256 and size are mandatory."""
+    """An artifact that lives elsewhere (https://; s3:// is refused for now): sha256 and size are mandatory.
+
+    The URL may hold no credentials nor name a loopback, link-local or private host unless
+    SLMOPS_ARTIFACT_REFERENCE_ALLOWED_HOSTS lists it (422 `invalid_reference`).
+    """
 
     url: str = Field(pattern=r"^(https|s3)://.+", max_length=2000)
     sha256: str = Field(pattern=SHA256_PATTERN)  # type: ignore[assignment]
@@ -170,5 +174,17 @@ class AuditPublic(BaseModel):
     action: str
     target: str
     request_id: str
+    detail: dict[str, Any]
+    created_at: UTCDatetime
+
+
+class DeviceEventPublic(BaseModel):
+    """An event a device reported (download, activation, rollback, ...); `detail` is the message as sent."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    device_id: str
+    message_id: str | None
+    kind: str
     detail: dict[str, Any]
     created_at: UTCDatetime

@@ -157,7 +157,7 @@ def test_variants_lineage_and_reference(client, operator_headers, viewer_headers
     assert body["artifacts"][0]["cpu_arch"] == ["x86_64", "aarch64"]
 
     ref = {
-        "url": "s3://models/tinyllama/1.0.0-gpu.gguf",
+        "url": "https://models.example/tinyllama/1.0.0-gpu.gguf",
         "sha256": "a" * 64,
         "size_bytes": 123456,
         "format": "gguf",
@@ -170,6 +170,10 @@ def test_variants_lineage_and_reference(client, operator_headers, viewer_headers
     assert added.json()["download_url"] == ref["url"]
     version = client.get("/v1/models/tinyllama/versions/1.0.0", headers=viewer_headers).json()
     assert len(version["artifacts"]) == 2
+
+    s3_ref = {**ref, "url": "s3://models/tinyllama/1.0.0-gpu.gguf", "sha256": "c" * 64}
+    s3 = client.post("/v1/models/tinyllama/versions/1.0.0/artifacts", json=s3_ref, headers=operator_headers)
+    assert s3.status_code == 422 and s3.json()["code"] == "invalid_reference"  # no S3 backend yet
 
     bad_ref = {**ref, "url": "ftp://elsewhere/x", "sha256": "b" * 64}
     refused = client.post(

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control_plane.api.routes import (
     artifacts,
     devices,
+    events,
     health,
     jobs,
     metrics,
@@ -141,4 +142,5 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     _install_error_handlers(app)
     for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
         app.include_router(module.router)
+    app.include_router(events.router)
     return app

@@ -101,6 +101,7 @@ def devices_page(
     return render(
         request, "devices.html", partial, viewer=viewer, devices=rows, next_cursor=next_cursor, filters=filters,
         error=error, statuses=[s.value for s in DeviceStatus], versions=queries.known_versions(session),
+        events=queries.recent_events(session, rows),
     )  # fmt: skip
 
 

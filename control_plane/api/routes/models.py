@@ -257,7 +257,8 @@ def _create_version_by_reference(
         return replayed
     model = registry.get_model(mutation.session, name)
     row = registry.create_version(mutation.session, model=model, spec=spec, created_by=principal.actor)
-    registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact)
+    allowed_hosts = mutation.settings.artifact_reference_allowed_hosts
+    registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact, allowed_hosts=allowed_hosts)
     mutation.audit(principal, "version.create", f"{name}@{row.version}", url=spec.artifact.url)
     body = registry.version_public(mutation.session, model, row)
     mutation.commit(principal, 201, body)
@@ -287,7 +288,9 @@ def _add_reference(
     if (replayed := mutation.replay(principal, ref)) is not None:
         return replayed
     _, row = registry.get_version(mutation.session, name, version)
-    artifact = registry.add_referenced_artifact(mutation.session, version=row, ref=ref)
+    artifact = registry.add_referenced_artifact(
+        mutation.session, version=row, ref=ref, allowed_hosts=mutation.settings.artifact_reference_allowed_hosts
+    )
     mutation.audit(principal, "artifact.create", f"{name}@{version}", url=ref.url)
     body = registry.artifact_public(artifact)
     mutation.commit(principal, 201, body)
