@@ -113,3 +113,31 @@ def status_will(topics: Topics, device_id: str) -> tuple[Outgoing, Outgoing]:
 def clear_retained(client: MqttClient, topics: list[str]) -> None:
     """An empty retained payload deletes the retained message (MQTT 3.1.1 section 3.3.1.3)."""
     client.publish_many([Outgoing(topic, b"", retain=True) for topic in topics])
+
+
+DEPLOY_MOSQUITTO = Path(__file__).parents[1] / "deploy" / "mosquitto"
+
+
+def shipped_mosquitto(workdir: Path) -> tuple[MosquittoProcess, int]:
+    """deploy/mosquitto/mosquitto.conf on free ports, paths moved into `workdir`: its control-plane
+    listener (the process's `port`) and its device listener, without TLS (the returned port)."""
+    import os
+    import re
+
+    port, device_port = free_port(), free_port()
+    config = (DEPLOY_MOSQUITTO / "mosquitto.conf").read_text()
+    config = re.sub(r"^(certfile|keyfile|tls_version) .*\n", "", config, flags=re.M)
+    for production, test in [
+        ("/etc/mosquitto/slmops/", f"{workdir}/"),
+        ("/run/mosquitto/", f"{workdir}/"),
+        ("/var/lib/mosquitto/", f"{workdir}/"),
+        ("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"),
+        ("listener 8883\n", f"listener {device_port} 127.0.0.1\n"),
+        ("log_dest syslog", "log_dest stderr"),
+    ]:
+        assert production in config
+        config = config.replace(production, test)
+    if os.geteuid() == 0:
+        config += "user root\n"  # mosquitto would switch to its own user, who cannot read workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    return MosquittoProcess(workdir, topics=Topics(), port=port, config=config), device_port

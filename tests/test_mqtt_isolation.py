@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,16 @@ from slmops.mqtt.credentials import (
 from slmops.mqtt.errors import MqttConnectError
 from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl
 from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import ClientFactory, Collector, clients, private_mosquitto, unique_topics, wait_until
+from tests.mqtt_support import (
+    DEPLOY_MOSQUITTO,
+    ClientFactory,
+    Collector,
+    clients,
+    private_mosquitto,
+    shipped_mosquitto,
+    unique_topics,
+    wait_until,
+)
 
 __all__ = ["clients", "private_mosquitto"]  # fixtures
 
@@ -82,10 +90,11 @@ def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFa
         port = broker.port
         urls = {name: f"mqtt://{name}:{secret}@127.0.0.1:{port}" for name, secret in DEVICES.items()}
         urls["cp"] = f"mqtt://{CONTROL_PLANE_USER}:cp-secret@127.0.0.1:{port}"
-        device_a = clients(urls["dev-a"], client_id="dev-a-probe")
+        device_a = clients(urls["dev-a"], client_id="dev-a")
         # amqtt answers a refused subscription with SUBACK 0x80.
         result = device_a.subscribe(topics.desired("dev-b"), Collector())
         assert result is not None and result.granted == {topics.desired("dev-b"): None}
+        device_a.stop(publish_offline=False)
         with pytest.raises(MqttConnectError):
             clients(f"mqtt://127.0.0.1:{port}")  # anonymous
         _prove_isolation(topics, urls, clients)
@@ -160,34 +169,15 @@ def test_shipped_acl_is_the_rendered_default() -> None:
 
 def test_shipped_production_config_runs_and_isolates(tmp_path: Path, clients: ClientFactory) -> None:
     """deploy/mosquitto/mosquitto.conf, with paths moved into tmp_path and TLS left out, starts
-    Mosquitto with the shipped ACL in force."""
-    deploy = Path(__file__).parents[1] / "deploy" / "mosquitto"
-    port = free_port()
-    config = re.sub(
-        r"# --- TLS listener for devices \(begin\).*?\(end\)\n",
-        "",
-        deploy.joinpath("mosquitto.conf").read_text(),
-        flags=re.S,
-    )
-    for production, test in [
-        ("/etc/mosquitto/slmops/", f"{tmp_path}/"),
-        ("/run/mosquitto/", f"{tmp_path}/"),
-        ("/var/lib/mosquitto/", f"{tmp_path}/"),
-        ("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"),
-        ("log_dest syslog", "log_dest stderr"),
-    ]:
-        assert production in config
-        config = config.replace(production, test)
-    if os.geteuid() == 0:
-        config += "user root\n"  # mosquitto would switch to its own user, who cannot read tmp_path
-    broker = MosquittoProcess(tmp_path, topics=Topics(), port=port, config=config)
+    Mosquitto with the shipped ACL in force on its device listener."""
+    broker, device_port = shipped_mosquitto(tmp_path)
     try:
         broker.start({"dev-a": "secret-a"})
-        shutil.copy(deploy / "acl", tmp_path / "acl")  # start() wrote an ACL; use the shipped one
+        shutil.copy(DEPLOY_MOSQUITTO / "acl", tmp_path / "acl")  # start() wrote an ACL; use the shipped one
         broker.credentials.reload()
         seen = Collector()
         clients(broker.admin_url).subscribe(Topics().all_devices("state"), seen)
-        device_a = clients(broker.url("dev-a", "secret-a"), client_id="dev-a")
+        device_a = clients(f"mqtt://dev-a:secret-a@127.0.0.1:{device_port}", client_id="dev-a")
         device_a.publish(Topics().state("dev-b"), b"forged")
         device_a.publish(Topics().state("dev-a"), b"own")
         assert seen.wait_for(1) == [b"own"]
