@@ -28,6 +28,7 @@ from shared.messages import EventMessage, StatusMessage, encode
 from shared.topics import Topics
 from slmops.mqtt.broker import free_port
 from slmops.mqtt.client import MqttClient
+from slmops.mqtt.credentials import client_id_for
 from slmops.mqtt.errors import MqttConnectError
 from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
 from slmops.mqtt.url import parse_broker_url
@@ -152,6 +153,8 @@ def test_no_device_takes_over_the_control_planes_session(kind, tmp_path, db_url,
             victim.start()
             try:
                 public_ids = [settings.mqtt_client_id, f"{settings.mqtt_client_id}-pub"]
+                runtime = fleet.client.app.state.fleet  # type: ignore[attr-defined]
+                assert {runtime.client.client_id, runtime.publisher.client_id}.isdisjoint(public_ids)
                 for round_ in range(4):
                     attacker = RawClient(
                         fleet.device_url(attacker_id, attacker_secret), public_ids[round_ % 2], clean_session=False
@@ -243,3 +246,11 @@ def _connects(url: str, client_id: str) -> bool:
         return False
     client.stop(publish_offline=False)
     return True
+
+
+def test_the_control_planes_client_ids_need_its_broker_password() -> None:
+    label = "slmops-control-plane"
+    ids = {client_id_for(label, "s1"), client_id_for(label, "s2"), client_id_for(f"{label}-pub", "s1")}
+    assert len(ids) == 3 and label not in ids
+    assert client_id_for(label, "s1") == client_id_for(label, "s1")  # stable: the broker keeps the session
+    assert client_id_for(label, None) == label  # an anonymous broker has nothing to bind it to

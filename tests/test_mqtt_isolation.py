@@ -206,3 +206,34 @@ def test_the_control_plane_ingests_through_a_secret_shared_subscription_under_th
         device_a.publish(topics.telemetry("dev-a"), f"w{i}".encode())
     assert seen.wait_for(4) == [b"w0", b"w1", b"w2", b"w3"]  # the control plane got every window
     assert guessed.payloads() == []  # delivered at the same time as the control plane's copies, had it had any
+
+
+def test_the_embedded_broker_refuses_a_connect_naming_another_clients_session(clients: ClientFactory) -> None:
+    """amqtt looks a CONNECT's session up before it authenticates; ours refuses first, so neither a
+    wrong password nor another identity's client id can end or adopt a session."""
+    topics = unique_topics()
+    credentials = InMemoryCredentials(admins={CONTROL_PLANE_USER: "cp-secret"})
+    for device_id, secret in DEVICES.items():
+        credentials.add_device(device_id, secret)
+    broker = EmbeddedBroker(
+        port=free_port(), auth=credentials.check, topics=topics, admin_users=frozenset({CONTROL_PLANE_USER})
+    )
+    broker.start()
+    try:
+        url = f"mqtt://{{}}@127.0.0.1:{broker.port}".format
+        seen = Collector()
+        control_plane = clients(url(f"{CONTROL_PLANE_USER}:cp-secret"), client_id="cp-ingest", persistent_session=True)
+        control_plane.subscribe(topics.all_device_messages(), seen)
+        for credential, client_id, persistent in [
+            ("dev-a:wrong", "cp-ingest", False),  # amqtt deleted the session, then refused the client
+            ("dev-a:secret-a", "cp-ingest", True),  # amqtt adopted the session, username and all
+            ("dev-a:secret-a", "dev-b", False),
+        ]:
+            with pytest.raises(MqttConnectError, match="refused"):
+                clients(url(credential), client_id=client_id, persistent_session=persistent)
+        device_b = clients(url("dev-b:secret-b"), client_id="dev-b")
+        device_b.publish(topics.state("dev-b"), b"b's state")
+        assert seen.wait_for(1) == [b"b's state"]
+        assert control_plane.connected
+    finally:
+        broker.stop()
