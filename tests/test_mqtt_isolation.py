@@ -77,8 +77,8 @@ def test_device_a_cannot_touch_device_b_on_mosquitto(
     _prove_isolation(private_mosquitto.topics, urls, clients)
 
 
-def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFactory) -> None:
-    topics = unique_topics()
+def _embedded_broker(topics: Topics) -> EmbeddedBroker:
+    """Started, with DEVICES and the control plane (password cp-secret) as its credentials."""
     credentials = InMemoryCredentials(admins={CONTROL_PLANE_USER: "cp-secret"})
     for device_id, secret in DEVICES.items():
         credentials.add_device(device_id, secret)
@@ -86,6 +86,12 @@ def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFa
         port=free_port(), auth=credentials.check, topics=topics, admin_users=frozenset({CONTROL_PLANE_USER})
     )
     broker.start()
+    return broker
+
+
+def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFactory) -> None:
+    topics = unique_topics()
+    broker = _embedded_broker(topics)
     try:
         port = broker.port
         urls = {name: f"mqtt://{name}:{secret}@127.0.0.1:{port}" for name, secret in DEVICES.items()}
@@ -212,13 +218,7 @@ def test_the_embedded_broker_refuses_a_connect_naming_another_clients_session(cl
     """amqtt looks a CONNECT's session up before it authenticates; ours refuses first, so neither a
     wrong password nor another identity's client id can end or adopt a session."""
     topics = unique_topics()
-    credentials = InMemoryCredentials(admins={CONTROL_PLANE_USER: "cp-secret"})
-    for device_id, secret in DEVICES.items():
-        credentials.add_device(device_id, secret)
-    broker = EmbeddedBroker(
-        port=free_port(), auth=credentials.check, topics=topics, admin_users=frozenset({CONTROL_PLANE_USER})
-    )
-    broker.start()
+    broker = _embedded_broker(topics)
     try:
         url = f"mqtt://{{}}@127.0.0.1:{broker.port}".format
         seen = Collector()
