@@ -6,18 +6,15 @@ config (devices on its device listener, TLS left out) and against the embedded b
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlmodel import Session, SQLModel, col, func, select
 
 from control_plane.api.main import create_app
@@ -32,7 +29,7 @@ from slmops.mqtt.credentials import client_id_for
 from slmops.mqtt.errors import MqttConnectError
 from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
 from slmops.mqtt.url import parse_broker_url
-from tests.mqtt_support import Collector, shipped_mosquitto, wait_until
+from tests.mqtt_support import Collector, RawClient, shipped_mosquitto, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -109,31 +106,6 @@ def emptied(engine: sa.Engine) -> Iterator[sa.Engine]:
 def _events_stored(engine: sa.Engine, device_id: str) -> int:
     with Session(engine) as session:
         return int(session.exec(select(func.count()).where(col(DeviceEvent.device_id) == device_id)).one())
-
-
-class RawClient:
-    """A bare paho client: one CONNECT, no reconnects, any client id and session flag."""
-
-    def __init__(self, url: str, client_id: str, *, clean_session: bool) -> None:
-        parsed = parse_broker_url(url)
-        self.answered = threading.Event()
-        self.accepted = False
-        self.paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
-        self.paho.username_pw_set(parsed.username, parsed.password)
-        self.paho.on_connect = self._on_connect
-        self.paho.on_disconnect = lambda *_: self.answered.set()
-        self.paho.reconnect_delay_set(600, 600)
-        self.paho.connect(parsed.host, parsed.port)
-        self.paho.loop_start()
-        self.answered.wait(10)
-
-    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
-        self.accepted = not getattr(reason, "is_failure", True)
-        self.answered.set()
-
-    def close(self) -> None:
-        self.paho.disconnect()
-        self.paho.loop_stop()
 
 
 @pytest.mark.mosquitto

@@ -25,8 +25,10 @@ from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl
 from slmops.mqtt.testing import MosquittoProcess
 from tests.mqtt_support import (
     DEPLOY_MOSQUITTO,
+    WAIT_S,
     ClientFactory,
     Collector,
+    RawClient,
     clients,
     private_mosquitto,
     shipped_mosquitto,
@@ -236,4 +238,24 @@ def test_the_embedded_broker_refuses_a_connect_naming_another_clients_session(cl
         assert seen.wait_for(1) == [b"b's state"]
         assert control_plane.connected
     finally:
+        broker.stop()
+
+
+def test_a_second_connection_under_one_client_id_closes_the_first_on_the_embedded_broker() -> None:
+    """MQTT 3.1.1 [MQTT-3.1.4-2]: amqtt left the first connection running, unreachable by client id,
+    so closing a revoked device's connection could miss one it had opened before."""
+    broker = _embedded_broker(unique_topics())
+    url = f"mqtt://dev-a:secret-a@127.0.0.1:{broker.port}"
+    first = second = None
+    try:
+        first = RawClient(url, "dev-a", clean_session=True)
+        second = RawClient(url, "dev-a", clean_session=True)
+        assert first.accepted and second.accepted
+        assert first.closed.wait(WAIT_S)
+        assert broker.disconnect("dev-a")
+        assert second.closed.wait(WAIT_S)
+    finally:
+        for client in (first, second):
+            if client is not None:
+                client.close()
         broker.stop()

@@ -164,6 +164,11 @@ async def _close_connection(broker: Broker, client_id: str) -> bool:
     # As amqtt's own take-over does: the message loop sees the close, sends the will, cleans up.
     await handler.handle_connection_closed()
     await handler.stop()
+    # Its will is queued before whatever a new connection under this id publishes (bounded wait).
+    for _ in range(100):
+        if not session.transitions.is_connected():
+            break
+        await asyncio.sleep(0.01)
     return True
 
 
@@ -203,6 +208,8 @@ class _AdmittingBroker(Broker):
         """amqtt 0.12: a clean session replaces a stored one, a persistent one resumes it."""
         if incoming.clean_session:
             if incoming.client_id:
+                # MQTT-3.1.4-2: the client id's open connection goes too (amqtt would leave it running).
+                await _close_connection(self, incoming.client_id)
                 await self._delete_session(incoming.client_id)
             else:
                 incoming.client_id = gen_client_id()
