@@ -59,3 +59,7 @@ def gguf_file(
 
 def llama_kvs(*extra: bytes) -> list[bytes]:
     return [kv_string("general.architecture", "llama"), kv_u32("llama.context_length", 256), *extra]
+
+
+# The 61-byte file of issue 19: one metadata array declaring 2**63 uint8 values, no tensors.
+DECLARES_2_63_BYTES = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv_array("general.array", U8, 2**63)

@@ -16,6 +16,7 @@ from control_plane.errors import DomainError
 from control_plane.services import gguf_header
 from control_plane.services.sniff import sniff_artifact
 from tests.gguf_craft import (
+    DECLARES_2_63_BYTES,
     STRING,
     U8,
     U32,
@@ -29,9 +30,6 @@ from tests.gguf_craft import (
     llama_kvs,
     tensor_info,
 )
-
-# The 61-byte file of issue 19: one metadata array declaring 2**63 uint8 values, no tensors.
-DECLARES_2_63_BYTES = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv_array("general.array", U8, 2**63)
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "model.gguf") -> Path:
@@ -91,8 +89,10 @@ def test_zero_tensors_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_string_longer_than_the_file_is_refused(tmp_path: Path) -> None:
-    data = gguf_file(llama_kvs(kv_string("general.name", b"x" * 16, declared=2**62)))
-    assert "general.name" in _refusal(_write(tmp_path, data))
+    declared_2_62 = kv_string("general.name", b"x" * 16, declared=2**62)
+    for tensors in ([], None):  # as the last thing in the file, and with a tensor table after it
+        data = gguf_file(llama_kvs(declared_2_62), tensors=tensors)
+        assert "general.name" in _refusal(_write(tmp_path, data))
 
 
 HOSTILE = {

@@ -109,9 +109,9 @@ def read_gguf_header(path: Path, *, keep: Callable[[str], bool]) -> GGUFHeader:
         header = GGUFHeader(version=int(cursor.scalar("I", "version")), kv_count=0)
         tensor_count = cursor.count("tensor count", MAX_TENSOR_COUNT, 24)
         header.kv_count = cursor.count("key-value count", MAX_KV_COUNT, 13)
+        alignment = _read_key_values(cursor, header, keep)
         if tensor_count == 0:
             raise GGUFHeaderError("the GGUF holds no tensors")
-        alignment = _read_key_values(cursor, header, keep)
         _read_tensor_infos(cursor, header, tensor_count, alignment, size)
     return header
 

@@ -28,7 +28,13 @@ def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:
     raise DomainError("unrecognized_artifact", "the file is neither a GGUF, an ONNX model nor an ONNX model folder")
 
 
-_KEPT_GGUF_KEYS = {"general.type", "general.architecture", "general.name", "general.file_type", "tokenizer.chat_template"}
+_KEPT_GGUF_KEYS = {
+    "general.type",
+    "general.architecture",
+    "general.name",
+    "general.file_type",
+    "tokenizer.chat_template",
+}
 
 
 def _kept_gguf_key(key: str) -> bool:
