@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from control_plane.errors import DomainError
 from control_plane.services.sniff import sniff_artifact
 from slmops.tinymodels import write_tiny_onnx_folder
-from tests.gguf_craft import gguf_file, gguf_string, tensor_info
+from tests.gguf_craft import gguf_file, gguf_string, kv_array, llama_kvs, tensor_info
 
 EXAMPLE_SECONDS = 10  # generous: a bounded sniff of these files takes milliseconds
 EXAMPLE_PEAK_BYTES = 64 * 1024**2  # Python memory traced during one sniff
@@ -144,8 +144,18 @@ def gguf_headers(draw: st.DrawFn) -> bytes:
     )
 
 
+@st.composite
+def lying_arrays(draw: st.DrawFn) -> bytes:
+    """A well-formed header but for one array whose count may claim more than the file holds."""
+    item_type = draw(st.sampled_from([0, 4, 6, 8, 10, 12]))
+    array = kv_array("tokenizer.ggml.scores", item_type, draw(u64s), draw(st.binary(max_size=64)))
+    return gguf_file(llama_kvs(array), tensors=draw(st.sampled_from([[], None])))
+
+
 @FUZZ
-@given(data=st.one_of(gguf_headers(), st.binary(max_size=300).map(lambda tail: b"GGUF\x03\0\0\0" + tail)))
+@given(
+    data=st.one_of(gguf_headers(), lying_arrays(), st.binary(max_size=300).map(lambda tail: b"GGUF\x03\0\0\0" + tail))
+)
 def test_hand_built_gguf_headers(tmp_path: Path, data: bytes) -> None:
     _sniff_within_budget(tmp_path / "fuzz.gguf", data)
 
@@ -155,9 +165,22 @@ def gguf_bases(tiny_gguf: Path, tiny_lora_gguf: Path) -> list[tuple[bytes, list[
     """The tiny model and adapter, each with its header span (where mutations land) and whole extent."""
     bases = []
     for path in (tiny_gguf, tiny_lora_gguf):
-        header_end = gguf.GGUFReader(path, "r").data_offset
-        bases.append((path.read_bytes(), [(0, 24), (24, header_end), (0, header_end)]))
+        reader = gguf.GGUFReader(path, "r")
+        fields = [*reader.fields.values(), *(tensor.field for tensor in reader.tensors)]
+        starts = [(at, at + 8) for at in _structure_offsets(fields)]
+        bases.append((path.read_bytes(), [(0, 24), (0, reader.data_offset), *starts]))
     return bases
+
+
+def _structure_offsets(fields: list[Any]) -> list[int]:
+    """Where each key-value's and tensor info's leading parts start: lengths, types, counts, shapes."""
+    offsets = []
+    for field in fields:
+        at = field.offset
+        for part in field.parts[:6]:
+            offsets.append(at)
+            at += part.nbytes
+    return offsets
 
 
 @FUZZ
