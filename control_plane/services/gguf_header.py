@@ -163,21 +163,29 @@ def _read_scalar(cursor: _Cursor, value_type: int, key: str, keep: bool) -> Scal
 def _skip_array(cursor: _Cursor, key: str) -> None:
     item_type = int(cursor.scalar("I", f"item type of {key!r}"))
     if item_type == _STRING:
-        count = cursor.count(f"item count of {key!r}", MAX_ARRAY_ITEMS, 8)
-        length = struct.Struct(cursor.endian + "Q")
-        for index in range(count):
-            if index % _DEADLINE_EVERY == 0:
-                cursor.check_deadline()
-            size = length.unpack_from(cursor.data, cursor.take(8, f"item of {key!r}"))[0]
-            if size > MAX_STRING_BYTES:
-                raise GGUFHeaderError(f"an item of {key!r} is longer than {MAX_STRING_BYTES} bytes")
-            cursor.take(size, f"item of {key!r}")
+        _skip_strings(cursor, key, cursor.count(f"item count of {key!r}", MAX_ARRAY_ITEMS, 8))
         return
     if item_type not in _SCALARS:  # nested arrays included: ggml refuses them too
         raise GGUFHeaderError(f"array {key!r} has unsupported item type {item_type}")
     item_bytes = struct.calcsize(_SCALARS[item_type])
     count = cursor.count(f"item count of {key!r}", MAX_ARRAY_ITEMS, item_bytes)
     cursor.take(count * item_bytes, f"items of {key!r}")
+
+
+def _skip_strings(cursor: _Cursor, key: str, count: int) -> None:
+    """Step over `count` strings: the hot loop of a tokenizer's vocabulary, so its checks are inlined."""
+    unpack, data, pos, end = struct.Struct(cursor.endian + "Q").unpack_from, cursor.data, cursor.pos, cursor.end
+    for index in range(count):
+        if index % _DEADLINE_EVERY == 0:
+            cursor.check_deadline()
+        if end - pos < 8:
+            raise GGUFHeaderError(f"array {key!r} runs past the end of the header")
+        size = unpack(data, pos)[0]
+        pos += 8
+        if size > MAX_STRING_BYTES or size > end - pos:
+            raise GGUFHeaderError(f"an item of {key!r} is longer than the file or {MAX_STRING_BYTES} bytes")
+        pos += size
+    cursor.pos = pos
 
 
 def _read_tensor_infos(cursor: _Cursor, header: GGUFHeader, count: int, alignment: int, file_size: int) -> None:
