@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import httpx
-import onnx
 from fastapi.testclient import TestClient
 
 from tests.gguf_craft import DECLARES_2_63_BYTES
+from tests.onnx_craft import with_external_data
 from tests.server_thread import ServerThread
 
 
@@ -234,23 +234,12 @@ def test_hostile_gguf_header_is_refused_and_the_server_keeps_serving(app, operat
         assert _upload(http, operator_headers, tiny_gguf, "1.0.1").status_code == 201
 
 
-def _with_external_data(source: Path, dest: Path, entries: dict[str, str]) -> Path:
-    """`source`'s graph with its first initializer moved to external data described by `entries`."""
-    model = onnx.load(str(source))
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in entries.items():
-        tensor.external_data.add(key=key, value=value)
-    dest.write_bytes(model.SerializeToString())
-    return dest
-
-
 def test_plain_onnx_with_external_data_is_refused(client, operator_headers, tiny_onnx, settings, tmp_path):  # type: ignore[no-untyped-def]
     _create_model(client, operator_headers, "tinyonnx")
     outside = ["../../etc/hostname", "/etc/hostname", "weights.bin"]  # a plain file has no folder beside it
     for version, location in enumerate(outside):
-        path = _with_external_data(tiny_onnx, tmp_path / f"ext{version}.onnx", {"location": location})
+        path = tmp_path / f"ext{version}.onnx"
+        path.write_bytes(with_external_data(tiny_onnx, {"location": location}))
         response = _upload(client, operator_headers, path, str(version), model="tinyonnx")
         assert response.status_code == 422, (location, response.text)
         assert response.json()["code"] == "unrecognized_artifact", location

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +27,7 @@ from control_plane.errors import DomainError
 from control_plane.services.sniff import sniff_artifact
 from slmops.tinymodels import write_tiny_onnx_folder
 from tests.gguf_craft import gguf_file, gguf_string, kv_array, llama_kvs, tensor_info
+from tests.onnx_craft import with_external_data
 
 EXAMPLE_SECONDS = 10  # generous: a bounded sniff of these files takes milliseconds
 EXAMPLE_PEAK_BYTES = 64 * 1024**2  # Python memory traced during one sniff
@@ -235,10 +235,4 @@ external_entries = st.dictionaries(
 def test_plain_onnx_naming_any_external_data_is_refused(
     tmp_path: Path, tiny_onnx: Path, entries: dict[str, str]
 ) -> None:
-    model = onnx.load(str(tiny_onnx))
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in entries.items():
-        tensor.external_data.add(key=key, value=value)
-    assert _sniff_within_budget(tmp_path / "fuzz.onnx", model.SerializeToString()) == "refused"
+    assert _sniff_within_budget(tmp_path / "fuzz.onnx", with_external_data(tiny_onnx, entries)) == "refused"

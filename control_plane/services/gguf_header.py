@@ -129,10 +129,7 @@ def _read_key_values(cursor: _Cursor, header: GGUFHeader, keep: Callable[[str], 
     alignment = DEFAULT_ALIGNMENT
     for _ in range(header.kv_count):
         cursor.check_deadline()
-        key = cursor.string("key", MAX_KEY_BYTES)
-        if key in seen:
-            raise GGUFHeaderError(f"key {key!r} appears twice")
-        seen.add(key)
+        key = _first_time(seen, cursor.string("key", MAX_KEY_BYTES), "key")
         value_type = int(cursor.scalar("I", f"type of {key!r}"))
         if key == "general.alignment":
             alignment = _read_alignment(cursor, value_type)
@@ -143,6 +140,13 @@ def _read_key_values(cursor: _Cursor, header: GGUFHeader, keep: Callable[[str], 
         else:
             _read_scalar(cursor, value_type, key, keep=False)
     return alignment
+
+
+def _first_time(seen: set[str], name: str, what: str) -> str:
+    if name in seen:  # ggml refuses duplicate keys and tensor names
+        raise GGUFHeaderError(f"{what} {name!r} appears twice")
+    seen.add(name)
+    return name
 
 
 def _read_alignment(cursor: _Cursor, value_type: int) -> int:
@@ -194,10 +198,7 @@ def _read_tensor_infos(cursor: _Cursor, header: GGUFHeader, count: int, alignmen
     extents: list[tuple[int, int]] = []
     for _ in range(count):
         cursor.check_deadline()
-        name = cursor.string("tensor name", MAX_TENSOR_NAME_BYTES)
-        if name in names:
-            raise GGUFHeaderError(f"tensor {name!r} appears twice")
-        names.add(name)
+        name = _first_time(names, cursor.string("tensor name", MAX_TENSOR_NAME_BYTES), "tensor")
         n_dims = int(cursor.scalar("I", f"dimension count of {name!r}"))
         if n_dims > MAX_DIMS:
             raise GGUFHeaderError(f"tensor {name!r} has {n_dims} dimensions; ggml allows {MAX_DIMS}")
