@@ -19,13 +19,14 @@ from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.models import Device, DeviceEvent, TelemetryRecord
 from shared import limits
-from shared.messages import EventMessage, MessageDecodeError, decode, encode
+from shared.messages import EventMessage, MessageDecodeError, TelemetryMessage, decode, encode
 from shared.state import DeviceState
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.subscriber import DeviceMessage
+from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
 from tests.fleet_helpers import wait_for
+from tests.mqtt_support import SYSTEM_MOSQUITTO, unique_topics
 from tests.telemetry_support import add_devices
 from tests.test_cp_metrics import scrape, value
 
@@ -152,6 +153,39 @@ def test_messages_at_every_bound_are_stored(engine: sa.Engine) -> None:
         stored = session.get(Device, device)
         assert stored is not None and stored.phase_reason == "é" * limits.REASON_CHARS
         assert session.execute(sa.select(DeviceEvent).where(DeviceEvent.device_id == device)).scalar_one()
+
+
+class CountingWriter:
+    """The real ingest writer, recording the size of every batch it is handed."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.writer = IngestWriter(engine)
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: list[DeviceMessage]) -> None:
+        self.sizes.append(len(batch))
+        self.writer(batch)
+
+
+def test_a_value_the_database_refuses_costs_only_its_own_message(engine: sa.Engine) -> None:
+    # Should a value ever pass the schema and fail a column, the batch is split at once (no retry
+    # pauses, no halving budget spent): every other message is stored, the bad ones counted.
+    (device,) = add_devices(engine, f"gap-{uuid.uuid4().hex[:8]}")
+    batch = []
+    for seq in range(400):
+        message = TelemetryMessage.model_validate(telemetry(seq=seq))
+        if seq % 10 == 3:
+            message = message.model_copy(update={"requests": 2**70})  # as a gap in the schema would let in
+        batch.append(DeviceMessage(device, TopicKind.TELEMETRY, message, "t/telemetry", datetime.now(UTC)))
+    handler = CountingWriter(engine)
+    ingest = DeviceMessageSubscriber(MqttClient(SYSTEM_MOSQUITTO, client_id="unused"), unique_topics(), handler)
+    ingest._dispatch(batch)
+    with Session(engine) as session:
+        query = sa.select(sa.func.count()).select_from(TelemetryRecord).where(TelemetryRecord.device_id == device)
+        assert session.execute(query).scalar_one() == 360
+    assert ingest.counters.lost == 0 and ingest.counters.dispatched == 360
+    assert handler.sizes.count(400) == 1  # the whole batch was not retried
+    assert ingest.counters.unstorable == 40
 
 
 # -- one device floods out-of-bound messages; another's events are all stored -----------------------
