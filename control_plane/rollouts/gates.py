@@ -53,7 +53,7 @@ class Sample:
         return robust.reporting(list(self.devices.values()))
 
     def p95_ms(self) -> Spread:
-        return robust.p95_ms(self.reporting(), self.bounds, percentile_of)
+        return robust.p95_ms(self.reporting(), self.bounds)
 
     def enough(self, min_samples: int) -> bool:
         return robust.counted_requests(self.reporting()) >= min_samples
