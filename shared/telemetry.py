@@ -48,6 +48,8 @@ class Histogram(WireModel):
     def _one_count_per_bucket(self) -> Histogram:
         if len(self.counts) != len(self.bounds) + 1:
             raise ValueError("a histogram has one count per bound plus the overflow bucket")
+        if any(upper <= lower for lower, upper in zip((0.0, *self.bounds), self.bounds, strict=False)):
+            raise ValueError("histogram bounds are positive and increasing")
         return self
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Session
 from control_plane.rollouts import gates
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
-from shared.telemetry import REQUEST_DURATION_BUCKETS
+from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram
 from slmops.mqtt.subscriber import DeviceMessage
 from tests.telemetry_support import T0, add_devices, ingest, window
 
@@ -103,6 +103,16 @@ def test_one_device_cannot_fail_latency_or_memory_alone(engine: sa.Engine) -> No
     ingest(engine, [_honest(devices[1], bucket=TOP, rss_mb=10**6)])
     result, checks = _evaluate(engine, devices, max_p95_latency_ms=500, max_rss_mb=1024, max_error_rate=None)
     assert checks["max_p95_latency_ms"]["result"] == "fail" and checks["max_rss_mb"]["result"] == "fail"
+
+
+def test_one_device_cannot_choose_the_histogram_layout_the_stage_is_merged_on(engine: sa.Engine) -> None:
+    devices = sorted(_devices(engine, 4))  # its rows come first
+    own_layout = Histogram(bounds=(1000.0,), counts=(0, 50))  # everything slower than 1,000 s
+    ingest(engine, [_liar(devices[0], latency_histogram=own_layout)] + [_honest(d) for d in devices[1:]])
+    result, checks = _evaluate(engine, devices, max_p95_latency_ms=500, max_error_rate=None)
+    # Before: the first row's layout was merged on, every other device's histogram skipped.
+    assert checks["max_p95_latency_ms"]["result"] == "pass" and result == "pass"
+    assert checks["max_p95_latency_ms"]["value"] < 100
 
 
 def test_a_stage_of_one_device_is_decided_by_it(engine: sa.Engine) -> None:

@@ -75,6 +75,7 @@ OUT_OF_BOUNDS: list[tuple[str, dict[str, Any]]] = [
     ("telemetry", telemetry(window_start="2026-12-06T07:59:00")),  # no time zone
     ("telemetry", telemetry(latency_histogram=histogram(11))),  # counts more requests than it has
     ("telemetry", telemetry(latency_histogram={"bounds": [0.1], "counts": [1, 2, 3]})),
+    ("telemetry", telemetry(latency_histogram={"bounds": [0.2, 0.1], "counts": [0, 0, 0]})),
     ("telemetry", telemetry(latency_s={"count": 1, "p95": -1.0})),
     ("telemetry", telemetry(latency_s={"count": 1, "p95": 1e308})),
     ("telemetry", telemetry(system={"rss_bytes": 2**70})),

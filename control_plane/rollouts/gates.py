@@ -26,8 +26,10 @@ from control_plane.rollouts import robust
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
 from control_plane.rollouts.robust import DeviceSample, Spread
+from shared.telemetry import REQUEST_DURATION_BUCKETS
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+LATENCY_BOUNDS = list(REQUEST_DURATION_BUCKETS)
 
 
 @dataclass
@@ -128,11 +130,12 @@ def collect(
         device.max_rss_bytes = max(device.max_rss_bytes, row.peak_rss_bytes or row.rss_bytes)
         histogram = row.latency_histogram
         if histogram.get("counts"):
-            sample.bounds = sample.bounds or list(histogram["bounds"])
-            if list(histogram["bounds"]) == sample.bounds:  # another layout cannot be merged bucket by bucket
-                counts = device.counts = device.counts or [0.0] * (len(sample.bounds) + 1)
+            # The agents' layout, not the first row's: one device must not pick what is merged.
+            if list(histogram["bounds"]) == LATENCY_BOUNDS:  # another cannot be merged bucket by bucket
+                sample.bounds = LATENCY_BOUNDS
+                counts = device.counts = device.counts or [0.0] * (len(LATENCY_BOUNDS) + 1)
                 for i, c in enumerate(histogram["counts"]):
-                    counts[i] += c
+                    counts[i] += max(c, 0)
         elif row.latency_p95_ms is not None and row.requests:
             device.p95_sum += row.latency_p95_ms * row.requests
             device.p95_requests += row.requests

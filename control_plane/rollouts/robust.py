@@ -91,15 +91,19 @@ def p95_ms(devices: Sequence[DeviceSample], bounds: list[float] | None) -> Sprea
     from the windows' own p95s weighted by requests."""
     weighted = list(zip(devices, scales(devices), strict=True))
     if bounds is None:
-        return pooled([[d.p95_sum * s, d.p95_requests * s] for d, s in weighted if d.p95_requests], _ratio)
+        spread = pooled([[d.p95_sum * s, d.p95_requests * s] for d, s in weighted if d.p95_requests], _ratio)
+        alone = sum(1 for d in devices if d.p95_requests) == 1 and len(devices) > 1
+        return Spread(spread.value, None, None) if alone else spread
     rows = [[c * s for c in d.counts] for d, s in weighted if d.counts is not None]
     if not rows:
         return NO_DATA
     counts = np.array(rows, dtype=float)
     total = counts.sum(axis=0)
     value = _percentiles(bounds, total[None, :], 0.95)[0]
-    if len(rows) == 1 or np.isnan(value):
-        return Spread.of(None if np.isnan(value) else float(value) * 1000)
+    if np.isnan(value):
+        return NO_DATA
+    if len(rows) == 1:  # decided by the one device with a histogram only if it is the only one
+        return Spread.of(float(value) * 1000) if len(devices) == 1 else Spread(float(value) * 1000, None, None)
     # One row per device left out, computed together: a 10,000-device stage is one array pass.
     left_out = _percentiles(bounds, np.maximum(total[None, :] - counts, 0.0), 0.95)
     if np.isnan(left_out).any():
