@@ -9,6 +9,7 @@ mistake worth losing the report for.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field
@@ -18,6 +19,9 @@ INT64_MAX = 2**63 - 1  # BIGINT columns
 MAX_BYTES = 2**50  # 1 PiB: more memory or disk than any edge device reports
 MAX_MEASURE = 1e9  # seconds, tokens per second: finite and far above anything real
 MAX_WINDOW_S = 86_400  # a telemetry window spans at most a day
+# Windows lie in this span: time series step by minutes and hours from them without overflowing.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 MAX_REQUESTS_PER_S = 1_000  # a window's requests, per second of it (at least a minute counted)
 MAX_DETAIL_BYTES = 4096  # an event's `detail`, as JSON
 MAX_LABELS = 32  # entries in a small dict or list of names (error types, accelerators)

@@ -92,6 +92,8 @@ class TelemetryWindow(WireModel):
         span_s = (self.window_end - self.window_start).total_seconds()
         if not 0 <= span_s <= limits.MAX_WINDOW_S:
             raise ValueError(f"a window ends after it starts and spans at most {limits.MAX_WINDOW_S} s")
+        if self.window_start < limits.EARLIEST or self.window_end >= limits.LATEST:
+            raise ValueError(f"a window lies between {limits.EARLIEST:%Y} and {limits.LATEST:%Y}")
         if self.requests > limits.MAX_REQUESTS_PER_S * max(60.0, span_s):
             raise ValueError(f"more than {limits.MAX_REQUESTS_PER_S} requests per second")
         if self.errors > self.requests:

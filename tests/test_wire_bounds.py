@@ -73,6 +73,9 @@ OUT_OF_BOUNDS: list[tuple[str, dict[str, Any]]] = [
     ("telemetry", telemetry(window_end=(T0 - timedelta(days=1)).isoformat())),  # ends before it starts
     ("telemetry", telemetry(window_start=(T0 - timedelta(days=3)).isoformat())),
     ("telemetry", telemetry(window_start="2026-12-06T07:59:00")),  # no time zone
+    # The rollup job steps a minute past a window's end: in year 9999 it overflowed, every pass.
+    ("telemetry", telemetry(window_start="9999-12-31T23:58:00Z", window_end="9999-12-31T23:59:30Z")),
+    ("telemetry", telemetry(window_start="0001-01-01T00:00:00Z", window_end="0001-01-01T00:01:00Z")),
     ("telemetry", telemetry(latency_histogram=histogram(11))),  # counts more requests than it has
     ("telemetry", telemetry(latency_histogram={"bounds": [0.1], "counts": [1, 2, 3]})),
     ("telemetry", telemetry(latency_histogram={"bounds": [0.2, 0.1], "counts": [0, 0, 0]})),
