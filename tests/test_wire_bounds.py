@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
-from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.models import Device, DeviceEvent, TelemetryRecord
@@ -29,6 +28,7 @@ from tests.fleet_helpers import wait_for
 from tests.mqtt_support import SYSTEM_MOSQUITTO, unique_topics
 from tests.telemetry_support import add_devices
 from tests.test_cp_metrics import scrape, value
+from tests.test_rollouts import _control_plane
 
 SHA = "ab" * 32
 T0 = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
@@ -196,19 +196,8 @@ def test_a_value_the_database_refuses_costs_only_its_own_message(engine: sa.Engi
 
 
 @pytest.fixture
-def control_plane(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Topics]]:  # type: ignore[no-untyped-def]
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        mqtt_url=MOSQUITTO,
-        mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
-        mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
-    )
-    with TestClient(create_app(settings, engine=engine)) as client:
-        yield client, Topics(settings.mqtt_topic_prefix)
-    with engine.begin() as conn:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            conn.execute(table.delete())
+def control_plane(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  # type: ignore[no-untyped-def]
+    yield from _control_plane(tmp_path, db_url, engine, tick_s=60)
 
 
 def _flood(topics: Topics, device: str, count: int) -> list[Outgoing]:
@@ -225,7 +214,8 @@ def _flood(topics: Topics, device: str, count: int) -> list[Outgoing]:
 
 @pytest.mark.mosquitto
 def test_a_flooding_device_costs_another_devices_messages_nothing(control_plane, engine: sa.Engine) -> None:  # type: ignore[no-untyped-def]
-    client, topics = control_plane
+    client, settings = control_plane
+    topics = Topics(settings.mqtt_topic_prefix)
     flooder, honest = add_devices(engine, f"flood-{uuid.uuid4().hex[:6]}", f"honest-{uuid.uuid4().hex[:6]}")
     good = [Outgoing(topics.events(honest), encode(EventMessage(kind="download_progress", message=str(i))))
             for i in range(100)]  # fmt: skip
