@@ -30,6 +30,7 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=15)
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryRecord.__table__  # type: ignore[attr-defined]
 _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
+_ACKED_ID_CHARS = _DEVICES.c.acked_message_id.type.length
 # Errors a value in the batch causes, which no retry fixes (COPY raises psycopg's own, not wrapped).
 _VALUE_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError, psycopg.DataError, psycopg.IntegrityError,
                  OverflowError, UnicodeError, orjson.JSONEncodeError)  # fmt: skip
@@ -163,7 +164,8 @@ def _drop_fresh_last_seen(
 def state_values(state: Any) -> dict[str, Any]:
     """The `devices` columns a reported state sets."""
     values: dict[str, Any] = {"phase": state.phase, "phase_reason": state.reason}
-    if state.desired_message_id:
+    # Longer than the column: not an id this control plane sent (a desired state from a file).
+    if state.desired_message_id and len(state.desired_message_id) <= _ACKED_ID_CHARS:
         values["acked_message_id"] = state.desired_message_id
     current = state.current
     values["current_model"] = current.model if current else None

@@ -29,7 +29,6 @@ MAX_LABELS = 32  # entries in a small dict or list of names (error types, accele
 MODEL_CHARS = 128  # models.name, telemetry_windows.model, devices.current_model
 VERSION_CHARS = 64  # model_versions.version, telemetry_windows.version, devices.current_version
 MESSAGE_ID_CHARS = 64  # telemetry_windows.message_id, device_events.message_id
-UUID_CHARS = 36  # devices.acked_message_id, rollout ids
 ID_CHARS = 128  # ids a message names itself by (the stored device id comes from its topic)
 NAME_CHARS = 64  # short names: formats, quantizations, error types, architectures
 REASON_CHARS = 2000  # devices.phase_reason
@@ -61,7 +60,6 @@ Measure = Annotated[float, Field(ge=0, le=MAX_MEASURE, allow_inf_nan=False)]
 ModelName = Annotated[str, Field(max_length=MODEL_CHARS), _Printable]
 VersionName = Annotated[str, Field(max_length=VERSION_CHARS), _Printable]
 ShortName = Annotated[str, Field(max_length=NAME_CHARS), _Printable]
-UuidText = Annotated[str, Field(max_length=UUID_CHARS), _Printable]
 MessageId = Annotated[str, Field(min_length=1, max_length=MESSAGE_ID_CHARS), _Printable]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Reason = Annotated[str, _cut_to(REASON_CHARS)]

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from shared import limits
 from shared.base import WireModel
-from shared.limits import ModelName, Reason, Sha256, ShortName, UuidText, VersionName
+from shared.limits import MessageId, ModelName, Reason, Sha256, ShortName, VersionName
 
 Phase = Literal[
     "idle",  # nothing asked of the device yet
@@ -40,7 +40,7 @@ class DeviceState(WireModel):
     current: ModelRef | None = None
     previous: ModelRef | None = None
     pending: ModelRef | None = None
-    desired_message_id: UuidText | None = None
-    rollout_id: UuidText | None = None
+    desired_message_id: MessageId | None = None
+    rollout_id: MessageId | None = None
     serving: bool = False  # whether a model is loaded and taking traffic
     updated_at: datetime | None = None

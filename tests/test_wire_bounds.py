@@ -86,7 +86,7 @@ OUT_OF_BOUNDS: list[tuple[str, dict[str, Any]]] = [
     ("telemetry", telemetry(error_types={f"e{i}": 0 for i in range(100)})),
     ("state", state(current=ref(version="v" * 100))),
     ("state", state(current=ref(model="m" * 200))),
-    ("state", state(desired_message_id="d" * 37)),
+    ("state", state(desired_message_id="d" * 65)),
     ("state", state(previous=ref(version="1\x00"))),
     ("events", event(version="v" * 100)),
     ("events", event(detail={"n": 2**70})),  # orjson writes JSON columns: 64-bit integers at most
@@ -113,6 +113,15 @@ def test_counts_may_be_zero_and_free_text_is_cut_to_its_column() -> None:
     assert nul.message == "bad\ufffdbyte ?"  # type: ignore[attr-defined]
     # The agent's own models stay constructible with what it produces.
     assert DeviceState(reason="x" * 5000).reason == "x" * limits.REASON_CHARS
+
+
+@pytest.mark.parametrize("field", [{"model": "m" * 129}, {"version": "v" * 65}, {"message_id": "i" * 65}])
+def test_a_desired_state_beyond_the_columns_is_refused_before_the_agent_acts_on_it(field: dict[str, str]) -> None:
+    artifact = {"sha256": SHA, "size_bytes": 1, "format": "gguf"}
+    desired = {"message_id": "m1", "model": "tiny", "version": "1", "artifact": artifact} | field
+    with pytest.raises(MessageDecodeError) as info:
+        decode("desired", json.dumps(desired).encode())
+    assert info.value.reason == "invalid"
 
 
 def _stored_or_refused(engine: sa.Engine, device_id: str, kind: str, body: dict[str, Any]) -> str:
@@ -143,7 +152,7 @@ def test_messages_at_every_bound_are_stored(engine: sa.Engine) -> None:
                        latency_s={"count": most, "p50": limits.MAX_MEASURE, "max": limits.MAX_MEASURE},
                        system={"rss_bytes": limits.MAX_BYTES, "peak_rss_bytes": limits.MAX_BYTES})  # fmt: skip
     current = ref(model="m" * limits.MODEL_CHARS, version="v" * limits.VERSION_CHARS)
-    report = state(reason="é" * 5000, current=current, previous=current, desired_message_id=str(uuid.uuid4()))
+    report = state(reason="é" * 5000, current=current, previous=current, desired_message_id="f" * 64)
     detail = {"n": limits.INT64_MAX, "text": "x" * (limits.MAX_DETAIL_BYTES - 40)}
     note = event(model="m" * limits.MODEL_CHARS, version="v" * limits.VERSION_CHARS, message="é" * 9000,
                  detail=detail, bytes_done=limits.INT64_MAX)  # fmt: skip
@@ -156,6 +165,7 @@ def test_messages_at_every_bound_are_stored(engine: sa.Engine) -> None:
         assert (row.requests, row.seq, row.version) == (most, limits.INT64_MAX, "v" * limits.VERSION_CHARS)
         stored = session.get(Device, device)
         assert stored is not None and stored.phase_reason == "é" * limits.REASON_CHARS
+        assert stored.acked_message_id is None  # 64 characters: not an id the control plane sent
         assert session.execute(sa.select(DeviceEvent).where(DeviceEvent.device_id == device)).scalar_one()
 
 
