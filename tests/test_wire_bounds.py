@@ -254,3 +254,5 @@ def test_a_flooding_device_costs_another_devices_messages_nothing(control_plane,
     with Session(engine) as session:
         flooded = session.get(Device, flooder)
         assert flooded is not None and flooded.current_version is None  # nothing of the flood stored
+        windows = sa.select(sa.func.count()).select_from(TelemetryRecord).where(TelemetryRecord.device_id == flooder)
+        assert session.execute(windows).scalar_one() == 0  # so nothing a gate could count against a model
