@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
         "name although loopback, link-local or private (e.g. a LAN mirror).",
     )
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve https.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
+    # uvicorn trusts X-Forwarded-For/-Proto only from these proxies ("*": any; see docs/operations-tls.md).
+    forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="Reverse proxies trusted for X-Forwarded-*.")
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -116,6 +121,16 @@ class Settings(BaseSettings):
             raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
         return self
 
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("SLMOPS_TLS_CERT_FILE and SLMOPS_TLS_KEY_FILE must be set both or neither")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
     @cached_property
     def sqlalchemy_url(self) -> str:
         if self.database_url:
@@ -128,4 +143,5 @@ class Settings(BaseSettings):
 
     @property
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_enabled else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
