@@ -162,7 +162,10 @@ class Agent:
             # Authorization header when a redirect leaves the control plane's origin. Downloads
             # follow them hop by hop under the rules of shared.references instead.
             timeout = httpx.Timeout(self.settings.download_timeout_s, connect=10.0)
-            self._http = httpx.Client(timeout=timeout, follow_redirects=True)
+            from edge_agent.tls import ssl_context
+
+            verify = ssl_context(self.settings.ca_bundle)
+            self._http = httpx.Client(timeout=timeout, follow_redirects=True, verify=verify)
         return self._http
 
     @property
