@@ -44,6 +44,7 @@ class Settings(BaseSettings):
         default=None, description="Mosquitto password file kept in step with enrolled devices."
     )
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
+    mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
     fleet_enabled: bool = Field(
         default=True, description="Run the broker link, ingest and rollout controller."
     )
@@ -130,6 +131,13 @@ class Settings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when TLS is on."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return self.tls_cert_file, self.tls_key_file
 
     @cached_property
     def sqlalchemy_url(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from urllib.parse import quote
 
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
+from edge_agent.settings import ConfigError
+from edge_agent.tls import plaintext_problem, ssl_context
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
 from shared.state import DeviceState, ModelRef, Phase
 from shared.telemetry import TelemetryWindow
@@ -76,6 +79,7 @@ class MqttChannel:
         spool_max_messages: int = 10_000,
         progress_interval_s: float = 0.5,
         reconnect_max_delay_s: int = 30,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.agent = agent
         self.device_id = device_id
@@ -91,6 +95,7 @@ class MqttChannel:
             protocol=protocol,
             spool_max_messages=spool_max_messages,
             reconnect_max_delay_s=reconnect_max_delay_s,
+            tls_context=tls_context,
         )
         self._progress_interval_s = progress_interval_s
         self._last_progress_at = float("-inf")
@@ -110,6 +115,8 @@ class MqttChannel:
         if credential is None:
             log.warning("mqtt_url is set but the agent has no device credential; not connecting to %s", url)
             return None
+        if not agent.settings.allow_insecure_http and (problem := plaintext_problem(url)):
+            raise ConfigError(f"broker URL refused: {problem}")
         return cls(
             agent,
             url=url,
@@ -117,6 +124,7 @@ class MqttChannel:
             device_secret=credential.device_secret,
             topics=Topics(credential.topic_prefix),
             spool_path=agent.settings.data_dir / SPOOL_FILE,
+            tls_context=ssl_context(agent.settings.ca_bundle) if parse_broker_url(url).tls else None,
             **options,  # type: ignore[arg-type]
         )
 
