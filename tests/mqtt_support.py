@@ -122,7 +122,7 @@ DEPLOY_MOSQUITTO = Path(__file__).parents[1] / "deploy" / "mosquitto"
 
 
 def shipped_mosquitto(
-    workdir: Path, *, tls: tuple[Path, Path] | None = None, control_plane_tls: bool = False
+    workdir: Path, *, tls: tuple[Path, Path] | None = None, control_plane_tls: bool = False, extra: str = ""
 ) -> tuple[MosquittoProcess, int]:
     """deploy/mosquitto/mosquitto.conf on free ports, paths moved into `workdir`: its control-plane
     listener (the process's `port`) and its device listener (the returned port), without TLS
@@ -150,6 +150,7 @@ def shipped_mosquitto(
     ]:
         assert production in config
         config = config.replace(production, test)
+    config += extra
     if os.geteuid() == 0:
         config += "user root\n"  # mosquitto would switch to its own user, who cannot read workdir
     workdir.mkdir(parents=True, exist_ok=True)

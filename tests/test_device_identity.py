@@ -1,0 +1,146 @@
+"""X.509 device identities: the device CA signs a CSR as the device id, Mosquitto's mTLS listener
+keys its ACLs on the certificate, and a revoked certificate is refused after a CRL reload."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from control_plane.device_ca import DeviceCA, DeviceCAError
+from shared.messages import EventMessage, encode
+from shared.topics import Topics
+from slmops.mqtt.broker import free_port
+from slmops.mqtt.client import MqttClient
+from slmops.mqtt.credentials import signal_from_pid_file
+from slmops.mqtt.testing import mosquitto_binary
+from tests.mqtt_support import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto, wait_until
+from tests.tls_support import TestCA
+
+
+def _csr(common_name: str = "whatever-the-device-says") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def test_device_ca_signs_a_csr_as_the_device_id(tmp_path: Path) -> None:
+    ca = DeviceCA.load_or_create(tmp_path / "device-ca")
+    key, csr = _csr()
+    cert = x509.load_pem_x509_certificate(ca.sign(csr, device_id="edge-7"))
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edge-7"
+    assert cert.issuer == ca.certificate.subject
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert (tmp_path / "device-ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+    again = DeviceCA.load_or_create(tmp_path / "device-ca")  # the same CA after a restart
+    assert again.certificate == ca.certificate
+
+
+def test_device_ca_refuses_a_malformed_or_forged_csr(tmp_path: Path) -> None:
+    ca = DeviceCA.load_or_create(tmp_path / "device-ca")
+    with pytest.raises(DeviceCAError) as malformed:
+        ca.sign(b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n", device_id="d")
+    assert malformed.value.code == "csr_invalid"
+    _, csr = _csr()
+    forged = csr.replace(csr[-80:-60], bytes(reversed(csr[-80:-60])))  # signature no longer matches
+    with pytest.raises(DeviceCAError) as bad_signature:
+        ca.sign(forged, device_id="d")
+    assert bad_signature.value.code == "csr_invalid"
+    with pytest.raises(DeviceCAError):
+        ca.sign(b"x" * 70_000, device_id="d")  # bounded before parsing
+
+
+def _write_identity(folder: Path, ca: DeviceCA, device_id: str) -> tuple[Path, Path]:
+    key, csr = _csr()
+    cert_file, key_file = folder / f"{device_id}.crt", folder / f"{device_id}.key"
+    cert_file.write_bytes(ca.sign(csr, device_id=device_id))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_file.write_bytes(pem)
+    return cert_file, key_file
+
+
+def _context(server_ca: Path, identity: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(server_ca))
+    if identity is not None:
+        context.load_cert_chain(*identity)
+    return context
+
+
+def _connack(port: int, context: ssl.SSLContext, client_id: str) -> int | None:
+    """CONNACK return code of a bare MQTT 3.1.1 CONNECT over TLS; None when the broker hangs up."""
+    name = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(name).to_bytes(2, "big") + name
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(bytes([0x10, len(variable)]) + variable)
+                answer = tls.recv(4)
+    except (ssl.SSLError, ConnectionError):
+        return None
+    return answer[3] if len(answer) == 4 and answer[0] == 0x20 else None
+
+
+needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+
+
+@pytest.mark.mosquitto
+@needs_mosquitto
+def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path: Path) -> None:
+    server_ca = TestCA(tmp_path / "server-ca")
+    server = server_ca.issue("broker")
+    device_ca = DeviceCA.load_or_create(tmp_path / "device-ca")
+    mtls_port = free_port()
+    listener = (DEPLOY_MOSQUITTO / "mtls-listener.conf").read_text()
+    for production, test in [
+        ("listener 8884", f"listener {mtls_port} 127.0.0.1"),
+        ("/etc/mosquitto/certs/server.crt", str(server.cert_file)),
+        ("/etc/mosquitto/certs/server.key", str(server.key_file)),
+        ("/etc/mosquitto/slmops/device-ca.crt", str(device_ca.cert_file)),
+        ("/etc/mosquitto/slmops/device-ca.crl", str(device_ca.crl_file)),
+    ]:
+        assert production in listener
+        listener = listener.replace(production, test)
+    broker, _ = shipped_mosquitto(tmp_path / "broker", tls=(server.cert_file, server.key_file), extra=listener)
+    broker.start(devices={})
+    topics = Topics()
+    admin = MqttClient(broker.admin_url, client_id=f"admin-{uuid.uuid4().hex[:6]}")
+    seen = Collector()
+    admin.subscribe(f"{topics.prefix}/devices/+/events", seen)
+    admin.start()
+    identity = _write_identity(tmp_path, device_ca, "edge-7")
+    device = MqttClient(
+        f"mqtts://127.0.0.1:{mtls_port}", client_id="edge-7", tls_context=_context(server_ca.ca_file, identity)
+    )
+    try:
+        assert _connack(mtls_port, _context(server_ca.ca_file, None), "anonymous") is None  # no certificate
+        stranger = TestCA(tmp_path / "stranger").issue("edge-7", client=True)
+        assert (
+            _connack(mtls_port, _context(server_ca.ca_file, (stranger.cert_file, stranger.key_file)), "edge-7") is None
+        )
+        device.start()
+        device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="own topic")))
+        device.publish(topics.events("edge-8"), encode(EventMessage(kind="error", message="forged")))
+        device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="marker")))
+        assert wait_until(lambda: len(seen.payloads()) >= 2)
+        assert [t for t, _ in seen.items] == [topics.events("edge-7")] * 2  # the ACL keyed on the certificate's CN
+        device.stop(publish_offline=False)
+        assert _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") == 0
+        device_ca.revoke(identity[0].read_bytes())
+        signal_from_pid_file(broker.pid_file)()
+        assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") is None)
+        other = _write_identity(tmp_path, device_ca, "edge-9")
+        assert _connack(mtls_port, _context(server_ca.ca_file, other), "edge-9") == 0  # others unaffected
+    finally:
+        device.stop(publish_offline=False)
+        admin.stop(publish_offline=False)
+        broker.stop()
