@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
         "name although loopback, link-local or private (e.g. a LAN mirror).",
     )
+    device_certificates: bool = Field(
+        default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
+    )
+    device_ca_dir: Path | None = Field(default=None, description="Device CA files; default <data dir>/device-ca.")
+    device_certificate_days: int = Field(default=90, ge=1, le=3650)
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve https.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
     hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
@@ -144,6 +149,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'slmops.db').resolve()}"
+
+    @property
+    def device_ca_path(self) -> Path:
+        return self.device_ca_dir or self.data_dir / "device-ca"
 
     @property
     def blob_dir(self) -> Path:

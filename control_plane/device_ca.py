@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control_plane.errors import DomainError
+from shared.topics import is_valid_device_id
 
 MAX_CSR_BYTES = 16 * 1024  # an EC or RSA-4096 CSR is a few KiB
 CA_VALIDITY = dt.timedelta(days=10 * 365)
@@ -70,13 +72,13 @@ class DeviceCA:
         with _locked(folder):
             cert_file, key_file = folder / "ca.crt", folder / "ca.key"
             if not cert_file.exists():
-                key = ec.generate_private_key(ec.SECP256R1())
-                _write_private(key_file, _key_pem(key), 0o600)
-                _write_private(cert_file, _self_signed(key, name).public_bytes(serialization.Encoding.PEM), 0o644)
-            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                made = ec.generate_private_key(ec.SECP256R1())
+                _write_private(key_file, _key_pem(made), 0o600)
+                _write_private(cert_file, _self_signed(made, name).public_bytes(serialization.Encoding.PEM), 0o644)
+            loaded = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
                 raise DeviceCAError(f"{key_file} is not an EC private key", code="device_ca_invalid")
-            ca = cls(folder, x509.load_pem_x509_certificate(cert_file.read_bytes()), key)
+            ca = cls(folder, x509.load_pem_x509_certificate(cert_file.read_bytes()), loaded)
             if not ca.crl_file.exists():
                 ca._write_crl(_revoked_entries(None))
         return ca
@@ -99,6 +101,28 @@ class DeviceCA:
             .sign(self._key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, csr_pem: bytes, *, device_id: str, validity: dt.timedelta = DEFAULT_CERT_VALIDITY) -> bytes:
+        """`sign`, and remember the certificate under the device so `revoke_device` finds it."""
+        if not is_valid_device_id(device_id):
+            raise DeviceCAError(f"invalid device id {device_id!r}", code="device_ca_invalid")
+        cert_pem = self.sign(csr_pem, device_id=device_id, validity=validity)
+        serial = x509.load_pem_x509_certificate(cert_pem).serial_number
+        folder = self.folder / "issued" / device_id
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_private(folder / f"{serial:x}.pem", cert_pem, 0o644)
+        return cert_pem
+
+    def revoke_device(self, device_id: str) -> int:
+        """Revoke every certificate issued to `device_id`; how many were still unrevoked."""
+        folder = self.folder / "issued" / device_id
+        if not is_valid_device_id(device_id) or not folder.is_dir():
+            return 0
+        issued = sorted(folder.glob("*.pem"))
+        for path in issued:
+            self.revoke(path.read_bytes())
+            path.rename(path.with_suffix(".revoked"))
+        return len(issued)
 
     def revoke(self, cert_pem: bytes) -> None:
         """Add the certificate to the CRL (atomically rewritten); the broker reads it on SIGHUP."""
@@ -176,3 +200,12 @@ def _locked(folder: Path) -> Iterator[None]:
     with (folder / ".lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def issue_device_certificate(app: Any, device_id: str, csr_pem: str | None) -> str | None:
+    """The enrolling device's certificate when the fleet uses X.509 identities and it sent a CSR."""
+    device_ca: DeviceCA | None = getattr(app.state, "device_ca", None)
+    if device_ca is None or csr_pem is None:
+        return None
+    days = app.state.settings.device_certificate_days
+    return device_ca.issue(csr_pem.encode(), device_id=device_id, validity=dt.timedelta(days=days)).decode()

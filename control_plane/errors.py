@@ -31,6 +31,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "payload_too_large": 413,
     "range_not_satisfiable": 416,
     "validation_error": 422,
+    "csr_invalid": 422,
     "sha256_mismatch": 422,
     "size_mismatch": 422,
     "unrecognized_artifact": 422,

@@ -116,7 +116,11 @@ class Agent:
         s = self.settings
         token = s.enrollment_token.get_secret_value() if s.enrollment_token else None
         self.credential = load_or_enroll(
-            lambda: self.http, path=s.credential_path, control_plane_url=s.control_plane_url, token=token
+            lambda: self.http,
+            path=s.credential_path,
+            control_plane_url=s.control_plane_url,
+            token=token,
+            identity=(s.client_cert_path, s.client_key_path) if s.x509_identity else None,
         )
         if self.credential is not None:
             self.telemetry.device_id = self.credential.device_id

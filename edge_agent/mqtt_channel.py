@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
-from edge_agent.settings import ConfigError
-from edge_agent.tls import plaintext_problem, ssl_context
+from edge_agent.settings import AgentSettings, ConfigError
+from edge_agent.tls import has_identity, plaintext_problem, ssl_context
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
 from shared.state import DeviceState, ModelRef, Phase
 from shared.telemetry import TelemetryWindow
@@ -61,6 +61,12 @@ def device_url(url: str, device_id: str, device_secret: str) -> str:
     scheme = "mqtts" if broker.tls else "mqtt"
     auth = f"{quote(device_id, safe='')}:{quote(device_secret, safe='')}"
     return f"{scheme}://{auth}@{broker.host}:{broker.port}"
+
+
+def _tls_context(settings: AgentSettings) -> ssl.SSLContext:
+    """The broker verified with ca_bundle; the device certificate presented when it has one."""
+    identity = (settings.client_cert_path, settings.client_key_path)
+    return ssl_context(settings.ca_bundle, identity if settings.x509_identity and has_identity(*identity) else None)
 
 
 class MqttChannel:
@@ -124,7 +130,7 @@ class MqttChannel:
             device_secret=credential.device_secret,
             topics=Topics(credential.topic_prefix),
             spool_path=agent.settings.data_dir / SPOOL_FILE,
-            tls_context=ssl_context(agent.settings.ca_bundle) if parse_broker_url(url).tls else None,
+            tls_context=_tls_context(agent.settings) if parse_broker_url(url).tls else None,
             **options,  # type: ignore[arg-type]
         )
 

@@ -31,6 +31,7 @@ class AgentSettings(BaseSettings):
     # Plaintext http:// or mqtt:// off loopback would carry the device credential in clear.
     allow_insecure_http: bool = False
     ca_bundle: Path | None = None  # PEM CAs for the control plane, downloads and MQTT; default: system store
+    x509_identity: bool = False  # send a CSR at enrollment; MQTT with the certificate (mTLS listener)
     enrollment_token: SecretStr | None = None
     credential_file: Path | None = None  # default: <data_dir>/credential.json
     data_dir: Path = Path("/var/lib/slmops-agent")
@@ -96,6 +97,14 @@ class AgentSettings(BaseSettings):
     @property
     def credential_path(self) -> Path:
         return self.credential_file or self.data_dir / "credential.json"
+
+    @property
+    def client_cert_path(self) -> Path:
+        return self.data_dir / "device.crt"
+
+    @property
+    def client_key_path(self) -> Path:
+        return self.data_dir / "device.key"
 
     @property
     def desired_path(self) -> Path:

@@ -31,6 +31,15 @@ def plaintext_problem(url: str) -> str | None:
     )
 
 
-def ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
-    """Verification against `ca_bundle` alone when set, else the system store (and SSL_CERT_FILE)."""
-    return ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+def has_identity(cert_path: Path, key_path: Path) -> bool:
+    """True when the device holds a certificate and its key (X.509 identity)."""
+    return cert_path.is_file() and key_path.is_file()
+
+
+def ssl_context(ca_bundle: Path | None, identity: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """Verification against `ca_bundle` alone when set, else the system store (and SSL_CERT_FILE);
+    `identity` = (certificate, key) presented to a server that asks for one."""
+    context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+    if identity is not None:
+        context.load_cert_chain(str(identity[0]), str(identity[1]))
+    return context

@@ -8,21 +8,33 @@ import ssl
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fastapi.testclient import TestClient
+from sqlmodel import Session
 
+from control_plane.api.main import create_app
+from control_plane.config import Settings
 from control_plane.device_ca import DeviceCA, DeviceCAError
+from control_plane.models import Role
+from control_plane.services import auth
+from edge_agent.agent import Agent
+from edge_agent.mqtt_channel import MqttChannel
+from edge_agent.settings import load_settings
 from shared.messages import EventMessage, encode
 from shared.topics import Topics
 from slmops.mqtt.broker import free_port
 from slmops.mqtt.client import MqttClient
 from slmops.mqtt.credentials import signal_from_pid_file
-from slmops.mqtt.testing import mosquitto_binary
+from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
 from tests.mqtt_support import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto, wait_until
-from tests.tls_support import TestCA
+from tests.server_thread import ServerThread
+from tests.tls_support import Issued, TestCA
 
 
 def _csr(common_name: str = "whatever-the-device-says") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -99,18 +111,7 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
     server_ca = TestCA(tmp_path / "server-ca")
     server = server_ca.issue("broker")
     device_ca = DeviceCA.load_or_create(tmp_path / "device-ca")
-    mtls_port = free_port()
-    listener = (DEPLOY_MOSQUITTO / "mtls-listener.conf").read_text()
-    for production, test in [
-        ("listener 8884", f"listener {mtls_port} 127.0.0.1"),
-        ("/etc/mosquitto/certs/server.crt", str(server.cert_file)),
-        ("/etc/mosquitto/certs/server.key", str(server.key_file)),
-        ("/etc/mosquitto/slmops/device-ca.crt", str(device_ca.cert_file)),
-        ("/etc/mosquitto/slmops/device-ca.crl", str(device_ca.crl_file)),
-    ]:
-        assert production in listener
-        listener = listener.replace(production, test)
-    broker, _ = shipped_mosquitto(tmp_path / "broker", tls=(server.cert_file, server.key_file), extra=listener)
+    broker, mtls_port = _mtls_broker(tmp_path, server, device_ca.folder)
     broker.start(devices={})
     topics = Topics()
     admin = MqttClient(broker.admin_url, client_id=f"admin-{uuid.uuid4().hex[:6]}")
@@ -144,3 +145,100 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
         device.stop(publish_offline=False)
         admin.stop(publish_offline=False)
         broker.stop()
+
+
+def _mtls_broker(tmp_path: Path, server: Issued, device_ca_dir: Path) -> tuple[MosquittoProcess, int]:
+    """The shipped Mosquitto with deploy/mosquitto/mtls-listener.conf appended, on free ports."""
+    mtls_port = free_port()
+    listener = (DEPLOY_MOSQUITTO / "mtls-listener.conf").read_text()
+    for production, test in [
+        ("listener 8884", f"listener {mtls_port} 127.0.0.1"),
+        ("/etc/mosquitto/certs/server.crt", str(server.cert_file)),
+        ("/etc/mosquitto/certs/server.key", str(server.key_file)),
+        ("/etc/mosquitto/slmops/device-ca.crt", str(device_ca_dir / "ca.crt")),
+        ("/etc/mosquitto/slmops/device-ca.crl", str(device_ca_dir / "ca.crl")),
+    ]:
+        assert production in listener
+        listener = listener.replace(production, test)
+    broker, _ = shipped_mosquitto(tmp_path / "broker", tls=(server.cert_file, server.key_file), extra=listener)
+    return broker, mtls_port
+
+
+@pytest.mark.mosquitto
+@needs_mosquitto
+def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db_url, engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Enrollment signs the agent's CSR; the agent connects to the mTLS listener with the key it
+    made itself; reissuing its token revokes the certificate at the broker."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    server_ca = TestCA(tmp_path / "server-ca")
+    server = server_ca.issue("broker")
+    ca_dir = tmp_path / "cp" / "device-ca"
+    DeviceCA.load_or_create(ca_dir)  # the broker reads its files at start
+    broker, mtls_port = _mtls_broker(tmp_path, server, ca_dir)
+    broker.start(devices={})
+    settings = Settings(  # type: ignore[call-arg]
+        data_dir=tmp_path / "cp",
+        database_url=db_url,
+        mqtt_url=broker.admin_url,
+        device_mqtt_url=f"mqtts://127.0.0.1:{mtls_port}",
+        mqtt_password_file=broker.credentials.path,
+        mqtt_pid_file=broker.pid_file,
+        device_certificates=True,
+        mqtt_topic_prefix=Topics().prefix,
+    )
+    admin = _admin_headers(engine)
+    try:
+        with ServerThread(create_app(settings, engine=engine), lifespan="on") as cp:
+            created = httpx.post(f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin)
+            device_id = created.json()["id"]
+            agent = Agent(
+                load_settings(
+                    data_dir=tmp_path / "agent",
+                    control_plane_url=cp.url,
+                    enrollment_token=created.json()["enrollment_token"],
+                    ca_bundle=str(server_ca.ca_file),
+                    x509_identity=True,
+                )
+            )
+            agent.enroll()
+            cert_file, key_file = agent.settings.client_cert_path, agent.settings.client_key_path
+            assert key_file.stat().st_mode & 0o777 == 0o600
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device_id
+            channel = MqttChannel.for_agent(agent)
+            assert channel is not None
+            channel.start(wait=True, timeout_s=15)
+            try:
+                online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin).json()["status"]  # noqa: E731
+                assert wait_until(lambda: online() == "online")
+            finally:
+                channel.stop()
+                agent.stop()
+            identity = (cert_file, key_file)
+            assert _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) == 0
+            httpx.post(f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin).raise_for_status()
+            assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
+    finally:
+        broker.stop()
+
+
+def _admin_headers(engine: sa.Engine) -> dict[str, str]:
+    with Session(engine) as session:
+        _, plaintext = auth.create_token(session, name=f"admin-{uuid.uuid4().hex[:8]}", role=Role.admin)
+        session.commit()
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+def test_a_bad_csr_leaves_the_enrollment_token_usable(tmp_path, db_url, engine) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path / "cp", database_url=db_url, fleet_enabled=False, device_certificates=True)  # type: ignore[call-arg]
+    with TestClient(create_app(settings, engine=engine)) as client:
+        created = client.post(
+            "/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=_admin_headers(engine)
+        )
+        token = created.json()["enrollment_token"]
+        refused = client.post("/v1/devices/enroll", json={"enrollment_token": token, "csr_pem": "not a csr"})
+        assert refused.status_code == 422 and refused.json()["code"] == "csr_invalid"
+        _, csr = _csr()
+        answer = client.post("/v1/devices/enroll", json={"enrollment_token": token, "csr_pem": csr.decode()})
+        assert answer.status_code == 201, answer.text
+        assert "BEGIN CERTIFICATE" in answer.json()["client_certificate_pem"]

@@ -144,6 +144,10 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
+    if settings.device_certificates:
+        from control_plane.device_ca import DeviceCA
+
+        app.state.device_ca = DeviceCA.load_or_create(settings.device_ca_path)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     if settings.hsts_max_age_s > 0:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, SessionDep, ViewerDep
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
+from control_plane.device_ca import issue_device_certificate
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
 from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
@@ -46,6 +47,7 @@ def create_device(spec: DeviceCreate, principal: AdminDep, mutation: MutationDep
 def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
     """Exchange a one-time enrollment token for the device credential. No bearer token needed."""
     device, secret = devices.enroll(mutation.session, request)
+    certificate = issue_device_certificate(mutation.request.app, device.id, request.csr_pem)  # before commit
     mutation.session.flush()
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
@@ -56,6 +58,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
         device_secret=secret,
         mqtt_url=getattr(mutation.request.app.state, "device_mqtt_url", None),
         topic_prefix=settings.mqtt_topic_prefix,
+        client_certificate_pem=certificate,
     )
 
 
