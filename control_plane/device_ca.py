@@ -27,7 +27,8 @@ from shared.topics import is_valid_device_id
 
 MAX_CSR_BYTES = 16 * 1024  # an EC or RSA-4096 CSR is a few KiB
 CA_VALIDITY = dt.timedelta(days=10 * 365)
-CRL_VALIDITY = dt.timedelta(days=7)  # re-issued at every revocation; renew before it lapses
+# The broker refuses every certificate once its CRL lapses; only a local file, so no replay risk.
+CRL_VALIDITY = dt.timedelta(days=365)
 DEFAULT_CERT_VALIDITY = dt.timedelta(days=90)
 
 
@@ -79,8 +80,7 @@ class DeviceCA:
             if not isinstance(loaded, ec.EllipticCurvePrivateKey):
                 raise DeviceCAError(f"{key_file} is not an EC private key", code="device_ca_invalid")
             ca = cls(folder, x509.load_pem_x509_certificate(cert_file.read_bytes()), loaded)
-            if not ca.crl_file.exists():
-                ca._write_crl(_revoked_entries(None))
+            ca._refresh_crl()
         return ca
 
     def sign(self, csr_pem: bytes, *, device_id: str, validity: dt.timedelta = DEFAULT_CERT_VALIDITY) -> bytes:
@@ -133,13 +133,21 @@ class DeviceCA:
             entries.setdefault(cert.serial_number, dt.datetime.now(dt.UTC))
             self._write_crl(entries)
 
-    def _write_crl(self, entries: dict[int, dt.datetime]) -> None:
+    def _refresh_crl(self) -> None:
+        """A new CRL when there is none or less than half its validity is left."""
+        current = x509.load_pem_x509_crl(self.crl_file.read_bytes()) if self.crl_file.exists() else None
+        if current is not None and current.next_update_utc is not None:
+            if current.next_update_utc - dt.datetime.now(dt.UTC) > CRL_VALIDITY / 2:
+                return
+        self._write_crl(_revoked_entries(current))
+
+    def _write_crl(self, entries: dict[int, dt.datetime], *, validity: dt.timedelta = CRL_VALIDITY) -> None:
         now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
             .last_update(now - dt.timedelta(minutes=5))
-            .next_update(now + CRL_VALIDITY)
+            .next_update(now + validity)
         )
         for serial, when in sorted(entries.items()):
             builder = builder.add_revoked_certificate(

@@ -3,6 +3,7 @@ keys its ACLs on the certificate, and a revoked certificate is refused after a C
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import uuid
@@ -208,16 +209,15 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db
             channel = MqttChannel.for_agent(agent)
             assert channel is not None
             channel.start(wait=True, timeout_s=15)
+            identity = (cert_file, key_file)
             try:
                 online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin).json()["status"]  # noqa: E731
                 assert wait_until(lambda: online() == "online")
+                httpx.post(f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin).raise_for_status()
+                assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
             finally:
                 channel.stop()
                 agent.stop()
-            identity = (cert_file, key_file)
-            assert _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) == 0
-            httpx.post(f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin).raise_for_status()
-            assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
     finally:
         broker.stop()
 
@@ -242,3 +242,17 @@ def test_a_bad_csr_leaves_the_enrollment_token_usable(tmp_path, db_url, engine) 
         answer = client.post("/v1/devices/enroll", json={"enrollment_token": token, "csr_pem": csr.decode()})
         assert answer.status_code == 201, answer.text
         assert "BEGIN CERTIFICATE" in answer.json()["client_certificate_pem"]
+
+
+def test_revocations_survive_a_restart_and_an_old_crl_is_renewed(tmp_path: Path) -> None:
+    ca = DeviceCA.load_or_create(tmp_path / "device-ca")
+    _, csr = _csr()
+    cert = ca.issue(csr, device_id="edge-3")
+    assert ca.revoke_device("edge-3") == 1 and ca.revoke_device("edge-3") == 0
+    serial = x509.load_pem_x509_certificate(cert).serial_number
+    ca._write_crl({serial: ca.certificate.not_valid_before_utc}, validity=dt.timedelta(days=10))  # ageing CRL
+    renewed = x509.load_pem_x509_crl(DeviceCA.load_or_create(tmp_path / "device-ca").crl_file.read_bytes())
+    assert renewed.get_revoked_certificate_by_serial_number(serial) is not None
+    assert renewed.next_update_utc is not None and renewed.next_update_utc - renewed.last_update_utc > dt.timedelta(
+        days=300
+    )
