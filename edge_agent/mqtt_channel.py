@@ -123,6 +123,11 @@ class MqttChannel:
             return None
         if not agent.settings.allow_insecure_http and (problem := plaintext_problem(url)):
             raise ConfigError(f"broker URL refused: {problem}")
+        tls_context = _tls_context(agent.settings) if parse_broker_url(url).tls else None
+        if tls_context is not None and agent.settings.x509_identity:
+            # A renewed certificate is presented from the next (re)connection; this one stays up.
+            s = agent.settings
+            agent.identity_listeners.append(lambda: tls_context.load_cert_chain(s.client_cert_path, s.client_key_path))
         return cls(
             agent,
             url=url,
@@ -130,7 +135,7 @@ class MqttChannel:
             device_secret=credential.device_secret,
             topics=Topics(credential.topic_prefix),
             spool_path=agent.settings.data_dir / SPOOL_FILE,
-            tls_context=_tls_context(agent.settings) if parse_broker_url(url).tls else None,
+            tls_context=tls_context,
             **options,  # type: ignore[arg-type]
         )
 

@@ -19,6 +19,16 @@ class EnrollRequest(WireModel):
     csr_pem: str | None = Field(default=None, max_length=16384)
 
 
+class CertificateRequest(WireModel):
+    """A device renewing its X.509 identity (HTTP Basic as itself): a CSR over its own key."""
+
+    csr_pem: str = Field(max_length=16384)
+
+
+class CertificateResponse(WireModel):
+    client_certificate_pem: str = Field(max_length=16384)
+
+
 class EnrollResponse(WireModel):
     device_id: str
     device_secret: str

@@ -256,3 +256,53 @@ def test_revocations_survive_a_restart_and_an_old_crl_is_renewed(tmp_path: Path)
     assert renewed.next_update_utc is not None and renewed.next_update_utc - renewed.last_update_utc > dt.timedelta(
         days=300
     )
+
+
+def _aged_copy(ca: DeviceCA, cert_file: Path) -> None:
+    """Rewrite `cert_file` as if issued long ago: two days used, one left."""
+    old = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    aged = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(old.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=2))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca._key, hashes.SHA256())
+    )
+    cert_file.write_bytes(aged.public_bytes(serialization.Encoding.PEM))
+
+
+def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path / "cp", database_url=db_url, fleet_enabled=False, device_certificates=True)  # type: ignore[call-arg]
+    admin = _admin_headers(engine)
+    with ServerThread(create_app(settings, engine=engine), lifespan="on") as cp:
+        created = httpx.post(f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin)
+        device_id = created.json()["id"]
+        agent_settings = load_settings(
+            data_dir=tmp_path / "agent",
+            control_plane_url=cp.url,
+            enrollment_token=created.json()["enrollment_token"],
+            x509_identity=True,
+        )
+        Agent(agent_settings).enroll()
+        cert_file = agent_settings.client_cert_path
+        _aged_copy(DeviceCA.load_or_create(settings.device_ca_path), cert_file)
+        key_before = agent_settings.client_key_path.read_bytes()
+        agent = Agent(agent_settings)  # a restart: the stored credential, an ageing certificate
+        renewals: list[int] = []
+        agent.identity_listeners.append(lambda: renewals.append(1))  # how the MQTT channel reloads its context
+        try:
+            agent.enroll()
+        finally:
+            agent.stop()
+        assert renewals == [1]
+        renewed = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        assert renewed.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=80)
+        assert renewed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device_id
+        assert agent_settings.client_key_path.read_bytes() == key_before  # the key never changes hands
+        _, csr = _csr()
+        as_admin = httpx.post(f"{cp.url}/v1/devices/me/certificate", json={"csr_pem": csr.decode()}, headers=admin)
+        assert as_admin.status_code == 403 and as_admin.json()["code"] == "forbidden"

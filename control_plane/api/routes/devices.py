@@ -14,7 +14,7 @@ from control_plane.models import as_utc
 from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
 from control_plane.services import devices
 from control_plane.services.auth import Principal
-from shared.enrollment import EnrollRequest, EnrollResponse
+from shared.enrollment import CertificateRequest, CertificateResponse, EnrollRequest, EnrollResponse
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -84,6 +84,19 @@ def who_am_i(principal: PrincipalDep, session: SessionDep) -> Any:
     if principal.kind != "device":
         raise DomainError("forbidden", "only a device credential can ask for /v1/devices/me")
     return DevicePublic.model_validate(devices.get_device(session, principal.id))
+
+
+@router.post("/me/certificate", status_code=201, response_model=CertificateResponse)
+def renew_certificate(request: CertificateRequest, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """A device renews its X.509 identity before expiry; the old certificate stays valid until then."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can renew its certificate")
+    certificate = issue_device_certificate(mutation.request.app, principal.id, request.csr_pem)
+    if certificate is None:
+        raise DomainError("device_certificates_disabled", "this control plane issues no device certificates")
+    mutation.audit(principal, "device.certificate_renew", principal.id)
+    mutation.session.commit()
+    return CertificateResponse(client_certificate_pem=certificate)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
