@@ -11,19 +11,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.device_ca import DeviceCA, DeviceCAError
-from control_plane.models import Role
-from control_plane.services import auth
 from edge_agent.agent import Agent
 from edge_agent.mqtt_channel import MqttChannel
 from edge_agent.settings import load_settings
@@ -167,7 +163,9 @@ def _mtls_broker(tmp_path: Path, server: Issued, device_ca_dir: Path) -> tuple[M
 
 @pytest.mark.mosquitto
 @needs_mosquitto
-def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db_url, engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
+    tmp_path, db_url, engine, admin_headers, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     """Enrollment signs the agent's CSR; the agent connects to the mTLS listener with the key it
     made itself; reissuing its token revokes the certificate at the broker."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
@@ -187,10 +185,11 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db
         device_certificates=True,
         mqtt_topic_prefix=Topics().prefix,
     )
-    admin = _admin_headers(engine)
     try:
         with ServerThread(create_app(settings, engine=engine), lifespan="on") as cp:
-            created = httpx.post(f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin)
+            created = httpx.post(
+                f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin_headers
+            )
             device_id = created.json()["id"]
             agent = Agent(
                 load_settings(
@@ -211,9 +210,11 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db
             channel.start(wait=True, timeout_s=15)
             identity = (cert_file, key_file)
             try:
-                online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin).json()["status"]  # noqa: E731
+                online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin_headers).json()["status"]  # noqa: E731
                 assert wait_until(lambda: online() == "online")
-                httpx.post(f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin).raise_for_status()
+                httpx.post(
+                    f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin_headers
+                ).raise_for_status()
                 assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
             finally:
                 channel.stop()
@@ -222,19 +223,10 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(tmp_path, db
         broker.stop()
 
 
-def _admin_headers(engine: sa.Engine) -> dict[str, str]:
-    with Session(engine) as session:
-        _, plaintext = auth.create_token(session, name=f"admin-{uuid.uuid4().hex[:8]}", role=Role.admin)
-        session.commit()
-    return {"Authorization": f"Bearer {plaintext}"}
-
-
-def test_a_bad_csr_leaves_the_enrollment_token_usable(tmp_path, db_url, engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_csr_leaves_the_enrollment_token_usable(tmp_path, db_url, engine, admin_headers) -> None:  # type: ignore[no-untyped-def]
     settings = Settings(data_dir=tmp_path / "cp", database_url=db_url, fleet_enabled=False, device_certificates=True)  # type: ignore[call-arg]
     with TestClient(create_app(settings, engine=engine)) as client:
-        created = client.post(
-            "/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=_admin_headers(engine)
-        )
+        created = client.post("/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin_headers)
         token = created.json()["enrollment_token"]
         refused = client.post("/v1/devices/enroll", json={"enrollment_token": token, "csr_pem": "not a csr"})
         assert refused.status_code == 422 and refused.json()["code"] == "csr_invalid"
@@ -275,11 +267,12 @@ def _aged_copy(ca: DeviceCA, cert_file: Path) -> None:
     cert_file.write_bytes(aged.public_bytes(serialization.Encoding.PEM))
 
 
-def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine) -> None:  # type: ignore[no-untyped-def]
+def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine, admin_headers) -> None:  # type: ignore[no-untyped-def]
     settings = Settings(data_dir=tmp_path / "cp", database_url=db_url, fleet_enabled=False, device_certificates=True)  # type: ignore[call-arg]
-    admin = _admin_headers(engine)
     with ServerThread(create_app(settings, engine=engine), lifespan="on") as cp:
-        created = httpx.post(f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin)
+        created = httpx.post(
+            f"{cp.url}/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin_headers
+        )
         device_id = created.json()["id"]
         agent_settings = load_settings(
             data_dir=tmp_path / "agent",
@@ -304,5 +297,7 @@ def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine) ->
         assert renewed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device_id
         assert agent_settings.client_key_path.read_bytes() == key_before  # the key never changes hands
         _, csr = _csr()
-        as_admin = httpx.post(f"{cp.url}/v1/devices/me/certificate", json={"csr_pem": csr.decode()}, headers=admin)
+        as_admin = httpx.post(
+            f"{cp.url}/v1/devices/me/certificate", json={"csr_pem": csr.decode()}, headers=admin_headers
+        )
         assert as_admin.status_code == 403 and as_admin.json()["code"] == "forbidden"

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from sqlmodel import Session, SQLModel, col, func, select
+from sqlmodel import Session, col, func, select
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.models import DeviceEvent, Role
-from control_plane.services import auth
+from control_plane.models import DeviceEvent
 from edge_agent.agent import Agent
 from edge_agent.enroll import Credential
 from edge_agent.mqtt_channel import MqttChannel
@@ -123,21 +122,6 @@ def _fleet(kind: str, tmp_path: Path, db_url: str, cert: Issued, ca: TestCA) -> 
         broker.stop()
 
 
-@pytest.fixture
-def emptied(engine: sa.Engine) -> Iterator[sa.Engine]:
-    yield engine
-    with engine.begin() as conn:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            conn.execute(table.delete())
-
-
-def _admin_headers(engine: sa.Engine) -> dict[str, str]:
-    with Session(engine) as session:
-        _, plaintext = auth.create_token(session, name=f"admin-{uuid.uuid4().hex[:8]}", role=Role.admin)
-        session.commit()
-    return {"Authorization": f"Bearer {plaintext}"}
-
-
 def _events_stored(engine: sa.Engine, device_id: str) -> int:
     with Session(engine) as session:
         return int(session.exec(select(func.count()).where(col(DeviceEvent.device_id) == device_id)).one())
@@ -145,14 +129,15 @@ def _events_stored(engine: sa.Engine, device_id: str) -> int:
 
 @pytest.mark.mosquitto
 @pytest.mark.parametrize("kind", [pytest.param("mosquitto", marks=needs_mosquitto), "embedded"])
-def test_control_plane_and_devices_speak_mqtts(kind, tmp_path, db_url, emptied, ca, broker_cert, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_control_plane_and_devices_speak_mqtts(
+    kind, tmp_path, db_url, empty_tables, admin_headers, ca, broker_cert, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     """Enrollment hands devices an mqtts:// URL; what a device sends over it reaches the registry
     through the control plane's own TLS connection, each side verifying the test CA."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     with _fleet(kind, tmp_path, db_url, broker_cert, ca) as settings:
-        with TestClient(create_app(settings, engine=emptied)) as client:
-            admin = _admin_headers(emptied)
-            created = client.post("/v1/devices", json={"name": "edge-tls"}, headers=admin).json()
+        with TestClient(create_app(settings, engine=empty_tables)) as client:
+            created = client.post("/v1/devices", json={"name": "edge-tls"}, headers=admin_headers).json()
             cred = client.post("/v1/devices/enroll", json={"enrollment_token": created["enrollment_token"]}).json()
             broker_url = parse_broker_url(cred["mqtt_url"])
             assert broker_url.tls, cred["mqtt_url"]
@@ -166,7 +151,7 @@ def test_control_plane_and_devices_speak_mqtts(kind, tmp_path, db_url, emptied, 
             try:
                 topics = Topics(settings.mqtt_topic_prefix)
                 device.publish(topics.events(cred["device_id"]), encode(EventMessage(kind="error", message="tls")))
-                assert wait_until(lambda: _events_stored(emptied, cred["device_id"]) == 1)
+                assert wait_until(lambda: _events_stored(empty_tables, cred["device_id"]) == 1)
             finally:
                 device.stop(publish_offline=False)
 
@@ -177,8 +162,7 @@ def test_embedded_broker_tls_listener(tmp_path: Path, ca: TestCA, broker_cert: I
         assert broker.url.startswith("mqtts://")
         _handshake_refused(broker.port)
         seen = Collector()
-        reader = clients(broker.url, tls_context=ssl_context(ca.ca_file), start=False)
-        reader.subscribe("tls/check", seen)
-        reader.start()
+        reader = clients(broker.url, tls_context=ssl_context(ca.ca_file))
+        assert reader.subscribe("tls/check", seen) is not None  # connected, SUBACK received
         clients(broker.url, tls_context=ssl_context(ca.ca_file)).publish("tls/check", b"over tls")
         assert seen.wait_for(1) == [b"over tls"]
