@@ -117,9 +117,14 @@ class VersionStatusUpdate(BaseModel):
     status: Literal["registered", "validated", "deprecated", "revoked"]
 
 
+# The selector grammar's own key and value shapes (control_plane.services.selectors), so every label can be selected.
+LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")]
+LabelValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{0,63}$")]
+
+
 class DeviceCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
 
 
 class DevicePublic(BaseModel):
@@ -138,7 +143,7 @@ class DevicePublic(BaseModel):
 
 
 class DeviceCreated(DevicePublic):
-    enrollment_token: str
+    enrollment_token: str | None = Field(description="one-time token, in this response only; null in a replay")
     enrollment_expires_at: UTCDatetime
 
 
@@ -160,13 +165,14 @@ class TokenPublic(BaseModel):
 
 
 class TokenCreated(TokenPublic):
-    token: str
+    token: str | None = Field(description="the plaintext, in this response only; null in an idempotent replay")
 
 
 class AuditPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     actor: str
+    actor_id: str
     action: str
     target: str
     request_id: str
