@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from control_plane.models.base import as_utc
 
@@ -118,13 +118,27 @@ class VersionStatusUpdate(BaseModel):
 
 
 # The selector grammar's own key and value shapes (control_plane.services.selectors), so every label can be selected.
-LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,63}$")]
-LabelValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{0,63}$")]
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._-]{0,63}$"
+MAX_LABELS = 64
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)], Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)]],
+    Field(max_length=MAX_LABELS),
+    # pydantic states key patterns as patternProperties, which lets any other key through.
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN},
+            "maxProperties": MAX_LABELS,
+        }
+    ),
+]
 
 
 class DeviceCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
+    labels: Labels = Field(default_factory=dict)
 
 
 class DevicePublic(BaseModel):
