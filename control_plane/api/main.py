@@ -155,10 +155,10 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
             "login": settings.rate_limit_login_failures_per_min,
         }
     )
-    app.add_middleware(AuthenticateFirstMiddleware)  # inside the body cap: neither reads the body
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
     )
+    app.add_middleware(AuthenticateFirstMiddleware)  # outside the cap: no credential, no word on sizes
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     _install_error_handlers(app)
