@@ -7,10 +7,9 @@ match its schema fails the test with a curl line to reproduce it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -19,7 +18,6 @@ from control_plane.api.main import create_app
 from control_plane.config import Settings
 
 MAX_EXAMPLES = 6
-
 
 
 def _openapi_document() -> dict[str, Any]:

@@ -18,7 +18,6 @@ from control_plane.rollouts.gates import merged_percentile
 from control_plane.services import auth
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 
-
 SAME_SITE = {"Origin": "http://testserver"}  # what a browser sends on the dashboard's own form posts
 
 
@@ -57,7 +56,8 @@ def test_login_checks_the_token_and_sets_an_httponly_cookie(client: TestClient, 
     assert "set-cookie" not in refused.headers
 
     token_id, token = _token(engine)
-    accepted = client.post("/login", data={"token": token, "next": "/registry"}, follow_redirects=False, headers=SAME_SITE)
+    form = {"token": token, "next": "/registry"}
+    accepted = client.post("/login", data=form, follow_redirects=False, headers=SAME_SITE)
     assert accepted.status_code == 303 and accepted.headers["location"] == "/registry"
     cookie = accepted.headers["set-cookie"]
     assert cookie.startswith("slmops_session=") and token not in cookie  # a session id, never the token

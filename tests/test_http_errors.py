@@ -20,7 +20,10 @@ def _model(client: TestClient, headers: dict[str, str]) -> None:
     [
         ("multipart/form-data; boundary=x", b"garbage"),  # curl -d garbage with a multipart type
         ("multipart/form-data; boundary=x", b"--x\r\n" + b"A" * 20000 + b": v\r\n\r\n"),  # a part header too long
-        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="notes"\r\n\r\n\xff\xfe\r\n--x--\r\n'),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="notes"\r\n\r\n\xff\xfe\r\n--x--\r\n',
+        ),
         ("application/x-www-form-urlencoded", b"garbage"),  # curl -d garbage
     ],
 )
@@ -49,7 +52,10 @@ def test_telemetry_ranges_outside_the_calendar_are_a_422(  # type: ignore[no-unt
     client: TestClient, viewer_headers, engine: sa.Engine, query: dict[str, str]
 ) -> None:
     (device_id,) = add_devices(engine, "dev-1")
-    for path, extra in ((f"/v1/telemetry/devices/{device_id}", {}), ("/v1/telemetry/versions", {"model": "m", "version": "1"})):
+    for path, extra in (
+        (f"/v1/telemetry/devices/{device_id}", {}),
+        ("/v1/telemetry/versions", {"model": "m", "version": "1"}),
+    ):
         response = client.get(path, params={**query, **extra}, headers=viewer_headers)
         assert response.status_code == 422, (path, response.text)
         assert response.json()["code"] == "validation_error"

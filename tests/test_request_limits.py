@@ -103,7 +103,10 @@ async def test_an_operator_json_body_is_capped_too(app, admin_headers) -> None: 
 def test_the_client_gets_its_401_while_still_sending(app) -> None:  # type: ignore[no-untyped-def]
     """Over a real socket: the answer comes back after the headers, with 200 MiB still unsent."""
     with ServerThread(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
-        head = f"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {200 * MIB}\r\n\r\n"
+        head = (
+            "POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {200 * MIB}\r\n\r\n"
+        )
         conn.sendall(head.encode() + b"{" * 65536)
         answer = conn.recv(4096).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 401"), answer[:200]

@@ -1,8 +1,9 @@
 """Authenticate before the body is read: FastAPI reads a route's body before it solves dependencies.
 
 A request that may carry a body, to a route that depends on `any_principal`, has its credential
-checked here, before routing; the principal is kept on `request.state` for `any_principal`. So an unauthenticated caller never makes the server read or parse a body: it gets
-its 401 (or 429) while the body is still on the wire.
+checked here, before routing; the principal is kept on `request.state` for `any_principal`. So an
+unauthenticated caller never makes the server read or parse a body: it gets its 401 (or 429) while
+the body is still on the wire.
 """
 
 from __future__ import annotations
@@ -77,4 +78,4 @@ def allowed_methods(scope: Scope) -> list[str]:
     if not matching:
         return []
     fewest = min(r.path_format.count("{") for r in matching)
-    return sorted({m for r in matching if r.path_format.count("{") == fewest for m in r.methods})
+    return sorted({m for r in matching if r.path_format.count("{") == fewest for m in r.methods or ()})

@@ -71,7 +71,7 @@ def _document_errors(app: FastAPI, schema: dict[str, Any]) -> None:
     for route in iter_api_routes(app.routes):
         if not route.include_in_schema:
             continue
-        for method in route.methods:
+        for method in route.methods or ():
             operation = schema["paths"].get(route.path_format, {}).get(method.lower())
             if operation is None:
                 continue
@@ -95,9 +95,7 @@ def _add_components(schema: dict[str, Any]) -> None:
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _document_errors(app, schema)
             _add_components(schema)
             app.openapi_schema = schema
