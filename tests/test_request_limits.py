@@ -96,7 +96,7 @@ async def test_a_large_body_is_refused_unread(  # type: ignore[no-untyped-def]
 async def test_an_operator_json_body_is_capped_too(app, admin_headers) -> None:  # type: ignore[no-untyped-def]
     body = StreamedBody(BIG)
     status, problem = await _call(app, "/v1/models", body, {**JSON, **admin_headers})
-    assert status == 413 and problem["code"] == "payload_too_large" and problem["max_bytes"] == MIB
+    assert status == 413 and problem["code"] == "payload_too_large" and problem["limit_bytes"] == MIB
     assert body.pulled <= 2 * MIB
 
 

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.errors import problem
+from control_plane.api.problems import problem_response
 
 # POST /v1/models/{name}/versions and /v1/models/{name}/versions/{version}/artifacts
 UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions(/[^/]+/artifacts)?/?$")
@@ -75,7 +75,7 @@ class BodyLimitMiddleware:
 
 def too_large_response(scope: Scope, limit: int) -> JSONResponse:
     detail = f"the request body is larger than this route accepts ({limit} bytes)"
-    body = problem(413, "payload_too_large", detail, instance=scope.get("path"), max_bytes=limit)
     # The unread body stays on the connection: closing it is cheaper than reading it.
-    headers = {"Connection": "close"}
-    return JSONResponse(body, status_code=413, media_type="application/problem+json", headers=headers)
+    return problem_response(
+        scope.get("path", ""), 413, "payload_too_large", detail, headers={"Connection": "close"}, limit_bytes=limit
+    )

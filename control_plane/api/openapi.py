@@ -32,6 +32,10 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     },
     "additionalProperties": True,
 }
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "an operator API token (slm_...)"},
+    "deviceBasic": {"type": "http", "scheme": "basic", "description": "a device: its id and secret"},
+}
 # Routes without a principal whose refused credentials count against the caller's address.
 RATE_LIMITED_PUBLIC = frozenset({"/v1/devices/enroll"})
 # Schemas that routes name in `openapi_extra` (bodies parsed by hand) rather than in a signature.
@@ -75,6 +79,8 @@ def _document_errors(app: FastAPI, schema: dict[str, Any]) -> None:
             operation = schema["paths"].get(route.path_format, {}).get(method.lower())
             if operation is None:
                 continue
+            if needs_principal(route.dependant):
+                operation["security"] = [{"bearer": []}, {"deviceBasic": []}]
             responses = operation.setdefault("responses", {})
             for status in _error_statuses(route, operation):
                 responses[status] = _problem(status)
@@ -88,6 +94,7 @@ def _add_components(schema: dict[str, Any]) -> None:
     for name, definition in extra.get("$defs", {}).items():
         components.setdefault(name, definition)
     components["Problem"] = PROBLEM_SCHEMA
+    schema["components"]["securitySchemes"] = SECURITY_SCHEMES
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
 
