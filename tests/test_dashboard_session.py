@@ -92,3 +92,11 @@ def test_docs_load_only_this_servers_scripts(client: TestClient) -> None:
         assert asset.status_code == 200 and len(asset.content) > 0, source
     assert "SwaggerUIBundle" in client.get("/docs/static/swagger-ui-bundle.js").text
     assert client.get("/docs/static/..%2Fdocs.py").status_code == 404
+
+
+def test_the_cookie_is_secure_behind_an_https_public_url(app, engine: sa.Engine) -> None:  # type: ignore[no-untyped-def]
+    app.state.settings = app.state.settings.model_copy(update={"public_url": "https://dash.example"})
+    with TestClient(app) as client:
+        form = {"token": _token(engine), "next": "/"}
+        response = client.post("/login", data=form, headers={"Origin": "https://dash.example"}, follow_redirects=False)
+    assert response.status_code == 303 and "secure" in response.headers["set-cookie"].lower()

@@ -63,7 +63,7 @@ def login(
         )
     session_id = start_session(session, token_id=principal.id, ttl_s=settings.dashboard_session_ttl_s)
     response = RedirectResponse(safe_next(next_path), status_code=303)
-    set_session_cookie(request, response, session_id, settings.dashboard_session_ttl_s)
+    set_session_cookie(request, response, session_id, settings)
     request.state.actor = principal.actor
     return response
 

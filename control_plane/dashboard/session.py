@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from sqlmodel import Session, col
 
 from control_plane.api.deps import SessionDep, SettingsDep, touch_token
+from control_plane.config import Settings
 from control_plane.errors import DomainError
 from control_plane.models import ApiToken, DashboardSession, Role, as_utc, utcnow
 from control_plane.security import hash_secret, new_secret
@@ -100,14 +101,16 @@ def _quote(value: str) -> str:
     return quote(value, safe="")
 
 
-def set_session_cookie(request: Request, response: Response, session_id: str, max_age_s: int) -> None:
+def set_session_cookie(request: Request, response: Response, session_id: str, settings: Settings) -> None:
+    # Secure whenever the dashboard is reached over https, a TLS-terminating proxy included.
+    secure = request.url.scheme == "https" or (settings.public_url or "").startswith("https://")
     response.set_cookie(
         COOKIE_NAME,
         session_id,
-        max_age=max_age_s,
+        max_age=settings.dashboard_session_ttl_s,
         httponly=True,  # never readable from JS
         samesite="strict",  # no cross-site request carries it
-        secure=request.url.scheme == "https",
+        secure=secure,
         path="/",
     )
 
