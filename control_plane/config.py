@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     public_url: str | None = Field(default=None, description="URL devices use to reach this server.")
     max_upload_bytes: int = Field(default=8 * 1024**3, gt=0, description="Largest artifact accepted.")
     upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096)
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest body of any request but an artifact upload."
+    )
+    rate_limit_auth_failures_per_min: int = Field(
+        default=60, ge=0, description="Failed bearer/Basic checks per client address a minute (0: no limit)."
+    )
+    rate_limit_enroll_failures_per_min: int = Field(
+        default=30, ge=0, description="Refused enrollments per client address a minute (0: no limit)."
+    )
+    rate_limit_login_failures_per_min: int = Field(
+        default=10, ge=0, description="Refused dashboard sign-ins per client address a minute (0: no limit)."
+    )
+    dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Dashboard sign-in lifetime.")
     enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from control_plane.models.base import as_utc
 
@@ -121,9 +121,28 @@ class VersionStatusUpdate(BaseModel):
     status: Literal["registered", "validated", "deprecated", "revoked"]
 
 
+# The selector grammar's own key and value shapes (control_plane.services.selectors), so every label can be selected.
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._-]{0,63}$"
+MAX_LABELS = 64
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)], Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)]],
+    Field(max_length=MAX_LABELS),
+    # pydantic states key patterns as patternProperties, which lets any other key through.
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN},
+            "maxProperties": MAX_LABELS,
+        }
+    ),
+]
+
+
 class DeviceCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
 
 
 class DevicePublic(BaseModel):
@@ -142,7 +161,7 @@ class DevicePublic(BaseModel):
 
 
 class DeviceCreated(DevicePublic):
-    enrollment_token: str
+    enrollment_token: str | None = Field(description="one-time token, in this response only; null in a replay")
     enrollment_expires_at: UTCDatetime
 
 
@@ -164,13 +183,14 @@ class TokenPublic(BaseModel):
 
 
 class TokenCreated(TokenPublic):
-    token: str
+    token: str | None = Field(description="the plaintext, in this response only; null in an idempotent replay")
 
 
 class AuditPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     actor: str
+    actor_id: str
     action: str
     target: str
     request_id: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -22,6 +23,7 @@ from control_plane.api.deps import (
 from control_plane.errors import DomainError
 from control_plane.models import Model, ModelVersion
 from control_plane.schemas import (
+    VERSION_PATTERN,
     ArtifactPublic,
     ArtifactReference,
     ArtifactSpec,
@@ -50,7 +52,7 @@ _UPLOAD_BODY: dict[str, Any] = {
                     "required": ["version", "file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "version": {"type": "string"},
+                        "version": {"type": "string", "pattern": VERSION_PATTERN},
                         "sha256": {"type": "string", "description": "declared digest, verified"},
                         "quantization": {"type": "string"},
                         "notes": {"type": "string"},
@@ -68,6 +70,14 @@ _UPLOAD_BODY: dict[str, Any] = {
             "application/json": {"schema": {"$ref": "#/components/schemas/VersionByReference"}},
         },
     }
+}
+# Another variant of a version: its form has no `version` field, its JSON body is a reference.
+_ARTIFACT_BODY = copy.deepcopy(_UPLOAD_BODY)
+_ARTIFACT_FORM = _ARTIFACT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+_ARTIFACT_FORM["required"] = ["file"]
+del _ARTIFACT_FORM["properties"]["version"]
+_ARTIFACT_BODY["requestBody"]["content"]["application/json"] = {
+    "schema": {"$ref": "#/components/schemas/ArtifactReference"}
 }
 
 
@@ -157,7 +167,7 @@ async def create_version(
     "/{name}/versions/{version}/artifacts",
     status_code=201,
     response_model=ArtifactPublic,
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=_ARTIFACT_BODY,
 )
 async def add_artifact(
     name: str,
