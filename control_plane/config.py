@@ -57,6 +57,7 @@ class Settings(BaseSettings):
         default=None, description="Mosquitto password file kept in step with enrolled devices."
     )
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
+    mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
     fleet_enabled: bool = Field(
         default=True, description="Run the broker link, ingest and rollout controller."
     )
@@ -93,6 +94,16 @@ class Settings(BaseSettings):
         description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
         "name although loopback, link-local or private (e.g. a LAN mirror).",
     )
+    device_certificates: bool = Field(
+        default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
+    )
+    device_ca_dir: Path | None = Field(default=None, description="Device CA files; default <data dir>/device-ca.")
+    device_certificate_days: int = Field(default=90, ge=1, le=3650)
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve https.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
+    # uvicorn trusts X-Forwarded-For/-Proto only from these proxies ("*": any; see docs/operations-tls.md).
+    forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="Reverse proxies trusted for X-Forwarded-*.")
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -129,6 +140,23 @@ class Settings(BaseSettings):
             raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
         return self
 
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("SLMOPS_TLS_CERT_FILE and SLMOPS_TLS_KEY_FILE must be set both or neither")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when TLS is on."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return self.tls_cert_file, self.tls_key_file
+
     @cached_property
     def sqlalchemy_url(self) -> str:
         if self.database_url:
@@ -136,9 +164,14 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'slmops.db').resolve()}"
 
     @property
+    def device_ca_path(self) -> Path:
+        return self.device_ca_dir or self.data_dir / "device-ca"
+
+    @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
     @property
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_enabled else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"

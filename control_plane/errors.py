@@ -33,6 +33,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "range_not_satisfiable": 416,
     "rate_limited": 429,
     "validation_error": 422,
+    "csr_invalid": 422,
+    "device_certificates_disabled": 409,
     "sha256_mismatch": 422,
     "size_mismatch": 422,
     "unrecognized_artifact": 422,

@@ -14,6 +14,7 @@ from pydantic_settings import (
 )
 
 from edge_agent.errors import AgentError
+from edge_agent.tls import plaintext_problem
 
 _config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
 
@@ -27,6 +28,10 @@ class AgentSettings(BaseSettings):
 
     control_plane_url: str | None = None
     mqtt_url: str | None = None
+    # Plaintext http:// or mqtt:// off loopback would carry the device credential in clear.
+    allow_insecure_http: bool = False
+    ca_bundle: Path | None = None  # PEM CAs for the control plane, downloads and MQTT; default: system store
+    x509_identity: bool = False  # send a CSR at enrollment; MQTT with the certificate (mTLS listener)
     enrollment_token: SecretStr | None = None
     credential_file: Path | None = None  # default: <data_dir>/credential.json
     data_dir: Path = Path("/var/lib/slmops-agent")
@@ -64,6 +69,15 @@ class AgentSettings(BaseSettings):
             raise ValueError("enrollment_token is set but control_plane_url is not")
         return self
 
+    @model_validator(mode="after")
+    def _check_transport(self) -> AgentSettings:
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
+        for url in (self.control_plane_url, self.mqtt_url):
+            if url and not self.allow_insecure_http and (problem := plaintext_problem(url)):
+                raise ValueError(problem)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -83,6 +97,14 @@ class AgentSettings(BaseSettings):
     @property
     def credential_path(self) -> Path:
         return self.credential_file or self.data_dir / "credential.json"
+
+    @property
+    def client_cert_path(self) -> Path:
+        return self.data_dir / "device.crt"
+
+    @property
+    def client_key_path(self) -> Path:
+        return self.data_dir / "device.key"
 
     @property
     def desired_path(self) -> Path:

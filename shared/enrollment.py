@@ -15,6 +15,18 @@ from shared.hardware import HardwareProfile
 class EnrollRequest(WireModel):
     enrollment_token: str = Field(min_length=8)
     hardware: HardwareProfile = Field(default_factory=HardwareProfile)
+    # X.509 identity: a PEM CSR over a key the device made; the CA ignores its subject.
+    csr_pem: str | None = Field(default=None, max_length=16384)
+
+
+class CertificateRequest(WireModel):
+    """A device renewing its X.509 identity (HTTP Basic as itself): a CSR over its own key."""
+
+    csr_pem: str = Field(max_length=16384)
+
+
+class CertificateResponse(WireModel):
+    client_certificate_pem: str = Field(max_length=16384)
 
 
 class EnrollResponse(WireModel):
@@ -22,3 +34,4 @@ class EnrollResponse(WireModel):
     device_secret: str
     mqtt_url: str | None = None  # where the control plane wants the device to connect
     topic_prefix: str = "slmops/v1"
+    client_certificate_pem: str | None = Field(default=None, max_length=16384)  # CN = device id, by the device CA

@@ -68,6 +68,26 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class HstsMiddleware:
+    """Strict-Transport-Security on every response served over https (RFC 6797 s. 7.2: never over http)."""
+
+    def __init__(self, app: ASGIApp, max_age_s: int) -> None:
+        self.app = app
+        self.header = (b"strict-transport-security", f"max-age={max_age_s}".encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append(self.header)
+            await send(message)
+
+        await self.app(scope, receive, send_with_hsts)
+
+
 def _problem_response(
     request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
@@ -136,6 +156,10 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
+    if settings.device_certificates:
+        from control_plane.device_ca import DeviceCA
+
+        app.state.device_ca = DeviceCA.load_or_create(settings.device_ca_path)
     app.state.rate_limiter = RateLimiter(
         {
             "auth": settings.rate_limit_auth_failures_per_min,
@@ -149,6 +173,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.add_middleware(AuthenticateFirstMiddleware)  # outside the cap: no credential, no word on sizes
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
+    if settings.hsts_max_age_s > 0:
+        app.add_middleware(HstsMiddleware, max_age_s=settings.hsts_max_age_s)
     _install_error_handlers(app)
     for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
         app.include_router(module.router)

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Query
 
 from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, RateLimiterDep, SessionDep, ViewerDep
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
+from control_plane.device_ca import issue_device_certificate
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
 from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
 from control_plane.services import devices
 from control_plane.services.auth import Principal
-from shared.enrollment import EnrollRequest, EnrollResponse
+from shared.enrollment import CertificateRequest, CertificateResponse, EnrollRequest, EnrollResponse
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -51,6 +52,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLi
     except DomainError:
         limiter.charge(mutation.request, "enroll")
         raise
+    certificate = issue_device_certificate(mutation.request.app, device.id, request.csr_pem)  # before commit
     mutation.session.flush()
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
@@ -61,6 +63,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLi
         device_secret=secret,
         mqtt_url=getattr(mutation.request.app.state, "device_mqtt_url", None),
         topic_prefix=settings.mqtt_topic_prefix,
+        client_certificate_pem=certificate,
     )
 
 
@@ -86,6 +89,19 @@ def who_am_i(principal: PrincipalDep, session: SessionDep) -> Any:
     if principal.kind != "device":
         raise DomainError("forbidden", "only a device credential can ask for /v1/devices/me")
     return DevicePublic.model_validate(devices.get_device(session, principal.id))
+
+
+@router.post("/me/certificate", status_code=201, response_model=CertificateResponse)
+def renew_certificate(request: CertificateRequest, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """A device renews its X.509 identity before expiry; the old certificate stays valid until then."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can renew its certificate")
+    certificate = issue_device_certificate(mutation.request.app, principal.id, request.csr_pem)
+    if certificate is None:
+        raise DomainError("device_certificates_disabled", "this control plane issues no device certificates")
+    mutation.audit(principal, "device.certificate_renew", principal.id)
+    mutation.session.commit()
+    return CertificateResponse(client_certificate_pem=certificate)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
