@@ -139,7 +139,9 @@ class Generation:
             self._hand_over(loop, None, exc)
 
     def close(self, *, error: BaseException | None = None) -> None:
-        """Stop the worker, return the lease and account the request (call exactly once)."""
+        """Stop the worker, return the lease and the queue turn, account the request; later calls do nothing."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
         client_error = False
         if isinstance(error, (GeneratorExit, asyncio.CancelledError)):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -107,7 +107,21 @@ async def _respond(
     if not body.stream:
         return await _collect(gen, first, shape)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(gen, first, shape, include_usage), media_type="text/event-stream")
+    return _GenerationStream(_sse(gen, first, shape, include_usage), gen)
+
+
+class _GenerationStream(StreamingResponse):
+    """SSE that returns the model and its queue turn even if the client leaves before the first write."""
+
+    def __init__(self, content: AsyncIterator[str], gen: Generation) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._gen = gen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gen.close(error=GeneratorExit())  # a no-op once the stream closed it
 
 
 async def _collect(gen: Generation, first: list[TokenChunk], shape: ChatShape) -> JSONResponse:
@@ -213,5 +227,5 @@ async def _embed(agent: Any, requested: str, texts: list[str]) -> tuple[list[lis
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":  # what the openai client asks for by default: little-endian float32
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
     return vector
