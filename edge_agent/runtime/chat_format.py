@@ -13,7 +13,9 @@ def format_default(messages: list[dict[str, str]]) -> str:
     return "".join(parts) + "<|assistant|>\n"
 
 
-def render_template(template: str, messages: list[dict[str, str]], *, bos_token: str = "", eos_token: str = "") -> str:
+def render_template(
+    template: str, messages: list[dict[str, str]], *, bos_token: str = "", eos_token: str = ""
+) -> str:
     """Render a Hugging Face style chat template in a sandbox, as llama.cpp's servers do."""
     try:
         from jinja2 import TemplateError
