@@ -81,16 +81,19 @@ def templated(llm: Any, messages: list[dict[str, str]]) -> list[int]:
     return llm.tokenize(prompt.encode(), add_bos=False, special=True)  # type: ignore[no-any-return]
 
 
-def greedy(llm: Any, prompt_tokens: list[int], max_tokens: int) -> tuple[str, int]:
-    """The text and the number of tokens llama.cpp generates greedily (the end-of-generation token not counted)."""
+def greedy(llm: Any, prompt_tokens: list[int], max_tokens: int, stop: str | None = None) -> tuple[str, int]:
+    """The text and the number of tokens llama.cpp generates greedily (the end-of-generation token not
+    counted), up to `max_tokens` or until the text contains `stop` (cut there)."""
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     generated: list[int] = []
     for token in llm.generate(prompt_tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
         if llama_cpp.llama_vocab_is_eog(vocab, token) or len(generated) == max_tokens:
             break
         generated.append(token)
+        if stop and stop in llm.detokenize(generated, prev_tokens=prompt_tokens).decode("utf-8", errors="ignore"):
+            break
     text = llm.detokenize(generated, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
-    return text, len(generated)
+    return (text.split(stop)[0] if stop else text), len(generated)
 
 
 def test_chat_usage_is_llama_cpp_count_with_the_template(agent, reference) -> None:
@@ -134,14 +137,12 @@ def test_completion_usage_counts_tokens_not_chunks(agent, reference, prompt) -> 
 def test_stop_sequence_keeps_the_generated_count(agent, reference) -> None:
     ai = client(agent)
     prompt_tokens = reference.tokenize(JAPANESE_PROMPT.encode(), add_bos=False, special=True)
-    text, _ = greedy(reference, prompt_tokens, 8)
-    stop = text[2]
+    stop = greedy(reference, prompt_tokens, 8)[0][2]
+    expected_text, expected_completion = greedy(reference, prompt_tokens, 8, stop=stop)
     stopped = ai.completions.create(model="smol", prompt=JAPANESE_PROMPT, max_tokens=8, stop=[stop])
-    assert stopped.choices[0].text == text[:2] and stopped.choices[0].finish_reason == "stop"
-    # The tokens up to and including the one that completed the stop string were generated.
-    up_to_stop = reference.tokenize(text[:3].encode(), add_bos=False, special=True)
-    assert stopped.usage.completion_tokens >= len(up_to_stop) - 1
-    assert stopped.usage.completion_tokens <= 8
+    assert stopped.choices[0].text == expected_text and stopped.choices[0].finish_reason == "stop"
+    # Every token up to the one that completed the stop string was generated, and is counted.
+    assert stopped.usage.completion_tokens == expected_completion
 
 
 def test_sampling_varies_without_a_seed_and_repeats_with_one(agent) -> None:
