@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.agent_support import AgentProcess, ArtifactServer, desired_for, wait_for
-from tests.server_thread import ServerThread
+from tests.agent_support import AgentProcess, ArtifactServer, artifact_server, desired_for, wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
@@ -32,9 +31,7 @@ JAPANESE_PROMPT = "東京は日本の首都です。東京は"
 
 @pytest.fixture(scope="module")
 def artifacts() -> Iterator[ArtifactServer]:
-    server = ArtifactServer()
-    with ServerThread(server.app()) as thread:
-        server.port = thread.port
+    with artifact_server() as server:
         yield server
 
 
