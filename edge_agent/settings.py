@@ -40,6 +40,12 @@ class AgentSettings(BaseSettings):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8088, ge=0, le=65535)
     threads: int | None = Field(default=None, ge=1)
+    # The local API: a body larger than this is refused (413) before it is read; requests beyond
+    # the one generating and `max_queued_requests` waiting are refused (429); browsers may call it
+    # only from the listed origins (none: CORS off).
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_queued_requests: int = Field(default=16, ge=0)
+    cors_allow_origins: list[str] = Field(default_factory=list)
 
     telemetry_window_s: float = Field(default=60.0, gt=0)
     disk_quota_mb: int | None = Field(default=None, ge=1)  # the model store's limit

@@ -8,6 +8,7 @@ with Range, Content-Range, ETag) and its enrollment endpoint, over real HTTP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from shared.desired import DesiredState
 from slmops.mqtt.broker import free_port
+from tests.server_thread import ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,6 +157,15 @@ class ArtifactServer:
                 Route("/v1/devices/enroll", self._enroll, methods=["POST"]),
             ]
         )
+
+
+@contextlib.contextmanager
+def artifact_server() -> Iterator[ArtifactServer]:
+    """An ArtifactServer on a real uvicorn in a thread, for as long as the block runs."""
+    server = ArtifactServer()
+    with ServerThread(server.app()) as thread:
+        server.port = thread.port
+        yield server
 
 
 def desired_for(
