@@ -9,6 +9,7 @@ mistake worth losing the report for.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -45,22 +46,30 @@ def _cut_to(max_chars: int) -> BeforeValidator:
     return BeforeValidator(cut)
 
 
+# What a name may not hold, stated once for the validator and for the OpenAPI schema: control
+# characters (NUL among them, which a column cannot hold) and lone surrogates.
+CONTROL_CHARACTERS = "\x00-\x1f\x7f-\x9f"
+_NAME_PATTERN = f"^[^{CONTROL_CHARACTERS}]*$"
+_FORBIDDEN_IN_NAMES = re.compile(f"[{CONTROL_CHARACTERS}\ud800-\udfff]")
+
+
 def _printable(value: str) -> str:
-    # Names and ids: no control characters, NUL or lone surrogates, which a column cannot hold.
-    if not value.isprintable():
+    if _FORBIDDEN_IN_NAMES.search(value):
         raise ValueError("holds a control character or an invalid code point")
     return value
 
 
 _Printable = AfterValidator(_printable)
+# The schema states the rule so clients (and schemathesis) know it; the validator enforces it.
+_NAME_SCHEMA = {"pattern": _NAME_PATTERN}
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 BigCount = Annotated[int, Field(ge=0, le=INT64_MAX)]
 ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 Measure = Annotated[float, Field(ge=0, le=MAX_MEASURE, allow_inf_nan=False)]
-ModelName = Annotated[str, Field(max_length=MODEL_CHARS), _Printable]
-VersionName = Annotated[str, Field(max_length=VERSION_CHARS), _Printable]
-ShortName = Annotated[str, Field(max_length=NAME_CHARS), _Printable]
-MessageId = Annotated[str, Field(min_length=1, max_length=MESSAGE_ID_CHARS), _Printable]
+ModelName = Annotated[str, Field(max_length=MODEL_CHARS, json_schema_extra=_NAME_SCHEMA), _Printable]
+VersionName = Annotated[str, Field(max_length=VERSION_CHARS, json_schema_extra=_NAME_SCHEMA), _Printable]
+ShortName = Annotated[str, Field(max_length=NAME_CHARS, json_schema_extra=_NAME_SCHEMA), _Printable]
+MessageId = Annotated[str, Field(min_length=1, max_length=MESSAGE_ID_CHARS, json_schema_extra=_NAME_SCHEMA), _Printable]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Reason = Annotated[str, _cut_to(REASON_CHARS)]
 Note = Annotated[str, _cut_to(256)]  # descriptive text not stored in a column of its own

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import Depends, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlmodel import Session
 
 from control_plane.api.ratelimit import RateLimiter
@@ -176,3 +177,13 @@ class Mutation:
 
 
 MutationDep = Annotated[Mutation, Depends()]
+
+
+def _iso_instant(value: Any) -> Any:
+    # A time in a query is ISO 8601 text, as the schema says; pydantic alone also reads a bare number as Unix seconds.
+    if isinstance(value, str) and not re.match(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("expected an ISO 8601 date-time such as 2026-12-06T08:00:00Z")
+    return value
+
+
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_instant)]

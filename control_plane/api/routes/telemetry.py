@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
-from control_plane.api.deps import SessionDep, ViewerDep
+from control_plane.api.deps import IsoDatetime, SessionDep, ViewerDep
 from control_plane.errors import DomainError
 from control_plane.models import Device, GateEvaluation, Rollout, as_utc, utcnow
 from control_plane.services import pagination
@@ -63,8 +63,8 @@ def get_version_series(
     _: ViewerDep,
     model: str,
     version: str,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: IsoDatetime | None = None,
+    end: IsoDatetime | None = None,
     step: StepParam = "60",
 ) -> dict[str, Any]:
     """p50/p95/p99 latency, TTFT, tokens/s, RSS and error rate of one version across the fleet."""
@@ -79,8 +79,8 @@ def get_device_series(
     device_id: str,
     session: SessionDep,
     _: ViewerDep,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: IsoDatetime | None = None,
+    end: IsoDatetime | None = None,
     step: StepParam = "60",
     model: str | None = None,
     version: str | None = None,
