@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from control_plane import bulk
 from control_plane.models import (
     ACTIVE_STATES,
+    DEPLOYABLE_STATUSES,
     Artifact,
     DesiredStateRow,
     Device,
@@ -133,7 +134,10 @@ class RolloutController:
             matching = list(session.exec(stmt).all())
             model = session.get(Model, rollout.model_id)
             version = session.get(ModelVersion, rollout.version_id)
-            if not matching or model is None or version is None or version.status == "revoked":
+            # A recall rollout moved the devices that ran a version, not a selector's every device.
+            if rollout.plan.get("recall_of") or not matching or model is None or version is None:
+                continue
+            if version.status not in DEPLOYABLE_STATUSES:
                 continue
             states = self._stable_states(session, model, version, matching)
             assign.write_desired(session, states)
@@ -434,6 +438,8 @@ class RolloutController:
     ) -> None:
         """Devices that enrolled after the rollout began get the stable version until it completes,
         then the new one (they were never part of the stages, so never part of the risk)."""
+        if rollout.plan.get("recall_of"):
+            return  # it moves the devices that ran the recalled version; nobody else joins it
         completed = rollout.state == RolloutState.completed
         baseline = rollout.plan.get("baseline_version")
         stable = plan.version if completed else baseline
@@ -448,10 +454,14 @@ class RolloutController:
             return
         _, version = registry.get_version(session, model.name, stable)
         desired = self._desired(session, newcomers)
+        # A device relabelled into the selector may still hold what an earlier, finished rollout gave it.
+        active: set[str] = set()
+        if completed:
+            active = set(session.exec(select(Rollout.id).where(col(Rollout.state).in_(ACTIVE_STATES))))
         due = []
         for device_id in newcomers:
             current = desired.get(device_id)
-            on_baseline = current is not None and current[0] is None and current[1].get("version") == baseline
+            on_baseline = current is not None and current[0] not in active and current[1].get("version") == baseline
             if current is None or (completed and on_baseline):
                 due.append(device_id)
         if due:

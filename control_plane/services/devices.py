@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -47,6 +48,48 @@ def set_labels(session: Session, device: Device, labels: dict[str, str]) -> None
     device.labels = dict(labels)
     session.add(device)
     session.flush()
+
+
+def update_device(session: Session, device: Device, *, name: str | None, labels: dict[str, str] | None) -> None:
+    """Rename and/or replace the labels of one device."""
+    if name is not None and name != device.name:
+        if session.exec(select(Device).where(Device.name == name)).first() is not None:
+            raise DomainError("device_exists", f"a device named {name!r} already exists")
+        device.name = name
+        session.add(device)
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            raise DomainError("device_exists", f"a device named {name!r} already exists") from exc
+    if labels is not None:
+        set_labels(session, device, labels)
+
+
+def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: list[str]) -> int:
+    """Every device the selector matches gets `set_` and loses `remove`; returns how many matched."""
+    stmt = select(Device.id, Device.labels)
+    for clause in selector_clauses(parse_selector(selector)):
+        stmt = stmt.where(clause)
+    matched = {device_id: dict(labels or {}) for device_id, labels in session.exec(stmt).all()}
+    if not matched:
+        return 0
+    ids, keys = list(matched), set(set_) | set(remove)
+    label_table = DeviceLabel.__table__  # type: ignore[attr-defined]
+    device_table = Device.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(ids), 1000):  # bounded IN lists
+        chunk = ids[start : start + 1000]
+        session.execute(sa.delete(label_table).where(label_table.c.device_id.in_(chunk), label_table.c.key.in_(keys)))
+    rows = [{"device_id": d, "key": k, "value": v} for d in ids for k, v in set_.items()]
+    if rows:
+        session.execute(sa.insert(label_table), rows)
+    updates = [
+        {"b_id": d, "b_labels": {k: v for k, v in labels.items() if k not in remove} | set_}
+        for d, labels in matched.items()
+    ]
+    by_id = device_table.c.id == sa.bindparam("b_id")
+    session.execute(sa.update(device_table).where(by_id).values(labels=sa.bindparam("b_labels")), updates)
+    session.expire_all()
+    return len(ids)
 
 
 def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:

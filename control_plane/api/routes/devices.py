@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, SessionDep, ViewerDep
+from control_plane.api.deps import AdminDep, MutationDep, OperatorDep, PrincipalDep, SessionDep, ViewerDep
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
-from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
+from control_plane.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DevicePublic,
+    DeviceRelabel,
+    DeviceUpdate,
+    Page,
+    RelabelResult,
+)
 from control_plane.services import devices
 from control_plane.services.auth import Principal
 from shared.enrollment import EnrollRequest, EnrollResponse
@@ -108,4 +116,40 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
         }
     )
     mutation.commit(principal, 201, body)
+    return body
+
+
+def _wake(request: Request) -> None:
+    """Labels decide rollout membership: the controller looks again now, not at its next tick."""
+    fleet = getattr(request.app.state, "fleet", None)
+    if fleet is not None:
+        fleet.wake(tick=True)
+
+
+@router.patch("/{device_id}", response_model=DevicePublic)
+def update_device(
+    device_id: str, update: DeviceUpdate, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """Rename a device or replace its labels (which may move it into or out of a rollout's selector)."""
+    device = devices.get_device(mutation.session, device_id)
+    before = dict(device.labels)
+    devices.update_device(mutation.session, device, name=update.name, labels=update.labels)
+    changed = update.model_dump(exclude_none=True)
+    mutation.audit(principal, "device.update", device.id, **changed, labels_before=before)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body
+
+
+@router.post("/relabel", response_model=RelabelResult)
+def relabel_devices(spec: DeviceRelabel, request: Request, principal: OperatorDep, mutation: MutationDep) -> Any:
+    """Set and remove labels on every device a selector matches; says how many matched."""
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    matched = devices.relabel(mutation.session, selector=spec.selector, set_=spec.set, remove=spec.remove)
+    mutation.audit(principal, "device.relabel", spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    body = RelabelResult(selector=spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    mutation.commit(principal, 200, body)
+    _wake(request)
     return body

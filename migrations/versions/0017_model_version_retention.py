@@ -1,0 +1,30 @@
+"""models keep their newest N versions
+
+Revision ID: 0017
+Revises: 0011
+Create Date: 2026-12-06 07:40:00
+
+A model's retention policy: garbage collection deletes its versions beyond the newest
+`keep_versions` (never one a device runs or is meant to run) and then every blob no artifact
+references. NULL keeps every version.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0017"
+down_revision: str | None = "0011"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("keep_versions", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("models") as batch:
+        batch.drop_column("keep_versions")

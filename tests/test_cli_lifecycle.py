@@ -1,0 +1,55 @@
+"""The lifecycle commands against a real control plane on uvicorn: relabel, deprecate, recall, delete, gc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from control_plane.config import Settings
+from slmops.tinymodels.gguf_tiny import write_tiny_gguf
+from tests.cli_support import (  # noqa: F401  (fixtures)
+    Cli,
+    admin_cli_fixture,
+    cli_fixture,
+    enrolled_device,
+    one_line,
+    server_url_fixture,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, fleet_enabled=False, blob_gc_grace_s=0)
+
+
+def test_device_update_and_relabel(admin_cli: Cli, cli: Cli) -> None:
+    device = enrolled_device(admin_cli, "edge-1", ["tier=main", "region=eu"])
+    enrolled_device(admin_cli, "edge-2", ["tier=main", "region=us"])
+    updated = cli.json("device", "update", device, "--name", "edge-one", "--label", "tier=canary")
+    assert updated["name"] == "edge-one" and updated["labels"] == {"tier": "canary"}
+    result = cli("device", "relabel", "--selector", "tier=main", "--set", "tier=canary", "--remove", "region")
+    assert "1 device(s) matched 'tier=main'" in result.stdout
+    assert {d["name"] for d in cli.json("device", "list", "--selector", "tier=canary")} == {"edge-one", "edge-2"}
+    assert "give --name or at least one --label" in cli("device", "update", device, code=1).stderr
+
+
+def test_deprecate_recall_delete_and_gc(admin_cli: Cli, cli: Cli, tmp_path: Path) -> None:
+    cli("model", "create", "m")
+    for version in ("1", "2", "3"):
+        cli("model", "push", "m", version, str(write_tiny_gguf(tmp_path / f"{version}.gguf", seed=20 + int(version))))
+    device = enrolled_device(admin_cli, "edge-1", [])
+    started = cli.json("rollout", "create", "m", "1", "--stage", "all:100%:0")
+    assert started["devices"] == {"assigned": 1} and device
+    assert "m@2 is deprecated" in cli("model", "deprecate", "m", "2").stdout
+    refused = cli("model", "delete", "m", "1", code=1)
+    assert "version_in_use" in refused.stderr and "edge-1" in refused.stderr
+    assert "m@3 is recalled" in cli("model", "recall", "m", "3").stdout  # no device runs it: no rollout
+    cli("model", "retention", "m", "--keep", "1")
+    # 3 is the newest, 1 is meant to run on the device: only 2 goes.
+    dry = one_line(cli("model", "gc", "--dry-run").stdout)
+    assert "versions past retention: m@2; would free" in dry
+    planned = admin_cli.json("model", "gc", "--dry-run")
+    assert planned["bytes_freed"] == sum(b["size_bytes"] for b in planned["blobs"]) > 0
+    assert admin_cli.json("model", "gc")["bytes_freed"] == planned["bytes_freed"]
+    assert admin_cli.json("model", "gc", "--dry-run")["bytes_freed"] == 0
