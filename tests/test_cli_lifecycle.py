@@ -53,3 +53,21 @@ def test_deprecate_recall_delete_and_gc(admin_cli: Cli, cli: Cli, tmp_path: Path
     assert planned["bytes_freed"] == sum(b["size_bytes"] for b in planned["blobs"]) > 0
     assert admin_cli.json("model", "gc")["bytes_freed"] == planned["bytes_freed"]
     assert admin_cli.json("model", "gc", "--dry-run")["bytes_freed"] == 0
+
+
+def test_rollout_create_takes_windows_rate_and_abort_threshold(admin_cli: Cli, cli: Cli, tmp_path: Path) -> None:
+    cli("model", "create", "m")
+    cli("model", "push", "m", "1", str(write_tiny_gguf(tmp_path / "1.gguf", seed=31)))
+    enrolled_device(admin_cli, "edge-1", ["tz=Europe/Stockholm"])
+    created = cli.json(
+        "rollout", "create", "m", "1", "--window", "01:00-05:00", "--window", "23:00-23:30",
+        "--timezone", "Europe/Berlin", "--max-per-minute", "30", "--abort-percent", "20", "--abort-min-failed", "3",
+    )  # fmt: skip
+    shown = admin_cli.json("rollout", "status", created["id"])
+    assert shown["maintenance"]["windows"][1] == {"start": "23:00", "end": "23:30"}
+    assert shown["maintenance"]["timezone"] == "Europe/Berlin" and shown["max_per_minute"] == 30
+    assert shown["abort"] == {"failed_percent": 20, "min_failed": 3}
+    bad = cli("rollout", "create", "m", "1", "--window", "01:00", code=1)
+    assert "HH:MM-HH:MM" in bad.stderr
+    zone = cli("rollout", "create", "m", "1", "--window", "01:00-02:00", "--timezone", "Mars/Base", code=1)
+    assert "unknown timezone" in zone.stderr

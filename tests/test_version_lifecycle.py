@@ -64,7 +64,7 @@ def test_recall_rolls_every_device_off_the_version_by_itself(
     rollout_id = recalled.headers["location"].rsplit("/", 1)[1]
     rollout = client.get(f"/v1/rollouts/{rollout_id}", headers=viewer_headers).json()
     assert rollout["version"] == "1" and rollout["devices"] == {"assigned": 3}  # 3 is deprecated: not good
-    assert rollout["created_by"] == "recall:token:test-operator"
+    assert rollout["created_by"] == "recall:token:test-operator" and rollout["recall_of"] == "2"
     assert [desired_version(engine, d) for d in devices] == ["1", "1", "1"]
     [entry] = audit_actions(engine, "version.recall")
     assert entry.target == "m@2" and entry.detail["rollout_id"] == rollout_id and entry.detail["devices"] == 3

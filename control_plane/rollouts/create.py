@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
 from control_plane.models import ACTIVE_STATES, DEPLOYABLE_STATUSES, DesiredStateRow, ModelVersion, Rollout, utcnow
-from control_plane.rollouts import assign
+from control_plane.rollouts import assign, schedule
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.controller import (
     DEVICES,
@@ -92,8 +92,12 @@ def create_rollout(
     keys = {d: hashlib.sha256(f"{rollout.id}:{d}".encode()).hexdigest() for d in device_ids}
     members = [Member(d, -1, "waiting", None) for d in sorted(device_ids, key=keys.__getitem__)]
     first = members[: spec.stages[0].cumulative_size(len(members))]
+    admitted, held = schedule.admit(session, spec, first, now=now, stage_started=now, given=0)
     deployable = assign.deployable_artifacts(session, version)
-    states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
+    states, changes = controller.assignments(rollout, admitted, model, version, deployable, hardware)
+    for member in held:
+        member.status = schedule.WAITING_WINDOW
+        changes.append({"device_id": member.device_id, "status": schedule.WAITING_WINDOW})
     _insert_members(session, rollout.id, members, keys, changes, set(states))
     assign.write_desired(session, states)
     return rollout, dict(Counter(m.status for m in members)), states

@@ -49,6 +49,10 @@ class RolloutPublic(BaseModel):
     promotion: str
     reason: str
     baseline_version: str | None
+    maintenance: dict[str, Any] | None = None
+    max_per_minute: int | None = None
+    abort: dict[str, Any] | None = None
+    recall_of: str | None = None  # set on the rollout a version's recall started
     devices: dict[str, int]
     device_details: list[dict[str, Any]] | None = None
     last_evaluation: GateEvaluationPublic | None
@@ -102,6 +106,10 @@ def rollout_public(
         promotion=plan.get("promotion", "auto"),
         reason=rollout.reason,
         baseline_version=plan.get("baseline_version"),
+        maintenance=plan.get("maintenance"),
+        max_per_minute=plan.get("max_per_minute"),
+        abort=plan.get("abort"),
+        recall_of=plan.get("recall_of"),
         devices={status: int(n) for status, n in counts},
         device_details=details,
         last_evaluation=GateEvaluationPublic.model_validate(last, from_attributes=True) if last else None,
