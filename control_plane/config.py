@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     telemetry_hour_retention_s: int = Field(default=400 * 86400, ge=7200, description="Per-hour rollups kept.")
     telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
     mqtt_topic_prefix: str = "slmops/v1"
+    # Each of the control plane's client ids is this label plus a tag derived from its broker
+    # password (slmops.mqtt.credentials.client_id_for), so no device can name its session.
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     # The control plane needs no MQTT 5 feature (a 3.1.1 session without clean_session persists
     # too), and paho builds a Properties object for every MQTT 5 PUBLISH and PUBACK it reads:

@@ -27,7 +27,7 @@ from sqlmodel import Session
 from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.leader import LeaderLock
-from control_plane.models import Device
+from control_plane.models import Device, DeviceStatus
 from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
 from control_plane.security import verify_secret
@@ -35,8 +35,10 @@ from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
 from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.credentials import client_id_for
 from slmops.mqtt.journal import IngestJournal
 from slmops.mqtt.subscriber import DeviceMessageSubscriber
+from slmops.mqtt.url import parse_broker_url
 
 log = logging.getLogger("slmops.fleet")
 CONTROL_PLANE_USER = "slmops-control-plane"
@@ -73,11 +75,14 @@ class FleetRuntime:
     def start(self) -> None:
         url = self._start_broker()
         # A stable client id and a persistent session: what devices send while the control plane
-        # restarts waits in the broker instead of being lost.
-        protocol, client_id = self.settings.mqtt_protocol, self.settings.mqtt_client_id
+        # restarts waits in the broker instead of being lost. Bound to the control plane's broker
+        # password, so no device can name (and take over) the session.
+        protocol, label = self.settings.mqtt_protocol, self.settings.mqtt_client_id
+        secret = parse_broker_url(url).password
+        client_id = client_id_for(label, secret)
         self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True)
         # One journal per broker session (replicas may share a data dir; each has its client id).
-        journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", client_id)
+        journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
         self.subscriber = DeviceMessageSubscriber(
             self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
@@ -86,7 +91,7 @@ class FleetRuntime:
         self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the
         # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
-        self.publisher = MqttClient(url, client_id=f"{client_id}-pub", protocol=protocol)
+        self.publisher = MqttClient(url, client_id=client_id_for(f"{label}-pub", secret), protocol=protocol)
         self.publisher.start(wait=True, timeout_s=15)
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
@@ -112,7 +117,9 @@ class FleetRuntime:
             return secrets.compare_digest(password, self._cp_password)
         with Session(self.engine) as session:
             device = session.get(Device, username)
-            return device is not None and verify_secret(password, device.secret_hash)
+            if device is None or device.status == DeviceStatus.decommissioned:
+                return False
+            return verify_secret(password, device.secret_hash)
 
     def wake(self, *, tick: bool = True) -> None:
         """Publish what an API change wrote now instead of at the next tick; with `tick`, run the

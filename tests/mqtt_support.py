@@ -8,12 +8,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker, free_port
 from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.testing import MosquittoProcess
+from slmops.mqtt.url import parse_broker_url
 
 SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
 WAIT_S = 15.0  # a ceiling that only a broken feature reaches; nothing asserts on speed
@@ -113,3 +116,61 @@ def status_will(topics: Topics, device_id: str) -> tuple[Outgoing, Outgoing]:
 def clear_retained(client: MqttClient, topics: list[str]) -> None:
     """An empty retained payload deletes the retained message (MQTT 3.1.1 section 3.3.1.3)."""
     client.publish_many([Outgoing(topic, b"", retain=True) for topic in topics])
+
+
+DEPLOY_MOSQUITTO = Path(__file__).parents[1] / "deploy" / "mosquitto"
+
+
+def shipped_mosquitto(workdir: Path) -> tuple[MosquittoProcess, int]:
+    """deploy/mosquitto/mosquitto.conf on free ports, paths moved into `workdir`: its control-plane
+    listener (the process's `port`) and its device listener, without TLS (the returned port)."""
+    import os
+    import re
+
+    port, device_port = free_port(), free_port()
+    config = (DEPLOY_MOSQUITTO / "mosquitto.conf").read_text()
+    config = re.sub(r"^(certfile|keyfile|tls_version) .*\n", "", config, flags=re.M)
+    for production, test in [
+        ("/etc/mosquitto/slmops/", f"{workdir}/"),
+        ("/run/mosquitto/", f"{workdir}/"),
+        ("/var/lib/mosquitto/", f"{workdir}/"),
+        ("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"),
+        ("listener 8883\n", f"listener {device_port} 127.0.0.1\n"),
+        ("log_dest syslog", "log_dest stderr"),
+    ]:
+        assert production in config
+        config = config.replace(production, test)
+    if os.geteuid() == 0:
+        config += "user root\n"  # mosquitto would switch to its own user, who cannot read workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    return MosquittoProcess(workdir, topics=Topics(), port=port, config=config), device_port
+
+
+class RawClient:
+    """A bare paho client: one CONNECT, no reconnects, any client id and session flag."""
+
+    def __init__(self, url: str, client_id: str, *, clean_session: bool) -> None:
+        parsed = parse_broker_url(url)
+        self.answered = threading.Event()
+        self.accepted = False
+        self.paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        self.paho.username_pw_set(parsed.username, parsed.password)
+        self.paho.on_connect = self._on_connect
+        self.closed = threading.Event()
+        self.paho.on_disconnect = self._on_disconnect
+        self.paho.reconnect_delay_set(600, 600)
+        self.paho.connect(parsed.host, parsed.port)
+        self.paho.loop_start()
+        self.answered.wait(10)
+
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        self.accepted = not getattr(reason, "is_failure", True)
+        self.answered.set()
+
+    def _on_disconnect(self, *_args: object) -> None:
+        self.closed.set()
+        self.answered.set()
+
+    def close(self) -> None:
+        self.paho.disconnect()
+        self.paho.loop_stop()

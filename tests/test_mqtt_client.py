@@ -217,7 +217,8 @@ def test_persistent_session_keeps_messages_sent_while_away(kind: str, clients: C
         url = SYSTEM_MOSQUITTO
     else:
         # amqtt queues for an absent persistent session only when the client authenticated.
-        broker = EmbeddedBroker(port=free_port(), auth=lambda _user, _password: True)
+        # "cp" is an admin: only an admin may choose a client id other than its username.
+        broker = EmbeddedBroker(port=free_port(), auth=lambda _user, _password: True, admin_users=frozenset({"cp"}))
         broker.start()
         url = f"mqtt://cp:secret@127.0.0.1:{broker.port}"
     try:

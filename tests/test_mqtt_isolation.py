@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,18 @@ from slmops.mqtt.credentials import (
 from slmops.mqtt.errors import MqttConnectError
 from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl
 from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import ClientFactory, Collector, clients, private_mosquitto, unique_topics, wait_until
+from tests.mqtt_support import (
+    DEPLOY_MOSQUITTO,
+    WAIT_S,
+    ClientFactory,
+    Collector,
+    RawClient,
+    clients,
+    private_mosquitto,
+    shipped_mosquitto,
+    unique_topics,
+    wait_until,
+)
 
 __all__ = ["clients", "private_mosquitto"]  # fixtures
 
@@ -69,8 +79,8 @@ def test_device_a_cannot_touch_device_b_on_mosquitto(
     _prove_isolation(private_mosquitto.topics, urls, clients)
 
 
-def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFactory) -> None:
-    topics = unique_topics()
+def _embedded_broker(topics: Topics) -> EmbeddedBroker:
+    """Started, with DEVICES and the control plane (password cp-secret) as its credentials."""
     credentials = InMemoryCredentials(admins={CONTROL_PLANE_USER: "cp-secret"})
     for device_id, secret in DEVICES.items():
         credentials.add_device(device_id, secret)
@@ -78,14 +88,21 @@ def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFa
         port=free_port(), auth=credentials.check, topics=topics, admin_users=frozenset({CONTROL_PLANE_USER})
     )
     broker.start()
+    return broker
+
+
+def test_device_a_cannot_touch_device_b_on_the_embedded_broker(clients: ClientFactory) -> None:
+    topics = unique_topics()
+    broker = _embedded_broker(topics)
     try:
         port = broker.port
         urls = {name: f"mqtt://{name}:{secret}@127.0.0.1:{port}" for name, secret in DEVICES.items()}
         urls["cp"] = f"mqtt://{CONTROL_PLANE_USER}:cp-secret@127.0.0.1:{port}"
-        device_a = clients(urls["dev-a"], client_id="dev-a-probe")
+        device_a = clients(urls["dev-a"], client_id="dev-a")
         # amqtt answers a refused subscription with SUBACK 0x80.
         result = device_a.subscribe(topics.desired("dev-b"), Collector())
         assert result is not None and result.granted == {topics.desired("dev-b"): None}
+        device_a.stop(publish_offline=False)
         with pytest.raises(MqttConnectError):
             clients(f"mqtt://127.0.0.1:{port}")  # anonymous
         _prove_isolation(topics, urls, clients)
@@ -160,34 +177,15 @@ def test_shipped_acl_is_the_rendered_default() -> None:
 
 def test_shipped_production_config_runs_and_isolates(tmp_path: Path, clients: ClientFactory) -> None:
     """deploy/mosquitto/mosquitto.conf, with paths moved into tmp_path and TLS left out, starts
-    Mosquitto with the shipped ACL in force."""
-    deploy = Path(__file__).parents[1] / "deploy" / "mosquitto"
-    port = free_port()
-    config = re.sub(
-        r"# --- TLS listener for devices \(begin\).*?\(end\)\n",
-        "",
-        deploy.joinpath("mosquitto.conf").read_text(),
-        flags=re.S,
-    )
-    for production, test in [
-        ("/etc/mosquitto/slmops/", f"{tmp_path}/"),
-        ("/run/mosquitto/", f"{tmp_path}/"),
-        ("/var/lib/mosquitto/", f"{tmp_path}/"),
-        ("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"),
-        ("log_dest syslog", "log_dest stderr"),
-    ]:
-        assert production in config
-        config = config.replace(production, test)
-    if os.geteuid() == 0:
-        config += "user root\n"  # mosquitto would switch to its own user, who cannot read tmp_path
-    broker = MosquittoProcess(tmp_path, topics=Topics(), port=port, config=config)
+    Mosquitto with the shipped ACL in force on its device listener."""
+    broker, device_port = shipped_mosquitto(tmp_path)
     try:
         broker.start({"dev-a": "secret-a"})
-        shutil.copy(deploy / "acl", tmp_path / "acl")  # start() wrote an ACL; use the shipped one
+        shutil.copy(DEPLOY_MOSQUITTO / "acl", tmp_path / "acl")  # start() wrote an ACL; use the shipped one
         broker.credentials.reload()
         seen = Collector()
         clients(broker.admin_url).subscribe(Topics().all_devices("state"), seen)
-        device_a = clients(broker.url("dev-a", "secret-a"), client_id="dev-a")
+        device_a = clients(f"mqtt://dev-a:secret-a@127.0.0.1:{device_port}", client_id="dev-a")
         device_a.publish(Topics().state("dev-b"), b"forged")
         device_a.publish(Topics().state("dev-a"), b"own")
         assert seen.wait_for(1) == [b"own"]
@@ -216,3 +214,48 @@ def test_the_control_plane_ingests_through_a_secret_shared_subscription_under_th
         device_a.publish(topics.telemetry("dev-a"), f"w{i}".encode())
     assert seen.wait_for(4) == [b"w0", b"w1", b"w2", b"w3"]  # the control plane got every window
     assert guessed.payloads() == []  # delivered at the same time as the control plane's copies, had it had any
+
+
+def test_the_embedded_broker_refuses_a_connect_naming_another_clients_session(clients: ClientFactory) -> None:
+    """amqtt looks a CONNECT's session up before it authenticates; ours refuses first, so neither a
+    wrong password nor another identity's client id can end or adopt a session."""
+    topics = unique_topics()
+    broker = _embedded_broker(topics)
+    try:
+        url = f"mqtt://{{}}@127.0.0.1:{broker.port}".format
+        seen = Collector()
+        control_plane = clients(url(f"{CONTROL_PLANE_USER}:cp-secret"), client_id="cp-ingest", persistent_session=True)
+        control_plane.subscribe(topics.all_device_messages(), seen)
+        for credential, client_id, persistent in [
+            ("dev-a:wrong", "cp-ingest", False),  # amqtt deleted the session, then refused the client
+            ("dev-a:secret-a", "cp-ingest", True),  # amqtt adopted the session, username and all
+            ("dev-a:secret-a", "dev-b", False),
+        ]:
+            with pytest.raises(MqttConnectError, match="refused"):
+                clients(url(credential), client_id=client_id, persistent_session=persistent)
+        device_b = clients(url("dev-b:secret-b"), client_id="dev-b")
+        device_b.publish(topics.state("dev-b"), b"b's state")
+        assert seen.wait_for(1) == [b"b's state"]
+        assert control_plane.connected
+    finally:
+        broker.stop()
+
+
+def test_a_second_connection_under_one_client_id_closes_the_first_on_the_embedded_broker() -> None:
+    """MQTT 3.1.1 [MQTT-3.1.4-2]: amqtt left the first connection running, unreachable by client id,
+    so closing a revoked device's connection could miss one it had opened before."""
+    broker = _embedded_broker(unique_topics())
+    url = f"mqtt://dev-a:secret-a@127.0.0.1:{broker.port}"
+    first = second = None
+    try:
+        first = RawClient(url, "dev-a", clean_session=True)
+        second = RawClient(url, "dev-a", clean_session=True)
+        assert first.accepted and second.accepted
+        assert first.closed.wait(WAIT_S)
+        assert broker.disconnect("dev-a")
+        assert second.closed.wait(WAIT_S)
+    finally:
+        for client in (first, second):
+            if client is not None:
+                client.close()
+        broker.stop()

@@ -28,6 +28,7 @@ from control_plane.api.routes import (
     telemetry,
     tokens,
 )
+from control_plane.broker_access import BrokerAccess, password_file_for
 from control_plane.config import Settings
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
@@ -92,37 +93,23 @@ def _install_error_handlers(app: FastAPI) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = None
     settings: Settings = app.state.settings
+    # The registry decides who the broker admits: rebuilt before the fleet connects to it.
+    access = BrokerAccess(password_file_for(settings))
+    await run_in_threadpool(access.rebuild, app.state.engine)
+    app.state.broker_access = access
     if settings.fleet_enabled:
         from control_plane.fleet import FleetRuntime
 
         runtime = FleetRuntime(settings, app.state.engine)
         await run_in_threadpool(runtime.start)
         app.state.device_mqtt_url = runtime.device_mqtt_url
+        access.embedded = runtime.broker
     app.state.fleet = runtime
-    app.state.broker_credentials = _broker_credentials(settings)
     try:
         yield
     finally:
         if runtime is not None:
             await run_in_threadpool(runtime.stop)
-
-
-def _broker_credentials(settings: Settings) -> Any:
-    """Keep an external Mosquitto's password file in step with enrolled devices (see deploy/mosquitto).
-
-    The embedded broker needs none of this: it checks device credentials against the registry.
-    """
-    if settings.mqtt_password_file is None:
-        return None
-    from slmops.mqtt.credentials import MosquittoPasswordFile
-    from slmops.mqtt.url import parse_broker_url
-
-    admins = {}
-    if settings.mqtt_url:  # keep the control plane's own broker user in the rewritten file
-        url = parse_broker_url(settings.mqtt_url)
-        if url.username and url.password:
-            admins[url.username] = url.password
-    return MosquittoPasswordFile(settings.mqtt_password_file, admins=admins, pid_file=settings.mqtt_pid_file)
 
 
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:

@@ -30,6 +30,8 @@ class Device(SQLModel, table=True):
     enrollment_expires_at: datetime | None = ts_field()
     enrolled_at: datetime | None = ts_field()
     secret_hash: str | None = Field(default=None, max_length=64)
+    # The secret as Mosquitto's password_file holds it (`$7$` PBKDF2-SHA512): the file is rebuilt from it.
+    mqtt_password_hash: str | None = Field(default=None, max_length=160)
     last_seen: datetime | None = ts_field()
     current_model: str | None = Field(default=None, max_length=128)
     # Not indexed, so acknowledgements update the row in place (migration 0008).

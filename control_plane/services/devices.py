@@ -14,6 +14,7 @@ from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_sec
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
 from shared.enrollment import EnrollRequest
+from slmops.mqtt.credentials import mosquitto_hash
 
 
 def create_device(
@@ -98,6 +99,7 @@ def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int)
     device.enrollment_token_hash = hash_secret(token)
     device.enrollment_expires_at = utcnow() + timedelta(seconds=token_ttl_s)
     device.secret_hash = None
+    device.mqtt_password_hash = None
     device.status = DeviceStatus.pending_enrollment
     session.add(device)
     session.flush()
@@ -117,6 +119,7 @@ def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
         raise DomainError("enrollment_token_expired", "the enrollment token has expired; ask for a new one")
     secret = new_secret()
     device.secret_hash = hash_secret(secret)
+    device.mqtt_password_hash = mosquitto_hash(secret)
     device.enrolled_at = utcnow()
     device.status = DeviceStatus.offline
     device.hardware = request.hardware.model_dump(exclude={"schema_version"})

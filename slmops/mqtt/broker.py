@@ -17,10 +17,15 @@ from concurrent.futures import Future
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from shared.topics import Topics
 from slmops.mqtt import broker_plugins
-from slmops.mqtt.broker_plugins import PasswordCheck, TopicPolicy
+from slmops.mqtt.broker_plugins import ConnectPolicy, PasswordCheck, TopicPolicy
 from slmops.mqtt.errors import MqttError
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ class EmbeddedBroker:
         self.host = host
         self.port = port
         self._auth = auth
+        self._connect = ConnectPolicy(auth, admin_users) if auth is not None else None
         self._policy = TopicPolicy(topics, admin_users) if (auth is not None and topics is not None) else None
         self._key = uuid.uuid4().hex
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,7 +82,7 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 10.0) -> None:
         if self._thread is not None:
             raise MqttError("embedded broker already started")
-        broker_plugins.register(self._key, check=self._auth, policy=self._policy)
+        broker_plugins.register(self._key, connect=self._connect, policy=self._policy)
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(started,), name="slmops-mqtt-broker", daemon=True)
         self._thread.start()
@@ -97,6 +103,17 @@ class EmbeddedBroker:
         thread.join(timeout=timeout_s)
         self._thread = None
         broker_plugins.unregister(self._key)
+
+    def disconnect(self, client_id: str, timeout_s: float = 10.0) -> bool:
+        """Close `client_id`'s connection now (its will is sent); False when it was not connected.
+
+        Its next CONNECT is checked again, so a revoked credential stays out.
+        """
+        loop = self._loop
+        if loop is None or self._broker is None:
+            return False
+        closing = asyncio.run_coroutine_threadsafe(_close_connection(self._broker, client_id), loop)
+        return closing.result(timeout=timeout_s)
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()
@@ -119,7 +136,7 @@ class EmbeddedBroker:
 
     async def _start_broker(self, started: Future[None]) -> None:
         try:
-            self._broker = Broker(self.config(), loop=asyncio.get_running_loop())
+            self._broker = _AdmittingBroker(self.config(), loop=asyncio.get_running_loop(), admission=self._connect)
             await self._broker.start()
         except Exception as exc:
             started.set_exception(exc)
@@ -138,3 +155,73 @@ class EmbeddedBroker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             asyncio.get_running_loop().stop()
+
+
+async def _close_connection(broker: Broker, client_id: str) -> bool:
+    session, handler = broker.sessions.get(client_id, (None, None))
+    if session is None or handler is None or not session.transitions.is_connected():
+        return False
+    # As amqtt's own take-over does: the message loop sees the close, sends the will, cleans up.
+    await handler.handle_connection_closed()
+    await handler.stop()
+    # Its will is queued before whatever a new connection under this id publishes (bounded wait).
+    for _ in range(100):
+        if not session.transitions.is_connected():
+            break
+        await asyncio.sleep(0.01)
+    return True
+
+
+class _AdmittingBroker(Broker):
+    """amqtt's Broker, refusing a CONNECT before its client id can touch an existing session.
+
+    amqtt 0.12 deletes (clean session) or adopts, overwriting its username (persistent), the
+    session a CONNECT's client id names before it authenticates: a refused client could end the
+    control plane's session and a device could take it over. `_initialize_client_session` below
+    is amqtt 0.12's (pinned in pyproject.toml) with the `ConnectPolicy` in front.
+    """
+
+    def __init__(self, config: dict[str, Any], *, loop: asyncio.AbstractEventLoop, admission: ConnectPolicy | None):
+        super().__init__(config, loop=loop)
+        self._admission = admission
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        if self._admission is None:
+            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+        refusal = self._admission.refusal(incoming.username, incoming.password, incoming.client_id)
+        if refusal is not None:
+            await ConnackPacket.build(0, refusal).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"refused {incoming.client_id!r} ({incoming.username!r}) from {remote_address}: {refusal}")
+        return handler, await self._attach_session(incoming)
+
+    async def _attach_session(self, incoming: Session) -> Session:
+        """amqtt 0.12: a clean session replaces a stored one, a persistent one resumes it."""
+        if incoming.clean_session:
+            if incoming.client_id:
+                # MQTT-3.1.4-2: the client id's open connection goes too (amqtt would leave it running).
+                await _close_connection(self, incoming.client_id)
+                await self._delete_session(incoming.client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+        elif incoming.client_id in self._sessions:
+            existing, _ = self._sessions[incoming.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(incoming, name))
+            incoming, incoming.parent = existing, 1
+        else:
+            incoming.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if incoming.keep_alive > 0 and isinstance(delay, int):
+            incoming.keep_alive += delay
+        return incoming

@@ -7,14 +7,18 @@ here under a key and names the key in the plugin's config.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from amqtt.contexts import Action, BaseContext
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, IDENTIFIER_REJECTED
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from shared.topics import DEVICE_PUBLISHED_KINDS, Topics
+
+log = logging.getLogger(__name__)
 
 PasswordCheck = Callable[[str, str], bool]
 """`check(username, password)`: True when the pair may connect."""
@@ -43,24 +47,49 @@ class TopicPolicy:
         return parsed is not None and parsed.device_id == username and parsed.kind in DEVICE_PUBLISHED_KINDS
 
 
-_PASSWORD_CHECKS: dict[str, PasswordCheck] = {}
+@dataclass(frozen=True)
+class ConnectPolicy:
+    """Who may connect, and under which client id: a device only as itself, so nobody but an admin
+    can hold another client's session (the Mosquitto device listener's `use_username_as_clientid`)."""
+
+    check: PasswordCheck
+    admin_users: frozenset[str] = field(default_factory=frozenset)
+
+    def refusal(self, username: str | None, password: str | None, client_id: str | None) -> int | None:
+        """None to accept, else the CONNACK return code (MQTT 3.1.1 section 3.2.2.3)."""
+        if not username or password is None or not self._credentials_valid(username, password):
+            return BAD_USERNAME_PASSWORD
+        if username not in self.admin_users and client_id != username:
+            return IDENTIFIER_REJECTED
+        return None
+
+    def _credentials_valid(self, username: str, password: str) -> bool:
+        try:
+            return bool(self.check(username, password))
+        except Exception:
+            # A failing check must refuse the client, not crash the broker's handler.
+            log.exception("password check failed for %s", username)
+            return False
+
+
+_CONNECT_POLICIES: dict[str, ConnectPolicy] = {}
 _TOPIC_POLICIES: dict[str, TopicPolicy] = {}
 
 
-def register(key: str, *, check: PasswordCheck | None, policy: TopicPolicy | None) -> None:
-    if check is not None:
-        _PASSWORD_CHECKS[key] = check
+def register(key: str, *, connect: ConnectPolicy | None, policy: TopicPolicy | None) -> None:
+    if connect is not None:
+        _CONNECT_POLICIES[key] = connect
     if policy is not None:
         _TOPIC_POLICIES[key] = policy
 
 
 def unregister(key: str) -> None:
-    _PASSWORD_CHECKS.pop(key, None)
+    _CONNECT_POLICIES.pop(key, None)
     _TOPIC_POLICIES.pop(key, None)
 
 
 class PasswordCheckAuthPlugin(BaseAuthPlugin):
-    """Refuses anonymous clients; asks the registered check about everyone else."""
+    """Refuses anonymous clients; asks the registered `ConnectPolicy` about everyone else."""
 
     @dataclass
     class Config:
@@ -71,15 +100,10 @@ class PasswordCheckAuthPlugin(BaseAuthPlugin):
         self._key: str = self._get_config_option("registry_key", "")
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        check = _PASSWORD_CHECKS.get(self._key)
-        if check is None or not session.username or session.password is None:
+        connect = _CONNECT_POLICIES.get(self._key)
+        if connect is None:
             return False
-        try:
-            return bool(check(session.username, session.password))
-        except Exception:
-            # A failing check must refuse the client, not crash the broker's handler.
-            self.context.logger.exception("password check failed for %s", session.username)
-            return False
+        return connect.refusal(session.username, session.password, session.client_id) is None
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):

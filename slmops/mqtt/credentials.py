@@ -59,11 +59,27 @@ class BrokerCredentialSync(Protocol):
         """Allow `device_id` with `secret`; returns the stored hash (keep it for `sync`)."""
         ...
 
+    def add_hash(self, device_id: str, password_hash: str) -> None:
+        """Allow `device_id` with the secret behind a stored `mosquitto_hash`."""
+        ...
+
     def remove_device(self, device_id: str) -> None: ...
 
     def sync(self, device_hashes: Mapping[str, str]) -> None:
         """Make the broker know exactly these devices (device id -> `mosquitto_hash`), plus admins."""
         ...
+
+
+def client_id_for(label: str, secret: str | None) -> str:
+    """The control plane's MQTT client id: `label` plus a tag only the holder of `secret` can compute.
+
+    A broker hands a client id's session to whoever connects with it, so the control plane's ids
+    must not be guessable; without a secret (an anonymous broker) there is nothing to bind to.
+    """
+    if not secret:
+        return label
+    tag = hmac.new(secret.encode("utf-8"), b"slmops mqtt client id\0" + label.encode("utf-8"), hashlib.sha256)
+    return f"{label}-{tag.hexdigest()[:20]}"
 
 
 def _check_device_id(device_id: str) -> None:
@@ -80,11 +96,14 @@ class InMemoryCredentials:
         self._lock = threading.Lock()
 
     def add_device(self, device_id: str, secret: str) -> str:
-        _check_device_id(device_id)
         password_hash = mosquitto_hash(secret)
+        self.add_hash(device_id, password_hash)
+        return password_hash
+
+    def add_hash(self, device_id: str, password_hash: str) -> None:
+        _check_device_id(device_id)
         with self._lock:
             self._devices[device_id] = password_hash
-        return password_hash
 
     def remove_device(self, device_id: str) -> None:
         with self._lock:
@@ -139,14 +158,18 @@ class MosquittoPasswordFile:
         self._reload = reload
 
     def add_device(self, device_id: str, secret: str) -> str:
-        _check_device_id(device_id)
         password_hash = mosquitto_hash(secret)
+        self.add_hash(device_id, password_hash)
+        return password_hash
+
+    def add_hash(self, device_id: str, password_hash: str) -> None:
+        """Allow `device_id` with the secret behind `password_hash` (a stored `mosquitto_hash`)."""
+        _check_device_id(device_id)
         with self._locked():
             entries = self.read()
             entries[device_id] = password_hash
             self._write(entries)
         self.reload()
-        return password_hash
 
     def remove_device(self, device_id: str) -> None:
         with self._locked():

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from control_plane.api.deps import AdminDep, MutationDep, OperatorDep, PrincipalDep, SessionDep, ViewerDep
+from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
 from control_plane.schemas import (
@@ -57,9 +58,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
     settings = mutation.settings
-    broker = getattr(mutation.request.app.state, "broker_credentials", None)
-    if broker is not None:  # an external Mosquitto learns the device's credential (and reloads)
-        broker.add_device(device.id, secret)
+    grant_device_on_broker(mutation.request.app, device)
     return EnrollResponse(
         device_id=device.id,
         device_secret=secret,
@@ -101,12 +100,7 @@ def get_device(device_id: str, session: SessionDep, _: ViewerDep) -> Any:
 def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: MutationDep) -> Any:
     """A new one-time token (the device's current credential stops working)."""
     device = devices.get_device(mutation.session, device_id)
-    token = devices.reissue_enrollment_token(
-        mutation.session, device, mutation.settings.enrollment_token_ttl_s
-    )
-    broker = getattr(mutation.request.app.state, "broker_credentials", None)
-    if broker is not None:  # the old credential stops working on the broker too
-        broker.remove_device(device.id)
+    token = devices.reissue_enrollment_token(mutation.session, device, mutation.settings.enrollment_token_ttl_s)
     mutation.audit(principal, "device.reissue_token", device.id)
     body = DeviceCreated.model_validate(
         {
@@ -116,6 +110,7 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
         }
     )
     mutation.commit(principal, 201, body)
+    revoke_device_on_broker(mutation.request.app, device.id)  # the old credential's connection too
     return body
 
 
