@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.config import Settings
+from slmops.cli.app import app as cli_app
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
 from tests.cli_support import (  # noqa: F401  (fixtures)
     Cli,
@@ -32,6 +33,10 @@ def test_device_update_and_relabel(admin_cli: Cli, cli: Cli) -> None:
     assert "1 device(s) matched 'tier=main'" in result.stdout
     assert {d["name"] for d in cli.json("device", "list", "--selector", "tier=canary")} == {"edge-one", "edge-2"}
     assert "give --name or at least one --label" in cli("device", "update", device, code=1).stderr
+    declined = admin_cli.runner.invoke(cli_app, ["device", "decommission", device], env=admin_cli.env, input="n\n")
+    assert declined.exit_code == 1 and cli.json("device", "show", device)["status"] != "decommissioned"
+    assert "is decommissioned" in admin_cli("device", "decommission", device, "--yes").stdout
+    assert cli.json("device", "show", device)["status"] == "decommissioned"
 
 
 def test_deprecate_recall_delete_and_gc(admin_cli: Cli, cli: Cli, tmp_path: Path) -> None:

@@ -9,7 +9,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from control_plane.errors import DomainError
-from control_plane.models import Device, DeviceLabel, DeviceStatus, as_utc, utcnow
+from control_plane.models import (
+    DesiredStateRow,
+    Device,
+    DeviceLabel,
+    DeviceStatus,
+    RolloutDevice,
+    as_utc,
+    utcnow,
+)
 from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
@@ -91,6 +99,23 @@ def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: li
     session.execute(sa.update(device_table).where(by_id).values(labels=sa.bindparam("b_labels")), updates)
     session.expire_all()
     return len(ids)
+
+
+def decommission(session: Session, device: Device) -> int:
+    """Retire a device: its credential and enrollment token stop working, it leaves every rollout
+    (their counts no longer include it) and has no desired state. Returns the rollouts it left."""
+    if device.status == DeviceStatus.decommissioned:
+        raise DomainError("invalid_state", f"device {device.name!r} is already decommissioned")
+    device.status = DeviceStatus.decommissioned
+    device.secret_hash = device.mqtt_password_hash = None
+    device.enrollment_token_hash = device.enrollment_expires_at = None
+    session.add(device)
+    members = RolloutDevice.__table__  # type: ignore[attr-defined]
+    desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
+    left = session.execute(sa.delete(members).where(members.c.device_id == device.id)).rowcount  # type: ignore[attr-defined]
+    session.execute(sa.delete(desired).where(desired.c.device_id == device.id))
+    session.flush()
+    return int(left or 0)
 
 
 def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:

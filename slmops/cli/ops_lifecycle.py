@@ -69,6 +69,21 @@ def device_relabel(
     console.print(f"{result['matched']} device(s) matched {selector!r}")
 
 
+@device_app.command("decommission")
+def device_decommission(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Retire a device (admin): its credential stops now, on HTTP and on the broker."""
+    if not yes:
+        typer.confirm(f"decommission {device_id}? Only a new enrollment token brings it back", abort=True)
+    with api(server, token) as client:
+        device = client.post(f"/v1/devices/{device_id}/decommission")
+    console.print(f"device [bold]{device['name']}[/bold] ({device['id']}) is decommissioned")
+
+
 def _set_status(model: str, version: str, status: str, server: str | None, token: str | None) -> dict[str, Any]:
     with api(server, token) as client:
         response = client.request("PATCH", f"/v1/models/{model}/versions/{version}", json={"status": status})

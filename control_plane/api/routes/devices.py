@@ -148,3 +148,17 @@ def relabel_devices(spec: DeviceRelabel, request: Request, principal: OperatorDe
     mutation.commit(principal, 200, body)
     _wake(request)
     return body
+
+
+@router.post("/{device_id}/decommission", response_model=DevicePublic)
+def decommission_device(device_id: str, request: Request, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Retire a device: HTTP refuses its credential at once, the broker closes its connection, it
+    leaves every rollout; only a new enrollment token (reissue-token) brings it back."""
+    device = devices.get_device(mutation.session, device_id)
+    left = devices.decommission(mutation.session, device)
+    mutation.audit(principal, "device.decommission", device.id, name=device.name, rollouts_left=left)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    revoke_device_on_broker(request.app, device.id)
+    _wake(request)
+    return body
