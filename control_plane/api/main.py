@@ -30,6 +30,7 @@ from control_plane.api.routes import (
 )
 from control_plane.broker_access import BrokerAccess, password_file_for
 from control_plane.config import Settings
+from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     _install_error_handlers(app)
-    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics,
+                   dashboard_actions):  # fmt: skip
         app.include_router(module.router)
     return app

@@ -117,3 +117,20 @@ def recall(session: Session, *, model: Model, version: ModelVersion, actor: str)
     session.add(rollout)
     result.rollout, result.devices = rollout, sum(counts.values())
     return result
+
+
+def change_status(
+    session: Session, *, model: Model, version: ModelVersion, status: str, actor: str
+) -> RecallResult | None:
+    """Set a version's status; `recalled` also starts the recall (its result is returned)."""
+    if version.status in (VersionStatus.recalled, VersionStatus.deleted):
+        raise DomainError(
+            "invalid_state",
+            f"{model.name}@{version.version} is {version.status}; its status is final",
+            version_status=version.status,
+        )
+    if status == VersionStatus.recalled:
+        return recall(session, model=model, version=version, actor=actor)
+    version.status = status
+    session.add(version)
+    return None

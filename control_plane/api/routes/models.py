@@ -21,7 +21,7 @@ from control_plane.api.deps import (
     ViewerDep,
 )
 from control_plane.errors import DomainError
-from control_plane.models import Model, ModelVersion, Role, VersionStatus
+from control_plane.models import Model, ModelVersion, Role
 from control_plane.rollouts import recall
 from control_plane.schemas import (
     ArtifactPublic,
@@ -170,42 +170,34 @@ def update_version_status(
     """Change a version's status; `recalled` starts the rollout that moves every device off it."""
     session = mutation.session
     model, row = registry.get_version(session, name, version)
-    if row.status in (VersionStatus.recalled, VersionStatus.deleted):
-        raise DomainError(
-            "invalid_state", f"{name}@{version} is {row.status}; its status is final", version_status=row.status
-        )
-    if update.status == VersionStatus.recalled:
-        return _recall(model, row, request, principal, mutation)
-    row.status = update.status
-    session.add(row)
-    mutation.audit(principal, "version.status", f"{name}@{version}", status=update.status)
+    result = recall.change_status(session, model=model, version=row, status=update.status, actor=principal.actor)
+    if result is None:
+        mutation.audit(principal, "version.status", f"{name}@{version}", status=update.status)
+    else:
+        audit_recall(mutation, principal, model, row, result)
     body = registry.version_public(session, model, row)
-    mutation.commit(principal, 200, body)
-    return body
+    fleet = getattr(request.app.state, "fleet", None)
+    with fleet.handing_over(result.states) if fleet is not None and result else contextlib.nullcontext():
+        mutation.commit(principal, 200, body)
+    if fleet is not None and result is not None:
+        fleet.wake(tick=True)
+    rollout_id = result.rollout.id if result and result.rollout else None
+    headers = {"Location": f"/v1/rollouts/{rollout_id}"} if rollout_id else {}
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
-def _recall(model: Model, row: ModelVersion, request: Request, principal: Principal, mutation: Any) -> Any:
-    result = recall.recall(mutation.session, model=model, version=row, actor=principal.actor)
-    rollout_id = result.rollout.id if result.rollout else None
+def audit_recall(mutation: Any, principal: Principal, model: Model, row: ModelVersion, result: Any) -> None:
     mutation.audit(
         principal,
         "version.recall",
         f"{model.name}@{row.version}",
         status="recalled",
         to_version=result.to_version,
-        rollout_id=rollout_id,
+        rollout_id=result.rollout.id if result.rollout else None,
         devices=result.devices,
         rolled_back=result.rolled_back,
         left_to_other_rollouts=result.left_to,
     )
-    body = registry.version_public(mutation.session, model, row)
-    fleet = getattr(request.app.state, "fleet", None)
-    with fleet.handing_over(result.states) if fleet is not None else contextlib.nullcontext():
-        mutation.commit(principal, 200, body)
-    if fleet is not None:
-        fleet.wake(tick=True)
-    headers = {"Location": f"/v1/rollouts/{rollout_id}"} if rollout_id else {}
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
 @router.delete("/{name}/versions/{version}", status_code=204)
