@@ -1,20 +1,25 @@
 """Dashboard actions: promote, pause, resume and abort a rollout; deprecate or recall a version;
-decommission a device. Each is a form POST that checks the signed-in token's role, refuses a
-request from another origin (its Origin header must name this server), is audited under the
-token's name, and redirects back to the page it came from.
+decommission a device. Each is a form POST that checks the signed-in token's role, carries the
+session's CSRF token (derived from the HttpOnly sign-in cookie, which no other page can read) and
+is refused when its Origin names another site; it is audited under the token's name and
+redirects back to the page it came from. (The pages send `Referrer-Policy: no-referrer`, under
+which browsers send `Origin: null` even for same-origin form posts, so the token decides.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import hmac
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
 from control_plane.api.deps import SessionDep
 from control_plane.broker_access import revoke_device_on_broker
-from control_plane.dashboard.session import ViewerCookieDep, sign_in_required
+from control_plane.dashboard.render import ENV
+from control_plane.dashboard.session import COOKIE_NAME, ViewerCookieDep, sign_in_required
 from control_plane.errors import DomainError
 from control_plane.models import Role
 from control_plane.rollouts import actions, recall
@@ -23,26 +28,40 @@ from control_plane.services.auth import Principal, require_role
 
 router = APIRouter(include_in_schema=False)
 VERSION_ACTIONS = {"deprecate": "deprecated", "recall": "recalled"}
+CsrfForm = Annotated[str, Form(max_length=64)]
 
 
-def same_origin(request: Request) -> bool:
-    """A browser names the page a POST comes from in Origin; only this server's own pages may act."""
+def csrf_for(cookie: str) -> str:
+    """The session's form token: a digest of the sign-in cookie, so only our own pages know it."""
+    return hashlib.sha256(b"slmops-dashboard-csrf:" + cookie.encode()).hexdigest() if cookie else ""
+
+
+def csrf_token(request: Request) -> str:
+    return csrf_for(request.cookies.get(COOKIE_NAME, ""))
+
+
+ENV.globals["csrf_token"] = csrf_token
+
+
+def _forged(request: Request, sent: str) -> bool:
     origin = request.headers.get("origin")
-    if not origin or origin == "null":
-        return False
-    parts = urlsplit(origin)
-    return parts.scheme == request.url.scheme and parts.netloc == request.headers.get("host", "")
+    if origin and origin != "null":
+        parts = urlsplit(origin)
+        if parts.scheme != request.url.scheme or parts.netloc != request.headers.get("host", ""):
+            return True
+    expected = csrf_token(request)
+    return not expected or not hmac.compare_digest(sent, expected)
 
 
 def _refused(status: int, text: str) -> Response:
     return PlainTextResponse(text, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def _act(request: Request, viewer: Principal | None, role: Role) -> Response | None:
+def _act(request: Request, viewer: Principal | None, role: Role, csrf: str) -> Response | None:
     """Why this action must not run (sign-in, forgery, role), or None."""
     if viewer is None:
         return sign_in_required(request, None)
-    if not same_origin(request):
+    if _forged(request, csrf):
         return _refused(403, "refused: this form was not sent from this dashboard")
     try:
         require_role(viewer, role)
@@ -65,9 +84,9 @@ def _done(
 
 @router.post("/rollouts/{rollout_id}/actions/{action}")
 def rollout_action(
-    rollout_id: str, action: str, request: Request, session: SessionDep, viewer: ViewerCookieDep
+    rollout_id: str, action: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, csrf: CsrfForm = ""
 ) -> Response:
-    if (refusal := _act(request, viewer, Role.operator)) is not None:
+    if (refusal := _act(request, viewer, Role.operator, csrf)) is not None:
         return refusal
     assert viewer is not None
     try:
@@ -79,9 +98,15 @@ def rollout_action(
 
 @router.post("/registry/{model_name}/{version}/{action}")
 def version_action(
-    model_name: str, version: str, action: str, request: Request, session: SessionDep, viewer: ViewerCookieDep
+    model_name: str,
+    version: str,
+    action: str,
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerCookieDep,
+    csrf: CsrfForm = "",
 ) -> Response:
-    if (refusal := _act(request, viewer, Role.operator)) is not None:
+    if (refusal := _act(request, viewer, Role.operator, csrf)) is not None:
         return refusal
     assert viewer is not None
     status = VERSION_ACTIONS.get(action)
@@ -101,8 +126,10 @@ def version_action(
 
 
 @router.post("/devices/{device_id}/decommission")
-def decommission_device(device_id: str, request: Request, session: SessionDep, viewer: ViewerCookieDep) -> Response:
-    if (refusal := _act(request, viewer, Role.admin)) is not None:
+def decommission_device(
+    device_id: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, csrf: CsrfForm = ""
+) -> Response:
+    if (refusal := _act(request, viewer, Role.admin, csrf)) is not None:
         return refusal
     assert viewer is not None
     try:
