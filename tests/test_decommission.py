@@ -9,10 +9,8 @@ import pytest
 from sqlmodel import Session
 
 from control_plane.models import DesiredStateRow
-from shared.messages import StatusMessage, encode
-from slmops.mqtt.client import MqttClient
 from tests.lifecycle_support import HARDWARE, NO_WAIT, audit_actions, enrolled_device, referenced_version
-from tests.mqtt_support import RawClient, wait_until
+from tests.mqtt_support import RawClient
 from tests.test_broker_identity import _device, _settings, broker_for, control_plane, emptied  # noqa: F401
 
 
@@ -65,20 +63,18 @@ def test_a_decommissioned_device_is_refused_and_leaves_its_rollouts(  # type: ig
 @pytest.mark.parametrize("kind", ["mosquitto", "embedded"])
 def test_decommission_closes_the_devices_broker_connection(kind, tmp_path, db_url, emptied):  # type: ignore[no-untyped-def]  # noqa: F811
     with broker_for(kind, tmp_path) as (broker, device_port):
-        settings = _settings(tmp_path, db_url, broker, device_port)
-        with control_plane(settings, emptied, broker) as fleet:
+        with control_plane(_settings(tmp_path, db_url, broker, device_port), emptied, broker) as fleet:
             device_id, secret = fleet.enroll("gw-1")
-            device = MqttClient(fleet.device_url(device_id, secret), client_id=device_id, reconnect_min_delay_s=1)
-            device.start()
+            url = fleet.device_url(device_id, secret)
+            live = RawClient(url, device_id, clean_session=False)
             try:
-                device.publish(fleet.topics.status(device_id), encode(StatusMessage(status="online")), retain=True)
-                assert wait_until(lambda: _device(emptied, device_id).status == "online")
-                response = fleet.client.post(f"/v1/devices/{device_id}/decommission", headers=fleet.admin)
-                assert response.status_code == 200, response.text
-                assert wait_until(lambda: not device.connected, timeout_s=5)
-                retry = RawClient(fleet.device_url(device_id, secret), device_id, clean_session=True)
-                assert not retry.accepted
-                retry.close()
-                assert _device(emptied, device_id).status == "decommissioned"
+                assert live.accepted and not live.closed.is_set()
+                done = fleet.client.post(f"/v1/devices/{device_id}/decommission", headers=fleet.admin)
+                assert done.status_code == 200, done.text
+                assert live.closed.wait(5), "the broker kept the decommissioned device's connection open"
             finally:
-                device.stop(publish_offline=False)
+                live.close()
+            again = RawClient(url, device_id, clean_session=True)
+            assert not again.accepted
+            again.close()
+            assert _device(emptied, device_id).status == "decommissioned"
