@@ -8,7 +8,8 @@ from control_plane.dashboard.actions import csrf_for
 from control_plane.dashboard.session import COOKIE_NAME
 from control_plane.models import Role
 from tests.conftest import _token
-from tests.lifecycle_support import NO_WAIT, audit_actions, enrolled_device, referenced_version
+from tests.lifecycle_support import NO_WAIT, audit_actions, enrolled_device, referenced_version, tick
+from tests.test_rollout_rules import _report_active
 
 ORIGIN = {"Origin": "http://testserver"}
 PLAN = {
@@ -96,3 +97,22 @@ def test_actions_run_and_are_audited_under_the_tokens_name(client, engine, admin
         [entry] = audit_actions(engine, action)
         assert entry.actor == "token:test-admin" and entry.detail["via"] == "dashboard", action
     assert re.search(r'data-state="aborted"', client.get(f"/rollouts/{rollout_id}").text)
+
+
+def test_a_recall_from_the_registry_page_shows_on_its_rollout(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
+    client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
+    referenced_version(client, operator_headers, "m", "1", "a")
+    referenced_version(client, operator_headers, "m", "2", "b")
+    device = enrolled_device(client, admin_headers, "kiosk-1")["device_id"]
+    one_stage = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": NO_WAIT}
+    client.post("/v1/rollouts", json={"model": "m", "version": "2", **one_stage}, headers=operator_headers)
+    _report_active(engine, [device], "2")
+    tick(engine)
+    form = _sign_in(client, engine, Role.operator)
+    assert client.post("/registry/m/2/recall", data=form, follow_redirects=False).status_code == 303
+    recall = next(r for r in client.get("/v1/rollouts", headers=operator_headers).json()["data"] if r["recall_of"])
+    assert recall["version"] == "1" and recall["recall_of"] == "2"
+    page = client.get(f"/rollouts/{recall['id']}").text
+    assert 'id="rollout-recall"' in page and "m@2" in page
+    [entry] = audit_actions(engine, "version.recall")
+    assert entry.actor == "token:test-operator" and entry.detail["rollout_id"] == recall["id"]
