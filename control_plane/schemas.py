@@ -170,6 +170,10 @@ class DeviceRelabel(BaseModel):
     remove: list[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]] = Field(default_factory=list, max_length=64)
 
 
+class RotationRequest(BaseModel):
+    grace_s: int = Field(default=3600, ge=0, le=7 * 86400, description="how long the old secret keeps working")
+
+
 class RelabelResult(BaseModel):
     selector: str
     matched: int
@@ -189,6 +193,7 @@ class DevicePublic(BaseModel):
     current_model: str | None
     current_version: str | None
     current_sha256: str | None
+    rotation_requested_at: UTCDatetime | None = None  # the device should fetch a new secret
     created_at: UTCDatetime
 
 

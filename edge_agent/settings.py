@@ -53,6 +53,7 @@ class AgentSettings(BaseSettings):
     download_timeout_s: float = Field(default=30.0, gt=0)  # per read: a stalled server counts as failed
 
     watch_interval_s: float = Field(default=1.0, gt=0)
+    credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")
     log_json: bool = False
     log_level: str = "INFO"
 

@@ -6,6 +6,8 @@ MQTT (username/password).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import Field
 
 from shared.base import WireModel
@@ -22,3 +24,12 @@ class EnrollResponse(WireModel):
     device_secret: str
     mqtt_url: str | None = None  # where the control plane wants the device to connect
     topic_prefix: str = "slmops/v1"
+
+
+class CredentialRotation(WireModel):
+    """`POST /v1/devices/me/credential`: the device's new secret, sent this once. The previous
+    secret keeps working until `previous_valid_until` (the rotation's grace period)."""
+
+    device_id: str
+    device_secret: str
+    previous_valid_until: datetime

@@ -33,6 +33,9 @@ def test_device_update_and_relabel(admin_cli: Cli, cli: Cli) -> None:
     assert "1 device(s) matched 'tier=main'" in result.stdout
     assert {d["name"] for d in cli.json("device", "list", "--selector", "tier=canary")} == {"edge-one", "edge-2"}
     assert "give --name or at least one --label" in cli("device", "update", device, code=1).stderr
+    rotating = admin_cli("device", "rotate-credential", device, "--grace-s", "60").stdout
+    assert "fetches a new secret" in rotating
+    assert cli.json("device", "show", device)["rotation_requested_at"]
     declined = admin_cli.runner.invoke(cli_app, ["device", "decommission", device], env=admin_cli.env, input="n\n")
     assert declined.exit_code == 1 and cli.json("device", "show", device)["status"] != "decommissioned"
     assert "is decommissioned" in admin_cli("device", "decommission", device, "--yes").stdout

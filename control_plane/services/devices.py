@@ -107,8 +107,8 @@ def decommission(session: Session, device: Device) -> int:
     if device.status == DeviceStatus.decommissioned:
         raise DomainError("invalid_state", f"device {device.name!r} is already decommissioned")
     device.status = DeviceStatus.decommissioned
-    device.secret_hash = device.mqtt_password_hash = None
-    device.enrollment_token_hash = device.enrollment_expires_at = None
+    device.secret_hash = device.mqtt_password_hash = device.previous_secret_hash = None
+    device.enrollment_token_hash = device.enrollment_expires_at = device.rotation_requested_at = None
     session.add(device)
     members = RolloutDevice.__table__  # type: ignore[attr-defined]
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
@@ -118,6 +118,31 @@ def decommission(session: Session, device: Device) -> int:
     return int(left or 0)
 
 
+def request_rotation(session: Session, device: Device, grace_s: int) -> None:
+    """Ask the device to fetch a new secret; its current one works `grace_s` longer after that."""
+    if device.status == DeviceStatus.decommissioned or device.secret_hash is None:
+        raise DomainError("invalid_state", f"device {device.name!r} has no credential to rotate")
+    device.rotation_requested_at = utcnow()
+    device.rotation_grace_s = grace_s
+    session.add(device)
+    session.flush()
+
+
+def rotate_secret(session: Session, device: Device) -> str:
+    """A new secret for the device (returned once); the previous one expires after the grace period."""
+    if device.rotation_requested_at is None:
+        raise DomainError("invalid_state", "no credential rotation was requested for this device")
+    secret = new_secret()
+    device.previous_secret_hash = device.secret_hash
+    device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
+    device.secret_hash = hash_secret(secret)
+    device.mqtt_password_hash = mosquitto_hash(secret)
+    device.rotation_requested_at = device.rotation_grace_s = None
+    session.add(device)
+    session.flush()
+    return secret
+
+
 def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:
     """A fresh token for a device that lost its credential; the old credential stops working."""
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
@@ -125,6 +150,7 @@ def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int)
     device.enrollment_expires_at = utcnow() + timedelta(seconds=token_ttl_s)
     device.secret_hash = None
     device.mqtt_password_hash = None
+    device.previous_secret_hash = device.rotation_requested_at = None  # no grace for a lost credential
     device.status = DeviceStatus.pending_enrollment
     session.add(device)
     session.flush()

@@ -84,6 +84,19 @@ def device_decommission(
     console.print(f"device [bold]{device['name']}[/bold] ({device['id']}) is decommissioned")
 
 
+@device_app.command("rotate-credential")
+def device_rotate_credential(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    grace_s: Annotated[int, typer.Option(help="How long the old secret keeps working.", min=0)] = 3600,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Have the device's agent fetch a new secret (admin); the old one works GRACE_S longer."""
+    with api(server, token) as client:
+        device = client.post(f"/v1/devices/{device_id}/rotate-credential", {"grace_s": grace_s})
+    console.print(f"device [bold]{device['name']}[/bold]: its agent fetches a new secret at its next check")
+
+
 def _set_status(model: str, version: str, status: str, server: str | None, token: str | None) -> dict[str, Any]:
     with api(server, token) as client:
         response = client.request("PATCH", f"/v1/models/{model}/versions/{version}", json={"status": status})

@@ -18,10 +18,11 @@ from control_plane.schemas import (
     DeviceUpdate,
     Page,
     RelabelResult,
+    RotationRequest,
 )
 from control_plane.services import devices
 from control_plane.services.auth import Principal
-from shared.enrollment import EnrollRequest, EnrollResponse
+from shared.enrollment import CredentialRotation, EnrollRequest, EnrollResponse
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -162,3 +163,30 @@ def decommission_device(device_id: str, request: Request, principal: AdminDep, m
     revoke_device_on_broker(request.app, device.id)
     _wake(request)
     return body
+
+
+@router.post("/{device_id}/rotate-credential", status_code=202, response_model=DevicePublic)
+def rotate_credential(device_id: str, spec: RotationRequest, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Ask the device's agent to fetch a new secret; the old one works `grace_s` after it does."""
+    device = devices.get_device(mutation.session, device_id)
+    devices.request_rotation(mutation.session, device, spec.grace_s)
+    mutation.audit(principal, "device.rotate_credential", device.id, grace_s=spec.grace_s)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 202, body)
+    return body
+
+
+@router.post("/me/credential", response_model=CredentialRotation)
+def fetch_new_credential(request: Request, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """The device (Basic auth) takes the new secret an operator's rotation asked for, once."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can rotate itself")
+    device = devices.get_device(mutation.session, principal.id)
+    secret = devices.rotate_secret(mutation.session, device)
+    mutation.audit(principal, "device.credential_rotated", device.id)
+    mutation.session.commit()
+    grant_device_on_broker(request.app, device)  # Mosquitto holds one hash per device: the new one
+    assert device.previous_secret_expires_at is not None
+    return CredentialRotation(
+        device_id=device.id, device_secret=secret, previous_valid_until=device.previous_secret_expires_at
+    )
