@@ -112,20 +112,17 @@ class Fleet:
 
     def spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / "logs" / log_name).open("ab")
-        # Held back until the child is on the list, so a stop signal cannot orphan it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "slmops", *args],
-                env=env or self.env(),
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # Not by blocking the stop signals around Popen: the child would inherit the blocked mask
+        # and never see the SIGTERM that stops it.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slmops", *args],
+            env=env or self.env(),
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
         return proc
 
     def shutdown(self) -> None:
@@ -138,6 +135,7 @@ class Fleet:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                self.console.log(f"killed {' '.join(map(str, proc.args[3:]))}: it did not stop on SIGTERM")  # type: ignore[index]
                 proc.kill()
 
 

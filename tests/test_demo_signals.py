@@ -33,17 +33,19 @@ def test_demo_stops_every_process_it_started(tmp_path: Path, stop: signal.Signal
     demo = subprocess.Popen(
         [sys.executable, "-m", "slmops", "demo", "--devices", "2", "--workdir", str(tmp_path / "demo")],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     started: list[psutil.Process] = []
     try:
         started = _started_fleet(demo, agents=2)
         demo.send_signal(stop)
-        code = demo.wait(timeout=60)
+        output, _ = demo.communicate(timeout=60)
         _, alive = psutil.wait_procs(started, timeout=10)
         assert alive == [], [" ".join(p.cmdline()) for p in alive]
-        assert code == 128 + stop  # it stopped on purpose, not killed by the signal
+        assert demo.returncode == 128 + stop, output[-2000:]  # it stopped on purpose, not killed by the signal
+        assert "did not stop on SIGTERM" not in output, output[-2000:]  # each child stopped cleanly
     finally:
         for proc in [psutil.Process(demo.pid), *started] if demo.poll() is None else started:
             if proc.is_running():
