@@ -91,7 +91,7 @@ def test_the_agent_rotates_its_credential_while_it_serves(fleet_app, admin_heade
         def serve_checks() -> None:
             while not stop.wait(0.05):
                 try:
-                    if httpx.get(f"{agent.url}/healthz", timeout=2).status_code != 200:
+                    if httpx.get(f"{agent.url}/healthz", timeout=10).status_code != 200:
                         failures.append("healthz")
                 except httpx.HTTPError as exc:
                     failures.append(repr(exc))
@@ -132,7 +132,7 @@ def _status(base: str, headers: dict[str, str], device_id: str) -> str:
     return str(httpx.get(f"{base}/v1/devices/{device_id}", headers=headers).json()["status"])
 
 
-def _wait(check, what: str, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+def _wait(check, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():
