@@ -34,7 +34,12 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
-        for column in ("rotation_grace_s", "rotation_requested_at", "previous_secret_expires_at", "previous_secret_hash"):
+        for column in (
+            "rotation_grace_s",
+            "rotation_requested_at",
+            "previous_secret_expires_at",
+            "previous_secret_hash",
+        ):
             batch.drop_column(column)
     with op.batch_alter_table("models") as batch:
         batch.drop_column("keep_versions")
