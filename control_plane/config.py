@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from slmops.mqtt.types import Protocol
 
@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     public_url: str | None = Field(default=None, description="URL devices use to reach this server.")
     max_upload_bytes: int = Field(default=8 * 1024**3, gt=0, description="Largest artifact accepted.")
     upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096)
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest body of any request but an artifact upload."
+    )
+    rate_limit_auth_failures_per_min: int = Field(
+        default=60, ge=0, description="Failed bearer/Basic checks per client address a minute (0: no limit)."
+    )
+    rate_limit_enroll_failures_per_min: int = Field(
+        default=30, ge=0, description="Refused enrollments per client address a minute (0: no limit)."
+    )
+    rate_limit_login_failures_per_min: int = Field(
+        default=10, ge=0, description="Refused dashboard sign-ins per client address a minute (0: no limit)."
+    )
+    dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Dashboard sign-in lifetime.")
     enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     blob_gc_grace_s: float = Field(
@@ -77,6 +90,12 @@ class Settings(BaseSettings):
         default=True,
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
     )
+    # Names are compared as written, never resolved: see shared/references.py.
+    artifact_reference_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
+        "name although loopback, link-local or private (e.g. a LAN mirror).",
+    )
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -91,6 +110,13 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg://" + value[len(prefix) :]
         if not (value.startswith("postgresql+psycopg://") or value.startswith("sqlite")):
             raise ValueError("SLMOPS_DATABASE_URL must be a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("artifact_reference_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
 
     @field_validator("mqtt_topic_prefix")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from control_plane.models.base import as_utc
 
@@ -102,7 +102,11 @@ class ArtifactSpec(BaseModel):
 
 
 class ArtifactReference(ArtifactSpec):
-    """An artifact that lives elsewhere (https:// or s3://): sha256 and size are mandatory."""
+    """An artifact that lives elsewhere (https://; s3:// is refused for now): sha256 and size are mandatory.
+
+    The URL may hold no credentials nor name a loopback, link-local or private host unless
+    SLMOPS_ARTIFACT_REFERENCE_ALLOWED_HOSTS lists it (422 `invalid_reference`).
+    """
 
     url: str = Field(pattern=r"^(https|s3)://.+", max_length=2000)
     sha256: str = Field(pattern=SHA256_PATTERN)  # type: ignore[assignment]
@@ -137,20 +141,28 @@ class GcResult(BaseModel):
     bytes_freed: int
 
 
+# The selector grammar's own key and value shapes (control_plane.services.selectors), so every label can be selected.
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._/+-]{0,63}$"  # "/" and "+": IANA timezones, e.g. tz=Europe/Stockholm
+MAX_LABELS = 64
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)], Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)]],
+    Field(max_length=MAX_LABELS),
+    # pydantic states key patterns as patternProperties, which lets any other key through.
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN},
+            "maxProperties": MAX_LABELS,
+        }
+    ),
+]
+
+
 class DeviceCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"  # what a selector term can name
-LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._-]{0,63}$"
-Labels = Annotated[
-    dict[
-        Annotated[str, Field(pattern=LABEL_KEY_PATTERN)],
-        Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)],
-    ],
-    Field(max_length=64),
-]
+    labels: Labels = Field(default_factory=dict)
 
 
 class DeviceUpdate(BaseModel):
@@ -167,7 +179,7 @@ class DeviceRelabel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     selector: str = Field(min_length=1, max_length=500, description="label selector; required")
     set: Labels = Field(default_factory=dict)
-    remove: list[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]] = Field(default_factory=list, max_length=64)
+    remove: list[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]] = Field(default_factory=list, max_length=MAX_LABELS)
 
 
 class RotationRequest(BaseModel):
@@ -198,7 +210,7 @@ class DevicePublic(BaseModel):
 
 
 class DeviceCreated(DevicePublic):
-    enrollment_token: str
+    enrollment_token: str | None = Field(description="one-time token, in this response only; null in a replay")
     enrollment_expires_at: UTCDatetime
 
 
@@ -220,15 +232,28 @@ class TokenPublic(BaseModel):
 
 
 class TokenCreated(TokenPublic):
-    token: str
+    token: str | None = Field(description="the plaintext, in this response only; null in an idempotent replay")
 
 
 class AuditPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     actor: str
+    actor_id: str
     action: str
     target: str
     request_id: str
+    detail: dict[str, Any]
+    created_at: UTCDatetime
+
+
+class DeviceEventPublic(BaseModel):
+    """An event a device reported (download, activation, rollback, ...); `detail` is the message as sent."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    device_id: str
+    message_id: str | None
+    kind: str
     detail: dict[str, Any]
     created_at: UTCDatetime

@@ -28,6 +28,7 @@ from edge_agent.store import ModelStore
 from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
 from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
+from shared.references import reference_problem, without_credentials
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 
@@ -158,7 +159,8 @@ class Agent:
             import httpx
 
             # Redirects are followed (the control plane may send artifacts to a CDN); httpx drops the
-            # Authorization header when a redirect leaves the control plane's origin.
+            # Authorization header when a redirect leaves the control plane's origin. Downloads
+            # follow them hop by hop under the rules of shared.references instead.
             timeout = httpx.Timeout(self.settings.download_timeout_s, connect=10.0)
             self._http = httpx.Client(timeout=timeout, follow_redirects=True)
         return self._http
@@ -187,6 +189,7 @@ class Agent:
                 on_bytes=self.metrics.download_bytes.inc,
                 # A newer desired state or a rollback should not wait for a long download.
                 superseded=self._supersede.is_set,
+                redirect_allowed_hosts=tuple(s.download_allowed_hosts),
             )
         return self._downloader
 
@@ -224,11 +227,19 @@ class Agent:
             self.slot.record(model, error=record.error_type is not None)
 
     def artifact_url(self, artifact: ArtifactRef) -> tuple[str, bool]:
-        """Resolve an artifact URL; the device credential goes only to the control plane itself."""
+        """Resolve an artifact URL; the device credential goes only to the control plane itself.
+
+        A URL elsewhere must pass the control plane's own rules for references (shared.references).
+        """
         base = self.settings.control_plane_url or (self.credential.control_plane_url if self.credential else None)
         url = artifact.url or f"/v1/artifacts/{artifact.sha256}"
-        if url.startswith(("http://", "https://")):
-            return url, base is not None and url.startswith(base.rstrip("/") + "/")
+        if "://" in url:
+            own = base is not None and url.startswith(base.rstrip("/") + "/")
+            allowed = self.settings.download_allowed_hosts
+            if not own and (problem := reference_problem(url, allowed_hosts=allowed)) is not None:
+                shown = without_credentials(url)  # the reason travels in state reports and events
+                raise DownloadError(f"artifact URL {shown!r} refused: {problem}", code="reference_refused")
+            return url, own
         if not base:
             raise DownloadError(
                 f"artifact URL {url!r} is relative but no control plane is configured",

@@ -4,6 +4,8 @@ Bytes stream into `<sha256>.part`; after an interruption (even kill -9) the next
 `Range: bytes=<have>-`. A 206 whose Content-Range does not start where we stopped, or describes
 another total, restarts from zero rather than appending the wrong bytes. No more than the declared
 size is ever written; the sha256 is checked before the file is fsynced and renamed into the store.
+Redirects are followed here, hop by hop, only where `shared.references.redirect_problem` allows:
+never to a weaker scheme, to another host only over https and not into a private network.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from edge_agent.errors import DownloadError, InsufficientSpaceError, IntegrityEr
 from edge_agent.fsutil import CHUNK
 from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef
+from shared.references import redirect_problem
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _PROGRESS_EVERY_S = 0.25
+_MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,10 @@ class Downloader:
         superseded: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        redirect_allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.redirect_allowed_hosts = redirect_allowed_hosts  # private hosts a redirect may lead to
         self.client = client
         self.auth = auth
         self.retries = retries
@@ -160,7 +166,7 @@ class Downloader:
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            with self.client.stream("GET", url, headers=headers, auth=auth) as response:
+            with contextlib.closing(self._open(url, headers, auth)) as response:
                 offset = self._start_offset(response, artifact, have)
                 if offset != have:
                     handle.truncate(offset)
@@ -174,6 +180,23 @@ class Downloader:
                 return digest
         except httpx.HTTPError as exc:
             raise TransferError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _open(self, url: str, headers: dict[str, str], auth: httpx.Auth | None) -> httpx.Response:
+        """The streamed response to GET `url`, after the redirects the rules allow (never followed blindly)."""
+        response = self.client.send(
+            self.client.build_request("GET", url, headers=headers), auth=auth, stream=True, follow_redirects=False
+        )
+        hops = 0
+        while (target := response.next_request) is not None:  # httpx drops Authorization across origins
+            response.close()
+            if hops == _MAX_REDIRECTS:
+                raise DownloadError(f"more than {_MAX_REDIRECTS} redirects from {url}", code="too_many_redirects")
+            problem = redirect_problem(str(response.url), str(target.url), allowed_hosts=self.redirect_allowed_hosts)
+            if problem is not None:
+                raise DownloadError(f"redirect from {response.url} refused: {problem}", code="redirect_refused")
+            response = self.client.send(target, stream=True, follow_redirects=False)
+            hops += 1
+        return response
 
     @staticmethod
     def _start_offset(response: httpx.Response, artifact: ArtifactRef, have: int) -> int:

@@ -51,6 +51,8 @@ class AgentSettings(BaseSettings):
     download_backoff_s: float = Field(default=1.0, ge=0)
     download_backoff_max_s: float = Field(default=60.0, ge=0)
     download_timeout_s: float = Field(default=30.0, gt=0)  # per read: a stalled server counts as failed
+    # Hosts, addresses or CIDR networks an artifact URL or redirect may name although private (a LAN mirror).
+    download_allowed_hosts: list[str] = Field(default_factory=list)
 
     watch_interval_s: float = Field(default=1.0, gt=0)
     credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")

@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx
@@ -89,11 +89,22 @@ def external_data_needs(model: onnx.ModelProto) -> dict[str, int]:
     for tensor in tensors:
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
+        info = _external_data_info(tensor, ExternalDataInfo)
         location = safe_relative(info.location)
         end = (info.offset or 0) + (info.length if info.length else _raw_bytes(tensor))
         needs[location] = max(needs.get(location, 0), end)
     return needs
+
+
+def _external_data_info(tensor: onnx.TensorProto, parse: Callable[[onnx.TensorProto], Any]) -> Any:
+    """onnx's reading of a tensor's external data entries; malformed entries raise BundleError."""
+    try:
+        info = parse(tensor)  # sets one attribute per entry key and int()s offset and length
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BundleError(f"tensor {tensor.name!r} has malformed external data entries: {exc}") from exc
+    if not isinstance(info.location, str) or (info.offset or 0) < 0 or (info.length or 0) < 0:
+        raise BundleError(f"tensor {tensor.name!r} has malformed external data entries")
+    return info
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> int:

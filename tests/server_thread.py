@@ -16,9 +16,16 @@ from slmops.mqtt.broker import free_port
 
 
 class ServerThread:
-    def __init__(self, app: Any, *, lifespan: Literal["auto", "on", "off"] = "off", stop_timeout_s: float = 15) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        lifespan: Literal["auto", "on", "off"] = "off",
+        stop_timeout_s: float = 15,
+        tls: tuple[str, str] | None = None,  # (certificate file, key file): serve https
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.stop_timeout_s = stop_timeout_s
         config = uvicorn.Config(
             app,
@@ -28,6 +35,8 @@ class ServerThread:
             lifespan=lifespan,
             # Open keep-alive or streaming connections (a browser's) must not hold the shutdown up.
             timeout_graceful_shutdown=max(1, int(stop_timeout_s / 3)),
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

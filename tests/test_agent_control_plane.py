@@ -9,12 +9,15 @@ import openai
 import pytest
 
 from tests.agent_support import AgentProcess, desired_for_artifact
+from tests.assign_support import assign_version
 from tests.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
 
-def test_agent_enrolls_and_serves_a_registry_artifact(app, admin_headers, operator_headers, tiny_gguf, tmp_path):  # type: ignore[no-untyped-def]
+def test_agent_enrolls_and_serves_a_registry_artifact(  # type: ignore[no-untyped-def]
+    app, admin_headers, operator_headers, tiny_gguf, tmp_path, engine
+):
     with ServerThread(app, lifespan="on") as server:
         base = f"http://127.0.0.1:{server.port}"
         device = httpx.post(f"{base}/v1/devices", json={"name": "edge-1"}, headers=admin_headers).json()
@@ -38,6 +41,8 @@ def test_agent_enrolls_and_serves_a_registry_artifact(app, admin_headers, operat
             # Half the file is already here, as after an interrupted download: the agent resumes it.
             partial = agent.data_dir / "downloads" / f"{artifact['sha256']}.part"
             partial.write_bytes(tiny_gguf.read_bytes()[: artifact["size_bytes"] // 2])
+            # A device fetches only what it is assigned.
+            assign_version(engine, device["id"], model="tinyllama", version="1.0.0")
             desired = desired_for_artifact(
                 model="tinyllama", version="1.0.0", sha256=artifact["sha256"], size_bytes=artifact["size_bytes"]
             )

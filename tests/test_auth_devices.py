@@ -8,6 +8,7 @@ from datetime import timedelta
 from sqlmodel import Session, select
 
 from control_plane.models import AuditEntry, Device, utcnow
+from tests.assign_support import assign_version
 
 
 def _basic(device_id: str, secret: str) -> dict[str, str]:
@@ -52,7 +53,7 @@ def test_token_lifecycle_and_revocation(client, admin_headers):  # type: ignore[
     assert client.get("/v1/models", headers=headers).status_code == 401
 
 
-def test_enrollment_once_then_device_credential(client, admin_headers, operator_headers, tiny_gguf):  # type: ignore[no-untyped-def]
+def test_enrollment_once_then_device_credential(client, admin_headers, operator_headers, tiny_gguf, engine):  # type: ignore[no-untyped-def]
     device = _make_device(client, admin_headers, "kiosk-1", region="eu")
     assert device["status"] == "pending_enrollment"
     enrolled = _enroll(client, device["enrollment_token"])
@@ -78,7 +79,7 @@ def test_enrollment_once_then_device_credential(client, admin_headers, operator_
     wrong = client.get("/v1/devices/me", headers=_basic(cred["device_id"], "wrong-secret"))
     assert wrong.status_code == 401
 
-    # ...but it may download artifacts.
+    # ...but it may download the artifacts of versions it is assigned (tests/test_artifact_refs.py).
     client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
     with tiny_gguf.open("rb") as fh:
         up = client.post(
@@ -88,6 +89,8 @@ def test_enrollment_once_then_device_credential(client, admin_headers, operator_
             headers=operator_headers,
         )
     sha = up.json()["artifacts"][0]["sha256"]
+    assert client.get(f"/v1/artifacts/{sha}", headers=device_headers).status_code == 404
+    assign_version(engine, cred["device_id"], model="m", version="1")
     assert client.get(f"/v1/artifacts/{sha}", headers=device_headers).status_code == 200
 
 

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -116,20 +116,30 @@ def test_the_agent_rotates_its_credential_while_it_serves(fleet_app, admin_heade
             refused = RawClient(f"mqtt://{device['id']}:{old}@{mqtt}", device["id"], clean_session=True)
             assert not refused.accepted
             refused.close()
-            # The agent's next CONNECT uses the new secret: take its session over, and it comes back.
+            # The agent's next CONNECT uses the new secret: take its session over, and it comes back
+            # (its birth message after reconnecting moves last_seen past the takeover).
+            taken_at = datetime.now(UTC)
             taken = RawClient(f"mqtt://{device['id']}:{new}@{mqtt}", device["id"], clean_session=True)
             assert taken.accepted
             taken.close()
-            _wait(lambda: _status(base, admin_headers, device["id"]) == "online", "the agent back online")
+            _wait(lambda: _seen_online_since(base, admin_headers, device["id"], taken_at), "the agent back online")
             assert agent.state()["device_id"] == device["id"]
         finally:
             stop.set()
+            if checker.is_alive():
+                checker.join()
             agent.stop()
         assert failures == []
 
 
 def _status(base: str, headers: dict[str, str], device_id: str) -> str:
     return str(httpx.get(f"{base}/v1/devices/{device_id}", headers=headers).json()["status"])
+
+
+def _seen_online_since(base: str, headers: dict[str, str], device_id: str, since: datetime) -> bool:
+    device = httpx.get(f"{base}/v1/devices/{device_id}", headers=headers).json()
+    seen = device["last_seen"]
+    return device["status"] == "online" and seen is not None and datetime.fromisoformat(seen) > since
 
 
 def _wait(check, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-from control_plane.dashboard.actions import csrf_for
-from control_plane.dashboard.session import COOKIE_NAME
 from control_plane.models import Role
 from tests.conftest import _token
 from tests.lifecycle_support import NO_WAIT, audit_actions, enrolled_device, referenced_version, tick
@@ -18,12 +16,11 @@ PLAN = {
 }
 
 
-def _sign_in(client, engine, role: Role) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """Sign in; returns the form body our own pages would send (the session's CSRF token)."""
+def _sign_in(client, engine, role: Role) -> None:  # type: ignore[no-untyped-def]
     client.cookies.clear()
-    response = client.post("/login", data={"token": _token(engine, role), "next": "/"}, follow_redirects=False)
+    data = {"token": _token(engine, role), "next": "/"}
+    response = client.post("/login", data=data, headers=ORIGIN, follow_redirects=False)
     assert response.status_code == 303
-    return {"csrf": csrf_for(client.cookies[COOKIE_NAME])}
 
 
 def _seed(client, admin, operator) -> tuple[str, str]:  # type: ignore[no-untyped-def]
@@ -42,56 +39,49 @@ def _state(client, operator, rollout_id: str) -> dict:  # type: ignore[no-untype
 
 def test_viewers_see_no_buttons_and_are_refused(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
     rollout_id, device = _seed(client, admin_headers, operator_headers)
-    form = _sign_in(client, engine, Role.viewer)
+    _sign_in(client, engine, Role.viewer)
     for page in (f"/rollouts/{rollout_id}", "/registry", "/devices"):
         html = client.get(page).text
         assert "data-action" not in html and "data-confirm" not in html, page
     for path in (f"/rollouts/{rollout_id}/actions/abort", "/registry/m/1/recall", f"/devices/{device}/decommission"):
-        refused = client.post(path, data=form, headers=ORIGIN, follow_redirects=False)
+        refused = client.post(path, headers=ORIGIN, follow_redirects=False)
         assert refused.status_code == 403, path
     assert _state(client, operator_headers, rollout_id)["state"] == "running"
 
-    form = _sign_in(client, engine, Role.operator)
+    _sign_in(client, engine, Role.operator)
     page = client.get(f"/rollouts/{rollout_id}").text
-    assert 'data-action="promote"' in page and f'name="csrf" value="{form["csrf"]}"' in page
+    assert 'data-action="promote"' in page
     assert 'data-action="recall"' in client.get("/registry").text
     assert 'data-action="decommission"' not in client.get("/devices").text  # admins only
-    assert client.post(f"/devices/{device}/decommission", data=form, headers=ORIGIN).status_code == 403
+    assert client.post(f"/devices/{device}/decommission", headers=ORIGIN).status_code == 403
 
 
 def test_a_forged_cross_site_post_changes_nothing(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
     rollout_id, _ = _seed(client, admin_headers, operator_headers)
-    form = _sign_in(client, engine, Role.admin)
-    attempts = [
-        ({"Origin": "http://evil.example"}, form),  # another site, even with the token
-        ({"Origin": "null"}, {}),  # no token: what a forged form sends
-        ({}, {"csrf": "0" * 64}),  # a guessed token
-        (ORIGIN, {"csrf": csrf_for("slm_someone-elses-token")}),
-    ]
-    for headers, data in attempts:
-        forged = client.post(
-            f"/rollouts/{rollout_id}/actions/abort", data=data, headers=headers, follow_redirects=False
-        )
-        assert forged.status_code == 403, (headers, data)
+    _sign_in(client, engine, Role.admin)
+    attempts = [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Referer": "http://evil.example/x"}, {}]
+    for headers in attempts:
+        forged = client.post(f"/rollouts/{rollout_id}/actions/abort", headers=headers, follow_redirects=False)
+        assert forged.status_code == 403 and forged.json()["code"] == "cross_site_request", headers
     assert _state(client, operator_headers, rollout_id)["state"] == "running"
     assert audit_actions(engine, "rollout.abort") == []
 
 
 def test_actions_run_and_are_audited_under_the_tokens_name(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
     rollout_id, device = _seed(client, admin_headers, operator_headers)
-    form = _sign_in(client, engine, Role.admin)
-    promoted = client.post(f"/rollouts/{rollout_id}/actions/promote", data=form, follow_redirects=False)
+    _sign_in(client, engine, Role.admin)
+    promoted = client.post(f"/rollouts/{rollout_id}/actions/promote", headers=ORIGIN, follow_redirects=False)
     assert promoted.status_code == 303 and promoted.headers["location"] == f"/rollouts/{rollout_id}"
     assert _state(client, operator_headers, rollout_id)["stage"] == "fleet"
     for action in ("pause", "resume", "abort"):
-        assert client.post(f"/rollouts/{rollout_id}/actions/{action}", data=form, headers=ORIGIN).status_code == 200
+        assert client.post(f"/rollouts/{rollout_id}/actions/{action}", headers=ORIGIN).status_code == 200
     assert _state(client, operator_headers, rollout_id)["state"] == "aborted"
-    late = client.post(f"/rollouts/{rollout_id}/actions/resume", data=form, follow_redirects=False)
+    late = client.post(f"/rollouts/{rollout_id}/actions/resume", headers=ORIGIN, follow_redirects=False)
     assert late.status_code == 409
 
-    assert client.post("/registry/m/1/deprecate", data=form, follow_redirects=False).status_code == 303
+    assert client.post("/registry/m/1/deprecate", headers=ORIGIN, follow_redirects=False).status_code == 303
     assert client.get("/v1/models/m/versions/1", headers=operator_headers).json()["status"] == "deprecated"
-    assert client.post(f"/devices/{device}/decommission", data=form, follow_redirects=False).status_code == 303
+    assert client.post(f"/devices/{device}/decommission", headers=ORIGIN, follow_redirects=False).status_code == 303
     assert client.get(f"/v1/devices/{device}", headers=operator_headers).json()["status"] == "decommissioned"
     for action in ("rollout.promote", "rollout.abort", "version.status", "device.decommission"):
         [entry] = audit_actions(engine, action)
@@ -108,8 +98,8 @@ def test_a_recall_from_the_registry_page_shows_on_its_rollout(client, engine, ad
     client.post("/v1/rollouts", json={"model": "m", "version": "2", **one_stage}, headers=operator_headers)
     _report_active(engine, [device], "2")
     tick(engine)
-    form = _sign_in(client, engine, Role.operator)
-    assert client.post("/registry/m/2/recall", data=form, follow_redirects=False).status_code == 303
+    _sign_in(client, engine, Role.operator)
+    assert client.post("/registry/m/2/recall", headers=ORIGIN, follow_redirects=False).status_code == 303
     recall = next(r for r in client.get("/v1/rollouts", headers=operator_headers).json()["data"] if r["recall_of"])
     assert recall["version"] == "1" and recall["recall_of"] == "2"
     page = client.get(f"/rollouts/{recall['id']}").text

@@ -26,6 +26,10 @@ def test_patch_renames_and_relabels_a_device(client, engine, admin_headers, oper
 
     taken = client.patch(f"/v1/devices/{other}", json={"name": "kiosk-one"}, headers=operator_headers)
     assert taken.status_code == 409 and taken.json()["code"] == "device_exists"
+    zoned = client.patch(f"/v1/devices/{other}", json={"labels": {"tz": "Europe/Stockholm"}}, headers=operator_headers)
+    assert zoned.status_code == 200, zoned.text  # timezone labels hold "/" (and "+": Etc/GMT+1)
+    found = client.get("/v1/devices", params={"selector": "tz=Europe/Stockholm"}, headers=viewer_headers).json()
+    assert [d["id"] for d in found["data"]] == [other]
     bad = client.patch(f"/v1/devices/{other}", json={"labels": {"tier": "a b"}}, headers=operator_headers)
     assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
     viewer = client.patch(f"/v1/devices/{other}", json={"labels": {}}, headers=viewer_headers)

@@ -14,6 +14,7 @@ import httpx
 import onnx
 import openai
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from edge_agent.download import Downloader
@@ -26,6 +27,7 @@ from slmops.onnx_bundle import BundleError, check_folder, pack_folder
 from slmops.tinymodels import write_tiny_onnx, write_tiny_onnx_folder
 from tests import test_lora_rollout
 from tests.agent_support import AgentProcess, desired_for_artifact
+from tests.assign_support import assign_version
 from tests.cli_support import (  # noqa: F401  (fixtures)
     Cli,
     admin_cli_fixture,
@@ -173,7 +175,7 @@ def test_cli_pushes_a_folder_with_provenance_and_replays(cli: Cli, onnx_folder: 
 
 @pytest.mark.slow
 def test_agent_deploys_unpacks_serves_and_collects_bundles(  # type: ignore[no-untyped-def]
-    cli: Cli, admin_cli: Cli, server_url: str, tmp_path: Path
+    cli: Cli, admin_cli: Cli, server_url: str, tmp_path: Path, engine
 ) -> None:
     cli("model", "create", "tiny-ext")
     artifacts = []
@@ -187,7 +189,7 @@ def test_agent_deploys_unpacks_serves_and_collects_bundles(  # type: ignore[no-u
     agent.start()
     try:
         for number, artifact in enumerate(artifacts[:2], start=1):
-            _deploy(agent, str(number), artifact)
+            _deploy(agent, str(number), artifact, engine, device["id"])
         unpacked = agent.data_dir / "store" / "unpacked"
         first, second, third = (a["sha256"] for a in artifacts)
         assert (unpacked / second / "model.onnx.data").stat().st_size == artifacts[1]["file_metadata"]["files"][
@@ -201,7 +203,8 @@ def test_agent_deploys_unpacks_serves_and_collects_bundles(  # type: ignore[no-u
         assert (unpacked / second / "model.onnx").is_file()
         _assert_serves(agent)
 
-        _deploy(agent, "3", artifacts[2])  # current and previous are kept; the first goes, folder and all
+        # Current and previous are kept; the first goes, folder and all.
+        _deploy(agent, "3", artifacts[2], engine, device["id"])
         assert sorted(p.name for p in unpacked.iterdir()) == sorted([second, third])
         assert not (agent.data_dir / "store" / "sha256" / first).exists()
     finally:
@@ -246,7 +249,8 @@ def test_a_rollout_ships_a_pushed_folder_to_a_real_agent(  # type: ignore[no-unt
         agent.stop()
 
 
-def _deploy(agent: AgentProcess, version: str, artifact: dict) -> None:  # type: ignore[type-arg]
+def _deploy(agent: AgentProcess, version: str, artifact: dict, engine: sa.Engine, device_id: str) -> None:  # type: ignore[type-arg]
+    assign_version(engine, device_id, model="tiny-ext", version=version)  # devices fetch what they are assigned
     desired = desired_for_artifact(
         model="tiny-ext", version=version, sha256=artifact["sha256"], size_bytes=artifact["size_bytes"], fmt="onnx-tar"
     )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
+
+from tests.gguf_craft import DECLARES_2_63_BYTES
+from tests.onnx_craft import with_external_data
+from tests.server_thread import ServerThread
 
 
 def _sha(path: Path) -> str:
@@ -157,7 +162,7 @@ def test_variants_lineage_and_reference(client, operator_headers, viewer_headers
     assert body["artifacts"][0]["cpu_arch"] == ["x86_64", "aarch64"]
 
     ref = {
-        "url": "s3://models/tinyllama/1.0.0-gpu.gguf",
+        "url": "https://models.example/tinyllama/1.0.0-gpu.gguf",
         "sha256": "a" * 64,
         "size_bytes": 123456,
         "format": "gguf",
@@ -170,6 +175,10 @@ def test_variants_lineage_and_reference(client, operator_headers, viewer_headers
     assert added.json()["download_url"] == ref["url"]
     version = client.get("/v1/models/tinyllama/versions/1.0.0", headers=viewer_headers).json()
     assert len(version["artifacts"]) == 2
+
+    s3_ref = {**ref, "url": "s3://models/tinyllama/1.0.0-gpu.gguf", "sha256": "c" * 64}
+    s3 = client.post("/v1/models/tinyllama/versions/1.0.0/artifacts", json=s3_ref, headers=operator_headers)
+    assert s3.status_code == 422 and s3.json()["code"] == "invalid_reference"  # no S3 backend yet
 
     bad_ref = {**ref, "url": "ftp://elsewhere/x", "sha256": "b" * 64}
     refused = client.post(
@@ -217,3 +226,25 @@ def test_models_pagination(client, operator_headers, viewer_headers):  # type: i
     assert sorted(seen) == [f"m{i}" for i in range(5)] and len(seen) == 5
     bad = client.get("/v1/models", params={"cursor": "garbage!"}, headers=viewer_headers)
     assert bad.status_code == 422
+
+
+def test_hostile_gguf_header_is_refused_and_the_server_keeps_serving(app, operator_headers, tiny_gguf, tmp_path):  # type: ignore[no-untyped-def]
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(DECLARES_2_63_BYTES)  # one metadata array declaring 2**63 uint8 values
+    with ServerThread(app, lifespan="on") as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        _create_model(http, operator_headers)  # type: ignore[arg-type]
+        refused = _upload(http, operator_headers, hostile, "1.0.0")
+        assert refused.status_code == 422 and refused.json()["code"] == "unrecognized_artifact", refused.text
+        assert _upload(http, operator_headers, tiny_gguf, "1.0.1").status_code == 201
+
+
+def test_plain_onnx_with_external_data_is_refused(client, operator_headers, tiny_onnx, settings, tmp_path):  # type: ignore[no-untyped-def]
+    _create_model(client, operator_headers, "tinyonnx")
+    outside = ["../../etc/hostname", "/etc/hostname", "weights.bin"]  # a plain file has no folder beside it
+    for version, location in enumerate(outside):
+        path = tmp_path / f"ext{version}.onnx"
+        path.write_bytes(with_external_data(tiny_onnx, {"location": location}))
+        response = _upload(client, operator_headers, path, str(version), model="tinyonnx")
+        assert response.status_code == 422, (location, response.text)
+        assert response.json()["code"] == "unrecognized_artifact", location
+    assert _blob_files(settings) == []

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlmodel import Session
 
+from control_plane.api.ratelimit import RateLimiter
 from control_plane.config import Settings
 from control_plane.errors import DomainError
 from control_plane.models import ApiToken, Role, as_utc, utcnow
@@ -36,6 +37,10 @@ def get_session(engine: Annotated[sa.Engine, Depends(get_engine)]) -> Iterator[S
         yield session
 
 
+def rate_limiter(request: Request) -> RateLimiter:
+    return request.app.state.rate_limiter  # type: ignore[no-any-return]
+
+
 def get_blob_store(request: Request) -> LocalBlobStore:
     return request.app.state.blob_store  # type: ignore[no-any-return]
 
@@ -43,6 +48,7 @@ def get_blob_store(request: Request) -> LocalBlobStore:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 BlobStoreDep = Annotated[LocalBlobStore, Depends(get_blob_store)]
+RateLimiterDep = Annotated[RateLimiter, Depends(rate_limiter)]
 
 
 def _principal(request: Request, session: Session) -> Principal:
@@ -75,10 +81,25 @@ def touch_token(session: Session, token_id: str) -> None:
         session.commit()
 
 
-def any_principal(request: Request, session: SessionDep) -> Principal:
-    principal = _principal(request, session)
+def authenticate_request(request: Request, session: Session) -> Principal:
+    """The request's principal, checked once per request; repeated failures from one address get a 429."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    limiter = rate_limiter(request)
+    limiter.check(request, "auth")
+    try:
+        principal = _principal(request, session)
+    except DomainError:
+        limiter.charge(request, "auth")
+        raise
+    request.state.principal = principal
     request.state.actor = principal.actor
     return principal
+
+
+def any_principal(request: Request, session: SessionDep) -> Principal:
+    return authenticate_request(request, session)
 
 
 def _role_dependency(role: Role) -> Any:
@@ -118,7 +139,7 @@ class Mutation:
         stored = idempotency.lookup(
             self.session,
             key=self.key,
-            principal=principal.actor,
+            principal=idempotency.scope(principal),
             print_=self._print,
             ttl_s=self.settings.idempotency_ttl_s,
         )
@@ -131,21 +152,25 @@ class Mutation:
         audit.record(
             self.session,
             actor=principal.actor,
+            actor_id=principal.id,
             action=action,
             target=target,
             request_id=self.request_id,
             **detail,
         )
 
-    def commit(self, principal: Principal, status_code: int, response: Any) -> None:
+    def commit(self, principal: Principal, status_code: int, response: Any, secrets: tuple[str, ...] = ()) -> None:
+        """Commit the change; with an Idempotency-Key, keep the response less its `secrets` fields for replays."""
         if self.key and self._print:
+            body = jsonable_encoder(response)
+            body.update(dict.fromkeys(secrets))  # a secret is shown once: a replay says null, never the plaintext
             idempotency.store(
                 self.session,
                 key=self.key,
-                principal=principal.actor,
+                principal=idempotency.scope(principal),
                 print_=self._print,
                 status_code=status_code,
-                body=jsonable_encoder(response),
+                body=body,
             )
         self.session.commit()
 

@@ -1,25 +1,19 @@
 """Dashboard actions: promote, pause, resume and abort a rollout; deprecate or recall a version;
-decommission a device. Each is a form POST that checks the signed-in token's role, carries the
-session's CSRF token (derived from the HttpOnly sign-in cookie, which no other page can read) and
-is refused when its Origin names another site; it is audited under the token's name and
-redirects back to the page it came from. (The pages send `Referrer-Policy: no-referrer`, under
-which browsers send `Origin: null` even for same-origin form posts, so the token decides.)
+decommission a device. Each is a form POST that must come from the dashboard's own pages
+(`SameOriginDep`: its Origin, else Referer, is this site), checks the signed-in token's role, is
+audited under the token's name and redirects back to the page it came from.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from typing import Annotated, Any
-from urllib.parse import urlsplit
+from typing import Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
 from control_plane.api.deps import SessionDep
 from control_plane.broker_access import revoke_device_on_broker
-from control_plane.dashboard.render import ENV
-from control_plane.dashboard.session import COOKIE_NAME, ViewerCookieDep, sign_in_required
+from control_plane.dashboard.session import SameOriginDep, ViewerCookieDep, sign_in_required
 from control_plane.errors import DomainError
 from control_plane.models import Role
 from control_plane.rollouts import actions, recall
@@ -28,41 +22,16 @@ from control_plane.services.auth import Principal, require_role
 
 router = APIRouter(include_in_schema=False)
 VERSION_ACTIONS = {"deprecate": "deprecated", "recall": "recalled"}
-CsrfForm = Annotated[str, Form(max_length=64)]
-
-
-def csrf_for(cookie: str) -> str:
-    """The session's form token: a digest of the sign-in cookie, so only our own pages know it."""
-    return hashlib.sha256(b"slmops-dashboard-csrf:" + cookie.encode()).hexdigest() if cookie else ""
-
-
-def csrf_token(request: Request) -> str:
-    return csrf_for(request.cookies.get(COOKIE_NAME, ""))
-
-
-ENV.globals["csrf_token"] = csrf_token
-
-
-def _forged(request: Request, sent: str) -> bool:
-    origin = request.headers.get("origin")
-    if origin and origin != "null":
-        parts = urlsplit(origin)
-        if parts.scheme != request.url.scheme or parts.netloc != request.headers.get("host", ""):
-            return True
-    expected = csrf_token(request)
-    return not expected or not hmac.compare_digest(sent, expected)
 
 
 def _refused(status: int, text: str) -> Response:
     return PlainTextResponse(text, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def _act(request: Request, viewer: Principal | None, role: Role, csrf: str) -> Response | None:
-    """Why this action must not run (sign-in, forgery, role), or None."""
+def _act(request: Request, viewer: Principal | None, role: Role) -> Response | None:
+    """Why this action must not run (sign-in, role), or None; SameOriginDep refused forgeries."""
     if viewer is None:
         return sign_in_required(request, None)
-    if _forged(request, csrf):
-        return _refused(403, "refused: this form was not sent from this dashboard")
     try:
         require_role(viewer, role)
     except DomainError as exc:
@@ -84,9 +53,9 @@ def _done(
 
 @router.post("/rollouts/{rollout_id}/actions/{action}")
 def rollout_action(
-    rollout_id: str, action: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, csrf: CsrfForm = ""
+    rollout_id: str, action: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, _: SameOriginDep
 ) -> Response:
-    if (refusal := _act(request, viewer, Role.operator, csrf)) is not None:
+    if (refusal := _act(request, viewer, Role.operator)) is not None:
         return refusal
     assert viewer is not None
     try:
@@ -104,9 +73,9 @@ def version_action(
     request: Request,
     session: SessionDep,
     viewer: ViewerCookieDep,
-    csrf: CsrfForm = "",
+    _: SameOriginDep,
 ) -> Response:
-    if (refusal := _act(request, viewer, Role.operator, csrf)) is not None:
+    if (refusal := _act(request, viewer, Role.operator)) is not None:
         return refusal
     assert viewer is not None
     status = VERSION_ACTIONS.get(action)
@@ -127,9 +96,9 @@ def version_action(
 
 @router.post("/devices/{device_id}/decommission")
 def decommission_device(
-    device_id: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, csrf: CsrfForm = ""
+    device_id: str, request: Request, session: SessionDep, viewer: ViewerCookieDep, _: SameOriginDep
 ) -> Response:
-    if (refusal := _act(request, viewer, Role.admin, csrf)) is not None:
+    if (refusal := _act(request, viewer, Role.admin)) is not None:
         return refusal
     assert viewer is not None
     try:

@@ -17,10 +17,12 @@ from control_plane.models import (
     Rollout,
 )
 from control_plane.schemas import VersionPublic
+from control_plane.services.events import latest_events
 from control_plane.services.registry import version_public
 from control_plane.telemetry.summary import fleet_summary
 
 LIST_CAP = 100  # rows shown per list; counts above it are still exact
+EVENTS_SHOWN = 20
 
 
 def fleet_overview(session: Session) -> dict[str, Any]:
@@ -91,6 +93,28 @@ def registry_view(session: Session) -> list[ModelView]:
             ModelView(model, [version_public(session, model, r) for r in rows], {v: n for v, n in serving if v})
         )
     return views
+
+
+@dataclass
+class EventRow:
+    device_name: str
+    kind: str
+    subject: str  # model@version the event is about, if any
+    message: str
+    created_at: Any
+
+
+def recent_events(session: Session, devices: list[Device]) -> list[EventRow]:
+    """The newest events of the devices shown, newest first."""
+    names = {d.id: d.name for d in devices}
+    rows = []
+    for event in latest_events(session, list(names), EVENTS_SHOWN):
+        detail = event.detail or {}
+        model, version = detail.get("model"), detail.get("version")
+        subject = f"{model}@{version}" if model and version else str(model or version or "")
+        message = str(detail.get("message") or "")
+        rows.append(EventRow(names[event.device_id], event.kind, subject, message, event.created_at))
+    return rows
 
 
 def known_versions(session: Session) -> list[str]:

@@ -1,6 +1,6 @@
 """All tables; importing this module fills `SQLModel.metadata` for alembic and the app."""
 
-from control_plane.models.auth import ApiToken, AuditEntry, IdempotencyRecord, Role
+from control_plane.models.auth import ApiToken, AuditEntry, DashboardSession, IdempotencyRecord, Role
 from control_plane.models.base import as_utc, new_id, utcnow
 from control_plane.models.devices import Device, DeviceLabel, DeviceStatus
 from control_plane.models.jobs import Job
@@ -40,6 +40,7 @@ __all__ = [
     "Artifact",
     "ArtifactFormat",
     "AuditEntry",
+    "DashboardSession",
     "Device",
     "DeviceLabel",
     "DeviceStatus",

@@ -20,6 +20,9 @@ class Gates(BaseModel):
     min_activated_fraction: float = Field(default=1.0, ge=0, le=1)
     min_samples: int = Field(default=20, ge=1, description="requests needed before latency/error gates decide")
     warmup_windows: int = Field(default=1, ge=0, description="first telemetry windows per device ignored")
+    min_reporting_share: float = Field(
+        default=0.5, ge=0, le=1, description="share of active devices (at least one) reporting before telemetry decides"
+    )
 
 
 class Stage(BaseModel):

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
 from control_plane.models import (
@@ -169,13 +169,27 @@ def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
     if expires is not None and expires < utcnow():
         raise DomainError("enrollment_token_expired", "the enrollment token has expired; ask for a new one")
     secret = new_secret()
-    device.secret_hash = hash_secret(secret)
-    device.mqtt_password_hash = mosquitto_hash(secret)
-    device.enrolled_at = utcnow()
-    device.status = DeviceStatus.offline
-    device.hardware = request.hardware.model_dump(exclude={"schema_version"})
-    session.add(device)
-    session.flush()
+    # One conditional UPDATE claims the token: of concurrent enrollments, the row lock lets one
+    # through and the others find the secret already set.
+    claimed = session.execute(
+        sa.update(Device)
+        .where(
+            col(Device.id) == device.id,
+            col(Device.enrollment_token_hash) == token_hash,
+            col(Device.secret_hash).is_(None),
+        )
+        .values(
+            secret_hash=hash_secret(secret),
+            mqtt_password_hash=mosquitto_hash(secret),
+            enrolled_at=utcnow(),
+            status=DeviceStatus.offline,
+            hardware=request.hardware.model_dump(exclude={"schema_version"}),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise DomainError("enrollment_token_used", "this enrollment token was already used")
+    session.refresh(device)
     return device, secret
 
 

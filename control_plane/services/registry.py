@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from control_plane.schemas import (
     VersionSpec,
 )
 from control_plane.storage import StoredBlob
+from shared.references import reference_problem, without_credentials
 
 
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
@@ -117,7 +119,16 @@ def add_stored_artifact(
     return _insert_artifact(session, artifact)
 
 
-def add_referenced_artifact(session: Session, *, version: ModelVersion, ref: ArtifactReference) -> Artifact:
+def check_reference(url: str, allowed_hosts: Sequence[str] = ()) -> None:
+    """Refuse a reference devices must not be sent to (see shared/references.py for the rules)."""
+    if (problem := reference_problem(url, allowed_hosts=allowed_hosts)) is not None:
+        raise DomainError("invalid_reference", f"artifact reference refused: {problem}")
+
+
+def add_referenced_artifact(
+    session: Session, *, version: ModelVersion, ref: ArtifactReference, allowed_hosts: Sequence[str] = ()
+) -> Artifact:
+    check_reference(ref.url, allowed_hosts)
     artifact = Artifact(
         version_id=version.id,
         format=ref.format,
@@ -156,9 +167,10 @@ def find_artifact(session: Session, sha256: str) -> Artifact:
 
 
 def artifact_public(artifact: Artifact, deduplicated: bool | None = None) -> ArtifactPublic:
-    url = artifact.external_url or f"/v1/artifacts/{artifact.sha256}"
+    external = without_credentials(artifact.external_url) if artifact.external_url else None
+    url = external or f"/v1/artifacts/{artifact.sha256}"
     return ArtifactPublic.model_validate(
-        {**artifact.model_dump(), "download_url": url, "deduplicated": deduplicated}
+        {**artifact.model_dump(), "external_url": external, "download_url": url, "deduplicated": deduplicated}
     )
 
 

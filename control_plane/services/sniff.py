@@ -1,4 +1,4 @@
-"""Recognise an uploaded artifact and read its header: GGUF via `gguf`, ONNX via `onnx`.
+"""Recognise an uploaded artifact and read its header: GGUF by a bounded header reader, ONNX via `onnx`.
 
 An ONNX model folder with external data arrives as a tar (see `slmops.onnx_bundle`): it is checked
 member by member and its graph read without loading the external data.
@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.errors import DomainError
+from control_plane.services.gguf_header import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from shared.desired import BUNDLE_FORMAT
-from slmops.onnx_bundle import MAX_GRAPH_BYTES, BundleError, inspect_bundle, is_tar
-
-GGUF_MAGIC = b"GGUF"
+from slmops.onnx_bundle import MAX_GRAPH_BYTES, BundleError, external_data_needs, inspect_bundle, is_tar
 
 
 def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:
@@ -29,53 +28,60 @@ def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:
     raise DomainError("unrecognized_artifact", "the file is neither a GGUF, an ONNX model nor an ONNX model folder")
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except Exception:  # noqa: BLE001  (older gguf versions lack contents(); metadata is best effort)
-        return None
+_KEPT_GGUF_KEYS = {
+    "general.type",
+    "general.architecture",
+    "general.name",
+    "general.file_type",
+    "tokenizer.chat_template",
+}
+
+
+def _kept_gguf_key(key: str) -> bool:
+    return key in _KEPT_GGUF_KEYS or key.endswith(".context_length")
 
 
 def _gguf_metadata(path: Path) -> tuple[str, dict[str, Any]]:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # gguf raises ValueError/struct errors on truncated headers
+        header = read_gguf_header(path, keep=_kept_gguf_key)
+    except GGUFHeaderError as exc:
         raise DomainError("unrecognized_artifact", f"GGUF header could not be parsed: {exc}") from exc
-    general_type = _field_value(reader, "general.type") or "model"
-    arch = _field_value(reader, "general.architecture")
-    file_type = _field_value(reader, "general.file_type")
+    general_type = _text(header.metadata.get("general.type")) or "model"
+    arch = _text(header.metadata.get("general.architecture"))
+    file_type = _count(header.metadata.get("general.file_type"), least=0)
     meta: dict[str, Any] = {
         "architecture": arch,
         "general_type": general_type,
-        "name": _field_value(reader, "general.name"),
-        "context_length": _field_value(reader, f"{arch}.context_length") if arch else None,
+        "name": _text(header.metadata.get("general.name")),
+        "context_length": _count(header.metadata.get(f"{arch}.context_length"), least=1) if arch else None,
         "file_type": file_type,
-        "quantization": _gguf_quant_label(file_type, reader),
-        "tensor_count": len(reader.tensors),
-        "chat_template": _field_value(reader, "tokenizer.chat_template"),
+        "quantization": _gguf_quant_label(file_type, header.tensor_types),
+        "tensor_count": header.tensor_count,
+        "chat_template": _text(header.metadata.get("tokenizer.chat_template")),
     }
     fmt = "gguf-lora" if general_type == "adapter" else "gguf"
     return fmt, meta
 
 
-def _gguf_quant_label(file_type: Any, reader: Any) -> str | None:
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: object, *, least: int) -> int | None:
+    """An integer metadata value, or None for another type (floats could be NaN, which JSON cannot hold)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= least else None
+
+
+def _gguf_quant_label(file_type: int | None, tensor_types: dict[str, int]) -> str | None:
     import gguf
 
-    if isinstance(file_type, int):
+    if file_type is not None:
         try:
             return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass
     # No general.file_type: name the most common tensor type instead.
-    counts: dict[str, int] = {}
-    for tensor in reader.tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return max(counts, key=lambda k: counts[k]) if counts else None
+    return max(tensor_types, key=lambda k: tensor_types[k]) if tensor_types else None
 
 
 def _onnx_metadata(path: Path) -> dict[str, Any]:
@@ -89,7 +95,21 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
         raise DomainError("unrecognized_artifact", f"not a valid ONNX model: {exc}") from exc
     if not model.graph.node and not model.graph.output:
         raise DomainError("unrecognized_artifact", "the ONNX graph is empty")
+    _refuse_external_data(model)
     return _graph_metadata(model)
+
+
+def _refuse_external_data(model: Any) -> None:
+    """A plain .onnx file has no folder: every external data reference points outside the model."""
+    try:
+        needs = external_data_needs(model)  # refuses absolute and '..' locations, as for bundles
+    except BundleError as exc:
+        raise DomainError("unrecognized_artifact", f"not a valid ONNX model: {exc}") from exc
+    if needs:
+        raise DomainError(
+            "unrecognized_artifact",
+            f"the ONNX model needs external data file {min(needs)!r}; push its folder (an ONNX model bundle)",
+        )
 
 
 def _bundle_metadata(path: Path) -> dict[str, Any]:
@@ -121,4 +141,8 @@ def _value_info(value: Any) -> dict[str, Any]:
 
     tensor = value.type.tensor_type
     dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "elem_type": onnx.TensorProto.DataType.Name(tensor.elem_type), "shape": dims}
+    try:
+        elem_type = onnx.TensorProto.DataType.Name(tensor.elem_type)
+    except ValueError:  # elem_type is a plain int32 on the wire: a newer or made-up type has no name
+        elem_type = str(tensor.elem_type)
+    return {"name": value.name, "elem_type": elem_type, "shape": dims}

@@ -1,7 +1,7 @@
 """models keep their newest N versions; devices rotate their credential
 
 Revision ID: 0017
-Revises: 0012
+Revises: 0014
 Create Date: 2026-12-06 07:40:00
 
 A model's retention policy: garbage collection deletes its versions beyond the newest
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0017"
-down_revision: str | None = "0012"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from control_plane.api.deps import BlobStoreDep, PrincipalDep, SessionDep
+from control_plane.api.deps import BlobStoreDep, PrincipalDep, SessionDep, SettingsDep
 from control_plane.errors import DomainError
 from control_plane.models import Role
-from control_plane.services import registry
+from control_plane.services import artifact_access, registry
 from control_plane.services.auth import require_role
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -22,14 +22,25 @@ router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
     responses={206: {"description": "Partial content"}, 304: {"description": "Not modified"}},
 )
 def download_artifact(
-    sha256: str, request: Request, principal: PrincipalDep, session: SessionDep, store: BlobStoreDep
+    sha256: str,
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    store: BlobStoreDep,
+    settings: SettingsDep,
 ) -> Any:
-    """Stream an artifact. Devices (Basic credential) and viewers may download."""
+    """Stream an artifact. Viewers may download any; a device only those of versions assigned to it."""
+    sha256 = sha256.lower()
     if principal.kind != "device":
         require_role(principal, Role.viewer)
-    artifact = registry.find_artifact(session, sha256.lower())
+    elif not artifact_access.device_may_fetch(session, principal.id, sha256):
+        # The same answer as for an unknown sha256: a device learns nothing about other artifacts.
+        raise DomainError("artifact_not_found", f"no artifact with sha256 {sha256}")
+    artifact = registry.find_artifact(session, sha256)
     etag = f'"{artifact.sha256}"'
     if artifact.external_url and not store.exists(artifact.sha256):
+        # A reference registered before the rules (or under an allow-list since shortened) is checked again.
+        registry.check_reference(artifact.external_url, settings.artifact_reference_allowed_hosts)
         return RedirectResponse(artifact.external_url, status_code=307, headers={"ETag": etag})
     if not store.exists(artifact.sha256):
         raise DomainError("artifact_not_found", "the artifact's bytes are missing from the blob store")

@@ -6,7 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from control_plane.api.deps import AdminDep, MutationDep, OperatorDep, PrincipalDep, SessionDep, ViewerDep
+from control_plane.api.deps import (
+    AdminDep,
+    MutationDep,
+    OperatorDep,
+    PrincipalDep,
+    RateLimiterDep,
+    SessionDep,
+    ViewerDep,
+)
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
@@ -47,14 +55,19 @@ def create_device(spec: DeviceCreate, principal: AdminDep, mutation: MutationDep
             "enrollment_expires_at": device.enrollment_expires_at,
         }
     )
-    mutation.commit(principal, 201, body)
+    mutation.commit(principal, 201, body, secrets=("enrollment_token",))
     return body
 
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponse)
-def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
+def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLimiterDep) -> Any:
     """Exchange a one-time enrollment token for the device credential. No bearer token needed."""
-    device, secret = devices.enroll(mutation.session, request)
+    limiter.check(mutation.request, "enroll")
+    try:
+        device, secret = devices.enroll(mutation.session, request)
+    except DomainError:
+        limiter.charge(mutation.request, "enroll")
+        raise
     mutation.session.flush()
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
@@ -110,7 +123,7 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
             "enrollment_expires_at": as_utc(device.enrollment_expires_at),
         }
     )
-    mutation.commit(principal, 201, body)
+    mutation.commit(principal, 201, body, secrets=("enrollment_token",))
     revoke_device_on_broker(mutation.request.app, device.id)  # the old credential's connection too
     return body
 

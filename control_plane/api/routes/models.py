@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from typing import Any
 
@@ -24,6 +25,7 @@ from control_plane.errors import DomainError
 from control_plane.models import Model, ModelVersion, Role
 from control_plane.rollouts import recall
 from control_plane.schemas import (
+    VERSION_PATTERN,
     ArtifactPublic,
     ArtifactReference,
     ArtifactSpec,
@@ -54,7 +56,7 @@ _UPLOAD_BODY: dict[str, Any] = {
                     "required": ["version", "file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "version": {"type": "string"},
+                        "version": {"type": "string", "pattern": VERSION_PATTERN},
                         "sha256": {"type": "string", "description": "declared digest, verified"},
                         "quantization": {"type": "string"},
                         "notes": {"type": "string"},
@@ -72,6 +74,14 @@ _UPLOAD_BODY: dict[str, Any] = {
             "application/json": {"schema": {"$ref": "#/components/schemas/VersionByReference"}},
         },
     }
+}
+# Another variant of a version: its form has no `version` field, its JSON body is a reference.
+_ARTIFACT_BODY = copy.deepcopy(_UPLOAD_BODY)
+_ARTIFACT_FORM = _ARTIFACT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+_ARTIFACT_FORM["required"] = ["file"]
+del _ARTIFACT_FORM["properties"]["version"]
+_ARTIFACT_BODY["requestBody"]["content"]["application/json"] = {
+    "schema": {"$ref": "#/components/schemas/ArtifactReference"}
 }
 
 
@@ -241,7 +251,7 @@ async def create_version(
     "/{name}/versions/{version}/artifacts",
     status_code=201,
     response_model=ArtifactPublic,
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=_ARTIFACT_BODY,
 )
 async def add_artifact(
     name: str,
@@ -341,7 +351,8 @@ def _create_version_by_reference(
         return replayed
     model = registry.get_model(mutation.session, name)
     row = registry.create_version(mutation.session, model=model, spec=spec, created_by=principal.actor)
-    registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact)
+    allowed_hosts = mutation.settings.artifact_reference_allowed_hosts
+    registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact, allowed_hosts=allowed_hosts)
     mutation.audit(principal, "version.create", f"{name}@{row.version}", url=spec.artifact.url)
     body = registry.version_public(mutation.session, model, row)
     mutation.commit(principal, 201, body)
@@ -371,7 +382,9 @@ def _add_reference(
     if (replayed := mutation.replay(principal, ref)) is not None:
         return replayed
     _, row = registry.get_version(mutation.session, name, version)
-    artifact = registry.add_referenced_artifact(mutation.session, version=row, ref=ref)
+    artifact = registry.add_referenced_artifact(
+        mutation.session, version=row, ref=ref, allowed_hosts=mutation.settings.artifact_reference_allowed_hosts
+    )
     mutation.audit(principal, "artifact.create", f"{name}@{version}", url=ref.url)
     body = registry.artifact_public(artifact)
     mutation.commit(principal, 201, body)
