@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Dashboard sign-in lifetime.")
     enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    blob_gc_grace_s: float = Field(
+        default=600, ge=0, description="Unreferenced blobs younger than this are kept (uploads adopt before commit)."
+    )
     mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")
     mqtt_host: str = Field(default="127.0.0.1", description="Bind address of the embedded broker.")
     # 1884, not 1883: a laptop or gateway often runs its own Mosquitto on the standard port.

@@ -29,6 +29,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "enrollment_token_used": 409,
     "rollout_conflict": 409,
     "invalid_state": 409,
+    "version_in_use": 409,
+    "no_good_version": 409,
     "payload_too_large": 413,
     "range_not_satisfiable": 416,
     "rate_limited": 429,

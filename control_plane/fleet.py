@@ -28,10 +28,10 @@ from sqlmodel import Session
 from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.leader import LeaderLock
-from control_plane.models import Device, DeviceStatus
+from control_plane.models import Device
 from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
-from control_plane.security import verify_secret
+from control_plane.services.auth import device_secret_valid
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
@@ -128,10 +128,7 @@ class FleetRuntime:
         if username == CONTROL_PLANE_USER:
             return secrets.compare_digest(password, self._cp_password)
         with Session(self.engine) as session:
-            device = session.get(Device, username)
-            if device is None or device.status == DeviceStatus.decommissioned:
-                return False
-            return verify_secret(password, device.secret_hash)
+            return device_secret_valid(session.get(Device, username), password)
 
     def wake(self, *, tick: bool = True) -> None:
         """Publish what an API change wrote now instead of at the next tick; with `tick`, run the

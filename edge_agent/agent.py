@@ -201,6 +201,11 @@ class Agent:
             self._http = httpx.Client(timeout=timeout, follow_redirects=True, verify=verify)
         return self._http
 
+    def use_credential(self, credential: Credential) -> None:
+        """A rotated credential: new downloads authenticate with it (one under way keeps the old)."""
+        self.credential = credential
+        self._downloader = None
+
     @property
     def downloader(self) -> Downloader:
         if self._downloader is None:

@@ -139,6 +139,10 @@ class MqttChannel:
             **options,  # type: ignore[arg-type]
         )
 
+    def use_secret(self, secret: str) -> None:
+        """A rotated credential: the next CONNECT uses it (the live session was authenticated)."""
+        self.device.client.set_password(secret)
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self, *, wait: bool = False, timeout_s: float = 10.0) -> None:

@@ -66,6 +66,7 @@ class AgentSettings(BaseSettings):
     download_allowed_hosts: list[str] = Field(default_factory=list)
 
     watch_interval_s: float = Field(default=1.0, gt=0)
+    credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")
     log_json: bool = False
     log_level: str = "INFO"
 

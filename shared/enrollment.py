@@ -6,6 +6,8 @@ MQTT (username/password).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import Field
 
 from shared.base import WireModel
@@ -35,3 +37,12 @@ class EnrollResponse(WireModel):
     mqtt_url: str | None = None  # where the control plane wants the device to connect
     topic_prefix: str = "slmops/v1"
     client_certificate_pem: str | None = Field(default=None, max_length=16384)  # CN = device id, by the device CA
+
+
+class CredentialRotation(WireModel):
+    """`POST /v1/devices/me/credential`: the device's new secret, sent this once. The previous
+    secret keeps working until `previous_valid_until` (the rotation's grace period)."""
+
+    device_id: str
+    device_secret: str
+    previous_valid_until: datetime

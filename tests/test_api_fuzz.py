@@ -39,13 +39,15 @@ current = CurrentApp(create_app(Settings(data_dir=Path(tempfile.gettempdir()) / 
 
 # Inputs that a schema cannot fully state, so that a schema-valid request may still be a 422: an
 # uploaded file's content (sniffed), opaque pagination cursors, `end` after `start`, a rollout
-# stage's one-of-percent-or-count. Every other check, and this one for every other operation, holds.
+# stage's one-of-percent-or-count, a label selector's grammar. Every other check, and this one
+# for every other operation, holds.
 SEMANTIC_422 = """
 [[operations]]
 include-name = [
   "POST /v1/models/{name}/versions",
   "POST /v1/models/{name}/versions/{version}/artifacts",
   "GET /v1/devices",
+  "POST /v1/devices/relabel",
   "GET /v1/audit",
   "GET /v1/tokens",
   "GET /v1/models",

@@ -37,6 +37,7 @@ from control_plane.api.routes import (
 )
 from control_plane.broker_access import BrokerAccess, password_file_for
 from control_plane.config import Settings
+from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError
@@ -176,7 +177,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     if settings.hsts_max_age_s > 0:
         app.add_middleware(HstsMiddleware, max_age_s=settings.hsts_max_age_s)
     _install_error_handlers(app)
-    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics,
+                   dashboard_actions):  # fmt: skip
         app.include_router(module.router)
     app.include_router(events.router)
     app.include_router(docs.router)

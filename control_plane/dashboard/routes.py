@@ -22,7 +22,8 @@ from control_plane.dashboard.session import (
     start_session,
 )
 from control_plane.errors import DomainError
-from control_plane.models import DeviceStatus, Model, Rollout, as_utc, utcnow
+from control_plane.models import DeviceStatus, Model, Role, Rollout, as_utc, utcnow
+from control_plane.rollouts.actions import allowed_actions
 from control_plane.services import devices as device_service
 from control_plane.services.auth import authenticate_token
 
@@ -111,6 +112,7 @@ def devices_page(
     return render(
         request, "devices.html", partial, viewer=viewer, devices=rows, next_cursor=next_cursor, filters=filters,
         error=error, statuses=[s.value for s in DeviceStatus], versions=queries.known_versions(session),
+        can_admin=viewer.role == Role.admin,
         events=queries.recent_events(session, rows),
     )  # fmt: skip
 
@@ -141,6 +143,7 @@ def rollout_page(
         viewer=viewer,
         view=view,
         r=view.rollout,
+        actions=allowed_actions(rollout) if viewer.role and viewer.role >= Role.operator else [],
         ordered=queries.metric_rows,
         check_value=queries.check_value,
     )
@@ -150,7 +153,10 @@ def rollout_page(
 def registry_page(request: Request, session: SessionDep, viewer: ViewerCookieDep) -> Response:
     if viewer is None:
         return sign_in_required(request, None)
-    return render(request, "registry.html", None, viewer=viewer, models=queries.registry_view(session))
+    can_operate = bool(viewer.role and viewer.role >= Role.operator)
+    return render(
+        request, "registry.html", None, viewer=viewer, models=queries.registry_view(session), can_operate=can_operate
+    )
 
 
 @router.get("/telemetry")

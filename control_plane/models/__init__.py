@@ -5,6 +5,7 @@ from control_plane.models.base import as_utc, new_id, utcnow
 from control_plane.models.devices import Device, DeviceLabel, DeviceStatus
 from control_plane.models.jobs import Job
 from control_plane.models.registry import (
+    DEPLOYABLE_STATUSES,
     Artifact,
     ArtifactFormat,
     LineageRelation,
@@ -50,6 +51,7 @@ __all__ = [
     "ModelVersion",
     "Role",
     "VersionStatus",
+    "DEPLOYABLE_STATUSES",
     "as_utc",
     "new_id",
     "utcnow",

@@ -113,6 +113,7 @@ class LocalBlobStore:
         final = self.path_for(sha256)
         if final.is_file() and final.stat().st_size == size:
             temp_path.unlink(missing_ok=True)
+            os.utime(final)  # a fresh reference: garbage collection's grace period starts again
             return StoredBlob(sha256, size, self.key_for(sha256), deduplicated=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp_path, final)  # atomic on POSIX: readers see the old name or the whole file

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli import ops_push, ops_rollout, ops_telemetry  # noqa: F401  (registers commands)
+from slmops.cli import ops_lifecycle, ops_push, ops_rollout, ops_telemetry  # noqa: F401  (registers commands)
 from slmops.cli.app import app, device_app, model_app
 from slmops.cli.client import config_path, new_idempotency_key
 from slmops.cli.ops_common import (

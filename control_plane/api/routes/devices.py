@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, RateLimiterDep, SessionDep, ViewerDep
+from control_plane.api.deps import (
+    AdminDep,
+    MutationDep,
+    OperatorDep,
+    PrincipalDep,
+    RateLimiterDep,
+    SessionDep,
+    ViewerDep,
+)
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
 from control_plane.device_ca import issue_device_certificate
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
-from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
+from control_plane.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DevicePublic,
+    DeviceRelabel,
+    DeviceUpdate,
+    Page,
+    RelabelResult,
+    RotationRequest,
+)
 from control_plane.services import devices
 from control_plane.services.auth import Principal
-from shared.enrollment import CertificateRequest, CertificateResponse, EnrollRequest, EnrollResponse
+from shared.enrollment import (
+    CertificateRequest,
+    CertificateResponse,
+    CredentialRotation,
+    EnrollRequest,
+    EnrollResponse,
+)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -125,3 +148,80 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
     mutation.commit(principal, 201, body, secrets=("enrollment_token",))
     revoke_device_on_broker(mutation.request.app, device.id)  # the old credential's connection too
     return body
+
+
+def _wake(request: Request) -> None:
+    """Labels decide rollout membership: the controller looks again now, not at its next tick."""
+    fleet = getattr(request.app.state, "fleet", None)
+    if fleet is not None:
+        fleet.wake(tick=True)
+
+
+@router.patch("/{device_id}", response_model=DevicePublic)
+def update_device(
+    device_id: str, update: DeviceUpdate, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """Rename a device or replace its labels (which may move it into or out of a rollout's selector)."""
+    device = devices.get_device(mutation.session, device_id)
+    before = dict(device.labels)
+    devices.update_device(mutation.session, device, name=update.name, labels=update.labels)
+    changed = update.model_dump(exclude_none=True)
+    mutation.audit(principal, "device.update", device.id, **changed, labels_before=before)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body
+
+
+@router.post("/relabel", response_model=RelabelResult)
+def relabel_devices(spec: DeviceRelabel, request: Request, principal: OperatorDep, mutation: MutationDep) -> Any:
+    """Set and remove labels on every device a selector matches; says how many matched."""
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    matched = devices.relabel(mutation.session, selector=spec.selector, set_=spec.set, remove=spec.remove)
+    mutation.audit(principal, "device.relabel", spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    body = RelabelResult(selector=spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body
+
+
+@router.post("/{device_id}/decommission", response_model=DevicePublic)
+def decommission_device(device_id: str, request: Request, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Retire a device: HTTP refuses its credential at once, the broker closes its connection, it
+    leaves every rollout; only a new enrollment token (reissue-token) brings it back."""
+    device = devices.get_device(mutation.session, device_id)
+    left = devices.decommission(mutation.session, device)
+    mutation.audit(principal, "device.decommission", device.id, name=device.name, rollouts_left=left)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    revoke_device_on_broker(request.app, device.id)
+    _wake(request)
+    return body
+
+
+@router.post("/{device_id}/rotate-credential", status_code=202, response_model=DevicePublic)
+def rotate_credential(device_id: str, spec: RotationRequest, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Ask the device's agent to fetch a new secret; the old one works `grace_s` after it does."""
+    device = devices.get_device(mutation.session, device_id)
+    devices.request_rotation(mutation.session, device, spec.grace_s)
+    mutation.audit(principal, "device.rotate_credential", device.id, grace_s=spec.grace_s)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 202, body)
+    return body
+
+
+@router.post("/me/credential", response_model=CredentialRotation)
+def fetch_new_credential(request: Request, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """The device (Basic auth) takes the new secret an operator's rotation asked for, once."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can rotate itself")
+    device = devices.get_device(mutation.session, principal.id)
+    secret = devices.rotate_secret(mutation.session, device)
+    mutation.audit(principal, "device.credential_rotated", device.id)
+    mutation.session.commit()
+    grant_device_on_broker(request.app, device)  # Mosquitto holds one hash per device: the new one
+    assert device.previous_secret_expires_at is not None
+    return CredentialRotation(
+        device_id=device.id, device_secret=secret, previous_valid_until=device.previous_secret_expires_at
+    )
