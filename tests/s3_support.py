@@ -8,12 +8,12 @@ control-plane replicas to count the bytes each one served.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-import subprocess
+import socketserver
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from moto.server import DomainDispatcherApplication, MotoRequestHandler, ThreadedMotoServer, create_backend_app
@@ -22,18 +22,6 @@ from werkzeug.serving import make_server
 from slmops.mqtt.broker import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def self_signed(folder: Path) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 and localhost (openssl, as on any host that runs the tests)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 class CountingApp:
@@ -77,28 +65,32 @@ class CountingProxy:
     and keeps what clients sent (request lines are read from it)."""
 
     def __init__(self, target_port: int) -> None:
+        proxy = self
+
+        class Relay(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                proxy._relay(self.request)
+
         self.target_port = target_port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.served = 0
         self.received = bytearray()
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Relay)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def requests_for(self, prefix: bytes) -> int:
         with self._lock:
             return bytes(self.received).count(prefix)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+    def _relay(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        to_target = threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True)
+        to_target.start()
+        self._pipe(upstream, client, True)
+        to_target.join()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, from_target: bool) -> None:
         try:
@@ -113,10 +105,9 @@ class CountingProxy:
             pass
         finally:
             for sock in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
-        self._listener.close()
+        self._server.shutdown()
+        self._server.server_close()

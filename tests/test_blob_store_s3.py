@@ -27,7 +27,8 @@ from control_plane.config import Settings
 from control_plane.storage import S3BlobStore, make_blob_store, s3_client
 from slmops.demo import Fleet, free_port, wait_until
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-from tests.s3_support import CREDENTIALS, CountingProxy, TlsMotoServer, self_signed
+from tests.s3_support import CREDENTIALS, CountingProxy, TlsMotoServer
+from tests.tls_support import self_signed
 
 MiB = 1024 * 1024
 
