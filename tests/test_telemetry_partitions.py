@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -12,6 +14,7 @@ from control_plane import db
 from control_plane.telemetry import partitions
 from control_plane.telemetry.rollup import HOUR, RetentionPolicy, run_rollup
 from control_plane.telemetry.series import SeriesQuery, series
+from tests.fleet_helpers import wait_for
 from tests.telemetry_support import add_devices, ingest, window
 
 DAY = 86400
@@ -95,6 +98,49 @@ def test_a_window_for_a_day_without_partition_is_stored_and_moves_when_the_day_i
     assert _count(pg, where=f"device_id = '{device}'") == 1
 
 
+def test_a_day_created_while_an_insert_into_the_default_partition_is_in_flight_takes_its_row(
+    pg: sa.Engine,
+) -> None:
+    """Ingest writes while the rollup job attaches a day: the attach waits for the insert, then
+    moves its row, instead of failing on it (or the insert failing on the new bounds)."""
+    (device,) = add_devices(pg, "dev-inflight")
+    day = date(2025, 2, 3)
+    failures: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            _create_days(pg, [day])
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    with pg.connect() as ingest_conn:
+        with ingest_conn.begin():
+            _insert_raw(ingest_conn, uuid.uuid4().hex, device, _noon(day))  # routed to the default partition
+            creator = threading.Thread(target=create)
+            creator.start()
+            wait_for(lambda: _waiting_locks(pg) > 0 or not creator.is_alive(), what="the attach to wait for the insert")
+        creator.join(timeout=60)
+    assert failures == []
+    assert _count(pg, f"{partitions.SCHEMA}.telemetry_windows_p{day:%Y%m%d}", f"device_id = '{device}'") == 1
+    assert _count(pg, partitions.DEFAULT, f"device_id = '{device}'") == 0
+
+
+def _insert_raw(conn: sa.Connection, message_id: str, device_id: str, end: datetime) -> None:
+    """One window written in SQL, as ingest writes it, on a connection the caller holds."""
+    columns = "id, device_id, message_id, seq, window_start, window_end, requests, errors, rss_bytes, "
+    columns += "peak_rss_bytes, latency_histogram, received_at"
+    values = "(:id, :device, :id, 0, :t, :t, 1, 0, 0, 0, '{}', :t)"
+    conn.execute(
+        sa.text(f"INSERT INTO telemetry_windows ({columns}) VALUES {values}"),
+        {"id": message_id, "device": device_id, "t": end},
+    )
+
+
+def _waiting_locks(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one())
+
+
 def test_the_rollup_job_creates_partitions_ahead(pg: sa.Engine) -> None:
     with Session(pg) as session:
         run_rollup(session, RetentionPolicy(raw_s=30 * DAY, minute_s=60 * DAY, hour_s=400 * DAY))
@@ -124,14 +170,10 @@ def test_migration_moves_existing_rows_into_partitions_and_back(fresh_database_u
     url = fresh_database_url("postgres")
     db.upgrade(url, "0014")
     engine = db.make_engine(url)
-    columns = "id, device_id, message_id, seq, window_start, window_end, requests, errors, rss_bytes, "
-    columns += "peak_rss_bytes, latency_histogram, received_at"
-    insert = f"INSERT INTO telemetry_windows ({columns}) VALUES "
-    insert += "(:id, 'd', :id, 0, :t, :t, 1, 0, 0, 0, '{}', :t)"
     try:
         with engine.begin() as conn:
             for i, day in enumerate(DAYS):
-                conn.execute(sa.text(insert), {"id": f"m{i}", "t": _noon(day)})
+                _insert_raw(conn, f"m{i}", "d", _noon(day))
         db.upgrade(url)
         with Session(engine) as session:
             assert partitions.is_partitioned(session)

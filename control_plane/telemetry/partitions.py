@@ -70,6 +70,9 @@ def create_day(session: Session, day: date) -> str:
     """Attach the partition of `day`, taking its rows out of the default partition first."""
     name = f"telemetry_windows_p{day:%Y%m%d}"
     low, high = _bounds(day)
+    # Waits for inserts in flight and holds new ones until commit: an insert routed by the old
+    # bounds would put a row of this day in the default partition after its rows were moved.
+    session.execute(sa.text(f"LOCK TABLE {TABLE} IN SHARE ROW EXCLUSIVE MODE"))
     session.execute(sa.text(f"CREATE TABLE {SCHEMA}.{name} (LIKE {TABLE} INCLUDING DEFAULTS)"))
     session.execute(
         sa.text(
