@@ -126,6 +126,19 @@ def test_uploads_go_to_the_store_in_parts_and_identical_content_once(
     assert store.exists(blob.sha256) and not store.exists("f" * 64)
 
 
+def test_an_unreachable_store_is_a_503_and_keeps_no_version(  # type: ignore[no-untyped-def]
+    app, engine: sa.Engine, admin_headers, db_url: str, moto: TlsMotoServer, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    gone = create_app(_replica_settings(tmp_path / "gone", db_url, moto, "no-such-bucket"), engine=engine)
+    with TestClient(gone, headers=admin_headers) as client:
+        assert client.post("/v1/models", json={"name": "unstored"}).status_code == 201
+        with tiny_gguf.open("rb") as fh:
+            refused = client.post("/v1/models/unstored/versions", data={"version": "1"}, files={"file": fh})
+        assert (refused.status_code, refused.json()["code"]) == (503, "blob_store_unavailable")
+        assert client.get("/v1/models/unstored/versions").json()["data"] == []
+        assert list((tmp_path / "gone" / "blobs" / "tmp").iterdir()) == []
+
+
 def test_s3_needs_a_bucket(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="SLMOPS_S3_BUCKET"):
         Settings(data_dir=tmp_path, blob_store="s3")

@@ -13,14 +13,29 @@ the redirect rules of shared/references.py (https, a private host only when allo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from control_plane.errors import DomainError
 from control_plane.storage.blobs import LocalBlobStore, StoredBlob
 
 PART_BYTES = 8 * 1024 * 1024  # multipart part size: the most of an upload in memory at once
+
+
+@contextlib.contextmanager
+def _reaching_the_store(bucket: str) -> Iterator[None]:
+    """An unreachable or refusing store is the server's failure (503), never the client's."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (Boto3Error, BotoCoreError, ClientError) as exc:
+        raise DomainError("blob_store_unavailable", f"the artifact store (bucket {bucket!r}) failed: {exc}") from exc
 
 
 class S3BlobStore(LocalBlobStore):
@@ -35,12 +50,13 @@ class S3BlobStore(LocalBlobStore):
     def _size(self, sha256: str) -> int | None:
         from botocore.exceptions import ClientError
 
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key_for(sha256))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return None
-            raise
+        with _reaching_the_store(self.bucket):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key_for(sha256))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                    return None
+                raise
         return int(head["ContentLength"])
 
     def exists(self, sha256: str) -> bool:
@@ -55,9 +71,9 @@ class S3BlobStore(LocalBlobStore):
 
         parts = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=4)
         try:
-            self.client.upload_file(
-                str(temp_path), self.bucket, key, Config=parts, ExtraArgs={"ContentType": "application/octet-stream"}
-            )
+            with _reaching_the_store(self.bucket):
+                extra = {"ContentType": "application/octet-stream"}
+                self.client.upload_file(str(temp_path), self.bucket, key, Config=parts, ExtraArgs=extra)
         finally:
             temp_path.unlink(missing_ok=True)
         return StoredBlob(sha256, size, key, deduplicated=False)
@@ -70,7 +86,8 @@ class S3BlobStore(LocalBlobStore):
             fd, name = tempfile.mkstemp(prefix="fetch-", dir=local.parent)
             os.close(fd)
             try:
-                self.client.download_file(self.bucket, self.key_for(sha256), name)
+                with _reaching_the_store(self.bucket):
+                    self.client.download_file(self.bucket, self.key_for(sha256), name)
                 os.replace(name, local)
             finally:
                 Path(name).unlink(missing_ok=True)

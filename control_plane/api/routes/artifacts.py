@@ -19,7 +19,11 @@ router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 @router.get(
     "/{sha256}",
     response_class=FileResponse,
-    responses={206: {"description": "Partial content"}, 304: {"description": "Not modified"}},
+    responses={
+        206: {"description": "Partial content"},
+        304: {"description": "Not modified"},
+        307: {"description": "Fetch the bytes from the reference, or a presigned URL of the shared store"},
+    },
 )
 def download_artifact(
     sha256: str,
