@@ -107,6 +107,18 @@ class Settings(BaseSettings):
     hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
     # uvicorn trusts X-Forwarded-For/-Proto only from these proxies ("*": any; see docs/operations-tls.md).
     forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="Reverse proxies trusted for X-Forwarded-*.")
+    # Replicas share one store: with s3 an upload through one replica is downloadable through all,
+    # and devices fetch the bytes from the store (a 307 to a presigned URL), not from a replica.
+    blob_store: Literal["local", "s3"] = Field(
+        default="local", description="Where artifact bytes live: `local` (data_dir/blobs) or `s3`."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph...); unset: AWS S3. Credentials: AWS_* env."
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the artifacts (SLMOPS_BLOB_STORE=s3).")
+    s3_presign_expiry_s: int = Field(
+        default=900, ge=60, le=7 * 86400, description="Lifetime of the presigned download URLs devices are sent to."
+    )
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -136,6 +148,12 @@ class Settings(BaseSettings):
         if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+"):
             raise ValueError("SLMOPS_MQTT_TOPIC_PREFIX must be a plain topic path like 'slmops/v1'")
         return value
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise ValueError("SLMOPS_BLOB_STORE=s3 requires SLMOPS_S3_BUCKET")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_postgres(self) -> Settings:

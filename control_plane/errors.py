@@ -47,6 +47,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "too_many_points": 422,
     "quantization_unsupported": 422,
     "insufficient_storage": 507,
+    "blob_store_unavailable": 503,
 }
 
 

@@ -129,8 +129,8 @@ class IngestWriter:
 
     def _insert_windows(self, session: Session, rows: list[dict[str, Any]]) -> None:
         """Insert, skipping windows already stored (a redelivery after a restart): the unique
-        (device_id, message_id) constraint decides, so no lookup query precedes the insert."""
-        inserted = bulk.insert(session, _WINDOWS, rows, skip_conflicts_on=("device_id", "message_id"))
+        (device_id, message_id, window_end) constraint decides, so no lookup query precedes the insert."""
+        inserted = bulk.insert(session, _WINDOWS, rows, skip_conflicts_on=("device_id", "message_id", "window_end"))
         self.counters["duplicate_telemetry"] += len(rows) - inserted
 
     @staticmethod

@@ -1,9 +1,10 @@
-"""A certificate authority made by the test itself (`cryptography`): no key is ever committed."""
+"""Certificates made by the test itself (`cryptography`, `openssl`): no key is ever committed."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,15 @@ def _alt_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
         except ValueError:
             names.append(x509.DNSName(host))
     return names
+
+
+def self_signed(folder: Path) -> tuple[str, str]:
+    """(certificate file, key file) for 127.0.0.1 and localhost (openssl, as on any host that runs the tests)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)

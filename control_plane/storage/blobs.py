@@ -89,6 +89,7 @@ class BlobStore(Protocol):
     def writer(self, max_bytes: int) -> BlobWriter: ...
     def path_for(self, sha256: str) -> Path: ...
     def exists(self, sha256: str) -> bool: ...
+    def download_url(self, sha256: str) -> str | None: ...
 
 
 class LocalBlobStore:
@@ -108,6 +109,10 @@ class LocalBlobStore:
 
     def writer(self, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, max_bytes)
+
+    def download_url(self, sha256: str) -> str | None:
+        """Where devices fetch the bytes from other than the artifact route; None: the route serves them."""
+        return None
 
     def adopt(self, temp_path: Path, sha256: str, size: int) -> StoredBlob:
         final = self.path_for(sha256)
