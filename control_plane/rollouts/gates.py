@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from control_plane import bulk
 from control_plane.models import Device, DeviceStatus, TelemetryRecord
+from control_plane.rollouts import golden_gate
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
@@ -188,6 +189,18 @@ def evaluate(
     ):
         if check is not None:
             checks.append(check)
+    golden = golden_gate.golden_check(
+        session,
+        rollout_id=rollout_id,
+        min_rate=gates.min_golden_pass_rate,
+        active_device_ids=[m.device_id for m in active],
+        new_version=new_version,
+        baseline_version=baseline_version,
+        baseline_device_ids=baseline_device_ids,
+        stage_since=stage_since,
+    )
+    if golden is not None:
+        checks.append(golden)
     results = {c["result"] for c in checks}
     result = FAIL if FAIL in results else INCONCLUSIVE if INCONCLUSIVE in results else PASS
     details = {

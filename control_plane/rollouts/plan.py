@@ -18,6 +18,12 @@ class Gates(BaseModel):
     min_activated_fraction: float = Field(default=1.0, ge=0, le=1)
     min_samples: int = Field(default=20, ge=1, description="requests needed before latency/error gates decide")
     warmup_windows: int = Field(default=1, ge=0, description="first telemetry windows per device ignored")
+    min_golden_pass_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="golden-set pass rate on the devices / the baseline version's on the same hardware class",
+    )
 
 
 class Stage(BaseModel):
@@ -58,6 +64,9 @@ class RolloutCreate(BaseModel):
     promotion: Literal["auto", "manual"] = "auto"
     min_quality_retention: float | None = Field(
         default=0.9, ge=0, le=1, description="refuse versions whose measured quality retention is lower; None: off"
+    )
+    quality_metric: Literal["quality_retention", "next_token_agreement", "golden_retention", "perplexity_retention"] = (
+        Field(default="quality_retention", description="the stored eval metric min_quality_retention applies to")
     )
     force: bool = Field(default=False, description="start even if quality checks would refuse it")
 

@@ -7,6 +7,7 @@ arrays) that `slmops.modelopt.compare` turns into metrics against a parent.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import resource
@@ -14,8 +15,15 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from shared.desired import GoldenSet
+from shared.state import GoldenOutcome
+
+if TYPE_CHECKING:
+    from edge_agent.runtime import Engine
 
 GEN_TOKENS = 32
 SPEED_ROUNDS = 3
@@ -34,6 +42,9 @@ class Measurement:
     ms_per_token: float | None
     peak_rss_mb: float
     perplexity: float | None = None
+    golden_passed: int | None = None  # golden prompts answered acceptably (None: not a chat model)
+    golden_total: int = 0
+    golden_failed: list[str] = field(default_factory=list)
     argmax: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     logits: np.ndarray | None = None  # ONNX only: the outputs on the deterministic input set
 
@@ -42,11 +53,28 @@ class Measurement:
         return 1000.0 / self.ms_per_token if self.ms_per_token else None
 
 
-def eval_texts() -> list[str]:
-    """The packaged perplexity text set, one paragraph per entry."""
-    text = resources.files("slmops.modelopt").joinpath("data/eval_text.txt").read_text(encoding="utf-8")
+def eval_texts(name: str = "eval_text.txt") -> list[str]:
+    """A packaged text set, one paragraph per entry: `eval_text.txt` (project prose, for agreement)
+    or `public_domain.txt` (public-domain passages, for perplexity)."""
+    text = resources.files("slmops.modelopt").joinpath(f"data/{name}").read_text(encoding="utf-8")
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     return [p.strip() for p in body.split("\n\n") if p.strip()]
+
+
+def golden_set() -> GoldenSet:
+    """The packaged golden-prompt set (slmops/modelopt/data/golden.json)."""
+    text = resources.files("slmops.modelopt").joinpath("data/golden.json").read_text(encoding="utf-8")
+    return GoldenSet.model_validate({"prompts": json.loads(text)["prompts"]})
+
+
+def _golden(engine: Engine) -> GoldenOutcome | None:
+    from edge_agent.activation import run_golden
+    from edge_agent.runtime import UnsupportedOperation
+
+    try:
+        return run_golden(engine, "", golden_set())
+    except UnsupportedOperation:
+        return None  # a graph that is not a language model answers no prompts
 
 
 def _peak_rss_mb() -> float:
@@ -87,18 +115,19 @@ def _gguf_quality(path: Path, lora_path: Path | None) -> tuple[float, np.ndarray
 
     lora = str(lora_path) if lora_path else None
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0, lora_path=lora)
-    texts = eval_texts()
+    texts = eval_texts("public_domain.txt")
     total_nll, total_tokens, argmaxes = 0.0, 0, []
     try:
-        for index, text in enumerate(texts + default_prompts()):
+        for index, text in enumerate(texts + eval_texts() + default_prompts()):
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[: llm.n_ctx()]
             llm.reset()
             llm.eval(tokens)
             logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-            argmaxes.append(logits.argmax(axis=1))
             if index < len(texts):
                 total_nll += _nll(logits[:-1], np.asarray(tokens[1:]))
                 total_tokens += len(tokens) - 1
+            else:
+                argmaxes.append(logits.argmax(axis=1))
     finally:
         llm.close()
     return math.exp(total_nll / total_tokens), np.concatenate(argmaxes)
@@ -158,6 +187,7 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
     load_s = time.perf_counter() - started
     try:
         ms_per_token = _ms_per_token(engine)
+        golden = _golden(engine)
     finally:
         engine.close()
     logits: np.ndarray | None = None
@@ -174,6 +204,9 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
         ms_per_token=ms_per_token,
         peak_rss_mb=_peak_rss_mb(),
         perplexity=perplexity,
+        golden_passed=golden.passed if golden else None,
+        golden_total=golden.total if golden else 0,
+        golden_failed=golden.failed if golden else [],
         argmax=argmax,
         logits=logits,
     )
