@@ -191,8 +191,16 @@ def load_generator(fleet: Fleet, port: int) -> None:
     client.close()
 
 
-def run_rollout(api: httpx.Client, console: Console, version: str, timeout_s: float = 150) -> dict[str, Any]:
-    created = api.post("/v1/rollouts", json={"model": "tinyllama", "version": version, **PLAN})
+def run_rollout(
+    api: httpx.Client,
+    console: Console,
+    version: str,
+    timeout_s: float = 150,
+    *,
+    model: str = "tinyllama",
+    plan: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    created = api.post("/v1/rollouts", json={"model": model, "version": version, **(plan or PLAN)})
     created.raise_for_status()
     rollout_id = created.json()["id"]
     last = ""

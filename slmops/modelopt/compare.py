@@ -35,6 +35,7 @@ def _speed(m: Measurement, prefix: str = "") -> dict[str, Any]:
         f"{prefix}load_s": round(m.load_s, 4),
         f"{prefix}ms_per_token": round(m.ms_per_token, 3) if m.ms_per_token else None,
         f"{prefix}tokens_per_s": round(m.tokens_per_s, 1) if m.tokens_per_s else None,
+        f"{prefix}ttft_ms": round(m.ttft_ms, 2) if m.ttft_ms else None,
         f"{prefix}peak_rss_mb": round(m.peak_rss_mb, 1),
     }
 
@@ -104,6 +105,7 @@ _ROWS = [
     ("load (s)", "load_s", "{:.3f}"),
     ("ms / token", "ms_per_token", "{:.2f}"),
     ("tokens / s", "tokens_per_s", "{:.1f}"),
+    ("TTFT (ms)", "ttft_ms", "{:.1f}"),
     ("peak RSS (MB)", "peak_rss_mb", "{:.1f}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("golden pass rate", "golden_pass_rate", "{:.1%}"),

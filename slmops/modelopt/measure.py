@@ -41,6 +41,7 @@ class Measurement:
     load_s: float
     ms_per_token: float | None
     peak_rss_mb: float
+    ttft_ms: float | None = None  # time to the first generated token
     perplexity: float | None = None
     golden_passed: int | None = None  # golden prompts answered acceptably (None: not a chat model)
     golden_total: int = 0
@@ -81,22 +82,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _ms_per_token(engine: object) -> float | None:
-    """Best of a few greedy runs: on a shared machine the fastest run is the least disturbed."""
+def _speed(engine: object) -> tuple[float | None, float | None]:
+    """(ms per token, ms to the first token), each the best of a few greedy runs: on a shared
+    machine the fastest run is the least disturbed."""
     from edge_agent.runtime import UnsupportedOperation
 
     best: float | None = None
+    first: float | None = None
     try:
         list(engine.complete("Hello", max_tokens=2))  # type: ignore[attr-defined]  # warm-up
         for _ in range(SPEED_ROUNDS):
             started = time.perf_counter()
-            chunks = list(engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS))  # type: ignore[attr-defined]
+            stream = engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS)  # type: ignore[attr-defined]
+            chunk = next(stream)
+            ttft = (time.perf_counter() - started) * 1000.0
+            chunks = [chunk, *stream]
             produced = max(1, len([c for c in chunks if c.finish_reason is None]))
             ms = (time.perf_counter() - started) * 1000.0 / produced
             best = ms if best is None else min(best, ms)
+            first = ttft if first is None else min(first, ttft)
     except UnsupportedOperation:
-        return None  # a graph that is not a language model has no per-token speed
-    return best
+        return None, None  # a graph that is not a language model has no per-token speed
+    return best, first
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -186,7 +193,7 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
     engine = load_engine(model_path, fmt, n_ctx=512, lora_path=lora)
     load_s = time.perf_counter() - started
     try:
-        ms_per_token = _ms_per_token(engine)
+        ms_per_token, ttft_ms = _speed(engine)
         golden = _golden(engine)
     finally:
         engine.close()
@@ -202,6 +209,7 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
         size_bytes=_model_bytes(model_path, fmt, lora),
         load_s=load_s,
         ms_per_token=ms_per_token,
+        ttft_ms=ttft_ms,
         peak_rss_mb=_peak_rss_mb(),
         perplexity=perplexity,
         golden_passed=golden.passed if golden else None,
