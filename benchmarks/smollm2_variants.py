@@ -18,13 +18,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.modelopt_table import _fmt  # noqa: E402
 from slmops.modelopt import quantize_gguf  # noqa: E402
 from slmops.modelopt.compare import metrics_against  # noqa: E402
 from slmops.modelopt.measure import measure  # noqa: E402
 from slmops.modelopt.sample import fetch_sample  # noqa: E402
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
-COLUMNS = ("variant", "bytes", "tokens/s", "TTFT ms", "peak RSS MB", "perplexity", "agreement", "golden pass")
+COLUMNS = (  # (title, metric, format)
+    ("variant", "variant", "s"),
+    ("bytes", "size_bytes", ","),
+    ("tokens/s", "tokens_per_s", ".1f"),
+    ("TTFT ms", "ttft_ms", ".1f"),
+    ("peak RSS MB", "peak_rss_mb", ".0f"),
+    ("perplexity", "perplexity", ".2f"),
+    ("agreement", "next_token_agreement", ".1%"),
+    ("golden pass", "golden_pass_rate", ".1%"),
+)
 
 
 def rows(types: list[str], workdir: Path) -> list[dict[str, Any]]:
@@ -40,24 +50,9 @@ def rows(types: list[str], workdir: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in results:
-        cells = [
-            r["variant"],
-            f"{r['size_bytes']:,}",
-            _fmt(r.get("tokens_per_s"), ".1f"),
-            _fmt(r.get("ttft_ms"), ".1f"),
-            _fmt(r.get("peak_rss_mb"), ".0f"),
-            _fmt(r.get("perplexity"), ".2f"),
-            _fmt(r.get("next_token_agreement"), ".1%"),
-            _fmt(r.get("golden_pass_rate"), ".1%"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(key), spec) for _, key, spec in COLUMNS) + " |" for r in results]
     return "\n".join(lines)
 
 

@@ -262,6 +262,21 @@ def summarise(console: Console, results: list[dict[str, Any]], api: httpx.Client
     console.print(fleet_table)
 
 
+def conclude(fleet: Fleet, console: Console, results: list[dict[str, Any]], started: float, keep: bool) -> int:
+    """Say whether v1, v2, v3 ended completed, completed, rolled back; with `keep`, wait for Ctrl-C."""
+    expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
+    console.log(
+        f"demo finished in {time.monotonic() - started:.0f}s: "
+        + ("as expected" if expected else "[red]NOT as expected[/red]")
+    )
+    if keep:
+        console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
+        console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
+        console.print("Ctrl-C stops everything.")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0 if expected else 1
+
+
 def run_demo(
     workdir: Path,
     devices: int,
@@ -286,16 +301,6 @@ def run_demo(
             threading.Thread(target=load_generator, args=(fleet, port), daemon=True).start()
         results = [run_rollout(api, console, v) for v in ("1.0.0", "2.0.0", "3.0.0")]
         summarise(console, results, api)
-        expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
-        console.log(
-            f"demo finished in {time.monotonic() - started:.0f}s: "
-            + ("as expected" if expected else "[red]NOT as expected[/red]")
-        )
-        if keep:
-            console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
-            console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
-            console.print("Ctrl-C stops everything.")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0 if expected else 1
+        return conclude(fleet, console, results, started, keep)
     finally:
         fleet.shutdown()

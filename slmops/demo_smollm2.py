@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from slmops.demo import Fleet, run_rollout, start_agents, start_control_plane
+from slmops.demo import Fleet, conclude, run_rollout, start_agents, start_control_plane
 from slmops.modelopt.measure import golden_set
 from slmops.modelopt.sample import fetch_sample, models_cache_dir
 
@@ -121,14 +121,6 @@ def run_smollm2_demo(
         results = [run_rollout(api, console, v, timeout_s=900, model=MODEL, plan=PLAN) for v in VARIANTS]
         answer = ask(fleet.agent_ports[0])
         summarise(console, results, api, answer)
-        expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
-        console.log(
-            f"demo finished in {time.monotonic() - started:.0f}s: "
-            + ("as expected" if expected else "[red]NOT as expected[/red]")
-        )
-        if keep:
-            console.print(f"\nAPI: {fleet.base}/docs  token: {fleet.token}")
-            console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
-        return 0 if expected else 1
+        return conclude(fleet, console, results, started, keep)
     finally:
         fleet.shutdown()

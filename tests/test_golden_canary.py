@@ -3,17 +3,16 @@ and a degraded SmolLM2 variant is rolled back at the canary by the golden gate."
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
 
-from slmops.demo import Fleet, start_agents, start_control_plane, wait_until
+from slmops.demo import start_agents, start_control_plane, wait_until
 from slmops.demo_smollm2 import golden_body
+from tests.fleet_helpers import mosquitto_fleet
 
 ALL_AT_ONCE: dict[str, Any] = {
     "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],
@@ -53,12 +52,7 @@ def _golden_check(api: httpx.Client, rollout_id: str, result: str) -> dict[str, 
 def test_a_variant_failing_its_golden_set_on_the_device_is_rolled_back_at_the_canary(
     tmp_path: Path, smollm2_variant: Callable[[str], Path]
 ) -> None:
-    fleet = Fleet(
-        workdir=tmp_path / "fleet",
-        console=Console(quiet=True),
-        mqtt_url="mqtt://127.0.0.1:1883",
-        topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
-    )
+    fleet = mosquitto_fleet(tmp_path / "fleet")
     try:
         api = start_control_plane(fleet)
         api.post("/v1/models", json={"name": "smollm2"}).raise_for_status()

@@ -90,7 +90,7 @@ def golden_check(
     base = _reports(session, sample, baseline_version, None)
     classes = _classes(session, list(new) + list(base))
     new_rates, base_rates = _rates(new, classes), _rates(base, classes)
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for key, rate in new_rates.items():
         reference = base_rates.get(key)
         limit = round(min_rate * (reference if reference is not None else 1.0), 4)

@@ -58,8 +58,7 @@ def put_golden_set(name: str, version: str, golden: GoldenSet, principal: Operat
 
 @router.get("/{name}/versions/{version}/golden-set", response_model=GoldenSet)
 def get_golden_set(name: str, version: str, _: ViewerDep, session: SessionDep) -> Any:
-    _, row = registry.get_version(session, name, version)
-    return golden_set(row)
+    return golden_set(registry.get_version(session, name, version)[1])
 
 
 @router.post("/{name}/versions/{version}/quantize", status_code=202, response_model=JobPublic)
