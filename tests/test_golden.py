@@ -47,11 +47,13 @@ def _golden_event(session: Session, device_id: str, version: str, passed: int, t
     session.add(DeviceEvent(device_id=device_id, kind="activation_succeeded", detail=detail))
 
 
-def _report(engine: Any, rollout_id: str, version: str, passed: dict[str, int]) -> None:
-    """The assigned members activate `version` and report their golden runs."""
+def _report(
+    engine: Any, rollout_id: str, version: str, passed: dict[str, int], statuses: tuple[str, ...] = ("assigned",)
+) -> None:
+    """The members in `statuses` activate `version` and report their golden runs."""
     with Session(engine) as session:
         members = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)).all()
-        assigned = [m.device_id for m in members if m.status in ("assigned", "active")]
+        assigned = [m.device_id for m in members if m.status in statuses]
     _report_active(engine, assigned, version)
     with Session(engine) as session:
         for device_id in assigned:
@@ -68,7 +70,7 @@ def test_the_golden_gate_compares_the_canarys_rate_with_the_baselines_on_the_sam
     client, engine, admin_headers, operator_headers
 ) -> None:
     client.post("/v1/models", json={"name": "m"}, headers=operator_headers)
-    for version, sha in (("1", "a"), ("2", "b")):
+    for version, sha in (("1", "a"), ("2", "b"), ("3", "c")):
         _version(client, operator_headers, version, [_reference(sha)])
         stored = client.put(f"/v1/models/m/versions/{version}/golden-set", json=GOLDEN, headers=operator_headers)
         assert stored.status_code == 200, stored.text
@@ -84,7 +86,7 @@ def test_the_golden_gate_compares_the_canarys_rate_with_the_baselines_on_the_sam
     _tick(engine)
     waiting = _golden_check(client, operator_headers, first.json()["id"])
     assert waiting["result"] == "inconclusive" and set(waiting["waiting_for"]) == set(devices)
-    _report(engine, first.json()["id"], "1", {devices[0]: 8, devices[1]: 6})
+    _report(engine, first.json()["id"], "1", {devices[0]: 8, devices[1]: 6}, ("assigned", "active"))
     _tick(engine)
     assert client.get(f"/v1/rollouts/{first.json()['id']}", headers=operator_headers).json()["state"] == "completed"
 
@@ -100,6 +102,17 @@ def test_the_golden_gate_compares_the_canarys_rate_with_the_baselines_on_the_sam
     # v1 passed 14 of 16 on this hardware class; the canary 6 of 8 is below 0.9 of that.
     assert per_class["baseline"] == 0.875 and per_class["limit"] == pytest.approx(0.7875)
     assert per_class["value"] == 0.75 and check["result"] == "fail" and check["failed_prompts"] == ["p0", "p1"]
+
+    # A version as good as v1 passes the canary, and its canary's report still counts in the next stage.
+    third = client.post("/v1/rollouts", json={"model": "m", "version": "3", **canary_first}, headers=operator_headers)
+    _report(engine, third.json()["id"], "3", dict.fromkeys(devices, 7))
+    _tick(engine)
+    assert client.get(f"/v1/rollouts/{third.json()['id']}", headers=operator_headers).json()["stage"] == "fleet"
+    _tick(engine)  # assigns the fleet stage
+    _report(engine, third.json()["id"], "3", dict.fromkeys(devices, 7))  # the fleet stage's device only
+    _tick(engine)
+    body = client.get(f"/v1/rollouts/{third.json()['id']}", headers=operator_headers).json()
+    assert body["state"] == "completed", body
 
 
 def test_the_quality_floor_can_use_any_stored_metric(  # type: ignore[no-untyped-def]

@@ -197,7 +197,6 @@ def evaluate(
         new_version=new_version,
         baseline_version=baseline_version,
         baseline_device_ids=baseline_device_ids,
-        stage_since=stage_since,
     )
     if golden is not None:
         checks.append(golden)

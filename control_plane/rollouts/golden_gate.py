@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane import bulk
-from control_plane.models import Device, DeviceEvent, ModelVersion, Rollout
+from control_plane.models import Device, DeviceEvent, ModelVersion, Rollout, as_utc
 
 # Baseline devices read per evaluation: the rate of a class needs a sample, not the whole fleet.
 BASELINE_SAMPLE = 200
@@ -65,10 +65,11 @@ def _rates(reports: dict[str, dict[str, Any]], classes: dict[str, GoldenClass]) 
     return {key: passed[key] / total[key] for key in total}
 
 
-def has_golden_set(session: Session, rollout_id: str) -> bool:
+def _started_with_golden_set(session: Session, rollout_id: str) -> datetime | None:
+    """When the rollout began, if its version carries a golden set (None: no check applies)."""
     rollout = session.get(Rollout, rollout_id)
     version = session.get(ModelVersion, rollout.version_id) if rollout else None
-    return bool(version and version.golden_set)
+    return as_utc(rollout.created_at) if rollout and version and version.golden_set else None
 
 
 def golden_check(
@@ -80,12 +81,13 @@ def golden_check(
     new_version: str,
     baseline_version: str | None,
     baseline_device_ids: list[str],
-    stage_since: datetime,
 ) -> dict[str, Any] | None:
-    """The gate's check (None: not asked for, or the version carries no golden set)."""
-    if min_rate is None or not has_golden_set(session, rollout_id):
+    """The gate's check (None: not asked for, or the version carries no golden set). A device
+    reports once, when it activates: reports since the rollout began count in every later stage."""
+    started = None if min_rate is None else _started_with_golden_set(session, rollout_id)
+    if min_rate is None or started is None:
         return None
-    new = _reports(session, active_device_ids, new_version, stage_since)
+    new = _reports(session, active_device_ids, new_version, started)
     sample = list(dict.fromkeys(active_device_ids + baseline_device_ids[:BASELINE_SAMPLE]))
     base = _reports(session, sample, baseline_version, None)
     classes = _classes(session, list(new) + list(base))
