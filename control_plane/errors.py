@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "token_not_found": 404,
     "rollout_not_found": 404,
     "job_not_found": 404,
+    "golden_set_not_found": 404,
     "model_exists": 409,
     "version_exists": 409,
     "device_exists": 409,

@@ -120,7 +120,9 @@ class VersionSpec(BaseModel):
     eval_metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
     parent: str | None = Field(default=None, description="'version' of this model or 'model@version'")
-    relation: Literal["quantized_from", "distilled_from", "finetuned_from", "adapter_of"] | None = None
+    relation: Literal["quantized_from", "distilled_from", "finetuned_from", "adapter_of", "dequantized_from"] | None = (
+        None
+    )
 
 
 class VersionByReference(VersionSpec):

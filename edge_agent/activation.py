@@ -18,7 +18,8 @@ import psutil
 from edge_agent.errors import ActivationError
 from edge_agent.runtime import Engine, EngineError, load_engine
 from edge_agent.serving import ModelSlot, ServingModel
-from shared.desired import DesiredState
+from shared.desired import DesiredState, GoldenSet
+from shared.state import GoldenOutcome
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,16 @@ class Activator:
             used = psutil.Process().memory_info().rss
             available = min(available, self.memory_budget_bytes - used)
         return available
+
+    def run_golden(self, version: str, golden: GoldenSet) -> GoldenOutcome:
+        """The serving model's golden-set result; an engine fault is reported, never raised."""
+        try:
+            with self.slot.lease() as serving:
+                return run_golden(serving.engine, version, golden)
+        except Exception as exc:  # a golden run only reports: the trial and the gates decide
+            log.exception("golden run of %s failed", version)
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            return GoldenOutcome(version=version, passed=0, total=len(golden.prompts), error=reason)
 
     def activate(self, spec: DesiredState) -> None:
         """Serve `spec` from now on; raises ActivationError with the old model still serving."""
@@ -116,6 +127,17 @@ class Activator:
             _close_later(engine)
             raise ActivationError(f"smoke test failed: {exc}", code="smoke_test_failed") from exc
         return engine
+
+
+def run_golden(engine: Engine, version: str, golden: GoldenSet) -> GoldenOutcome:
+    """Answer every golden prompt greedily (the chat template applied) and check it by its rule."""
+    failed = []
+    for item in golden.prompts:
+        chunks = engine.chat([{"role": "user", "content": item.prompt}], max_tokens=item.max_tokens)
+        if not item.accepts("".join(chunk.text for chunk in chunks)):
+            failed.append(item.id)
+    return GoldenOutcome(version=version, passed=len(golden.prompts) - len(failed), total=len(golden.prompts),
+                         failed=failed)  # fmt: skip
 
 
 def _close_later(engine: Engine) -> None:

@@ -267,7 +267,9 @@ class MqttChannel:
             return []
         # Failures clear `pending`; the event still names the version that failed.
         subject = state.pending or (self._last_pending if state.phase.endswith("_failed") else state.current)
-        detail = {"desired_message_id": state.desired_message_id, "rollout_id": state.rollout_id}
+        detail: dict[str, object] = {"desired_message_id": state.desired_message_id, "rollout_id": state.rollout_id}
+        if state.phase == "on_trial" and state.golden is not None:  # the pass rate goes with the result
+            detail["golden"] = state.golden.model_dump(mode="json", exclude={"schema_version"})
         kinds = _PHASE_EVENTS.get(state.phase, ())
         if state.phase == "download_failed" and (state.reason or "").startswith("integrity_check_failed"):
             kinds = ("verification_failed",)

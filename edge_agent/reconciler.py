@@ -179,6 +179,8 @@ class Reconciler:
         failpoints.reached("activation_loaded")  # serving the new model while the state names the old
         log.info("serving %s %s (%s swap); on trial", desired.model, desired.version, self.activator.last_swap_mode)
         self.on_swap("activated")
+        # On trial: the model answers its golden set on this device's runtime, reported with the result.
+        golden = self.activator.run_golden(desired.version, desired.golden) if desired.golden else None
         previous = self.state.current
         reason = None
         if self.activator.last_swap_mode == "unload_first":
@@ -194,6 +196,7 @@ class Reconciler:
             reason=reason,
             activation_attempts=0,
             trial_started_at=time.time(),
+            golden=golden,
         )
         failpoints.reached("trial_started")
         self.store.prune(self._protected())

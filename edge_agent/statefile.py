@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge_agent.fsutil import write_atomic
 from shared.desired import DesiredState
-from shared.state import DeviceState, ModelRef, Phase
+from shared.state import DeviceState, GoldenOutcome, ModelRef, Phase
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class AgentState(BaseModel):
     desired_message_id: str | None = None
     activation_attempts: int = 0  # counted before each try, so a crash loop stops
     trial_started_at: float | None = None  # wall clock; the trial survives a restart
+    golden: GoldenOutcome | None = None  # the golden-set run of the latest activation
 
     def to_wire(self, *, device_id: str | None, serving: bool) -> DeviceState:
         return DeviceState(
@@ -43,6 +44,7 @@ class AgentState(BaseModel):
             rollout_id=latest.rollout_id if (latest := self.pending or self.current) else None,
             serving=serving,
             updated_at=datetime.now(UTC),
+            golden=self.golden,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field
@@ -28,6 +29,33 @@ class RuntimeParams(WireModel):
     chat_template: str | None = None
 
 
+class GoldenPrompt(WireModel):
+    """A prompt with its accepted answers: it passes when the greedy reply contains one of them
+    as a whole word or phrase, ignoring case (a rule, not a judgement by eye)."""
+
+    id: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(min_length=1, max_length=2000)
+    accept: list[str] = Field(min_length=1, max_length=16)
+    max_tokens: int = Field(default=16, ge=1, le=128)
+
+    def accepts(self, reply: str) -> bool:
+        text = " ".join(reply.lower().split())
+        return any(_phrase(answer).search(text) for answer in self.accept if answer.strip())
+
+
+def _phrase(answer: str) -> re.Pattern[str]:
+    # Escaped, so an accepted answer is literal text and never a pattern the device has to run; "0"
+    # must not match inside "-18.0", nor "4" inside "14" or "4.5".
+    words = re.escape(" ".join(answer.lower().split()))
+    return re.compile(rf"(?<![\w.-]){words}(?!\w|\.\d)")
+
+
+class GoldenSet(WireModel):
+    """Prompts a version is checked with on the device during its trial (bounded: it is parsed there)."""
+
+    prompts: list[GoldenPrompt] = Field(min_length=1, max_length=64)
+
+
 class DesiredState(WireModel):
     """A device's target. `message_id` makes a duplicated QoS 1 delivery idempotent.
 
@@ -44,6 +72,7 @@ class DesiredState(WireModel):
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     rollout_id: str | None = None
     unload: bool = False
+    golden: GoldenSet | None = None  # run on the device during the trial; its pass rate is reported
 
     def withdrawal_reason(self) -> str:
         """The reason a device reports once it serves nothing because of this (unload) state."""

@@ -31,6 +31,20 @@ class ModelRef(WireModel):
     quantization: ShortName | None = None
 
 
+class GoldenOutcome(WireModel):
+    """How the version on trial did on its golden-prompt set, on this device's own runtime."""
+
+    version: str
+    passed: int = Field(ge=0)
+    total: int = Field(ge=0)
+    failed: list[str] = Field(default_factory=list, max_length=64)  # ids of the prompts it failed
+    error: str | None = Field(default=None, max_length=500)  # the run itself failed (an engine fault)
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+
 class DeviceState(WireModel):
     """Reported state. `desired_message_id` is the last desired-state message the device acted on."""
 
@@ -43,4 +57,5 @@ class DeviceState(WireModel):
     desired_message_id: MessageId | None = None
     rollout_id: MessageId | None = None
     serving: bool = False  # whether a model is loaded and taking traffic
+    golden: GoldenOutcome | None = None  # the golden-prompt run of the latest activation
     updated_at: datetime | None = None

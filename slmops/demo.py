@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,8 +230,16 @@ def load_generator(fleet: Fleet, port: int) -> None:
     client.close()
 
 
-def run_rollout(api: httpx.Client, console: Console, version: str, timeout_s: float = 150) -> dict[str, Any]:
-    created = api.post("/v1/rollouts", json={"model": "tinyllama", "version": version, **PLAN})
+def run_rollout(
+    api: httpx.Client,
+    console: Console,
+    version: str,
+    timeout_s: float = 150,
+    *,
+    model: str = "tinyllama",
+    plan: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    created = api.post("/v1/rollouts", json={"model": model, "version": version, **(plan or PLAN)})
     created.raise_for_status()
     rollout_id = created.json()["id"]
     last = ""
@@ -293,6 +301,22 @@ def summarise(console: Console, results: list[dict[str, Any]], api: httpx.Client
     console.print(fleet_table)
 
 
+def conclude(fleet: Fleet, console: Console, results: list[dict[str, Any]], started: float, keep: bool) -> int:
+    """Say whether v1, v2, v3 ended completed, completed, rolled back; with `keep`, wait for Ctrl-C."""
+    expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
+    console.log(
+        f"demo finished in {time.monotonic() - started:.0f}s: "
+        + ("as expected" if expected else "[red]NOT as expected[/red]")
+    )
+    if keep:
+        console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
+        console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
+        console.print("Ctrl-C stops everything.")
+        while True:
+            signal.pause()
+    return 0 if expected else 1
+
+
 def run_demo(
     workdir: Path,
     devices: int,
@@ -302,9 +326,14 @@ def run_demo(
     topic_prefix: str = "slmops/v1",
 ) -> int:
     fleet = Fleet(workdir=workdir, console=console, mqtt_url=mqtt_url, topic_prefix=topic_prefix)
+    return run_stoppable(fleet, console, lambda: _run_fleet(fleet, devices, keep, console))
+
+
+def run_stoppable(fleet: Fleet, console: Console, body: Callable[[], int]) -> int:
+    """Run a demo's body; SIGTERM, SIGINT or SIGHUP stop it, and every process it started goes with it."""
     with stop_signals_unwind():
         try:
-            return _run_fleet(fleet, devices, keep, console)
+            return body()
         except DemoStopped as stopped:
             console.log(f"{stopped}: stopping the control plane and the agents")
             return 128 + stopped.signum
@@ -329,15 +358,4 @@ def _run_fleet(fleet: Fleet, devices: int, keep: bool, console: Console) -> int:
         threading.Thread(target=load_generator, args=(fleet, port), daemon=True).start()
     results = [run_rollout(api, console, v) for v in ("1.0.0", "2.0.0", "3.0.0")]
     summarise(console, results, api)
-    expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
-    console.log(
-        f"demo finished in {time.monotonic() - started:.0f}s: "
-        + ("as expected" if expected else "[red]NOT as expected[/red]")
-    )
-    if keep:
-        console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
-        console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
-        console.print("Ctrl-C stops everything.")
-        while True:
-            signal.pause()
-    return 0 if expected else 1
+    return conclude(fleet, console, results, started, keep)

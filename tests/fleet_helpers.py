@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from rich.console import Console
 
 from shared.topics import Topics
+from slmops.demo import Fleet
 from slmops.simulator import SimBehaviour, SimDevice
 
 
@@ -78,3 +81,14 @@ def start_sim_devices(url: str, topics: Topics, creds: list[dict], behaviour: Si
     for device in devices:
         device.start()
     return devices
+
+
+def mosquitto_fleet(workdir: Path) -> Fleet:
+    """A demo fleet (real control plane and agent processes) on the shared Mosquitto, under a
+    topic prefix of its own."""
+    return Fleet(
+        workdir=workdir,
+        console=Console(quiet=True),
+        mqtt_url="mqtt://127.0.0.1:1883",
+        topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
+    )

@@ -6,6 +6,7 @@ them (copy first if a test needs to).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,21 @@ def smollm2_path() -> Path:
     from slmops.modelopt.sample import fetch_sample
 
     return fetch_sample("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_variant(smollm2_path: Path, tiny_models_dir: Path) -> Callable[[str], Path]:
+    """SmolLM2 dequantized to F32 ("F32"), or a variant quantized from that parent ("Q8_0", "Q2_K", ...),
+    each made once per test session."""
+    from slmops.modelopt import quantize_gguf
+
+    made: dict[str, Path] = {}
+
+    def variant(quant_type: str) -> Path:
+        if quant_type not in made:
+            source = smollm2_path if quant_type == "F32" else variant("F32")
+            target = tiny_models_dir / f"smollm2-{quant_type}.gguf"
+            made[quant_type] = quantize_gguf(source, target, quant_type).dst
+        return made[quant_type]
+
+    return variant

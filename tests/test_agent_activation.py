@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from shared.desired import GoldenPrompt, GoldenSet
 from slmops.tinymodels import write_tiny_gguf
 from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
 from tests.server_thread import ServerThread
@@ -214,3 +215,14 @@ def test_the_same_message_retries_a_failed_download(agent, artifacts, models) ->
     retried = agent.apply(desired).json()  # e.g. the retained message delivered again after a reconnect
     assert retried["phase"] == "activation_failed" and retried["reason"].startswith("load_failed")
     assert (agent.data_dir / "store" / "sha256" / sha).exists()  # downloaded and verified this time
+
+
+def test_the_golden_set_is_answered_during_the_trial_and_reported_with_the_state(agent, artifacts, models) -> None:
+    prompts = [GoldenPrompt(id=f"p{i}", prompt=f"Say {word}.", accept=[word]) for i, word in enumerate(("zyx", "qwv"))]
+    desired = desired_for(artifacts, models["a"], version="1").model_copy(update={"golden": GoldenSet(prompts=prompts)})
+    state = agent.apply(desired).json()
+    assert state["phase"] == "on_trial", state
+    # The random-weight model answers neither; the run happened on the device and is reported.
+    golden = {k: v for k, v in state["golden"].items() if k != "schema_version"}
+    assert golden == {"version": "1", "passed": 0, "total": 2, "failed": ["p0", "p1"], "error": None}
+    assert generate(agent)  # the model serves on: the gate, not the device, judges the rate

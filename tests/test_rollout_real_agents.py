@@ -4,15 +4,14 @@ returns, and a control plane killed with SIGKILL mid-rollout carries on after a 
 from __future__ import annotations
 
 import signal
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
 
-from slmops.demo import Fleet, register_models, start_agents, start_control_plane, wait_until
+from slmops.demo import register_models, start_agents, start_control_plane, wait_until
+from tests.fleet_helpers import mosquitto_fleet
 
 PLAN: dict[str, Any] = {
     "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],
@@ -33,12 +32,7 @@ def _rollout(api: httpx.Client, rollout_id: str) -> dict[str, Any]:
 @pytest.mark.llama
 @pytest.mark.mosquitto
 def test_offline_agent_converges_and_a_killed_control_plane_carries_on(tmp_path: Path) -> None:
-    fleet = Fleet(
-        workdir=tmp_path / "fleet",
-        console=Console(quiet=True),
-        mqtt_url="mqtt://127.0.0.1:1883",
-        topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
-    )
+    fleet = mosquitto_fleet(tmp_path / "fleet")
     try:
         api = start_control_plane(fleet)
         register_models(fleet, api)

@@ -30,6 +30,7 @@ class LineageRelation(StrEnum):
     distilled_from = "distilled_from"
     finetuned_from = "finetuned_from"
     adapter_of = "adapter_of"
+    dequantized_from = "dequantized_from"  # a lossless float upcast of a quantized file
 
 
 class ArtifactFormat(StrEnum):
@@ -65,6 +66,8 @@ class ModelVersion(SQLModel, table=True):
     parent_version_id: str | None = Field(default=None, foreign_key="model_versions.id", max_length=36)
     lineage_relation: str | None = Field(default=None, max_length=32)
     provenance: dict[str, Any] = json_field()  # teacher, dataset, method: recorded, not verified
+    # shared.desired.GoldenSet as JSON: delivered with the desired state, answered on the device.
+    golden_set: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
     created_at: datetime = created_at_field(index=True)
 
 

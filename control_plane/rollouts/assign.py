@@ -21,7 +21,7 @@ from control_plane.models import (
     ModelVersion,
     utcnow,
 )
-from shared.desired import ArtifactRef, DesiredState, RuntimeParams
+from shared.desired import ArtifactRef, DesiredState, GoldenSet, RuntimeParams
 
 DEFAULT_N_CTX = 512
 
@@ -53,6 +53,7 @@ def desired_payload(
         adapter=_ref(adapter) if adapter is not None else None,
         runtime=RuntimeParams(n_ctx=n_ctx, chat_template=hints.get("chat_template")),
         rollout_id=rollout_id,
+        golden=GoldenSet.model_validate(version.golden_set) if version.golden_set else None,
     )
 
 

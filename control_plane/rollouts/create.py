@@ -34,14 +34,15 @@ from control_plane.services.eval_metrics import quality_retention
 def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVersion) -> None:
     """Refuse a version measured below the plan's floor; one never measured is not refused."""
     floor = spec.min_quality_retention
-    retention = quality_retention(session, version)
+    retention = quality_retention(session, version, spec.quality_metric)
     if floor is None or retention is None or retention >= floor:
         return
     raise DomainError(
         "quality_below_floor",
-        f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality, below the floor of "
-        f"{floor:.1%}; set force to roll it out anyway",
+        f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality ({spec.quality_metric}), "
+        f"below the floor of {floor:.1%}; set force to roll it out anyway",
         quality_retention=retention,
+        quality_metric=spec.quality_metric,
         min_quality_retention=floor,
         evaluated_against=(version.eval_metrics or {}).get("evaluated_against"),
     )

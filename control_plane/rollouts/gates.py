@@ -21,8 +21,8 @@ from sqlmodel import Session
 
 from control_plane import bulk
 from control_plane.models import Device, DeviceStatus, TelemetryRecord
+from control_plane.rollouts import golden_gate, robust
 from control_plane.rollouts import members as members_
-from control_plane.rollouts import robust
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
 from control_plane.rollouts.robust import DeviceSample, Spread
@@ -230,6 +230,17 @@ def evaluate(
     base = collect(session, baseline_device_ids, baseline_version, baseline_since)
     telemetry, figures = _telemetry_checks(gates, new, base, len(active), baseline_version is not None)
     checks = [_activation(gates, deployable, active, failed), *telemetry]
+    golden = golden_gate.golden_check(
+        session,
+        rollout_id=rollout_id,
+        min_rate=gates.min_golden_pass_rate,
+        active_device_ids=[m.device_id for m in active],
+        new_version=new_version,
+        baseline_version=baseline_version,
+        baseline_device_ids=baseline_device_ids,
+    )
+    if golden is not None:
+        checks.append(golden)
     results = {c["result"] for c in checks}
     result = FAIL if FAIL in results else INCONCLUSIVE if INCONCLUSIVE in results else PASS
     max_rss = max((d.max_rss_bytes for d in new.devices.values()), default=0)

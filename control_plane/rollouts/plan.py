@@ -23,6 +23,12 @@ class Gates(BaseModel):
     min_reporting_share: float = Field(
         default=0.5, ge=0, le=1, description="share of active devices (at least one) reporting before telemetry decides"
     )
+    min_golden_pass_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="golden-set pass rate on the devices / the baseline version's on the same hardware class",
+    )
 
 
 class Stage(BaseModel):
@@ -63,6 +69,9 @@ class RolloutCreate(BaseModel):
     promotion: Literal["auto", "manual"] = "auto"
     min_quality_retention: float | None = Field(
         default=0.9, ge=0, le=1, description="refuse versions whose measured quality retention is lower; None: off"
+    )
+    quality_metric: Literal["quality_retention", "next_token_agreement", "golden_retention", "perplexity_retention"] = (
+        Field(default="quality_retention", description="the stored eval metric min_quality_retention applies to")
     )
     force: bool = Field(default=False, description="start even if quality checks would refuse it")
     maintenance: Maintenance | None = Field(default=None, description="daily windows devices may be updated in")

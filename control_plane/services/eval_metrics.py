@@ -1,4 +1,5 @@
-"""Eval metrics measured elsewhere (`slmops model evaluate`) stored on a version and its artifact."""
+"""Eval metrics measured elsewhere (`slmops model evaluate`) stored on a version and its artifact,
+and the golden-prompt set a version is checked with on the devices during its trial."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlmodel import Session, select
 
 from control_plane.errors import DomainError
 from control_plane.models import Artifact, ModelVersion
+from shared.desired import GoldenSet
 
 
 class EvalMetricsUpdate(BaseModel):
@@ -17,16 +19,14 @@ class EvalMetricsUpdate(BaseModel):
     against: str | None = Field(default=None, max_length=200, description="what it was compared with")
 
 
-def quality_retention(session: Session, version: ModelVersion) -> float | None:
-    """The version's stored quality retention, else the lowest of its artifacts' (None: never measured)."""
-    value = (version.eval_metrics or {}).get("quality_retention")
+def quality_retention(session: Session, version: ModelVersion, metric: str = "quality_retention") -> float | None:
+    """The version's stored `metric`, else the lowest of its artifacts' (None: never measured)."""
+    value = (version.eval_metrics or {}).get(metric)
     if isinstance(value, int | float):
         return float(value)
     artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id))
     measured = [
-        float(a.eval_metrics["quality_retention"])
-        for a in artifacts
-        if isinstance((a.eval_metrics or {}).get("quality_retention"), int | float)
+        float(a.eval_metrics[metric]) for a in artifacts if isinstance((a.eval_metrics or {}).get(metric), int | float)
     ]
     return min(measured) if measured else None
 
@@ -46,3 +46,15 @@ def store_eval_metrics(session: Session, *, version: ModelVersion, update: EvalM
         session.add(artifact)
     version.eval_metrics = {**(version.eval_metrics or {}), **metrics}
     session.add(version)
+
+
+def store_golden_set(session: Session, *, version: ModelVersion, golden: GoldenSet) -> None:
+    """Attach `golden` to the version: rollouts from now on deliver it with the desired state."""
+    version.golden_set = golden.model_dump(mode="json", exclude={"schema_version"})
+    session.add(version)
+
+
+def golden_set(version: ModelVersion) -> GoldenSet:
+    if not version.golden_set:
+        raise DomainError("golden_set_not_found", f"version {version.version} has no golden-prompt set")
+    return GoldenSet.model_validate(version.golden_set)

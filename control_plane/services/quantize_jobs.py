@@ -62,7 +62,11 @@ def _pick_source(session: Session, version: ModelVersion, sha256: str | None) ->
             "the version has no stored GGUF or ONNX artifact to quantize (referenced artifacts are not fetched)",
         )
     # The float artifact is the best source; quantizing an already quantized one compounds the error.
-    return max(candidates, key=lambda a: (a.quantization or "").upper() in ("", "F32", "FP32", "ALL_F32", "F16"))
+    return max(candidates, key=_is_float)
+
+
+def _is_float(artifact: Artifact) -> bool:
+    return (artifact.quantization or "").upper() in ("", "F32", "FP32", "ALL_F32", "F16", "BF16")
 
 
 def _check_target(source: Artifact, path: Path, to: str) -> str:
@@ -75,10 +79,19 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
             )
         return to.lower()
     try:
+        if _dequantizes(path, to.upper()):
+            return to.upper()  # its exactness is proved by the job, value by value
         check_gguf_quantizable(path, to.upper())
     except QuantizeError as exc:
         raise DomainError("quantization_unsupported", str(exc), to=to, source_sha256=source.sha256) from exc
     return to.upper()
+
+
+def _dequantizes(path: Path, to: str) -> bool:
+    """Whether quantizing `path` to `to` is an upcast of a quantized GGUF (lineage `dequantized_from`)."""
+    from slmops.modelopt.quantize import DEQUANTIZE_TYPES, is_quantized_gguf
+
+    return to in DEQUANTIZE_TYPES and is_quantized_gguf(path)
 
 
 class QuantizeJobs:
@@ -116,6 +129,8 @@ class QuantizeJobs:
         ).first():
             raise DomainError("version_exists", f"model {model!r} already has version {new_version!r}")
         params = {"model": model, "version": version, "new_version": new_version, "to": to}
+        if source.format == "gguf" and _dequantizes(self._store.path_for(source.sha256), to):
+            params["relation"] = "dequantized_from"
         job = Job(
             kind="quantize",
             target=f"{model}@{version} -> {new_version} ({to})",
@@ -183,9 +198,9 @@ class QuantizeJobs:
             spec = VersionSpec(
                 version=params["new_version"],
                 parent=params["version"],
-                relation="quantized_from",
+                relation=params.get("relation", "quantized_from"),
                 eval_metrics=metrics,
-                notes=f"quantized to {params['to']} by job {job_id}",
+                notes=f"{'dequantized' if params.get('relation') else 'quantized'} to {params['to']} by job {job_id}",
             )
             row = registry.create_version(session, model=model, spec=spec, created_by=created_by)
             artifact_spec = ArtifactSpec(quantization=params["to"])

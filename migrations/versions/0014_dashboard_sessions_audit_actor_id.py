@@ -1,7 +1,7 @@
 """dashboard sessions; audit entries name their actor's id
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-06 08:00:00
 
 The dashboard cookie held the operator's API token itself, and signing out did not end it. It now

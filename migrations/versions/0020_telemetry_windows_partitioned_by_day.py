@@ -1,7 +1,7 @@
 """raw telemetry windows partitioned by day on PostgreSQL
 
 Revision ID: 0020
-Revises: 0014
+Revises: 0017
 Create Date: 2026-12-06 08:40:00
 
 Retention deleted expired raw windows row by row; on PostgreSQL the table is now partitioned by

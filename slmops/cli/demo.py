@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,11 @@ import typer
 from rich.console import Console
 
 from slmops.cli.app import app
+
+
+class DemoModel(StrEnum):
+    tiny = "tiny"
+    smollm2 = "smollm2"
 
 
 @app.command()
@@ -22,14 +28,20 @@ def demo(
         str | None, typer.Option(help="Use this broker (e.g. Mosquitto) instead of the embedded one.")
     ] = None,
     topic_prefix: Annotated[str, typer.Option(help="MQTT topic prefix.")] = "slmops/v1",
+    model: Annotated[
+        DemoModel, typer.Option(help="tiny: generated models (under a minute); smollm2: SmolLM2-135M from PyPI.")
+    ] = DemoModel.tiny,
 ) -> None:
     """Run a whole fleet on this machine: v1 to all, v2 canary -> fleet, v3 regresses and rolls back."""
     from slmops.demo import run_demo
+    from slmops.demo_smollm2 import run_smollm2_demo
+
+    runner = run_smollm2_demo if model is DemoModel.smollm2 else run_demo
 
     # Wide enough for the summary table when the output is a log rather than a terminal.
     console = Console(width=None if sys.stdout.isatty() else 140)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        raise typer.Exit(run_demo(workdir.resolve(), devices, keep, console, mqtt_url, topic_prefix))
+        raise typer.Exit(runner(workdir.resolve(), devices, keep, console, mqtt_url, topic_prefix))
     with tempfile.TemporaryDirectory(prefix="slmops-demo-") as tmp:
-        raise typer.Exit(run_demo(Path(tmp), devices, keep, console, mqtt_url, topic_prefix))
+        raise typer.Exit(runner(Path(tmp), devices, keep, console, mqtt_url, topic_prefix))

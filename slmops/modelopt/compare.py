@@ -1,7 +1,11 @@
 """Turn a variant's and its parent's measurements into eval metrics, and print them as a table.
 
+Besides it: perplexity on the public-domain text set (`perplexity_retention`: parent / variant),
+and the golden-prompt pass rate (`golden_retention`: variant / parent); a rollout's quality floor
+can be set on any of these (`quality_metric`).
+
 `quality_retention` is the number rollouts gate on (1.0: as good as the parent):
-- for a quantization (or an unspecified relation) it is the share of positions where the variant's
+- for a quantization (or a dequantization, or an unspecified relation) it is the share of positions where the variant's
   greedy next token equals the parent's (GGUF: teacher forced over the packaged text and prompt sets;
   ONNX: argmax over the deterministic input set). Perplexity is reported next to it but is not the
   gate: on the random-weight test models quantization noise can *lower* perplexity while changing
@@ -31,8 +35,25 @@ def _speed(m: Measurement, prefix: str = "") -> dict[str, Any]:
         f"{prefix}load_s": round(m.load_s, 4),
         f"{prefix}ms_per_token": round(m.ms_per_token, 3) if m.ms_per_token else None,
         f"{prefix}tokens_per_s": round(m.tokens_per_s, 1) if m.tokens_per_s else None,
+        f"{prefix}ttft_ms": round(m.ttft_ms, 2) if m.ttft_ms else None,
         f"{prefix}peak_rss_mb": round(m.peak_rss_mb, 1),
     }
+
+
+def _golden_metrics(parent: Measurement, variant: Measurement) -> dict[str, Any]:
+    """Golden-set pass rates and their ratio (1.0: the variant answers as many as its parent)."""
+    if variant.golden_passed is None or parent.golden_passed is None or not variant.golden_total:
+        return {}
+    rate = variant.golden_passed / variant.golden_total
+    parent_rate = parent.golden_passed / parent.golden_total if parent.golden_total else 0.0
+    metrics: dict[str, Any] = {
+        "golden_pass_rate": round(rate, 4),
+        "parent_golden_pass_rate": round(parent_rate, 4),
+        "golden_failed": variant.golden_failed,
+    }
+    if parent_rate:
+        metrics["golden_retention"] = round(rate / parent_rate, 4)
+    return metrics
 
 
 BEHAVIOUR_CHANGING = ("finetuned_from", "distilled_from", "adapter_of")
@@ -47,12 +68,15 @@ def metrics_against(parent: Measurement, variant: Measurement, relation: str | N
         metrics["perplexity"] = round(variant.perplexity, 4)
         metrics["parent_perplexity"] = round(parent.perplexity, 4)
         metrics["perplexity_ratio"] = round(variant.perplexity / parent.perplexity, 4)
+    metrics.update(_golden_metrics(parent, variant))
     if variant.format == "gguf":
         metrics["next_token_agreement"] = round(agreement, 4)
     else:
         metrics["argmax_agreement"] = round(agreement, 4)
         assert parent.logits is not None and variant.logits is not None
         metrics["max_abs_diff"] = round(float(np.abs(parent.logits - variant.logits).max()), 6)
+    if variant.perplexity and parent.perplexity:
+        metrics["perplexity_retention"] = round(parent.perplexity / variant.perplexity, 4)
     if relation in BEHAVIOUR_CHANGING and variant.perplexity and parent.perplexity:
         metrics["quality_retention"] = round(parent.perplexity / variant.perplexity, 4)
         metrics["retention_basis"] = "perplexity_ratio"
@@ -81,8 +105,10 @@ _ROWS = [
     ("load (s)", "load_s", "{:.3f}"),
     ("ms / token", "ms_per_token", "{:.2f}"),
     ("tokens / s", "tokens_per_s", "{:.1f}"),
+    ("TTFT (ms)", "ttft_ms", "{:.1f}"),
     ("peak RSS (MB)", "peak_rss_mb", "{:.1f}"),
     ("perplexity", "perplexity", "{:.3f}"),
+    ("golden pass rate", "golden_pass_rate", "{:.1%}"),
 ]
 
 
@@ -97,7 +123,7 @@ def format_table(metrics: dict[str, Any], variant_name: str = "variant", parent_
     lines = [f"{'':<16}{parent_name:>{width}}  {variant_name:>{width}}"]
     for label, key, fmt in _ROWS:
         lines.append(f"{label:<16}{_cell(metrics, 'parent_' + key, fmt):>{width}}  {_cell(metrics, key, fmt):>{width}}")
-    for key in ("size_reduction", "next_token_agreement", "argmax_agreement", "quality_retention"):
+    for key in ("size_reduction", "next_token_agreement", "argmax_agreement", "golden_retention", "quality_retention"):
         if key in metrics:
             lines.append(f"{key:<24}{metrics[key]:.2%}")
     if "retention_basis" in metrics:

@@ -7,6 +7,7 @@ arrays) that `slmops.modelopt.compare` turns into metrics against a parent.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import resource
@@ -14,8 +15,15 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from shared.desired import GoldenSet
+from shared.state import GoldenOutcome
+
+if TYPE_CHECKING:
+    from edge_agent.runtime import Engine
 
 GEN_TOKENS = 32
 SPEED_ROUNDS = 3
@@ -33,7 +41,11 @@ class Measurement:
     load_s: float
     ms_per_token: float | None
     peak_rss_mb: float
+    ttft_ms: float | None = None  # time to the first generated token
     perplexity: float | None = None
+    golden_passed: int | None = None  # golden prompts answered acceptably (None: not a chat model)
+    golden_total: int = 0
+    golden_failed: list[str] = field(default_factory=list)
     argmax: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     logits: np.ndarray | None = None  # ONNX only: the outputs on the deterministic input set
 
@@ -42,33 +54,56 @@ class Measurement:
         return 1000.0 / self.ms_per_token if self.ms_per_token else None
 
 
-def eval_texts() -> list[str]:
-    """The packaged perplexity text set, one paragraph per entry."""
-    text = resources.files("slmops.modelopt").joinpath("data/eval_text.txt").read_text(encoding="utf-8")
+def eval_texts(name: str = "eval_text.txt") -> list[str]:
+    """A packaged text set, one paragraph per entry: `eval_text.txt` (project prose, for agreement)
+    or `public_domain.txt` (public-domain passages, for perplexity)."""
+    text = resources.files("slmops.modelopt").joinpath(f"data/{name}").read_text(encoding="utf-8")
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     return [p.strip() for p in body.split("\n\n") if p.strip()]
+
+
+def golden_set() -> GoldenSet:
+    """The packaged golden-prompt set (slmops/modelopt/data/golden.json)."""
+    text = resources.files("slmops.modelopt").joinpath("data/golden.json").read_text(encoding="utf-8")
+    return GoldenSet.model_validate({"prompts": json.loads(text)["prompts"]})
+
+
+def _golden(engine: Engine) -> GoldenOutcome | None:
+    from edge_agent.activation import run_golden
+    from edge_agent.runtime import UnsupportedOperation
+
+    try:
+        return run_golden(engine, "", golden_set())
+    except UnsupportedOperation:
+        return None  # a graph that is not a language model answers no prompts
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _ms_per_token(engine: object) -> float | None:
-    """Best of a few greedy runs: on a shared machine the fastest run is the least disturbed."""
+def _speed(engine: object) -> tuple[float | None, float | None]:
+    """(ms per token, ms to the first token), each the best of a few greedy runs: on a shared
+    machine the fastest run is the least disturbed."""
     from edge_agent.runtime import UnsupportedOperation
 
     best: float | None = None
+    first: float | None = None
     try:
         list(engine.complete("Hello", max_tokens=2))  # type: ignore[attr-defined]  # warm-up
         for _ in range(SPEED_ROUNDS):
             started = time.perf_counter()
-            chunks = list(engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS))  # type: ignore[attr-defined]
+            stream = engine.complete("The pump in bay seven", max_tokens=GEN_TOKENS)  # type: ignore[attr-defined]
+            chunk = next(stream)
+            ttft = (time.perf_counter() - started) * 1000.0
+            chunks = [chunk, *stream]
             produced = max(1, len([c for c in chunks if c.finish_reason is None]))
             ms = (time.perf_counter() - started) * 1000.0 / produced
             best = ms if best is None else min(best, ms)
+            first = ttft if first is None else min(first, ttft)
     except UnsupportedOperation:
-        return None  # a graph that is not a language model has no per-token speed
-    return best
+        return None, None  # a graph that is not a language model has no per-token speed
+    return best, first
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -87,18 +122,19 @@ def _gguf_quality(path: Path, lora_path: Path | None) -> tuple[float, np.ndarray
 
     lora = str(lora_path) if lora_path else None
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0, lora_path=lora)
-    texts = eval_texts()
+    texts = eval_texts("public_domain.txt")
     total_nll, total_tokens, argmaxes = 0.0, 0, []
     try:
-        for index, text in enumerate(texts + default_prompts()):
+        for index, text in enumerate(texts + eval_texts() + default_prompts()):
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[: llm.n_ctx()]
             llm.reset()
             llm.eval(tokens)
             logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-            argmaxes.append(logits.argmax(axis=1))
             if index < len(texts):
                 total_nll += _nll(logits[:-1], np.asarray(tokens[1:]))
                 total_tokens += len(tokens) - 1
+            else:
+                argmaxes.append(logits.argmax(axis=1))
     finally:
         llm.close()
     return math.exp(total_nll / total_tokens), np.concatenate(argmaxes)
@@ -157,7 +193,10 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
     engine = load_engine(model_path, fmt, n_ctx=512, lora_path=lora)
     load_s = time.perf_counter() - started
     try:
-        ms_per_token = _ms_per_token(engine)
+        ms_per_token, ttft_ms = _speed(engine)
+        golden = _golden(engine)
+        # Serving memory: the quality pass below holds every position's logits, which a server does not.
+        serving_peak_mb = _peak_rss_mb()
     finally:
         engine.close()
     logits: np.ndarray | None = None
@@ -172,8 +211,12 @@ def measure_here(path: Path | str, fmt: str, lora_path: Path | str | None = None
         size_bytes=_model_bytes(model_path, fmt, lora),
         load_s=load_s,
         ms_per_token=ms_per_token,
-        peak_rss_mb=_peak_rss_mb(),
+        ttft_ms=ttft_ms,
+        peak_rss_mb=serving_peak_mb,
         perplexity=perplexity,
+        golden_passed=golden.passed if golden else None,
+        golden_total=golden.total if golden else 0,
+        golden_failed=golden.failed if golden else [],
         argmax=argmax,
         logits=logits,
     )

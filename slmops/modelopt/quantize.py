@@ -1,5 +1,8 @@
 """Quantize models: GGUF through llama.cpp's quantizer, ONNX through onnxruntime's dynamic int8.
 
+Published GGUFs are already quantized: those are dequantized to F32 first (a lossless upcast,
+checked value by value), and the variants are made from that float parent.
+
 Before any call into C, the GGUF source is read with `gguf.GGUFReader` and every tensor llama.cpp
 would quantize (2-D or more, name ending in "weight") is checked against the target type's block
 size, so a bad request is a QuantizeError with the offending tensors named, never a crash.
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import gguf.quants
+import numpy as np
 
 
 class QuantizeError(Exception):
@@ -41,6 +46,9 @@ GGUF_TYPES: dict[str, tuple[str, int]] = {
     "Q3_K_S": ("Q3_K_S", 256),
     "Q2_K": ("Q2_K", 256),
 }
+# Float targets that dequantize a quantized model -> llama_ftype constant suffix.
+DEQUANTIZE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}
+FALLBACK_BLOCK = 32  # the block of the types llama.cpp falls back to for K-quant misfits
 _FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
@@ -70,29 +78,40 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False) -> None:
-    """Raise QuantizeError unless llama.cpp can quantize every weight of `src` to `to`."""
-    if to not in GGUF_TYPES:
-        raise QuantizeError(f"unknown GGUF quantization type {to!r}; expected one of {', '.join(GGUF_TYPES)}")
+def _weights(src: Path) -> list[gguf.ReaderTensor]:
     try:
         reader = gguf.GGUFReader(src)
     except (OSError, ValueError) as exc:
         raise QuantizeError(f"{src} is not a readable GGUF file: {exc}") from exc
-    block = GGUF_TYPES[to][1]
-    misfits, quantized = [], []
-    for tensor in reader.tensors:
-        if not tensor.name.endswith("weight") or len(tensor.shape) < 2:
-            continue  # llama.cpp keeps norms and biases in float
-        if tensor.tensor_type not in _FLOAT_TYPES:
-            quantized.append(tensor.name)
-        row = int(tensor.shape[0])  # GGUF shapes are ne order: ne[0] is the row length
-        if row % block:
-            misfits.append(f"{tensor.name} (row {row})")
+    # llama.cpp keeps norms and biases (1-D) in float; it converts the 2-D weights.
+    return [t for t in reader.tensors if t.name.endswith("weight") and len(t.shape) >= 2]
+
+
+def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False) -> None:
+    """Raise QuantizeError unless llama.cpp can quantize the weights of `src` to `to`."""
+    if to not in GGUF_TYPES:
+        raise QuantizeError(f"unknown GGUF quantization type {to!r}; expected one of {', '.join(GGUF_TYPES)}")
+    weights = _weights(src)
+    quantized = [t.name for t in weights if t.tensor_type not in _FLOAT_TYPES]
     if quantized and not allow_requantize:
-        raise QuantizeError(f"{src} is already quantized ({quantized[0]} ...); quantize from the float model")
-    if misfits:
-        shown = ", ".join(misfits[:5]) + (" ..." if len(misfits) > 5 else "")
+        raise QuantizeError(
+            f"{src} is already quantized ({quantized[0]} ...); requantizing compounds the error: dequantize it "
+            "first (quantize --to F32, a lossless upcast) and make the variants from that float parent"
+        )
+    block = GGUF_TYPES[to][1]
+    # GGUF shapes are ne order: ne[0] is the row length.
+    misfits = [(t.name, int(t.shape[0])) for t in weights if int(t.shape[0]) % block]
+    # llama.cpp stores a K-quant tensor whose rows do not fit in a 32-block type instead ("fallback
+    # quantization"); the type is refused only when no weight fits it, or a row fits no block at all.
+    fallback_ok = block == FALLBACK_BLOCK * 8 and len(misfits) < len(weights)
+    if misfits and not (fallback_ok and all(row % FALLBACK_BLOCK == 0 for _, row in misfits)):
+        shown = ", ".join(f"{name} (row {row})" for name, row in misfits[:5]) + (" ..." if len(misfits) > 5 else "")
         raise QuantizeError(f"{to} needs rows that are multiples of {block}; these are not: {shown}")
+
+
+def is_quantized_gguf(src: Path) -> bool:
+    """Whether any weight of `src` is stored in a quantized type."""
+    return any(t.tensor_type not in _FLOAT_TYPES for t in _weights(src))
 
 
 def _result(src: Path, dst: Path, to: str, started: float) -> QuantizeResult:
@@ -126,31 +145,71 @@ def quantize_gguf(
     n_threads: int = 0,
     allow_requantize: bool = False,
 ) -> QuantizeResult:
-    """Quantize a float GGUF model with llama.cpp (`n_threads` 0 lets llama.cpp choose)."""
+    """Quantize a float GGUF model with llama.cpp (`n_threads` 0 lets llama.cpp choose). F32/F16 of a
+    quantized model is a dequantization (`dequantize_gguf`): exact, or refused."""
+    if to in DEQUANTIZE_TYPES and Path(src).is_file() and is_quantized_gguf(Path(src)):
+        return dequantize_gguf(src, dst, to, n_threads=n_threads)
     src_path, dst_path, partial = _prepare_paths(src, dst)
     check_gguf_quantizable(src_path, to, allow_requantize=allow_requantize)
+    started = time.perf_counter()
+    _llama_quantize(src_path, partial, f"MOSTLY_{GGUF_TYPES[to][0]}", n_threads, allow_requantize=allow_requantize)
+    os.replace(partial, dst_path)
+    return _result(src_path, dst_path, to, started)
+
+
+def _llama_quantize(src: Path, partial: Path, ftype: str, n_threads: int, *, allow_requantize: bool) -> None:
+    """llama.cpp's quantizer writing `partial` (removed again on failure)."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise QuantizeError(f"GGUF quantization needs llama-cpp-python: {exc}") from exc
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{GGUF_TYPES[to][0]}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
     params.nthread = n_threads
     params.allow_requantize = allow_requantize
-    started = time.perf_counter()
     # llama.cpp logs every tensor at INFO through llama-cpp-python's logger; keep errors only.
     llama_logger = logging.getLogger("llama-cpp-python")
     previous_level = llama_logger.level
     llama_logger.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(partial).encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
     finally:
         llama_logger.setLevel(previous_level)
     if rc != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
-        raise QuantizeError(f"llama.cpp failed to quantize {src_path} to {to} (code {rc})")
+        raise QuantizeError(f"llama.cpp failed to quantize {src} to {ftype} (code {rc})")
+
+
+def dequantize_gguf(src: Path | str, dst: Path | str, to: str = "F32", *, n_threads: int = 0) -> QuantizeResult:
+    """Upcast a quantized GGUF to float with llama.cpp, and prove it exact: every written weight
+    equals the source's dequantized value (gguf's reference dequantizer). F16 is refused where it
+    cannot hold those values; F32 always can."""
+    if to not in DEQUANTIZE_TYPES:
+        raise QuantizeError(f"dequantization writes one of {', '.join(DEQUANTIZE_TYPES)}, not {to!r}")
+    src_path, dst_path, partial = _prepare_paths(src, dst)
+    weights = _weights(src_path)
+    if to == "F16":
+        lossy = next((t.name for t in weights if not _exact_in(t, np.float16)), None)
+        if lossy is not None:
+            raise QuantizeError(f"F16 cannot hold every value of {lossy} exactly; dequantize to F32 (lossless)")
+    started = time.perf_counter()
+    _llama_quantize(src_path, partial, DEQUANTIZE_TYPES[to], n_threads, allow_requantize=True)
+    written = {t.name: t for t in _weights(partial)}
+    differing = [t.name for t in weights if not np.array_equal(_values(t), _values(written[t.name]))]
+    if differing:
+        partial.unlink(missing_ok=True)
+        raise QuantizeError(f"llama.cpp's {to} values differ from the dequantized source in {differing[0]} ...")
     os.replace(partial, dst_path)
     return _result(src_path, dst_path, to, started)
+
+
+def _values(tensor: gguf.ReaderTensor) -> np.ndarray:
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(-1)
+
+
+def _exact_in(tensor: gguf.ReaderTensor, dtype: type[np.floating]) -> bool:
+    values = _values(tensor)
+    return bool(np.array_equal(values.astype(dtype).astype(np.float32), values))
 
 
 def quantize_onnx_int8(src: Path | str, dst: Path | str) -> QuantizeResult:

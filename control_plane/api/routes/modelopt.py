@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from control_plane.api.deps import MutationDep, OperatorDep
+from control_plane.api.deps import MutationDep, OperatorDep, SessionDep, ViewerDep
 from control_plane.schemas import VersionPublic
 from control_plane.services import registry
-from control_plane.services.eval_metrics import EvalMetricsUpdate, store_eval_metrics
+from control_plane.services.eval_metrics import EvalMetricsUpdate, golden_set, store_eval_metrics, store_golden_set
 from control_plane.services.quantize_jobs import JobPublic, QuantizeJobs, QuantizeRequest
+from shared.desired import GoldenSet
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -43,6 +44,21 @@ def put_eval_metrics(
     body = registry.version_public(mutation.session, model, row)
     mutation.commit(principal, 200, body)
     return body
+
+
+@router.put("/{name}/versions/{version}/golden-set", response_model=GoldenSet)
+def put_golden_set(name: str, version: str, golden: GoldenSet, principal: OperatorDep, mutation: MutationDep) -> Any:
+    """Attach a golden-prompt set: devices answer it during the trial and rollouts can gate on it."""
+    _, row = registry.get_version(mutation.session, name, version)
+    store_golden_set(mutation.session, version=row, golden=golden)
+    mutation.audit(principal, "version.golden_set", f"{name}@{version}", prompts=len(golden.prompts))
+    mutation.commit(principal, 200, golden)
+    return golden
+
+
+@router.get("/{name}/versions/{version}/golden-set", response_model=GoldenSet)
+def get_golden_set(name: str, version: str, _: ViewerDep, session: SessionDep) -> Any:
+    return golden_set(registry.get_version(session, name, version)[1])
 
 
 @router.post("/{name}/versions/{version}/quantize", status_code=202, response_model=JobPublic)
