@@ -45,7 +45,7 @@ def test_insert_skips_conflicts_and_counts_what_it_wrote(engine: sa.Engine) -> N
         session.commit()
     with Session(engine) as session:
         rows = [_window(a, "m1", 1), _window(a, "m2", 3), _window(b, "m3", 4)]  # (a, m1) is stored already
-        written = bulk.insert(session, WINDOWS, rows, skip_conflicts_on=("device_id", "message_id"))
+        written = bulk.insert(session, WINDOWS, rows, skip_conflicts_on=("device_id", "message_id", "window_end"))
         session.commit()
     assert written == 2
     with engine.connect() as conn:
