@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from shared.base import WireModel
+from shared.signing import SignedMetadata
 
 ArtifactFormat = Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]
 BUNDLE_FORMAT = "onnx-tar"  # an ONNX model folder with external data, packed as one tar the agent unpacks
@@ -43,6 +44,10 @@ class DesiredState(WireModel):
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     rollout_id: str | None = None
     unload: bool = False
+    # The signed release this state asks for (shared.releases), and the root chain that proves
+    # its keys; a device with a pinned root refuses a state its release does not cover.
+    release: SignedMetadata | None = None
+    roots: list[SignedMetadata] = Field(default_factory=list, max_length=32)
 
     def withdrawal_reason(self) -> str:
         """The reason a device reports once it serves nothing because of this (unload) state."""
