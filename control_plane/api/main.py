@@ -35,6 +35,8 @@ from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, problem
 from control_plane.metrics import HttpMetricsMiddleware
+from control_plane.releases import ReleaseSigner
+from control_plane.releases import configure as configure_signing
 from control_plane.storage import LocalBlobStore
 
 log = logging.getLogger("slmops.api")
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = LocalBlobStore(settings.blob_dir)
+    configure_signing(ReleaseSigner.from_settings(settings))  # every desired state names a signed release
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     _install_error_handlers(app)
