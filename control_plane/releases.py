@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.desired import ArtifactRef, DesiredState
-from shared.releases import Release, ReleaseArtifact, Root, expires_in, new_root, release_document
+from shared.releases import (
+    Release,
+    ReleaseArtifact,
+    Root,
+    expires_in,
+    new_root,
+    parse_root_chain,
+    release_document,
+)
 from shared.signing import SignedMetadata, keyid_of, public_hex, read_private_key, sign, write_private_key
 
 if TYPE_CHECKING:
@@ -83,10 +91,9 @@ def write_root_chain(path: Path, chain: Sequence[SignedMetadata]) -> None:
 def read_root_chain(path: Path) -> list[SignedMetadata]:
     """root.json: the chain of signed roots, oldest first (one object is a chain of one)."""
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        return parse_root_chain(path.read_bytes())
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         raise SigningConfigError(f"cannot read root metadata {path}: {exc}") from exc
-    return [SignedMetadata.model_validate(item) for item in (raw if isinstance(raw, list) else [raw])]
 
 
 class ReleaseSigner:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
+from edge_agent.reconciler import REFUSED
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
 from shared.state import DeviceState, ModelRef, Phase
 from shared.telemetry import TelemetryWindow
@@ -248,6 +249,8 @@ class MqttChannel:
         kinds = _PHASE_EVENTS.get(state.phase, ())
         if state.phase == "download_failed" and (state.reason or "").startswith("integrity_check_failed"):
             kinds = ("verification_failed",)
+        if state.phase == "download_failed" and (state.reason or "").startswith(REFUSED):
+            kinds = ()  # the agent reported the refusal as a release_refused event
         return [
             EventMessage(
                 kind=kind,

@@ -10,6 +10,7 @@ Every check raises `shared.signing.ReleaseRefused` with a typed reason.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -70,8 +71,18 @@ class Release(WireModel):
         return value
 
 
-def update_root(trusted: Root, chain: Sequence[SignedMetadata], *, now: datetime) -> Root:
-    """Walk `chain` (any order) from `trusted` to the newest root it proves; refuse an expired end."""
+def parse_root_chain(text: str | bytes) -> list[SignedMetadata]:
+    """root.json: the chain of signed roots, oldest first (one object is a chain of one)."""
+    raw = json.loads(text)
+    items = raw if isinstance(raw, list) else [raw]
+    if len(items) > MAX_ROOT_CHAIN:
+        raise ValueError(f"root chain of {len(items)} documents, over {MAX_ROOT_CHAIN}")
+    return [SignedMetadata.model_validate(item) for item in items]
+
+
+def update_root(trusted: Root, chain: Sequence[SignedMetadata], *, now: datetime | None) -> Root:
+    """Walk `chain` (any order) from `trusted` to the newest root it proves; refuse an expired end
+    (`now` None: pinning a root, whose freshness every later verification checks)."""
     if len(chain) > MAX_ROOT_CHAIN:
         raise ReleaseRefused("size_exceeded", f"root chain of {len(chain)} documents, over {MAX_ROOT_CHAIN}")
     by_version = {meta.signed.get("version"): meta for meta in chain}
@@ -82,7 +93,7 @@ def update_root(trusted: Root, chain: Sequence[SignedMetadata], *, now: datetime
         new = _parse(Root, meta, "root")
         check_signatures(meta, keys=new.keys, allowed=new.root_keys, threshold=new.root_threshold, role="root")
         trusted = new
-    if trusted.expires <= now:
+    if now is not None and trusted.expires <= now:
         raise ReleaseRefused("expired", f"root version {trusted.version} expired at {trusted.expires.isoformat()}")
     return trusted
 

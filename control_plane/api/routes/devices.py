@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
+from control_plane import releases
 from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, SessionDep, ViewerDep
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
 from control_plane.errors import DomainError
@@ -56,6 +57,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
         device_secret=secret,
         mqtt_url=getattr(mutation.request.app.state, "device_mqtt_url", None),
         topic_prefix=settings.mqtt_topic_prefix,
+        root_metadata=signer.chain if (signer := releases.current()) is not None else None,
     )
 
 
