@@ -8,6 +8,7 @@ with Range, Content-Range, ETag) and its enrollment endpoint, over real HTTP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,17 @@ class ArtifactServer:
                 Route("/v1/devices/enroll", self._enroll, methods=["POST"]),
             ]
         )
+
+
+@contextlib.contextmanager
+def running_artifact_server() -> Iterator[ArtifactServer]:
+    """An ArtifactServer answering on a free port until the block ends."""
+    from tests.server_thread import ServerThread
+
+    server = ArtifactServer()
+    with ServerThread(server.app()) as thread:
+        server.port = thread.port
+        yield server
 
 
 def desired_for(

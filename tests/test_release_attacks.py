@@ -24,10 +24,9 @@ from shared.messages import EventMessage
 from shared.releases import expires_in
 from slmops.tinymodels import write_tiny_gguf
 from tests.agent_mqtt_support import ControlPlane, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour
+from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, running_artifact_server
 from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics, wait_until
 from tests.release_support import Authority, past
-from tests.server_thread import ServerThread
 
 __all__ = ["clients"]  # fixture
 pytestmark = [pytest.mark.mosquitto, pytest.mark.llama, pytest.mark.slow]
@@ -36,9 +35,7 @@ UNVERIFIED = os.environ.get("SLMOPS_TEST_UNVERIFIED") == "1"
 
 @pytest.fixture(scope="module")
 def artifacts() -> Iterator[ArtifactServer]:
-    server = ArtifactServer()
-    with ServerThread(server.app()) as thread:
-        server.port = thread.port
+    with running_artifact_server() as server:
         yield server
 
 
