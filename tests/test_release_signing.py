@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from shared.desired import DesiredState
 from shared.releases import Release, Root, check_desired, update_root, verify_release
 from slmops.cli.app import app as cli_app
 from tests.assign_support import assign_version
-from tests.fleet_helpers import enroll_devices, upload_version
+from tests.fleet_helpers import enroll_devices, upload_version, wait_for
 
 
 def _verified(state: DesiredState, chain_file: Path, *, highest: int | None = None) -> Release:
@@ -110,3 +111,46 @@ def test_releases_near_expiry_are_signed_again_once_for_every_device(
     assert _verified(renewed, settings.data_dir / "keys" / "root.json").expires > datetime.now(UTC) + timedelta(
         seconds=signer.expiry_s * 0.9
     )
+
+
+@pytest.mark.mosquitto
+def test_the_running_control_plane_re_signs_and_republishes_before_expiry(
+    tmp_path: Path, db_url: str, engine: sa.Engine, tiny_gguf: Path, empty_tables: sa.Engine
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        mqtt_url="mqtt://127.0.0.1:1883",
+        mqtt_topic_prefix=f"slmops-test/{uuid.uuid4().hex[:10]}",
+        mqtt_client_id=f"cp-{uuid.uuid4().hex[:8]}",
+        controller_tick_s=0.1,
+        release_expiry_s=4,
+    )
+    with TestClient(create_app(settings, engine=engine)) as client:
+        admin = {"Authorization": f"Bearer {_admin_token(engine)}"}
+        _upload(client, admin, tiny_gguf)
+        (device,) = enroll_devices(client, admin, [("d1", {})])
+        first = assign_version(engine, device["device_id"], model="m", version="1.0")
+
+        def republished() -> DesiredStateRow | None:
+            with Session(engine) as session:
+                row = session.get(DesiredStateRow, device["device_id"])
+            renewed = (
+                row is not None and row.payload["release"]["signed"]["serial"] > first["release"]["signed"]["serial"]
+            )
+            return row if renewed and row is not None and row.published_message_id == row.message_id else None
+
+        row = wait_for(republished, timeout_s=30, what="a re-signed, published desired state")
+    renewed = DesiredState.model_validate(row.payload)
+    assert renewed.artifact == DesiredState.model_validate(first).artifact
+    assert _verified(renewed, settings.data_dir / "keys" / "root.json").expires > datetime.now(UTC)
+
+
+def _admin_token(engine: sa.Engine) -> str:
+    from control_plane.models import Role
+    from control_plane.services import auth
+
+    with Session(engine) as session:
+        _, plaintext = auth.create_token(session, name="admin", role=Role.admin)
+        session.commit()
+    return plaintext
