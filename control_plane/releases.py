@@ -106,7 +106,8 @@ class ReleaseSigner:
         if keyid_of(key.public_key()) not in root.release_keys:
             raise SigningConfigError(f"the release key is not a release key of root version {root.version}")
         self.key, self.chain, self.expiry_s = key, chain, expiry_s
-        self.roots_json = [m.model_dump(mode="json") for m in chain]
+        # What desired states carry: every device trusts root 1 at least (pinned or from enrollment).
+        self.rotations = chain[1:]
         self._lock = threading.Lock()
         self._serials: dict[str, int] = {}  # model -> highest serial issued by this process
         self._cache: dict[tuple[Any, ...], SignedMetadata] = {}
@@ -164,6 +165,11 @@ class ReleaseSigner:
             signed = self._cache[key] = sign(release_document(release), [self.key])
             return signed
 
+    def forget(self) -> None:
+        """Drop the cached releases: the next call signs anew (benchmarks measure that cost)."""
+        with self._lock:
+            self._cache.clear()
+
     def due(self, meta: SignedMetadata, *, now: datetime | None = None) -> bool:
         """Whether `meta` is in the last half of its life: time to re-sign it."""
         expires = datetime.fromisoformat(meta.signed["expires"])
@@ -183,7 +189,7 @@ class ReleaseSigner:
             rollout_id=rollout_id,
             unload=unload,
         )
-        return state.model_copy(update={"release": release, "roots": self.chain, "rollout_id": rollout_id})
+        return state.model_copy(update={"release": release, "roots": self.rotations, "rollout_id": rollout_id})
 
 
 def _item(artifact: Artifact | ArtifactRef | ReleaseArtifact) -> ReleaseArtifact:

@@ -67,7 +67,7 @@ def desired_payload(
         runtime=RuntimeParams(n_ctx=n_ctx, chat_template=hints.get("chat_template")),
         rollout_id=rollout_id,
         release=release,
-        roots=signer.chain if signer is not None else [],
+        roots=signer.rotations if signer is not None else [],
     )
 
 

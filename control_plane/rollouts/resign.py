@@ -37,7 +37,7 @@ def resign_due(session: Session, signer: ReleaseSigner, *, now: datetime | None 
         key = (state.model, int(state.release.signed["serial"]))
         if key not in fresh:
             fresh[key] = signer.resign(state, rollout_id=state.rollout_id, unload=state.unload).release  # type: ignore[assignment]
-        renewed = state.model_copy(update={"release": fresh[key], "roots": signer.chain})
+        renewed = state.model_copy(update={"release": fresh[key], "roots": signer.rotations})
         states[device_id] = assign.with_message_id(renewed.model_dump(mode="json"))
     assign.write_desired(session, states)
     if states:
