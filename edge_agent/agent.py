@@ -21,7 +21,7 @@ from edge_agent.errors import DownloadError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.reconciler import Reconciler
 from edge_agent.serving import ModelSlot, ServingModel
-from edge_agent.settings import AgentSettings
+from edge_agent.settings import AgentSettings, ConfigError
 from edge_agent.sources import DesiredStateSource
 from edge_agent.statefile import AgentState, StateFile
 from edge_agent.store import ModelStore
@@ -32,6 +32,7 @@ from shared.desired import ArtifactRef, DesiredState
 from shared.messages import EventKind, EventMessage
 from shared.references import reference_problem, without_credentials
 from shared.releases import parse_root_chain
+from shared.signing import ReleaseRefused
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 
@@ -130,10 +131,15 @@ class Agent:
     def _release_guard(self) -> ReleaseGuard | None:
         """The pinned root: provisioned in the config, else trusted on first use at enrollment."""
         s, credential = self.settings, self.credential
-        pinned = parse_root_chain(s.root_metadata_file.read_bytes()) if s.root_metadata_file else None
-        if pinned is None and credential is not None and credential.root_metadata:
-            ReleaseGuard.pin_on_enrollment(s.trust_path, credential.root_metadata)
-        guard = ReleaseGuard.load(s.trust_path, pinned=pinned)
+        try:
+            pinned = parse_root_chain(s.root_metadata_file.read_bytes()) if s.root_metadata_file else None
+            if pinned is None and credential is not None and credential.root_metadata:
+                ReleaseGuard.pin_on_enrollment(s.trust_path, credential.root_metadata)
+            guard = ReleaseGuard.load(s.trust_path, pinned=pinned)
+        except (OSError, ValueError, ReleaseRefused) as exc:  # fail closed: no start without the root
+            raise ConfigError(
+                f"cannot establish the trusted root ({s.root_metadata_file or s.trust_path}): {exc}"
+            ) from exc
         if guard is None:
             log.warning("no root to trust: desired states are applied without release verification")
         return guard

@@ -1,4 +1,5 @@
-"""The control plane's side of signed releases: keys, one release per version and step, re-signing."""
+"""Signed releases from the control plane: keys, one release per version and step, re-signing, and
+the configuration errors either side refuses to start with."""
 
 from __future__ import annotations
 
@@ -154,3 +155,13 @@ def _admin_token(engine: sa.Engine) -> str:
         _, plaintext = auth.create_token(session, name="admin", role=Role.admin)
         session.commit()
     return plaintext
+
+
+def test_an_agent_with_an_unreadable_root_refuses_to_start(tmp_path: Path) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.settings import AgentSettings, ConfigError
+
+    (tmp_path / "root.json").write_text('[{"signed": {"version": 1}, "signatures": "not a list"}]')
+    agent = Agent(AgentSettings(data_dir=tmp_path / "agent", root_metadata_file=tmp_path / "root.json"))
+    with pytest.raises(ConfigError, match="trusted root"):
+        agent.enroll()
