@@ -97,6 +97,9 @@ def revoke_device_on_broker(app: Any, device_id: str) -> None:
 
     `app` is the FastAPI app (`request.app`); commit the registry change first.
     """
+    device_ca = getattr(app.state, "device_ca", None)
+    if device_ca is not None:  # the CRL first: the broker's reload below reads it too
+        device_ca.revoke_device(device_id)
     access: BrokerAccess | None = getattr(app.state, "broker_access", None)
     if access is not None:
         access.revoke(device_id)

@@ -31,8 +31,24 @@ class Settings(BaseSettings):
     public_url: str | None = Field(default=None, description="URL devices use to reach this server.")
     max_upload_bytes: int = Field(default=8 * 1024**3, gt=0, description="Largest artifact accepted.")
     upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096)
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest body of any request but an artifact upload."
+    )
+    rate_limit_auth_failures_per_min: int = Field(
+        default=60, ge=0, description="Failed bearer/Basic checks per client address a minute (0: no limit)."
+    )
+    rate_limit_enroll_failures_per_min: int = Field(
+        default=30, ge=0, description="Refused enrollments per client address a minute (0: no limit)."
+    )
+    rate_limit_login_failures_per_min: int = Field(
+        default=10, ge=0, description="Refused dashboard sign-ins per client address a minute (0: no limit)."
+    )
+    dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Dashboard sign-in lifetime.")
     enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    blob_gc_grace_s: float = Field(
+        default=600, ge=0, description="Unreferenced blobs younger than this are kept (uploads adopt before commit)."
+    )
     mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")
     mqtt_host: str = Field(default="127.0.0.1", description="Bind address of the embedded broker.")
     # 1884, not 1883: a laptop or gateway often runs its own Mosquitto on the standard port.
@@ -44,6 +60,7 @@ class Settings(BaseSettings):
         default=None, description="Mosquitto password file kept in step with enrolled devices."
     )
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
+    mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
     fleet_enabled: bool = Field(
         default=True, description="Run the broker link, ingest and rollout controller."
     )
@@ -85,6 +102,28 @@ class Settings(BaseSettings):
     )
     root_metadata_file: Path | None = Field(default=None, description="root.json: the chain of signed roots.")
     release_expiry_s: float = Field(default=7 * 86400, ge=1, description="Life of a signed release; re-signed at half.")
+    device_certificates: bool = Field(
+        default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
+    )
+    device_ca_dir: Path | None = Field(default=None, description="Device CA files; default <data dir>/device-ca.")
+    device_certificate_days: int = Field(default=90, ge=1, le=3650)
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve https.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
+    # uvicorn trusts X-Forwarded-For/-Proto only from these proxies ("*": any; see docs/operations-tls.md).
+    forwarded_allow_ips: str = Field(default="127.0.0.1,::1", description="Reverse proxies trusted for X-Forwarded-*.")
+    # Replicas share one store: with s3 an upload through one replica is downloadable through all,
+    # and devices fetch the bytes from the store (a 307 to a presigned URL), not from a replica.
+    blob_store: Literal["local", "s3"] = Field(
+        default="local", description="Where artifact bytes live: `local` (data_dir/blobs) or `s3`."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph...); unset: AWS S3. Credentials: AWS_* env."
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the artifacts (SLMOPS_BLOB_STORE=s3).")
+    s3_presign_expiry_s: int = Field(
+        default=900, ge=60, le=7 * 86400, description="Lifetime of the presigned download URLs devices are sent to."
+    )
     log_json: bool = False
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
@@ -116,10 +155,33 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise ValueError("SLMOPS_BLOB_STORE=s3 requires SLMOPS_S3_BUCKET")
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_postgres(self) -> Settings:
         if self.environment == "production" and self.database_url is None:
             raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
         return self
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("SLMOPS_TLS_CERT_FILE and SLMOPS_TLS_KEY_FILE must be set both or neither")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when TLS is on."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return self.tls_cert_file, self.tls_key_file
 
     @cached_property
     def sqlalchemy_url(self) -> str:
@@ -128,9 +190,14 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'slmops.db').resolve()}"
 
     @property
+    def device_ca_path(self) -> Path:
+        return self.device_ca_dir or self.data_dir / "device-ca"
+
+    @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
     @property
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_enabled else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"

@@ -14,6 +14,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "enrollment_token_invalid": 401,
     "enrollment_token_expired": 401,
     "forbidden": 403,
+    "cross_site_request": 403,
     "not_found": 404,
     "model_not_found": 404,
     "version_not_found": 404,
@@ -28,9 +29,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "enrollment_token_used": 409,
     "rollout_conflict": 409,
     "invalid_state": 409,
+    "version_in_use": 409,
+    "no_good_version": 409,
     "payload_too_large": 413,
     "range_not_satisfiable": 416,
+    "rate_limited": 429,
     "validation_error": 422,
+    "csr_invalid": 422,
+    "device_certificates_disabled": 409,
     "sha256_mismatch": 422,
     "size_mismatch": 422,
     "unrecognized_artifact": 422,
@@ -41,6 +47,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "too_many_points": 422,
     "quantization_unsupported": 422,
     "insufficient_storage": 507,
+    "blob_store_unavailable": 503,
 }
 
 

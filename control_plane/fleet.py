@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -28,10 +29,10 @@ from control_plane import releases
 from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.leader import LeaderLock
-from control_plane.models import Device, DeviceStatus
+from control_plane.models import Device
 from control_plane.rollouts import assign, resign
 from control_plane.rollouts.controller import RolloutController
-from control_plane.security import verify_secret
+from control_plane.services.auth import device_secret_valid
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
@@ -82,7 +83,8 @@ class FleetRuntime:
         protocol, label = self.settings.mqtt_protocol, self.settings.mqtt_client_id
         secret = parse_broker_url(url).password
         client_id = client_id_for(label, secret)
-        self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True)
+        tls = self._broker_tls_context()
+        self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls)
         # One journal per broker session (replicas may share a data dir; each has its client id).
         journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
@@ -93,11 +95,18 @@ class FleetRuntime:
         self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the
         # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
-        self.publisher = MqttClient(url, client_id=client_id_for(f"{label}-pub", secret), protocol=protocol)
+        self.publisher = MqttClient(
+            url, client_id=client_id_for(f"{label}-pub", secret), protocol=protocol, tls_context=tls
+        )
         self.publisher.start(wait=True, timeout_s=15)
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
         self.rollups.start()
+
+    def _broker_tls_context(self) -> ssl.SSLContext | None:
+        """Verification of an mqtts:// broker against SLMOPS_MQTT_CA_FILE; None: the system store."""
+        ca_file = self.settings.mqtt_ca_file
+        return ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
 
     def _start_broker(self) -> str:
         if self.settings.mqtt_url:
@@ -109,19 +118,19 @@ class FleetRuntime:
             auth=self._check_password,
             topics=self.topics,
             admin_users=frozenset({CONTROL_PLANE_USER}),
+            # Devices get TLS with the server's own certificate; this process, the loopback listener.
+            tls=self.settings.tls_files,
         )
         self.broker.start()
         self.device_mqtt_url = self.settings.device_mqtt_url or self.broker.url
-        return f"mqtt://{CONTROL_PLANE_USER}:{quote(self._cp_password)}@{self.settings.mqtt_host}:{self.broker.port}"
+        local = parse_broker_url(self.broker.local_url)
+        return f"mqtt://{CONTROL_PLANE_USER}:{quote(self._cp_password)}@{local.host}:{local.port}"
 
     def _check_password(self, username: str, password: str) -> bool:
         if username == CONTROL_PLANE_USER:
             return secrets.compare_digest(password, self._cp_password)
         with Session(self.engine) as session:
-            device = session.get(Device, username)
-            if device is None or device.status == DeviceStatus.decommissioned:
-                return False
-            return verify_secret(password, device.secret_hash)
+            return device_secret_valid(session.get(Device, username), password)
 
     def wake(self, *, tick: bool = True) -> None:
         """Publish what an API change wrote now instead of at the next tick; with `tick`, run the

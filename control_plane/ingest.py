@@ -13,12 +13,15 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+import psycopg
 import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane import bulk, metrics
 from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, as_utc, new_id, utcnow
 from shared.topics import TopicKind
+from slmops.mqtt.errors import UnstorableBatch
 
 log = logging.getLogger("slmops.ingest")
 
@@ -27,6 +30,10 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=15)
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryRecord.__table__  # type: ignore[attr-defined]
 _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
+_ACKED_ID_CHARS = _DEVICES.c.acked_message_id.type.length
+# Errors a value in the batch causes, which no retry fixes (COPY raises psycopg's own, not wrapped).
+_VALUE_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError, psycopg.DataError, psycopg.IntegrityError,
+                 OverflowError, UnicodeError, orjson.JSONEncodeError)  # fmt: skip
 
 
 class IngestWriter:
@@ -41,7 +48,15 @@ class IngestWriter:
         self.counters: Counter[str] = Counter()
 
     def __call__(self, batch: list[Any]) -> None:
-        """The subscriber's batch handler (on its network or flusher thread); one transaction per batch."""
+        """The subscriber's batch handler (on its network or flusher thread); one transaction per
+        batch. A value the database refuses raises `UnstorableBatch`: the subscriber then stores
+        the batch in parts at once, so the message costs only itself."""
+        try:
+            self._write(batch)
+        except _VALUE_ERRORS as exc:
+            raise UnstorableBatch(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    def _write(self, batch: list[Any]) -> None:
         now = utcnow()  # the batch's write time: one clock read, not one per window
         with Session(self.engine) as session:
             statuses, last_seen = self._statuses(session, {m.device_id for m in batch})
@@ -114,8 +129,8 @@ class IngestWriter:
 
     def _insert_windows(self, session: Session, rows: list[dict[str, Any]]) -> None:
         """Insert, skipping windows already stored (a redelivery after a restart): the unique
-        (device_id, message_id) constraint decides, so no lookup query precedes the insert."""
-        inserted = bulk.insert(session, _WINDOWS, rows, skip_conflicts_on=("device_id", "message_id"))
+        (device_id, message_id, window_end) constraint decides, so no lookup query precedes the insert."""
+        inserted = bulk.insert(session, _WINDOWS, rows, skip_conflicts_on=("device_id", "message_id", "window_end"))
         self.counters["duplicate_telemetry"] += len(rows) - inserted
 
     @staticmethod
@@ -149,7 +164,8 @@ def _drop_fresh_last_seen(
 def state_values(state: Any) -> dict[str, Any]:
     """The `devices` columns a reported state sets."""
     values: dict[str, Any] = {"phase": state.phase, "phase_reason": state.reason}
-    if state.desired_message_id:
+    # Longer than the column: not an id this control plane sent (a desired state from a file).
+    if state.desired_message_id and len(state.desired_message_id) <= _ACKED_ID_CHARS:
         values["acked_message_id"] = state.desired_message_id
     current = state.current
     values["current_model"] = current.model if current else None

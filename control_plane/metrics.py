@@ -125,6 +125,7 @@ class FleetCollector(Collector):
             "duplicate": written.get("duplicate_telemetry", 0) + (counters.duplicates if counters else 0),
             "unknown_topic": counters.unknown_topics if counters else 0,
             "handler_failed": counters.lost if counters else 0,  # refused by the writer after its retries
+            "unstorable": counters.unstorable if counters else 0,  # a value the database refuses, alone
         }
         for reason, count in (counters.malformed if counters else {}).items():
             reasons[str(reason)] = count  # malformed_json, invalid, unknown_schema_version, unknown_kind

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from control_plane.models.base import as_utc
 
@@ -27,6 +27,15 @@ class ModelCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = Field(default="", max_length=2000)
     task: str = Field(default="text-generation", max_length=64)
+    keep_versions: int | None = Field(default=None, ge=1, le=10000, description="retention: newest N versions")
+
+
+class ModelUpdate(BaseModel):
+    """PATCH body: only the fields given change; `keep_versions: null` keeps every version."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str | None = Field(default=None, max_length=2000)
+    keep_versions: int | None = Field(default=None, ge=1, le=10000)
 
 
 class ModelPublic(BaseModel):
@@ -35,6 +44,7 @@ class ModelPublic(BaseModel):
     name: str
     description: str
     task: str
+    keep_versions: int | None = None
     created_by: str
     created_at: UTCDatetime
 
@@ -118,12 +128,69 @@ class VersionByReference(VersionSpec):
 
 
 class VersionStatusUpdate(BaseModel):
-    status: Literal["registered", "validated", "deprecated", "revoked"]
+    """`deprecated`: no new rollout may target it. `recalled`: every device is rolled off it to the
+    newest good version of the model, by a rollout the control plane starts itself."""
+
+    status: Literal["registered", "validated", "deprecated", "revoked", "recalled"]
+
+
+class GcResult(BaseModel):
+    dry_run: bool
+    versions: list[str]  # model@version deleted by retention policies
+    blobs: list[dict[str, Any]]  # {sha256, size_bytes}
+    bytes_freed: int
+
+
+# The selector grammar's own key and value shapes (control_plane.services.selectors), so every label can be selected.
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._/+-]{0,63}$"  # "/" and "+": IANA timezones, e.g. tz=Europe/Stockholm
+MAX_LABELS = 64
+Labels = Annotated[
+    dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)], Annotated[str, Field(pattern=LABEL_VALUE_PATTERN)]],
+    Field(max_length=MAX_LABELS),
+    # pydantic states key patterns as patternProperties, which lets any other key through.
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN},
+            "maxProperties": MAX_LABELS,
+        }
+    ),
+]
 
 
 class DeviceCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+
+
+class DeviceUpdate(BaseModel):
+    """PATCH body: only the fields given change; `labels` replaces the whole set."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    labels: Labels | None = None
+
+
+class DeviceRelabel(BaseModel):
+    """Bulk relabel: every device the selector matches gets `set` and loses `remove`."""
+
+    model_config = ConfigDict(extra="forbid")
+    selector: str = Field(min_length=1, max_length=500, description="label selector; required")
+    set: Labels = Field(default_factory=dict)
+    remove: list[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)]] = Field(default_factory=list, max_length=MAX_LABELS)
+
+
+class RotationRequest(BaseModel):
+    grace_s: int = Field(default=3600, ge=0, le=7 * 86400, description="how long the old secret keeps working")
+
+
+class RelabelResult(BaseModel):
+    selector: str
+    matched: int
+    set: dict[str, str]
+    remove: list[str]
 
 
 class DevicePublic(BaseModel):
@@ -138,11 +205,12 @@ class DevicePublic(BaseModel):
     current_model: str | None
     current_version: str | None
     current_sha256: str | None
+    rotation_requested_at: UTCDatetime | None = None  # the device should fetch a new secret
     created_at: UTCDatetime
 
 
 class DeviceCreated(DevicePublic):
-    enrollment_token: str
+    enrollment_token: str | None = Field(description="one-time token, in this response only; null in a replay")
     enrollment_expires_at: UTCDatetime
 
 
@@ -164,13 +232,14 @@ class TokenPublic(BaseModel):
 
 
 class TokenCreated(TokenPublic):
-    token: str
+    token: str | None = Field(description="the plaintext, in this response only; null in an idempotent replay")
 
 
 class AuditPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     actor: str
+    actor_id: str
     action: str
     target: str
     request_id: str

@@ -26,6 +26,7 @@ from edge_agent.sources import DesiredStateSource
 from edge_agent.statefile import AgentState, StateFile
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
+from edge_agent.tls import has_identity
 from edge_agent.trust import ReleaseGuard
 from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _TICK_S = 0.5
+_RENEWAL_CHECK_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Agent:
         self._working_on: str | None = None  # message_id of the desired state being reconciled
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()  # set once start-up recovery has finished
+        self.identity_listeners: list[Callable[[], None]] = []  # called after a certificate renewal
         self.reconciler = self._build_reconciler()
 
     def _build_reconciler(self) -> Reconciler:
@@ -121,12 +124,33 @@ class Agent:
         s = self.settings
         token = s.enrollment_token.get_secret_value() if s.enrollment_token else None
         self.credential = load_or_enroll(
-            lambda: self.http, path=s.credential_path, control_plane_url=s.control_plane_url, token=token
+            lambda: self.http,
+            path=s.credential_path,
+            control_plane_url=s.control_plane_url,
+            token=token,
+            identity=(s.client_cert_path, s.client_key_path) if s.x509_identity else None,
         )
         if self.credential is not None:
             self.telemetry.device_id = self.credential.device_id
         self.reconciler.guard = self._release_guard()
         self._enrolled = True
+        self.renew_identity_if_due()
+
+    def renew_identity_if_due(self) -> None:
+        """Renew the X.509 certificate once two thirds of its life are gone; the old one serves meanwhile."""
+        s, cred = self.settings, self.credential
+        identity = (s.client_cert_path, s.client_key_path)
+        base = s.control_plane_url or (cred.control_plane_url if cred else None)
+        if not (s.x509_identity and cred and base and has_identity(*identity)):
+            return
+        from edge_agent.identity import renew, renewal_due
+
+        if renewal_due(identity[0]):
+            import httpx
+
+            if renew(self.http, base, httpx.BasicAuth(cred.device_id, cred.device_secret), identity):
+                for listener in self.identity_listeners:
+                    listener()
 
     def _release_guard(self) -> ReleaseGuard | None:
         """The pinned root: provisioned in the config, else trusted on first use at enrollment."""
@@ -150,8 +174,17 @@ class Agent:
             self.enroll()
         self._spawn(self._reconcile_loop, "reconcile")
         self._spawn(lambda: self.windows.run(self._stopping), "telemetry")
+        if self.settings.x509_identity:
+            self._spawn(self._renewal_loop, "identity")
         for source in self._sources:
             source.start(self.submit_desired)
+
+    def _renewal_loop(self) -> None:
+        while not self._stopping.wait(_RENEWAL_CHECK_S):
+            try:
+                self.renew_identity_if_due()
+            except Exception:
+                log.exception("certificate renewal check failed")
 
     def add_source(self, source: DesiredStateSource) -> None:
         self._sources.append(source)
@@ -184,8 +217,16 @@ class Agent:
             # Authorization header when a redirect leaves the control plane's origin. Downloads
             # follow them hop by hop under the rules of shared.references instead.
             timeout = httpx.Timeout(self.settings.download_timeout_s, connect=10.0)
-            self._http = httpx.Client(timeout=timeout, follow_redirects=True)
+            from edge_agent.tls import ssl_context
+
+            verify = ssl_context(self.settings.ca_bundle)
+            self._http = httpx.Client(timeout=timeout, follow_redirects=True, verify=verify)
         return self._http
+
+    def use_credential(self, credential: Credential) -> None:
+        """A rotated credential: new downloads authenticate with it (one under way keeps the old)."""
+        self.credential = credential
+        self._downloader = None
 
     @property
     def downloader(self) -> Downloader:

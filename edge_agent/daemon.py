@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from edge_agent import logs, sdnotify
 from edge_agent.agent import Agent
 from edge_agent.api.app import create_app
+from edge_agent.credential import CredentialRotator
 from edge_agent.fsutil import remove_stale_temps, write_atomic
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import WatchedFileSource
@@ -58,6 +59,9 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
         channel = _mqtt_channel(agent)  # None without an MQTT URL and a device credential
         if channel is not None:
             channel.start()
+        rotator = CredentialRotator(agent, channel, interval_s=settings.credential_check_s)
+        if agent.credential is not None:
+            rotator.start()
         watchdog = asyncio.create_task(_watchdog())
         sdnotify.notify("READY=1")
         log.info("agent listening on %s", settings.base_url)
@@ -66,6 +70,8 @@ def build(settings: AgentSettings) -> tuple[Agent, FastAPI]:
         finally:
             sdnotify.notify("STOPPING=1")
             watchdog.cancel()
+            if agent.credential is not None:
+                rotator.stop()
             if channel is not None:
                 channel.stop()  # says "offline" before the agent takes its model down
             agent.stop()

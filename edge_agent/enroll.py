@@ -58,11 +58,19 @@ def load_credential(path: Path) -> Credential | None:
         raise EnrollmentError(f"credential file {path} is unreadable: {exc}", code="credential_invalid") from exc
 
 
-def enroll(client: httpx.Client, control_plane_url: str, token: str, path: Path) -> Credential:
-    """POST /v1/devices/enroll and store the credential; RFC 9457 error codes become EnrollmentError."""
+def enroll(
+    client: httpx.Client, control_plane_url: str, token: str, path: Path, identity: tuple[Path, Path] | None = None
+) -> Credential:
+    """POST /v1/devices/enroll and store the credential; RFC 9457 error codes become EnrollmentError.
+
+    With `identity` = (certificate, key) paths it sends a CSR over a key made here and stores the certificate.
+    """
     import httpx
 
-    request = EnrollRequest(enrollment_token=token, hardware=hardware_profile())
+    from edge_agent.identity import certificate_request, store_certificate
+
+    csr = certificate_request(identity[1]) if identity else None
+    request = EnrollRequest(enrollment_token=token, hardware=hardware_profile(), csr_pem=csr)
     url = control_plane_url.rstrip("/") + "/v1/devices/enroll"
     try:
         response = client.post(url, json=request.model_dump(mode="json"))
@@ -72,6 +80,10 @@ def enroll(client: httpx.Client, control_plane_url: str, token: str, path: Path)
         code, detail = _problem(response)
         raise EnrollmentError(f"enrollment refused (HTTP {response.status_code}): {detail}", code=code)
     answer = EnrollResponse.model_validate_json(response.content)
+    if identity is not None and answer.client_certificate_pem:
+        store_certificate(identity[0], answer.client_certificate_pem)
+    elif identity is not None:
+        log.warning("the control plane issued no device certificate (SLMOPS_DEVICE_CERTIFICATES off?)")
     credential = Credential(
         device_id=answer.device_id,
         device_secret=answer.device_secret,
@@ -96,7 +108,12 @@ def _problem(response: httpx.Response) -> tuple[str, str]:
 
 
 def load_or_enroll(
-    client: Callable[[], httpx.Client], *, path: Path, control_plane_url: str | None, token: str | None
+    client: Callable[[], httpx.Client],
+    *,
+    path: Path,
+    control_plane_url: str | None,
+    token: str | None,
+    identity: tuple[Path, Path] | None = None,
 ) -> Credential | None:
     """The stored credential, or a new one from enrollment; None for a standalone agent."""
     credential = load_credential(path)
@@ -104,4 +121,4 @@ def load_or_enroll(
         return credential
     if token is None or control_plane_url is None:
         return None
-    return enroll(client(), control_plane_url, token, path)
+    return enroll(client(), control_plane_url, token, path, identity)

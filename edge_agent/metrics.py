@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -58,9 +60,15 @@ class AgentMetrics:
         self.model_loaded = Gauge(f"{PREFIX}_model_loaded", "1 while a model takes traffic", registry=r)
         self.swaps = Counter(f"{PREFIX}_model_swaps", "Model switches by outcome", ["outcome"], registry=r)
         self.download_bytes = Counter(f"{PREFIX}_download_bytes", "Artifact bytes downloaded", registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests using the model now", registry=r)
+        self.queued = Gauge(f"{PREFIX}_requests_queued", "Requests waiting for the model", registry=r)
         rss = Gauge(f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the agent", registry=r)
         process = psutil.Process()
         rss.set_function(lambda: process.memory_info().rss)
+
+    def watch_queue(self, in_flight: Callable[[], float], queued: Callable[[], float]) -> None:
+        self.in_flight.set_function(in_flight)
+        self.queued.set_function(queued)
 
     def observe(self, operation: str, record: RequestRecord) -> None:
         status = "error" if record.error_type else "ok"

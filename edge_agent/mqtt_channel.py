@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from urllib.parse import quote
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
 from edge_agent.reconciler import REFUSED
+from edge_agent.settings import AgentSettings, ConfigError
+from edge_agent.tls import has_identity, plaintext_problem, ssl_context
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
 from shared.state import DeviceState, ModelRef, Phase
 from shared.telemetry import TelemetryWindow
@@ -61,6 +64,12 @@ def device_url(url: str, device_id: str, device_secret: str) -> str:
     return f"{scheme}://{auth}@{broker.host}:{broker.port}"
 
 
+def _tls_context(settings: AgentSettings) -> ssl.SSLContext:
+    """The broker verified with ca_bundle; the device certificate presented when it has one."""
+    identity = (settings.client_cert_path, settings.client_key_path)
+    return ssl_context(settings.ca_bundle, identity if settings.x509_identity and has_identity(*identity) else None)
+
+
 class MqttChannel:
     """One agent's MQTT session: `start()` after `agent.start()`, `stop()` before `agent.stop()`."""
 
@@ -77,6 +86,7 @@ class MqttChannel:
         spool_max_messages: int = 10_000,
         progress_interval_s: float = 0.5,
         reconnect_max_delay_s: int = 30,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.agent = agent
         self.device_id = device_id
@@ -92,6 +102,7 @@ class MqttChannel:
             protocol=protocol,
             spool_max_messages=spool_max_messages,
             reconnect_max_delay_s=reconnect_max_delay_s,
+            tls_context=tls_context,
         )
         self._progress_interval_s = progress_interval_s
         self._last_progress_at = float("-inf")
@@ -111,6 +122,13 @@ class MqttChannel:
         if credential is None:
             log.warning("mqtt_url is set but the agent has no device credential; not connecting to %s", url)
             return None
+        if not agent.settings.allow_insecure_http and (problem := plaintext_problem(url)):
+            raise ConfigError(f"broker URL refused: {problem}")
+        tls_context = _tls_context(agent.settings) if parse_broker_url(url).tls else None
+        if tls_context is not None and agent.settings.x509_identity:
+            # A renewed certificate is presented from the next (re)connection; this one stays up.
+            s = agent.settings
+            agent.identity_listeners.append(lambda: tls_context.load_cert_chain(s.client_cert_path, s.client_key_path))
         return cls(
             agent,
             url=url,
@@ -118,8 +136,13 @@ class MqttChannel:
             device_secret=credential.device_secret,
             topics=Topics(credential.topic_prefix),
             spool_path=agent.settings.data_dir / SPOOL_FILE,
+            tls_context=tls_context,
             **options,  # type: ignore[arg-type]
         )
+
+    def use_secret(self, secret: str) -> None:
+        """A rotated credential: the next CONNECT uses it (the live session was authenticated)."""
+        self.device.client.set_password(secret)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pydantic_settings import (
 )
 
 from edge_agent.errors import AgentError
+from edge_agent.tls import plaintext_problem
 
 _config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
 
@@ -27,6 +28,10 @@ class AgentSettings(BaseSettings):
 
     control_plane_url: str | None = None
     mqtt_url: str | None = None
+    # Plaintext http:// or mqtt:// off loopback would carry the device credential in clear.
+    allow_insecure_http: bool = False
+    ca_bundle: Path | None = None  # PEM CAs for the control plane, downloads and MQTT; default: system store
+    x509_identity: bool = False  # send a CSR at enrollment; MQTT with the certificate (mTLS listener)
     enrollment_token: SecretStr | None = None
     credential_file: Path | None = None  # default: <data_dir>/credential.json
     data_dir: Path = Path("/var/lib/slmops-agent")
@@ -35,6 +40,12 @@ class AgentSettings(BaseSettings):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8088, ge=0, le=65535)
     threads: int | None = Field(default=None, ge=1)
+    # The local API: a body larger than this is refused (413) before it is read; requests beyond
+    # the one generating and `max_queued_requests` waiting are refused (429); browsers may call it
+    # only from the listed origins (none: CORS off).
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_queued_requests: int = Field(default=16, ge=0)
+    cors_allow_origins: list[str] = Field(default_factory=list)
 
     telemetry_window_s: float = Field(default=60.0, gt=0)
     disk_quota_mb: int | None = Field(default=None, ge=1)  # the model store's limit
@@ -58,6 +69,7 @@ class AgentSettings(BaseSettings):
     # The operator's root.json (slmops keys init): releases are verified against it. Unset: the
     # root the control plane sent at enrollment is trusted on first use (edge_agent.trust).
     root_metadata_file: Path | None = None
+    credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")
     log_json: bool = False
     log_level: str = "INFO"
 
@@ -65,6 +77,15 @@ class AgentSettings(BaseSettings):
     def _check_enrollment(self) -> AgentSettings:
         if self.enrollment_token is not None and not self.control_plane_url:
             raise ValueError("enrollment_token is set but control_plane_url is not")
+        return self
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> AgentSettings:
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
+        for url in (self.control_plane_url, self.mqtt_url):
+            if url and not self.allow_insecure_http and (problem := plaintext_problem(url)):
+                raise ValueError(problem)
         return self
 
     @classmethod
@@ -86,6 +107,14 @@ class AgentSettings(BaseSettings):
     @property
     def credential_path(self) -> Path:
         return self.credential_file or self.data_dir / "credential.json"
+
+    @property
+    def client_cert_path(self) -> Path:
+        return self.data_dir / "device.crt"
+
+    @property
+    def client_key_path(self) -> Path:
+        return self.data_dir / "device.key"
 
     @property
     def desired_path(self) -> Path:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from shared.base import WireModel
+from shared.limits import MessageId, ModelName, ShortName, VersionName
 from shared.signing import SignedMetadata
 
 ArtifactFormat = Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]
@@ -17,9 +18,9 @@ class ArtifactRef(WireModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
     format: ArtifactFormat
-    quantization: str | None = None
+    quantization: ShortName | None = None
     # Relative URLs resolve against the control plane's base URL; absolute https:// URLs are used as is.
-    url: str | None = None
+    url: str | None = Field(default=None, max_length=2000)
 
 
 class RuntimeParams(WireModel):
@@ -36,9 +37,9 @@ class DesiredState(WireModel):
     defaults to false, so messages from older control planes read as they always did.
     """
 
-    message_id: str
-    model: str
-    version: str
+    message_id: MessageId
+    model: ModelName
+    version: VersionName
     artifact: ArtifactRef
     adapter: ArtifactRef | None = None  # a LoRA adapter applied on top of `artifact`
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)

@@ -6,6 +6,8 @@ MQTT (username/password).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import Field
 
 from shared.base import WireModel
@@ -16,6 +18,18 @@ from shared.signing import SignedMetadata
 class EnrollRequest(WireModel):
     enrollment_token: str = Field(min_length=8)
     hardware: HardwareProfile = Field(default_factory=HardwareProfile)
+    # X.509 identity: a PEM CSR over a key the device made; the CA ignores its subject.
+    csr_pem: str | None = Field(default=None, max_length=16384)
+
+
+class CertificateRequest(WireModel):
+    """A device renewing its X.509 identity (HTTP Basic as itself): a CSR over its own key."""
+
+    csr_pem: str = Field(max_length=16384)
+
+
+class CertificateResponse(WireModel):
+    client_certificate_pem: str = Field(max_length=16384)
 
 
 class EnrollResponse(WireModel):
@@ -25,3 +39,13 @@ class EnrollResponse(WireModel):
     topic_prefix: str = "slmops/v1"
     # The root chain releases are signed under: a device with no provisioned root trusts it (TOFU).
     root_metadata: list[SignedMetadata] | None = Field(default=None, max_length=32)
+    client_certificate_pem: str | None = Field(default=None, max_length=16384)  # CN = device id, by the device CA
+
+
+class CredentialRotation(WireModel):
+    """`POST /v1/devices/me/credential`: the device's new secret, sent this once. The previous
+    secret keeps working until `previous_valid_until` (the rotation's grace period)."""
+
+    device_id: str
+    device_secret: str
+    previous_valid_until: datetime

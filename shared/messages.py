@@ -22,12 +22,14 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+import orjson
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from shared import SCHEMA_VERSION
+from shared import SCHEMA_VERSION, limits
 from shared.base import WireModel
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
+from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ShortName, VersionName
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
@@ -58,7 +60,7 @@ def utc_now() -> datetime:
 class Envelope(WireModel):
     """Fields every message defined here carries besides `schema_version`."""
 
-    message_id: str = Field(default_factory=new_message_id, min_length=1, max_length=64)
+    message_id: MessageId = Field(default_factory=new_message_id)
     sent_at: datetime = Field(default_factory=utc_now)
 
 
@@ -66,9 +68,9 @@ class StatusMessage(Envelope):
     """Retained on `status`: the birth message says online; the last will says offline."""
 
     status: Literal["online", "offline"]
-    agent_version: str = ""
+    agent_version: ShortName = ""
     hardware: HardwareProfile | None = None  # sent with the birth message
-    reason: str | None = None  # e.g. "connection lost" (will) or "shutdown" (clean stop)
+    reason: Note | None = None  # e.g. "connection lost" (will) or "shutdown" (clean stop)
 
 
 EventKind = Literal[
@@ -90,14 +92,26 @@ EventKind = Literal[
 
 class EventMessage(Envelope):
     kind: EventKind
-    model: str | None = None
-    version: str | None = None
-    message: str = ""
+    model: ModelName | None = None
+    version: VersionName | None = None
+    message: Reason = ""
     detail: dict[str, Any] = Field(default_factory=dict)
     # Download progress; None where it does not apply.
-    bytes_done: int | None = Field(default=None, ge=0)
-    bytes_total: int | None = Field(default=None, ge=0)
-    rate_bytes_per_s: float | None = Field(default=None, ge=0)
+    bytes_done: BigCount | None = None
+    bytes_total: BigCount | None = None
+    rate_bytes_per_s: Measure | None = None
+
+    @field_validator("detail")
+    @classmethod
+    def _small_detail(cls, detail: dict[str, Any]) -> dict[str, Any]:
+        # Stored as given in a JSON column (orjson writes it): bounded, and what orjson can write.
+        try:
+            size = len(orjson.dumps(detail))
+        except orjson.JSONEncodeError as exc:
+            raise ValueError(f"detail cannot be stored as JSON: {exc}") from exc
+        if size > limits.MAX_DETAIL_BYTES:
+            raise ValueError(f"detail is over {limits.MAX_DETAIL_BYTES} bytes as JSON")
+        return detail
 
 
 class StateMessage(DeviceState, Envelope):
@@ -121,7 +135,7 @@ class TelemetryMessage(TelemetryWindow, Envelope):
 
     # Windows the agent's spool dropped (oldest first) since the previous report, because the
     # broker was unreachable for longer than the spool holds.
-    dropped_windows: int = Field(default=0, ge=0)
+    dropped_windows: BigCount = 0
 
     @classmethod
     def wrap(cls, window: TelemetryWindow, *, dropped_windows: int = 0) -> TelemetryMessage:

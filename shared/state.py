@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from shared import limits
 from shared.base import WireModel
+from shared.limits import MessageId, ModelName, Reason, Sha256, ShortName, VersionName
 
 Phase = Literal[
     "idle",  # nothing asked of the device yet
@@ -22,23 +24,23 @@ Phase = Literal[
 
 
 class ModelRef(WireModel):
-    model: str
-    version: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    format: str
-    quantization: str | None = None
+    model: ModelName
+    version: VersionName
+    sha256: Sha256
+    format: ShortName
+    quantization: ShortName | None = None
 
 
 class DeviceState(WireModel):
     """Reported state. `desired_message_id` is the last desired-state message the device acted on."""
 
-    device_id: str | None = None
+    device_id: str | None = Field(default=None, max_length=limits.ID_CHARS)
     phase: Phase = "idle"
-    reason: str | None = None
+    reason: Reason | None = None
     current: ModelRef | None = None
     previous: ModelRef | None = None
     pending: ModelRef | None = None
-    desired_message_id: str | None = None
-    rollout_id: str | None = None
+    desired_message_id: MessageId | None = None
+    rollout_id: MessageId | None = None
     serving: bool = False  # whether a model is loaded and taking traffic
     updated_at: datetime | None = None

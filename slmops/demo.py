@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,40 @@ PLAN: dict[str, Any] = {
     # 2.0, not 1.5: five agents share two cores here, so latency is noisy.
     "gates": {"min_samples": 30, "max_p95_latency_ratio": 2.0, "max_error_rate": 0.05},
 }
+
+
+# What `timeout`, systemd, container runtimes, Ctrl-C and a closed terminal send.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class DemoStopped(Exception):
+    """A stop signal arrived: unwind so that every process the demo started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    # Later signals are ignored so that the first one's shutdown runs to its end.
+    _ignore_stop_signals()
+    raise DemoStopped(signum)
+
+
+@contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP raise DemoStopped in the main thread for as long as this lasts."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:
@@ -76,6 +112,8 @@ class Fleet:
 
     def spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / "logs" / log_name).open("ab")
+        # Not by blocking the stop signals around Popen: the child would inherit the blocked mask
+        # and never see the SIGTERM that stops it.
         proc = subprocess.Popen(
             [sys.executable, "-m", "slmops", *args],
             env=env or self.env(),
@@ -97,6 +135,7 @@ class Fleet:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                self.console.log(f"killed {' '.join(map(str, proc.args[3:]))}: it did not stop on SIGTERM")  # type: ignore[index]
                 proc.kill()
 
 
@@ -263,31 +302,42 @@ def run_demo(
     topic_prefix: str = "slmops/v1",
 ) -> int:
     fleet = Fleet(workdir=workdir, console=console, mqtt_url=mqtt_url, topic_prefix=topic_prefix)
+    with stop_signals_unwind():
+        try:
+            return _run_fleet(fleet, devices, keep, console)
+        except DemoStopped as stopped:
+            console.log(f"{stopped}: stopping the control plane and the agents")
+            return 128 + stopped.signum
+        finally:
+            _ignore_stop_signals()
+            fleet.shutdown()
+
+
+def _run_fleet(fleet: Fleet, devices: int, keep: bool, console: Console) -> int:
     started = time.monotonic()
-    try:
-        broker = mqtt_url or f"embedded MQTT on :{fleet.mqtt_port}"
-        console.log(f"control plane: {fleet.base} (SQLite + {broker}), work dir {workdir}")
-        api = start_control_plane(fleet)
-        register_models(fleet, api)
-        console.log(
-            f"registered tinyllama 1.0.0, 2.0.0 and 3.0.0 (3.0.0 has {SLOW_LAYERS} layers, not 2: deliberately slower)"
-        )
-        start_agents(fleet, api, devices)
-        console.log(f"{devices} agents enrolled and online")
-        for port in fleet.agent_ports:
-            threading.Thread(target=load_generator, args=(fleet, port), daemon=True).start()
-        results = [run_rollout(api, console, v) for v in ("1.0.0", "2.0.0", "3.0.0")]
-        summarise(console, results, api)
-        expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
-        console.log(
-            f"demo finished in {time.monotonic() - started:.0f}s: "
-            + ("as expected" if expected else "[red]NOT as expected[/red]")
-        )
-        if keep:
-            console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
-            console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
-            console.print("Ctrl-C stops everything.")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0 if expected else 1
-    finally:
-        fleet.shutdown()
+    workdir, mqtt_url = fleet.workdir, fleet.mqtt_url
+    broker = mqtt_url or f"embedded MQTT on :{fleet.mqtt_port}"
+    console.log(f"control plane: {fleet.base} (SQLite + {broker}), work dir {workdir}")
+    api = start_control_plane(fleet)
+    register_models(fleet, api)
+    console.log(
+        f"registered tinyllama 1.0.0, 2.0.0 and 3.0.0 (3.0.0 has {SLOW_LAYERS} layers, not 2: deliberately slower)"
+    )
+    start_agents(fleet, api, devices)
+    console.log(f"{devices} agents enrolled and online")
+    for port in fleet.agent_ports:
+        threading.Thread(target=load_generator, args=(fleet, port), daemon=True).start()
+    results = [run_rollout(api, console, v) for v in ("1.0.0", "2.0.0", "3.0.0")]
+    summarise(console, results, api)
+    expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
+    console.log(
+        f"demo finished in {time.monotonic() - started:.0f}s: "
+        + ("as expected" if expected else "[red]NOT as expected[/red]")
+    )
+    if keep:
+        console.print(f"\nAPI: {fleet.base}/docs  dashboard: {fleet.base}/  token: {fleet.token}")
+        console.print("agents: " + ", ".join(f"http://127.0.0.1:{p}/v1" for p in fleet.agent_ports))
+        console.print("Ctrl-C stops everything.")
+        while True:
+            signal.pause()
+    return 0 if expected else 1

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from shared.desired import DesiredState
 from slmops.mqtt.broker import free_port
+from tests.server_thread import ServerThread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,10 +160,8 @@ class ArtifactServer:
 
 
 @contextlib.contextmanager
-def running_artifact_server() -> Iterator[ArtifactServer]:
-    """An ArtifactServer answering on a free port until the block ends."""
-    from tests.server_thread import ServerThread
-
+def artifact_server() -> Iterator[ArtifactServer]:
+    """An ArtifactServer on a real uvicorn in a thread, for as long as the block runs."""
     server = ArtifactServer()
     with ServerThread(server.app()) as thread:
         server.port = thread.port

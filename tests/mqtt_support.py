@@ -121,15 +121,25 @@ def clear_retained(client: MqttClient, topics: list[str]) -> None:
 DEPLOY_MOSQUITTO = Path(__file__).parents[1] / "deploy" / "mosquitto"
 
 
-def shipped_mosquitto(workdir: Path) -> tuple[MosquittoProcess, int]:
+def shipped_mosquitto(
+    workdir: Path, *, tls: tuple[Path, Path] | None = None, control_plane_tls: bool = False, extra: str = ""
+) -> tuple[MosquittoProcess, int]:
     """deploy/mosquitto/mosquitto.conf on free ports, paths moved into `workdir`: its control-plane
-    listener (the process's `port`) and its device listener, without TLS (the returned port)."""
+    listener (the process's `port`) and its device listener (the returned port), without TLS
+    unless `tls` = (certificate, key); `control_plane_tls` puts TLS on the control plane's too."""
     import os
     import re
 
     port, device_port = free_port(), free_port()
     config = (DEPLOY_MOSQUITTO / "mosquitto.conf").read_text()
-    config = re.sub(r"^(certfile|keyfile|tls_version) .*\n", "", config, flags=re.M)
+    if tls is None:
+        config = re.sub(r"^(certfile|keyfile|tls_version) .*\n", "", config, flags=re.M)
+    else:
+        config = config.replace("/etc/mosquitto/certs/server.crt", str(tls[0]))
+        config = config.replace("/etc/mosquitto/certs/server.key", str(tls[1]))
+        if control_plane_tls:  # as documented for a control plane on another host
+            own = f"certfile {tls[0]}\nkeyfile {tls[1]}\n"
+            config = config.replace("listener 1883 127.0.0.1\n", f"listener 1883 127.0.0.1\n{own}")
     for production, test in [
         ("/etc/mosquitto/slmops/", f"{workdir}/"),
         ("/run/mosquitto/", f"{workdir}/"),
@@ -140,6 +150,7 @@ def shipped_mosquitto(workdir: Path) -> tuple[MosquittoProcess, int]:
     ]:
         assert production in config
         config = config.replace(production, test)
+    config += extra
     if os.geteuid() == 0:
         config += "user root\n"  # mosquitto would switch to its own user, who cannot read workdir
     workdir.mkdir(parents=True, exist_ok=True)

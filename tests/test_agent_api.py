@@ -234,3 +234,11 @@ def test_malformed_requests_get_4xx_in_openai_shape(agent, artifacts, models, pa
     assert 400 <= response.status_code < 500, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{agent.url}/healthz").status_code == 200
+
+
+def test_cors_is_off_by_default(agent) -> None:
+    preflight = httpx.options(
+        f"{agent.url}/v1/chat/completions",
+        headers={"Origin": "http://page.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers

@@ -18,6 +18,8 @@ from control_plane.rollouts.gates import merged_percentile
 from control_plane.services import auth
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 
+SAME_SITE = {"Origin": "http://testserver"}  # what a browser sends on the dashboard's own form posts
+
 
 def _token(engine: sa.Engine, role: Role = Role.viewer) -> tuple[str, str]:
     with Session(engine) as session:
@@ -27,7 +29,7 @@ def _token(engine: sa.Engine, role: Role = Role.viewer) -> tuple[str, str]:
 
 
 def _sign_in(client: TestClient, token: str) -> None:
-    response = client.post("/login", data={"token": token, "next": "/"}, follow_redirects=False)
+    response = client.post("/login", data={"token": token, "next": "/"}, follow_redirects=False, headers=SAME_SITE)
     assert response.status_code == 303, response.text
 
 
@@ -38,7 +40,7 @@ def _stat(html: str, name: str) -> str:
 
 
 def test_pages_ask_for_a_token_first(client: TestClient) -> None:
-    page = client.get("/devices?status=online", follow_redirects=False)
+    page = client.get("/devices?status=online", follow_redirects=False, headers=SAME_SITE)
     assert page.status_code == 303
     assert page.headers["location"] == "/login?next=%2Fdevices%3Fstatus%3Donline"
     assert client.get("/?partial=live").status_code == 401  # the live refresh sends the page to sign-in
@@ -49,15 +51,16 @@ def test_pages_ask_for_a_token_first(client: TestClient) -> None:
 
 
 def test_login_checks_the_token_and_sets_an_httponly_cookie(client: TestClient, engine: sa.Engine) -> None:
-    refused = client.post("/login", data={"token": "slm_wrong", "next": "/"}, follow_redirects=False)
+    refused = client.post("/login", data={"token": "slm_wrong", "next": "/"}, follow_redirects=False, headers=SAME_SITE)
     assert refused.status_code == 401 and "unknown or revoked" in refused.text
     assert "set-cookie" not in refused.headers
 
     token_id, token = _token(engine)
-    accepted = client.post("/login", data={"token": token, "next": "/registry"}, follow_redirects=False)
+    form = {"token": token, "next": "/registry"}
+    accepted = client.post("/login", data=form, follow_redirects=False, headers=SAME_SITE)
     assert accepted.status_code == 303 and accepted.headers["location"] == "/registry"
     cookie = accepted.headers["set-cookie"]
-    assert cookie.startswith(f"slmops_token={token};")
+    assert cookie.startswith("slmops_session=") and token not in cookie  # a session id, never the token
     assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
     assert client.get("/registry").status_code == 200
     with Session(engine) as session:  # the token list shows when it was last used, dashboard included
@@ -67,7 +70,7 @@ def test_login_checks_the_token_and_sets_an_httponly_cookie(client: TestClient, 
 @pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example"])
 def test_login_never_redirects_off_site(client: TestClient, engine: sa.Engine, target: str) -> None:
     _, token = _token(engine)
-    response = client.post("/login", data={"token": token, "next": target}, follow_redirects=False)
+    response = client.post("/login", data={"token": token, "next": target}, follow_redirects=False, headers=SAME_SITE)
     assert response.headers["location"] == "/"
 
 
@@ -85,16 +88,16 @@ def test_a_revoked_token_is_signed_out(client: TestClient, engine: sa.Engine) ->
     with Session(engine) as session:
         auth.revoke_token(session, token_id)
         session.commit()
-    response = client.get("/", follow_redirects=False)
+    response = client.get("/", follow_redirects=False, headers=SAME_SITE)
     assert response.status_code == 303 and response.headers["location"].startswith("/login")
 
 
 def test_logout_clears_the_cookie(client: TestClient, engine: sa.Engine) -> None:
     _, token = _token(engine)
     _sign_in(client, token)
-    response = client.post("/logout", follow_redirects=False)
-    assert response.status_code == 303 and 'slmops_token=""' in response.headers["set-cookie"]
-    assert client.get("/", follow_redirects=False).status_code == 303
+    response = client.post("/logout", follow_redirects=False, headers=SAME_SITE)
+    assert response.status_code == 303 and 'slmops_session=""' in response.headers["set-cookie"]
+    assert client.get("/", follow_redirects=False, headers=SAME_SITE).status_code == 303
 
 
 def _fleet(client: TestClient, admin_headers: dict[str, str], engine: sa.Engine) -> None:
@@ -239,7 +242,7 @@ def test_static_files_are_served_from_the_package_only(client: TestClient) -> No
     css = client.get("/ui/static/dashboard.css")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
     js = client.get("/ui/static/dashboard.js")
-    assert js.status_code == 200 and "lineChart" in js.text and "slmops_token" not in js.text
+    assert js.status_code == 200 and "lineChart" in js.text and "slmops_session" not in js.text
     assert client.get("/ui/static/..%2Fqueries.py").status_code == 404
     assert client.get("/ui/static/routes.py").status_code == 404
 

@@ -169,7 +169,7 @@ def test_dashboard_shows_a_live_rollout_in_chromium(fleet_with_live_rollout, tmp
         _sign_in(page, base_url, f"/rollouts/{rollout_id}", ctx["viewer_token"])
         # From here on no console error at all (the wrong token's 401 above is logged by Chromium).
         page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
-        cookie = next(c for c in page.context.cookies() if c["name"] == "slmops_token")
+        cookie = next(c for c in page.context.cookies() if c["name"] == "slmops_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
         _check_canary(page)

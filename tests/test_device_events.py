@@ -117,7 +117,15 @@ def test_the_devices_page_shows_the_latest_events(client: TestClient, engine) ->
     with Session(engine) as session:
         _, token = auth.create_token(session, name="events-viewer", role=Role.viewer)
         session.commit()
-    assert client.post("/login", data={"token": token, "next": "/"}, follow_redirects=False).status_code == 303
+    assert (
+        client.post(
+            "/login",
+            data={"token": token, "next": "/"},
+            follow_redirects=False,
+            headers={"Origin": "http://testserver"},
+        ).status_code
+        == 303
+    )
     page = client.get("/devices")
     assert page.status_code == 200
     table = page.text.split('id="events-table"', 1)[1].split("</table>", 1)[0]

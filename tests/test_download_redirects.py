@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,22 +25,14 @@ from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef
 from tests.agent_support import ArtifactServer
 from tests.server_thread import ServerThread
+from tests.tls_support import self_signed
 
 PAYLOAD = random.Random(11).randbytes(200_000)
 
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 and localhost (openssl, as on any host that runs the tests)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 class Redirector:

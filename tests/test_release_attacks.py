@@ -24,7 +24,7 @@ from shared.messages import EventMessage
 from shared.releases import expires_in
 from slmops.tinymodels import write_tiny_gguf
 from tests.agent_mqtt_support import ControlPlane, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, running_artifact_server
+from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
 from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics, wait_until
 from tests.release_support import Authority, past
 
@@ -35,7 +35,7 @@ UNVERIFIED = os.environ.get("SLMOPS_TEST_UNVERIFIED") == "1"
 
 @pytest.fixture(scope="module")
 def artifacts() -> Iterator[ArtifactServer]:
-    with running_artifact_server() as server:
+    with artifact_server() as server:
         yield server
 
 

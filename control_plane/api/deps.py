@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import Depends, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlmodel import Session
 
+from control_plane.api.ratelimit import RateLimiter
 from control_plane.config import Settings
 from control_plane.errors import DomainError
 from control_plane.models import ApiToken, Role, as_utc, utcnow
@@ -36,6 +38,10 @@ def get_session(engine: Annotated[sa.Engine, Depends(get_engine)]) -> Iterator[S
         yield session
 
 
+def rate_limiter(request: Request) -> RateLimiter:
+    return request.app.state.rate_limiter  # type: ignore[no-any-return]
+
+
 def get_blob_store(request: Request) -> LocalBlobStore:
     return request.app.state.blob_store  # type: ignore[no-any-return]
 
@@ -43,6 +49,7 @@ def get_blob_store(request: Request) -> LocalBlobStore:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 BlobStoreDep = Annotated[LocalBlobStore, Depends(get_blob_store)]
+RateLimiterDep = Annotated[RateLimiter, Depends(rate_limiter)]
 
 
 def _principal(request: Request, session: Session) -> Principal:
@@ -75,10 +82,25 @@ def touch_token(session: Session, token_id: str) -> None:
         session.commit()
 
 
-def any_principal(request: Request, session: SessionDep) -> Principal:
-    principal = _principal(request, session)
+def authenticate_request(request: Request, session: Session) -> Principal:
+    """The request's principal, checked once per request; repeated failures from one address get a 429."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    limiter = rate_limiter(request)
+    limiter.check(request, "auth")
+    try:
+        principal = _principal(request, session)
+    except DomainError:
+        limiter.charge(request, "auth")
+        raise
+    request.state.principal = principal
     request.state.actor = principal.actor
     return principal
+
+
+def any_principal(request: Request, session: SessionDep) -> Principal:
+    return authenticate_request(request, session)
 
 
 def _role_dependency(role: Role) -> Any:
@@ -118,7 +140,7 @@ class Mutation:
         stored = idempotency.lookup(
             self.session,
             key=self.key,
-            principal=principal.actor,
+            principal=idempotency.scope(principal),
             print_=self._print,
             ttl_s=self.settings.idempotency_ttl_s,
         )
@@ -131,23 +153,37 @@ class Mutation:
         audit.record(
             self.session,
             actor=principal.actor,
+            actor_id=principal.id,
             action=action,
             target=target,
             request_id=self.request_id,
             **detail,
         )
 
-    def commit(self, principal: Principal, status_code: int, response: Any) -> None:
+    def commit(self, principal: Principal, status_code: int, response: Any, secrets: tuple[str, ...] = ()) -> None:
+        """Commit the change; with an Idempotency-Key, keep the response less its `secrets` fields for replays."""
         if self.key and self._print:
+            body = jsonable_encoder(response)
+            body.update(dict.fromkeys(secrets))  # a secret is shown once: a replay says null, never the plaintext
             idempotency.store(
                 self.session,
                 key=self.key,
-                principal=principal.actor,
+                principal=idempotency.scope(principal),
                 print_=self._print,
                 status_code=status_code,
-                body=jsonable_encoder(response),
+                body=body,
             )
         self.session.commit()
 
 
 MutationDep = Annotated[Mutation, Depends()]
+
+
+def _iso_instant(value: Any) -> Any:
+    # A time in a query is ISO 8601 text, as the schema says; pydantic alone also reads a bare number as Unix seconds.
+    if isinstance(value, str) and not re.match(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("expected an ISO 8601 date-time such as 2026-12-06T08:00:00Z")
+    return value
+
+
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_instant)]

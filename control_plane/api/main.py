@@ -16,6 +16,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from control_plane.api import docs
+from control_plane.api.auth_first import AuthenticateFirstMiddleware, allowed_methods
+from control_plane.api.limits import BodyLimitMiddleware, PayloadTooLarge
+from control_plane.api.openapi import install_openapi
+from control_plane.api.problems import problem_response
+from control_plane.api.ratelimit import RateLimiter
 from control_plane.api.routes import (
     artifacts,
     devices,
@@ -31,16 +37,16 @@ from control_plane.api.routes import (
 )
 from control_plane.broker_access import BrokerAccess, password_file_for
 from control_plane.config import Settings
+from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
-from control_plane.errors import DomainError, problem
+from control_plane.errors import DomainError
 from control_plane.metrics import HttpMetricsMiddleware
 from control_plane.releases import ReleaseSigner
 from control_plane.releases import configure as configure_signing
-from control_plane.storage import LocalBlobStore
+from control_plane.storage import make_blob_store
 
 log = logging.getLogger("slmops.api")
-PROBLEM_JSON = "application/problem+json"
 
 
 class RequestIdMiddleware:
@@ -65,10 +71,30 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def _problem_response(request: Request, status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    body = problem(status, code, detail, instance=request.url.path, **extra)
-    headers = {"WWW-Authenticate": 'Bearer realm="slmops"'} if status == 401 else None
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+class HstsMiddleware:
+    """Strict-Transport-Security on every response served over https (RFC 6797 s. 7.2: never over http)."""
+
+    def __init__(self, app: ASGIApp, max_age_s: int) -> None:
+        self.app = app
+        self.header = (b"strict-transport-security", f"max-age={max_age_s}".encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append(self.header)
+            await send(message)
+
+        await self.app(scope, receive, send_with_hsts)
+
+
+def _problem_response(
+    request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return problem_response(request.url.path, status, code, detail, headers=headers, **extra)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -83,8 +109,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, PayloadTooLarge):
+            return _problem_response(request, 413, "payload_too_large", str(exc.detail), limit_bytes=exc.limit)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _problem_response(request, exc.status_code, code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (methods := allowed_methods(request.scope)):
+            headers["Allow"] = ", ".join(methods)
+        return _problem_response(request, exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -122,15 +153,37 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         title="slmops control plane",
         version="0.1.0",
         description="Model registry, device registry and staged rollouts for edge fleets of small LMs.",
+        docs_url=None,  # served by api/docs.py from the package, never from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
-    app.state.blob_store = LocalBlobStore(settings.blob_dir)
+    app.state.blob_store = make_blob_store(settings)
     configure_signing(ReleaseSigner.from_settings(settings))  # every desired state names a signed release
+    if settings.device_certificates:
+        from control_plane.device_ca import DeviceCA
+
+        app.state.device_ca = DeviceCA.load_or_create(settings.device_ca_path)
+    app.state.rate_limiter = RateLimiter(
+        {
+            "auth": settings.rate_limit_auth_failures_per_min,
+            "enroll": settings.rate_limit_enroll_failures_per_min,
+            "login": settings.rate_limit_login_failures_per_min,
+        }
+    )
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+    )
+    app.add_middleware(AuthenticateFirstMiddleware)  # outside the cap: no credential, no word on sizes
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
+    if settings.hsts_max_age_s > 0:
+        app.add_middleware(HstsMiddleware, max_age_s=settings.hsts_max_age_s)
     _install_error_handlers(app)
-    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics):
+    for module in (health, models, modelopt, jobs, artifacts, devices, tokens, rollouts, dashboard, telemetry, metrics,
+                   dashboard_actions):  # fmt: skip
         app.include_router(module.router)
     app.include_router(events.router)
+    app.include_router(docs.router)
+    install_openapi(app)
     return app

@@ -1,7 +1,7 @@
 """The operator dashboard served at `/`: server-rendered Jinja2 pages, one CSS and one JS file.
 
-Everything ships in this package (no CDN, no build step). Pages authenticate with an API token
-kept in the HttpOnly cookie `slmops_token`; the JSON API under `/v1` still needs the header.
+Everything ships in this package (no CDN, no build step). Signing in with an API token starts a
+server-side session (HttpOnly cookie `slmops_session`); the JSON API under `/v1` still needs the header.
 """
 
 from control_plane.dashboard.routes import router

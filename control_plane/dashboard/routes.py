@@ -8,18 +8,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from control_plane.api.deps import SessionDep
+from control_plane.api.deps import RateLimiterDep, SessionDep, SettingsDep
 from control_plane.dashboard import queries, telemetry
 from control_plane.dashboard.render import SECURITY_HEADERS, STATIC_DIR, render
 from control_plane.dashboard.session import (
+    SameOriginDep,
     ViewerCookieDep,
-    clear_token_cookie,
+    clear_session_cookie,
+    end_session,
     safe_next,
-    set_token_cookie,
+    set_session_cookie,
     sign_in_required,
+    start_session,
 )
 from control_plane.errors import DomainError
-from control_plane.models import DeviceStatus, Model, Rollout, as_utc, utcnow
+from control_plane.models import DeviceStatus, Model, Role, Rollout, as_utc, utcnow
+from control_plane.rollouts.actions import allowed_actions
 from control_plane.services import devices as device_service
 from control_plane.services.auth import authenticate_token
 
@@ -38,13 +42,18 @@ def login_form(request: Request, next_path: Annotated[str, Query(alias="next")] 
 def login(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
+    limiter: RateLimiterDep,
+    _: SameOriginDep,
     token: Annotated[str, Form()],
     next_path: Annotated[str, Form(alias="next")] = "/",
 ) -> Response:
-    """Check the pasted token against the tokens table, then keep it in an HttpOnly cookie."""
+    """Check the pasted token against the tokens table, then start a server-side session for it."""
+    limiter.check(request, "login")
     try:
         principal = authenticate_token(session, token.strip())
     except DomainError:
+        limiter.charge(request, "login")
         return render(
             request,
             "login.html",
@@ -53,16 +62,18 @@ def login(
             next=safe_next(next_path),
             error="That token is unknown or revoked.",
         )
+    session_id = start_session(session, token_id=principal.id, ttl_s=settings.dashboard_session_ttl_s)
     response = RedirectResponse(safe_next(next_path), status_code=303)
-    set_token_cookie(request, response, token.strip())
+    set_session_cookie(request, response, session_id, settings)
     request.state.actor = principal.actor
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, session: SessionDep, _: SameOriginDep) -> Response:
+    end_session(request, session)
     response = RedirectResponse("/login", status_code=303)
-    clear_token_cookie(response)
+    clear_session_cookie(response)
     return response
 
 
@@ -101,6 +112,7 @@ def devices_page(
     return render(
         request, "devices.html", partial, viewer=viewer, devices=rows, next_cursor=next_cursor, filters=filters,
         error=error, statuses=[s.value for s in DeviceStatus], versions=queries.known_versions(session),
+        can_admin=viewer.role == Role.admin,
         events=queries.recent_events(session, rows),
     )  # fmt: skip
 
@@ -131,6 +143,7 @@ def rollout_page(
         viewer=viewer,
         view=view,
         r=view.rollout,
+        actions=allowed_actions(rollout) if viewer.role and viewer.role >= Role.operator else [],
         ordered=queries.metric_rows,
         check_value=queries.check_value,
     )
@@ -140,7 +153,10 @@ def rollout_page(
 def registry_page(request: Request, session: SessionDep, viewer: ViewerCookieDep) -> Response:
     if viewer is None:
         return sign_in_required(request, None)
-    return render(request, "registry.html", None, viewer=viewer, models=queries.registry_view(session))
+    can_operate = bool(viewer.role and viewer.role >= Role.operator)
+    return render(
+        request, "registry.html", None, viewer=viewer, models=queries.registry_view(session), can_operate=can_operate
+    )
 
 
 @router.get("/telemetry")

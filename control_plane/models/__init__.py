@@ -1,10 +1,11 @@
 """All tables; importing this module fills `SQLModel.metadata` for alembic and the app."""
 
-from control_plane.models.auth import ApiToken, AuditEntry, IdempotencyRecord, Role
+from control_plane.models.auth import ApiToken, AuditEntry, DashboardSession, IdempotencyRecord, Role
 from control_plane.models.base import as_utc, new_id, utcnow
 from control_plane.models.devices import Device, DeviceLabel, DeviceStatus
 from control_plane.models.jobs import Job
 from control_plane.models.registry import (
+    DEPLOYABLE_STATUSES,
     Artifact,
     ArtifactFormat,
     LineageRelation,
@@ -39,6 +40,7 @@ __all__ = [
     "Artifact",
     "ArtifactFormat",
     "AuditEntry",
+    "DashboardSession",
     "Device",
     "DeviceLabel",
     "DeviceStatus",
@@ -49,6 +51,7 @@ __all__ = [
     "ModelVersion",
     "Role",
     "VersionStatus",
+    "DEPLOYABLE_STATUSES",
     "as_utc",
     "new_id",
     "utcnow",

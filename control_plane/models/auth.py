@@ -6,6 +6,7 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from control_plane.models.base import created_at_field, id_field, json_field, ts_field
@@ -38,6 +39,7 @@ class AuditEntry(SQLModel, table=True):
 
     id: str = id_field()
     actor: str = Field(max_length=160)  # "token:<name>" or "device:<id>"
+    actor_id: str = Field(default="", max_length=36)  # the token's or device's id: names can repeat
     action: str = Field(max_length=64)  # e.g. "model.create"
     target: str = Field(default="", max_length=300)
     request_id: str = Field(default="", max_length=64)
@@ -54,3 +56,14 @@ class IdempotencyRecord(SQLModel, table=True):
     status_code: int
     response: dict[str, Any] = json_field()
     created_at: datetime = created_at_field(index=True)
+
+
+class DashboardSession(SQLModel, table=True):
+    """A dashboard sign-in: the cookie holds a random id, the table only its hash and the token's id."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    token_id: str = Field(foreign_key="api_tokens.id", max_length=36, index=True, ondelete="CASCADE")
+    created_at: datetime = created_at_field()
+    expires_at: datetime = Field(sa_type=sa.DateTime(timezone=True), sa_column_kwargs={"nullable": False}, index=True)  # type: ignore[call-overload]

@@ -32,6 +32,11 @@ class Device(SQLModel, table=True):
     secret_hash: str | None = Field(default=None, max_length=64)
     # The secret as Mosquitto's password_file holds it (`$7$` PBKDF2-SHA512): the file is rebuilt from it.
     mqtt_password_hash: str | None = Field(default=None, max_length=160)
+    # Credential rotation: the previous secret stays valid until it expires (the grace period).
+    previous_secret_hash: str | None = Field(default=None, max_length=64)
+    previous_secret_expires_at: datetime | None = ts_field()
+    rotation_requested_at: datetime | None = ts_field()  # the device fetches a new secret when set
+    rotation_grace_s: int | None = None
     last_seen: datetime | None = ts_field()
     current_model: str | None = Field(default=None, max_length=128)
     # Not indexed, so acknowledgements update the row in place (migration 0008).

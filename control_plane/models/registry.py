@@ -15,8 +15,14 @@ from control_plane.models.base import created_at_field, id_field, json_field
 class VersionStatus(StrEnum):
     registered = "registered"
     validated = "validated"
-    deprecated = "deprecated"
+    deprecated = "deprecated"  # no new rollout may target it
     revoked = "revoked"
+    recalled = "recalled"  # every device was rolled off it; no rollout may target it again
+    deleted = "deleted"  # its artifacts are gone; the row stays for rollout history and lineage
+
+
+# Statuses a rollout, a recall or a late enrollment may still give devices.
+DEPLOYABLE_STATUSES = (VersionStatus.registered, VersionStatus.validated)
 
 
 class LineageRelation(StrEnum):
@@ -40,6 +46,7 @@ class Model(SQLModel, table=True):
     name: str = Field(max_length=128, unique=True, index=True)
     description: str = Field(default="", max_length=2000)
     task: str = Field(default="text-generation", max_length=64)
+    keep_versions: int | None = Field(default=None, ge=1)  # retention: newest N versions; None: all
     created_by: str = Field(default="", max_length=128)
     created_at: datetime = created_at_field()
 

@@ -14,14 +14,19 @@ from control_plane.models.base import created_at_field, id_field, json_field
 class TelemetryRecord(SQLModel, table=True):
     __tablename__ = "telemetry_windows"
     # Deduplicated by message id: an agent's `seq` starts again at 0 when its process restarts.
-    __table_args__ = (sa.UniqueConstraint("device_id", "message_id", name="uq_telemetry_windows_device_message"),)
+    # PostgreSQL partitions the table by day of `window_end` (control_plane/telemetry/partitions.py),
+    # and a partitioned table's keys must hold the partition key: a redelivered message carries the
+    # same window_end, so (device, message id, window_end) still stores it once.
+    __table_args__ = (
+        sa.UniqueConstraint("device_id", "message_id", "window_end", name="uq_telemetry_windows_device_message"),
+    )
 
     id: str = id_field()
     device_id: str = Field(max_length=36, index=True)
     message_id: str = Field(max_length=64)
     seq: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
     window_start: datetime = Field(sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
-    window_end: datetime = Field(sa_type=sa.DateTime(timezone=True), index=True)  # type: ignore[call-overload]
+    window_end: datetime = Field(sa_type=sa.DateTime(timezone=True), primary_key=True, index=True)  # type: ignore[call-overload]
     model: str | None = Field(default=None, max_length=128)
     version: str | None = Field(default=None, max_length=64, index=True)
     requests: int = 0

@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from control_plane import bulk
 from control_plane.models import (
     ACTIVE_STATES,
+    DEPLOYABLE_STATUSES,
     Artifact,
     DesiredStateRow,
     Device,
@@ -29,7 +30,7 @@ from control_plane.models import (
     as_utc,
     utcnow,
 )
-from control_plane.rollouts import assign, gates
+from control_plane.rollouts import assign, gates, schedule
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
@@ -133,7 +134,10 @@ class RolloutController:
             matching = list(session.exec(stmt).all())
             model = session.get(Model, rollout.model_id)
             version = session.get(ModelVersion, rollout.version_id)
-            if not matching or model is None or version is None or version.status == "revoked":
+            # A recall rollout moved the devices that ran a version, not a selector's every device.
+            if rollout.plan.get("recall_of") or not matching or model is None or version is None:
+                continue
+            if version.status not in DEPLOYABLE_STATUSES:
                 continue
             states = self._stable_states(session, model, version, matching)
             assign.write_desired(session, states)
@@ -174,13 +178,16 @@ class RolloutController:
         self._cover_newcomers(session, rollout, plan, model)
         if rollout.state != RolloutState.running:
             return
+        if (why := schedule.should_abort(plan.abort, members)) is not None:
+            self.rollback(session, rollout, why)
+            rollout.state = RolloutState.aborted
+            return
         size = plan.stages[rollout.stage_index].cumulative_size(len(members))
         unassigned = [m for m in members[:size] if m.stage_index < 0]
         if unassigned:
-            deployable = assign.deployable_artifacts(session, version)
-            self._assign(session, rollout, unassigned, model, version, deployable)
-            # Gates are evaluated from the next tick: the caller commits now and the publisher sends
-            # the new desired states without waiting for an evaluation that could only say "wait".
+            # Gates are evaluated once the whole stage is assigned, from the next tick: the caller
+            # commits now and the publisher sends the new desired states without waiting.
+            self._admit(session, rollout, plan, members, unassigned, model, version)
             return
         touched = [m for m in members if m.stage_index >= 0]
         result = self._evaluate(session, rollout, plan, version, members, touched)
@@ -191,10 +198,35 @@ class RolloutController:
                 rollout,
                 f"gate failed in stage {plan.stages[rollout.stage_index].name}: " + ", ".join(failed),
             )
-        elif result.result == gates.PASS and self._baked(rollout, plan):
+        elif result.result == gates.PASS and self._baked(session, rollout, plan, members):
             self._stage_passed(session, rollout, plan)
             if rollout.state == RolloutState.completed:
                 self._cover_newcomers(session, rollout, plan, model)
+
+    def _admit(
+        self,
+        session: Session,
+        rollout: Rollout,
+        plan: RolloutCreate,
+        members: list[Member],
+        unassigned: list[Member],
+        model: Model,
+        version: ModelVersion,
+    ) -> None:
+        """Assign the stage's devices that are inside their window, as fast as the rate allows."""
+        given = sum(m.stage_index == rollout.stage_index for m in members)
+        started = as_utc(rollout.stage_started_at) or self._now()
+        admitted, held = schedule.admit(session, plan, unassigned, now=self._now(), stage_started=started, given=given)
+        outside = {m.device_id for m in held}
+        changes = []
+        for member in unassigned:
+            status = schedule.WAITING_WINDOW if member.device_id in outside else "waiting"
+            if member.status != status and member not in admitted:
+                member.status = status
+                changes.append({"device_id": member.device_id, "status": status})
+        members_.save(session, rollout.id, changes)
+        if admitted:
+            self._assign(session, rollout, admitted, model, version, assign.deployable_artifacts(session, version))
 
     @staticmethod
     def _hardware(session: Session, device_ids: list[str]) -> HardwareProfiles:
@@ -352,7 +384,8 @@ class RolloutController:
         touched: list[Member],
     ) -> gates.GateResult:
         stage_since = as_utc(rollout.stage_started_at) or self._now()
-        baseline_ids = [m.device_id for m in members if m.status in ("waiting", "incompatible")]
+        not_given = ("waiting", "incompatible", schedule.WAITING_WINDOW)
+        baseline_ids = [m.device_id for m in members if m.status in not_given]
         if not baseline_ids:  # last stage: compare with what all devices did before the rollout
             baseline_ids = [m.device_id for m in members]
         result = gates.evaluate(
@@ -376,9 +409,15 @@ class RolloutController:
         )
         return result
 
-    def _baked(self, rollout: Rollout, plan: RolloutCreate) -> bool:
+    def _baked(self, session: Session, rollout: Rollout, plan: RolloutCreate, members: list[Member]) -> bool:
+        """With windows, only the time some of the stage's devices were inside theirs counts."""
         started = as_utc(rollout.stage_started_at) or self._now()
-        return self._now() - started >= timedelta(seconds=plan.stages[rollout.stage_index].min_bake_s)
+        bake_s = plan.stages[rollout.stage_index].min_bake_s
+        if plan.maintenance is None:
+            return self._now() - started >= timedelta(seconds=bake_s)
+        stage = [m.device_id for m in members if m.stage_index == rollout.stage_index]
+        zones = set(schedule.zones(session, stage, plan.maintenance).values())
+        return schedule.open_seconds(plan.maintenance, zones, started, self._now()) >= bake_s
 
     def _stage_passed(self, session: Session, rollout: Rollout, plan: RolloutCreate) -> None:
         if rollout.stage_index + 1 >= len(plan.stages):
@@ -422,6 +461,9 @@ class RolloutController:
         log.warning("rollout %s rolled back: %s", rollout.id, reason)
 
     def _finish(self, session: Session, rollout: Rollout, state: RolloutState, reason: str) -> None:
+        table = members_.TABLE
+        held = sa.and_(table.c.rollout_id == rollout.id, table.c.status == schedule.WAITING_WINDOW)
+        session.execute(sa.update(table).where(held).values(status="waiting"))  # nobody waits for it now
         rollout.state = state
         rollout.reason = reason
         rollout.finished_at = rollout.updated_at = self._now()
@@ -436,6 +478,8 @@ class RolloutController:
     ) -> None:
         """Devices that enrolled after the rollout began get the stable version until it completes,
         then the new one (they were never part of the stages, so never part of the risk)."""
+        if rollout.plan.get("recall_of"):
+            return  # it moves the devices that ran the recalled version; nobody else joins it
         completed = rollout.state == RolloutState.completed
         baseline = rollout.plan.get("baseline_version")
         stable = plan.version if completed else baseline
@@ -450,10 +494,14 @@ class RolloutController:
             return
         _, version = registry.get_version(session, model.name, stable)
         desired = self._desired(session, newcomers)
+        # A device relabelled into the selector may still hold what an earlier, finished rollout gave it.
+        active: set[str] = set()
+        if completed:
+            active = set(session.exec(select(Rollout.id).where(col(Rollout.state).in_(ACTIVE_STATES))))
         due = []
         for device_id in newcomers:
             current = desired.get(device_id)
-            on_baseline = current is not None and current[0] is None and current[1].get("version") == baseline
+            on_baseline = current is not None and current[0] not in active and current[1].get("version") == baseline
             if current is None or (completed and on_baseline):
                 due.append(device_id)
         if due:

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
-from control_plane.models import ACTIVE_STATES, DesiredStateRow, ModelVersion, Rollout, utcnow
-from control_plane.rollouts import assign
+from control_plane.models import ACTIVE_STATES, DEPLOYABLE_STATUSES, DesiredStateRow, ModelVersion, Rollout, utcnow
+from control_plane.rollouts import assign, schedule
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.controller import (
     DEVICES,
@@ -48,24 +48,35 @@ def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVer
 
 
 def create_rollout(
-    session: Session, *, spec: RolloutCreate, created_by: str, controller: RolloutController | None = None
+    session: Session,
+    *,
+    spec: RolloutCreate,
+    created_by: str,
+    controller: RolloutController | None = None,
+    only: set[str] | None = None,
+    recall_of: str | None = None,
 ) -> tuple[Rollout, dict[str, int], dict[str, dict[str, Any]]]:
     """A running rollout whose first stage is assigned (desired states written, not yet published),
     how many of its members are in each status, and the desired states written (device id ->
-    DesiredState as JSON), for the publisher once this commits."""
+    DesiredState as JSON), for the publisher once this commits. `only`: of the devices the
+    selector matches, just these; `recall_of`: the recalled version this rollout moves them off."""
     controller = controller or RolloutController()
     model, version = registry.get_version(session, spec.model, spec.version)
-    if version.status == "revoked":
-        raise DomainError("invalid_state", f"{spec.model}@{spec.version} is revoked")
+    if version.status not in DEPLOYABLE_STATUSES:
+        raise DomainError(
+            "invalid_state", f"{spec.model}@{spec.version} is {version.status}", version_status=version.status
+        )
     if not spec.force:
         check_quality_floor(session, spec, version)
-    hardware, versions_now = _targets(session, spec.selector, model.name)
+    hardware, versions_now = _targets(session, spec.selector, model.name, only)
     if not hardware:
         raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
     _refuse_overlap(session, model.id, set(hardware))
     device_ids = list(hardware)
-    baseline = versions_now.most_common(1)
+    baseline = [(recall_of, 1)] if recall_of else versions_now.most_common(1)
     plan = spec.model_dump(mode="json") | {"baseline_version": baseline[0][0] if baseline else None}
+    if recall_of:
+        plan["recall_of"] = recall_of
     now = utcnow()
     rollout = Rollout(
         model_id=model.id,
@@ -81,8 +92,12 @@ def create_rollout(
     keys = {d: hashlib.sha256(f"{rollout.id}:{d}".encode()).hexdigest() for d in device_ids}
     members = [Member(d, -1, "waiting", None) for d in sorted(device_ids, key=keys.__getitem__)]
     first = members[: spec.stages[0].cumulative_size(len(members))]
+    admitted, held = schedule.admit(session, spec, first, now=now, stage_started=now, given=0)
     deployable = assign.deployable_artifacts(session, version)
-    states, changes = controller.assignments(rollout, first, model, version, deployable, hardware)
+    states, changes = controller.assignments(rollout, admitted, model, version, deployable, hardware)
+    for member in held:
+        member.status = schedule.WAITING_WINDOW
+        changes.append({"device_id": member.device_id, "status": schedule.WAITING_WINDOW})
     _insert_members(session, rollout.id, members, keys, changes, set(states))
     assign.write_desired(session, states)
     return rollout, dict(Counter(m.status for m in members)), states
@@ -119,7 +134,9 @@ def _insert_members(
     members_.insert(session, [row for row in rows if row["device_id"] not in assigned])
 
 
-def _targets(session: Session, selector: str, model_name: str) -> tuple[HardwareProfiles, Counter[str]]:
+def _targets(
+    session: Session, selector: str, model_name: str, only: set[str] | None = None
+) -> tuple[HardwareProfiles, Counter[str]]:
     """device id -> hardware profile of the enrolled devices the selector matches, and how many of
     them are meant to run each version of the model now (the baseline), in one query."""
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
@@ -131,6 +148,8 @@ def _targets(session: Session, selector: str, model_name: str) -> tuple[Hardware
     hardware = HardwareProfiles()
     versions: Counter[str] = Counter()
     for device_id, text, version in session.execute(stmt).all():
+        if only is not None and device_id not in only:
+            continue
         hardware.add(device_id, text)
         if version is not None:
             versions[version] += 1

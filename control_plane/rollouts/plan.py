@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from control_plane.rollouts.schedule import AbortThreshold, Maintenance
+
 
 class Gates(BaseModel):
     """Limits a stage must meet. Absolute limits and ratios to the baseline (devices on the old version)."""
@@ -18,6 +20,9 @@ class Gates(BaseModel):
     min_activated_fraction: float = Field(default=1.0, ge=0, le=1)
     min_samples: int = Field(default=20, ge=1, description="requests needed before latency/error gates decide")
     warmup_windows: int = Field(default=1, ge=0, description="first telemetry windows per device ignored")
+    min_reporting_share: float = Field(
+        default=0.5, ge=0, le=1, description="share of active devices (at least one) reporting before telemetry decides"
+    )
 
 
 class Stage(BaseModel):
@@ -60,6 +65,9 @@ class RolloutCreate(BaseModel):
         default=0.9, ge=0, le=1, description="refuse versions whose measured quality retention is lower; None: off"
     )
     force: bool = Field(default=False, description="start even if quality checks would refuse it")
+    maintenance: Maintenance | None = Field(default=None, description="daily windows devices may be updated in")
+    max_per_minute: int | None = Field(default=None, ge=1, le=1000, description="devices given the version per minute")
+    abort: AbortThreshold | None = Field(default=None, description="abort on this share of failed activations")
 
     @model_validator(mode="after")
     def _last_stage_covers_all(self) -> RolloutCreate:

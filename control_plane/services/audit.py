@@ -9,5 +9,8 @@ from sqlmodel import Session
 from control_plane.models import AuditEntry
 
 
-def record(session: Session, *, actor: str, action: str, target: str, request_id: str, **detail: Any) -> None:
-    session.add(AuditEntry(actor=actor, action=action, target=target, request_id=request_id, detail=detail))
+def record(
+    session: Session, *, actor: str, action: str, target: str, request_id: str, actor_id: str = "", **detail: Any
+) -> None:
+    row = AuditEntry(actor=actor, actor_id=actor_id, action=action, target=target, request_id=request_id, detail=detail)
+    session.add(row)

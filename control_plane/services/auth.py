@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, select
 
 from control_plane.errors import DomainError
-from control_plane.models import ApiToken, Device, DeviceStatus, Role, utcnow
+from control_plane.models import ApiToken, Device, DeviceStatus, Role, as_utc, utcnow
 from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
 
 
@@ -45,13 +45,19 @@ def authenticate_token(session: Session, plaintext: str) -> Principal:
     return Principal(kind="token", id=token.id, name=token.name, role=Role[token.role])
 
 
+def device_secret_valid(device: Device | None, secret: str) -> bool:
+    """The device's current secret, or its previous one until the rotation's grace period ends."""
+    if device is None or device.status == DeviceStatus.decommissioned:
+        return False
+    if verify_secret(secret, device.secret_hash):
+        return True
+    expires = as_utc(device.previous_secret_expires_at)
+    return expires is not None and expires > utcnow() and verify_secret(secret, device.previous_secret_hash)
+
+
 def authenticate_device(session: Session, device_id: str, secret: str) -> Principal:
     device = session.get(Device, device_id)
-    if (
-        device is None
-        or device.status == DeviceStatus.decommissioned
-        or not verify_secret(secret, device.secret_hash)
-    ):
+    if device is None or not device_secret_valid(device, secret):
         raise DomainError("unauthenticated", "the device credential is unknown or revoked")
     return Principal(kind="device", id=device.id, name=device.id)
 

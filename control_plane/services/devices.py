@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
-from control_plane.models import Device, DeviceLabel, DeviceStatus, as_utc, utcnow
+from control_plane.models import (
+    DesiredStateRow,
+    Device,
+    DeviceLabel,
+    DeviceStatus,
+    RolloutDevice,
+    as_utc,
+    utcnow,
+)
 from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
@@ -50,6 +59,90 @@ def set_labels(session: Session, device: Device, labels: dict[str, str]) -> None
     session.flush()
 
 
+def update_device(session: Session, device: Device, *, name: str | None, labels: dict[str, str] | None) -> None:
+    """Rename and/or replace the labels of one device."""
+    if name is not None and name != device.name:
+        if session.exec(select(Device).where(Device.name == name)).first() is not None:
+            raise DomainError("device_exists", f"a device named {name!r} already exists")
+        device.name = name
+        session.add(device)
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            raise DomainError("device_exists", f"a device named {name!r} already exists") from exc
+    if labels is not None:
+        set_labels(session, device, labels)
+
+
+def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: list[str]) -> int:
+    """Every device the selector matches gets `set_` and loses `remove`; returns how many matched."""
+    stmt = select(Device.id, Device.labels)
+    for clause in selector_clauses(parse_selector(selector)):
+        stmt = stmt.where(clause)
+    matched = {device_id: dict(labels or {}) for device_id, labels in session.exec(stmt).all()}
+    if not matched:
+        return 0
+    ids, keys = list(matched), set(set_) | set(remove)
+    label_table = DeviceLabel.__table__  # type: ignore[attr-defined]
+    device_table = Device.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(ids), 1000):  # bounded IN lists
+        chunk = ids[start : start + 1000]
+        session.execute(sa.delete(label_table).where(label_table.c.device_id.in_(chunk), label_table.c.key.in_(keys)))
+    rows = [{"device_id": d, "key": k, "value": v} for d in ids for k, v in set_.items()]
+    if rows:
+        session.execute(sa.insert(label_table), rows)
+    updates = [
+        {"b_id": d, "b_labels": {k: v for k, v in labels.items() if k not in remove} | set_}
+        for d, labels in matched.items()
+    ]
+    by_id = device_table.c.id == sa.bindparam("b_id")
+    session.execute(sa.update(device_table).where(by_id).values(labels=sa.bindparam("b_labels")), updates)
+    session.expire_all()
+    return len(ids)
+
+
+def decommission(session: Session, device: Device) -> int:
+    """Retire a device: its credential and enrollment token stop working, it leaves every rollout
+    (their counts no longer include it) and has no desired state. Returns the rollouts it left."""
+    if device.status == DeviceStatus.decommissioned:
+        raise DomainError("invalid_state", f"device {device.name!r} is already decommissioned")
+    device.status = DeviceStatus.decommissioned
+    device.secret_hash = device.mqtt_password_hash = device.previous_secret_hash = None
+    device.enrollment_token_hash = device.enrollment_expires_at = device.rotation_requested_at = None
+    session.add(device)
+    members = RolloutDevice.__table__  # type: ignore[attr-defined]
+    desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
+    left = session.execute(sa.delete(members).where(members.c.device_id == device.id)).rowcount  # type: ignore[attr-defined]
+    session.execute(sa.delete(desired).where(desired.c.device_id == device.id))
+    session.flush()
+    return int(left or 0)
+
+
+def request_rotation(session: Session, device: Device, grace_s: int) -> None:
+    """Ask the device to fetch a new secret; its current one works `grace_s` longer after that."""
+    if device.status == DeviceStatus.decommissioned or device.secret_hash is None:
+        raise DomainError("invalid_state", f"device {device.name!r} has no credential to rotate")
+    device.rotation_requested_at = utcnow()
+    device.rotation_grace_s = grace_s
+    session.add(device)
+    session.flush()
+
+
+def rotate_secret(session: Session, device: Device) -> str:
+    """A new secret for the device (returned once); the previous one expires after the grace period."""
+    if device.rotation_requested_at is None:
+        raise DomainError("invalid_state", "no credential rotation was requested for this device")
+    secret = new_secret()
+    device.previous_secret_hash = device.secret_hash
+    device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
+    device.secret_hash = hash_secret(secret)
+    device.mqtt_password_hash = mosquitto_hash(secret)
+    device.rotation_requested_at = device.rotation_grace_s = None
+    session.add(device)
+    session.flush()
+    return secret
+
+
 def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:
     """A fresh token for a device that lost its credential; the old credential stops working."""
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
@@ -57,6 +150,7 @@ def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int)
     device.enrollment_expires_at = utcnow() + timedelta(seconds=token_ttl_s)
     device.secret_hash = None
     device.mqtt_password_hash = None
+    device.previous_secret_hash = device.rotation_requested_at = None  # no grace for a lost credential
     device.status = DeviceStatus.pending_enrollment
     session.add(device)
     session.flush()
@@ -75,13 +169,27 @@ def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
     if expires is not None and expires < utcnow():
         raise DomainError("enrollment_token_expired", "the enrollment token has expired; ask for a new one")
     secret = new_secret()
-    device.secret_hash = hash_secret(secret)
-    device.mqtt_password_hash = mosquitto_hash(secret)
-    device.enrolled_at = utcnow()
-    device.status = DeviceStatus.offline
-    device.hardware = request.hardware.model_dump(exclude={"schema_version"})
-    session.add(device)
-    session.flush()
+    # One conditional UPDATE claims the token: of concurrent enrollments, the row lock lets one
+    # through and the others find the secret already set.
+    claimed = session.execute(
+        sa.update(Device)
+        .where(
+            col(Device.id) == device.id,
+            col(Device.enrollment_token_hash) == token_hash,
+            col(Device.secret_hash).is_(None),
+        )
+        .values(
+            secret_hash=hash_secret(secret),
+            mqtt_password_hash=mosquitto_hash(secret),
+            enrolled_at=utcnow(),
+            status=DeviceStatus.offline,
+            hardware=request.hardware.model_dump(exclude={"schema_version"}),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise DomainError("enrollment_token_used", "this enrollment token was already used")
+    session.refresh(device)
     return device, secret
 
 

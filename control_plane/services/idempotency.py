@@ -15,6 +15,12 @@ from sqlmodel import Session
 
 from control_plane.errors import DomainError
 from control_plane.models import IdempotencyRecord, as_utc, utcnow
+from control_plane.services.auth import Principal
+
+
+def scope(principal: Principal) -> str:
+    """Keys belong to one credential: by id, since two tokens may share a name."""
+    return f"{principal.kind}:{principal.id}"
 
 
 def fingerprint(method: str, path: str, body: Any) -> str:

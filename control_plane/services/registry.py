@@ -26,7 +26,13 @@ from shared.references import reference_problem, without_credentials
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
     if session.exec(select(Model).where(Model.name == spec.name)).first() is not None:
         raise DomainError("model_exists", f"model {spec.name!r} already exists")
-    model = Model(name=spec.name, description=spec.description, task=spec.task, created_by=created_by)
+    model = Model(
+        name=spec.name,
+        description=spec.description,
+        task=spec.task,
+        keep_versions=spec.keep_versions,
+        created_by=created_by,
+    )
     session.add(model)
     session.flush()
     return model

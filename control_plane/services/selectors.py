@@ -12,7 +12,7 @@ from control_plane.errors import DomainError
 from control_plane.models import Device, DeviceLabel
 
 _TERM = re.compile(
-    r"^\s*(?P<key>[A-Za-z0-9._/-]{1,63})\s*(?:(?P<op>!=|=)\s*(?P<value>[A-Za-z0-9._-]{0,63}))?\s*$"
+    r"^\s*(?P<key>[A-Za-z0-9._/-]{1,63})\s*(?:(?P<op>!=|=)\s*(?P<value>[A-Za-z0-9._/+-]{0,63}))?\s*$"
 )
 
 

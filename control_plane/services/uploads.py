@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from control_plane.errors import DomainError
@@ -55,7 +56,7 @@ class _Receiver:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._name = options.get(b"name", b"").decode()
+        self._name = options.get(b"name", b"").decode(errors="replace")
         filename = options.get(b"filename")
         if self._name == self._file_field and filename is not None:
             if self.form.writer is not None:
@@ -77,7 +78,10 @@ class _Receiver:
 
     def on_part_end(self) -> None:
         if not self._to_file and self._name:
-            self.form.fields[self._name] = self._buffer.decode()
+            try:
+                self.form.fields[self._name] = self._buffer.decode()
+            except UnicodeDecodeError as exc:
+                raise DomainError("validation_error", f"form field {self._name!r} is not UTF-8 text") from exc
 
 
 async def receive_multipart(
@@ -109,8 +113,8 @@ async def receive_multipart(
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     try:
         async for chunk in chunks:
-            parser.write(chunk)
-        parser.finalize()
+            _feed(parser, chunk)
+        _feed(parser, None)
         if receiver.form.writer is not None:
             receiver.form.writer.finish_writing()
     except BaseException:
@@ -118,3 +122,14 @@ async def receive_multipart(
             receiver.form.writer.abort()
         raise
     return receiver.form
+
+
+def _feed(parser: MultipartParser, chunk: bytes | None) -> None:
+    """Write a chunk (None: the end) to the parser; a malformed body is the client's error, a 422."""
+    try:
+        if chunk is None:
+            parser.finalize()
+        else:
+            parser.write(chunk)
+    except FormParserError as exc:
+        raise DomainError("validation_error", f"malformed multipart/form-data body: {exc}") from exc

@@ -89,6 +89,7 @@ class BlobStore(Protocol):
     def writer(self, max_bytes: int) -> BlobWriter: ...
     def path_for(self, sha256: str) -> Path: ...
     def exists(self, sha256: str) -> bool: ...
+    def download_url(self, sha256: str) -> str | None: ...
 
 
 class LocalBlobStore:
@@ -109,10 +110,15 @@ class LocalBlobStore:
     def writer(self, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, max_bytes)
 
+    def download_url(self, sha256: str) -> str | None:
+        """Where devices fetch the bytes from other than the artifact route; None: the route serves them."""
+        return None
+
     def adopt(self, temp_path: Path, sha256: str, size: int) -> StoredBlob:
         final = self.path_for(sha256)
         if final.is_file() and final.stat().st_size == size:
             temp_path.unlink(missing_ok=True)
+            os.utime(final)  # a fresh reference: garbage collection's grace period starts again
             return StoredBlob(sha256, size, self.key_for(sha256), deduplicated=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp_path, final)  # atomic on POSIX: readers see the old name or the whole file

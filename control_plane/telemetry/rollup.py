@@ -6,7 +6,9 @@ run_rollup(session, policy)
      (per device and per version), and its six 10-second rows per version (live charts with
      sub-minute steps read those instead of every raw window of the fleet)
   -> each touched hour gets the difference between the new and the old minute rows added
-  -> raw rows, minute rows and hour rows past their retention are deleted
+  -> raw rows, minute rows and hour rows past their retention are deleted; on PostgreSQL raw
+     rows go a whole day at a time, by dropping the day's partition (telemetry/partitions.py),
+     which the job creates ahead of time (first thing in a pass, committed on its own)
 
 Recomputing whole minutes (never adding into them) makes a run idempotent: re-running over the
 same windows changes no minute, so the hours get a zero difference and nothing is double counted.
@@ -21,7 +23,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +31,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from control_plane.models import TelemetryRecord, as_utc, utcnow
+from control_plane.telemetry import partitions
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
 from control_plane.telemetry.pg_group import group_raw_pg, group_versions_pg
 from control_plane.telemetry.tables import DeviceRollup, RollupState, VersionRollup
@@ -64,6 +67,8 @@ class RollupReport:
     hour_buckets: int = 0
     raw_deleted: int = 0
     rollups_deleted: int = 0
+    partitions_created: list[str] = field(default_factory=list)
+    partitions_dropped: list[str] = field(default_factory=list)
 
 
 def floor_time(value: datetime, step_s: int) -> datetime:
@@ -209,8 +214,12 @@ def _replace(
 
 def _apply_retention(session: Session, policy: RetentionPolicy, now: datetime, report: RollupReport) -> None:
     raw_cutoff = now - timedelta(seconds=policy.raw_s)
-    result = session.execute(sa.delete(TelemetryRecord).where(col(TelemetryRecord.window_end) < raw_cutoff))
-    report.raw_deleted = result.rowcount or 0  # type: ignore[attr-defined]
+    if partitions.is_partitioned(session):
+        dropped = partitions.drop_expired(session, raw_cutoff)
+        report.partitions_dropped, report.raw_deleted = dropped.partitions, dropped.default_rows
+    else:
+        result = session.execute(sa.delete(TelemetryRecord).where(col(TelemetryRecord.window_end) < raw_cutoff))
+        report.raw_deleted = result.rowcount or 0  # type: ignore[attr-defined]
     for resolution_s, keep_s in ((TEN_SECONDS, policy.raw_s), (MINUTE, policy.minute_s), (HOUR, policy.hour_s)):
         cutoff = now - timedelta(seconds=keep_s)
         for table in (DeviceRollup, VersionRollup):
@@ -227,6 +236,9 @@ def run_rollup(session: Session, policy: RetentionPolicy, now: datetime | None =
     """
     now = now or utcnow()
     scan_started = utcnow()
+    # Its own short transaction: attaching a partition locks the default one until commit.
+    created = partitions.ensure_days(session, scan_started.date())
+    session.commit()
     state = session.get(RollupState, STATE_NAME) or RollupState(name=STATE_NAME)
     watermark = as_utc(state.watermark)
     since = watermark - SETTLE if watermark is not None else None
@@ -235,7 +247,7 @@ def run_rollup(session: Session, policy: RetentionPolicy, now: datetime | None =
     kept_s = min(policy.raw_s, policy.minute_s)
     complete_from = floor_time(now - timedelta(seconds=kept_s), MINUTE) + timedelta(seconds=MINUTE)
     minutes = [m for m in _touched_minutes(session, since) if m >= complete_from]
-    report = RollupReport(minute_buckets=len(minutes))
+    report = RollupReport(minute_buckets=len(minutes), partitions_created=created)
     hour_deltas: dict[tuple[datetime, Key], Aggregate] = defaultdict(Aggregate)
     for start, end in _runs(minutes):
         _roll_minutes(session, start, end, scan_started, hour_deltas)

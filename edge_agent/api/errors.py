@@ -51,20 +51,33 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+    if not loc:  # the body as a whole: missing, or not a JSON object
+        return _body_error(request, missing=first.get("type") == "missing").response()
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return APIError(400, message, param=param, code="invalid_value").response()
 
 
+def _body_error(request: Request, *, missing: bool) -> APIError:
+    content_type = request.headers.get("content-type") or "none"
+    if missing:
+        message = "the request body is empty: send a JSON object with Content-Type: application/json"
+    elif "json" not in content_type:
+        message = f"the request body must be JSON sent with Content-Type: application/json (got {content_type})"
+    else:
+        message = "the request body must be a JSON object"
+    return APIError(400, message, code="invalid_json")
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, str(exc.detail), type_=type_, code=code).response()
 

@@ -12,15 +12,25 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from edge_agent.api.errors import APIError, model_unavailable
-from edge_agent.runtime import ContextOverflowError, Engine, EngineError, TokenChunk, UnsupportedOperation
+from edge_agent.api.limits import RequestQueue
+from edge_agent.runtime import (
+    ContextOverflowError,
+    Engine,
+    EngineError,
+    InvalidInput,
+    TokenChunk,
+    TokenStream,
+    UnsupportedOperation,
+    UnsupportedParameter,
+)
 from edge_agent.serving import NoModelError, ServingModel
 from edge_agent.telemetry import RequestRecord
 
-StartStream = Callable[[Engine], Iterator[TokenChunk]]
+StartStream = Callable[[Engine], TokenStream]
 
 
 class _PrepareFailed(Exception):
@@ -32,10 +42,10 @@ class Generation:
     """One request's generation: lease the model, stream tokens, account the request once."""
 
     agent: object  # edge_agent.agent.Agent; untyped to keep this module free of the agent's imports
+    queue: RequestQueue
     operation: str
     requested_model: str
     start_stream: StartStream
-    count_prompt: Callable[[Engine], int]
     stream: bool = True
     model: ServingModel | None = None
     prompt_tokens: int = 0
@@ -49,17 +59,20 @@ class Generation:
     _cancel: threading.Event = field(default_factory=threading.Event)
     _lease: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _started_at: float = 0.0
+    _admitted_at: float | None = None
     _first_token_at: float | None = None
     _error_type: str | None = None
 
     async def open(self) -> list[TokenChunk]:
-        """Lease the model and wait for the first tokens, so request errors still get a proper status."""
+        """Wait for the model's turn, lease it and wait for the first tokens (so errors get a status)."""
         self._started_at = time.perf_counter()
         try:
-            self.model = self._lease.enter_context(self.agent.slot.lease())  # type: ignore[attr-defined]
-        except NoModelError as exc:
-            raise model_unavailable(str(exc), exc.retry_after_s) from exc
-        try:
+            await self.queue.enter()
+            self._admitted_at = time.perf_counter()
+            try:
+                self.model = self._lease.enter_context(self.agent.slot.lease())  # type: ignore[attr-defined]
+            except NoModelError as exc:
+                raise model_unavailable(str(exc), exc.retry_after_s) from exc
             check_model_name(self.model, self.requested_model)
             loop = asyncio.get_running_loop()
             threading.Thread(target=self._work, args=(loop,), name="generate", daemon=True).start()
@@ -105,31 +118,30 @@ class Generation:
         engine = self.model.engine
         try:
             try:
-                self.prompt_tokens = self.count_prompt(engine)
                 tokens = self.start_stream(engine)
             except EngineError as exc:
                 raise _PrepareFailed(exc) from exc
+            self.prompt_tokens = tokens.prompt_tokens  # only a prompt the engine accepted counts
             try:
                 for chunk in tokens:
-                    if chunk.text:
-                        self.output_tokens += 1
-                        if self._first_token_at is None:
-                            self._first_token_at = time.perf_counter()
+                    self.output_tokens += chunk.tokens
+                    if self._first_token_at is None and chunk.tokens:
+                        self._first_token_at = time.perf_counter()
                     if chunk.finish_reason:
                         self.finish_reason = chunk.finish_reason
                     self._hand_over(loop, chunk)
                     if self._cancel.is_set():
                         break
             finally:
-                close = getattr(tokens, "close", None)
-                if close is not None:
-                    close()
+                tokens.close()
             self._hand_over(loop, None, True)
         except BaseException as exc:  # handed to the request; the worker thread itself never dies loudly
             self._hand_over(loop, None, exc)
 
     def close(self, *, error: BaseException | None = None) -> None:
-        """Stop the worker, return the lease and account the request (call exactly once)."""
+        """Stop the worker, return the lease and the queue turn, account the request; later calls do nothing."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
         client_error = False
         if isinstance(error, (GeneratorExit, asyncio.CancelledError)):
@@ -146,6 +158,8 @@ class Generation:
             self.operation, None if client_error else self.model, record
         )
         self._lease.close()
+        if self._admitted_at is not None:
+            self.queue.leave(time.perf_counter() - self._admitted_at)
 
 
 def check_model_name(model: ServingModel, requested: str) -> None:
@@ -165,8 +179,12 @@ def _as_api_error(exc: BaseException) -> APIError:
     cause = exc.__cause__ if isinstance(exc, _PrepareFailed) else exc
     if isinstance(cause, ContextOverflowError):
         return APIError(400, str(cause), param="max_tokens", code="context_length_exceeded")
+    if isinstance(cause, UnsupportedParameter):
+        return APIError(400, str(cause), param=cause.param, code="unsupported_parameter")
+    if isinstance(cause, InvalidInput):
+        return APIError(400, str(cause), code="invalid_value")
     if isinstance(cause, UnsupportedOperation):
         return APIError(400, str(cause), code="unsupported_operation")
     if isinstance(exc, _PrepareFailed):
         return APIError(400, str(cause), code="invalid_request")
-    return APIError(500, f"generation failed: {exc}", type_="server_error", code="generation_failed")
+    return APIError(500, f"generation failed: {exc!r}", type_="server_error", code="generation_failed")

@@ -1,21 +1,26 @@
-"""OpenAI-compatible `/v1/chat/completions`, `/v1/completions` and `/v1/models`."""
+"""OpenAI-compatible `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and `/v1/models`."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from edge_agent.api.errors import APIError
-from edge_agent.api.generation import Generation, StartStream
-from edge_agent.api.schemas import ChatCompletionRequest, CompletionRequest
-from edge_agent.runtime import Engine, TokenChunk
+from edge_agent.api.errors import APIError, model_unavailable
+from edge_agent.api.generation import Generation, StartStream, check_model_name
+from edge_agent.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from edge_agent.api.shapes import ChatShape, CompletionShape
+from edge_agent.runtime import Engine, EngineError, InvalidInput, TokenChunk, UnsupportedOperation
+from edge_agent.serving import NoModelError, ServingModel
+from edge_agent.telemetry import RequestRecord
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -25,161 +30,126 @@ DEFAULT_CHAT_MAX_TOKENS = 128
 STREAM_FLUSH_INTERVAL_S = 0.002
 
 
+def _model_card(current: ServingModel) -> dict[str, Any]:
+    return {
+        "id": current.spec.model,
+        "object": "model",
+        "created": int(time.time() - (time.monotonic() - current.loaded_at)),
+        "owned_by": "slmops",
+        "version": current.spec.version,
+        "sha256": current.spec.artifact.sha256,
+    }
+
+
 @router.get("/models")
 def list_models(request: Request) -> dict[str, Any]:
     current = request.app.state.agent.slot.current
-    data = []
-    if current is not None:
-        created = int(time.time() - (time.monotonic() - current.loaded_at))
-        data.append(
-            {
-                "id": current.spec.model,
-                "object": "model",
-                "created": created,
-                "owned_by": "slmops",
-                "version": current.spec.version,
-                "sha256": current.spec.artifact.sha256,
-            }
-        )
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [] if current is None else [_model_card(current)]}
+
+
+@router.get("/models/{model_id:path}")
+def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    current = request.app.state.agent.slot.current
+    if current is None or model_id not in (current.spec.model, f"{current.spec.model}:{current.spec.version}"):
+        message = f"the model {model_id!r} does not exist on this device"
+        raise APIError(404, message, param="model", code="model_not_found")
+    return _model_card(current)
+
+
+def _fingerprint(request: Request) -> str:
+    current = request.app.state.agent.slot.current
+    return f"slmops:{current.spec.model}:{current.spec.version}" if current is not None else "slmops"
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    body.check_supported()
     messages = body.plain_messages()
+    logprobs = body.logprobs_wanted()
+    sampling = body.sampling(logprobs)
 
     def start(engine: Engine) -> Any:
         return engine.chat(
             messages,
             # Unasked, the reply may use half the context: a short prompt then always fits.
             max_tokens=body.token_limit(min(DEFAULT_CHAT_MAX_TOKENS, max(engine.n_ctx // 2, 1))),
-            temperature=body.temperature_or_default(),
             stop=body.stop_list(),
+            sampling=sampling,
         )
 
-    def count(engine: Engine) -> int:
-        return engine.count_tokens("\n".join(m["content"] for m in messages))
-
-    shape = _ChatShape(body.model)
-    return await _respond(request, "chat", body.model, body.stream, body, start, count, shape)
+    shape = ChatShape(body.model, _fingerprint(request), logprobs is not None)
+    return await _respond(request, "chat", body, start, shape)
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    body.check_supported()
     prompt = body.prompt_text()
+    sampling = body.sampling(body.logprobs)
 
     def start(engine: Engine) -> Any:
-        return engine.complete(
-            prompt,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature_or_default(),
-            stop=body.stop_list(),
-        )
+        return engine.complete(prompt, max_tokens=body.max_tokens, stop=body.stop_list(), sampling=sampling)
 
-    shape = _CompletionShape(body.model)
-    return await _respond(
-        request,
-        "text_completion",
-        body.model,
-        body.stream,
-        body,
-        start,
-        lambda e: e.count_tokens(prompt),
-        shape,
-    )
-
-
-class _ChatShape:
-    object, chunk_object = "chat.completion", "chat.completion.chunk"
-
-    def __init__(self, model: str) -> None:
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-
-    def delta(self, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        if finish and not text:
-            delta = {}
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-
-class _CompletionShape(_ChatShape):
-    object = chunk_object = "text_completion"
-
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-
-    def delta(self, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-        return self.choice(text, finish)
+    shape = CompletionShape(body.model, _fingerprint(request), body.logprobs is not None)
+    return await _respond(request, "text_completion", body, start, shape)
 
 
 async def _respond(
     request: Request,
     operation: str,
-    model: str,
-    stream: bool,
     body: ChatCompletionRequest | CompletionRequest,
     start: StartStream,
-    count: Callable[[Engine], int],
-    shape: _ChatShape,
+    shape: ChatShape,
 ) -> JSONResponse | StreamingResponse:
-    gen = Generation(request.app.state.agent, operation, model, start, count, stream=stream)
+    agent, queue = request.app.state.agent, request.app.state.queue
+    gen = Generation(agent, queue, operation, body.model, start, stream=body.stream)
     first = await gen.open()
-    if not stream:
+    if not body.stream:
         return await _collect(gen, first, shape)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_sse(gen, first, shape, include_usage), media_type="text/event-stream")
+    return _GenerationStream(_sse(gen, first, shape, include_usage), gen)
 
 
-async def _collect(gen: Generation, first: list[TokenChunk], shape: _ChatShape) -> JSONResponse:
-    parts = [chunk.text for chunk in first]
+class _GenerationStream(StreamingResponse):
+    """SSE that returns the model and its queue turn even if the client leaves before the first write."""
+
+    def __init__(self, content: AsyncIterator[str], gen: Generation) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._gen = gen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gen.close(error=GeneratorExit())  # a no-op once the stream closed it
+
+
+async def _collect(gen: Generation, first: list[TokenChunk], shape: ChatShape) -> JSONResponse:
+    chunks = list(first)
     try:
         async for batch in gen.rest():
-            parts.extend(chunk.text for chunk in batch)
+            chunks.extend(batch)
     except APIError as exc:
         gen.close(error=exc)
         raise
     gen.close()
-    payload = {
-        "id": shape.id,
-        "object": shape.object,
-        "created": shape.created,
-        "model": shape.model,
-        "choices": [shape.choice("".join(parts), gen.finish_reason or "stop")],
+    payload = shape.envelope(chunk=False) | {
+        "choices": [shape.choice(chunks, gen.finish_reason or "stop")],
         "usage": _usage(gen),
     }
     return JSONResponse(payload)
 
 
-async def _sse(gen: Generation, first: list[TokenChunk], shape: _ChatShape, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(gen: Generation, first: list[TokenChunk], shape: ChatShape, include_usage: bool) -> AsyncIterator[str]:
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        data: dict[str, Any] = {
-            "id": shape.id,
-            "object": shape.chunk_object,
-            "created": shape.created,
-            "model": shape.model,
-            "choices": choices,
-        }
+        data = shape.envelope(chunk=True) | {"choices": choices}
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
     def events(batch: list[TokenChunk], first_event: bool) -> str:
-        # One write per batch: each token is still its own SSE event, as OpenAI clients expect.
-        return "".join(
-            event([shape.delta(c.text, c.finish_reason, first_event and i == 0)]) for i, c in enumerate(batch)
-        )
+        # One write per batch: each chunk is still its own SSE event, as OpenAI clients expect.
+        return "".join(event([shape.delta(c, first_event and i == 0)]) for i, c in enumerate(batch))
 
     error: BaseException | None = None
     try:
@@ -208,3 +178,54 @@ def _usage(gen: Generation) -> dict[str, int]:
         "completion_tokens": gen.output_tokens,
         "total_tokens": gen.prompt_tokens + gen.output_tokens,
     }
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    body.check_supported()
+    texts = body.texts()
+    queue = request.app.state.queue
+    await queue.enter()
+    admitted = time.perf_counter()
+    try:
+        vectors, tokens = await _embed(request.app.state.agent, body.model, texts)
+    finally:
+        queue.leave(time.perf_counter() - admitted)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(vector, body.encoding_format)}
+        for i, vector in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": body.model, "usage": usage}
+
+
+async def _embed(agent: Any, requested: str, texts: list[str]) -> tuple[list[list[float]], int]:
+    """Embed on the serving model and account the request; only engine faults count against it."""
+    started, error, tokens, model = time.perf_counter(), None, 0, None
+    try:
+        with agent.slot.lease() as model:
+            check_model_name(model, requested)
+            vectors, tokens = await anyio.to_thread.run_sync(model.engine.embed, texts)
+            return vectors, tokens
+    except NoModelError as exc:
+        error = "model_not_loaded"
+        raise model_unavailable(str(exc), exc.retry_after_s) from exc
+    except (InvalidInput, UnsupportedOperation) as exc:  # the caller's input, or a model that cannot embed
+        error = "invalid_value" if isinstance(exc, InvalidInput) else "unsupported_operation"
+        raise APIError(400, str(exc), param="input" if error == "invalid_value" else "model", code=error) from exc
+    except EngineError as exc:
+        error = "embedding_failed"
+        raise APIError(500, f"embedding failed: {exc!r}", type_="server_error", code=error) from exc
+    except APIError as exc:
+        error = exc.code or "invalid_request"
+        raise
+    finally:
+        engine_fault = error in (None, "embedding_failed")
+        record = RequestRecord(time.perf_counter() - started, input_tokens=tokens, error_type=error)
+        agent.record_request("embeddings", model if engine_fault else None, record)
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":  # what the openai client asks for by default: little-endian float32
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector

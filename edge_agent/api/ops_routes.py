@@ -52,12 +52,14 @@ def metrics(request: Request) -> Response:
 
 @router.post("/v1/infer")
 async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
-    agent = request.app.state.agent
+    agent, queue = request.app.state.agent, request.app.state.queue
     started = time.perf_counter()
+    await queue.enter()
     try:
         lease = agent.slot.lease()
         model = lease.__enter__()
     except NoModelError as exc:
+        queue.leave(time.perf_counter() - started)
         raise model_unavailable(str(exc), exc.retry_after_s) from exc
     error: str | None = None
     try:
@@ -76,6 +78,7 @@ async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
         raise APIError(400, str(exc), param="inputs", code=error) from exc
     finally:
         lease.__exit__(None, None, None)
+        queue.leave(time.perf_counter() - started)
         # Tensor errors are the caller's; only successful calls count towards the model's trial.
         agent.record_request(
             "infer", None if error else model, RequestRecord(time.perf_counter() - started, error_type=error)

@@ -14,9 +14,14 @@ from edge_agent.runtime.base import (
     ContextOverflowError,
     Engine,
     EngineError,
+    InvalidInput,
     ModelLoadError,
+    Sampling,
     TokenChunk,
+    TokenLogprob,
+    TokenStream,
     UnsupportedOperation,
+    UnsupportedParameter,
 )
 
 FORMATS = ("gguf", "onnx", "onnx-tar")  # onnx-tar: the .onnx graph of an unpacked model folder
@@ -28,9 +33,14 @@ __all__ = [
     "ContextOverflowError",
     "Engine",
     "EngineError",
+    "InvalidInput",
     "ModelLoadError",
+    "Sampling",
     "TokenChunk",
+    "TokenLogprob",
+    "TokenStream",
     "UnsupportedOperation",
+    "UnsupportedParameter",
     "load_engine",
 ]
 

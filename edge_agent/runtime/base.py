@@ -5,14 +5,19 @@ Error tree::
     EngineError                 anything an engine refuses or fails to do
     ├── ModelLoadError          the file is missing, unreadable, or the runtime rejects it
     ├── ContextOverflowError    prompt tokens + max_tokens exceed n_ctx
+    ├── InvalidInput            the request's own content cannot be generated from (an empty prompt)
     └── UnsupportedOperation    the operation does not apply to this format (e.g. infer on GGUF)
+        └── UnsupportedParameter    a request option this engine does not implement (names it)
+
+Every error but ModelLoadError and a bare EngineError is the caller's: it says nothing about the
+model's health.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,24 +43,87 @@ class ContextOverflowError(EngineError):
         self.n_ctx = n_ctx
 
 
+class InvalidInput(EngineError):
+    """The request's content cannot be generated from (e.g. a prompt that is no tokens at all)."""
+
+
 class UnsupportedOperation(EngineError):
     """The operation does not apply to this engine's model format."""
 
 
+class UnsupportedParameter(UnsupportedOperation):
+    """A request option this engine does not implement; refused, never silently ignored."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each token, with OpenAI's defaults (plain softmax sampling, no truncation).
+
+    temperature 0 is greedy. A seed of None draws a fresh one per request. `json_schema` constrains
+    the output to JSON matching it ({} for any JSON object). `logprobs` None reports none; n reports
+    the chosen token's log-probability and the n most likely alternatives.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the most likely alternatives."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class TokenChunk:
-    """One generated token's text; the last chunk of a stream carries the finish reason."""
+    """Generated text; the last chunk of a stream carries the finish reason.
+
+    `tokens` is how many generated tokens this chunk accounts for: a character spread over several
+    tokens arrives in one chunk, and a closing chunk may account for none.
+    """
 
     text: str
     finish_reason: str | None = None
+    tokens: int = 1
+    logprobs: tuple[TokenLogprob, ...] = field(default=())
+
+
+class TokenStream(Iterator[TokenChunk]):
+    """A generation's chunks and the number of prompt tokens the engine evaluated for it."""
+
+    def __init__(self, chunks: Generator[TokenChunk, None, None], *, prompt_tokens: int) -> None:
+        self._chunks = chunks
+        self.prompt_tokens = prompt_tokens
+
+    def __next__(self) -> TokenChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 @runtime_checkable
 class Engine(Protocol):
     """A loaded model. Generation is serialized per engine, so one engine may serve many threads.
 
-    `complete` and `chat` return generators that hold the engine's lock while they run: exhaust
-    them or call `.close()` on them.
+    `complete` and `chat` return token streams that hold the engine's lock while they run: exhaust
+    them or call `.close()` on them. A stream's `prompt_tokens` is what the engine evaluated.
     """
 
     format: str
@@ -65,8 +133,14 @@ class Engine(Protocol):
     def smoke_test(self, timeout_s: float = 10.0) -> None: ...
 
     def complete(
-        self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, stop: list[str] | None = None
-    ) -> Iterator[TokenChunk]: ...
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        sampling: Sampling | None = None,
+    ) -> TokenStream: ...
 
     def chat(
         self,
@@ -75,13 +149,21 @@ class Engine(Protocol):
         max_tokens: int = 16,
         temperature: float = 0.0,
         stop: list[str] | None = None,
-    ) -> Iterator[TokenChunk]: ...
+        sampling: Sampling | None = None,
+    ) -> TokenStream: ...
 
     def infer(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
     def close(self) -> None: ...
+
+
+def sampling_of(temperature: float, sampling: Sampling | None) -> Sampling:
+    """`sampling` when given, else plain sampling at `temperature` (the short form callers use)."""
+    return sampling if sampling is not None else Sampling(temperature=temperature)
 
 
 def check_context(*, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:

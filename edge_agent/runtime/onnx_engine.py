@@ -1,4 +1,4 @@
-"""ONNX engine: raw tensor inference for any model, greedy byte-level generation for byte LMs.
+"""ONNX engine: raw tensor inference for any model, byte-level generation for byte LMs.
 
 A byte LM (like `slmops.tinymodels.onnx_tiny`) takes `input_ids` int64 [batch, seq] and returns
 `logits` [batch, seq, 259]: ids 0 <unk>, 1 <s>, 2 </s>, byte b is 3 + b. Generation re-runs the
@@ -8,7 +8,9 @@ whole sequence each step (no KV cache), which is fine for the tiny models this s
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import secrets
+from collections.abc import Generator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,15 @@ from edge_agent.runtime.base import (
     EngineError,
     GenerationLock,
     ModelLoadError,
+    Sampling,
     StopScanner,
     TokenChunk,
+    TokenStream,
     UnsupportedOperation,
+    UnsupportedParameter,
     call_with_timeout,
     check_context,
+    sampling_of,
 )
 from edge_agent.runtime.chat_format import check_messages, format_default, render_template
 
@@ -114,11 +120,23 @@ class OnnxEngine:
                 raise EngineError(f"inference failed: {exc}") from exc
         return {name: np.asarray(value).tolist() for name, value in zip(names, results, strict=True)}
 
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        raise UnsupportedOperation(f"{self.model_path.name} is an ONNX model: embeddings need a GGUF model")
+
     def complete(
-        self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, stop: list[str] | None = None
-    ) -> Iterator[TokenChunk]:
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        sampling: Sampling | None = None,
+    ) -> TokenStream:
+        chosen = sampling_of(temperature, sampling)
+        _check_sampling(chosen)
         ids = self._prepare(self.encode(prompt), max_tokens)
-        return self._generate(ids, max_tokens=max_tokens, temperature=temperature, stop=stop)
+        chunks = self._generate(ids, max_tokens=max_tokens, sampling=chosen, stop=stop)
+        return TokenStream(chunks, prompt_tokens=len(ids))
 
     def chat(
         self,
@@ -127,13 +145,14 @@ class OnnxEngine:
         max_tokens: int = 16,
         temperature: float = 0.0,
         stop: list[str] | None = None,
-    ) -> Iterator[TokenChunk]:
+        sampling: Sampling | None = None,
+    ) -> TokenStream:
         check_messages(messages)
         if self._chat_template is None:
             prompt = format_default(messages)
         else:
             prompt = render_template(self._chat_template, messages, bos_token="<s>", eos_token="</s>")
-        return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop)
+        return self.complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop, sampling=sampling)
 
     def _prepare(self, ids: list[int], max_tokens: int) -> list[int]:
         self._live_session()
@@ -143,16 +162,16 @@ class OnnxEngine:
         return ids
 
     def _generate(
-        self, ids: list[int], *, max_tokens: int, temperature: float, stop: list[str] | None
-    ) -> Iterator[TokenChunk]:
-        rng = np.random.default_rng(0)  # fixed seed: sampled output is reproducible per call
+        self, ids: list[int], *, max_tokens: int, sampling: Sampling, stop: list[str] | None
+    ) -> Generator[TokenChunk, None, None]:
+        rng = np.random.default_rng(sampling.seed if sampling.seed is not None else secrets.randbits(64))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(stop)
         with self._lock:
             for _ in range(max_tokens):
-                token = self._next_token(ids, temperature, rng)
+                token = self._next_token(ids, sampling.temperature, rng)
                 if token == EOS_ID:
-                    yield TokenChunk(scanner.flush() + decoder.decode(b"", final=True), FINISH_STOP)
+                    yield TokenChunk(scanner.flush() + decoder.decode(b"", final=True), FINISH_STOP, tokens=0)
                     return
                 ids.append(token)
                 piece = decoder.decode(bytes([token - BYTE_OFFSET])) if token >= BYTE_OFFSET else ""
@@ -161,7 +180,7 @@ class OnnxEngine:
                     yield TokenChunk(text, FINISH_STOP)
                     return
                 yield TokenChunk(text)
-            yield TokenChunk(scanner.flush() + decoder.decode(b"", final=True), FINISH_LENGTH)
+            yield TokenChunk(scanner.flush() + decoder.decode(b"", final=True), FINISH_LENGTH, tokens=0)
 
     def _next_token(self, ids: list[int], temperature: float, rng: np.random.Generator) -> int:
         session = self._live_session()
@@ -196,3 +215,14 @@ class OnnxEngine:
     def close(self) -> None:
         with self._lock:
             self._session = None
+
+
+def _check_sampling(sampling: Sampling) -> None:
+    """Byte LMs sample by temperature and seed only; any other option is refused by name."""
+    default = Sampling()
+    for option in fields(Sampling):
+        if option.name in ("temperature", "seed"):
+            continue
+        if getattr(sampling, option.name) != getattr(default, option.name):
+            name = {"json_schema": "response_format"}.get(option.name, option.name)
+            raise UnsupportedParameter(name, f"{name} is not supported for ONNX byte-level models")

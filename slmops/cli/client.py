@@ -182,6 +182,12 @@ class ApiClient:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean).json()
 
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, json=body).json()
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path)
+
     def post(self, path: str, body: Any = None, *, idempotency_key: str | None = None) -> Any:
         return self.post_response(path, body, idempotency_key=idempotency_key).json()
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli import ops_push, ops_rollout, ops_telemetry  # noqa: F401  (registers commands)
+from slmops.cli import ops_lifecycle, ops_push, ops_rollout, ops_telemetry  # noqa: F401  (registers commands)
 from slmops.cli.app import app, device_app, model_app
 from slmops.cli.client import config_path, new_idempotency_key
 from slmops.cli.ops_common import (
@@ -122,8 +122,10 @@ def device_create(
     """Register a device (admin token) and print its one-time enrollment token."""
     labels = parse_labels(label or [])
     with api(server, token) as client:
-        # A retry after a lost answer replays it: the one enrollment token is not lost with it.
+        # A retry after a lost answer replays it, without the token (the server keeps no secret): mint a new one.
         device = client.post("/v1/devices", {"name": name, "labels": labels}, idempotency_key=new_idempotency_key())
+        if device.get("enrollment_token") is None:
+            device = client.post(f"/v1/devices/{device['id']}/enrollment-token")
         server_url = client.config.server
     if output is Output.json:
         emit_json(device)

@@ -85,6 +85,13 @@ def rollout_create(
     min_quality_retention: Annotated[
         float | None, typer.Option(help="Quality floor, 0..1 of the parent (server default 0.9).", min=0, max=1)
     ] = None,
+    window: Annotated[
+        list[str] | None, typer.Option(help="Daily maintenance window HH:MM-HH:MM, repeatable (device label tz=...).")
+    ] = None,
+    timezone: Annotated[str | None, typer.Option(help="Timezone of the windows (default UTC).")] = None,
+    max_per_minute: Annotated[int | None, typer.Option(help="At most this many devices a minute.", min=1)] = None,
+    abort_percent: Annotated[float | None, typer.Option(help="Abort at this % of failed activations.")] = None,
+    abort_min_failed: Annotated[int, typer.Option(help="... counted from this many failures on.", min=1)] = 1,
     server: ServerOpt = None,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
@@ -110,6 +117,7 @@ def rollout_create(
         "min_samples": min_samples,
     }
     body["gates"] = dict(body.get("gates") or {}) | {k: v for k, v in limits.items() if v is not None}
+    body |= _schedule(window, timezone, max_per_minute, abort_percent, abort_min_failed)
     with api(server, token) as client:
         rollout = client.post("/v1/rollouts", body, idempotency_key=new_idempotency_key())
     if output is Output.json:
@@ -117,6 +125,23 @@ def rollout_create(
         return
     console.print(render_rollout(rollout))
     console.print(f"watch it: slmops rollout status {rollout['id']} --watch")
+
+
+def _schedule(
+    windows: list[str] | None, timezone: str | None, max_per_minute: int | None, percent: float | None, min_failed: int
+) -> dict[str, Any]:
+    """The plan's maintenance windows, rate and abort threshold, from the command line."""
+    out: dict[str, Any] = {}
+    if windows:
+        spans = [w.partition("-") for w in windows]
+        if any(not sep for _, sep, _ in spans):
+            usage_error("validation_error", "a --window is HH:MM-HH:MM, e.g. 01:00-05:00")
+        out["maintenance"] = {"windows": [{"start": a, "end": b} for a, _, b in spans], "timezone": timezone or "UTC"}
+    if max_per_minute is not None:
+        out["max_per_minute"] = max_per_minute
+    if percent is not None:
+        out["abort"] = {"failed_percent": percent, "min_failed": min_failed}
+    return out
 
 
 @rollout_app.command("list")

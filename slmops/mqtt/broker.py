@@ -14,6 +14,7 @@ import socket
 import threading
 import uuid
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
@@ -51,9 +52,14 @@ class EmbeddedBroker:
         auth: PasswordCheck | None = None,
         topics: Topics | None = None,
         admin_users: frozenset[str] = frozenset(),
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """`tls` = (certificate, key): the listener at host:port speaks TLS only, and a plaintext
+        listener on a free loopback port (`local_url`) serves clients on this machine."""
         self.host = host
         self.port = port
+        self._tls = tls
+        self.local_port = free_port() if tls is not None else port
         self._auth = auth
         self._connect = ConnectPolicy(auth, admin_users) if auth is not None else None
         self._policy = TopicPolicy(topics, admin_users) if (auth is not None and topics is not None) else None
@@ -64,7 +70,22 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def local_url(self) -> str:
+        """Plaintext, for the control plane in the same process: `url` itself without TLS, else loopback."""
+        return self.url if self._tls is None else f"mqtt://127.0.0.1:{self.local_port}"
+
+    def _listeners(self) -> dict[str, Any]:
+        public: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": -1}
+        if self._tls is None:
+            return {"default": public}
+        public.update(ssl=True, certfile=str(self._tls[0]), keyfile=str(self._tls[1]))
+        # amqtt copies "default"'s values into every other listener's unset ones (ssl=False included),
+        # so the plaintext one must be "default".
+        local = {"type": "tcp", "bind": f"127.0.0.1:{self.local_port}", "max_connections": -1}
+        return {"default": local, "devices": public}
 
     def config(self) -> dict[str, Any]:
         plugins: dict[str, Any] = {}
@@ -75,7 +96,7 @@ class EmbeddedBroker:
         if self._policy is not None:
             plugins[f"{_PLUGINS}.DeviceTopicPlugin"] = {"registry_key": self._key}
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": -1}},
+            "listeners": self._listeners(),
             "plugins": plugins,
         }
 

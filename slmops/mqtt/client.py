@@ -142,6 +142,13 @@ class MqttClient:
         self._connected.clear()
         self._paho = None
 
+    def set_password(self, password: str) -> None:
+        """Use `password` from the next CONNECT on (a rotated credential); the live session stays."""
+        self.url = self.url.with_credentials(self.url.username, password)
+        with self._paho_lock:
+            if self._paho is not None:
+                self._paho.username_pw_set(self.url.username, password)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()

@@ -10,6 +10,7 @@ on-disk spool, so an outage loses nothing within its bound.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class DeviceChannel:
         protocol: Protocol = "auto",
         spool_max_messages: int = 10_000,
         reconnect_max_delay_s: int = 30,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = topics or Topics()
@@ -84,6 +86,7 @@ class DeviceChannel:
             will=self._will,
             birth=self._birth,
             reconnect_max_delay_s=reconnect_max_delay_s,
+            tls_context=tls_context,
         )
         self.outbox = SpooledPublisher(self.client, MessageSpool(spool_path, max_messages=spool_max_messages))
 

@@ -38,6 +38,7 @@ from shared.messages import MessageDecodeError, decode, message_id_of
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.client import MqttClient
 from slmops.mqtt.dedup import RecentIds
+from slmops.mqtt.errors import UnstorableBatch
 from slmops.mqtt.journal import IngestJournal
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class IngestCounters:
     batches: int = 0
     handler_errors: int = 0  # failed handler calls, retries included
     lost: int = 0  # messages no handler call took, after the retries and halving
+    unstorable: int = 0  # messages the handler refused alone as never storable (UnstorableBatch)
     replayed: int = 0  # messages taken again from the ingest journal after a crash
     journal_errors: int = 0  # bursts the journal could not write
 
@@ -321,49 +323,62 @@ class DeviceMessageSubscriber:
 
     def _dispatch(self, batch: list[DeviceMessage]) -> None:
         """Hand `batch` to the handler; a failing one is tried again after each of RETRY_DELAYS_S
-        (a database restart or a deadlock passes), then in halves (`_isolate`). The messages are
-        acknowledged to the broker already: what the handler never takes is lost, so it is
-        counted (`lost`) and logged with the device ids."""
+        (a database restart or a deadlock passes), then in halves (`_isolate`); one that raises
+        `UnstorableBatch` goes to halves at once. The messages are acknowledged to the broker
+        already: what the handler never takes is counted (`lost`, or `unstorable` for a message
+        refused alone as such) and logged with the device ids."""
         self.counters.batches += 1
         for delay_s in (*RETRY_DELAYS_S, None):
             try:
                 self._handler(batch)
-            except Exception:
+            except UnstorableBatch as exc:
+                self.counters.handler_errors += 1
+                self._isolate(batch, budget=[ISOLATE_CALLS], error=exc)
+                break
+            except Exception as exc:
                 self.counters.handler_errors += 1
                 log.exception("ingest batch handler failed on %d messages", len(batch))
-                if delay_s is not None:
+                if delay_s is None:
+                    self._isolate(batch, budget=[ISOLATE_CALLS], error=exc)
+                else:
                     time.sleep(delay_s)  # the writer's thread: paho reads on, backpressure bounds it
                 continue
             self.counters.dispatched += len(batch)
             break
-        else:
-            self._isolate(batch, budget=[ISOLATE_CALLS])
         if self._journal is not None and batch:
             self._journal.stored_up_to(batch[-1].seq)  # batches come in arrival order
 
-    def _isolate(self, batch: list[DeviceMessage], budget: list[int]) -> None:
+    def _isolate(self, batch: list[DeviceMessage], budget: list[int], error: Exception) -> None:
         """Store what the handler takes of a batch it keeps refusing, half by half, so one message
-        it cannot store (a value the database rejects) costs only itself, not its batch; at most
-        `budget` further calls (a database that stays down refuses every half)."""
+        it cannot store (a value the database rejects) costs only itself, not its batch. Halves
+        refused with `UnstorableBatch` are split further at no cost (each split makes progress, so
+        at most 2n calls); other refusals spend `budget` (a database that stays down refuses every half)."""
         if len(batch) == 1 or budget[0] <= 0:
-            self._lose(batch)
+            self._lose(batch, error)
             return
         half = len(batch) // 2
         for part in (batch[:half], batch[half:]):
             if budget[0] <= 0:
-                self._lose(part)
+                self._lose(part, error)
                 continue
-            budget[0] -= 1
             try:
                 self._handler(part)
-            except Exception:
+            except UnstorableBatch as exc:
                 self.counters.handler_errors += 1
-                self._isolate(part, budget)
+                self._isolate(part, budget, exc)
+            except Exception as exc:
+                budget[0] -= 1
+                self.counters.handler_errors += 1
+                self._isolate(part, budget, exc)
             else:
                 self.counters.dispatched += len(part)
 
-    def _lose(self, batch: list[DeviceMessage]) -> None:
-        self.counters.lost += len(batch)
+    def _lose(self, batch: list[DeviceMessage], error: Exception) -> None:
         devices = sorted({m.device_id for m in batch})
         shown = ", ".join(devices[:10]) + (f" and {len(devices) - 10} more" if len(devices) > 10 else "")
+        if len(batch) == 1 and isinstance(error, UnstorableBatch):
+            self.counters.unstorable += 1
+            log.warning("refused a %s message from device %s that cannot be stored: %s", batch[0].kind, shown, error)
+            return
+        self.counters.lost += len(batch)
         log.error("ingest lost %d messages the handler kept refusing, from devices %s", len(batch), shown)

@@ -19,7 +19,11 @@ router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 @router.get(
     "/{sha256}",
     response_class=FileResponse,
-    responses={206: {"description": "Partial content"}, 304: {"description": "Not modified"}},
+    responses={
+        206: {"description": "Partial content"},
+        304: {"description": "Not modified"},
+        307: {"description": "Fetch the bytes from the reference, or a presigned URL of the shared store"},
+    },
 )
 def download_artifact(
     sha256: str,
@@ -46,6 +50,9 @@ def download_artifact(
         raise DomainError("artifact_not_found", "the artifact's bytes are missing from the blob store")
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers={"ETag": etag})
+    if (url := store.download_url(artifact.sha256)) is not None:
+        # A shared store serves the bytes (Range included): the replica only signs a short-lived URL.
+        return RedirectResponse(url, status_code=307, headers={"ETag": etag, "Cache-Control": "no-store"})
     return FileResponse(
         store.path_for(artifact.sha256),
         media_type="application/octet-stream",

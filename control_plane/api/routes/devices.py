@@ -4,17 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from control_plane import releases
-from control_plane.api.deps import AdminDep, MutationDep, PrincipalDep, SessionDep, ViewerDep
+from control_plane.api.deps import (
+    AdminDep,
+    MutationDep,
+    OperatorDep,
+    PrincipalDep,
+    RateLimiterDep,
+    SessionDep,
+    ViewerDep,
+)
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
+from control_plane.device_ca import issue_device_certificate
 from control_plane.errors import DomainError
 from control_plane.models import as_utc
-from control_plane.schemas import DeviceCreate, DeviceCreated, DevicePublic, Page
+from control_plane.schemas import (
+    DeviceCreate,
+    DeviceCreated,
+    DevicePublic,
+    DeviceRelabel,
+    DeviceUpdate,
+    Page,
+    RelabelResult,
+    RotationRequest,
+)
 from control_plane.services import devices
 from control_plane.services.auth import Principal
-from shared.enrollment import EnrollRequest, EnrollResponse
+from shared.enrollment import (
+    CertificateRequest,
+    CertificateResponse,
+    CredentialRotation,
+    EnrollRequest,
+    EnrollResponse,
+)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -39,14 +63,20 @@ def create_device(spec: DeviceCreate, principal: AdminDep, mutation: MutationDep
             "enrollment_expires_at": device.enrollment_expires_at,
         }
     )
-    mutation.commit(principal, 201, body)
+    mutation.commit(principal, 201, body, secrets=("enrollment_token",))
     return body
 
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponse)
-def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
+def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLimiterDep) -> Any:
     """Exchange a one-time enrollment token for the device credential. No bearer token needed."""
-    device, secret = devices.enroll(mutation.session, request)
+    limiter.check(mutation.request, "enroll")
+    try:
+        device, secret = devices.enroll(mutation.session, request)
+    except DomainError:
+        limiter.charge(mutation.request, "enroll")
+        raise
+    certificate = issue_device_certificate(mutation.request.app, device.id, request.csr_pem)  # before commit
     mutation.session.flush()
     mutation.audit(Principal("device", device.id, device.id), "device.enroll", device.id)
     mutation.session.commit()
@@ -58,6 +88,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep) -> Any:
         mqtt_url=getattr(mutation.request.app.state, "device_mqtt_url", None),
         topic_prefix=settings.mqtt_topic_prefix,
         root_metadata=signer.chain if (signer := releases.current()) is not None else None,
+        client_certificate_pem=certificate,
     )
 
 
@@ -85,6 +116,19 @@ def who_am_i(principal: PrincipalDep, session: SessionDep) -> Any:
     return DevicePublic.model_validate(devices.get_device(session, principal.id))
 
 
+@router.post("/me/certificate", status_code=201, response_model=CertificateResponse)
+def renew_certificate(request: CertificateRequest, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """A device renews its X.509 identity before expiry; the old certificate stays valid until then."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can renew its certificate")
+    certificate = issue_device_certificate(mutation.request.app, principal.id, request.csr_pem)
+    if certificate is None:
+        raise DomainError("device_certificates_disabled", "this control plane issues no device certificates")
+    mutation.audit(principal, "device.certificate_renew", principal.id)
+    mutation.session.commit()
+    return CertificateResponse(client_certificate_pem=certificate)
+
+
 @router.get("/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, session: SessionDep, _: ViewerDep) -> Any:
     return DevicePublic.model_validate(devices.get_device(session, device_id))
@@ -103,6 +147,83 @@ def reissue_enrollment_token(device_id: str, principal: AdminDep, mutation: Muta
             "enrollment_expires_at": as_utc(device.enrollment_expires_at),
         }
     )
-    mutation.commit(principal, 201, body)
+    mutation.commit(principal, 201, body, secrets=("enrollment_token",))
     revoke_device_on_broker(mutation.request.app, device.id)  # the old credential's connection too
     return body
+
+
+def _wake(request: Request) -> None:
+    """Labels decide rollout membership: the controller looks again now, not at its next tick."""
+    fleet = getattr(request.app.state, "fleet", None)
+    if fleet is not None:
+        fleet.wake(tick=True)
+
+
+@router.patch("/{device_id}", response_model=DevicePublic)
+def update_device(
+    device_id: str, update: DeviceUpdate, request: Request, principal: OperatorDep, mutation: MutationDep
+) -> Any:
+    """Rename a device or replace its labels (which may move it into or out of a rollout's selector)."""
+    device = devices.get_device(mutation.session, device_id)
+    before = dict(device.labels)
+    devices.update_device(mutation.session, device, name=update.name, labels=update.labels)
+    changed = update.model_dump(exclude_none=True)
+    mutation.audit(principal, "device.update", device.id, **changed, labels_before=before)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body
+
+
+@router.post("/relabel", response_model=RelabelResult)
+def relabel_devices(spec: DeviceRelabel, request: Request, principal: OperatorDep, mutation: MutationDep) -> Any:
+    """Set and remove labels on every device a selector matches; says how many matched."""
+    if (replayed := mutation.replay(principal, spec)) is not None:
+        return replayed
+    matched = devices.relabel(mutation.session, selector=spec.selector, set_=spec.set, remove=spec.remove)
+    mutation.audit(principal, "device.relabel", spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    body = RelabelResult(selector=spec.selector, matched=matched, set=spec.set, remove=spec.remove)
+    mutation.commit(principal, 200, body)
+    _wake(request)
+    return body
+
+
+@router.post("/{device_id}/decommission", response_model=DevicePublic)
+def decommission_device(device_id: str, request: Request, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Retire a device: HTTP refuses its credential at once, the broker closes its connection, it
+    leaves every rollout; only a new enrollment token (reissue-token) brings it back."""
+    device = devices.get_device(mutation.session, device_id)
+    left = devices.decommission(mutation.session, device)
+    mutation.audit(principal, "device.decommission", device.id, name=device.name, rollouts_left=left)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 200, body)
+    revoke_device_on_broker(request.app, device.id)
+    _wake(request)
+    return body
+
+
+@router.post("/{device_id}/rotate-credential", status_code=202, response_model=DevicePublic)
+def rotate_credential(device_id: str, spec: RotationRequest, principal: AdminDep, mutation: MutationDep) -> Any:
+    """Ask the device's agent to fetch a new secret; the old one works `grace_s` after it does."""
+    device = devices.get_device(mutation.session, device_id)
+    devices.request_rotation(mutation.session, device, spec.grace_s)
+    mutation.audit(principal, "device.rotate_credential", device.id, grace_s=spec.grace_s)
+    body = DevicePublic.model_validate(device)
+    mutation.commit(principal, 202, body)
+    return body
+
+
+@router.post("/me/credential", response_model=CredentialRotation)
+def fetch_new_credential(request: Request, principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """The device (Basic auth) takes the new secret an operator's rotation asked for, once."""
+    if principal.kind != "device":
+        raise DomainError("forbidden", "only a device credential can rotate itself")
+    device = devices.get_device(mutation.session, principal.id)
+    secret = devices.rotate_secret(mutation.session, device)
+    mutation.audit(principal, "device.credential_rotated", device.id)
+    mutation.session.commit()
+    grant_device_on_broker(request.app, device)  # Mosquitto holds one hash per device: the new one
+    assert device.previous_secret_expires_at is not None
+    return CredentialRotation(
+        device_id=device.id, device_secret=secret, previous_valid_until=device.previous_secret_expires_at
+    )

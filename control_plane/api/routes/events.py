@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 from sqlmodel import Session
 
-from control_plane.api.deps import SessionDep, ViewerDep
+from control_plane.api.deps import IsoDatetime, SessionDep, ViewerDep
 from control_plane.schemas import DeviceEventPublic, Page
 from control_plane.services import devices, events
 from shared.messages import EventKind
@@ -25,7 +25,7 @@ def device_events(
     session: SessionDep,
     _: ViewerDep,
     kind: EventKind | None = TypeQuery,
-    since: datetime | None = SinceQuery,
+    since: IsoDatetime | None = SinceQuery,
     cursor: str | None = None,
     limit: int = Query(50, ge=1, le=500),
 ) -> Any:
@@ -40,7 +40,7 @@ def fleet_events(
     _: ViewerDep,
     device: str | None = Query(None, description="a device id or name"),
     kind: EventKind | None = TypeQuery,
-    since: datetime | None = SinceQuery,
+    since: IsoDatetime | None = SinceQuery,
     cursor: str | None = None,
     limit: int = Query(50, ge=1, le=500),
 ) -> Any:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlmodel import select
 
@@ -20,21 +22,25 @@ from control_plane.api.deps import (
     ViewerDep,
 )
 from control_plane.errors import DomainError
-from control_plane.models import Model, ModelVersion
+from control_plane.models import Model, ModelVersion, Role
+from control_plane.rollouts import recall
 from control_plane.schemas import (
+    VERSION_PATTERN,
     ArtifactPublic,
     ArtifactReference,
     ArtifactSpec,
+    GcResult,
     ModelCreate,
     ModelPublic,
+    ModelUpdate,
     Page,
     VersionByReference,
     VersionPublic,
     VersionSpec,
     VersionStatusUpdate,
 )
-from control_plane.services import pagination, registry
-from control_plane.services.auth import Principal
+from control_plane.services import pagination, registry, retention
+from control_plane.services.auth import Principal, require_role
 from control_plane.services.sniff import sniff_artifact
 from control_plane.services.uploads import ReceivedForm, receive_multipart
 
@@ -50,7 +56,7 @@ _UPLOAD_BODY: dict[str, Any] = {
                     "required": ["version", "file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "version": {"type": "string"},
+                        "version": {"type": "string", "pattern": VERSION_PATTERN},
                         "sha256": {"type": "string", "description": "declared digest, verified"},
                         "quantization": {"type": "string"},
                         "notes": {"type": "string"},
@@ -68,6 +74,14 @@ _UPLOAD_BODY: dict[str, Any] = {
             "application/json": {"schema": {"$ref": "#/components/schemas/VersionByReference"}},
         },
     }
+}
+# Another variant of a version: its form has no `version` field, its JSON body is a reference.
+_ARTIFACT_BODY = copy.deepcopy(_UPLOAD_BODY)
+_ARTIFACT_FORM = _ARTIFACT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+_ARTIFACT_FORM["required"] = ["file"]
+del _ARTIFACT_FORM["properties"]["version"]
+_ARTIFACT_BODY["requestBody"]["content"]["application/json"] = {
+    "schema": {"$ref": "#/components/schemas/ArtifactReference"}
 }
 
 
@@ -118,17 +132,97 @@ def get_version(name: str, version: str, session: SessionDep, _: ViewerDep) -> A
     return registry.version_public(session, model, row)
 
 
-@router.patch("/{name}/versions/{version}", response_model=VersionPublic)
-def update_version_status(
-    name: str, version: str, update: VersionStatusUpdate, principal: OperatorDep, mutation: MutationDep
-) -> Any:
-    model, row = registry.get_version(mutation.session, name, version)
-    row.status = update.status
-    mutation.session.add(row)
-    mutation.audit(principal, "version.status", f"{name}@{version}", status=update.status)
-    body = registry.version_public(mutation.session, model, row)
+@router.patch("/{name}", response_model=ModelPublic)
+def update_model(name: str, update: ModelUpdate, principal: OperatorDep, mutation: MutationDep) -> Any:
+    """Change a model's description or retention policy (`keep_versions`)."""
+    model = registry.get_model(mutation.session, name)
+    for key, value in update.model_dump(exclude_unset=True).items():
+        if key != "description" or value is not None:
+            setattr(model, key, value)
+    mutation.session.add(model)
+    mutation.audit(principal, "model.update", name, **update.model_dump(exclude_unset=True))
+    body = ModelPublic.model_validate(model)
     mutation.commit(principal, 200, body)
     return body
+
+
+@router.post("/gc", response_model=GcResult)
+def collect_garbage(
+    principal: OperatorDep, mutation: MutationDep, store: BlobStoreDep, dry_run: bool = Query(False)
+) -> Any:
+    """Apply every model's retention policy, then remove the blobs no artifact references (admin;
+    an operator may ask what a collection would remove)."""
+    if not dry_run:
+        require_role(principal, Role.admin)
+    session, grace_s = mutation.session, mutation.settings.blob_gc_grace_s
+    plan = retention.plan_gc(session, store, grace_s=grace_s)
+    names = [f"{model.name}@{row.version}" for model, row in plan.versions]
+    blobs = [{"sha256": sha, "size_bytes": size} for sha, size in plan.blobs]
+    if dry_run:
+        return GcResult(dry_run=True, versions=names, blobs=blobs, bytes_freed=plan.bytes_freed)
+    for model, row in plan.versions:
+        retention.delete_version(session, model, row)
+    mutation.audit(principal, "model.gc", "blobs", versions=names, blobs=len(blobs), bytes_freed=plan.bytes_freed)
+    session.commit()
+    freed = retention.remove_unreferenced(session, store, [sha for sha, _ in plan.blobs], grace_s=grace_s)
+    return GcResult(dry_run=False, versions=names, blobs=blobs, bytes_freed=freed)
+
+
+@router.patch("/{name}/versions/{version}", response_model=VersionPublic)
+def update_version_status(
+    name: str,
+    version: str,
+    update: VersionStatusUpdate,
+    request: Request,
+    principal: OperatorDep,
+    mutation: MutationDep,
+) -> Any:
+    """Change a version's status; `recalled` starts the rollout that moves every device off it."""
+    session = mutation.session
+    model, row = registry.get_version(session, name, version)
+    result = recall.change_status(session, model=model, version=row, status=update.status, actor=principal.actor)
+    if result is None:
+        mutation.audit(principal, "version.status", f"{name}@{version}", status=update.status)
+    else:
+        audit_recall(mutation, principal, model, row, result)
+    body = registry.version_public(session, model, row)
+    fleet = getattr(request.app.state, "fleet", None)
+    with fleet.handing_over(result.states) if fleet is not None and result else contextlib.nullcontext():
+        mutation.commit(principal, 200, body)
+    if fleet is not None and result is not None:
+        fleet.wake(tick=True)
+    rollout_id = result.rollout.id if result and result.rollout else None
+    headers = {"Location": f"/v1/rollouts/{rollout_id}"} if rollout_id else {}
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+def audit_recall(mutation: Any, principal: Principal, model: Model, row: ModelVersion, result: Any) -> None:
+    mutation.audit(
+        principal,
+        "version.recall",
+        f"{model.name}@{row.version}",
+        status="recalled",
+        to_version=result.to_version,
+        rollout_id=result.rollout.id if result.rollout else None,
+        devices=result.devices,
+        rolled_back=result.rolled_back,
+        left_to_other_rollouts=result.left_to,
+    )
+
+
+@router.delete("/{name}/versions/{version}", status_code=204)
+def delete_version(
+    name: str, version: str, principal: OperatorDep, mutation: MutationDep, store: BlobStoreDep
+) -> Response:
+    """Delete a version no device runs or is meant to run (409 `version_in_use` names them) and
+    the blobs nothing else references."""
+    session = mutation.session
+    model, row = registry.get_version(session, name, version)
+    blobs = retention.delete_version(session, model, row)
+    mutation.audit(principal, "version.delete", f"{name}@{version}", blobs=blobs)
+    session.commit()
+    retention.remove_unreferenced(session, store, blobs, grace_s=mutation.settings.blob_gc_grace_s)
+    return Response(status_code=204)
 
 
 @router.post("/{name}/versions", status_code=201, response_model=VersionPublic, openapi_extra=_UPLOAD_BODY)
@@ -157,7 +251,7 @@ async def create_version(
     "/{name}/versions/{version}/artifacts",
     status_code=201,
     response_model=ArtifactPublic,
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=_ARTIFACT_BODY,
 )
 async def add_artifact(
     name: str,

@@ -19,9 +19,8 @@ from control_plane.models import (
     ModelVersion,
     Rollout,
     RolloutDevice,
-    RolloutState,
 )
-from control_plane.rollouts.controller import RolloutController
+from control_plane.rollouts import actions
 from control_plane.rollouts.create import create_rollout
 from control_plane.rollouts.plan import RolloutCreate
 from control_plane.schemas import UTCDatetime
@@ -49,6 +48,10 @@ class RolloutPublic(BaseModel):
     promotion: str
     reason: str
     baseline_version: str | None
+    maintenance: dict[str, Any] | None = None
+    max_per_minute: int | None = None
+    abort: dict[str, Any] | None = None
+    recall_of: str | None = None  # set on the rollout a version's recall started
     devices: dict[str, int]
     device_details: list[dict[str, Any]] | None = None
     last_evaluation: GateEvaluationPublic | None
@@ -102,6 +105,10 @@ def rollout_public(
         promotion=plan.get("promotion", "auto"),
         reason=rollout.reason,
         baseline_version=plan.get("baseline_version"),
+        maintenance=plan.get("maintenance"),
+        max_per_minute=plan.get("max_per_minute"),
+        abort=plan.get("abort"),
+        recall_of=plan.get("recall_of"),
         devices={status: int(n) for status, n in counts},
         device_details=details,
         last_evaluation=GateEvaluationPublic.model_validate(last, from_attributes=True) if last else None,
@@ -175,40 +182,13 @@ def list_evaluations(rollout_id: str, session: SessionDep, _: ViewerDep, limit: 
     return [GateEvaluationPublic.model_validate(r, from_attributes=True) for r in rows]
 
 
-_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "promote": ((RolloutState.waiting_promotion, RolloutState.running), "advance to the next stage"),
-    "pause": ((RolloutState.running, RolloutState.waiting_promotion), "pause"),
-    "resume": ((RolloutState.paused,), "resume"),
-    "abort": ((RolloutState.running, RolloutState.waiting_promotion, RolloutState.paused), "abort"),
-}
-
-
 @router.post("/{rollout_id}/{action}", response_model=RolloutPublic)
 def change_rollout(
     rollout_id: str, action: str, request: Request, principal: OperatorDep, mutation: MutationDep
 ) -> Any:
     """`promote` (next stage now), `pause`, `resume`, `abort` (rolls touched devices back)."""
-    if action not in _TRANSITIONS:
-        raise DomainError("not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort")
     session = mutation.session
-    rollout = _get(session, rollout_id, lock=True)
-    allowed, verb = _TRANSITIONS[action]
-    if rollout.state not in allowed:
-        raise DomainError("invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state)
-    controller = RolloutController()
-    if action == "promote":
-        plan = RolloutCreate.model_validate(rollout.plan)
-        if rollout.stage_index + 1 >= len(plan.stages):
-            raise DomainError("invalid_state", "the rollout is already in its last stage")
-        controller.next_stage(session, rollout)
-    elif action == "pause":
-        rollout.state = RolloutState.paused
-    elif action == "resume":
-        rollout.state = RolloutState.running
-    else:
-        controller.rollback(session, rollout, f"aborted by {principal.actor}")
-        rollout.state = RolloutState.aborted
-    session.add(rollout)
+    rollout = actions.apply(session, rollout_id, action, principal.actor)
     mutation.audit(principal, f"rollout.{action}", rollout.id)
     body = rollout_public(session, rollout)
     mutation.commit(principal, 200, body)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
-from control_plane.api.deps import SessionDep, ViewerDep
+from control_plane.api.deps import IsoDatetime, SessionDep, ViewerDep
 from control_plane.errors import DomainError
 from control_plane.models import Device, GateEvaluation, Rollout, as_utc, utcnow
 from control_plane.services import pagination
@@ -22,18 +22,33 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 StepParam = Annotated[str, Query(description="seconds, or with a unit: 30s, 5m, 1h, 1d")]
 
 
+MAX_STEP_S = 366 * 86400
+# Series times are Unix-epoch based: outside these bounds they cannot be floored to a step.
+EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_step(step: str) -> int:
-    match = _STEP.match(step.strip())
+    match = _STEP.match(step.strip()[:32])
     seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
-    if seconds < 1:
-        raise DomainError("validation_error", f"step {step!r} is not a duration like 60, 30s, 5m or 1h")
+    if not 1 <= seconds <= MAX_STEP_S:
+        raise DomainError(
+            "validation_error", f"step {step[:32]!r} is not a duration like 60, 30s, 5m or 1h of at most 366 days"
+        )
     return seconds
 
 
 def _range(start: datetime | None, end: datetime | None, step_s: int) -> tuple[datetime, datetime]:
-    end_utc = as_utc(end) or utcnow()
-    start_utc = as_utc(start) or end_utc - timedelta(seconds=step_s * 60)
+    end_utc = _bounded(end, "end") or utcnow()
+    start_utc = _bounded(start, "start") or max(EARLIEST, end_utc - timedelta(seconds=step_s * 60))
     return start_utc, end_utc
+
+
+def _bounded(value: datetime | None, name: str) -> datetime | None:
+    utc = as_utc(value)
+    if utc is not None and not EARLIEST <= utc < LATEST:
+        raise DomainError("validation_error", f"`{name}` must be between {EARLIEST.date()} and {LATEST.date()}")
+    return utc
 
 
 @router.get("/summary")
@@ -48,8 +63,8 @@ def get_version_series(
     _: ViewerDep,
     model: str,
     version: str,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: IsoDatetime | None = None,
+    end: IsoDatetime | None = None,
     step: StepParam = "60",
 ) -> dict[str, Any]:
     """p50/p95/p99 latency, TTFT, tokens/s, RSS and error rate of one version across the fleet."""
@@ -64,8 +79,8 @@ def get_device_series(
     device_id: str,
     session: SessionDep,
     _: ViewerDep,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: IsoDatetime | None = None,
+    end: IsoDatetime | None = None,
     step: StepParam = "60",
     model: str | None = None,
     version: str | None = None,

@@ -25,7 +25,7 @@ def create_token(spec: TokenCreate, principal: AdminDep, mutation: MutationDep) 
     )
     mutation.audit(principal, "token.create", token.id, role=spec.role, name=spec.name)
     body = TokenCreated.model_validate({**token.model_dump(), "token": plaintext})
-    mutation.commit(principal, 201, body)
+    mutation.commit(principal, 201, body, secrets=("token",))
     return body
 
 

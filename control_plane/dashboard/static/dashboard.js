@@ -7,6 +7,13 @@
   var CHART_EVERY = 5;
   var ticks = 0;
   var SVG = "http://www.w3.org/2000/svg";
+
+  // Every action asks first: the button (or its form) says what will happen.
+  document.addEventListener("submit", function (event) {
+    var source = event.submitter || event.target;
+    var message = (source && source.dataset && source.dataset.confirm) || event.target.dataset.confirm;
+    if (message && !window.confirm(message)) event.preventDefault();
+  });
   var COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626", "#4b5563"];
 
   function el(name, attrs, text) {
