@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="Comma-separated hosts, addresses or CIDR networks that artifact references may "
         "name although loopback, link-local or private (e.g. a LAN mirror).",
     )
+    release_key_file: Path | None = Field(
+        default=None, description="Release signing key (slmops keys init); default: dev keys in data_dir/keys."
+    )
+    root_metadata_file: Path | None = Field(default=None, description="root.json: the chain of signed roots.")
+    release_expiry_s: float = Field(default=7 * 86400, ge=1, description="Life of a signed release; re-signed at half.")
     device_certificates: bool = Field(
         default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
     )

@@ -25,11 +25,12 @@ import paho.mqtt.client as paho
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from control_plane import releases
 from control_plane.config import Settings
 from control_plane.ingest import IngestWriter
 from control_plane.leader import LeaderLock
 from control_plane.models import Device
-from control_plane.rollouts import assign
+from control_plane.rollouts import assign, resign
 from control_plane.rollouts.controller import RolloutController
 from control_plane.services.auth import device_secret_valid
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
@@ -72,6 +73,7 @@ class FleetRuntime:
         self._thread: threading.Thread | None = None
         self._handoff = threading.Lock()
         self._handed: list[Handed] = []  # committed desired states handed over by requests
+        self._next_resign = 0.0  # monotonic time of the next look for releases to re-sign
 
     def start(self) -> None:
         url = self._start_broker()
@@ -165,7 +167,18 @@ class FleetRuntime:
         started = time.perf_counter()
         with Session(self.engine, expire_on_commit=False) as session:
             self.controller.tick(session)
+        self._resign_due()
         self._publish_logged(f"after a controller tick of {time.perf_counter() - started:.3f} s")
+
+    def _resign_due(self) -> None:
+        """Re-sign releases in the last half of their life, checked ten times a life (at most a minute apart)."""
+        signer = releases.current()
+        if signer is None or time.monotonic() < self._next_resign:
+            return
+        self._next_resign = time.monotonic() + min(60.0, signer.expiry_s / 10)
+        with Session(self.engine) as session:
+            resign.resign_due(session, signer)
+            session.commit()
 
     def _publish_logged(self, when: str) -> None:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from edge_agent.activation import Activator
 from edge_agent.enroll import Credential, load_or_enroll
@@ -21,15 +21,19 @@ from edge_agent.errors import DownloadError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.reconciler import Reconciler
 from edge_agent.serving import ModelSlot, ServingModel
-from edge_agent.settings import AgentSettings
+from edge_agent.settings import AgentSettings, ConfigError
 from edge_agent.sources import DesiredStateSource
 from edge_agent.statefile import AgentState, StateFile
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import RequestRecord, SystemSampler, WindowAggregator
 from edge_agent.tls import has_identity
+from edge_agent.trust import ReleaseGuard
 from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
+from shared.messages import EventKind, EventMessage
 from shared.references import reference_problem, without_credentials
+from shared.releases import parse_root_chain
+from shared.signing import ReleaseRefused
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 
@@ -47,8 +51,8 @@ _RENEWAL_CHECK_S = 3600.0
 
 @dataclass(frozen=True)
 class AgentEvent:
-    kind: Literal["state", "progress", "telemetry"]
-    payload: DeviceState | Progress | TelemetryWindow
+    kind: Literal["state", "progress", "telemetry", "event"]
+    payload: DeviceState | Progress | TelemetryWindow | EventMessage
 
 
 Observer = Callable[[AgentEvent], None]
@@ -110,6 +114,7 @@ class Agent:
             url_for=self.artifact_url,
             on_change=self._on_state_change,
             on_swap=lambda outcome: self.metrics.swaps.labels(outcome).inc(),
+            on_event=self._on_release_event,
         )
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class Agent:
         )
         if self.credential is not None:
             self.telemetry.device_id = self.credential.device_id
+        self.reconciler.guard = self._release_guard()
         self._enrolled = True
         self.renew_identity_if_due()
 
@@ -145,6 +151,22 @@ class Agent:
             if renew(self.http, base, httpx.BasicAuth(cred.device_id, cred.device_secret), identity):
                 for listener in self.identity_listeners:
                     listener()
+
+    def _release_guard(self) -> ReleaseGuard | None:
+        """The pinned root: provisioned in the config, else trusted on first use at enrollment."""
+        s, credential = self.settings, self.credential
+        try:
+            pinned = parse_root_chain(s.root_metadata_file.read_bytes()) if s.root_metadata_file else None
+            if pinned is None and credential is not None and credential.root_metadata:
+                ReleaseGuard.pin_on_enrollment(s.trust_path, credential.root_metadata)
+            guard = ReleaseGuard.load(s.trust_path, pinned=pinned)
+        except (OSError, ValueError, ReleaseRefused) as exc:  # fail closed: no start without the root
+            raise ConfigError(
+                f"cannot establish the trusted root ({s.root_metadata_file or s.trust_path}): {exc}"
+            ) from exc
+        if guard is None:
+            log.warning("no root to trust: desired states are applied without release verification")
+        return guard
 
     def start(self) -> None:
         """Enroll if not done yet, then recover and reconcile on background threads."""
@@ -304,6 +326,7 @@ class Agent:
                 kind, payload, future = self._commands.get(timeout=_TICK_S)
             except queue.Empty:
                 self._safely(self.reconciler.check_trial)
+                self._safely(self.reconciler.check_freshness)
                 continue
             self._supersede.clear()
             self._working_on = payload.message_id if kind == "desired" else None
@@ -335,6 +358,17 @@ class Agent:
         serving = self.slot.current
         self.metrics.set_model(serving.spec if serving else None)
         self._notify(AgentEvent("state", self.device_state()))
+
+    def _on_release_event(self, kind: str, desired: DesiredState, message: str, detail: dict[str, object]) -> None:
+        detail = {**detail, "desired_message_id": desired.message_id, "rollout_id": desired.rollout_id}
+        event = EventMessage(
+            kind=cast(EventKind, kind),
+            model=desired.model,
+            version=desired.version,
+            message=message[:500],
+            detail=detail,
+        )
+        self._notify(AgentEvent("event", event))
 
     def _on_progress(self, progress: Progress) -> None:
         self.last_progress = progress

@@ -3,7 +3,8 @@
 Bytes stream into `<sha256>.part`; after an interruption (even kill -9) the next attempt asks for
 `Range: bytes=<have>-`. A 206 whose Content-Range does not start where we stopped, or describes
 another total, restarts from zero rather than appending the wrong bytes. No more than the declared
-size is ever written; the sha256 is checked before the file is fsynced and renamed into the store.
+size is ever written (a server sending more is refused: `size_exceeded`); the sha256 is checked
+before the file is fsynced and renamed into the store.
 Redirects are followed here, hop by hop, only where `shared.references.redirect_problem` allows:
 never to a weaker scheme, to another host only over https and not into a private network.
 """
@@ -144,7 +145,11 @@ class Downloader:
             # Hash what an earlier attempt left, then the new bytes as they arrive: one pass in all.
             digest = _hash_prefix(handle, have)
             if have < artifact.size_bytes:
-                digest = self._transfer(handle, artifact, url, have, digest, auth)
+                try:
+                    digest = self._transfer(handle, artifact, url, have, digest, auth)
+                except IntegrityError:
+                    partial.unlink(missing_ok=True)
+                    raise
             if digest.hexdigest() != artifact.sha256:
                 partial.unlink(missing_ok=True)
                 raise IntegrityError(f"sha256 mismatch: expected {artifact.sha256}, got {digest.hexdigest()}")
@@ -222,12 +227,11 @@ class Downloader:
         for block in response.iter_raw():  # as bytes arrive: a dropped link loses none
             room = artifact.size_bytes - done
             if len(block) > room:
-                # Endless-data defence: keep only the declared length, then let the hash decide.
-                handle.write(block[:room])
-                digest.update(block[:room])
-                done += room
-                log.warning("server sent more than the declared %d bytes; stopped", artifact.size_bytes)
-                break
+                # Endless-data defence: never more than the declared (signed) size is written, and a
+                # server sending more is serving another artifact than the one named.
+                raise IntegrityError(
+                    f"the server sent more than the declared {artifact.size_bytes} bytes; stopped", code="size_exceeded"
+                )
             handle.write(block)
             digest.update(block)
             done += len(block)

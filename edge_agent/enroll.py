@@ -17,6 +17,7 @@ from edge_agent.errors import EnrollmentError
 from edge_agent.fsutil import write_atomic
 from shared.enrollment import EnrollRequest, EnrollResponse
 from shared.hardware import HardwareProfile
+from shared.signing import SignedMetadata
 
 if TYPE_CHECKING:
     import httpx
@@ -30,6 +31,7 @@ class Credential(BaseModel):
     mqtt_url: str | None = None
     topic_prefix: str = "slmops/v1"
     control_plane_url: str | None = None
+    root_metadata: list[SignedMetadata] | None = None  # the enrollment answer's root chain (edge_agent.trust)
 
 
 def hardware_profile() -> HardwareProfile:
@@ -88,6 +90,7 @@ def enroll(
         mqtt_url=answer.mqtt_url,
         topic_prefix=answer.topic_prefix,
         control_plane_url=control_plane_url,
+        root_metadata=answer.root_metadata,
     )
     write_atomic(path, credential.model_dump_json().encode(), mode=0o600)
     log.info("enrolled as device %s", credential.device_id)

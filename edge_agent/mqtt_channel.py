@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
+from edge_agent.reconciler import REFUSED
 from edge_agent.settings import AgentSettings, ConfigError
 from edge_agent.tls import has_identity, plaintext_problem, ssl_context
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
@@ -273,6 +274,8 @@ class MqttChannel:
         kinds = _PHASE_EVENTS.get(state.phase, ())
         if state.phase == "download_failed" and (state.reason or "").startswith("integrity_check_failed"):
             kinds = ("verification_failed",)
+        if state.phase == "download_failed" and (state.reason or "").startswith(REFUSED):
+            kinds = ()  # the agent reported the refusal as a release_refused event
         return [
             EventMessage(
                 kind=kind,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,9 @@ from edge_agent.serving import ModelSlot
 from edge_agent.settings import AgentSettings
 from edge_agent.statefile import AgentState, StateFile
 from edge_agent.store import ModelStore
+from edge_agent.trust import ReleaseGuard, release_of
 from shared.desired import ArtifactRef, DesiredState
+from shared.signing import RefusalReason, ReleaseRefused
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,11 @@ class ArtifactFetcher(Protocol):
 
 
 UrlFor = Callable[[ArtifactRef], tuple[str, bool]]  # (absolute URL, send the device credential?)
+# (event kind, the desired state it is about, message, detail): refusals and stale releases.
+OnEvent = Callable[[str, DesiredState, str, dict[str, object]], None]
+REFUSED = "release_refused"  # the reason's prefix when a desired state failed release verification
+# Download failures that are the artifact server's attack on a signed release, by refusal reason.
+_ARTIFACT_ATTACKS: dict[str, RefusalReason] = {"size_exceeded": "size_exceeded", "integrity_check_failed": "mismatch"}
 
 
 class Reconciler:
@@ -49,6 +57,8 @@ class Reconciler:
         url_for: UrlFor,
         on_change: Callable[[AgentState], None],
         on_swap: Callable[[str], None] = lambda outcome: None,
+        on_event: OnEvent = lambda kind, desired, message, detail: None,
+        guard: ReleaseGuard | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -59,6 +69,9 @@ class Reconciler:
         self.url_for = url_for
         self.on_change = on_change
         self.on_swap = on_swap
+        self.on_event = on_event
+        self.guard = guard  # None: releases are not verified (no root to trust)
+        self._stale_serial: int | None = None  # the expired release already reported
         self.state = AgentState()
 
     def _save(self, **changes: object) -> None:
@@ -120,6 +133,8 @@ class Reconciler:
         if desired.message_id == state.desired_message_id and state.phase != "download_failed":
             log.info("desired state %s already handled; ignoring the duplicate", desired.message_id)
             return
+        if not self._trusted(desired):
+            return
         if desired.unload:
             self._unload(desired)
             return
@@ -137,6 +152,38 @@ class Reconciler:
             activation_attempts=0,
         )
         self._reconcile(desired)
+
+    def _trusted(self, desired: DesiredState) -> bool:
+        """Verify the release before anything is downloaded, changed or activated; a refusal keeps
+        what is served as it is and is reported with its reason."""
+        if self.guard is None:
+            return True
+        try:
+            self.guard.accept(self.guard.verify(desired))
+        except ReleaseRefused as exc:
+            self._refuse(desired, exc.reason, str(exc))
+            return False
+        return True
+
+    def _refuse(self, desired: DesiredState, reason: RefusalReason, message: str) -> None:
+        log.error("refused %s %s (%s): %s", desired.model, desired.version, desired.message_id, message)
+        self.on_event(REFUSED, desired, message, {"reason": reason})
+        self._save(desired_message_id=desired.message_id, phase="download_failed", reason=f"{REFUSED}: {message}",
+                   pending=None, activation_attempts=0)  # fmt: skip
+
+    def check_freshness(self, *, now: datetime | None = None) -> None:
+        """Report once when the served release has expired and nothing newer came (keep serving it)."""
+        current = self.state.current
+        release = release_of(current) if self.guard is not None and current is not None else None
+        if current is None or release is None or release.serial == self._stale_serial:
+            return
+        if release.expires > (now or datetime.now(UTC)):
+            return
+        self._stale_serial = release.serial
+        message = f"release {release.serial} of {release.model} {release.version} expired at {release.expires}"
+        log.warning("stale release: %s; still serving it", message)
+        self.on_event("stale_release", current, message, {"reason": "expired", "serial": release.serial})
+        self._save(reason=f"stale_release: {message}")
 
     def _unload(self, desired: DesiredState) -> None:
         """Serve nothing (the control plane withdrew the model from a device that ran nothing
@@ -165,7 +212,11 @@ class Reconciler:
         except DownloadError as exc:
             log.error("download of %s %s failed: %s", desired.model, desired.version, exc)
             # A superseded download keeps its partial file: the same artifact may come back.
+            if (attack := _ARTIFACT_ATTACKS.get(exc.code)) is not None:
+                self.on_event(REFUSED, desired, str(exc), {"reason": attack, "code": exc.code})
             self._save(phase="download_failed", reason=f"{exc.code}: {exc}", pending=None)
+            return
+        if not self._trusted(desired):  # again: it may have expired, or its key been revoked, meanwhile
             return
         self._save(phase="activating", activation_attempts=self.state.activation_attempts + 1)
         failpoints.reached("activation_started")

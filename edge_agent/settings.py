@@ -66,6 +66,9 @@ class AgentSettings(BaseSettings):
     download_allowed_hosts: list[str] = Field(default_factory=list)
 
     watch_interval_s: float = Field(default=1.0, gt=0)
+    # The operator's root.json (slmops keys init): releases are verified against it. Unset: the
+    # root the control plane sent at enrollment is trusted on first use (edge_agent.trust).
+    root_metadata_file: Path | None = None
     credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")
     log_json: bool = False
     log_level: str = "INFO"
@@ -120,6 +123,10 @@ class AgentSettings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.data_dir / "state.json"
+
+    @property
+    def trust_path(self) -> Path:
+        return self.data_dir / "trust.json"
 
     @property
     def admin_token_path(self) -> Path:

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from shared.base import WireModel
 from shared.limits import MessageId, ModelName, ShortName, VersionName
+from shared.signing import SignedMetadata
 
 ArtifactFormat = Literal["gguf", "onnx", "onnx-tar", "gguf-lora"]
 BUNDLE_FORMAT = "onnx-tar"  # an ONNX model folder with external data, packed as one tar the agent unpacks
@@ -73,6 +74,10 @@ class DesiredState(WireModel):
     rollout_id: str | None = None
     unload: bool = False
     golden: GoldenSet | None = None  # run on the device during the trial; its pass rate is reported
+    # The signed release this state asks for (shared.releases), and the root chain that proves
+    # its keys; a device with a pinned root refuses a state its release does not cover.
+    release: SignedMetadata | None = None
+    roots: list[SignedMetadata] = Field(default_factory=list, max_length=32)
 
     def withdrawal_reason(self) -> str:
         """The reason a device reports once it serves nothing because of this (unload) state."""

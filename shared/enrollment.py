@@ -12,6 +12,7 @@ from pydantic import Field
 
 from shared.base import WireModel
 from shared.hardware import HardwareProfile
+from shared.signing import SignedMetadata
 
 
 class EnrollRequest(WireModel):
@@ -36,6 +37,8 @@ class EnrollResponse(WireModel):
     device_secret: str
     mqtt_url: str | None = None  # where the control plane wants the device to connect
     topic_prefix: str = "slmops/v1"
+    # The root chain releases are signed under: a device with no provisioned root trusts it (TOFU).
+    root_metadata: list[SignedMetadata] | None = Field(default=None, max_length=32)
     client_certificate_pem: str | None = Field(default=None, max_length=16384)  # CN = device id, by the device CA
 
 

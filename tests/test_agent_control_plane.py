@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from shared.desired import DesiredState
 from tests.agent_support import AgentProcess, desired_for_artifact
 from tests.assign_support import assign_version
 from tests.server_thread import ServerThread
@@ -41,12 +42,14 @@ def test_agent_enrolls_and_serves_a_registry_artifact(  # type: ignore[no-untype
             # Half the file is already here, as after an interrupted download: the agent resumes it.
             partial = agent.data_dir / "downloads" / f"{artifact['sha256']}.part"
             partial.write_bytes(tiny_gguf.read_bytes()[: artifact["size_bytes"] // 2])
-            # A device fetches only what it is assigned.
-            assign_version(engine, device["id"], model="tinyllama", version="1.0.0")
-            desired = desired_for_artifact(
+            # A device fetches only what it is assigned, and runs only what the release signs.
+            unsigned = desired_for_artifact(
                 model="tinyllama", version="1.0.0", sha256=artifact["sha256"], size_bytes=artifact["size_bytes"]
             )
-            state = agent.apply(desired).json()
+            refused = agent.apply(unsigned).json()
+            assert refused["phase"] == "download_failed" and refused["reason"].startswith("release_refused"), refused
+            desired = assign_version(engine, device["id"], model="tinyllama", version="1.0.0")
+            state = agent.apply(DesiredState.model_validate(desired)).json()
             assert state["phase"] == "on_trial", state
             blob = agent.data_dir / "store" / "sha256" / artifact["sha256"]
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == artifact["sha256"]

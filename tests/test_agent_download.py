@@ -91,10 +91,14 @@ def test_wrong_content_range_restarts_instead_of_appending(server, store) -> Non
     assert path.read_bytes() == PAYLOAD
 
 
-def test_never_writes_more_than_the_declared_size(server, store) -> None:
+def test_a_server_sending_more_than_the_declared_size_is_refused(server, store) -> None:
+    """Endless data: the download stops at the declared (signed) size, keeps nothing and says why."""
     sha = server.add(PAYLOAD, Misbehaviour(extra_bytes=5_000_000))
-    path = make_downloader(store).fetch(ref(sha), url(server, sha))
-    assert path.stat().st_size == len(PAYLOAD)
+    with pytest.raises(IntegrityError) as caught:
+        make_downloader(store).fetch(ref(sha), url(server, sha))
+    assert caught.value.code == "size_exceeded"
+    assert not store.has(sha)
+    assert not store.partial_path(sha).exists()
 
 
 def test_server_claiming_a_shorter_size_is_refused(server, store) -> None:

@@ -42,6 +42,8 @@ from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError
 from control_plane.metrics import HttpMetricsMiddleware
+from control_plane.releases import ReleaseSigner
+from control_plane.releases import configure as configure_signing
 from control_plane.storage import make_blob_store
 
 log = logging.getLogger("slmops.api")
@@ -157,6 +159,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = make_blob_store(settings)
+    configure_signing(ReleaseSigner.from_settings(settings))  # every desired state names a signed release
     if settings.device_certificates:
         from control_plane.device_ca import DeviceCA
 

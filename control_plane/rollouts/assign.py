@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import or_
 from sqlmodel import Session, select
 
-from control_plane import bulk
+from control_plane import bulk, releases
 from control_plane.models import (
     Artifact,
     ArtifactFormat,
@@ -42,9 +42,22 @@ def desired_payload(
     artifact: Artifact,
     rollout_id: str | None,
     adapter: Artifact | None = None,
+    *,
+    variants: Sequence[Artifact] = (),
 ) -> DesiredState:
+    """The desired state for `artifact`, under the signed release of all the version's `variants`."""
     hints = artifact.runtime_hints or {}
     n_ctx = min(int(hints.get("context_length") or DEFAULT_N_CTX), 4096)
+    signer = releases.current()
+    release = None
+    if signer is not None:
+        release = signer.release_for(
+            model=model.name,
+            version=version.version,
+            artifacts=variants or [artifact],
+            adapter=adapter,
+            rollout_id=rollout_id,
+        )
     return DesiredState(
         message_id=str(uuid.uuid4()),
         model=model.name,
@@ -54,6 +67,8 @@ def desired_payload(
         runtime=RuntimeParams(n_ctx=n_ctx, chat_template=hints.get("chat_template")),
         rollout_id=rollout_id,
         golden=GoldenSet.model_validate(version.golden_set) if version.golden_set else None,
+        release=release,
+        roots=signer.rotations if signer is not None else [],
     )
 
 
@@ -117,12 +132,20 @@ def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
 def unload_desired(current: dict[str, Any]) -> dict[str, Any]:
     """The desired state that withdraws `current` (a DesiredState as JSON): serve nothing. For a
     rollback of a device that had no desired state before the rollout."""
-    return with_message_id(DesiredState.model_validate(current).model_dump(mode="json"), rollout_id=None, unload=True)
+    return with_message_id(_resigned(current, unload=True), rollout_id=None, unload=True)
 
 
 def restore_desired(previous: dict[str, Any]) -> dict[str, Any]:
-    """A previous desired state sent again, under a fresh message id and outside any rollout."""
-    return with_message_id(DesiredState.model_validate(previous).model_dump(mode="json"), rollout_id=None)
+    """A previous desired state sent again, under a fresh message id and outside any rollout; its
+    release is signed anew (a higher serial), or devices would refuse it as a rollback."""
+    return with_message_id(_resigned(previous, unload=False), rollout_id=None)
+
+
+def _resigned(payload: dict[str, Any], *, unload: bool) -> dict[str, Any]:
+    state = DesiredState.model_validate(payload)
+    if (signer := releases.current()) is not None:
+        state = signer.resign(state, rollout_id=None, unload=unload)
+    return state.model_dump(mode="json")
 
 
 def pending_publication(

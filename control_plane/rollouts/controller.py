@@ -157,7 +157,7 @@ class RolloutController:
             if artifact is None:
                 continue
             if artifact.sha256 not in templates:
-                state = assign.desired_payload(model, version, artifact, None, adapter)
+                state = assign.desired_payload(model, version, artifact, None, adapter, variants=artifacts)
                 templates[artifact.sha256] = state.model_dump(mode="json")
             states[device_id] = assign.with_message_id(templates[artifact.sha256])
         return states
@@ -310,7 +310,9 @@ class RolloutController:
                     choice = ("incompatible", why, None, None)
                 else:
                     if (template := templates.get(artifact.sha256)) is None:
-                        state = assign.desired_payload(model, version, artifact, rollout.id, adapter)
+                        state = assign.desired_payload(
+                            model, version, artifact, rollout.id, adapter, variants=artifacts
+                        )
                         template = templates[artifact.sha256] = state.model_dump(mode="json")
                     choice = ("assigned", "", artifact.sha256, template)
                 chosen[key] = choice

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-_COMMAND_MODULES = ("server", "agent", "tiny", "ops", "demo", "simulate")
+_COMMAND_MODULES = ("server", "agent", "tiny", "ops", "demo", "simulate", "keys")
 _AGENT_SUBCOMMANDS = {"apply", "rollback", "status"}
 
 

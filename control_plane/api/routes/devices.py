@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
+from control_plane import releases
 from control_plane.api.deps import (
     AdminDep,
     MutationDep,
@@ -86,6 +87,7 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLi
         device_secret=secret,
         mqtt_url=getattr(mutation.request.app.state, "device_mqtt_url", None),
         topic_prefix=settings.mqtt_topic_prefix,
+        root_metadata=signer.chain if (signer := releases.current()) is not None else None,
         client_certificate_pem=certificate,
     )
 
