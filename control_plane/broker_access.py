@@ -110,3 +110,12 @@ def grant_device_on_broker(app: Any, device: Device) -> None:
     access: BrokerAccess | None = getattr(app.state, "broker_access", None)
     if access is not None and device.mqtt_password_hash:
         access.grant(device.id, device.mqtt_password_hash)
+
+
+def complete_rotation_on_broker(app: Any, device: Device) -> None:
+    """A completed rotation (committed): the certificates minted with older secrets are revoked
+    (the agent renews with its new one) and the broker takes the new secret's hash."""
+    device_ca = getattr(app.state, "device_ca", None)
+    if device_ca is not None:  # the CRL first: the broker's reload in grant reads it too
+        device_ca.revoke_device(device.id)
+    grant_device_on_broker(app, device)

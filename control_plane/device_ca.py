@@ -30,6 +30,7 @@ CA_VALIDITY = dt.timedelta(days=10 * 365)
 # The broker refuses every certificate once its CRL lapses; only a local file, so no replay risk.
 CRL_VALIDITY = dt.timedelta(days=365)
 DEFAULT_CERT_VALIDITY = dt.timedelta(days=90)
+MAX_LIVE_CERTIFICATES = 2  # the one in use and its renewal
 
 
 class DeviceCAError(DomainError):
@@ -111,17 +112,32 @@ class DeviceCA:
         folder = self.folder / "issued" / device_id
         folder.mkdir(parents=True, exist_ok=True)
         _write_private(folder / f"{serial:x}.pem", cert_pem, 0o644)
+        for path in self._live(device_id)[:-MAX_LIVE_CERTIFICATES]:  # the oldest beyond the cap
+            self._revoke_file(path)
         return cert_pem
+
+    def newest(self, device_id: str) -> x509.Certificate | None:
+        """The device's most recently issued certificate that is not revoked, if any."""
+        live = self._live(device_id)
+        return x509.load_pem_x509_certificate(live[-1].read_bytes()) if live else None
+
+    def _live(self, device_id: str) -> list[Path]:
+        """The device's unrevoked certificate files, oldest first."""
+        folder = self.folder / "issued" / device_id
+        if not is_valid_device_id(device_id) or not folder.is_dir():
+            return []
+        issued = {path: x509.load_pem_x509_certificate(path.read_bytes()) for path in folder.glob("*.pem")}
+        return sorted(issued, key=lambda path: (issued[path].not_valid_before_utc, path.stat().st_mtime_ns))
+
+    def _revoke_file(self, path: Path) -> None:
+        self.revoke(path.read_bytes())
+        path.rename(path.with_suffix(".revoked"))
 
     def revoke_device(self, device_id: str) -> int:
         """Revoke every certificate issued to `device_id`; how many were still unrevoked."""
-        folder = self.folder / "issued" / device_id
-        if not is_valid_device_id(device_id) or not folder.is_dir():
-            return 0
-        issued = sorted(folder.glob("*.pem"))
+        issued = self._live(device_id)
         for path in issued:
-            self.revoke(path.read_bytes())
-            path.rename(path.with_suffix(".revoked"))
+            self._revoke_file(path)
         return len(issued)
 
     def revoke(self, cert_pem: bytes) -> None:
@@ -217,3 +233,17 @@ def issue_device_certificate(app: Any, device_id: str, csr_pem: str | None) -> s
         return None
     days = app.state.settings.device_certificate_days
     return device_ca.issue(csr_pem.encode(), device_id=device_id, validity=dt.timedelta(days=days)).decode()
+
+
+def renew_device_certificate(app: Any, device_id: str, csr_pem: str) -> str | None:
+    """A new certificate for an enrolled device, once its newest one has spent half its lifetime."""
+    device_ca: DeviceCA | None = getattr(app.state, "device_ca", None)
+    newest = device_ca.newest(device_id) if device_ca is not None else None
+    if newest is not None:
+        start, end = newest.not_valid_before_utc, newest.not_valid_after_utc
+        if dt.datetime.now(dt.UTC) < start + (end - start) / 2:
+            raise DeviceCAError(
+                f"the device's newest certificate is valid until {end.isoformat()}; renew after half its lifetime",
+                code="certificate_not_due",
+            )
+    return issue_device_certificate(app, device_id, csr_pem)

@@ -38,6 +38,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "validation_error": 422,
     "csr_invalid": 422,
     "device_certificates_disabled": 409,
+    "certificate_not_due": 409,
     "sha256_mismatch": 422,
     "size_mismatch": 422,
     "unrecognized_artifact": 422,

@@ -32,7 +32,7 @@ from control_plane.leader import LeaderLock
 from control_plane.models import Device
 from control_plane.rollouts import assign, resign
 from control_plane.rollouts.controller import RolloutController
-from control_plane.services.auth import device_secret_valid
+from control_plane.services.auth import matching_secret
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker
@@ -130,7 +130,8 @@ class FleetRuntime:
         if username == CONTROL_PLANE_USER:
             return secrets.compare_digest(password, self._cp_password)
         with Session(self.engine) as session:
-            return device_secret_valid(session.get(Device, username), password)
+            # A staged secret is not yet the device's: its first HTTP request completes the rotation.
+            return matching_secret(session.get(Device, username), password) in ("current", "previous")
 
     def wake(self, *, tick: bool = True) -> None:
         """Publish what an API change wrote now instead of at the next tick; with `tick`, run the

@@ -136,8 +136,9 @@ class Agent:
         self._enrolled = True
         self.renew_identity_if_due()
 
-    def renew_identity_if_due(self) -> None:
-        """Renew the X.509 certificate once two thirds of its life are gone; the old one serves meanwhile."""
+    def renew_identity_if_due(self, *, force: bool = False) -> None:
+        """Renew the X.509 certificate once two thirds of its life are gone (or, with `force`, now:
+        a completed credential rotation revoked it); the old one serves meanwhile."""
         s, cred = self.settings, self.credential
         identity = (s.client_cert_path, s.client_key_path)
         base = s.control_plane_url or (cred.control_plane_url if cred else None)
@@ -145,7 +146,7 @@ class Agent:
             return
         from edge_agent.identity import renew, renewal_due
 
-        if renewal_due(identity[0]):
+        if force or renewal_due(identity[0]):
             import httpx
 
             if renew(self.http, base, httpx.BasicAuth(cred.device_id, cred.device_secret), identity):

@@ -1,6 +1,6 @@
 """Credential rotation: the agent asks the control plane now and then whether to rotate; when an
-operator asked for it, it fetches its new secret (sent once), stores it before using it, and hands
-it to its HTTP client and its MQTT channel. The old secret keeps working for the rotation's grace
+operator asked for it, it fetches its new secret, stores it, completes the rotation by using it
+once, and hands it to its HTTP client and its MQTT channel. The old secret keeps working for the rotation's grace
 period, so nothing the agent does is interrupted.
 """
 
@@ -60,14 +60,22 @@ class CredentialRotator:
         answer = self.agent.http.post(f"{base}/v1/devices/me/credential", auth=auth, timeout=10)
         answer.raise_for_status()
         rotation = CredentialRotation.model_validate_json(answer.content)
-        self._adopt(credential.model_copy(update={"device_secret": rotation.device_secret}))
-        log.info("credential rotated; the previous one works until %s", rotation.previous_valid_until)
+        rotated = credential.model_copy(update={"device_secret": rotation.device_secret})
+        # Stored first: a crash right after must not leave the agent with only the expiring secret.
+        write_atomic(self.agent.settings.credential_path, rotated.model_dump_json().encode(), mode=0o600)
+        # The new secret's first use completes the rotation; until then the current one stays
+        # in use, and a failure here fetches a fresh secret at the next check.
+        confirmed = self.agent.http.get(
+            f"{base}/v1/devices/me", auth=httpx.BasicAuth(rotated.device_id, rotated.device_secret), timeout=10
+        )
+        confirmed.raise_for_status()
+        self._adopt(rotated)
+        log.info("credential rotated; the previous one works until at least %s", rotation.previous_valid_until)
         return True
 
     def _adopt(self, credential: Credential) -> None:
-        # Stored first: a crash right after must not leave the agent with only the expiring secret.
-        write_atomic(self.agent.settings.credential_path, credential.model_dump_json().encode(), mode=0o600)
         self.agent.use_credential(credential)
+        self.agent.renew_identity_if_due(force=True)  # the rotation revoked the certificates
         if self.channel is not None:
             self.channel.use_secret(credential.device_secret)
 

@@ -43,8 +43,9 @@ class EnrollResponse(WireModel):
 
 
 class CredentialRotation(WireModel):
-    """`POST /v1/devices/me/credential`: the device's new secret, sent this once. The previous
-    secret keeps working until `previous_valid_until` (the rotation's grace period)."""
+    """`POST /v1/devices/me/credential`: the device's new secret, staged until its first use (a
+    later fetch replaces it). The previous secret then keeps working until at least
+    `previous_valid_until` (the rotation's grace period)."""
 
     device_id: str
     device_secret: str

@@ -60,6 +60,30 @@ def test_rotation_hands_out_a_new_secret_once_and_the_old_one_expires(  # type: 
     assert token.status_code == 403
 
 
+def test_a_leaked_secret_cannot_take_the_rotation_from_the_agent(client, admin_headers) -> None:  # type: ignore[no-untyped-def]
+    """Each fetch stages a fresh secret in place of the last; the first one used completes the
+    rotation. A lost answer or a thief's earlier fetch no longer locks the agent out."""
+    cred = enrolled_device(client, admin_headers, "kiosk-2")
+    device_id, old = cred["device_id"], cred["device_secret"]
+    asked = client.post(f"/v1/devices/{device_id}/rotate-credential", json={"grace_s": 60}, headers=admin_headers)
+    assert asked.status_code == 202
+    thief = client.post("/v1/devices/me/credential", headers=_basic(device_id, old))
+    assert thief.status_code == 200, thief.text
+    agent = client.post("/v1/devices/me/credential", headers=_basic(device_id, old))
+    assert agent.status_code == 200, agent.text  # not 409: the rotation stays pending until used
+    stolen, new = thief.json()["device_secret"], agent.json()["device_secret"]
+    assert stolen != new
+    assert client.get("/v1/devices/me", headers=_basic(device_id, stolen)).status_code == 401  # replaced
+    me = client.get("/v1/devices/me", headers=_basic(device_id, new))
+    assert me.status_code == 200 and me.json()["rotation_requested_at"] is None  # first use completes it
+    assert client.get("/v1/devices/me", headers=_basic(device_id, old)).status_code == 200  # grace period
+    again = client.post(f"/v1/devices/{device_id}/rotate-credential", json={"grace_s": 60}, headers=admin_headers)
+    assert again.status_code == 202
+    previous = client.post("/v1/devices/me/credential", headers=_basic(device_id, old))
+    assert previous.status_code == 403 and previous.json()["code"] == "forbidden"  # only the current secret
+    assert client.post("/v1/devices/me/credential", headers=_basic(device_id, new)).status_code == 200
+
+
 @pytest.fixture
 def fleet_app(tmp_path: Path, db_url: str, engine):  # type: ignore[no-untyped-def]
     """A control plane with its fleet runtime and embedded broker."""
@@ -153,8 +177,9 @@ def _wait(check, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-u
 
 @pytest.mark.mosquitto
 def test_mosquitto_takes_the_new_secret_at_once(tmp_path, db_url, emptied):  # type: ignore[no-untyped-def]  # noqa: F811
-    """Mosquitto's password file holds one hash per device: the rotated secret works on it at once
-    and the old one only on HTTP for the grace period (deploy/mosquitto/README.md)."""
+    """Mosquitto's password file holds one hash per device: the rotated secret works on it as soon
+    as its first HTTP use completes the rotation, and the old one only on HTTP for the grace period
+    (deploy/mosquitto/README.md)."""
     with broker_for("mosquitto", tmp_path) as (broker, device_port):
         with control_plane(_settings(tmp_path, db_url, broker, device_port), emptied, broker) as fleet:
             device_id, old = fleet.enroll("gw-1")
@@ -162,6 +187,10 @@ def test_mosquitto_takes_the_new_secret_at_once(tmp_path, db_url, emptied):  # t
                                       headers=fleet.admin)  # fmt: skip
             assert asked.status_code == 202
             new = fleet.client.post("/v1/devices/me/credential", headers=_basic(device_id, old)).json()["device_secret"]
+            staged = RawClient(fleet.device_url(device_id, new), device_id, clean_session=True)
+            assert not staged.accepted  # staged, not yet the device's secret
+            staged.close()
+            assert fleet.client.get("/v1/devices/me", headers=_basic(device_id, new)).status_code == 200  # completes
             accepted = RawClient(fleet.device_url(device_id, new), device_id, clean_session=True)
             assert accepted.accepted
             accepted.close()

@@ -265,6 +265,9 @@ def _aged_copy(ca: DeviceCA, cert_file: Path) -> None:
         .sign(ca._key, hashes.SHA256())
     )
     cert_file.write_bytes(aged.public_bytes(serialization.Encoding.PEM))
+    record = ca.folder / "issued" / old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value  # type: ignore[operator]
+    (record / f"{old.serial_number:x}.pem").unlink()  # the CA's record ages with it
+    (record / f"{aged.serial_number:x}.pem").write_bytes(aged.public_bytes(serialization.Encoding.PEM))
 
 
 def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine, admin_headers) -> None:  # type: ignore[no-untyped-def]
@@ -301,3 +304,42 @@ def test_agent_renews_its_certificate_before_expiry(tmp_path, db_url, engine, ad
             f"{cp.url}/v1/devices/me/certificate", json={"csr_pem": csr.decode()}, headers=admin_headers
         )
         assert as_admin.status_code == 403 and as_admin.json()["code"] == "forbidden"
+
+
+def test_a_device_holds_at_most_two_certificates(tmp_path: Path) -> None:
+    ca = DeviceCA.load_or_create(tmp_path / "device-ca")
+    issued = [x509.load_pem_x509_certificate(ca.issue(_csr()[1], device_id="edge-4")) for _ in range(3)]
+    crl = x509.load_pem_x509_crl(ca.crl_file.read_bytes())
+    revoked = [crl.get_revoked_certificate_by_serial_number(c.serial_number) is not None for c in issued]
+    assert revoked == [True, False, False]  # the third revoked the oldest
+    newest = ca.newest("edge-4")
+    assert newest is not None and newest.serial_number == issued[-1].serial_number
+
+
+def _revoked(ca_dir: Path, pem: str) -> bool:
+    crl = x509.load_pem_x509_crl((ca_dir / "ca.crl").read_bytes())
+    serial = x509.load_pem_x509_certificate(pem.encode()).serial_number
+    return crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+
+def test_renewal_waits_for_half_the_lifetime_and_a_rotation_revokes_old_certificates(  # type: ignore[no-untyped-def]
+    tmp_path, db_url, engine, admin_headers
+) -> None:
+    settings = Settings(data_dir=tmp_path / "cp", database_url=db_url, fleet_enabled=False, device_certificates=True)  # type: ignore[call-arg]
+    with TestClient(create_app(settings, engine=engine)) as client:
+        created = client.post("/v1/devices", json={"name": f"x509-{uuid.uuid4().hex[:6]}"}, headers=admin_headers)
+        token = created.json()["enrollment_token"]
+        enrolled = client.post("/v1/devices/enroll", json={"enrollment_token": token, "csr_pem": _csr()[1].decode()})
+        device_id, old = enrolled.json()["device_id"], enrolled.json()["device_secret"]
+        first = enrolled.json()["client_certificate_pem"]
+        early = client.post("/v1/devices/me/certificate", json={"csr_pem": _csr()[1].decode()}, auth=(device_id, old))
+        assert early.status_code == 409 and early.json()["code"] == "certificate_not_due"
+        asked = client.post(f"/v1/devices/{device_id}/rotate-credential", json={"grace_s": 60}, headers=admin_headers)
+        assert asked.status_code == 202
+        new = client.post("/v1/devices/me/credential", auth=(device_id, old)).json()["device_secret"]
+        assert not _revoked(settings.device_ca_path, first)  # the rotation is not complete yet
+        assert client.get("/v1/devices/me", auth=(device_id, new)).status_code == 200  # completes it
+        assert _revoked(settings.device_ca_path, first)
+        renewed = client.post("/v1/devices/me/certificate", json={"csr_pem": _csr()[1].decode()}, auth=(device_id, new))
+        assert renewed.status_code == 201, renewed.text
+        assert not _revoked(settings.device_ca_path, renewed.json()["client_certificate_pem"])

@@ -37,6 +37,8 @@ class Device(SQLModel, table=True):
     previous_secret_expires_at: datetime | None = ts_field()
     rotation_requested_at: datetime | None = ts_field()  # the device fetches a new secret when set
     rotation_grace_s: int | None = None
+    # The new secret a pending rotation handed out last; its first use completes the rotation.
+    staged_secret_hash: str | None = Field(default=None, max_length=64)
     last_seen: datetime | None = ts_field()
     current_model: str | None = Field(default=None, max_length=128)
     # Not indexed, so acknowledgements update the row in place (migration 0008).

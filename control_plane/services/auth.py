@@ -9,6 +9,7 @@ from sqlmodel import Session, select
 from control_plane.errors import DomainError
 from control_plane.models import ApiToken, Device, DeviceStatus, Role, as_utc, utcnow
 from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
+from control_plane.services.devices import complete_rotation
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Principal:
     id: str
     name: str
     role: Role | None = None  # devices have no operator role at all
+    secret: str = ""  # devices: which secret they used ("current", "staged" or "previous")
 
     @property
     def actor(self) -> str:
@@ -45,21 +47,35 @@ def authenticate_token(session: Session, plaintext: str) -> Principal:
     return Principal(kind="token", id=token.id, name=token.name, role=Role[token.role])
 
 
-def device_secret_valid(device: Device | None, secret: str) -> bool:
-    """The device's current secret, or its previous one until the rotation's grace period ends."""
+def matching_secret(device: Device | None, secret: str) -> str | None:
+    """Which of the device's secrets `secret` is: "current", "staged" (the one a pending rotation
+    handed out last) or "previous" (until the rotation's grace period ends); None for none."""
     if device is None or device.status == DeviceStatus.decommissioned:
-        return False
+        return None
     if verify_secret(secret, device.secret_hash):
-        return True
+        return "current"
+    if device.rotation_requested_at is not None and verify_secret(secret, device.staged_secret_hash):
+        return "staged"
     expires = as_utc(device.previous_secret_expires_at)
-    return expires is not None and expires > utcnow() and verify_secret(secret, device.previous_secret_hash)
+    if expires is not None and expires > utcnow() and verify_secret(secret, device.previous_secret_hash):
+        return "previous"
+    return None
+
+
+def admit_device(session: Session, device: Device | None, secret: str) -> str | None:
+    """`matching_secret`; the staged secret's first use completes the rotation (caller commits)."""
+    which = matching_secret(device, secret)
+    if which == "staged" and device is not None:
+        complete_rotation(session, device, secret)
+    return which
 
 
 def authenticate_device(session: Session, device_id: str, secret: str) -> Principal:
     device = session.get(Device, device_id)
-    if device is None or not device_secret_valid(device, secret):
+    which = admit_device(session, device, secret)
+    if device is None or which is None:
         raise DomainError("unauthenticated", "the device credential is unknown or revoked")
-    return Principal(kind="device", id=device.id, name=device.id)
+    return Principal(kind="device", id=device.id, name=device.id, secret=which)
 
 
 def require_role(principal: Principal, needed: Role) -> None:

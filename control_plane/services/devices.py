@@ -109,6 +109,7 @@ def decommission(session: Session, device: Device) -> int:
     device.status = DeviceStatus.decommissioned
     device.secret_hash = device.mqtt_password_hash = device.previous_secret_hash = None
     device.enrollment_token_hash = device.enrollment_expires_at = device.rotation_requested_at = None
+    device.staged_secret_hash = None
     session.add(device)
     members = RolloutDevice.__table__  # type: ignore[attr-defined]
     desired = DesiredStateRow.__table__  # type: ignore[attr-defined]
@@ -124,23 +125,32 @@ def request_rotation(session: Session, device: Device, grace_s: int) -> None:
         raise DomainError("invalid_state", f"device {device.name!r} has no credential to rotate")
     device.rotation_requested_at = utcnow()
     device.rotation_grace_s = grace_s
+    device.staged_secret_hash = None
     session.add(device)
     session.flush()
 
 
-def rotate_secret(session: Session, device: Device) -> str:
-    """A new secret for the device (returned once); the previous one expires after the grace period."""
-    if device.rotation_requested_at is None:
+def stage_secret(session: Session, device: Device) -> str:
+    """A new secret for the device (returned once), staged in place of any earlier one until the
+    device first uses it; the current secret keeps working meanwhile."""
+    if device.rotation_requested_at is None or device.secret_hash is None:
         raise DomainError("invalid_state", "no credential rotation was requested for this device")
     secret = new_secret()
-    device.previous_secret_hash = device.secret_hash
-    device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
-    device.secret_hash = hash_secret(secret)
-    device.mqtt_password_hash = mosquitto_hash(secret)
-    device.rotation_requested_at = device.rotation_grace_s = None
+    device.staged_secret_hash = hash_secret(secret)
     session.add(device)
     session.flush()
     return secret
+
+
+def complete_rotation(session: Session, device: Device, secret: str) -> None:
+    """The staged `secret` becomes current; the previous one expires after the grace period."""
+    device.previous_secret_hash = device.secret_hash
+    device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
+    device.secret_hash = device.staged_secret_hash
+    device.mqtt_password_hash = mosquitto_hash(secret)
+    device.staged_secret_hash = device.rotation_requested_at = device.rotation_grace_s = None
+    session.add(device)
+    session.flush()
 
 
 def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int) -> str:
@@ -151,6 +161,7 @@ def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int)
     device.secret_hash = None
     device.mqtt_password_hash = None
     device.previous_secret_hash = device.rotation_requested_at = None  # no grace for a lost credential
+    device.staged_secret_hash = None
     device.status = DeviceStatus.pending_enrollment
     session.add(device)
     session.flush()

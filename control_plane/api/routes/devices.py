@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -17,9 +18,9 @@ from control_plane.api.deps import (
     ViewerDep,
 )
 from control_plane.broker_access import grant_device_on_broker, revoke_device_on_broker
-from control_plane.device_ca import issue_device_certificate
+from control_plane.device_ca import issue_device_certificate, renew_device_certificate
 from control_plane.errors import DomainError
-from control_plane.models import as_utc
+from control_plane.models import as_utc, utcnow
 from control_plane.schemas import (
     DeviceCreate,
     DeviceCreated,
@@ -118,10 +119,11 @@ def who_am_i(principal: PrincipalDep, session: SessionDep) -> Any:
 
 @router.post("/me/certificate", status_code=201, response_model=CertificateResponse)
 def renew_certificate(request: CertificateRequest, principal: PrincipalDep, mutation: MutationDep) -> Any:
-    """A device renews its X.509 identity before expiry; the old certificate stays valid until then."""
+    """A device renews its X.509 identity once half its lifetime is gone; the old certificate stays
+    valid (a device holds at most two: a third revokes the oldest)."""
     if principal.kind != "device":
         raise DomainError("forbidden", "only a device credential can renew its certificate")
-    certificate = issue_device_certificate(mutation.request.app, principal.id, request.csr_pem)
+    certificate = renew_device_certificate(mutation.request.app, principal.id, request.csr_pem)
     if certificate is None:
         raise DomainError("device_certificates_disabled", "this control plane issues no device certificates")
     mutation.audit(principal, "device.certificate_renew", principal.id)
@@ -214,16 +216,18 @@ def rotate_credential(device_id: str, spec: RotationRequest, principal: AdminDep
 
 
 @router.post("/me/credential", response_model=CredentialRotation)
-def fetch_new_credential(request: Request, principal: PrincipalDep, mutation: MutationDep) -> Any:
-    """The device (Basic auth) takes the new secret an operator's rotation asked for, once."""
+def fetch_new_credential(principal: PrincipalDep, mutation: MutationDep) -> Any:
+    """The device (Basic auth, its current secret) takes the new secret an operator's rotation asked
+    for. Each fetch replaces the last one's secret; the first request made with one completes the
+    rotation. Whoever holds a leaked current secret can fetch too: against a leak, reissue the
+    enrollment token or decommission the device instead."""
     if principal.kind != "device":
         raise DomainError("forbidden", "only a device credential can rotate itself")
+    if principal.secret != "current":
+        raise DomainError("forbidden", "only the device's current secret can fetch a new one")
     device = devices.get_device(mutation.session, principal.id)
-    secret = devices.rotate_secret(mutation.session, device)
-    mutation.audit(principal, "device.credential_rotated", device.id)
+    secret = devices.stage_secret(mutation.session, device)
+    grace_ends = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)  # at the earliest
+    mutation.audit(principal, "device.credential_fetched", device.id)
     mutation.session.commit()
-    grant_device_on_broker(request.app, device)  # Mosquitto holds one hash per device: the new one
-    assert device.previous_secret_expires_at is not None
-    return CredentialRotation(
-        device_id=device.id, device_secret=secret, previous_valid_until=device.previous_secret_expires_at
-    )
+    return CredentialRotation(device_id=device.id, device_secret=secret, previous_valid_until=grace_ends)
