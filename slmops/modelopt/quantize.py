@@ -1,8 +1,10 @@
 """Quantize models: GGUF through llama.cpp's quantizer, ONNX through onnxruntime's dynamic int8.
 
-Before any call into C, the GGUF source is read with `gguf.GGUFReader` and every tensor llama.cpp
-would quantize (2-D or more, name ending in "weight") is checked against the target type's block
-size, so a bad request is a QuantizeError with the offending tensors named, never a crash.
+Before any call into C, the GGUF source's header is read with the bounded reader of the upload sniff
+(control_plane/services/gguf_header.py: metadata arrays are stepped over, never materialised) and
+every tensor llama.cpp would quantize (2-D or more, name ending in "weight") is checked against the
+target type's block size, so a bad request is a QuantizeError with the offending tensors named,
+never a crash.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from control_plane.services.gguf_header import GGUFHeaderError, read_gguf_header
 
 
 class QuantizeError(Exception):
@@ -41,7 +43,7 @@ GGUF_TYPES: dict[str, tuple[str, int]] = {
     "Q3_K_S": ("Q3_K_S", 256),
     "Q2_K": ("Q2_K", 256),
 }
-_FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -75,17 +77,17 @@ def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False
     if to not in GGUF_TYPES:
         raise QuantizeError(f"unknown GGUF quantization type {to!r}; expected one of {', '.join(GGUF_TYPES)}")
     try:
-        reader = gguf.GGUFReader(src)
-    except (OSError, ValueError) as exc:
+        tensors = read_gguf_header(src, keep=lambda _key: False, tensors=True).tensors or []
+    except (OSError, GGUFHeaderError) as exc:
         raise QuantizeError(f"{src} is not a readable GGUF file: {exc}") from exc
     block = GGUF_TYPES[to][1]
     misfits, quantized = [], []
-    for tensor in reader.tensors:
+    for tensor in tensors:
         if not tensor.name.endswith("weight") or len(tensor.shape) < 2:
             continue  # llama.cpp keeps norms and biases in float
-        if tensor.tensor_type not in _FLOAT_TYPES:
+        if tensor.type_name not in _FLOAT_TYPES:
             quantized.append(tensor.name)
-        row = int(tensor.shape[0])  # GGUF shapes are ne order: ne[0] is the row length
+        row = tensor.shape[0]
         if row % block:
             misfits.append(f"{tensor.name} (row {row})")
     if quantized and not allow_requantize:
