@@ -27,6 +27,7 @@ from control_plane.config import Settings
 from control_plane.storage import S3BlobStore, make_blob_store, s3_client
 from slmops.demo import Fleet, free_port, wait_until
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
+from tests.fleet_helpers import upload_version
 from tests.s3_support import CREDENTIALS, CountingProxy, TlsMotoServer
 from tests.tls_support import self_signed
 
@@ -68,6 +69,7 @@ def _replica_settings(data_dir: Path, db_url: str, moto: TlsMotoServer, bucket: 
         blob_store="s3",
         s3_endpoint_url=moto.url,
         s3_bucket=bucket,
+        blob_gc_grace_s=0,
     )
 
 
@@ -122,6 +124,7 @@ def test_uploads_go_to_the_store_in_parts_and_identical_content_once(
     assert writes[0] == ("POST", "uploads")  # CreateMultipartUpload, then 8 MiB parts: 8 + 8 + 4
     assert len(parts) == 3
     assert len([w for w in writes if w[0] == "POST"]) == 2  # create and complete, once: the copy was not sent
+    assert writes[-1] == ("PUT", "")  # the copy onto itself that restarts the GC grace period, no bytes sent
     assert list(store.tmp_dir.iterdir()) == []
     assert store.exists(blob.sha256) and not store.exists("f" * 64)
 
@@ -137,6 +140,65 @@ def test_an_unreachable_store_is_a_503_and_keeps_no_version(  # type: ignore[no-
         assert (refused.status_code, refused.json()["code"]) == (503, "blob_store_unavailable")
         assert client.get("/v1/models/unstored/versions").json()["data"] == []
         assert list((tmp_path / "gone" / "blobs" / "tmp").iterdir()) == []
+
+
+def _blob_keys(moto: TlsMotoServer, bucket: str) -> dict[str, int]:
+    listed = s3_client(moto.url).list_objects_v2(Bucket=bucket)
+    return {item["Key"]: item["Size"] for item in listed.get("Contents", [])}
+
+
+def test_gc_removes_exactly_the_unreferenced_objects_from_the_bucket(  # type: ignore[no-untyped-def]
+    client, admin_headers, moto: TlsMotoServer, bucket: str, tiny_gguf: Path, tiny_gguf_other: Path
+) -> None:
+    client.post("/v1/models", json={"name": "m", "keep_versions": 1}, headers=admin_headers).raise_for_status()
+    old = upload_version(client, admin_headers, "m", "1", tiny_gguf)["artifacts"][0]
+    kept = upload_version(client, admin_headers, "m", "2", tiny_gguf_other)["artifacts"][0]
+    orphan = "f" * 64
+    s3 = s3_client(moto.url)
+    s3.put_object(Bucket=bucket, Key=f"blobs/sha256/{orphan}", Body=b"left by a crash" * 100)
+    s3.put_object(Bucket=bucket, Key="backups/not-a-blob", Body=b"someone else's")
+    before = _blob_keys(moto, bucket)
+
+    dry = client.post("/v1/models/gc", params={"dry_run": True}, headers=admin_headers).json()
+    assert dry["versions"] == ["m@1"]
+    assert {b["sha256"]: b["size_bytes"] for b in dry["blobs"]} == {old["sha256"]: old["size_bytes"], orphan: 1500}
+    assert dry["bytes_freed"] == old["size_bytes"] + 1500
+    assert _blob_keys(moto, bucket) == before  # a dry run removes nothing
+
+    done = client.post("/v1/models/gc", headers=admin_headers).json()
+    assert done["bytes_freed"] == old["size_bytes"] + 1500
+    assert _blob_keys(moto, bucket) == {
+        f"blobs/sha256/{kept['sha256']}": kept["size_bytes"],
+        "backups/not-a-blob": len(b"someone else's"),
+    }
+    assert client.post("/v1/models/gc", params={"dry_run": True}, headers=admin_headers).json()["bytes_freed"] == 0
+
+
+def test_deleting_a_version_removes_its_object_and_the_scratch_copy(  # type: ignore[no-untyped-def]
+    client, admin_headers, settings: Settings, moto: TlsMotoServer, bucket: str, tiny_gguf: Path
+) -> None:
+    client.post("/v1/models", json={"name": "m"}, headers=admin_headers).raise_for_status()
+    sha256 = upload_version(client, admin_headers, "m", "1", tiny_gguf)["artifacts"][0]["sha256"]
+    store = make_blob_store(settings)
+    scratch = store.path_for(sha256)  # the local copy quantization reads
+    assert scratch.is_file()
+    assert client.delete("/v1/models/m/versions/1", headers=admin_headers).status_code == 204
+    assert _blob_keys(moto, bucket) == {} and not scratch.exists()
+
+
+def test_listing_the_bucket_follows_every_page(moto: TlsMotoServer, bucket: str, tmp_path: Path) -> None:
+    store = S3BlobStore(tmp_path, client=s3_client(moto.url), bucket=bucket)
+    store.list_page_size = 2
+    names = [f"{n:064x}" for n in range(5)]
+    for name in names:
+        store.client.put_object(Bucket=bucket, Key=f"blobs/sha256/{name}", Body=name.encode())
+    listed = list(store.list_blobs())
+    assert [(b.sha256, b.size_bytes) for b in listed] == [(name, 64) for name in names]
+    assert all(b.modified > 0 for b in listed)
+    pages = [q for method, path, q in moto.counted.requests if path == f"/{bucket}" and "list-type=2" in q]
+    assert len(pages) == 3
+    store.delete(names[0])
+    assert [b.sha256 for b in store.list_blobs()] == names[1:]
 
 
 def test_s3_needs_a_bucket(tmp_path: Path) -> None:

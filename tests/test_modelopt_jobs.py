@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from control_plane.services.quantize_jobs import QuantizeJobs
 from control_plane.storage import LocalBlobStore
 from slmops.tinymodels import TinyLlamaShape, write_tiny_gguf
 from tests.fleet_helpers import upload_version, wait_for
+from tests.gguf_craft import U8, gguf_file, kv_array, llama_kvs, tensor_info
 
 # Rows of 96: fine for 32-blocks (Q8_0), impossible for 256-blocks (K-quants).
 ODD_SHAPE = TinyLlamaShape(n_layer=1, n_embd=96, n_ff=160, n_head=2, n_head_kv=2)
@@ -75,6 +77,28 @@ def test_shapes_a_type_cannot_hold_are_a_422_not_a_failed_job(
     assert unknown.status_code == 422 and unknown.json()["code"] == "quantization_unsupported"
     assert client.get("/v1/models/odd/versions", headers=operator_headers).json()["data"][0]["version"] == "1"
     assert len(client.get("/v1/models/odd/versions", headers=operator_headers).json()["data"]) == 1
+
+
+def test_a_two_million_item_metadata_array_is_checked_for_quantization_in_bounded_memory(
+    client: TestClient, operator_headers: dict[str, str], tmp_path: Path
+) -> None:
+    items = 2_000_000  # a well-formed header near the reader's array limit
+    token_types = kv_array("tokenizer.ggml.token_type", U8, items, bytes(items))
+    weight = tensor_info("blk.0.attn_q.weight", [32, 4])  # rows of 32: Q8_0 fits, K-quants do not
+    path = tmp_path / "big-array.gguf"
+    path.write_bytes(gguf_file(llama_kvs(token_types), [weight], data=bytes(32 * 4 * 4)))
+    client.post("/v1/models", json={"name": "vocab"}, headers=operator_headers).raise_for_status()
+    upload_version(client, operator_headers, "vocab", "1", path)
+
+    tracemalloc.start()
+    try:
+        refused = client.post("/v1/models/vocab/versions/1/quantize", json={"to": "Q4_K_M"}, headers=operator_headers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (refused.status_code, refused.json()["code"]) == (422, "quantization_unsupported")
+    assert "blk.0.attn_q.weight (row 32)" in refused.json()["detail"]
+    assert peak < 16 * 1024**2  # the array is stepped over, never materialised
 
 
 def test_onnx_quantizes_to_int8_only(client: TestClient, operator_headers: dict[str, str], tiny_onnx: Path) -> None:

@@ -49,12 +49,20 @@ class GGUFHeaderError(ValueError):
     """The file is not a well-formed GGUF within the reader's limits."""
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
+    type_name: str  # a GGMLQuantizationType name: F32, F16, Q8_0, ...
+
+
 @dataclass
 class GGUFHeader:
     version: int
     kv_count: int
     metadata: dict[str, Scalar] = field(default_factory=dict)  # only the scalar values asked for
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+    tensors: list[GGUFTensor] | None = None  # each tensor's name, shape and type, when asked for
 
     @property
     def tensor_count(self) -> int:
@@ -95,8 +103,9 @@ class _Cursor:
             raise GGUFHeaderError(f"the GGUF header took over {MAX_PARSE_SECONDS:g} s to read")
 
 
-def read_gguf_header(path: Path, *, keep: Callable[[str], bool]) -> GGUFHeader:
-    """Check `path`'s GGUF header and tensor table; keep the scalar values of the keys `keep` accepts."""
+def read_gguf_header(path: Path, *, keep: Callable[[str], bool], tensors: bool = False) -> GGUFHeader:
+    """Check `path`'s GGUF header and tensor table; keep the scalar values of the keys `keep` accepts
+    (and, with `tensors`, every tensor's name, shape and type)."""
     size = path.stat().st_size
     if size < 24:
         raise GGUFHeaderError("the file is too short for a GGUF header")
@@ -106,7 +115,7 @@ def read_gguf_header(path: Path, *, keep: Callable[[str], bool]) -> GGUFHeader:
         endian = _endianness(data)
         cursor = _Cursor(data, min(size, MAX_HEADER_BYTES), endian, time.monotonic() + MAX_PARSE_SECONDS)
         cursor.take(4, "magic")
-        header = GGUFHeader(version=int(cursor.scalar("I", "version")), kv_count=0)
+        header = GGUFHeader(version=int(cursor.scalar("I", "version")), kv_count=0, tensors=[] if tensors else None)
         tensor_count = cursor.count("tensor count", MAX_TENSOR_COUNT, 24)
         header.kv_count = cursor.count("key-value count", MAX_KV_COUNT, 13)
         alignment = _read_key_values(cursor, header, keep)
@@ -208,6 +217,8 @@ def _read_tensor_infos(cursor: _Cursor, header: GGUFHeader, count: int, alignmen
         if offset % alignment:
             raise GGUFHeaderError(f"tensor {name!r} is not aligned to {alignment} bytes")
         header.tensor_types[type_name] = header.tensor_types.get(type_name, 0) + 1
+        if header.tensors is not None:
+            header.tensors.append(GGUFTensor(name, tuple(dims), type_name))
         extents.append((offset, nbytes))
     data_start = -(-cursor.pos // alignment) * alignment
     for offset, nbytes in extents:

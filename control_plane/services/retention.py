@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -28,7 +27,7 @@ from control_plane.models import (
     Rollout,
     VersionStatus,
 )
-from control_plane.storage import LocalBlobStore
+from control_plane.storage import BlobStore
 
 NAMED_AT_MOST = 20  # devices named in a refusal; the count says how many in all
 
@@ -120,12 +119,7 @@ def _beyond_retention(session: Session) -> list[tuple[Model, ModelVersion]]:
     return out
 
 
-def _blob_files(store: LocalBlobStore) -> list[Path]:
-    folder = store.root / "sha256"
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def plan_gc(session: Session, store: LocalBlobStore, *, grace_s: float) -> GcPlan:
+def plan_gc(session: Session, store: BlobStore, *, grace_s: float) -> GcPlan:
     """What a collection would remove now: versions beyond retention, then unreferenced blobs."""
     plan = GcPlan(versions=_beyond_retention(session))
     going = {row.id for _, row in plan.versions}
@@ -137,23 +131,21 @@ def plan_gc(session: Session, store: LocalBlobStore, *, grace_s: float) -> GcPla
         ).all()
     )
     cutoff = time.time() - grace_s
-    for path in _blob_files(store):
-        stat = path.stat()
-        if path.name not in kept and stat.st_mtime <= cutoff:
-            plan.blobs.append((path.name, stat.st_size))
+    for blob in store.list_blobs():
+        if blob.sha256 not in kept and blob.modified <= cutoff:
+            plan.blobs.append((blob.sha256, blob.size_bytes))
     return plan
 
 
-def remove_unreferenced(session: Session, store: LocalBlobStore, candidates: list[str], *, grace_s: float) -> int:
-    """Unlink the candidate blobs no artifact references (checked again now); returns bytes freed."""
+def remove_unreferenced(session: Session, store: BlobStore, candidates: list[str], *, grace_s: float) -> int:
+    """Delete the candidate blobs no artifact references (checked again now); returns bytes freed."""
     referenced = referenced_blobs(session)
     cutoff = time.time() - grace_s
     freed = 0
     for sha256 in dict.fromkeys(candidates):
-        path = store.path_for(sha256)
-        if sha256 in referenced or not path.is_file() or path.stat().st_mtime > cutoff:
+        blob = None if sha256 in referenced else store.stat(sha256)
+        if blob is None or blob.modified > cutoff:
             continue
-        size = path.stat().st_size
-        path.unlink(missing_ok=True)
-        freed += size
+        store.delete(sha256)
+        freed += blob.size_bytes
     return freed

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane.storage.blobs import BlobStore, BlobWriter, LocalBlobStore, StoredBlob
+from control_plane.storage.blobs import BlobInfo, BlobStore, BlobWriter, LocalBlobStore, StoredBlob
 from control_plane.storage.s3 import S3BlobStore, s3_client
 
-__all__ = ["BlobStore", "BlobWriter", "LocalBlobStore", "S3BlobStore", "StoredBlob", "make_blob_store"]
+__all__ = ["BlobInfo", "BlobStore", "BlobWriter", "LocalBlobStore", "S3BlobStore", "StoredBlob", "make_blob_store"]
 
 
 def make_blob_store(settings: Any) -> LocalBlobStore:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +25,16 @@ class StoredBlob:
     size_bytes: int
     storage_key: str
     deduplicated: bool  # the content was already stored; this upload's bytes were discarded
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    size_bytes: int
+    modified: float  # POSIX seconds of the last write (or refresh by a deduplicated upload)
+
+
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")  # only such names are blobs; anything else is left alone
 
 
 class BlobWriter:
@@ -90,6 +102,9 @@ class BlobStore(Protocol):
     def path_for(self, sha256: str) -> Path: ...
     def exists(self, sha256: str) -> bool: ...
     def download_url(self, sha256: str) -> str | None: ...
+    def list_blobs(self) -> Iterator[BlobInfo]: ...
+    def stat(self, sha256: str) -> BlobInfo | None: ...
+    def delete(self, sha256: str) -> None: ...
 
 
 class LocalBlobStore:
@@ -102,6 +117,10 @@ class LocalBlobStore:
         return f"blobs/sha256/{sha256}"
 
     def path_for(self, sha256: str) -> Path:
+        return self.local_file(sha256)
+
+    def local_file(self, sha256: str) -> Path:
+        """Where this replica's disk holds the blob (the S3 store's scratch copy)."""
         return self.root / "sha256" / sha256
 
     def exists(self, sha256: str) -> bool:
@@ -109,6 +128,24 @@ class LocalBlobStore:
 
     def writer(self, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, max_bytes)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        folder = self.root / "sha256"
+        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        for name in names:
+            info = self.stat(name) if SHA256_NAME.fullmatch(name) else None
+            if info is not None:
+                yield info
+
+    def stat(self, sha256: str) -> BlobInfo | None:
+        try:
+            found = self.local_file(sha256).stat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(sha256, found.st_size, found.st_mtime)
+
+    def delete(self, sha256: str) -> None:
+        self.local_file(sha256).unlink(missing_ok=True)
 
     def download_url(self, sha256: str) -> str | None:
         """Where devices fetch the bytes from other than the artifact route; None: the route serves them."""

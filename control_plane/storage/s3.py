@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.errors import DomainError
-from control_plane.storage.blobs import LocalBlobStore, StoredBlob
+from control_plane.storage.blobs import SHA256_NAME, BlobInfo, LocalBlobStore, StoredBlob
 
 PART_BYTES = 8 * 1024 * 1024  # multipart part size: the most of an upload in memory at once
+COPY_WHOLE_BYTES = 5 * 1024**3  # CopyObject's limit; a larger object is copied in parts, inside the store
+PREFIX = "blobs/sha256/"
 
 
 @contextlib.contextmanager
@@ -41,13 +43,15 @@ def _reaching_the_store(bucket: str) -> Iterator[None]:
 class S3BlobStore(LocalBlobStore):
     """The local store's upload path, with S3 as where committed blobs live."""
 
+    list_page_size = 1000  # keys per ListObjectsV2 page (the S3 maximum)
+
     def __init__(self, root: Path, *, client: Any, bucket: str, expiry_s: int = 900) -> None:
         super().__init__(root)
         self.client = client
         self.bucket = bucket
         self.expiry_s = expiry_s
 
-    def _size(self, sha256: str) -> int | None:
+    def stat(self, sha256: str) -> BlobInfo | None:
         from botocore.exceptions import ClientError
 
         with _reaching_the_store(self.bucket):
@@ -57,15 +61,33 @@ class S3BlobStore(LocalBlobStore):
                 if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                     return None
                 raise
-        return int(head["ContentLength"])
+        return BlobInfo(sha256, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     def exists(self, sha256: str) -> bool:
-        return self._size(sha256) is not None
+        return self.stat(sha256) is not None
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=PREFIX, PaginationConfig={"PageSize": self.list_page_size}
+        )
+        with _reaching_the_store(self.bucket):
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(PREFIX) :]
+                    if SHA256_NAME.fullmatch(name):
+                        yield BlobInfo(name, int(item["Size"]), item["LastModified"].timestamp())
+
+    def delete(self, sha256: str) -> None:
+        with _reaching_the_store(self.bucket):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
+        super().delete(sha256)  # the scratch copy, if this replica fetched one
 
     def adopt(self, temp_path: Path, sha256: str, size: int) -> StoredBlob:
         key = self.key_for(sha256)
-        if self._size(sha256) == size:
+        found = self.stat(sha256)
+        if found is not None and found.size_bytes == size:
             temp_path.unlink(missing_ok=True)
+            self._refresh(key)
             return StoredBlob(sha256, size, key, deduplicated=True)
         from boto3.s3.transfer import TransferConfig
 
@@ -78,9 +100,19 @@ class S3BlobStore(LocalBlobStore):
             temp_path.unlink(missing_ok=True)
         return StoredBlob(sha256, size, key, deduplicated=False)
 
+    def _refresh(self, key: str) -> None:
+        """Copy the object onto itself: a fresh LastModified restarts garbage collection's grace period."""
+        from boto3.s3.transfer import TransferConfig
+
+        parts = TransferConfig(multipart_threshold=COPY_WHOLE_BYTES, multipart_chunksize=COPY_WHOLE_BYTES // 5)
+        source = {"Bucket": self.bucket, "Key": key}
+        extra = {"MetadataDirective": "REPLACE", "ContentType": "application/octet-stream"}
+        with _reaching_the_store(self.bucket):
+            self.client.copy(source, self.bucket, key, ExtraArgs=extra, Config=parts)
+
     def path_for(self, sha256: str) -> Path:
         """A local copy (quantization reads a file), fetched into the scratch directory once."""
-        local = super().path_for(sha256)
+        local = self.local_file(sha256)
         if not local.is_file():
             local.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix="fetch-", dir=local.parent)

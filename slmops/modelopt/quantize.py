@@ -3,9 +3,11 @@
 Published GGUFs are already quantized: those are dequantized to F32 first (a lossless upcast,
 checked value by value), and the variants are made from that float parent.
 
-Before any call into C, the GGUF source is read with `gguf.GGUFReader` and every tensor llama.cpp
-would quantize (2-D or more, name ending in "weight") is checked against the target type's block
-size, so a bad request is a QuantizeError with the offending tensors named, never a crash.
+Before any call into C, the GGUF source's header is read with the bounded reader of the upload sniff
+(control_plane/services/gguf_header.py: metadata arrays are stepped over, never materialised) and
+every tensor llama.cpp would quantize (2-D or more, name ending in "weight") is checked against the
+target type's block size, so a bad request is a QuantizeError with the offending tensors named,
+never a crash.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import gguf.quants
 import numpy as np
+
+from control_plane.services.gguf_header import GGUFHeaderError, GGUFTensor, read_gguf_header
 
 
 class QuantizeError(Exception):
@@ -49,7 +54,7 @@ GGUF_TYPES: dict[str, tuple[str, int]] = {
 # Float targets that dequantize a quantized model -> llama_ftype constant suffix.
 DEQUANTIZE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}
 FALLBACK_BLOCK = 32  # the block of the types llama.cpp falls back to for K-quant misfits
-_FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _weights(src: Path) -> list[gguf.ReaderTensor]:
-    try:
-        reader = gguf.GGUFReader(src)
-    except (OSError, ValueError) as exc:
-        raise QuantizeError(f"{src} is not a readable GGUF file: {exc}") from exc
+def _is_weight(name: str, shape: Sequence[int]) -> bool:
     # llama.cpp keeps norms and biases (1-D) in float; it converts the 2-D weights.
-    return [t for t in reader.tensors if t.name.endswith("weight") and len(t.shape) >= 2]
+    return name.endswith("weight") and len(shape) >= 2
+
+
+def _weights(src: Path) -> list[GGUFTensor]:
+    try:
+        tensors = read_gguf_header(src, keep=lambda _key: False, tensors=True).tensors or []
+    except (OSError, GGUFHeaderError) as exc:
+        raise QuantizeError(f"{src} is not a readable GGUF file: {exc}") from exc
+    return [t for t in tensors if _is_weight(t.name, t.shape)]
+
+
+def _weight_data(src: Path) -> list[gguf.ReaderTensor]:
+    """The weights with their values; only for files the header reader accepted or llama.cpp wrote."""
+    return [t for t in gguf.GGUFReader(src).tensors if _is_weight(t.name, tuple(t.shape))]
 
 
 def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False) -> None:
@@ -92,7 +106,7 @@ def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False
     if to not in GGUF_TYPES:
         raise QuantizeError(f"unknown GGUF quantization type {to!r}; expected one of {', '.join(GGUF_TYPES)}")
     weights = _weights(src)
-    quantized = [t.name for t in weights if t.tensor_type not in _FLOAT_TYPES]
+    quantized = [t.name for t in weights if t.type_name not in _FLOAT_TYPES]
     if quantized and not allow_requantize:
         raise QuantizeError(
             f"{src} is already quantized ({quantized[0]} ...); requantizing compounds the error: dequantize it "
@@ -111,7 +125,7 @@ def check_gguf_quantizable(src: Path, to: str, *, allow_requantize: bool = False
 
 def is_quantized_gguf(src: Path) -> bool:
     """Whether any weight of `src` is stored in a quantized type."""
-    return any(t.tensor_type not in _FLOAT_TYPES for t in _weights(src))
+    return any(t.type_name not in _FLOAT_TYPES for t in _weights(src))
 
 
 def _result(src: Path, dst: Path, to: str, started: float) -> QuantizeResult:
@@ -187,14 +201,15 @@ def dequantize_gguf(src: Path | str, dst: Path | str, to: str = "F32", *, n_thre
     if to not in DEQUANTIZE_TYPES:
         raise QuantizeError(f"dequantization writes one of {', '.join(DEQUANTIZE_TYPES)}, not {to!r}")
     src_path, dst_path, partial = _prepare_paths(src, dst)
-    weights = _weights(src_path)
+    _weights(src_path)  # bounded header check before gguf's reader maps the values
+    weights = _weight_data(src_path)
     if to == "F16":
         lossy = next((t.name for t in weights if not _exact_in(t, np.float16)), None)
         if lossy is not None:
             raise QuantizeError(f"F16 cannot hold every value of {lossy} exactly; dequantize to F32 (lossless)")
     started = time.perf_counter()
     _llama_quantize(src_path, partial, DEQUANTIZE_TYPES[to], n_threads, allow_requantize=True)
-    written = {t.name: t for t in _weights(partial)}
+    written = {t.name: t for t in _weight_data(partial)}
     differing = [t.name for t in weights if not np.array_equal(_values(t), _values(written[t.name]))]
     if differing:
         partial.unlink(missing_ok=True)
