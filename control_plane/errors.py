@@ -45,6 +45,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_reference": 422,
     "idempotency_key_reused": 422,
     "invalid_selector": 422,
+    "too_many_labels": 422,
     "quality_below_floor": 422,
     "too_many_points": 422,
     "quantization_unsupported": 422,

@@ -31,7 +31,7 @@ from edge_agent.trust import ReleaseGuard
 from edge_agent.windows import TelemetryWindows
 from shared.desired import ArtifactRef, DesiredState
 from shared.messages import EventKind, EventMessage
-from shared.references import reference_problem, without_credentials
+from shared.references import reference_problem, shown_reference
 from shared.releases import parse_root_chain
 from shared.signing import ReleaseRefused
 from shared.state import DeviceState
@@ -296,7 +296,7 @@ class Agent:
             own = base is not None and url.startswith(base.rstrip("/") + "/")
             allowed = self.settings.download_allowed_hosts
             if not own and (problem := reference_problem(url, allowed_hosts=allowed)) is not None:
-                shown = without_credentials(url)  # the reason travels in state reports and events
+                shown = shown_reference(url)  # the reason travels in state reports and events
                 raise DownloadError(f"artifact URL {shown!r} refused: {problem}", code="reference_refused")
             return url, own
         if not base:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from shared import limits
 from shared.base import WireModel
 from shared.limits import MessageId, ModelName, ShortName, VersionName
 from shared.signing import SignedMetadata
@@ -54,7 +55,7 @@ def _phrase(answer: str) -> re.Pattern[str]:
 class GoldenSet(WireModel):
     """Prompts a version is checked with on the device during its trial (bounded: it is parsed there)."""
 
-    prompts: list[GoldenPrompt] = Field(min_length=1, max_length=64)
+    prompts: list[GoldenPrompt] = Field(min_length=1, max_length=limits.MAX_GOLDEN_PROMPTS)
 
 
 class DesiredState(WireModel):

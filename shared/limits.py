@@ -25,6 +25,7 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 MAX_REQUESTS_PER_S = 1_000  # a window's requests, per second of it (at least a minute counted)
 MAX_DETAIL_BYTES = 4096  # an event's `detail`, as JSON
+MAX_GOLDEN_PROMPTS = 64  # prompts in a version's golden set, so in a device's golden outcome
 MAX_LABELS = 32  # entries in a small dict or list of names (error types, accelerators)
 
 MODEL_CHARS = 128  # models.name, telemetry_windows.model, devices.current_model

@@ -30,7 +30,7 @@ from shared.base import WireModel
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ShortName, VersionName
-from shared.state import DeviceState
+from shared.state import DeviceState, GoldenOutcome
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
 
@@ -111,6 +111,11 @@ class EventMessage(Envelope):
             raise ValueError(f"detail cannot be stored as JSON: {exc}") from exc
         if size > limits.MAX_DETAIL_BYTES:
             raise ValueError(f"detail is over {limits.MAX_DETAIL_BYTES} bytes as JSON")
+        if "golden" in detail:  # the golden gate counts it: held to the outcome's bounds
+            try:
+                GoldenOutcome.model_validate(detail["golden"])
+            except ValidationError as exc:
+                raise ValueError(f"detail.golden: {exc.errors()[0]['msg']}") from exc
         return detail
 
 

@@ -3,9 +3,11 @@
 Both sides keep the same rules: the control plane when an operator registers a reference, the
 agent on every redirect it is asked to follow. A reference is `https://`, holds no credentials and
 names a public host. Hosts are judged as written: IP literals (IPv4 in any form the C resolver
-reads, IPv6 with IPv4-mapped forms unwrapped) and `localhost` names are checked; other DNS names
+reads, IPv6 forms that carry an IPv4 address judged as that address) and `localhost` names are checked; other DNS names
 are not resolved, since the answer at registration says nothing about the answer at download.
 An allow-list (names, addresses or CIDR networks) admits private targets such as a LAN mirror.
+A reference is shown (and audited) without its credentials and with its query string's secrets
+redacted; devices get it whole.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway or the host itself reaches.
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(n)
+    for n in ("::ffff:0:0/96", "64:ff9b::/96", "::ffff:0:0:0/96", "::/96")  # mapped, NAT64, SIIT, compatible
+)
+# Query parameters that hold a secret (presigned S3/GCS/CloudFront/Azure SAS URLs, bearer tokens).
+_SECRET_PARAMETER = re.compile(r"sig|token|credential|secret|password|key|auth", re.IGNORECASE)
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")  # punycode for IDNs
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -92,6 +102,28 @@ def without_credentials(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+def shown_reference(url: str) -> str:
+    """`url` as viewers and the audit log see it: no credentials, query-string secrets redacted."""
+    shown = without_credentials(url)
+    base, mark, query = shown.partition("?")
+    if not mark:
+        return shown
+    query, hashmark, fragment = query.partition("#")
+    pairs = [p.partition("=") for p in query.split("&")]
+    redacted = "&".join(f"{k}={'REDACTED' if _SECRET_PARAMETER.search(unquote(k)) else v}" if eq else k
+                        for k, eq, v in pairs)  # fmt: skip
+    return f"{base}?{redacted}{hashmark}{fragment}"
+
+
+def _embedded_ipv4(v6: ipaddress.IPv6Address) -> IPAddress:
+    """The IPv4 address an IPv6 address carries (mapped, NAT64, SIIT, compatible, 6to4), else itself."""
+    if v6.sixtofour is not None:
+        return v6.sixtofour
+    if int(v6) > 1 and any(v6 in network for network in _IPV4_IN_LAST_32_BITS):  # :: and ::1 stay IPv6
+        return ipaddress.IPv4Address(int(v6) & 0xFFFFFFFF)
+    return v6
+
+
 def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").rstrip("."), parts.port or _DEFAULT_PORTS.get(parts.scheme)
 
@@ -103,7 +135,7 @@ def _literal_address(host: str) -> tuple[IPAddress | None, str | None]:
             v6 = ipaddress.IPv6Address(host)
         except ValueError:
             return None, f"{host!r} is not a valid IPv6 address"
-        return v6.ipv4_mapped or v6, None
+        return _embedded_ipv4(v6), None
     if not _NAME.match(host):
         return None, f"{host!r} is not a valid host name (write international names in punycode)"
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared import limits
 from shared.base import WireModel
@@ -34,11 +34,18 @@ class ModelRef(WireModel):
 class GoldenOutcome(WireModel):
     """How the version on trial did on its golden-prompt set, on this device's own runtime."""
 
-    version: str
-    passed: int = Field(ge=0)
-    total: int = Field(ge=0)
-    failed: list[str] = Field(default_factory=list, max_length=64)  # ids of the prompts it failed
+    version: VersionName
+    passed: int = Field(ge=0, le=limits.MAX_GOLDEN_PROMPTS)
+    total: int = Field(ge=0, le=limits.MAX_GOLDEN_PROMPTS)
+    # Ids of the prompts it failed.
+    failed: list[ShortName] = Field(default_factory=list, max_length=limits.MAX_GOLDEN_PROMPTS)
     error: str | None = Field(default=None, max_length=500)  # the run itself failed (an engine fault)
+
+    @model_validator(mode="after")
+    def _passed_within_total(self) -> GoldenOutcome:
+        if self.passed > self.total:
+            raise ValueError("passed is more than total")
+        return self
 
     @property
     def pass_rate(self) -> float:

@@ -164,3 +164,29 @@ def test_a_device_downloads_only_artifacts_of_versions_assigned_to_it(  # type: 
     # An adapter named by the desired state is the device's too.
     assign_version(engine, other, model="m", version="1", adapter_sha256=v2)
     assert _fetch(client, v2, other_headers) == 200 and _fetch(client, v1, other_headers) == 200
+
+
+PRESIGNED = "https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Credential=AKIAXX&X-Amz-Signature=s3cr3tsig"
+
+
+def test_a_presigned_references_secrets_are_not_shown_or_audited(  # type: ignore[no-untyped-def]
+    client, admin_headers, operator_headers, viewer_headers, engine
+):
+    _model(client, operator_headers)
+    created = client.post(
+        "/v1/models/m/versions", json={"version": "1", "artifact": _reference(PRESIGNED)}, headers=operator_headers
+    )
+    assert created.status_code == 201, created.text
+    more = client.post("/v1/models/m/versions/1/artifacts", json=_reference(PRESIGNED + "&v=2", "b"),
+                       headers=operator_headers)  # fmt: skip
+    assert more.status_code == 201, more.text
+    for shown in (created, more, client.get("/v1/models/m/versions/1", headers=viewer_headers)):
+        assert "s3cr3tsig" not in shown.text and "AKIAXX" not in shown.text, shown.text
+    audit = client.get("/v1/audit", headers=admin_headers)
+    assert audit.status_code == 200 and "version.create" in audit.text, audit.text
+    assert "s3cr3tsig" not in audit.text and "AKIAXX" not in audit.text
+    with Session(engine) as session:
+        assert session.exec(select(Artifact).where(Artifact.sha256 == "a" * 64)).one().external_url == PRESIGNED
+    # A device still gets the whole URL: the download redirects to it.
+    download = client.get(f"/v1/artifacts/{'a' * 64}", headers=viewer_headers, follow_redirects=False)
+    assert download.status_code == 307 and download.headers["location"] == PRESIGNED

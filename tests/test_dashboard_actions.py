@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+from sqlmodel import Session
+
 from control_plane.models import Role
+from control_plane.services import auth
 from tests.conftest import _token
 from tests.lifecycle_support import NO_WAIT, audit_actions, enrolled_device, referenced_version, tick
 from tests.test_rollout_rules import _report_active
@@ -106,3 +109,17 @@ def test_a_recall_from_the_registry_page_shows_on_its_rollout(client, engine, ad
     assert 'id="rollout-recall"' in page and "m@2" in page
     [entry] = audit_actions(engine, "version.recall")
     assert entry.actor == "token:test-operator" and entry.detail["rollout_id"] == recall["id"]
+
+
+def test_dashboard_actions_are_audited_under_the_tokens_id(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
+    rollout_id, _ = _seed(client, admin_headers, operator_headers)  # admin_headers holds a "test-admin" too
+    with Session(engine) as session:
+        token, plaintext = auth.create_token(session, name="test-admin", role=Role.admin)
+        session.commit()
+        token_id = token.id
+    client.cookies.clear()
+    signed_in = client.post("/login", data={"token": plaintext, "next": "/"}, headers=ORIGIN, follow_redirects=False)
+    assert signed_in.status_code == 303
+    assert client.post(f"/rollouts/{rollout_id}/actions/pause", headers=ORIGIN).status_code == 200
+    [entry] = audit_actions(engine, "rollout.pause")
+    assert entry.actor == "token:test-admin" and entry.actor_id == token_id

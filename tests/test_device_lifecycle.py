@@ -95,3 +95,18 @@ def test_relabel_moves_a_device_into_a_running_rollout_as_a_newcomer(client, eng
     with Session(engine) as session:
         members = session.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == second["id"])).all()
     assert list(members) == [canary]
+
+
+def test_bulk_relabel_cannot_take_a_device_over_the_label_cap(client, engine, admin_headers, operator_headers):  # type: ignore[no-untyped-def]
+    full = enrolled_device(client, admin_headers, "full", fleet="a", **{f"k{i}": "v" for i in range(60)})
+    enrolled_device(client, admin_headers, "light", fleet="a")
+    many = {f"n{i}": "v" for i in range(10)}
+    over = client.post("/v1/devices/relabel", json={"selector": "fleet=a", "set": many}, headers=operator_headers)
+    assert over.status_code == 422 and over.json()["code"] == "too_many_labels", over.text
+    assert over.json()["devices"] == [full["device_id"]]
+    devices = client.get("/v1/devices", params={"selector": "fleet=a"}, headers=operator_headers).json()["data"]
+    assert sorted(len(d["labels"]) for d in devices) == [1, 61]  # nothing changed on any device
+    assert audit_actions(engine, "device.relabel") == []
+    # Replacing and removing labels it has keeps a full device within the cap.
+    swap = {"selector": "fleet=a", "set": {"k0": "w", "n0": "v"}, "remove": ["k1"]}
+    assert client.post("/v1/devices/relabel", json=swap, headers=operator_headers).status_code == 200

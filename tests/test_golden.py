@@ -4,6 +4,7 @@ floor on any stored metric, and `model evaluate`'s golden and public-domain perp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlmodel import Session, select
 
 from control_plane.models import DesiredStateRow, DeviceEvent, RolloutDevice
 from shared.desired import GoldenPrompt
+from shared.messages import MessageDecodeError, decode
 from slmops.modelopt import quantize_gguf
 from slmops.modelopt.compare import metrics_against
 from slmops.modelopt.measure import eval_texts, golden_set, measure_here
@@ -139,3 +141,89 @@ def test_evaluate_reports_golden_pass_rates_and_public_domain_perplexity(tiny_gg
     metrics = metrics_against(parent, variant, "quantized_from")
     assert 0 <= metrics["golden_pass_rate"] <= 1 and "parent_golden_pass_rate" in metrics
     assert metrics["perplexity_retention"] == pytest.approx(parent.perplexity / variant.perplexity, abs=1e-3)  # type: ignore[operator]
+
+
+def _golden_rollout(client: TestClient, admin: dict[str, str], operator: dict[str, str], min_rate: float) -> Any:
+    """Ten devices of one hardware class on a one-stage rollout of version 1 with a golden set."""
+    client.post("/v1/models", json={"name": "m"}, headers=operator)
+    _version(client, operator, "1", [_reference("a")])
+    client.put("/v1/models/m/versions/1/golden-set", json=GOLDEN, headers=operator)
+    devices = [_device(client, admin, f"g{i}", cpu_model="cpu-x") for i in range(10)]
+    gates = {**NO_WAIT, "max_error_rate": None, "min_golden_pass_rate": min_rate}
+    plan = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": gates}
+    rollout = client.post("/v1/rollouts", json={"model": "m", "version": "1", **plan}, headers=operator)
+    assert rollout.status_code == 201, rollout.text
+    return devices, rollout.json()["id"]
+
+
+@pytest.mark.parametrize(
+    "liar",
+    [
+        {"passed": 0, "total": 10**15},  # outweighs nine honest devices
+        {"passed": "abc", "total": 8},  # made the gate raise on every tick
+        {"passed": 9, "total": 8},
+        {"passed": 0, "total": 8},  # in bounds: fails alone, but a check holds with any one device left out
+        None,  # never reports: the stage does not wait for every device
+    ],
+)
+def test_one_device_can_neither_fail_nor_stall_the_golden_gate(  # type: ignore[no-untyped-def]
+    client, engine, admin_headers, operator_headers, liar
+) -> None:
+    # Rows as stored before the wire schema bounded them (the ingest now refuses such reports).
+    devices, rollout_id = _golden_rollout(client, admin_headers, operator_headers, 0.95)
+    _report_active(engine, devices, "1")
+    with Session(engine) as session:
+        for device_id in devices[:9]:
+            _golden_event(session, device_id, "1", 8)
+        if liar is not None:
+            golden = {"version": "1", **liar}
+            detail = {"version": "1", "model": "m", "detail": {"golden": golden}}
+            session.add(DeviceEvent(device_id=devices[9], kind="activation_succeeded", detail=detail))
+        session.commit()
+    _tick(engine)
+    body = client.get(f"/v1/rollouts/{rollout_id}", headers=operator_headers).json()
+    if liar == {"passed": 0, "total": 8}:  # with it left out the stage passes: the check waits for more data
+        assert body["state"] != "rolled_back", body
+        assert _golden_check(client, operator_headers, rollout_id)["result"] == "inconclusive"
+    else:
+        assert body["state"] == "completed", body
+        assert _golden_check(client, operator_headers, rollout_id)["result"] == "pass"
+
+
+def test_two_devices_failing_their_golden_set_fail_the_stage(  # type: ignore[no-untyped-def]
+    client, engine, admin_headers, operator_headers
+) -> None:
+    devices, rollout_id = _golden_rollout(client, admin_headers, operator_headers, 0.95)
+    _report_active(engine, devices, "1")
+    with Session(engine) as session:
+        for index, device_id in enumerate(devices):
+            _golden_event(session, device_id, "1", 0 if index < 2 else 8)
+        session.commit()
+    _tick(engine)
+    body = client.get(f"/v1/rollouts/{rollout_id}", headers=operator_headers).json()
+    assert body["state"] == "rolled_back" and "min_golden_pass_rate" in body["reason"], body
+
+
+@pytest.mark.parametrize(
+    "golden",
+    [
+        {"version": "1", "passed": 0, "total": 10**15},
+        {"version": "1", "passed": "abc", "total": 8},
+        {"version": "1", "passed": 9, "total": 8},
+        {"version": "x" * 65, "passed": 1, "total": 8},
+        {"passed": 1, "total": 8},
+    ],
+)
+def test_an_event_with_an_out_of_bounds_golden_outcome_is_refused(golden: dict[str, Any]) -> None:
+    event = {
+        "message_id": "e1",
+        "kind": "activation_succeeded",
+        "model": "m",
+        "version": "1",
+        "detail": {"golden": golden},
+    }
+    with pytest.raises(MessageDecodeError) as refused:
+        decode("events", json.dumps(event))
+    assert refused.value.reason == "invalid"
+    event["detail"] = {"golden": {"version": "1", "passed": 8, "total": 8, "failed": []}}
+    assert decode("events", json.dumps(event)).detail["golden"]["passed"] == 8  # type: ignore[attr-defined]

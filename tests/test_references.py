@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from control_plane.config import Settings
-from shared.references import redirect_problem, reference_problem, without_credentials
+from shared.references import redirect_problem, reference_problem, shown_reference, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,7 @@ from shared.references import redirect_problem, reference_problem, without_crede
         "https://8.8.8.8/a.gguf",
         "https://[2606:4700::1111]/a.gguf",
         "https://[::ffff:8.8.8.8]/a.gguf",  # an IPv4-mapped public address
+        "https://[64:ff9b::8.8.8.8]/a.gguf",  # NAT64 of a public address
         "https://xn--bcher-kva.example/a.gguf",  # an IDN in punycode
         "https://models.example./a.gguf",  # a fully qualified name
     ],
@@ -59,6 +60,12 @@ def test_public_https_references_are_accepted(url: str) -> None:
         ("https:///a.gguf", "names no host"),
         ("https://models.example:99999/a", "not a valid URL"),
         ("https://[zz::1]/a", "not a valid URL"),
+        # IPv6 forms that carry an IPv4 address are judged as that address.
+        ("https://[64:ff9b::169.254.169.254]/", "169.254.169.254 is a loopback"),  # NAT64
+        ("https://[::169.254.169.254]/", "169.254.169.254 is a loopback"),  # IPv4-compatible
+        ("https://[2002:a9fe:a9fe::1]/", "169.254.169.254 is a loopback"),  # 6to4
+        ("https://[::ffff:0:7f00:1]/", "127.0.0.1 is a loopback"),  # SIIT
+        ("https://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/", "reserved address"),  # Teredo: refused as IPv6
     ],
 )
 def test_unsafe_references_are_refused_with_a_reason(url: str, says: str) -> None:
@@ -135,3 +142,20 @@ def test_credentials_are_removed_from_a_reference_before_it_is_shown() -> None:
     assert without_credentials("https://token@models.example/a") == "https://models.example/a"
     assert without_credentials("https://models.example/a@b") == "https://models.example/a@b"  # a path keeps its @
     assert without_credentials("https://[zz::1]/a") == "(an invalid URL)"
+
+
+def test_secrets_in_a_references_query_string_are_redacted_before_it_is_shown() -> None:
+    presigned = (
+        "https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2026"
+        "&X-Amz-Date=20261206T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=tok&X-Amz-Signature=abc123"
+    )
+    shown = shown_reference(presigned)
+    assert "AKIA" not in shown and "abc123" not in shown and "=tok" not in shown
+    assert shown.startswith("https://bucket.s3.amazonaws.com/m.gguf?X-Amz-Algorithm=AWS4-HMAC-SHA256&")
+    assert "X-Amz-Signature=REDACTED" in shown and "X-Amz-Expires=3600" in shown
+    sas = shown_reference("https://acct.blob.core.windows.net/c/m.gguf?sv=2022&sig=s3cr3t&se=2026")
+    assert sas == "https://acct.blob.core.windows.net/c/m.gguf?sv=2022&sig=REDACTED&se=2026"
+    assert shown_reference("https://cdn.example/m.gguf?Signature=x&Key-Pair-Id=y&token=z&access_token=w") == (
+        "https://cdn.example/m.gguf?Signature=REDACTED&Key-Pair-Id=REDACTED&token=REDACTED&access_token=REDACTED"
+    )
+    assert shown_reference("https://user:pw@models.example/a.gguf?rev=2") == "https://models.example/a.gguf?rev=2"

@@ -42,7 +42,7 @@ def _act(request: Request, viewer: Principal | None, role: Role) -> Response | N
 def _done(
     session: Any, viewer: Principal, request: Request, action: str, target: str, back: str, **detail: Any
 ) -> Response:
-    audit.record(session, actor=viewer.actor, action=action, target=target,
+    audit.record(session, actor=viewer.actor, actor_id=viewer.id, action=action, target=target,
                  request_id=getattr(request.state, "request_id", ""), via="dashboard", **detail)  # fmt: skip
     session.commit()
     fleet = getattr(request.app.state, "fleet", None)

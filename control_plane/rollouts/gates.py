@@ -238,6 +238,7 @@ def evaluate(
         new_version=new_version,
         baseline_version=baseline_version,
         baseline_device_ids=baseline_device_ids,
+        min_reporting_share=gates.min_reporting_share,
     )
     if golden is not None:
         checks.append(golden)

@@ -18,6 +18,7 @@ from control_plane.models import (
     as_utc,
     utcnow,
 )
+from control_plane.schemas import MAX_LABELS
 from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_secret
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
@@ -82,6 +83,11 @@ def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: li
     matched = {device_id: dict(labels or {}) for device_id, labels in session.exec(stmt).all()}
     if not matched:
         return 0
+    merged = {d: {k: v for k, v in labels.items() if k not in remove} | set_ for d, labels in matched.items()}
+    over = [d for d, labels in merged.items() if len(labels) > MAX_LABELS]
+    if over:  # checked before any change: a device keeps at most MAX_LABELS labels
+        raise DomainError("too_many_labels", f"{len(over)} device(s) would have over {MAX_LABELS} labels",
+                          devices=over[:50])  # fmt: skip
     ids, keys = list(matched), set(set_) | set(remove)
     label_table = DeviceLabel.__table__  # type: ignore[attr-defined]
     device_table = Device.__table__  # type: ignore[attr-defined]
@@ -91,10 +97,7 @@ def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: li
     rows = [{"device_id": d, "key": k, "value": v} for d in ids for k, v in set_.items()]
     if rows:
         session.execute(sa.insert(label_table), rows)
-    updates = [
-        {"b_id": d, "b_labels": {k: v for k, v in labels.items() if k not in remove} | set_}
-        for d, labels in matched.items()
-    ]
+    updates = [{"b_id": d, "b_labels": labels} for d, labels in merged.items()]
     by_id = device_table.c.id == sa.bindparam("b_id")
     session.execute(sa.update(device_table).where(by_id).values(labels=sa.bindparam("b_labels")), updates)
     session.expire_all()

@@ -20,7 +20,7 @@ from control_plane.schemas import (
     VersionSpec,
 )
 from control_plane.storage import StoredBlob
-from shared.references import reference_problem, without_credentials
+from shared.references import reference_problem, shown_reference
 
 
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
@@ -167,8 +167,9 @@ def find_artifact(session: Session, sha256: str) -> Artifact:
 
 
 def artifact_public(artifact: Artifact, deduplicated: bool | None = None) -> ArtifactPublic:
-    external = without_credentials(artifact.external_url) if artifact.external_url else None
-    url = external or f"/v1/artifacts/{artifact.sha256}"
+    external = shown_reference(artifact.external_url) if artifact.external_url else None
+    # A reference with secrets redacted is reached through the download route, which redirects to it whole.
+    url = external if external and external == artifact.external_url else f"/v1/artifacts/{artifact.sha256}"
     return ArtifactPublic.model_validate(
         {**artifact.model_dump(), "external_url": external, "download_url": url, "deduplicated": deduplicated}
     )

@@ -43,6 +43,7 @@ from control_plane.services import pagination, registry, retention
 from control_plane.services.auth import Principal, require_role
 from control_plane.services.sniff import sniff_artifact
 from control_plane.services.uploads import ReceivedForm, receive_multipart
+from shared.references import shown_reference
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -353,7 +354,7 @@ def _create_version_by_reference(
     row = registry.create_version(mutation.session, model=model, spec=spec, created_by=principal.actor)
     allowed_hosts = mutation.settings.artifact_reference_allowed_hosts
     registry.add_referenced_artifact(mutation.session, version=row, ref=spec.artifact, allowed_hosts=allowed_hosts)
-    mutation.audit(principal, "version.create", f"{name}@{row.version}", url=spec.artifact.url)
+    mutation.audit(principal, "version.create", f"{name}@{row.version}", url=shown_reference(spec.artifact.url))
     body = registry.version_public(mutation.session, model, row)
     mutation.commit(principal, 201, body)
     return JSONResponse(body.model_dump(mode="json"), status_code=201)
@@ -385,7 +386,7 @@ def _add_reference(
     artifact = registry.add_referenced_artifact(
         mutation.session, version=row, ref=ref, allowed_hosts=mutation.settings.artifact_reference_allowed_hosts
     )
-    mutation.audit(principal, "artifact.create", f"{name}@{version}", url=ref.url)
+    mutation.audit(principal, "artifact.create", f"{name}@{version}", url=shown_reference(ref.url))
     body = registry.artifact_public(artifact)
     mutation.commit(principal, 201, body)
     return JSONResponse(body.model_dump(mode="json"), status_code=201)
