@@ -38,6 +38,17 @@ def test_a_malformed_upload_is_a_422(  # type: ignore[no-untyped-def]
     assert response.json()["code"] == "validation_error"
 
 
+@pytest.mark.parametrize("path", ["/v1/models/m/versions", "/v1/models/m/versions/1.0.0/artifacts"])
+@pytest.mark.parametrize("body", [b"\x80", b"\x00", b"{"])  # not UTF-8, not JSON (schemathesis found the first)
+def test_a_reference_body_that_is_not_json_is_a_422(  # type: ignore[no-untyped-def]
+    client: TestClient, operator_headers, path: str, body: bytes
+) -> None:
+    _model(client, operator_headers)
+    response = client.post(path, content=body, headers={**operator_headers, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+
+
 @pytest.mark.parametrize(
     "query",
     [

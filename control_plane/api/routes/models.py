@@ -237,7 +237,7 @@ async def create_version(
 ) -> Any:
     """Upload a version's first artifact (multipart, streamed) or register it by reference (JSON)."""
     if request.headers.get("content-type", "").startswith("application/json"):
-        spec = _parse(VersionByReference, await request.json())
+        spec = _parse(VersionByReference, await _json_body(request))
         return await run_in_threadpool(_create_version_by_reference, name, spec, principal, mutation)
     form = await receive_multipart(
         request.headers.get("content-type", ""),
@@ -265,7 +265,7 @@ async def add_artifact(
 ) -> Any:
     """Add another variant (other quantization or hardware) to an existing version."""
     if request.headers.get("content-type", "").startswith("application/json"):
-        ref = _parse(ArtifactReference, await request.json())
+        ref = _parse(ArtifactReference, await _json_body(request))
         return await run_in_threadpool(_add_reference, name, version, ref, principal, mutation)
     form = await receive_multipart(
         request.headers.get("content-type", ""),
@@ -274,6 +274,13 @@ async def add_artifact(
         max_bytes=settings.max_upload_bytes,
     )
     return await run_in_threadpool(_add_uploaded, name, version, form, principal, mutation)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise DomainError("validation_error", "the body must be a JSON object in UTF-8") from exc
 
 
 def _parse(schema: Any, payload: Any) -> Any:
