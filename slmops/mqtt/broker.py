@@ -61,8 +61,8 @@ class EmbeddedBroker:
         self._tls = tls
         self.local_port = free_port() if tls is not None else port
         self._auth = auth
-        self._connect = ConnectPolicy(auth, admin_users) if auth is not None else None
         self._policy = TopicPolicy(topics, admin_users) if (auth is not None and topics is not None) else None
+        self._connect = ConnectPolicy(auth, admin_users, self._policy) if auth is not None else None
         self._key = uuid.uuid4().hex
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
@@ -218,7 +218,8 @@ class _AdmittingBroker(Broker):
             raise
         except NoDataError as exc:
             raise AMQTTError(exc) from exc
-        refusal = self._admission.refusal(incoming.username, incoming.password, incoming.client_id)
+        will_topic = incoming.will_topic if incoming.will_flag else None
+        refusal = self._admission.refusal(incoming.username, incoming.password, incoming.client_id, will_topic)
         if refusal is not None:
             await ConnackPacket.build(0, refusal).to_stream(writer)
             await writer.close()
