@@ -160,9 +160,7 @@ def shipped_mosquitto(
 class RawClient:
     """A bare paho client: one CONNECT, no reconnects, any client id and session flag."""
 
-    def __init__(
-        self, url: str, client_id: str, *, clean_session: bool, will: tuple[str, bytes] | None = None
-    ) -> None:
+    def __init__(self, url: str, client_id: str, *, clean_session: bool, will: tuple[str, bytes] | None = None) -> None:
         parsed = parse_broker_url(url)
         self.answered = threading.Event()
         self.accepted = False
