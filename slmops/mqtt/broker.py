@@ -3,7 +3,8 @@
 It runs on its own event loop in a background thread, so a slow API request in the control
 plane cannot stall message delivery and the reverse. With `auth` set, anonymous clients are
 refused and, with `topics` set too, each device reaches only its own topics (the same rules as
-deploy/mosquitto/). Production fleets should use Mosquitto: see deploy/mosquitto/README.md.
+deploy/mosquitto/), a will included; a packet over 1 MiB closes its connection. Production fleets
+should use Mosquitto: see deploy/mosquitto/README.md.
 """
 
 from __future__ import annotations
