@@ -2,7 +2,8 @@
 
 Status moves devices online/offline; state updates what they run and which desired message they
 acted on; telemetry windows are stored once per (device, message id); events are kept as they come.
-Messages from devices the registry does not know are counted and dropped.
+Messages from devices the registry does not know, or that hold no live credential, are counted
+and dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=15)
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryRecord.__table__  # type: ignore[attr-defined]
 _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
+# A device waiting for a (reissued) enrollment token or decommissioned holds no live credential.
+_WITHOUT_CREDENTIAL = frozenset({DeviceStatus.pending_enrollment, DeviceStatus.decommissioned})
 _ACKED_ID_CHARS = _DEVICES.c.acked_message_id.type.length
 # Errors a value in the batch causes, which no retry fixes (COPY raises psycopg's own, not wrapped).
 _VALUE_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError, psycopg.DataError, psycopg.IntegrityError,
@@ -65,9 +68,10 @@ class IngestWriter:
             events: list[dict[str, Any]] = []
             for message in batch:
                 status = statuses.get(message.device_id)
-                if status is None or status == DeviceStatus.decommissioned:
-                    self.counters["unknown_device"] += 1
-                    log.warning("dropped %s message from unknown device %s", message.kind, message.device_id)
+                if status is None or status in _WITHOUT_CREDENTIAL:
+                    reason = "unknown_device" if status is None else "no_credential"
+                    self.counters[reason] += 1
+                    log.warning("dropped %s message from device %s (%s)", message.kind, message.device_id, reason)
                     continue
                 change = changes.setdefault(message.device_id, {})
                 change["last_seen"] = message.received_at

@@ -122,6 +122,7 @@ class FleetCollector(Collector):
         )
         reasons = {
             "unknown_device": written.get("unknown_device", 0),
+            "no_credential": written.get("no_credential", 0),  # pending enrollment or decommissioned
             "duplicate": written.get("duplicate_telemetry", 0) + (counters.duplicates if counters else 0),
             "unknown_topic": counters.unknown_topics if counters else 0,
             "handler_failed": counters.lost if counters else 0,  # refused by the writer after its retries

@@ -160,12 +160,14 @@ def shipped_mosquitto(
 class RawClient:
     """A bare paho client: one CONNECT, no reconnects, any client id and session flag."""
 
-    def __init__(self, url: str, client_id: str, *, clean_session: bool) -> None:
+    def __init__(self, url: str, client_id: str, *, clean_session: bool, will: tuple[str, bytes] | None = None) -> None:
         parsed = parse_broker_url(url)
         self.answered = threading.Event()
         self.accepted = False
         self.paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
         self.paho.username_pw_set(parsed.username, parsed.password)
+        if will is not None:
+            self.paho.will_set(will[0], will[1], qos=1)
         self.paho.on_connect = self._on_connect
         self.closed = threading.Event()
         self.paho.on_disconnect = self._on_disconnect
@@ -185,3 +187,10 @@ class RawClient:
     def close(self) -> None:
         self.paho.disconnect()
         self.paho.loop_stop()
+
+    def drop(self) -> None:
+        """Close the socket without a DISCONNECT, so the broker sends the will (MQTT 3.1.1 section 3.1.2.5)."""
+        self.paho.loop_stop()
+        sock = self.paho.socket()
+        if sock is not None:
+            sock.close()

@@ -259,3 +259,30 @@ def test_a_second_connection_under_one_client_id_closes_the_first_on_the_embedde
             if client is not None:
                 client.close()
         broker.stop()
+
+
+def test_a_devices_last_will_reaches_only_its_own_topics_on_the_embedded_broker(clients: ClientFactory) -> None:
+    """amqtt 0.12 sends a will without the PUBLISH check, so the CONNECT carrying it is checked
+    instead: a will on another device's topic is refused (CONNACK 0x05), one on its own status works."""
+    topics = unique_topics()
+    broker = _embedded_broker(topics)
+    url = f"mqtt://dev-a:secret-a@127.0.0.1:{broker.port}"
+    try:
+        seen, b_sees = Collector(), Collector()
+        control_plane = clients(f"mqtt://{CONTROL_PLANE_USER}:cp-secret@127.0.0.1:{broker.port}")
+        control_plane.subscribe(topics.all_device_messages(), seen)
+        device_b = clients(f"mqtt://dev-b:secret-b@127.0.0.1:{broker.port}", client_id="dev-b")
+        device_b.subscribe(topics.desired("dev-b"), b_sees)
+        for kind in ("desired", "state", "telemetry", "events", "status"):
+            forger = RawClient(url, "dev-a", clean_session=True, will=(topics.device("dev-b", kind), b"forged"))
+            forger.drop()
+            assert not forger.accepted, kind
+        # Each clean CONNECT under dev-a closes the one before it (its will queued first).
+        own = RawClient(url, "dev-a", clean_session=True, will=(topics.status("dev-a"), b"offline"))
+        assert own.accepted
+        own.drop()
+        assert seen.wait_for(1, topics.status("dev-a")) == [b"offline"]
+        assert [topic for topic, _ in seen.items if "/dev-b/" in topic] == []
+        assert b_sees.payloads() == []
+    finally:
+        broker.stop()

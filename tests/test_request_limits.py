@@ -137,3 +137,39 @@ def test_login_failures_are_rate_limited(client: TestClient) -> None:
     origin = {"Origin": "http://testserver"}
     statuses = [client.post("/login", data=form, headers=origin, follow_redirects=False).status_code for _ in range(3)]
     assert statuses == [401, 401, 429]
+
+
+async def test_a_413_for_a_streamed_body_closes_the_connection(app) -> None:  # type: ignore[no-untyped-def]
+    """No Content-Length to refuse up front: the 413 comes once the cap is passed, and says
+    `Connection: close`, so the server stops reading instead of draining the rest of the body."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/devices/enroll", "raw_path": b"/v1/devices/enroll", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 40000), "server": ("x", 80),
+    }  # fmt: skip
+    await app(scope, StreamedBody(BIG).receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 413
+    assert (b"connection", b"close") in start["headers"]
+
+
+def test_the_server_stops_reading_a_streamed_body_over_the_cap(app) -> None:  # type: ignore[no-untyped-def]
+    head = b"POST /v1/devices/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n" % (64 * 1024) + b"a" * (64 * 1024) + b"\r\n"
+    with ServerThread(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        try:
+            conn.sendall(head + chunk * 24)  # 1.5 MiB of a body that never ends
+            while conn.recv(65536):
+                pass
+            closed = True  # the server closed the connection after its answer
+        except ConnectionResetError:
+            closed = True  # closed with the rest of the body unread
+        except TimeoutError:
+            closed = False  # still waiting for the rest of the body
+    assert closed

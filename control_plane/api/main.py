@@ -110,7 +110,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, PayloadTooLarge):
-            return _problem_response(request, 413, "payload_too_large", str(exc.detail), limit_bytes=exc.limit)
+            # The rest of a streamed body is still on the connection: closing it is cheaper than reading it.
+            closing = {"Connection": "close"}
+            return _problem_response(request, 413, "payload_too_large", str(exc.detail), closing, limit_bytes=exc.limit)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and (methods := allowed_methods(request.scope)):

@@ -3,7 +3,8 @@
 It runs on its own event loop in a background thread, so a slow API request in the control
 plane cannot stall message delivery and the reverse. With `auth` set, anonymous clients are
 refused and, with `topics` set too, each device reaches only its own topics (the same rules as
-deploy/mosquitto/). Production fleets should use Mosquitto: see deploy/mosquitto/README.md.
+deploy/mosquitto/), a will included; a packet over 1 MiB closes its connection. Production fleets
+should use Mosquitto: see deploy/mosquitto/README.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
@@ -32,6 +34,8 @@ from slmops.mqtt.errors import MqttError
 log = logging.getLogger(__name__)
 
 _PLUGINS = "slmops.mqtt.broker_plugins"
+# The largest remaining length a packet may declare: deploy/mosquitto/mosquitto.conf's max_packet_size.
+MAX_PACKET_BYTES = 1024 * 1024
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,8 +65,8 @@ class EmbeddedBroker:
         self._tls = tls
         self.local_port = free_port() if tls is not None else port
         self._auth = auth
-        self._connect = ConnectPolicy(auth, admin_users) if auth is not None else None
         self._policy = TopicPolicy(topics, admin_users) if (auth is not None and topics is not None) else None
+        self._connect = ConnectPolicy(auth, admin_users, self._policy) if auth is not None else None
         self._key = uuid.uuid4().hex
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
@@ -193,6 +197,52 @@ async def _close_connection(broker: Broker, client_id: str) -> bool:
     return True
 
 
+class PacketTooLarge(AMQTTError):
+    """A packet declared a remaining length over the cap: its connection closes, its body unread."""
+
+
+class _PacketSizeGuard(ReaderAdapter):
+    """Follows the MQTT framing (3.1.1 section 2.2) of what amqtt reads from one connection and
+    raises `PacketTooLarge` once a fixed header's remaining length exceeds `limit`, so no body over
+    the cap is ever buffered (amqtt 0.12 reads a PUBLISH payload in one `readexactly`)."""
+
+    def __init__(self, reader: ReaderAdapter, limit: int) -> None:
+        self._reader = reader
+        self._limit = limit
+        self._body_left = 0  # bytes of the current packet still to come after its fixed header
+        self._in_header = False  # between a packet's first byte and its last remaining-length byte
+        self._length = self._multiplier = 0
+        self.exceeded = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.exceeded:
+            raise PacketTooLarge(f"a packet is over {self._limit} bytes")
+        data = await self._reader.read(n)
+        self._follow(data)
+        return data
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+    def _follow(self, data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - at)
+                self._body_left, at = self._body_left - step, at + step
+            elif not self._in_header:  # the packet type byte
+                self._in_header, self._length, self._multiplier, at = True, 0, 1, at + 1
+            else:
+                byte, at = data[at], at + 1
+                self._length += (byte & 0x7F) * self._multiplier
+                self._multiplier *= 128
+                if not byte & 0x80:
+                    self._in_header, self._body_left = False, self._length
+                    if self._length > self._limit:
+                        self.exceeded = True
+                        raise PacketTooLarge(f"a packet declared {self._length} bytes, over {self._limit}")
+
+
 class _AdmittingBroker(Broker):
     """amqtt's Broker, refusing a CONNECT before its client id can touch an existing session.
 
@@ -206,6 +256,14 @@ class _AdmittingBroker(Broker):
         super().__init__(config, loop=loop)
         self._admission = admission
 
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        guarded = _PacketSizeGuard(reader, MAX_PACKET_BYTES)
+        try:
+            await super()._client_connected(listener_name, guarded, writer)
+        finally:
+            if guarded.exceeded:  # amqtt leaves a connection that failed its CONNECT open
+                await writer.close()
+
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
@@ -218,7 +276,8 @@ class _AdmittingBroker(Broker):
             raise
         except NoDataError as exc:
             raise AMQTTError(exc) from exc
-        refusal = self._admission.refusal(incoming.username, incoming.password, incoming.client_id)
+        will_topic = incoming.will_topic if incoming.will_flag else None
+        refusal = self._admission.refusal(incoming.username, incoming.password, incoming.client_id, will_topic)
         if refusal is not None:
             await ConnackPacket.build(0, refusal).to_stream(writer)
             await writer.close()

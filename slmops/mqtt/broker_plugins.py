@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from amqtt.contexts import Action, BaseContext
-from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, IDENTIFIER_REJECTED
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, IDENTIFIER_REJECTED, NOT_AUTHORIZED
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -54,13 +54,22 @@ class ConnectPolicy:
 
     check: PasswordCheck
     admin_users: frozenset[str] = field(default_factory=frozenset)
+    topics: TopicPolicy | None = None
 
-    def refusal(self, username: str | None, password: str | None, client_id: str | None) -> int | None:
-        """None to accept, else the CONNACK return code (MQTT 3.1.1 section 3.2.2.3)."""
+    def refusal(
+        self, username: str | None, password: str | None, client_id: str | None, will_topic: str | None = None
+    ) -> int | None:
+        """None to accept, else the CONNACK return code (MQTT 3.1.1 section 3.2.2.3).
+
+        `will_topic` (when the will flag is set): amqtt publishes a will without the PUBLISH check,
+        so a will the client could not publish itself refuses the CONNECT, as Mosquitto does."""
         if not username or password is None or not self._credentials_valid(username, password):
             return BAD_USERNAME_PASSWORD
         if username not in self.admin_users and client_id != username:
             return IDENTIFIER_REJECTED
+        if will_topic is not None and self.topics is not None:
+            if not self.topics.allows(username, will_topic, Action.PUBLISH):
+                return NOT_AUTHORIZED
         return None
 
     def _credentials_valid(self, username: str, password: str) -> bool:
@@ -103,7 +112,8 @@ class PasswordCheckAuthPlugin(BaseAuthPlugin):
         connect = _CONNECT_POLICIES.get(self._key)
         if connect is None:
             return False
-        return connect.refusal(session.username, session.password, session.client_id) is None
+        will_topic = session.will_topic if session.will_flag else None
+        return connect.refusal(session.username, session.password, session.client_id, will_topic) is None
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):
