@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from edge_agent.download import Downloader
 from edge_agent.errors import InsufficientSpaceError
 from edge_agent.store import ModelStore
-from shared.desired import ArtifactRef
+from shared.desired import ArtifactRef, DesiredState
 from slmops.cli import tiny  # noqa: F401  (registers `model make-tiny`)
 from slmops.cli.app import app as cli_app
 from slmops.onnx_bundle import BundleError, check_folder, pack_folder
 from slmops.tinymodels import write_tiny_onnx, write_tiny_onnx_folder
 from tests import test_lora_rollout
-from tests.agent_support import AgentProcess, desired_for_artifact
+from tests.agent_support import AgentProcess
 from tests.assign_support import assign_version
 from tests.cli_support import (  # noqa: F401  (fixtures)
     Cli,
@@ -250,10 +250,9 @@ def test_a_rollout_ships_a_pushed_folder_to_a_real_agent(  # type: ignore[no-unt
 
 
 def _deploy(agent: AgentProcess, version: str, artifact: dict, engine: sa.Engine, device_id: str) -> None:  # type: ignore[type-arg]
-    assign_version(engine, device_id, model="tiny-ext", version=version)  # devices fetch what they are assigned
-    desired = desired_for_artifact(
-        model="tiny-ext", version=version, sha256=artifact["sha256"], size_bytes=artifact["size_bytes"], fmt="onnx-tar"
-    )
+    # Devices fetch what they are assigned and run what its signed release covers.
+    desired = DesiredState.model_validate(assign_version(engine, device_id, model="tiny-ext", version=version))
+    assert desired.artifact.sha256 == artifact["sha256"]
     state = agent.apply(desired).json()
     assert state["phase"] == "on_trial", state
 
