@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from control_plane.models import AuditEntry, DesiredStateRow
 from control_plane.rollouts.controller import RolloutController
@@ -47,4 +47,6 @@ def desired_version(engine, device_id: str) -> str | None:  # type: ignore[no-un
 
 def audit_actions(engine, action: str) -> list[AuditEntry]:  # type: ignore[no-untyped-def]
     with Session(engine) as session:
-        return list(session.exec(select(AuditEntry).where(AuditEntry.action == action)).all())
+        # In the order they were written (a heap-ordered table returns rows in any order).
+        stmt = select(AuditEntry).where(AuditEntry.action == action).order_by(col(AuditEntry.created_at))
+        return list(session.exec(stmt).all())
