@@ -9,6 +9,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -18,6 +19,9 @@ from control_plane.rollouts.plan import Gates
 from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram
 from slmops.mqtt.subscriber import DeviceMessage
 from tests.telemetry_support import T0, add_devices, ingest, window
+
+# Rows go through `engine` alone: empty the tables after each test, or later rollouts would target them.
+pytestmark = pytest.mark.usefixtures("empty_tables")
 
 TOP = len(REQUEST_DURATION_BUCKETS)  # the overflow bucket
 FAST = 3  # the 0.08 s bucket
