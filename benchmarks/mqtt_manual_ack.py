@@ -1,16 +1,18 @@
 """Manual acknowledgement vs the ingest journal (ADR 0010), side by side in one run.
 
-Four measurements, each on brokers started for this run and a fresh PostgreSQL database, through
-the product's IngestWriter (one transaction per batch):
+Five measurements, on brokers started for this run and a fresh PostgreSQL database, through the
+product's IngestWriter (one transaction per batch):
   window     how many unacknowledged QoS 1 messages a broker sends a manual-ack subscriber
              (Mosquitto at several max_inflight_messages, MQTT 3.1.1 and 5; the embedded amqtt)
   throughput ingest msg/s: PUBACK on read (none), journal then PUBACK (journal, today), PUBACK
-             after the batch commits (manual), for each Mosquitto window
+             after the batch commits (manual; manual-strict: with the broker's window kept),
+             for each Mosquitto window and on amqtt
   kill       the consuming process killed with SIGKILL mid-stream and started again (persistent
              session, QoS 1): windows stored vs published, per mode
+  journal    the journal's own cost per message on the network thread
   amqtt      the embedded broker with PUBACKs held longer than its 5 s wait, then a reconnect
 
-    python -m benchmarks.mqtt_manual_ack                  # everything, about 3 minutes
+    python -m benchmarks.mqtt_manual_ack                  # everything, about 10 minutes
     python -m benchmarks.mqtt_manual_ack --only kill --count 20000
 """
 
@@ -44,6 +46,7 @@ from shared.telemetry import TelemetryWindow
 from shared.topics import Topics
 from slmops.mqtt.broker import EmbeddedBroker, free_port
 from slmops.mqtt.client import MqttClient, Outgoing
+from slmops.mqtt.journal import IngestJournal
 from slmops.mqtt.subscriber import DeviceMessage
 from slmops.mqtt.testing import MosquittoProcess
 
@@ -227,6 +230,23 @@ def run_throughput(database: str, inflights: list[int], count: int, devices: int
         print(f"{'amqtt (no window)':<22}" + best_rates(url, fleet, MODES[:3], count, rounds, 0))
 
 
+def run_journal_cost(count: int, burst: int = 50) -> None:
+    """What the journal adds per message on the network thread: record, and a write() per burst."""
+    topic, payload = "slmops/v1/devices/d00001/telemetry", windows(Topics("slmops/v1"), ["d00001"], 1)[0].payload
+    now = datetime.now(UTC)
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = IngestJournal(tmp)
+        start = time.perf_counter()
+        for i in range(count):
+            journal.record(topic, payload, now)  # type: ignore[arg-type]
+            if i % burst == burst - 1:
+                journal.flush()
+        journal.close()
+        elapsed = time.perf_counter() - start
+    print(f"\n== journal cost: {count} records of {len(payload)} bytes, a write() per {burst}: "
+          f"{elapsed / count * 1e6:.1f} us per message")  # fmt: skip
+
+
 # -- kill -9 --------------------------------------------------------------------------------
 
 
@@ -342,7 +362,7 @@ def run_amqtt(hold_s: float, published: int = 200) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("window", "throughput", "kill", "amqtt"))
+    parser.add_argument("--only", choices=("window", "throughput", "journal", "kill", "amqtt"))
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
@@ -355,6 +375,8 @@ def main() -> None:
     if args.only in (None, "throughput"):
         with fresh_postgres("slmops_manualack") as database:
             run_throughput(database, args.inflight, args.count, args.devices, args.rounds)
+    if args.only in (None, "journal"):
+        run_journal_cost(100_000)
     if args.only in (None, "kill"):
         with fresh_postgres("slmops_manualack") as database:
             run_kill(database, args.count, args.devices, inflight=100, rounds=args.rounds)
