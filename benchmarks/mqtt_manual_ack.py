@@ -38,6 +38,7 @@ from sqlmodel import Session
 
 from benchmarks.fleet_support import fresh_postgres
 from benchmarks.manual_ack_support import MODES, ManualAckClient, build_ingest, mosquitto_config
+from benchmarks.mqtt_ingest import timed_publish
 from control_plane import db
 from control_plane.ingest import IngestWriter
 from control_plane.models import Device, DeviceStatus
@@ -190,19 +191,12 @@ def ingest_rate(url: str, fleet: Fleet, mode: str, count: int, journal_dir: Path
     ingest = build_ingest(mode, url, topics, handler, client_id=client_id, journal_dir=journal_dir, window=window)
     ingest.start()
     ingest.client.start(wait=True, timeout_s=15)
-    publisher = MqttClient(url, client_id=f"p-{uuid.uuid4().hex[:6]}")
-    publisher.start()
     try:
-        start = time.perf_counter()
-        publisher.publish_many(messages, timeout_s=300)
-        if not done.wait(300):
-            raise SystemExit(f"{mode}: stored {stored[0]}/{count}")
-        elapsed = time.perf_counter() - start
+        elapsed = timed_publish(url, messages, done, lambda: f"{mode}: stored {stored[0]}/{count}")
         return count / elapsed, ingest.counters.dispatched / max(ingest.counters.batches, 1)
     finally:
         ingest.stop()
         ingest.client.stop(publish_offline=False)
-        publisher.stop(publish_offline=False)
 
 
 def best_rates(url: str, fleet: Fleet, modes: tuple[str, ...], count: int, rounds: int, window: int) -> str:
