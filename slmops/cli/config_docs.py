@@ -94,9 +94,13 @@ Rules checked at start, besides each field's own range:
 - `SLMOPS_BLOB_STORE=s3` requires `SLMOPS_S3_BUCKET`; credentials and region come from the
   standard `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` (or an instance
   role), a private CA from `AWS_CA_BUNDLE`. Install the `s3` extra (`pip install 'slmops[s3]'`).
-- `SLMOPS_TLS_CERT_FILE` and `SLMOPS_TLS_KEY_FILE` are set both or neither; with them the public
-  URL defaults to `https://` and the embedded broker serves devices `mqtts://` with the same
+- `SLMOPS_TLS_CERT_FILE` and `SLMOPS_TLS_KEY_FILE` (also `slmops server --tls-cert/--tls-key`)
+  are set both or neither; with them the embedded broker serves devices `mqtts://` with the same
   certificate ([operations-tls.md](operations-tls.md)).
+- Defaults derived from other settings: `SLMOPS_PUBLIC_URL` is `http://HOST:PORT` (`https://`
+  with TLS); `SLMOPS_DEVICE_MQTT_URL` is the broker's URL; without `SLMOPS_DEVICE_CA_DIR` a
+  development server makes its device CA in `<data dir>/device-ca`, and without the release key
+  files its keys in `<data dir>/keys` (for demos only).
 - `SLMOPS_MQTT_INGEST_GROUP` is a secret of 16-64 characters, not a label: Mosquitto hands a
   shared message to a group member before it checks that the member may read it
   ([mqtt-protocol.md](mqtt-protocol.md)). The embedded broker has no shared subscriptions.
