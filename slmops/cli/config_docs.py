@@ -198,7 +198,8 @@ def _source_comments(cls: type) -> dict[str, str]:
     for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        last = node.end_lineno or node.lineno
+        own = [comments[n] for n in range(node.lineno, last + 1) if n in comments]
         above: list[str] = []
         n = node.lineno - 1
         while n in comments and lines[n - 1].lstrip().startswith("#"):
