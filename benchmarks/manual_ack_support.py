@@ -24,11 +24,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from control_plane import db
-from control_plane.ingest import IngestWriter
+from control_plane.fleet.ingest import IngestWriter
+from control_plane.fleet.journal import IngestJournal
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
+from shared.mqtt.client import MqttClient
 from shared.topics import Topics
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.journal import IngestJournal
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
 
 # PUBACK on read (no journal); journal, then PUBACK (today); PUBACK after the commit; the same
 # with the broker's window of `window` unacknowledged messages kept strictly.

@@ -40,16 +40,16 @@ from benchmarks.fleet_support import fresh_postgres
 from benchmarks.manual_ack_support import MODES, ManualAckClient, build_ingest, mosquitto_config
 from benchmarks.mqtt_ingest import timed_publish
 from control_plane import db
-from control_plane.ingest import IngestWriter
+from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.ingest import IngestWriter
+from control_plane.fleet.journal import IngestJournal
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, DeviceStatus
 from shared.messages import TelemetryMessage, encode
+from shared.mqtt.client import MqttClient, Outgoing
 from shared.telemetry import TelemetryWindow
 from shared.topics import Topics
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.journal import IngestJournal
-from slmops.mqtt.subscriber import DeviceMessage
-from slmops.mqtt.testing import MosquittoProcess
+from tests.support.mosquitto import MosquittoProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
