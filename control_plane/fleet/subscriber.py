@@ -216,7 +216,7 @@ class DeviceMessageSubscriber:
         """Decode what a hold put aside and hand it over in batches of up to `max_write`, after
         the batch gathering now: one transaction for a 1,000-device stage's acknowledgements
         instead of one per `max_batch` (the flusher cuts a batch 10 ms after its first message,
-        and decoding them takes longer than that)."""
+        and decoding them takes longer than that; ADR 0008)."""
         decoded: list[DeviceMessage] = []
         for topic, payload, received_at, seq in held:
             self.counters.received += 1
