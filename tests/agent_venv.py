@@ -82,11 +82,15 @@ def create_venv(venv: Path, wheel: Path, extras: str = "agent", *, with_pip: boo
     return venv
 
 
+def run_python(venv: Path, code: str) -> str:
+    """What `code` prints, run by the venv's Python from inside the venv (away from this checkout)."""
+    return _run([venv / "bin" / "python", "-c", code], cwd=venv).stdout
+
+
 def installed_distributions(venv: Path) -> set[str]:
     """Normalised names (PEP 503) of every distribution installed in `venv`."""
-    script = "import importlib.metadata as m; print('\\n'.join(d.metadata['Name'] for d in m.distributions()))"
-    names = _run([venv / "bin" / "python", "-c", script], cwd=venv).stdout.split()
-    return {name.lower().replace("_", "-").replace(".", "-") for name in names}
+    names = run_python(venv, "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))")
+    return {name.lower().replace("_", "-").replace(".", "-") for name in names.split()}
 
 
 def clean_env() -> dict[str, str]:

@@ -19,7 +19,7 @@ from control_plane.models import Role
 from control_plane.services import auth
 from slmops.mqtt.broker import free_port
 from tests.agent_support import AgentProcess, wait_for
-from tests.agent_venv import build_wheel, clean_env, create_venv, installed_distributions
+from tests.agent_venv import REPO, build_wheel, clean_env, create_venv, installed_distributions, run_python
 from tests.server_thread import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -61,14 +61,19 @@ def test_the_agent_extra_installs_no_server_package(agent_venv: Path) -> None:
     installed = installed_distributions(agent_venv)
     assert {"slmops", "paho-mqtt", "fastapi", "uvicorn", "pydantic-settings"} <= installed
     assert installed & NOT_ON_A_DEVICE == set()
-    where = subprocess.run(
-        [agent_venv / "bin/python", "-c", "import edge_agent; print(edge_agent.__file__)"],
-        capture_output=True, text=True, cwd=agent_venv, env=clean_env(), check=True,
-    ).stdout  # fmt: skip
+    where = run_python(agent_venv, "import edge_agent; print(edge_agent.__file__)")
     assert where.startswith(str(agent_venv)), where  # the wheel's code, not this checkout's
     # The operator CLI is an extra of its own: without it `slmops` says which one.
     cli = subprocess.run([agent_venv / "bin/slmops", "--help"], capture_output=True, text=True, env=clean_env())
     assert cli.returncode == 2 and "slmops[cli]" in cli.stderr
+
+
+def test_the_installed_package_ships_the_systemd_unit(agent_venv: Path) -> None:
+    """deploy/install-agent.sh installs the unit from the package, with no checkout on the device."""
+    unit = "files('edge_agent').joinpath('systemd/slmops-agent.service')"
+    shipped = run_python(agent_venv, f"from importlib.resources import files; print({unit}.read_text(), end='')")
+    assert shipped == (REPO / "deploy/systemd/slmops-agent.service").read_text()
+    assert "ExecStart=/opt/slmops/venv/bin/python -m edge_agent --config" in shipped
 
 
 def test_the_agent_only_install_enrolls_and_comes_online(
