@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _dev_pins(dest: Path) -> Path:
     return path
 
 
-def dependency_wheels(wheel: Path, extras: str = "agent") -> Path:
+def dependency_wheels(wheel: Path, extras: str = "agent", find_links: Sequence[Path] = ()) -> Path:
     """A folder with the wheels `<wheel>[extras]` needs, downloaded once per pyproject.toml."""
     folder = WHEEL_CACHE / f"{extras}-{_cache_key()}"
     if folder.is_dir():
@@ -60,8 +61,9 @@ def dependency_wheels(wheel: Path, extras: str = "agent") -> Path:
     with tempfile.TemporaryDirectory(dir=WHEEL_CACHE) as tmp:
         staging = Path(tmp) / "wheels"
         pins = _dev_pins(Path(tmp))
+        links = [arg for folder in find_links for arg in ("--find-links", folder)]
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "-d", staging,
-              "-c", pins, f"slmops[{extras}] @ {wheel.as_uri()}"])  # fmt: skip
+              "-c", pins, *links, f"slmops[{extras}] @ {wheel.as_uri()}"])  # fmt: skip
         for own in staging.glob("slmops-*.whl"):
             own.unlink()
         try:
@@ -72,9 +74,13 @@ def dependency_wheels(wheel: Path, extras: str = "agent") -> Path:
     return folder
 
 
-def create_venv(venv: Path, wheel: Path, extras: str = "agent", *, with_pip: bool = False) -> Path:
-    """A new venv at `venv` holding `<wheel>[extras]`, installed offline from the cached wheels."""
-    wheels = dependency_wheels(wheel, extras)
+def create_venv(
+    venv: Path, wheel: Path, extras: str = "agent", *, with_pip: bool = False, find_links: Sequence[Path] = ()
+) -> Path:
+    """A new venv at `venv` holding `<wheel>[extras]`, installed offline from the cached wheels.
+
+    `find_links`: folders with wheels no index has (the portable llama-cpp-python build)."""
+    wheels = dependency_wheels(wheel, extras, find_links)
     _run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), venv])
     python = venv / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-index",
