@@ -76,13 +76,27 @@ def test_the_installed_package_ships_the_systemd_unit(agent_venv: Path) -> None:
     assert "ExecStart=/opt/slmops/venv/bin/python -m edge_agent --config" in shipped
 
 
+# Each way the daemon is started: the console script, systemd's ExecStart, the CLI's fast path.
+ENTRY_POINTS = {
+    "slmops-agent": ["slmops-agent"],
+    "python -m edge_agent": ["python", "-m", "edge_agent"],
+    "slmops agent": ["slmops", "agent"],
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_the_agent_only_install_enrolls_and_comes_online(
-    agent_venv: Path, control_plane: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    agent_venv: Path,
+    control_plane: tuple[str, dict[str, str]],
+    entry: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base, admin = control_plane
     device = httpx.post(f"{base}/v1/devices", json={"name": "edge-only"}, headers=admin).json()
     agent = AgentProcess(tmp_path / "agent", control_plane_url=base, enrollment_token=device["enrollment_token"])
-    agent.command = [str(agent_venv / "bin/slmops-agent"), "--config", str(agent.config)]
+    program, *args = ENTRY_POINTS[entry]
+    agent.command = [str(agent_venv / "bin" / program), *args, "--config", str(agent.config)]
     agent.cwd = tmp_path
     monkeypatch.delenv("PYTHONPATH", raising=False)
     agent.start()
