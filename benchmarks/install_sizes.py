@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.agent_venv import REPO, build_wheel, create_venv, installed_distributions  # noqa: E402
 
-EXTRAS = ("agent", "agent,onnx", "agent,gguf", "agent,cli", "server", "server,cli,s3")
+EXTRAS = ("agent", "agent,cli", "agent,gguf", "agent,onnx", "server", "server,s3")
 LLAMA_WHEELS = sorted(Path(os.environ.get("SLMOPS_WHEEL_CACHE", Path.home() / ".cache/slmops/wheels")).glob("llama-*"))
 MiB = 1024 * 1024
 
