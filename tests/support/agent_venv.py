@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,7 +72,15 @@ def dependency_wheels(wheel: Path, extras: str = "agent", find_links: Sequence[P
         except OSError:  # another run filled the cache first
             if not folder.is_dir():
                 raise
+    _prune(extras, keep=folder)
     return folder
+
+
+def _prune(extras: str, keep: Path, max_age_s: float = 86400) -> None:
+    """Drop this extras' wheel folders made for other pyproject.toml versions more than a day ago."""
+    for old in WHEEL_CACHE.glob(f"{extras}-*"):
+        if old != keep and old.name.rpartition("-")[0] == extras and time.time() - old.stat().st_mtime > max_age_s:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def create_venv(
