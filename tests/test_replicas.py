@@ -197,7 +197,7 @@ def test_the_other_replica_finishes_the_rollout_when_the_leader_is_killed(  # ty
     for device in devices:  # no conflicting desired states from the two leaders
         assert len(device.applied) - applied_before[device.device_id] <= 1
     assert any(e["result"] == "pass" for e in evaluations)
-    print(  # noqa: T201  (figures for docs/performance.md, with -s)
+    print(  # the figures in docs/performance.md (run with -s)
         f"\nfailover ({'ingest group' if grouped else 'every replica ingests'}): lock taken {took_lock_s:.2f} s, "
         f"rollout completed {finished_s:.2f} s after kill -9; {loop.calls} API calls "
         f"({routed_around} requests redispatched), {len(loop.failures)} failed, slowest {loop.slowest_s:.2f} s"
