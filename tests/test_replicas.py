@@ -9,6 +9,8 @@ calling the API through the balancer.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +34,8 @@ from slmops.demo import free_port
 from slmops.simulator import SimBehaviour
 from tests.fleet_helpers import TelemetryPump, start_sim_devices, wait_for
 from tests.haproxy_support import HAProxy, haproxy_binary
+from tests.s3_support import CREDENTIALS, TlsMotoServer
+from tests.test_blob_store_s3 import bucket, moto  # noqa: F401  (fixtures: the S3 endpoint)
 from tests.test_rollout_resilience import PLAN, ServerProcess, _cli_token, _setup_fleet, _state
 from tests.test_rollouts import MOSQUITTO
 
@@ -116,7 +120,8 @@ def pg_url(fresh_database_url) -> str:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def replicas(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[list[ServerProcess]]:
-    """Two replicas on Mosquitto; with `request.param` true, splitting device messages in an ingest group."""
+    """Two replicas on Mosquitto. `request.param`: "ingest-group" splits device messages between
+    them; "s3" keeps artifacts in the test S3 endpoint (`bucket`), as replicas serving real agents must."""
     keys = tmp_path / "keys"
     keys.mkdir()
     init_keys(keys)  # one release key for all replicas: devices verify whichever one leads
@@ -128,8 +133,12 @@ def replicas(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Ite
         "SLMOPS_RELEASE_KEY_FILE": str(keys / "release.key"),
         "SLMOPS_ROOT_METADATA_FILE": str(keys / "root.json"),
     }
-    if request.param:
+    if request.param == "ingest-group":
         shared["SLMOPS_MQTT_INGEST_GROUP"] = uuid.uuid4().hex
+    if request.param == "s3":
+        moto: TlsMotoServer = request.getfixturevalue("moto")
+        shared |= {"SLMOPS_BLOB_STORE": "s3", "SLMOPS_S3_ENDPOINT_URL": moto.url, "AWS_CA_BUNDLE": moto.tls[0]}
+        shared |= {"SLMOPS_S3_BUCKET": request.getfixturevalue("bucket"), **CREDENTIALS}
     started: list[ServerProcess] = []
     try:
         for name in ("replica-1", "replica-2"):
@@ -171,7 +180,7 @@ def engine_pg(pg_url: str) -> Iterator[sa.Engine]:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.mosquitto
-@pytest.mark.parametrize("replicas", [False, True], ids=["every-replica-ingests", "ingest-group"], indirect=True)
+@pytest.mark.parametrize("replicas", ["every-replica-ingests", "ingest-group"], indirect=True)
 def test_the_other_replica_finishes_the_rollout_when_the_leader_is_killed(  # type: ignore[no-untyped-def]
     replicas: list[ServerProcess], balancer: HAProxy, engine_pg: sa.Engine, tiny_gguf, tiny_gguf_other
 ) -> None:
@@ -227,3 +236,80 @@ def test_the_other_replica_finishes_the_rollout_when_the_leader_is_killed(  # ty
         f"rollout completed {finished_s:.2f} s after kill -9; {loop.calls} API calls "
         f"({routed_around} requests redispatched), {len(loop.failures)} failed, slowest {loop.slowest_s:.2f} s"
     )
+
+
+ONE_STAGE_AT_A_TIME = {  # no latency or error gates: a real agent serves no traffic here
+    "stages": [{"name": "canary", "count": 1, "min_bake_s": 1.0}, {"name": "rest", "percent": 100, "min_bake_s": 0}],
+    "gates": {"min_activated_fraction": 1.0, "max_p95_latency_ratio": None, "max_error_rate": None},
+}
+
+
+def _spawn_agent(tmp_path: Path, control_plane_url: str, enrollment_token: str, trust: str) -> subprocess.Popen[bytes]:
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    config = agent_dir / "agent.toml"
+    config.write_text(
+        f'control_plane_url = "{control_plane_url}"\nenrollment_token = "{enrollment_token}"\n'
+        f'data_dir = "{agent_dir}"\nlisten_port = {free_port()}\n'
+        'threads = 1\ntelemetry_window_s = 1.0\ntrial_requests = 3\ntrial_seconds = 3\n'
+        'watch_interval_s = 0.5\ndownload_allowed_hosts = ["127.0.0.1"]\n'
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")} | {"SSL_CERT_FILE": trust}
+    with (agent_dir / "agent.log").open("ab") as log:  # trusts the S3 endpoint as a device trusts a private CA
+        return subprocess.Popen(
+            [sys.executable, "-m", "slmops", "agent", "--config", str(config)], env=env, stdout=log, stderr=log
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+@pytest.mark.postgres
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("replicas", ["s3"], indirect=True)
+def test_a_real_agent_behind_the_balancer_gets_its_artifact_from_the_store_across_a_failover(  # type: ignore[no-untyped-def]
+    replicas: list[ServerProcess], balancer: HAProxy, engine_pg: sa.Engine, request, tmp_path: Path, tiny_gguf
+) -> None:
+    """The production shape end to end: a real agent and simulated devices reach the replicas only
+    through HAProxy; the leader dies mid-rollout; the agent verifies releases signed by whichever
+    replica wrote them (one key) and downloads the bytes from the S3 endpoint, not from a replica."""
+    store: TlsMotoServer = request.getfixturevalue("moto")  # the endpoint the replicas were started with
+    store_key = f"GET /{replicas[0].env['SLMOPS_S3_BUCKET']}/blobs/sha256/"
+    leader_name = wait_for(lambda: _controller_holder(engine_pg), 15, "a controller")
+    leader = {"replica-1": replicas[0], "replica-2": replicas[1]}[leader_name]
+    api = httpx.Client(base_url=balancer.url, timeout=30)
+    admin, op = _cli_token(replicas[0], "admin"), _cli_token(replicas[0], "operator")
+    creds = _setup_fleet(api, admin, op, [tiny_gguf], 2)
+    sha256 = api.get("/v1/models/tiny/versions/1", headers=op).json()["artifacts"][0]["sha256"]
+    enrollment = api.post("/v1/devices", json={"name": "kiosk"}, headers=admin).json()["enrollment_token"]
+    agent = _spawn_agent(tmp_path, balancer.url, enrollment, store.tls[0])
+    devices = start_sim_devices(MOSQUITTO, Topics(replicas[0].env["SLMOPS_MQTT_TOPIC_PREFIX"]), creds, SimBehaviour())
+    try:
+        wait_for(lambda: _statuses(api, op).get("kiosk") == "online", 90, "the agent online")
+        served_before = {name: int(row["bout"]) for name, row in balancer.stats().items()}
+        rollout = api.post("/v1/rollouts", json={"model": "tiny", "version": "1", **ONE_STAGE_AT_A_TIME}, headers=op)
+        assert rollout.status_code == 201, rollout.text
+        wait_for(lambda: "1" in _versions(api, op).values(), 120, "the canary on version 1")
+        leader.kill9()
+        wait_for(lambda: _state(api, op, rollout.json()["id"]) == "completed", 180, "the rollout finished")
+        assert _versions(api, op) == {"d0": "1", "d1": "1", "kiosk": "1"}
+    finally:
+        for device in devices:
+            device.stop()
+        agent.terminate()
+        agent.wait(timeout=30)
+    size = tiny_gguf.stat().st_size
+    assert store.counted.bytes_out[store_key + sha256] == size  # once, from the store
+    served = {name: int(row["bout"]) - served_before[name] for name, row in balancer.stats().items()}
+    assert served["BACKEND"] < size // 10, served  # what both replicas sent through HAProxy: JSON, no model
+    print(  # the figures in docs/performance.md (run with -s)
+        f"\nreal agent: artifact {size} bytes; the S3 endpoint served {store.counted.bytes_out[store_key + sha256]}, "
+        f"the replicas through HAProxy {served['replica-1']} + {served['replica-2']} bytes (API answers)"
+    )
+
+
+def _statuses(api: httpx.Client, op: dict[str, str]) -> dict[str, str]:
+    return {d["name"]: d["status"] for d in api.get("/v1/devices", headers=op).json()["data"]}
+
+
+def _versions(api: httpx.Client, op: dict[str, str]) -> dict[str, str | None]:
+    return {d["name"]: d["current_version"] for d in api.get("/v1/devices", headers=op).json()["data"]}
