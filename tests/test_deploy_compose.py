@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from control_plane.config import Settings
-from tests.haproxy_support import CONFIG as HAPROXY_CONFIG
-from tests.haproxy_support import haproxy_binary
+from tests.support.haproxy import CONFIG as HAPROXY_CONFIG
+from tests.support.haproxy import haproxy_binary
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 # Settings of the clustered broker tier (issue 24), on their way from the `nats` branch.

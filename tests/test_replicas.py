@@ -1,7 +1,7 @@
 """Two `slmops server` replicas behind HAProxy on one PostgreSQL: the controller fails over.
 
 Real processes throughout: both replicas, HAProxy from deploy/haproxy/haproxy.cfg, Mosquitto and
-simulated devices. The replica holding the controller lock (control_plane/leader.py) is killed -9
+simulated devices. The replica holding the controller lock (control_plane/rollouts/leader.py) is killed -9
 mid-rollout; the other takes the lock and finishes the rollout while an operator's client keeps
 calling the API through the balancer.
 """
@@ -25,16 +25,16 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane import db
-from control_plane.leader import LOCK_KEY
-from control_plane.releases import init_keys
+from control_plane.rollouts.leader import LOCK_KEY
 from control_plane.telemetry import partitions
+from control_plane.trust.releases import init_keys
 from shared.topics import Topics
 from slmops.cli.client import ApiClient, ApiError, ClientConfig, new_idempotency_key
 from slmops.demo import free_port
 from slmops.simulator import SimBehaviour
-from tests.fleet_helpers import TelemetryPump, start_sim_devices, wait_for
-from tests.haproxy_support import HAProxy, haproxy_binary
-from tests.s3_support import CREDENTIALS, TlsMotoServer
+from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
+from tests.support.haproxy import HAProxy, haproxy_binary
+from tests.support.s3 import CREDENTIALS, TlsMotoServer
 from tests.test_blob_store_s3 import bucket, moto  # noqa: F401  (fixtures: the S3 endpoint)
 from tests.test_rollout_resilience import PLAN, ServerProcess, _cli_token, _setup_fleet, _state
 from tests.test_rollouts import MOSQUITTO

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from slmops.demo import free_port
-from tests.fleet_helpers import wait_for
+from tests.support.fleet import wait_for
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 def haproxy_binary() -> str:
