@@ -39,7 +39,15 @@ def main() -> None:
 
         sys.argv = ["slmops agent", *("--config" if a == "-c" else a for a in argv[1:])]
         sys.exit(agent_main())
-    from slmops.cli.app import app
-
+    try:
+        from slmops.cli.app import app
+    except ModuleNotFoundError as exc:  # an agent-only install (`slmops[agent]`) has no Typer
+        if exc.name not in ("typer", "rich", "click"):
+            raise
+        sys.stderr.write(
+            "slmops: the operator CLI needs the cli extra: pip install 'slmops[cli]'\n"
+            "the agent daemon runs without it: slmops-agent --config FILE (or slmops agent --config FILE)\n"
+        )
+        sys.exit(2)
     _register()
     app()
