@@ -34,7 +34,7 @@ def _is_agent_daemon(argv: list[str]) -> bool:
 def main() -> None:
     argv = sys.argv[1:]
     if _is_agent_daemon(argv):
-        # Skip Typer and rich (about 7 MB resident) for the long-running daemon on small devices.
+        # Skip Typer and rich for the long-running daemon on small devices (docs/performance.md#agent).
         from edge_agent.__main__ import main as agent_main
 
         sys.argv = ["slmops agent", *("--config" if a == "-c" else a for a in argv[1:])]
