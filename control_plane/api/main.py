@@ -35,7 +35,7 @@ from control_plane.api.routes import (
     telemetry,
     tokens,
 )
-from control_plane.broker_access import BrokerAccess, password_file_for
+from control_plane.broker_access import BrokerAccess, mosquitto_takeover, password_file_for
 from control_plane.config import Settings
 from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
@@ -130,7 +130,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = None
     settings: Settings = app.state.settings
     # The registry decides who the broker admits: rebuilt before the fleet connects to it.
-    access = BrokerAccess(password_file_for(settings))
+    access = BrokerAccess(password_file_for(settings), takeover=mosquitto_takeover(settings))
     await run_in_threadpool(access.rebuild, app.state.engine)
     app.state.broker_access = access
     if settings.fleet_enabled:
