@@ -39,10 +39,17 @@ class Verified:
 class ReleaseGuard:
     """Verifies desired states against the trusted root; `accept` remembers what was verified."""
 
-    def __init__(self, path: Path, state: TrustState) -> None:
+    def __init__(self, path: Path | None, state: TrustState) -> None:
+        """`path` None: what was accepted is kept in memory only (a simulated device)."""
         self.path = path
         self.state = state
         self.root = Root.model_validate(state.root)
+
+    @classmethod
+    def in_memory(cls, pinned: list[SignedMetadata]) -> ReleaseGuard:
+        """A guard trusting the newest root `pinned` proves, remembering nothing across restarts."""
+        root = update_root(Root.model_validate(pinned[0].signed), pinned, now=None)
+        return cls(None, TrustState(root=root.model_dump(mode="json")))
 
     @classmethod
     def load(cls, path: Path, *, pinned: list[SignedMetadata] | None) -> ReleaseGuard | None:
@@ -86,7 +93,8 @@ class ReleaseGuard:
             return
         self.state = TrustState(root=verified.root.model_dump(mode="json"), serials=serials)
         self.root = verified.root
-        write_atomic(self.path, self.state.model_dump_json().encode())
+        if self.path is not None:
+            write_atomic(self.path, self.state.model_dump_json().encode())
 
 
 def release_of(desired: DesiredState) -> Release | None:

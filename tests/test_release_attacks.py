@@ -231,6 +231,8 @@ def test_root_rotation_is_followed(device: Device, models: list[ArtifactRef]) ->
     device.wait_serving("2")
     trust = json.loads((device.process.data_dir / "trust.json").read_text())
     assert trust["root"]["version"] == 2
+    verified = [e.detail for e in device.cp.events("release_verified")]
+    assert [(d["serial"], d["root_version"]) for d in verified] == [(1, 1), (2, 2)]
 
 
 def test_release_signed_by_a_revoked_key_is_refused(device: Device, models: list[ArtifactRef]) -> None:

@@ -3,8 +3,11 @@
 Protocol, as `slmops.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
 with the hardware profile, a retained last will saying offline, the retained device state
 republished on every connect, desired states deduplicated by message id (an empty retained
-payload means "cleared"), and telemetry windows at an interval. Thousands of these share one event
-loop: paho's own threaded loop waits on select(), which cannot watch descriptors above 1,024.
+payload means "cleared"), and telemetry windows at an interval. Given a root to trust
+(`SimConfig.trusted_root`), it verifies each desired state's signed release with the agent's own
+`edge_agent.trust.ReleaseGuard` before acting on it and reports `release_verified` or refuses.
+Thousands of these share one event loop: paho's own threaded loop waits on select(), which
+cannot watch descriptors above 1,024.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from edge_agent.trust import ReleaseGuard
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
+    EventMessage,
     MessageDecodeError,
     StateMessage,
     StatusMessage,
@@ -27,6 +33,7 @@ from shared.messages import (
     encode,
     new_message_id,
 )
+from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
 from slmops.mqtt.dedup import RecentIds
 from slmops.mqtt.url import parse_broker_url
@@ -49,6 +56,9 @@ class SimConfig:
     error_rate: float = 0.0
     rss_mb: float = 120.0
     reconnect_delay_s: float = 1.0
+    # The root chain devices are provisioned with; None: releases are not verified (as an agent
+    # without a root). Read at each desired state, so a benchmark may switch it between rollouts.
+    trusted_root: list[SignedMetadata] | None = None
     hardware: HardwareProfile = field(
         default_factory=lambda: HardwareProfile(
             cpu_model="sim", cpu_cores=4, ram_mb=4096, arch="x86_64", agent_version=AGENT_VERSION
@@ -67,6 +77,9 @@ class SimStats:
     failed: int = 0
     telemetry_sent: int = 0
     malformed_desired: int = 0
+    verified: int = 0  # releases verified (ReleaseGuard.verify passed)
+    refused: int = 0  # desired states refused for their release
+    verify_s: float = 0.0  # time spent in ReleaseGuard.verify and accept, all devices together
     # Called after every applied or failed desired state (`SimFleet.wait`): a waiter sees the
     # count that completes it at once, where polling was late by half its interval on average.
     listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -93,6 +106,8 @@ class SimAgent:
         # a simulated fleet's time (py-spy), and the simulator shares the machine with what it tests.
         self._state_topic = self.topics.state(credential.device_id)
         self._telemetry_topic = self.topics.telemetry(credential.device_id)
+        self._events_topic = self.topics.events(credential.device_id)
+        self._guard: ReleaseGuard | None = None  # made from config.trusted_root on first use
         self.config = config
         self.stats = stats
         # Kept as the message it is published as: each publish copies it with a new envelope
@@ -189,6 +204,8 @@ class SimAgent:
         self._apply_now(desired)
 
     def _apply_now(self, desired: DesiredState) -> None:
+        if not self._release_verified(desired):
+            return
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
         fail = not desired.unload and desired.version not in known and self._rng.random() < self.config.failure_rate
@@ -201,6 +218,41 @@ class SimAgent:
         self.applied.append(desired.message_id)
         self._send_state(fresh=True)
         self.stats.notify()
+
+    def _release_verified(self, desired: DesiredState) -> bool:
+        """The agent's check before acting (edge_agent.reconciler): verify, remember, report."""
+        root = self.config.trusted_root
+        if root is None:
+            return True
+        started = time.perf_counter()
+        if self._guard is None:
+            self._guard = ReleaseGuard.in_memory(root)
+        try:
+            verified = self._guard.verify(desired)
+        except ReleaseRefused as exc:
+            self.stats.refused += 1
+            self.state = simulated.refused(self.state, desired, str(exc), envelope=self._envelope())
+            self._send_state(fresh=True)
+            self.stats.notify()
+            return False
+        self._guard.accept(verified)
+        self.stats.verify_s += time.perf_counter() - started
+        self.stats.verified += 1
+        release, root_version = verified.release, verified.root.version
+        event = EventMessage(
+            kind="release_verified",
+            model=desired.model,
+            version=desired.version,
+            message=f"release {release.serial} of {release.model} {release.version} verified under root {root_version}",
+            detail={"serial": release.serial, "root_version": root_version, "desired_message_id": desired.message_id,
+                    "rollout_id": desired.rollout_id},
+        )  # fmt: skip
+        if self._wire is not None:
+            try:
+                self._wire.publish_nowait(self._events_topic, encode(event), qos=1).add_done_callback(_consume)
+            except WireError:
+                pass  # lost with the connection, as progress events are
+        return True
 
     async def _publish_state(self) -> None:
         """Publish the state and wait for its PUBACK (on connect)."""
