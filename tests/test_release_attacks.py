@@ -244,6 +244,20 @@ def test_release_signed_by_a_revoked_key_is_refused(device: Device, models: list
     device.refused(stolen.model_copy(update={"roots": device.authority.chain[:1]}), "unknown_key")
 
 
+def test_a_fast_forward_with_a_leaked_release_key_ends_when_the_key_is_revoked(
+    device: Device, models: list[ArtifactRef]
+) -> None:
+    """The holder of a leaked release key signs a huge serial: every genuine release would then be
+    a rollback. Revoking the key (a root update) makes the device forget the serials it signed."""
+    device.send(device.authority.desired(models[3], version="6.6.6", serial=2**62))
+    device.wait_serving("6.6.6")
+    device.authority.rotate()  # the operator revokes the leaked key
+    device.send(device.authority.desired(models[1], version="2", serial=2))
+    device.wait_serving("2")
+    trust = json.loads((device.process.data_dir / "trust.json").read_text())
+    assert trust["serials"] == {"m": 2}
+
+
 def test_artifact_server_sending_more_bytes_than_signed_is_refused(
     device: Device, models: list[ArtifactRef], artifacts: ArtifactServer
 ) -> None:
