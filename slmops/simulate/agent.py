@@ -5,7 +5,9 @@ with the hardware profile, a retained last will saying offline, the retained dev
 republished on every connect, desired states deduplicated by message id (an empty retained
 payload means "cleared"), and telemetry windows at an interval. Given a root to trust
 (`SimConfig.trusted_root`), it verifies each desired state's signed release with the agent's own
-`edge_agent.trust.ReleaseGuard` before acting on it and reports `release_verified` or refuses.
+`edge_agent.trust.ReleaseGuard` before acting on it, or refuses it. Like download and activation
+events, the agent's `release_verified` event is not sent: the simulator models what a rollout
+waits for (the acknowledging state), and counts verifications in `SimStats`.
 Thousands of these share one event loop: paho's own threaded loop waits on select(), which
 cannot watch descriptors above 1,024.
 """
@@ -24,7 +26,6 @@ from edge_agent.trust import ReleaseGuard
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
-    EventMessage,
     MessageDecodeError,
     StateMessage,
     StatusMessage,
@@ -106,7 +107,6 @@ class SimAgent:
         # a simulated fleet's time (py-spy), and the simulator shares the machine with what it tests.
         self._state_topic = self.topics.state(credential.device_id)
         self._telemetry_topic = self.topics.telemetry(credential.device_id)
-        self._events_topic = self.topics.events(credential.device_id)
         self._guard: ReleaseGuard | None = None  # made from config.trusted_root on first use
         self.config = config
         self.stats = stats
@@ -220,7 +220,7 @@ class SimAgent:
         self.stats.notify()
 
     def _release_verified(self, desired: DesiredState) -> bool:
-        """The agent's check before acting (edge_agent.reconciler): verify, remember, report."""
+        """The agent's check before acting (edge_agent.reconciler): verify and remember, or refuse."""
         root = self.config.trusted_root
         if root is None:
             return True
@@ -238,20 +238,6 @@ class SimAgent:
         self._guard.accept(verified)
         self.stats.verify_s += time.perf_counter() - started
         self.stats.verified += 1
-        release, root_version = verified.release, verified.root.version
-        event = EventMessage(
-            kind="release_verified",
-            model=desired.model,
-            version=desired.version,
-            message=f"release {release.serial} of {release.model} {release.version} verified under root {root_version}",
-            detail={"serial": release.serial, "root_version": root_version, "desired_message_id": desired.message_id,
-                    "rollout_id": desired.rollout_id},
-        )  # fmt: skip
-        if self._wire is not None:
-            try:
-                self._wire.publish_nowait(self._events_topic, encode(event), qos=1).add_done_callback(_consume)
-            except WireError:
-                pass  # lost with the connection, as progress events are
         return True
 
     async def _publish_state(self) -> None:
