@@ -5,8 +5,12 @@ certificate the device CA signed). The attacker holds broker-admin rights (publi
 state) or runs the artifact server; each test ends with the device serving its previous model and
 an event naming the attack.
 
-SLMOPS_TEST_UNVERIFIED=1 starts the agents without a pinned root (verification off): every attack
-test then fails, which shows the tests test the verification.
+SLMOPS_TEST_UNVERIFIED=1 starts the agents without a pinned root (release verification off):
+every test of a signature, serial, expiry or root check then fails, which shows the tests test the
+verification. The two artifact-server tests (more bytes, other bytes) still pass: the download
+stops at the size and checks the sha256 that the desired state names whether or not its release is
+verified; what signing adds there is that the broker cannot change those two values, which the
+forged-state tests cover.
 """
 
 from __future__ import annotations
