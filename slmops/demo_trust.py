@@ -63,7 +63,7 @@ def verified_everywhere(results: list[dict[str, Any]], seen: Verifications) -> b
 
 def release_table(results: list[dict[str, Any]], seen: Verifications) -> Table:
     table = Table(title="signed releases, as the devices reported verifying them")
-    for column in ("rollout", "version", "release serial", "verified on", "sent to"):
+    for column in ("rollout", "version", "release serial", "devices that verified it", "devices sent it"):
         table.add_column(column)
     for rollout in results:
         for (rollout_id, version), serials in sorted(seen.releases.items()):
@@ -72,7 +72,7 @@ def release_table(results: list[dict[str, Any]], seen: Verifications) -> Table:
             devices = set().union(*serials.values())
             sent = str(sent_count(rollout)) if version == rollout["version"] else "its rollback"
             label = f"{rollout['baseline_version'] or '-'} -> {rollout['version']}"
-            table.add_row(label, version, ", ".join(map(str, sorted(serials))), f"{len(devices)} devices", sent)
+            table.add_row(label, version, ", ".join(map(str, sorted(serials))), str(len(devices)), sent)
     return table
 
 
