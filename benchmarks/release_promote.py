@@ -43,7 +43,7 @@ from benchmarks.fleet_support import (  # noqa: E402
     wait_completed,
 )
 from benchmarks.release_signing import verify_ms  # noqa: E402
-from control_plane import releases  # noqa: E402
+from control_plane.trust import releases  # noqa: E402
 from slmops.heap import settle_heap  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402

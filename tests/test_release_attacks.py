@@ -30,18 +30,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from control_plane.device_ca import DeviceCA
+from control_plane.trust.device_ca import DeviceCA
 from shared.desired import ArtifactRef, DesiredState
 from shared.messages import EventMessage
 from shared.releases import expires_in
 from shared.topics import Topics
-from slmops.mqtt.testing import mosquitto_binary
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_mqtt_support import DEVICE, SECRET, ControlPlane, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
-from tests.mqtt_support import ClientFactory, clients, mtls_mosquitto, wait_until
-from tests.release_support import Authority, past
-from tests.tls_support import TestCA
+from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
+from tests.support.agent_mqtt import DEVICE, SECRET, ControlPlane, write_credential
+from tests.support.mosquitto import mosquitto_binary
+from tests.support.mqtt import ClientFactory, clients, mtls_mosquitto, wait_until
+from tests.support.releases import Authority, past
+from tests.support.tls import TestCA
 
 __all__ = ["clients"]  # fixture
 pytestmark = [

@@ -20,10 +20,10 @@ from sqlmodel import Session, SQLModel
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.models import Role
-from control_plane.releases import read_root_chain
 from control_plane.services import auth
+from control_plane.trust.releases import read_root_chain
 from slmops.simulate import Credential, SimConfig, SimFleet, enroll_fleet, load_credentials, save_credentials
-from tests.fleet_helpers import upload_version, wait_for
+from tests.support.fleet import upload_version, wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 PLAN = {
@@ -194,7 +194,7 @@ def test_control_plane_topic_matching_agrees_with_paho(topic_filter: str, topic:
     # The simulator's load made paho's matcher the control plane's hot spot; its replacement must agree.
     import paho.mqtt.client as paho
 
-    from slmops.mqtt.client import topic_matches
+    from shared.mqtt.client import topic_matches
 
     assert topic_matches(topic_filter, topic) == paho.topic_matches_sub(topic_filter, topic)
 
@@ -256,7 +256,7 @@ def test_a_simulated_device_refuses_a_release_its_root_does_not_sign() -> None:
 
     from shared.desired import ArtifactRef
     from slmops.simulate import SimAgent, SimStats
-    from tests.release_support import Authority
+    from tests.support.releases import Authority
 
     authority = Authority()
     config = SimConfig(apply_delay_s=0, telemetry_interval_s=None, trusted_root=authority.chain[:1])

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import Device, DeviceStatus, TelemetryRecord
 from control_plane.rollouts import golden_gate, robust
 from control_plane.rollouts import members as members_
@@ -216,8 +216,8 @@ def evaluate(
     active = [m for m in deployable if m.status == "active"]
     failed = [m for m in deployable if m.status == "failed"]
     devices = Device.__table__.c  # type: ignore[attr-defined]  # table columns: see controller.DEVICES
-    # Only the exceptions, joined through the rollout's members: reading every member's status
-    # (passed as a 10,000-id array at fleet scale) was a third of a tick.
+    # Only the exceptions, joined through the rollout's members, not every member's status
+    # (docs/performance.md#controller-ticks).
     member = members_.TABLE.c
     stmt = (
         sa.select(devices.id)

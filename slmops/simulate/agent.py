@@ -1,6 +1,6 @@
 """One simulated agent on asyncio: a real MQTT connection (`wire.MqttWire`) speaking the agent's protocol.
 
-Protocol, as `slmops.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
+Protocol, as `edge_agent.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
 with the hardware profile, a retained last will saying offline, the retained device state
 republished on every connect, desired states deduplicated by message id (an empty retained
 payload means "cleared"), and telemetry windows at an interval. Given a root to trust
@@ -34,10 +34,10 @@ from shared.messages import (
     encode,
     new_message_id,
 )
+from shared.mqtt.dedup import RecentIds
+from shared.mqtt.url import parse_broker_url
 from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.dedup import RecentIds
-from slmops.mqtt.url import parse_broker_url
 from slmops.simulate import behaviour as simulated
 from slmops.simulate.wire import MqttWire, Will, WireError
 
@@ -103,15 +103,15 @@ class SimAgent:
         self.device_id = credential.device_id
         self.credential = credential
         self.topics = Topics(credential.topic_prefix)
-        # Built once: a topic per publish (formatting and checking the device id) was a tenth of
-        # a simulated fleet's time (py-spy), and the simulator shares the machine with what it tests.
+        # Built once, not per publish: the simulator shares the machine with what it tests
+        # (docs/performance.md#fleet-paths).
         self._state_topic = self.topics.state(credential.device_id)
         self._telemetry_topic = self.topics.telemetry(credential.device_id)
         self._guard: ReleaseGuard | None = None  # made from config.trusted_root on first use
         self.config = config
         self.stats = stats
-        # Kept as the message it is published as: each publish copies it with a new envelope
-        # (StateMessage.wrap's model_construct per state was a fifth of a fleet's time; py-spy).
+        # Kept as the message it is published as: each publish copies it with a new envelope, no
+        # StateMessage.wrap per state (docs/performance.md#fleet-paths).
         self.state = StateMessage(device_id=credential.device_id)
         self.applied: list[str] = []  # desired message ids acted on, in order
         self.connected = asyncio.Event()
