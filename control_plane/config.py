@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     )
     root_metadata_file: Path | None = Field(default=None, description="root.json: the chain of signed roots.")
     release_expiry_s: float = Field(default=7 * 86400, ge=1, description="Life of a signed release; re-signed at half.")
+    release_signing: bool = Field(
+        default=True,
+        description="Sign a release into every desired state. Off only to measure what signing costs "
+        "(benchmarks/release_promote.py): devices with a root refuse unsigned states; refused in production.",
+    )
     device_certificates: bool = Field(
         default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
     )
@@ -176,6 +181,12 @@ class Settings(BaseSettings):
     def _production_needs_postgres(self) -> Settings:
         if self.environment == "production" and self.database_url is None:
             raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
+        return self
+
+    @model_validator(mode="after")
+    def _production_signs_releases(self) -> Settings:
+        if self.environment == "production" and not self.release_signing:
+            raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_RELEASE_SIGNING=true")
         return self
 
     @model_validator(mode="after")
