@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -29,7 +31,7 @@ from shared import SCHEMA_VERSION, limits
 from shared.base import WireModel
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
-from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ShortName, VersionName
+from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ReportSeq, ShortName, VersionName
 from shared.state import DeviceState, GoldenOutcome
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
@@ -57,6 +59,22 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class ReportClock:
+    """A device's `report_seq`s: microseconds since the epoch, but never less than one past the
+    last value given (a hybrid logical clock), so a clock set back while the agent runs does not
+    reorder its reports, and a restarted agent (or a reflashed device) starts above what it sent
+    before as long as its clock was not set back in between."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return self._last
+
+
 class Envelope(WireModel):
     """Fields every message defined here carries besides `schema_version`."""
 
@@ -64,7 +82,19 @@ class Envelope(WireModel):
     sent_at: datetime = Field(default_factory=utc_now)
 
 
-class StatusMessage(Envelope):
+class Ordered(WireModel):
+    """`report_seq` orders a device's state and status reports, so that the newest one wins
+    whichever replica stores it and in whichever order (optional: older agents send none, and
+    their reports are stored as they come).
+
+    It never decreases on a device (`ReportClock`). A state report takes the next value; the
+    birth, the will and the shutdown offline of one connection all carry the value taken for
+    that connection (the will is fixed at connect time), and offline ranks after online."""
+
+    report_seq: ReportSeq | None = None
+
+
+class StatusMessage(Ordered, Envelope):
     """Retained on `status`: the birth message says online; the last will says offline."""
 
     status: Literal["online", "offline"]
@@ -120,11 +150,13 @@ class EventMessage(Envelope):
         return detail
 
 
-class StateMessage(DeviceState, Envelope):
+class StateMessage(DeviceState, Ordered, Envelope):
     """A `DeviceState` as published on `state`."""
 
     @classmethod
-    def wrap(cls, state: DeviceState, *, updated_at: datetime | None = None) -> StateMessage:
+    def wrap(
+        cls, state: DeviceState, *, updated_at: datetime | None = None, report_seq: int | None = None
+    ) -> StateMessage:
         """`state` as a message; `updated_at` replaces the state's own (saves copying it first)."""
         # `state` is a validated DeviceState: its fields are taken as they are, with no dump and
         # second validation per message (docs/performance.md#fleet-paths). The
@@ -133,7 +165,7 @@ class StateMessage(DeviceState, Envelope):
         fields = dict(state)
         if updated_at is not None:
             fields["updated_at"] = updated_at
-        return cls.model_construct(**fields, message_id=new_message_id(), sent_at=utc_now())
+        return cls.model_construct(**fields, message_id=new_message_id(), sent_at=utc_now(), report_seq=report_seq)
 
 
 class TelemetryMessage(TelemetryWindow, Envelope):

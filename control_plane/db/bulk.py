@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -89,17 +89,32 @@ def update(
     *,
     key: Sequence[str],
     copy: CopyFrom | None = None,
+    newer: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Set the non-key columns of each row on the table's row matching `key` (same keys in every
-    row), and with `copy` one more column from another table (see CopyFrom)."""
+    row), and with `copy` one more column from another table (see CopyFrom).
+
+    `newer`: {order column: the columns it guards}. Those columns, the order column with them, are
+    set only where the row's order is newer than the stored one (or either is NULL), decided in
+    the same statement: two writers racing leave the newest values whichever commits last."""
     if not rows:
         return
     columns = list(rows[0])
     values = [c for c in columns if c not in key]
+    # Each column the row sets that an order column it carries guards -> that order column.
+    guard_of = {c: order for order, guarded in (newer or {}).items() for c in (order, *guarded) if order in values}
+    guard_of = {c: order for c, order in guard_of.items() if c in values}
     if _is_postgres(session):
         q = _quoter(session)
         stage = _stage(session, table, columns, rows)
-        assignments = [f"{q(c)} = u.{q(c)}" for c in values]
+
+        def assign(c: str) -> str:
+            if (order := guard_of.get(c)) is None:
+                return f"{q(c)} = u.{q(c)}"
+            o = q(order)
+            return f"{q(c)} = CASE WHEN u.{o} IS NULL OR t.{o} IS NULL OR u.{o} > t.{o} THEN u.{q(c)} ELSE t.{q(c)} END"
+
+        assignments = [assign(c) for c in values]
         join = ""
         if copy is not None:
             value, join = copy.join(q)
@@ -111,6 +126,11 @@ def update(
         return
     rows = _in_utc(table, rows)
     new_values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in values}
+    for c, order in guard_of.items():
+        incoming, stored = sa.bindparam(f"v_{order}", type_=table.c[order].type), table.c[order]
+        newest = sa.or_(incoming.is_(None), stored.is_(None), incoming > stored)
+        # Typed: inside CASE the value does not take the column's type (a JSON column's dict) by itself.
+        new_values[c] = sa.case((newest, sa.bindparam(f"v_{c}", type_=table.c[c].type)), else_=table.c[c])
     if copy is not None:
         new_values[copy.column] = copy.lookup()
     stmt = table.update().where(*(table.c[c] == sa.bindparam(f"k_{c}") for c in key)).values(new_values)

@@ -27,6 +27,7 @@ from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
     MessageDecodeError,
+    ReportClock,
     StateMessage,
     StatusMessage,
     TelemetryMessage,
@@ -118,6 +119,10 @@ class SimAgent:
         self._wire: MqttWire | None = None
         self._seen = RecentIds(64)
         self._seq = 0
+        # Ordered reports as the agent sends them (shared.messages.Ordered): one seq per connection
+        # for its will, birth and shutdown, the next one for each state.
+        self._clock = ReportClock()
+        self._connection_seq = 0
         self._rng = random.Random(credential.device_id)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -128,7 +133,10 @@ class SimAgent:
     async def _open(self) -> MqttWire:
         broker = parse_broker_url(self.credential.mqtt_url)
         # A fresh will per connection: ingest deduplicates by message id.
-        will = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="connection lost")
+        self._connection_seq = self._clock.next()
+        will = StatusMessage(
+            status="offline", agent_version=AGENT_VERSION, reason="connection lost", report_seq=self._connection_seq
+        )
         return await MqttWire.open(
             broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
             password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
@@ -153,7 +161,9 @@ class SimAgent:
 
     async def _session(self, stop: asyncio.Event) -> None:
         wire = self._wire = await self._open()
-        birth = StatusMessage(status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware)
+        birth = StatusMessage(
+            status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware, report_seq=self._connection_seq
+        )
         await wire.publish(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
         await wire.subscribe(self.topics.desired(self.device_id), qos=1)
         await self._publish_state()
@@ -173,7 +183,9 @@ class SimAgent:
         for task in list(self._tasks):  # pending applies survive a reconnect, not a stop
             task.cancel()
         # A clean stop says why it went offline (the will is only for a lost connection).
-        offline = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="shutdown")
+        offline = StatusMessage(
+            status="offline", agent_version=AGENT_VERSION, reason="shutdown", report_seq=self._connection_seq
+        )
         await wire.publish(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
         await wire.close()
 
@@ -249,10 +261,9 @@ class SimAgent:
             except WireError:
                 pass  # the connection dropped: the next connect republishes the latest state
 
-    @staticmethod
-    def _envelope() -> dict[str, object]:
+    def _envelope(self) -> dict[str, object]:
         now = datetime.now(UTC)
-        return {"message_id": new_message_id(), "sent_at": now, "updated_at": now}
+        return {"message_id": new_message_id(), "sent_at": now, "updated_at": now, "report_seq": self._clock.next()}
 
     def _send_state(self, *, fresh: bool = False) -> asyncio.Future[None] | None:
         """Write the state (QoS 1, retained); the future ends at its PUBACK. None if not connected.
