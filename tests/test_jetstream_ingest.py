@@ -1,0 +1,218 @@
+"""Ingest from a JetStream stream through one durable consumer: devices publish over nats-server's
+MQTT listener, control-plane replicas split the stream, and a replica killed -9 mid-batch loses
+nothing (its unacknowledged messages go to the other, stored once)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pydantic
+import pytest
+import sqlalchemy as sa
+
+from control_plane import db
+from control_plane.config import Settings
+from control_plane.fleet import FleetRuntime
+from control_plane.ingest import IngestWriter
+from control_plane.jetstream_ingest import JetStreamIngest, stream_subjects, subject_of, topic_of
+from shared.messages import StatusMessage, encode
+from shared.topics import Topics
+from tests.jetstream_support import NatsServerProcess, nats_server_binary, publish_over_mqtt, telemetry_payloads
+from tests.mqtt_support import wait_until
+from tests.telemetry_support import add_devices
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(nats_server_binary() is None, reason="nats-server is not installed"),
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pg_url(fresh_database_url) -> str:  # type: ignore[no-untyped-def]
+    """One PostgreSQL database the replicas of a test share (as replicas share one in production)."""
+    url = fresh_database_url("postgres")
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = db.make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    server = NatsServerProcess(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _settings(tmp_path: Path, pg_url: str, nats_server: NatsServerProcess, prefix: str, name: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / name,
+        database_url=pg_url,
+        mqtt_url=nats_server.mqtt_url,
+        mqtt_topic_prefix=prefix,
+        mqtt_client_id=f"cp-{name}-{uuid.uuid4().hex[:6]}",
+        ingest_source="jetstream",
+        ingest_nats_urls=nats_server.url,  # type: ignore[arg-type]  # as read from the environment
+    )
+
+
+def _stored_windows(engine: sa.Engine, device_ids: list[str]) -> int:
+    with engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM telemetry_windows WHERE device_id = ANY(:ids)")
+        return int(conn.execute(query, {"ids": device_ids}).scalar_one())
+
+
+def _distinct_windows(engine: sa.Engine, device_ids: list[str]) -> int:
+    with engine.connect() as conn:
+        query = sa.text(
+            "SELECT count(*) FROM (SELECT DISTINCT device_id, message_id FROM telemetry_windows "
+            "WHERE device_id = ANY(:ids)) AS d"
+        )
+        return int(conn.execute(query, {"ids": device_ids}).scalar_one())
+
+
+def _stream_messages(url: str, stream: str = "SLMOPS_DEVICES") -> int:
+    """Messages left in the (work-queue) stream: those not acknowledged yet."""
+
+    async def count() -> int:
+        nc = await nats.connect(url)
+        try:
+            return int((await nc.jetstream().stream_info(stream)).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def test_subjects_map_back_to_the_topics_devices_publish() -> None:
+    topics = Topics("slmops/v1")
+    assert stream_subjects(topics) == [
+        "slmops.v1.devices.*.state", "slmops.v1.devices.*.telemetry",
+        "slmops.v1.devices.*.events", "slmops.v1.devices.*.status",
+    ]  # fmt: skip
+    topic = topics.telemetry("gw-1.rack:2")
+    assert subject_of(topic) == "slmops.v1.devices.gw-1//rack:2.telemetry"
+    assert topic_of(subject_of(topic)) == topic
+
+
+def test_jetstream_ingest_needs_nats_and_an_external_broker(tmp_path: Path) -> None:
+    with pytest.raises(pydantic.ValidationError, match="SLMOPS_INGEST_NATS_URLS"):
+        Settings(data_dir=tmp_path, ingest_source="jetstream", mqtt_url="mqtt://127.0.0.1:1883")
+    with pytest.raises(pydantic.ValidationError, match="SLMOPS_MQTT_URL"):
+        Settings(data_dir=tmp_path, ingest_source="jetstream", ingest_nats_urls="nats://127.0.0.1:4222")  # type: ignore[arg-type]
+    assert Settings(data_dir=tmp_path).ingest_source == "mqtt"  # the default is unchanged
+
+
+def test_messages_devices_publish_over_mqtt_are_stored_exactly_once(
+    tmp_path: Path, pg_url: str, pg_engine: sa.Engine, nats_server: NatsServerProcess
+) -> None:
+    prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
+    topics = Topics(prefix)
+    device_ids = add_devices(pg_engine, "js-a", "js-b", "js-c")
+    runtime = FleetRuntime(_settings(tmp_path, pg_url, nats_server, prefix, "one"), pg_engine)
+    runtime.start()
+    try:
+        windows = telemetry_payloads(topics, device_ids, per_device=20)
+        # Every window twice (a device's QoS 1 retry), a malformed one, and a device going offline.
+        offline = (topics.status(device_ids[0]), encode(StatusMessage(status="offline", reason="shutdown")))
+        junk = (topics.events(device_ids[1]), b"{not json")
+        publish_over_mqtt(nats_server.mqtt_port, windows + windows + [junk, offline], client_id="js-devices")
+        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) >= 60, timeout_s=20)
+        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)  # all acknowledged
+        assert _stored_windows(pg_engine, device_ids) == 60
+        counters = runtime.subscriber.counters  # type: ignore[union-attr]
+        assert counters.received == 122
+        assert counters.duplicates + runtime.ingest.counters["duplicate_telemetry"] == 60
+        assert counters.malformed_total == 1
+        with pg_engine.connect() as conn:
+            status = conn.execute(sa.text("SELECT status FROM devices WHERE id = :i"), {"i": device_ids[0]})
+            assert status.scalar_one() == "offline"
+    finally:
+        runtime.stop()
+
+
+class _SlowWriter(IngestWriter):
+    """Takes 0.1 s per batch besides the write: one replica cannot take the whole stream alone."""
+
+    def __call__(self, batch: list[Any]) -> None:
+        time.sleep(0.1)
+        super().__call__(batch)
+
+
+def test_two_replicas_split_the_stream_and_together_store_everything(
+    tmp_path: Path, pg_url: str, pg_engine: sa.Engine, nats_server: NatsServerProcess
+) -> None:
+    prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
+    device_ids = add_devices(pg_engine, *(f"js-split-{i}" for i in range(10)))
+    replicas = [FleetRuntime(_settings(tmp_path, pg_url, nats_server, prefix, n), pg_engine) for n in ("r1", "r2")]
+    try:
+        for replica in replicas:
+            replica.ingest = _SlowWriter(pg_engine)
+            replica.start()
+        windows = telemetry_payloads(Topics(prefix), device_ids, per_device=400)
+        publish_over_mqtt(nats_server.mqtt_port, windows, client_id="js-split-devices")
+        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) >= 4000, timeout_s=60)
+        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)
+        stored = [replica.ingest.counters["telemetry"] for replica in replicas]
+        assert all(count >= 400 for count in stored), stored  # each took a real share
+        assert sum(stored) == 4000 and _stored_windows(pg_engine, device_ids) == 4000
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
+    tmp_path: Path, pg_url: str, pg_engine: sa.Engine, nats_server: NatsServerProcess
+) -> None:
+    prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
+    device_ids = add_devices(pg_engine, *(f"js-kill-{i}" for i in range(10)))
+    marker = tmp_path / "victim"
+    # The victim commits its second batch, then hangs before acknowledging it; batches it fetched
+    # behind that one are neither stored nor acknowledged.
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "tests.jetstream_replica", pg_url, nats_server.url, prefix, str(marker),
+         "--hang-after", "2", "--ack-wait", "2"],
+        cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    survivor: JetStreamIngest | None = None
+    try:
+        assert wait_until(lambda: marker.exists() and marker.read_text() == "ready", timeout_s=20)
+        windows = telemetry_payloads(Topics(prefix), device_ids, per_device=60)
+        publish_over_mqtt(nats_server.mqtt_port, windows, client_id="js-kill-devices")
+        assert wait_until(lambda: marker.read_text().startswith("hung"), timeout_s=20)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        stored, acked = (int(n) for n in marker.read_text().split()[1:])
+        assert 0 < acked < stored == _stored_windows(pg_engine, device_ids) < 600
+        assert _stream_messages(nats_server.url) == 600 - acked  # the hung batch stays unacknowledged
+
+        writer = IngestWriter(pg_engine)
+        survivor = JetStreamIngest([nats_server.url], Topics(prefix), writer, name="survivor")
+        survivor.start()
+        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=30)
+        assert _stored_windows(pg_engine, device_ids) == _distinct_windows(pg_engine, device_ids) == 600
+        assert writer.counters["duplicate_telemetry"] == stored - acked  # committed, never acknowledged
+        assert survivor.counters.dispatched == 600 - acked
+    finally:
+        if survivor is not None:
+            survivor.stop()
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
