@@ -8,8 +8,9 @@ splits across replicas with no shared-subscription group. A message is acknowled
 transaction that stores it commits: a replica that dies (kill -9 included) leaves its fetched
 messages unacknowledged, and NATS hands them to a replica still fetching once `ack_wait_s` passes.
 Stored twice is harmless: telemetry windows and events are unique per (device, message id) in the
-database, and a redelivered state or status that a newer one of the same device has superseded in
-the stream is acknowledged without being applied (it would roll the device back). See
+database, and a redelivered state or status is acknowledged without being applied while a newer
+one of the same device is still in the stream (it would roll the device back; once the newer one
+is stored and acknowledged the work queue has dropped it, and the older one applies). See
 docs/adr/0010-jetstream-ingest.md for the comparison with the MQTT path.
 
 One thread runs an asyncio loop with two tasks: the fetcher decodes batches into a short queue
@@ -79,8 +80,8 @@ class JetStreamIngest:
         *,
         stream: str = "SLMOPS_DEVICES",
         durable: str = "slmops-ingest",
-        max_batch: int = 500,
-        max_write: int = 2000,
+        max_batch: int = 1000,
+        max_write: int = 4000,
         ack_wait_s: float = 30.0,
         max_ack_pending: int = 20_000,
         dedup: RecentIds | None = None,
@@ -229,8 +230,8 @@ class JetStreamIngest:
         return fetched
 
     async def _superseded(self, js: Any, msg: Any, decoded: DeviceMessage) -> bool:
-        """A redelivered state or status with a newer one on its subject: applying it would roll
-        the device back (the newer one is stored, or will be, by whichever replica holds it)."""
+        """A redelivered state or status with a newer one on its subject still in the stream:
+        applying it would roll the device back (the newer one is stored by whichever replica holds it)."""
         if decoded.kind not in _LATEST_WINS or msg.metadata.num_delivered <= 1:
             return False
         try:

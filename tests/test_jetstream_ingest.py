@@ -25,7 +25,8 @@ from control_plane.config import Settings
 from control_plane.fleet import FleetRuntime
 from control_plane.ingest import IngestWriter
 from control_plane.jetstream_ingest import JetStreamIngest, stream_subjects, subject_of, topic_of
-from shared.messages import StatusMessage, encode
+from shared.messages import StateMessage, StatusMessage, encode
+from shared.state import DeviceState
 from shared.topics import Topics
 from tests.jetstream_support import NatsServerProcess, nats_server_binary, publish_over_mqtt, telemetry_payloads
 from tests.mqtt_support import wait_until
@@ -216,3 +217,42 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
         if victim.poll() is None:
             victim.kill()
             victim.wait(10)
+
+
+class _DatabaseDown(IngestWriter):
+    """Refuses every write while `down` is set, as a database restarting does."""
+
+    down = True
+
+    def __call__(self, batch: list[Any]) -> None:
+        if self.down:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("the database is restarting"))
+        super().__call__(batch)
+
+
+def test_a_batch_the_database_refuses_comes_back_and_an_older_state_does_not_win(
+    tmp_path: Path, pg_engine: sa.Engine, nats_server: NatsServerProcess
+) -> None:
+    prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
+    topics = Topics(prefix)
+    [device_id] = add_devices(pg_engine, "js-down")
+    writer = _DatabaseDown(pg_engine)
+    ingest = JetStreamIngest([nats_server.url], topics, writer, name="down")
+    ingest.start()
+    try:
+        older = StateMessage.wrap(DeviceState(device_id=device_id, phase="downloading"))
+        newer = StateMessage.wrap(DeviceState(device_id=device_id, phase="committed"))
+        states = [(topics.state(device_id), encode(older)), (topics.state(device_id), encode(newer))]
+        publish_over_mqtt(nats_server.mqtt_port, states, client_id="js-down")
+        assert wait_until(lambda: ingest.counters.handed_back == 2, timeout_s=30)  # after the retries: naked
+        writer.down = False
+        # Both come back (REDELIVER_AFTER_FAILURE_S); the older finds the newer behind it in the
+        # stream and is not applied (in a batch of its own it would have rolled the device back).
+        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=20)
+        assert ingest.counters.superseded == 1
+        with pg_engine.connect() as conn:
+            phase = conn.execute(sa.text("SELECT phase FROM devices WHERE id = :i"), {"i": device_id}).scalar_one()
+        assert phase == "committed"
+        assert ingest.counters.lost == 0 and writer.counters["state"] == 1
+    finally:
+        ingest.stop()
