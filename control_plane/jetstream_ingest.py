@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -205,7 +204,7 @@ class JetStreamIngest:
                 continue
             try:
                 msgs = await sub.fetch(self._max_batch, timeout=0.5)
-            except NatsTimeoutError:
+            except TimeoutError:  # nothing came (nats-py raises its own subclass or asyncio's)
                 continue
             except Exception:  # a reconnect in progress; the loop asks again
                 log.warning("JetStream fetch failed; asking again", exc_info=True)
