@@ -34,10 +34,10 @@ import psutil  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from control_plane import db  # noqa: E402
-from control_plane.ingest import IngestWriter  # noqa: E402
+from control_plane.fleet.ingest import IngestWriter  # noqa: E402
 from shared.topics import Topics  # noqa: E402
-from tests.jetstream_support import NatsServerProcess, publish_over_mqtt, telemetry_payloads  # noqa: E402
-from tests.telemetry_support import add_devices  # noqa: E402
+from tests.support.jetstream import NatsServerProcess, publish_over_mqtt, telemetry_payloads  # noqa: E402
+from tests.support.telemetry import add_devices  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -53,7 +53,7 @@ def worker(source: str, database_url: str, url: str, prefix: str, client_id: str
     topics = Topics(prefix)
     with contextlib.ExitStack() as stack:
         if source == "jetstream":
-            from control_plane.jetstream_ingest import JetStreamIngest
+            from control_plane.fleet.jetstream import JetStreamIngest
 
             ingest = JetStreamIngest([url], topics, writer, name=client_id)
             hold = stack.enter_context(contextlib.ExitStack())
@@ -65,8 +65,8 @@ def worker(source: str, database_url: str, url: str, prefix: str, client_id: str
             started = _cpu_s()
             hold.close()
         else:
-            from slmops.mqtt.client import MqttClient
-            from slmops.mqtt.subscriber import DeviceMessageSubscriber
+            from control_plane.fleet.subscriber import DeviceMessageSubscriber
+            from shared.mqtt.client import MqttClient
 
             def connect() -> MqttClient:
                 client = MqttClient(url, client_id=client_id, persistent_session=True)
@@ -169,7 +169,7 @@ def run_side(
 
 
 def _publish_to_mosquitto(mosquitto: Any, load: list[tuple[str, bytes]]) -> None:
-    from slmops.mqtt.client import MqttClient, Outgoing
+    from shared.mqtt.client import MqttClient, Outgoing
 
     client = MqttClient(mosquitto.admin_url, client_id=f"bench-devices-{uuid.uuid4().hex[:6]}")
     client.start()
@@ -207,7 +207,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    from slmops.mqtt.testing import MosquittoProcess
+    from tests.support.mosquitto import MosquittoProcess
 
     rows = []
     with contextlib.ExitStack() as stack:

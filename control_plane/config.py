@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from slmops.mqtt.types import Protocol
+from shared.mqtt.types import Protocol
 
 
 class Settings(BaseSettings):
@@ -53,17 +53,13 @@ class Settings(BaseSettings):
     mqtt_host: str = Field(default="127.0.0.1", description="Bind address of the embedded broker.")
     # 1884, not 1883: a laptop or gateway often runs its own Mosquitto on the standard port.
     mqtt_port: int = Field(default=1884, ge=1, le=65535, description="Port of the embedded broker.")
-    device_mqtt_url: str | None = Field(
-        default=None, description="Broker URL handed to devices at enrollment."
-    )
+    device_mqtt_url: str | None = Field(default=None, description="Broker URL handed to devices at enrollment.")
     mqtt_password_file: Path | None = Field(
         default=None, description="Mosquitto password file kept in step with enrolled devices."
     )
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
     mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
-    fleet_enabled: bool = Field(
-        default=True, description="Run the broker link, ingest and rollout controller."
-    )
+    fleet_enabled: bool = Field(default=True, description="Run the broker link, ingest and rollout controller.")
     controller_tick_s: float = Field(default=1.0, gt=0, le=60)
     telemetry_retention_s: int = Field(default=2 * 86400, ge=3600, description="Raw telemetry windows kept.")
     telemetry_minute_retention_s: int = Field(default=14 * 86400, ge=7200, description="Per-minute rollups kept.")
@@ -71,7 +67,7 @@ class Settings(BaseSettings):
     telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
     mqtt_topic_prefix: str = "slmops/v1"
     # Each of the control plane's client ids is this label plus a tag derived from its broker
-    # password (slmops.mqtt.credentials.client_id_for), so no device can name its session.
+    # password (control_plane.fleet.credentials.client_id_for), so no device can name its session.
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     # The control plane needs no MQTT 5 feature (a 3.1.1 session without clean_session persists
     # too), and paho builds a Properties object for every MQTT 5 PUBLISH and PUBACK it reads:
@@ -92,7 +88,7 @@ class Settings(BaseSettings):
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
     )
     # One durable consumer shared by every replica splits the stream between them; a message is
-    # acknowledged once stored, so a replica's crash loses none (control_plane/jetstream_ingest.py).
+    # acknowledged once stored, so a replica's crash loses none (control_plane/fleet/jetstream.py).
     ingest_source: Literal["mqtt", "jetstream"] = Field(
         default="mqtt",
         description="Where device messages are read: the broker's MQTT subscription or a NATS JetStream stream.",

@@ -22,15 +22,15 @@ import sqlalchemy as sa
 
 from control_plane import db
 from control_plane.config import Settings
-from control_plane.fleet import FleetRuntime
-from control_plane.ingest import IngestWriter
-from control_plane.jetstream_ingest import JetStreamIngest, stream_subjects, subject_of, topic_of
+from control_plane.fleet.channel import FleetRuntime
+from control_plane.fleet.ingest import IngestWriter
+from control_plane.fleet.jetstream import JetStreamIngest, stream_subjects, subject_of, topic_of
 from shared.messages import StateMessage, StatusMessage, encode
 from shared.state import DeviceState
 from shared.topics import Topics
-from tests.jetstream_support import NatsServerProcess, nats_server_binary, publish_over_mqtt, telemetry_payloads
-from tests.mqtt_support import wait_until
-from tests.telemetry_support import add_devices
+from tests.support.jetstream import NatsServerProcess, nats_server_binary, publish_over_mqtt, telemetry_payloads
+from tests.support.mqtt import wait_until
+from tests.support.telemetry import add_devices
 
 pytestmark = [
     pytest.mark.postgres,
@@ -188,7 +188,7 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
     # The victim commits its second batch, then hangs before acknowledging it; batches it fetched
     # behind that one are neither stored nor acknowledged.
     victim = subprocess.Popen(
-        [sys.executable, "-m", "tests.jetstream_replica", pg_url, nats_server.url, prefix, str(marker),
+        [sys.executable, "-m", "tests.support.jetstream_replica", pg_url, nats_server.url, prefix, str(marker),
          "--hang-after", "2", "--ack-wait", "2"],
         cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
     )  # fmt: skip

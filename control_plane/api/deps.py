@@ -17,9 +17,9 @@ from pydantic import BaseModel, BeforeValidator
 from sqlmodel import Session
 
 from control_plane.api.ratelimit import RateLimiter
-from control_plane.broker_access import complete_rotation_on_broker
 from control_plane.config import Settings
 from control_plane.errors import DomainError
+from control_plane.fleet.access import complete_rotation_on_broker
 from control_plane.models import ApiToken, Device, Role, as_utc, utcnow
 from control_plane.services import audit, idempotency
 from control_plane.services.auth import Principal, authenticate_device, authenticate_token, require_role
@@ -72,9 +72,7 @@ def _principal(request: Request, session: Session) -> Principal:
             if (device := session.get(Device, principal.id)) is not None:
                 complete_rotation_on_broker(request.app, device)
         return principal
-    raise DomainError(
-        "unauthenticated", "send 'Authorization: Bearer <token>' (operators) or Basic (devices)"
-    )
+    raise DomainError("unauthenticated", "send 'Authorization: Bearer <token>' (operators) or Basic (devices)")
 
 
 def touch_token(session: Session, token_id: str) -> None:

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
+from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import (
     DesiredStateRow,
     Device,
@@ -23,7 +24,6 @@ from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_sec
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
 from shared.enrollment import EnrollRequest
-from slmops.mqtt.credentials import mosquitto_hash
 
 
 def create_device(
