@@ -20,7 +20,6 @@ import pydantic
 import pytest
 import sqlalchemy as sa
 
-from control_plane import db
 from control_plane.config import Settings
 from control_plane.fleet.channel import FleetRuntime
 from control_plane.fleet.ingest import IngestWriter
@@ -39,19 +38,18 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pg_url(fresh_database_url) -> str:  # type: ignore[no-untyped-def]
-    """One PostgreSQL database the replicas of a test share (as replicas share one in production)."""
-    url = fresh_database_url("postgres")
-    db.upgrade(url)
-    return url
+@pytest.fixture
+def pg_url(db_url: str) -> str:
+    """The PostgreSQL database the replicas of a test share (as replicas share one in production)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("replicas share a PostgreSQL database")
+    return db_url
 
 
-@pytest.fixture(scope="module")
-def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
-    engine = db.make_engine(pg_url)
-    yield engine
-    engine.dispose()
+@pytest.fixture
+def pg_engine(pg_url: str, empty_tables: sa.Engine) -> sa.Engine:
+    """The session's engine on it; the next test starts from empty tables."""
+    return empty_tables
 
 
 @pytest.fixture
@@ -126,7 +124,7 @@ def test_messages_devices_publish_over_mqtt_are_stored_exactly_once(
 ) -> None:
     prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
     topics = Topics(prefix)
-    device_ids = add_devices(pg_engine, "js-a", "js-b", "js-c")
+    device_ids = add_devices(pg_engine, *(f"js-{uuid.uuid4().hex[:8]}" for _ in range(3)))
     runtime = FleetRuntime(_settings(tmp_path, pg_url, nats_server, prefix, "one"), pg_engine)
     runtime.start()
     try:
@@ -161,7 +159,7 @@ def test_two_replicas_split_the_stream_and_together_store_everything(
     tmp_path: Path, pg_url: str, pg_engine: sa.Engine, nats_server: NatsServerProcess
 ) -> None:
     prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
-    device_ids = add_devices(pg_engine, *(f"js-split-{i}" for i in range(10)))
+    device_ids = add_devices(pg_engine, *(f"js-split-{uuid.uuid4().hex[:8]}" for _ in range(10)))
     replicas = [FleetRuntime(_settings(tmp_path, pg_url, nats_server, prefix, n), pg_engine) for n in ("r1", "r2")]
     try:
         for replica in replicas:
@@ -183,7 +181,7 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
     tmp_path: Path, pg_url: str, pg_engine: sa.Engine, nats_server: NatsServerProcess
 ) -> None:
     prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
-    device_ids = add_devices(pg_engine, *(f"js-kill-{i}" for i in range(10)))
+    device_ids = add_devices(pg_engine, *(f"js-kill-{uuid.uuid4().hex[:8]}" for _ in range(10)))
     marker = tmp_path / "victim"
     # The victim commits its second batch, then hangs before acknowledging it; batches it fetched
     # behind that one are neither stored nor acknowledged.
@@ -235,7 +233,7 @@ def test_a_batch_the_database_refuses_comes_back_and_an_older_state_does_not_win
 ) -> None:
     prefix = f"slmops-test/{uuid.uuid4().hex[:10]}"
     topics = Topics(prefix)
-    [device_id] = add_devices(pg_engine, "js-down")
+    [device_id] = add_devices(pg_engine, f"js-down-{uuid.uuid4().hex[:8]}")
     writer = _DatabaseDown(pg_engine)
     ingest = JetStreamIngest([nats_server.url], topics, writer, name="down")
     ingest.start()
