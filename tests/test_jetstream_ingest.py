@@ -254,3 +254,21 @@ def test_a_batch_the_database_refuses_comes_back_and_an_older_state_does_not_win
         assert ingest.counters.lost == 0 and writer.counters["state"] == 1
     finally:
         ingest.stop()
+
+
+def test_ingest_resumes_after_the_nats_server_restarts(tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    topics = Topics(f"slmops-test/{uuid.uuid4().hex[:10]}")
+    stored: list[Any] = []
+    ingest = JetStreamIngest([nats_server.url], topics, stored.extend, name="restart")
+    ingest.start()
+    try:
+        windows = telemetry_payloads(topics, [f"dev-{i}" for i in range(10)], per_device=20)
+        publish_over_mqtt(nats_server.mqtt_port, windows[:100], client_id="js-restart-1")
+        assert wait_until(lambda: len(stored) == 100, timeout_s=10)
+        nats_server.stop()
+        nats_server.start()  # same ports, same store: the stream and the durable consumer survive
+        publish_over_mqtt(nats_server.mqtt_port, windows[100:], client_id="js-restart-2")
+        assert wait_until(lambda: len(stored) == 200, timeout_s=20)
+        assert ingest.counters.lost == 0 and ingest.counters.duplicates == 0
+    finally:
+        ingest.stop()

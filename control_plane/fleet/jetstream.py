@@ -150,7 +150,12 @@ class JetStreamIngest:
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
         nc = await nats.connect(
-            servers=self.servers, name=self._name, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            servers=self.servers,
+            name=self._name,
+            max_reconnect_attempts=-1,  # the server comes back (or another of the URLs answers)
+            reconnect_time_wait=0.5,
+            error_cb=_log_connection_error,
+            disconnected_cb=_log_disconnected,
         )
         try:
             js = nc.jetstream()
@@ -308,6 +313,14 @@ class JetStreamIngest:
             if message_id is not None:
                 self._dedup.forget(dedup_key(decoded.device_id, message_id))
         await _settle(batch, "nak", delay=REDELIVER_AFTER_FAILURE_S)
+
+
+async def _log_connection_error(exc: Exception) -> None:
+    log.warning("NATS connection: %s", exc or type(exc).__name__)  # one line, not nats-py's traceback
+
+
+async def _log_disconnected() -> None:
+    log.warning("disconnected from NATS; reconnecting (unacknowledged messages come back to a replica)")
 
 
 async def _settle(batch: Fetched, how: str, **kwargs: float) -> None:
