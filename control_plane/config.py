@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     ingest_stream: str = Field(
         default="SLMOPS_DEVICES", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="JetStream stream of device messages."
     )
+    ingest_stream_replicas: int = Field(
+        default=1, ge=1, le=5, description="Copies of the stream a NATS cluster keeps (3 on a three-node cluster)."
+    )
     ingest_consumer: str = Field(
         default="slmops-ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Durable consumer the replicas share."
     )

@@ -122,6 +122,7 @@ class FleetRuntime:
             self.ingest,
             stream=self.settings.ingest_stream,
             durable=self.settings.ingest_consumer,
+            stream_replicas=self.settings.ingest_stream_replicas,
             name=label,
         )
 

@@ -83,6 +83,7 @@ class JetStreamIngest:
         max_write: int = 4000,
         ack_wait_s: float = 30.0,
         max_ack_pending: int = 20_000,
+        stream_replicas: int = 1,
         dedup: RecentIds | None = None,
         name: str = "slmops-ingest",
     ) -> None:
@@ -96,6 +97,7 @@ class JetStreamIngest:
         self._max_write = max(max_write, max_batch)
         self._ack_wait_s = ack_wait_s
         self._max_ack_pending = max_ack_pending
+        self._stream_replicas = stream_replicas
         self._dedup = dedup if dedup is not None else RecentIds(65536)
         self._name = name
         self._holds = 0  # held() blocks open; the fetcher waits while any is
@@ -182,6 +184,7 @@ class JetStreamIngest:
                 subjects=stream_subjects(self.topics),
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
+                num_replicas=self._stream_replicas,  # R3 on a cluster: a node's loss loses no message
             )
             await js.add_stream(config)
         try:
