@@ -27,7 +27,13 @@ from control_plane.fleet.jetstream import JetStreamIngest, stream_subjects, subj
 from shared.messages import StateMessage, StatusMessage, encode
 from shared.state import DeviceState
 from shared.topics import Topics
-from tests.support.jetstream import NatsServerProcess, nats_server_binary, publish_over_mqtt, telemetry_payloads
+from tests.support.jetstream import (
+    NatsClusterProcesses,
+    NatsServerProcess,
+    nats_server_binary,
+    publish_over_mqtt,
+    telemetry_payloads,
+)
 from tests.support.mqtt import wait_until
 from tests.support.telemetry import add_devices
 
@@ -272,3 +278,67 @@ def test_ingest_resumes_after_the_nats_server_restarts(tmp_path: Path, nats_serv
         assert ingest.counters.lost == 0 and ingest.counters.duplicates == 0
     finally:
         ingest.stop()
+
+
+def _stream_leader(urls: list[str]) -> str | None:
+    """The server name of the stream's leader, or None while there is none (an election)."""
+
+    async def leader() -> str | None:
+        nc = await nats.connect(urls, max_reconnect_attempts=1, connect_timeout=2)
+        try:
+            return (await nc.jetstream().stream_info("SLMOPS_DEVICES")).cluster.leader  # type: ignore[union-attr]
+        except Exception:
+            return None
+        finally:
+            await nc.close()
+
+    return asyncio.run(leader())
+
+
+@pytest.mark.slow
+def test_the_stream_leader_killed_mid_ingest_loses_nothing_on_a_three_node_cluster(
+    tmp_path: Path, pg_engine: sa.Engine
+) -> None:
+    cluster = NatsClusterProcesses(tmp_path / "cluster")
+    cluster.start()
+    replicas: list[JetStreamIngest] = []
+    try:
+        assert wait_until(lambda: _jetstream_ready(cluster.urls), timeout_s=30)
+        topics = Topics(f"slmops-test/{uuid.uuid4().hex[:10]}")
+        device_ids = add_devices(pg_engine, *(f"js-r3-{uuid.uuid4().hex[:8]}" for _ in range(10)))
+        writers = [_SlowWriter(pg_engine), _SlowWriter(pg_engine)]
+        for name, writer in zip(("r1", "r2"), writers, strict=True):
+            replica = JetStreamIngest(cluster.urls, topics, writer, max_batch=50, stream_replicas=3, name=name)
+            replica.start(timeout_s=30)
+            replicas.append(replica)
+        leader = _stream_leader(cluster.urls)
+        [killed] = [i for i, node in enumerate(cluster.nodes) if leader == f"slmops-test-{node.port}"]
+        devices_node = cluster.nodes[(killed + 1) % 3]  # devices stay on a node that lives
+        windows = telemetry_payloads(topics, device_ids, per_device=150)
+        # All published before the kill: devices publishing through the election are the broker
+        # tier's concern (ADR 0011, Consequences); this test is about the consumer.
+        publish_over_mqtt(devices_node.mqtt_port, windows, client_id="js-r3")
+        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) > 0, timeout_s=20)
+        cluster.kill(killed)  # mid-ingest: both replicas hold fetched, unacknowledged batches
+        assert _distinct_windows(pg_engine, device_ids) < 1500
+        assert wait_until(lambda: _distinct_windows(pg_engine, device_ids) == 1500, timeout_s=90)
+        assert _stored_windows(pg_engine, device_ids) == 1500  # each window once, whoever stored it
+        assert all(writer.counters["telemetry"] > 0 for writer in writers)
+    finally:
+        for replica in replicas:
+            replica.stop()
+        cluster.stop()
+
+
+def _jetstream_ready(urls: list[str]) -> bool:
+    async def ready() -> bool:
+        nc = await nats.connect(urls, max_reconnect_attempts=1, connect_timeout=2)
+        try:
+            await nc.jetstream().account_info()
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(ready())

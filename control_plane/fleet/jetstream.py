@@ -30,7 +30,7 @@ from typing import Any
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from control_plane.fleet.subscriber import (
     RETRY_DELAYS_S,
@@ -161,7 +161,15 @@ class JetStreamIngest:
         )
         try:
             js = nc.jetstream()
-            await self._ensure_stream(js)
+            while True:
+                try:
+                    await self._ensure_stream(js)
+                    break
+                except APIError as exc:  # a cluster still forming: "no suitable peers for placement"
+                    log.warning("JetStream not ready for the ingest stream (%s); asking again", exc.description)
+                    if self._stopping.is_set():
+                        return
+                    await asyncio.sleep(1.0)
             sub = await js.pull_subscribe_bind(self.durable, self.stream)
             batches: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=PENDING_BATCHES)
             self._ready.set()

@@ -32,6 +32,7 @@ class NatsServerProcess:
         self.workdir = workdir
         self.port = free_port()
         self.mqtt_port = free_port()
+        self.extra_config = ""  # e.g. a cluster block
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +53,7 @@ class NatsServerProcess:
             f"listen: 127.0.0.1:{self.port}\n"
             f"server_name: slmops-test-{self.port}\n"
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}\n'
-            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}\n"
+            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}\n" + self.extra_config
         )
         log = (self.workdir / "nats.log").open("ab")
         self._process = subprocess.Popen([binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -118,3 +119,35 @@ def publish_over_mqtt(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+class NatsClusterProcesses:
+    """Three clustered `nats-server` nodes on loopback, JetStream and an MQTT listener on each;
+    `kill(i)` ends node i with SIGKILL."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.nodes = [NatsServerProcess(workdir / f"n{i}") for i in range(size)]
+        self.cluster_ports = [free_port() for _ in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self) -> None:
+        for i, node in enumerate(self.nodes):
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i)
+            node.extra_config = (
+                f"cluster {{ name: slmops-test, listen: 127.0.0.1:{self.cluster_ports[i]}, routes: [{routes}] }}\n"
+            )
+            node.start()
+
+    def kill(self, index: int) -> None:
+        process = self.nodes[index]._process
+        if process is not None:
+            process.kill()
+            process.wait()
+            self.nodes[index]._process = None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
