@@ -157,7 +157,7 @@ class JetStreamIngest:
             max_reconnect_attempts=-1,  # the server comes back (or another of the URLs answers)
             reconnect_time_wait=0.5,
             error_cb=_log_connection_error,
-            disconnected_cb=_log_disconnected,
+            disconnected_cb=self._log_disconnected,
         )
         try:
             js = nc.jetstream()
@@ -180,6 +180,10 @@ class JetStreamIngest:
             await nc.flush()  # the last acknowledgements reach the server before the connection ends
         finally:
             await nc.close()  # not drain(): a pull subscription's drain waits forever (nats-py 2.16)
+
+    async def _log_disconnected(self) -> None:
+        if self._stopping is not None and not self._stopping.is_set():  # not our own close()
+            log.warning("disconnected from NATS; reconnecting (unacknowledged messages come back to a replica)")
 
     async def _ensure_stream(self, js: Any) -> None:
         """The stream and the consumer as configured, created by whichever replica starts first."""
@@ -328,10 +332,6 @@ class JetStreamIngest:
 
 async def _log_connection_error(exc: Exception) -> None:
     log.warning("NATS connection: %s", exc or type(exc).__name__)  # one line, not nats-py's traceback
-
-
-async def _log_disconnected() -> None:
-    log.warning("disconnected from NATS; reconnecting (unacknowledged messages come back to a replica)")
 
 
 async def _settle(batch: Fetched, how: str, **kwargs: float) -> None:
