@@ -115,13 +115,14 @@ class JetStreamIngest:
         self._thread.start()
         if not self._ready.wait(timeout_s) or self._failure is not None:
             self.stop()
-            raise RuntimeError(f"JetStream ingest did not start on {self.servers}") from self._failure
+            hosts = ", ".join(url.rpartition("@")[2] for url in self.servers)  # no credentials in logs
+            raise RuntimeError(f"JetStream ingest did not start on {hosts}") from self._failure
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Store and acknowledge what was fetched, then close the connection."""
         if self._thread is None:
             return
-        if self._loop is not None and self._stopping is not None:
+        if self._thread.is_alive() and self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout_s)
         self._thread = None
