@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from control_plane.config import Settings
 from control_plane.fleet.channel import FleetRuntime
 from control_plane.fleet.ingest import IngestWriter
 from control_plane.fleet.jetstream import JetStreamIngest, stream_subjects, subject_of, topic_of
+from control_plane.metrics import FleetCollector
 from shared.messages import StateMessage, StatusMessage, encode
 from shared.state import DeviceState
 from shared.topics import Topics
@@ -223,6 +225,14 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
             victim.wait(10)
 
 
+@dataclass
+class _Fleet:
+    """What FleetCollector reads of a FleetRuntime: its writer and its ingest source."""
+
+    ingest: IngestWriter
+    subscriber: JetStreamIngest
+
+
 class _DatabaseDown(IngestWriter):
     """Refuses every write while `down` is set, as a database restarting does."""
 
@@ -258,6 +268,13 @@ def test_a_batch_the_database_refuses_comes_back_and_an_older_state_does_not_win
             phase = conn.execute(sa.text("SELECT phase FROM devices WHERE id = :i"), {"i": device_id}).scalar_one()
         assert phase == "committed"
         assert ingest.counters.lost == 0 and writer.counters["state"] == 1
+        samples = {
+            (m.name, s.labels.get("reason")): s.value
+            for m in FleetCollector(pg_engine, _Fleet(writer, ingest)).collect()
+            for s in m.samples
+        }
+        assert samples[("slmops_ingest_rejected", "superseded")] == 1
+        assert samples[("slmops_ingest_handed_back", None)] == 2
     finally:
         ingest.stop()
 
