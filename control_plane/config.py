@@ -101,6 +101,24 @@ class Settings(BaseSettings):
         default=True,
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
     )
+    # One durable consumer shared by every replica splits the stream between them; a message is
+    # acknowledged once stored, so a replica's crash loses none (control_plane/fleet/jetstream.py).
+    ingest_source: Literal["mqtt", "jetstream"] = Field(
+        default="mqtt",
+        description="Where device messages are read: the broker's MQTT subscription or a NATS JetStream stream.",
+    )
+    ingest_nats_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Comma-separated nats:// URLs of the JetStream ingest (SLMOPS_INGEST_SOURCE=jetstream)."
+    )
+    ingest_stream: str = Field(
+        default="SLMOPS_DEVICES", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="JetStream stream of device messages."
+    )
+    ingest_stream_replicas: int = Field(
+        default=1, ge=1, le=5, description="Copies of the stream a NATS cluster keeps (3 on a three-node cluster)."
+    )
+    ingest_consumer: str = Field(
+        default="slmops-ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Durable consumer the replicas share."
+    )
     # Names are compared as written, never resolved: see shared/references.py.
     artifact_reference_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
@@ -157,7 +175,7 @@ class Settings(BaseSettings):
             raise ValueError("SLMOPS_DATABASE_URL must be a postgresql:// or sqlite:// URL")
         return value
 
-    @field_validator("artifact_reference_allowed_hosts", mode="before")
+    @field_validator("artifact_reference_allowed_hosts", "ingest_nats_urls", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -175,6 +193,13 @@ class Settings(BaseSettings):
     def _s3_needs_a_bucket(self) -> Settings:
         if self.blob_store == "s3" and not self.s3_bucket:
             raise ValueError("SLMOPS_BLOB_STORE=s3 requires SLMOPS_S3_BUCKET")
+        return self
+
+    @model_validator(mode="after")
+    def _jetstream_needs_nats(self) -> Settings:
+        if self.ingest_source == "jetstream" and not (self.ingest_nats_urls and self.mqtt_url):
+            # The embedded broker is no NATS server: devices must publish where the stream captures.
+            raise ValueError("SLMOPS_INGEST_SOURCE=jetstream requires SLMOPS_INGEST_NATS_URLS and SLMOPS_MQTT_URL")
         return self
 
     @model_validator(mode="after")

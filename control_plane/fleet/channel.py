@@ -2,7 +2,7 @@
 
 FleetRuntime.start()
   -> embedded amqtt broker (no SLMOPS_MQTT_URL) or the external broker
-  -> DeviceMessageSubscriber -> IngestWriter (SQL, in batches)
+  -> DeviceMessageSubscriber (or JetStreamIngest, SLMOPS_INGEST_SOURCE=jetstream) -> IngestWriter (SQL)
   -> controller thread: if leader, RolloutController.tick() then publish pending desired states
 """
 
@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -42,6 +42,9 @@ from shared.mqtt.client import MqttClient, Outgoing
 from shared.mqtt.url import parse_broker_url
 from shared.topics import Topics
 
+if TYPE_CHECKING:
+    from control_plane.fleet.jetstream import JetStreamIngest
+
 log = logging.getLogger("slmops.fleet")
 CONTROL_PLANE_USER = "slmops-control-plane"
 PUBLISH_BATCH = 2000  # desired states read and queued at a time
@@ -64,7 +67,7 @@ class FleetRuntime:
         self.broker: EmbeddedBroker | None = None
         self.client: MqttClient | None = None  # ingest: subscriptions in a persistent session
         self.publisher: MqttClient | None = None  # desired states
-        self.subscriber: DeviceMessageSubscriber | None = None
+        self.subscriber: DeviceMessageSubscriber | JetStreamIngest | None = None
         self.device_mqtt_url: str | None = None
         self._cp_password = secrets.token_urlsafe(24)
         self._stop = threading.Event()
@@ -84,15 +87,21 @@ class FleetRuntime:
         secret = parse_broker_url(url).password
         client_id = client_id_for(label, secret)
         tls = self._broker_tls_context()
-        self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls)
-        # One journal per broker session (replicas may share a data dir; each has its client id).
-        journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-        journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
-        self.subscriber = DeviceMessageSubscriber(
-            self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
-        )
-        self.subscriber.start()
-        self.client.start(wait=True, timeout_s=15)
+        if self.settings.ingest_source == "jetstream":
+            self.subscriber = self._jetstream_ingest(label)
+            self.subscriber.start()
+        else:
+            self.client = MqttClient(
+                url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls
+            )
+            # One journal per broker session (replicas may share a data dir; each has its client id).
+            journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+            journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
+            self.subscriber = DeviceMessageSubscriber(
+                self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
+            )
+            self.subscriber.start()
+            self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the
         # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
         self.publisher = MqttClient(
@@ -102,6 +111,20 @@ class FleetRuntime:
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
         self.rollups.start()
+
+    def _jetstream_ingest(self, label: str) -> JetStreamIngest:
+        """Device messages from the JetStream stream, through the consumer every replica shares."""
+        from control_plane.fleet.jetstream import JetStreamIngest  # nats-py: the `nats` extra
+
+        return JetStreamIngest(
+            list(self.settings.ingest_nats_urls),
+            self.topics,
+            self.ingest,
+            stream=self.settings.ingest_stream,
+            durable=self.settings.ingest_consumer,
+            stream_replicas=self.settings.ingest_stream_replicas,
+            name=label,
+        )
 
     def _broker_tls_context(self) -> ssl.SSLContext | None:
         """Verification of an mqtts:// broker against SLMOPS_MQTT_CA_FILE; None: the system store."""

@@ -73,10 +73,44 @@ class IngestCounters:
     unstorable: int = 0  # messages the handler refused alone as never storable (UnstorableBatch)
     replayed: int = 0  # messages taken again from the ingest journal after a crash
     journal_errors: int = 0  # bursts the journal could not write
+    superseded: int = 0  # redelivered states/statuses a newer one of the device replaced (JetStream)
+    handed_back: int = 0  # messages handed back for redelivery while the database refused them (JetStream)
 
     @property
     def malformed_total(self) -> int:
         return sum(self.malformed.values())
+
+
+def decode_device_message(
+    topics: Topics,
+    dedup: RecentIds,
+    counters: IngestCounters,
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    seq: int = 0,
+) -> DeviceMessage | None:
+    """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
+    parsed = topics.parse(topic)
+    if parsed is None:
+        counters.unknown_topics += 1
+        log.warning("dropping a message on unknown topic %s", topic)
+        return None
+    try:
+        message = decode(parsed.kind, payload)
+    except MessageDecodeError as exc:
+        counters.malformed[exc.reason] += 1
+        log.warning("dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc)
+        return None
+    message_id = message_id_of(message)
+    if message_id is not None and not dedup.first_time(dedup_key(parsed.device_id, message_id)):
+        counters.duplicates += 1
+        return None
+    return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at, seq)
+
+
+def dedup_key(device_id: str, message_id: str) -> str:
+    return f"{device_id}/{message_id}"
 
 
 class DeviceMessageSubscriber:
@@ -299,23 +333,7 @@ class DeviceMessageSubscriber:
             self._dispatch(batch)
 
     def _decode(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> DeviceMessage | None:
-        """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
-        parsed = self.topics.parse(topic)
-        if parsed is None:
-            self.counters.unknown_topics += 1
-            log.warning("dropping a message on unknown topic %s", topic)
-            return None
-        try:
-            message = decode(parsed.kind, payload)
-        except MessageDecodeError as exc:
-            self.counters.malformed[exc.reason] += 1
-            log.warning("dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc)
-            return None
-        message_id = message_id_of(message)
-        if message_id is not None and not self._dedup.first_time(f"{parsed.device_id}/{message_id}"):
-            self.counters.duplicates += 1
-            return None
-        return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at, seq)
+        return decode_device_message(self.topics, self._dedup, self.counters, topic, payload, received_at, seq)
 
     def _dispatch(self, batch: list[DeviceMessage]) -> None:
         """Hand `batch` to the handler; a failing one is tried again after each of RETRY_DELAYS_S
