@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from control_plane.db.bulk_postgres import PostgresBulk
 from control_plane.db.bulk_sqlite import SqliteBulk
-from control_plane.db.bulk_types import BulkWriter, CopyFrom
+from control_plane.db.bulk_types import BulkWriter, CopyFrom, Rows
 
 __all__ = ["CopyFrom", "insert", "insert_copying", "matching", "update", "upsert", "writer_for"]
 
@@ -44,20 +44,20 @@ def insert(
     with an existing one on those columns are skipped. Returns how many were inserted."""
     if not rows:
         return 0
-    return writer_for(session).write(session, table, rows, conflict=tuple(skip_conflicts_on), update=None)
+    return writer_for(session).write(session, Rows(table, rows), tuple(skip_conflicts_on), None)
 
 
 def insert_copying(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], copy: CopyFrom) -> None:
     """Insert `rows`, with `copy.column` of each taken from the source table (see CopyFrom)."""
     if rows:
-        writer_for(session).insert_copying(session, table, rows, copy)
+        writer_for(session).insert_copying(session, Rows(table, rows), copy)
 
 
 def upsert(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], *, key: Sequence[str]) -> None:
     """Insert `rows`, or overwrite every other given column where `key` already exists."""
     if rows:
         update = tuple(c for c in rows[0] if c not in key)
-        writer_for(session).write(session, table, rows, conflict=tuple(key), update=update)
+        writer_for(session).write(session, Rows(table, rows), tuple(key), update)
 
 
 def update(
@@ -71,7 +71,7 @@ def update(
     """Set the non-key columns of each row on the table's row matching `key` (same keys in every
     row), and with `copy` one more column from another table (see CopyFrom)."""
     if rows:
-        writer_for(session).update(session, table, rows, key=key, copy=copy)
+        writer_for(session).update(session, Rows(table, rows), key, copy)
 
 
 def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.ColumnElement[bool]]:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from control_plane.db.bulk_types import CopyFrom
+from control_plane.db.bulk_types import CopyFrom, Rows
 
 
 class PostgresBulk:
@@ -29,15 +29,8 @@ class PostgresBulk:
         (key,) = src.primary_key.columns
         return f"s.{q(copy.source.name)}", f"LEFT JOIN {q(src.name)} AS s ON s.{q(key.name)} = u.{q(copy.on)}"
 
-    def write(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        conflict: tuple[str, ...],
-        update: tuple[str, ...] | None,
-    ) -> int:
+    def write(self, session: Session, batch: Rows, conflict: tuple[str, ...], update: tuple[str, ...] | None) -> int:
+        table, rows = batch.table, batch.rows
         q, columns = self.q, list(rows[0])
         names = ", ".join(q(c) for c in columns)
         stage = _stage(session, table, columns, rows)
@@ -52,7 +45,8 @@ class PostgresBulk:
         session.execute(sa.text(f"TRUNCATE {stage}"))
         return int(written)
 
-    def insert_copying(self, session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], copy: CopyFrom) -> None:
+    def insert_copying(self, session: Session, batch: Rows, copy: CopyFrom) -> None:
+        table, rows = batch.table, batch.rows
         q, columns = self.q, list(rows[0])
         names = ", ".join(q(c) for c in columns)
         stage = _stage(session, table, columns, rows)
@@ -65,15 +59,8 @@ class PostgresBulk:
         )
         session.execute(sa.text(f"TRUNCATE {stage}"))
 
-    def update(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        key: Sequence[str],
-        copy: CopyFrom | None,
-    ) -> None:
+    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None:
+        table, rows = batch.table, batch.rows
         q, columns = self.q, list(rows[0])
         stage = _stage(session, table, columns, rows)
         assignments = [f"{q(c)} = u.{q(c)}" for c in columns if c not in key]

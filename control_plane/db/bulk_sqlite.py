@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from control_plane.db.bulk_types import CopyFrom
+from control_plane.db.bulk_types import CopyFrom, Rows
 
 MAX_PARAMETERS = 900  # SQLite's limit on bound parameters per statement is 999
 
@@ -22,15 +22,8 @@ def _lookup(copy: CopyFrom) -> Any:
 
 
 class SqliteBulk:
-    def write(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        conflict: tuple[str, ...],
-        update: tuple[str, ...] | None,
-    ) -> int:
+    def write(self, session: Session, batch: Rows, conflict: tuple[str, ...], update: tuple[str, ...] | None) -> int:
+        table, rows = batch.table, batch.rows
         rows = _in_utc(table, rows)
         stmt: Any = sqlite_insert(table)
         if conflict and update:
@@ -43,21 +36,15 @@ class SqliteBulk:
         session.execute(stmt, list(rows))
         return len(rows)
 
-    def insert_copying(self, session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], copy: CopyFrom) -> None:
+    def insert_copying(self, session: Session, batch: Rows, copy: CopyFrom) -> None:
+        table, rows = batch.table, batch.rows
         rows = _in_utc(table, rows)
         session.execute(
             table.insert().values({copy.column: _lookup(copy)}), [{**row, "_copy_key": row[copy.on]} for row in rows]
         )
 
-    def update(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        key: Sequence[str],
-        copy: CopyFrom | None,
-    ) -> None:
+    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None:
+        table, rows = batch.table, batch.rows
         values = [c for c in rows[0] if c not in key]
         rows = _in_utc(table, rows)
         new_values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in values}

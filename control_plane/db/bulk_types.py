@@ -21,31 +21,22 @@ class CopyFrom:
     on: str
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Rows for `table`: never empty, every row with the same keys (the columns written)."""
+
+    table: sa.Table
+    rows: Sequence[dict[str, Any]]
+
+
 class BulkWriter(Protocol):
-    """One dialect's set-based writes; `rows` is never empty and every row has the same keys."""
+    """One dialect's set-based writes."""
 
-    def write(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        conflict: tuple[str, ...],
-        update: tuple[str, ...] | None,
-    ) -> int: ...
+    def write(self, session: Session, batch: Rows, conflict: tuple[str, ...], update: tuple[str, ...] | None) -> int:
+        """Insert; on `conflict` columns, skip the row or (with `update`) overwrite those columns."""
 
-    def insert_copying(
-        self, session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], copy: CopyFrom
-    ) -> None: ...
+    def insert_copying(self, session: Session, batch: Rows, copy: CopyFrom) -> None: ...
 
-    def update(
-        self,
-        session: Session,
-        table: sa.Table,
-        rows: Sequence[dict[str, Any]],
-        *,
-        key: Sequence[str],
-        copy: CopyFrom | None,
-    ) -> None: ...
+    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None: ...
 
     def matching(self, column: Any, values: list[Any]) -> list[sa.ColumnElement[bool]]: ...
