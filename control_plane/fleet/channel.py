@@ -143,7 +143,7 @@ class FleetRuntime:
                     self._publish_logged("before the controller tick")
                     # A wake that only publishes (a new rollout) skips the tick until it is due: the
                     # tick has nothing to decide before devices act, and it would compete with
-                    # ingesting their acknowledgements (a third of the server's CPU at 10,000 devices).
+                    # ingesting their acknowledgements (docs/performance.md#controller-ticks).
                     if self._tick_now.is_set() or time.monotonic() >= next_tick:
                         self._tick_now.clear()
                         self._tick()

@@ -55,7 +55,7 @@ class Publisher:
     def handing_over(self, states: dict[str, dict[str, Any]]) -> Iterator[None]:
         """Around the commit of desired states an API request wrote (device id -> DesiredState as
         JSON): once committed, they go out as they are instead of being read back from the
-        database. They stay in the outbox, unmarked, until the broker acknowledges them, so a crash
+        database (ADR 0009). They stay in the outbox, unmarked, until the broker acknowledges them, so a crash
         before that loses nothing: the next leader reads them back.
 
         The lock makes each such commit and its handover one step for the publisher, which takes

@@ -134,7 +134,7 @@ class DeviceMessageSubscriber:
         coming back at once would otherwise take turns with the publisher for the interpreter and
         the database, and every device would wait longer for its desired state. Messages are
         still read and acknowledged to the broker meanwhile, so none wait in the broker's queue
-        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop). At most
+        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop; ADR 0008). At most
         `max_held` are put aside (the hold ends early at that many); with a journal a crash
         inside the block loses none of them, as it loses none of the batches waiting for the
         writer, and without one it loses them all."""

@@ -60,8 +60,8 @@ def collect(
 def _not_online(session: Session, rollout_id: str) -> set[str]:
     """The rollout's members whose device is not online."""
     devices = Device.__table__.c  # type: ignore[attr-defined]  # table columns: see controller.DEVICES
-    # Only the exceptions, joined through the rollout's members: reading every member's status
-    # (passed as a 10,000-id array at fleet scale) was a third of a tick.
+    # Only the exceptions, joined through the rollout's members, not every member's status
+    # (docs/performance.md#controller-ticks).
     member = members_.TABLE.c
     stmt = (
         sa.select(devices.id)
