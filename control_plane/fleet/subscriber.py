@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from control_plane.fleet.batch_writer import RETRY_DELAYS_S, BatchHandler, BatchWriter
@@ -52,16 +52,17 @@ class DeviceMessageSubscriber:
         journal: IngestJournal | None = None,
         max_held: int = MAX_HELD,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        on_settled: Callable[[list[DeviceMessage]], None] | None = None,
     ) -> None:
+        """`on_settled` hears of each batch once the handler stored it or gave up (after the journal forgets it)."""
         self.client = client
         self.topics = topics
         self.counters = IngestCounters()
         self.decoder = MessageDecoder(topics, self.counters, dedup)
-        # Batches settle in arrival order: the journal forgets everything up to a batch's last message.
-        settled = None if journal is None else (lambda batch: journal.stored_up_to(batch[-1].seq))
+        self._on_settled = on_settled
         write = max(max_write, max_batch)
         self.writer = BatchWriter(handler, self.counters, max_write=write, retry_delays_s=retry_delays_s,
-                                  on_settled=settled)  # fmt: skip
+                                  on_settled=self._settled)  # fmt: skip
         self.batcher = Batcher(self.writer.submit, max_batch=max_batch, max_delay_s=max_delay_s)
         self._max_write = max(max_write, max_batch)
         self._kinds = kinds
@@ -104,6 +105,12 @@ class DeviceMessageSubscriber:
         self.writer.stop(timeout_s)
         if self._journal is not None:
             self._journal.close()
+
+    def _settled(self, batch: list[DeviceMessage]) -> None:
+        if self._journal is not None:  # batches settle in arrival order: forget up to the last message
+            self._journal.stored_up_to(batch[-1].seq)
+        if self._on_settled is not None:
+            self._on_settled(batch)
 
     def _replay(self, journal: IngestJournal) -> None:
         """Ingest what the journal holds from before a crash (acknowledged, never stored), in order,
