@@ -32,14 +32,8 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from control_plane.fleet.subscriber import (
-    RETRY_DELAYS_S,
-    BatchHandler,
-    DeviceMessage,
-    IngestCounters,
-    decode_device_message,
-    dedup_key,
-)
+from control_plane.fleet.batch_writer import RETRY_DELAYS_S, BatchHandler
+from control_plane.fleet.decode import DeviceMessage, IngestCounters, MessageDecoder, dedup_key
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.errors import UnstorableBatch
 from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics
@@ -99,6 +93,7 @@ class JetStreamIngest:
         self._max_ack_pending = max_ack_pending
         self._stream_replicas = stream_replicas
         self._dedup = dedup if dedup is not None else RecentIds(65536)
+        self._decode = MessageDecoder(topics, self.counters, self._dedup)
         self._name = name
         self._holds = 0  # held() blocks open; the fetcher waits while any is
         self._holds_lock = threading.Lock()
@@ -239,10 +234,7 @@ class JetStreamIngest:
         received_at = datetime.now(UTC)
         fetched: Fetched = []
         for msg in msgs:
-            self.counters.received += 1
-            decoded = decode_device_message(
-                self.topics, self._dedup, self.counters, topic_of(msg.subject), msg.data, received_at
-            )
+            decoded = self._decode(topic_of(msg.subject), msg.data, received_at)
             if decoded is None or await self._superseded(js, msg, decoded):
                 await msg.ack()  # never stored: nothing to wait for
                 continue
