@@ -40,7 +40,7 @@ from slmops.mqtt.client import MqttClient, Outgoing
 from slmops.mqtt.credentials import client_id_for
 from slmops.mqtt.journal import IngestJournal
 from slmops.mqtt.subscriber import DeviceMessageSubscriber
-from slmops.mqtt.url import parse_broker_url
+from slmops.mqtt.url import format_broker_url, parse_broker_url, parse_broker_urls
 
 log = logging.getLogger("slmops.fleet")
 CONTROL_PLANE_USER = "slmops-control-plane"
@@ -81,7 +81,7 @@ class FleetRuntime:
         # restarts waits in the broker instead of being lost. Bound to the control plane's broker
         # password, so no device can name (and take over) the session.
         protocol, label = self.settings.mqtt_protocol, self.settings.mqtt_client_id
-        secret = parse_broker_url(url).password
+        secret = parse_broker_urls(url)[0].password
         client_id = client_id_for(label, secret)
         tls = self._broker_tls_context()
         self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls)
@@ -295,6 +295,5 @@ class FleetRuntime:
         self.leader.release()
 
 
-def _without_credentials(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+def _without_credentials(urls: str) -> str:
+    return ",".join(format_broker_url(url.with_credentials(None, None)) for url in parse_broker_urls(urls))

@@ -15,6 +15,8 @@ from pydantic_settings import (
 
 from edge_agent.errors import AgentError
 from edge_agent.tls import plaintext_problem
+from slmops.mqtt.errors import BrokerURLError
+from slmops.mqtt.url import parse_broker_urls
 
 _config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
 
@@ -27,7 +29,7 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid")
 
     control_plane_url: str | None = None
-    mqtt_url: str | None = None
+    mqtt_url: str | None = None  # a broker cluster: its nodes' URLs, comma-separated (failover)
     # Plaintext http:// or mqtt:// off loopback would carry the device credential in clear.
     allow_insecure_http: bool = False
     ca_bundle: Path | None = None  # PEM CAs for the control plane, downloads and MQTT; default: system store
@@ -83,8 +85,14 @@ class AgentSettings(BaseSettings):
     def _check_transport(self) -> AgentSettings:
         if self.ca_bundle is not None and not self.ca_bundle.is_file():
             raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
-        for url in (self.control_plane_url, self.mqtt_url):
-            if url and not self.allow_insecure_http and (problem := plaintext_problem(url)):
+        if self.mqtt_url:
+            try:
+                parse_broker_urls(self.mqtt_url)
+            except BrokerURLError as exc:
+                raise ValueError(str(exc)) from exc
+        urls = [self.control_plane_url, *(self.mqtt_url or "").split(",")]
+        for url in urls:
+            if url and not self.allow_insecure_http and (problem := plaintext_problem(url.strip())):
                 raise ValueError(problem)
         return self
 

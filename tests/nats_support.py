@@ -165,3 +165,29 @@ cluster {{ name: slmops, listen: 127.0.0.1:{node.cluster_port}, routes: [{routes
 mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, stream_replicas: {min(3, len(self.nodes))} }}
 include "users.conf"
 """
+
+    def node_of(self, client_id: str) -> int | None:
+        """The index of the live node `client_id` is connected to over MQTT (monitoring /connz)."""
+        for index, node in enumerate(self.nodes):
+            if not node.alive:
+                continue
+            try:
+                url = f"http://127.0.0.1:{node.http_port}/connz?limit=100000"
+                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback monitor
+                    connections = json.load(response).get("connections") or []
+            except (OSError, ValueError):
+                continue
+            if any(c.get("mqtt_client") == client_id for c in connections):
+                return index
+        return None
+
+    def connection_counts(self) -> list[int]:
+        """MQTT and NATS connections per live node (0 for a dead one)."""
+        counts = []
+        for node in self.nodes:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/varz", timeout=2) as response:  # noqa: S310
+                    counts.append(int(json.load(response).get("connections", 0)))
+            except (OSError, ValueError):
+                counts.append(0)
+        return counts

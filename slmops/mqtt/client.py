@@ -291,13 +291,15 @@ class MqttClient:
             if self._paho is not None and self.connected:
                 self._paho.unsubscribe(topic_filter)
 
-    def _send_subscribe(self, filters: list[tuple[str, int]], timeout_s: float | None) -> SubscribeResult | None:
+    def _send_subscribe(
+        self, filters: list[tuple[str, int]], timeout_s: float | None, *, restore_attempt: int | None = None
+    ) -> SubscribeResult | None:
         client = self._require_client()
         with self._paho_lock:
             rc, mid = client.subscribe(filters)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return None
-        waiter = _SubackWaiter()
+        waiter = _SubackWaiter(filters=filters, restore_attempt=restore_attempt)
         with self._state_lock:
             early = self._early_subacks.pop(mid, None)  # the SUBACK may beat us here
             if early is None:
@@ -305,6 +307,8 @@ class MqttClient:
             else:
                 waiter.granted.extend(early)
                 waiter.done.set()
+        if early is not None:
+            self._retry_refused(waiter)
         if timeout_s is None or threading.get_ident() == self._network_thread_id:
             return None
         if not waiter.done.wait(timeout_s):
@@ -328,7 +332,7 @@ class MqttClient:
             self._connected.set()
             filters = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
         if filters:
-            self._send_subscribe(filters, timeout_s=None)
+            self._send_subscribe(filters, timeout_s=None, restore_attempt=0)
         if self._birth is not None:
             birth = _resolve(self._birth)
             with self._paho_lock:
@@ -370,6 +374,32 @@ class MqttClient:
                 return
         waiter.granted.extend(granted)
         waiter.done.set()
+        self._retry_refused(waiter)
+
+    def _retry_refused(self, waiter: _SubackWaiter) -> None:
+        """A broker may refuse a subscription it cannot set up yet (NATS, while JetStream elects
+        its leaders, cannot create the consumer behind a QoS 1 subscription): the subscriptions
+        restored after a connect are asked for again, with backoff, until granted."""
+        if waiter.restore_attempt is None:
+            return
+        refused = [f for f, granted in zip(waiter.filters, waiter.granted, strict=False) if granted is None]
+        if not refused:
+            return
+        attempt = waiter.restore_attempt
+        delay = min(max(self._reconnect_delays[0], 1) * 2**attempt, self._reconnect_delays[1])
+        log.warning("%s refused %d subscription(s) of %s; asking again in %ds", self.url.redacted(),
+                    len(refused), self.client_id, delay)  # fmt: skip
+        timer = threading.Timer(delay, self._resubscribe, args=(self._paho, refused, attempt + 1))
+        timer.daemon = True
+        timer.start()
+
+    def _resubscribe(self, client: paho.Client | None, filters: list[tuple[str, int]], attempt: int) -> None:
+        if self._paho is not client or client is None or not self.connected:
+            return  # stopped, or disconnected: the next connect restores every subscription
+        with self._state_lock:
+            wanted = [(f, qos) for f, qos in filters if f in self._subscriptions]
+        if wanted:
+            self._send_subscribe(wanted, timeout_s=None, restore_attempt=attempt)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         self.counters.messages_received += 1
