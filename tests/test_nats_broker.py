@@ -17,9 +17,10 @@ from slmops.mqtt.client import MqttClient
 from slmops.mqtt.errors import BrokerURLError, CredentialSyncError, MqttConnectError
 from slmops.mqtt.nats_users import NatsUsersFile, is_nats_hash, mqtt_topic_to_subject, nats_hash, verify_nats_hash
 from slmops.mqtt.url import format_broker_url, parse_broker_urls
-from tests.mqtt_support import Collector, ClientFactory, clients, unique_topics, wait_until  # noqa: F401
+from tests.mqtt_support import ClientFactory, Collector, clients, unique_topics, wait_until
 from tests.nats_support import NatsCluster, nats_available
 
+__all__ = ["clients"]  # fixtures
 needs_nats = pytest.mark.skipif(not nats_available(), reason="nats-server is not installed")
 RECOVERY_S = 60.0  # JetStream re-elects its leaders in 10-15 s; a ceiling only a broken failover reaches
 
