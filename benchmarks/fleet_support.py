@@ -121,8 +121,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 1.0) -> Iterator[Server]:
-    """`slmops server` in its own process (what an operator runs), with an admin token."""
+def slmops_server(
+    database_url: str, mqtt_url: str, *, tick_s: float = 1.0, extra_env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """`slmops server` in its own process (what an operator runs), with an admin token;
+    `extra_env`: more SLMOPS_* settings (e.g. a NATS cluster's users file)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         prefix = f"slmops-bench/{uuid.uuid4().hex[:8]}"
@@ -134,6 +137,7 @@ def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 1.0) -> I
             "SLMOPS_MQTT_CLIENT_ID": f"cp-bench-{uuid.uuid4().hex[:6]}",
             "SLMOPS_PORT": str(port),
             "SLMOPS_CONTROLLER_TICK_S": str(tick_s),
+            **(extra_env or {}),
         }
         slmops = [str(Path(sys.executable).with_name("slmops"))]
         token = subprocess.run(
