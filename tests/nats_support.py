@@ -138,7 +138,8 @@ class NatsCluster:
                 info = json.load(response)
         except (OSError, ValueError):
             return False
-        return bool((info.get("meta_cluster") or {}).get("leader"))
+        meta = info.get("meta_cluster")  # absent on a single node
+        return len(self.nodes) == 1 or bool((meta or {}).get("leader"))
 
     def log_tail(self, node: NatsNode, lines: int = 20) -> str:
         path = self.workdir / f"{node.name}.log"
@@ -154,6 +155,9 @@ class NatsCluster:
     def render_node_config(self, node: NatsNode) -> str:
         routes = ", ".join(f'"nats-route://127.0.0.1:{n.cluster_port}"' for n in self.nodes if n is not node)
         store = self.workdir / node.name / "jetstream"
+        # One node is no cluster: JetStream refuses a cluster block without routes.
+        cluster = f"cluster {{ name: slmops, listen: 127.0.0.1:{node.cluster_port}, routes: [{routes}] }}"
+        cluster = cluster if len(self.nodes) > 1 else ""
         # The shape of deploy/nats/node.conf, on free loopback ports.
         return f"""
 server_name: {node.name}
@@ -161,7 +165,7 @@ listen: 127.0.0.1:{node.client_port}
 http: 127.0.0.1:{node.http_port}
 pid_file: "{self.pid_file(node)}"
 jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 2GB }}
-cluster {{ name: slmops, listen: 127.0.0.1:{node.cluster_port}, routes: [{routes}] }}
+{cluster}
 mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, stream_replicas: {min(3, len(self.nodes))} }}
 include "users.conf"
 """

@@ -65,6 +65,10 @@ class BrokerCredentialSync(Protocol):
 
     def remove_device(self, device_id: str) -> None: ...
 
+    def read(self) -> dict[str, str]:
+        """The device entries the broker knows now (device id -> hash)."""
+        ...
+
     def sync(self, device_hashes: Mapping[str, str]) -> None:
         """Make the broker know exactly these devices (device id -> `mosquitto_hash`), plus admins."""
         ...

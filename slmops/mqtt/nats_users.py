@@ -39,7 +39,7 @@ MQTT_DELIVERY_SUBJECT = "$MQTT.sub.>"
 # Admins get every subject spelled out, not an absent permissions block: nats-server 2.9.10
 # dereferences a user's permissions for each retained message it published when it reloads,
 # and crashes on a user without any (server/mqtt.go mqttCheckPubRetainedPerms).
-ADMIN_PERMISSIONS = {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+ADMIN_PERMISSIONS: dict[str, object] = {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
 
 
 def nats_hash(secret: str, *, cost: int = BCRYPT_COST) -> str:
@@ -89,7 +89,7 @@ def render_users(topics: Topics, devices: Mapping[str, str], admins: Mapping[str
     return "\n".join(lines)
 
 
-def _user_line(user: str, password_hash: str, permissions: dict[str, object], *, mqtt_only: bool = False) -> str:
+def _user_line(user: str, password_hash: str, permissions: Mapping[str, object], *, mqtt_only: bool = False) -> str:
     fields = [f"user: {_quote(user)}", f"password: {_quote(password_hash)}", f"permissions: {_compact(permissions)}"]
     if mqtt_only:
         # Over the NATS protocol a device could subscribe to `$MQTT.sub.>`, every client's deliveries.
