@@ -6,19 +6,23 @@ Real `nats-server` processes (three, clustered with JetStream, MQTT listeners) o
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from control_plane.config import Settings
+from edge_agent.settings import AgentSettings
 from shared.topics import Topics
 from slmops.mqtt.client import MqttClient
 from slmops.mqtt.errors import BrokerURLError, CredentialSyncError, MqttConnectError
 from slmops.mqtt.nats_users import NatsUsersFile, is_nats_hash, mqtt_topic_to_subject, nats_hash, verify_nats_hash
 from slmops.mqtt.url import format_broker_url, parse_broker_urls
 from tests.mqtt_support import ClientFactory, Collector, clients, unique_topics, wait_until
-from tests.nats_support import NatsCluster, nats_available
+from tests.nats_support import NATS_SERVER, NatsCluster, nats_available
 
 __all__ = ["clients"]  # fixtures
 needs_nats = pytest.mark.skipif(not nats_available(), reason="nats-server is not installed")
@@ -164,3 +168,27 @@ def _nats_protocol_connect(port: int, user: str, password: str) -> str:
         sock.sendall(f'CONNECT {{"user":"{user}","pass":"{password}","verbose":true}}\r\nPING\r\n'.encode())
         time.sleep(0.3)
         return sock.recv(4096).decode(errors="replace")
+
+
+@needs_nats
+def test_the_deploy_configuration_is_valid() -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "nats"
+    for node in ("nats-1.conf", "nats-2.conf", "nats-3.conf"):
+        checked = subprocess.run([NATS_SERVER, "-t", "-c", str(deploy / node)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_settings_take_a_cluster_and_refuse_what_nats_lacks(tmp_path: Path) -> None:
+    urls = "mqtt://cp:pw@127.0.0.1:1891,mqtt://127.0.0.1:1892"
+    settings = Settings(mqtt_url=urls, nats_users_file=tmp_path / "users.conf", nats_pid_files="/run/a.pid, /run/b.pid")
+    assert settings.nats_pid_files == (Path("/run/a.pid"), Path("/run/b.pid"))
+    with pytest.raises(ValidationError, match="shared subscriptions"):
+        Settings(mqtt_url=urls, nats_users_file=tmp_path / "u", mqtt_ingest_group="g" * 16)
+    with pytest.raises(ValidationError, match="3.1.1"):
+        Settings(mqtt_url=urls, nats_users_file=tmp_path / "u", mqtt_protocol="5")
+    with pytest.raises(ValidationError):
+        Settings(mqtt_url="mqtt://n1,mqtts://n2")
+    agent = AgentSettings(mqtt_url="mqtt://127.0.0.1:1891,mqtt://127.0.0.1:1892")
+    assert agent.mqtt_url is not None
+    with pytest.raises(ValidationError, match="in clear"):
+        AgentSettings(mqtt_url="mqtt://127.0.0.1:1891,mqtt://nats-2.example.com:1892")
