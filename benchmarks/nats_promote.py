@@ -67,10 +67,19 @@ def mosquitto_server(db_url: str) -> Iterator[tuple[Server, str, list[int]]]:
         yield server, mqtt_url, [BROKER_PIDS[mqtt_url]]
 
 
+# The MQTT consumer settings of each NATS variant measured: the default replicates the consumer
+# behind every QoS 1 subscription to three nodes on disk, like the streams.
+NATS_VARIANTS = {
+    "nats": "",
+    "nats-r1mem": "consumer_replicas: 1, consumer_memory_storage: true",
+}
+
+
 @contextlib.contextmanager
-def nats_server(db_url: str) -> Iterator[tuple[Server, str, list[int]]]:
+def nats_server(db_url: str, mqtt_options: str = "") -> Iterator[tuple[Server, str, list[int]]]:
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = NatsCluster(Path(tmp), topics=Topics(f"slmops-bench/{uuid.uuid4().hex[:8]}"))
+        topics = Topics(f"slmops-bench/{uuid.uuid4().hex[:8]}")
+        cluster = NatsCluster(Path(tmp), topics=topics, mqtt_options=mqtt_options)
         cluster.start()
         try:
             env = {
@@ -86,9 +95,13 @@ def nats_server(db_url: str) -> Iterator[tuple[Server, str, list[int]]]:
 
 
 async def measure_broker(name: str, n: int, rounds: int) -> dict[str, float]:
-    starter = nats_server if name == "nats" else mosquitto_server
     results: list[dict[str, float]] = []
-    with fresh_postgres() as db_url, starter(db_url) as (server, _mqtt_url, broker_pids):
+    with contextlib.ExitStack() as stack:
+        db_url = stack.enter_context(fresh_postgres())
+        if name in NATS_VARIANTS:
+            server, _url, broker_pids = stack.enter_context(nats_server(db_url, NATS_VARIANTS[name]))
+        else:
+            server, _url, broker_pids = stack.enter_context(mosquitto_server(db_url))
         engine = sa.create_engine(db_url, pool_size=2)
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(1, rounds + 1):
@@ -116,9 +129,10 @@ async def measure_broker(name: str, n: int, rounds: int) -> dict[str, float]:
 
 
 async def measure(args: argparse.Namespace) -> None:
-    figures = {name: await measure_broker(name, args.devices, args.rounds) for name in ("mosquitto", "nats")}
+    names = args.brokers.split(",")
+    figures = {name: await measure_broker(name, args.devices, args.rounds) for name in names}
     print(f"\n{args.devices} devices, medians of {args.rounds} rounds: promote -> ...")
-    print(f"{'':44}{'Mosquitto':>12}{'NATS x3':>12}")
+    print(f"{'':44}" + "".join(f"{name:>12}" for name in names))
     rows = [
         ("enroll every device (s)", "enrolled"),
         ("connect every device, all online (s)", "connected"),
@@ -131,7 +145,7 @@ async def measure(args: argparse.Namespace) -> None:
         ("CPU s, simulated devices", "cpu_simulator"),
     ]
     for label, key in rows:
-        print(f"{label:<44}{figures['mosquitto'][key]:>12.3f}{figures['nats'][key]:>12.3f}")
+        print(f"{label:<44}" + "".join(f"{figures[name][key]:>12.3f}" for name in names))
 
 
 def main() -> None:
@@ -139,6 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--brokers", default="mosquitto,nats", help="of mosquitto, " + ", ".join(NATS_VARIANTS))
     run(measure(parser.parse_args()))
 
 

@@ -23,8 +23,8 @@ from sqlmodel import Session, col, select
 from control_plane.config import Settings
 from control_plane.models import Device, DeviceStatus
 from shared.topics import Topics
-from slmops.mqtt.credentials import BrokerCredentialSync, MosquittoPasswordFile, mosquitto_hash
-from slmops.mqtt.nats_users import NatsUsersFile, is_nats_hash, nats_hash
+from slmops.mqtt.credentials import BrokerCredentialSync, CredentialFile, MosquittoPasswordFile, mosquitto_hash
+from slmops.mqtt.nats_users import NatsUsersFile, is_nats_hash
 from slmops.mqtt.url import parse_broker_urls
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class BrokerAccess:
     @property
     def password_hash(self) -> Callable[[str], str]:
         """How a device's secret is hashed for this broker (`devices.mqtt_password_hash`)."""
-        return nats_hash if isinstance(self.password_file, NatsUsersFile) else mosquitto_hash
+        return self.password_file.hash_secret if isinstance(self.password_file, CredentialFile) else mosquitto_hash
 
     def grant(self, device_id: str, mqtt_password_hash: str) -> None:
         """Let a freshly enrolled device in (the embedded broker reads the registry itself)."""

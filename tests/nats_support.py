@@ -49,9 +49,17 @@ class NatsCluster:
     """`start()`, `kill(i)` (SIGKILL), `restart(i)`, `stop()`; MQTT URLs per node or all of them."""
 
     def __init__(
-        self, workdir: Path, *, topics: Topics, size: int = 3, admin_secret: str = "control-plane-secret"
+        self,
+        workdir: Path,
+        *,
+        topics: Topics,
+        size: int = 3,
+        admin_secret: str = "control-plane-secret",
+        mqtt_options: str = "",
     ) -> None:
+        """`mqtt_options`: more lines for each node's `mqtt` block (e.g. `consumer_replicas: 1`)."""
         self.workdir = workdir
+        self.mqtt_options = mqtt_options
         self.topics = topics
         self.admin_user = CONTROL_PLANE_USER
         self.admin_secret = admin_secret
@@ -166,7 +174,7 @@ http: 127.0.0.1:{node.http_port}
 pid_file: "{self.pid_file(node)}"
 jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 2GB }}
 {cluster}
-mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, stream_replicas: {min(3, len(self.nodes))} }}
+mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, stream_replicas: {min(3, len(self.nodes))}, {self.mqtt_options} }}
 include "users.conf"
 """
 

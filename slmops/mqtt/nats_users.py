@@ -16,18 +16,17 @@ database at any time without knowing a single secret.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
+import secrets
 import signal
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import bcrypt
 
 from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics, is_valid_device_id
+from slmops.mqtt.credentials import CredentialFile, write_atomically
 from slmops.mqtt.errors import CredentialSyncError
 
 # A device secret is 256 random bits, not a human password: bcrypt's minimum work factor keeps a
@@ -124,12 +123,9 @@ def signal_pid_files(pid_files: Iterable[Path]) -> Callable[[], None]:
     return reload
 
 
-class NatsUsersFile:
-    """A NATS users file kept in step with enrolled devices, the nodes reloaded after each change.
-
-    The same surface as `MosquittoPasswordFile` (slmops.mqtt.credentials.BrokerCredentialSync),
-    with bcrypt hashes (`nats_hash`) in place of Mosquitto's.
-    """
+class NatsUsersFile(CredentialFile):
+    """A NATS users file kept in step with enrolled devices, the nodes reloaded after each change:
+    `MosquittoPasswordFile`'s surface, with bcrypt hashes (`nats_hash`) in place of Mosquitto's."""
 
     def __init__(
         self,
@@ -146,35 +142,16 @@ class NatsUsersFile:
         self._admins = {user: nats_hash(secret) for user, secret in (admins or {}).items()}
         self._reload = reload or signal_pid_files(Path(p) for p in pid_files)
         self._entries_path = self.path.with_name(self.path.name + ".json")
+        self._tombstone = nats_hash(secrets.token_urlsafe(32))  # the hash of a secret nobody knows
 
-    def add_device(self, device_id: str, secret: str) -> str:
-        password_hash = nats_hash(secret)
-        self.add_hash(device_id, password_hash)
-        return password_hash
+    def hash_secret(self, secret: str) -> str:
+        return nats_hash(secret)
 
-    def add_hash(self, device_id: str, password_hash: str) -> None:
-        """Allow `device_id` with the secret behind `password_hash` (a stored `nats_hash`)."""
-        _check_entry(self.topics, device_id, password_hash)
-        with self._locked():
-            entries = self.read()
-            entries[device_id] = password_hash
-            self._write(entries)
-        self.reload()
-
-    def remove_device(self, device_id: str) -> None:
-        with self._locked():
-            entries = self.read()
-            if entries.pop(device_id, None) is None:
-                return
-            self._write(entries)
-        self.reload()
-
-    def sync(self, device_hashes: Mapping[str, str]) -> None:
-        for device_id, password_hash in device_hashes.items():
-            _check_entry(self.topics, device_id, password_hash)
-        with self._locked():
-            self._write(dict(device_hashes))
-        self.reload()
+    def check_entry(self, device_id: str, password_hash: str) -> None:
+        device_permissions(self.topics, device_id)  # refuses ids that cannot be a user
+        if not is_nats_hash(password_hash):
+            # NATS would take a Mosquitto `$7$` hash as the plaintext password: never write one.
+            raise CredentialSyncError(f"device {device_id!r} has no bcrypt hash; it must re-enroll or rotate")
 
     def read(self) -> dict[str, str]:
         """Current device entries (device id -> bcrypt hash), as last written."""
@@ -186,49 +163,16 @@ class NatsUsersFile:
             raise CredentialSyncError(f"cannot read {self._entries_path}: {exc}") from exc
         return {str(user): str(h) for user, h in entries.items()}
 
-    def reload(self) -> None:
-        self._reload()
+    def _forget(self, entries: dict[str, str], device_ids: list[str]) -> None:
+        """A revoked device keeps its user, with a password nobody knows: nats-server 2.9.10
+        crashes on the reload that drops a user who published a retained message (every device
+        does: its status) while deleting that message (server/mqtt.go mqttCheckPubRetainedPerms,
+        a nil subscription). A changed password closes the device's connection all the same."""
+        for device_id in device_ids:
+            entries[device_id] = self._tombstone
 
     def _write(self, devices: Mapping[str, str]) -> None:
         # The entries go to a JSON sibling too: parsing NATS' config format back is not worth it.
         # The users file is written last, so a crash in between leaves the nodes on the old list.
-        _atomic_write(self._entries_path, json.dumps(dict(devices), indent=0), mode_from=self._entries_path)
-        _atomic_write(self.path, render_users(self.topics, devices, self._admins), mode_from=self.path)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # Several control-plane replicas may share the file: serialise read-modify-write.
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            handle = open(lock_path, "a")  # noqa: SIM115 - held for the duration of the block
-        except OSError as exc:
-            raise CredentialSyncError(f"cannot lock {lock_path}: {exc}") from exc
-        with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-
-
-def _check_entry(topics: Topics, device_id: str, password_hash: str) -> None:
-    device_permissions(topics, device_id)  # refuses ids that cannot be a user
-    if not is_nats_hash(password_hash):
-        # NATS would take a Mosquitto `$7$` hash as the plaintext password: never write one.
-        raise CredentialSyncError(f"device {device_id!r} has no bcrypt hash; it must re-enroll or rotate")
-
-
-def _atomic_write(path: Path, body: str, *, mode_from: Path) -> None:
-    """Write a sibling and rename over it: a node never reads a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.chmod(tmp, mode_from.stat().st_mode & 0o777)  # the node's user can still read it
-        except FileNotFoundError:
-            os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise CredentialSyncError(f"cannot write {path}: {exc}") from exc
+        write_atomically(self._entries_path, json.dumps(dict(devices), indent=0))
+        write_atomically(self.path, render_users(self.topics, devices, self._admins))
