@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.agent_support import AgentProcess  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402
 
 TARGET_MB = 60.0
 MiB = 1024 * 1024

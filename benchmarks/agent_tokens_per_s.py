@@ -21,8 +21,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slmops.tinymodels import write_tiny_gguf  # noqa: E402
-from tests.agent_support import AgentProcess, ArtifactServer, desired_for  # noqa: E402
-from tests.server_thread import ServerThread  # noqa: E402
+from tests.support.agent import AgentProcess, ArtifactServer, desired_for  # noqa: E402
+from tests.support.server_thread import ServerThread  # noqa: E402
 
 TARGET = 0.95
 PROMPT = "Once upon a time"

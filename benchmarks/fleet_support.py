@@ -20,9 +20,9 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
+from control_plane.fleet.broker import free_port
 from shared.topics import Topics
-from slmops.mqtt.broker import free_port
-from slmops.mqtt.testing import MosquittoProcess
+from tests.support.mosquitto import MosquittoProcess
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

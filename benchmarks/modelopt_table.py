@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from control_plane.modelopt.onnx_static import quantize_onnx_int8_static  # noqa: E402
 from slmops.modelopt import quantize_gguf, quantize_onnx_int8  # noqa: E402
 from slmops.modelopt.compare import evaluate_files  # noqa: E402
-from slmops.modelopt.onnx_static import quantize_onnx_int8_static  # noqa: E402
 from slmops.tinymodels import write_tiny_gguf, write_tiny_onnx  # noqa: E402
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")

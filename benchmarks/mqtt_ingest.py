@@ -18,12 +18,12 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
 from shared.messages import TelemetryMessage, encode
+from shared.mqtt.client import MqttClient, Outgoing
 from shared.telemetry import Summary, TelemetryWindow
 from shared.topics import Topics
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
-from slmops.mqtt.testing import MosquittoProcess
+from tests.support.mosquitto import MosquittoProcess
 
 
 def windows(topics: Topics, count: int, devices: int) -> list[Outgoing]:

@@ -28,13 +28,13 @@ from typing import Any
 
 import psutil
 
+from control_plane.fleet.broker import free_port
+from shared.mqtt.client import MqttClient, Outgoing
+from shared.mqtt.url import parse_broker_url
 from shared.topics import Topics
-from slmops.mqtt.broker import free_port
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.testing import MosquittoProcess
-from slmops.mqtt.url import parse_broker_url
 from slmops.simulate import raise_fd_limit, run
 from slmops.simulate.wire import MqttWire
+from tests.support.mosquitto import MosquittoProcess
 
 SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
 EMBEDDED = "embedded"
@@ -178,7 +178,7 @@ def start_embedded_broker() -> tuple[subprocess.Popen[bytes], str]:
     """The embedded broker in its own process, as `slmops server` would run it beside the API."""
     port = free_port()
     code = (
-        "import time; from slmops.mqtt.broker import EmbeddedBroker; "
+        "import time; from control_plane.fleet.broker import EmbeddedBroker; "
         f"b = EmbeddedBroker(port={port}); b.start(); print('ready', flush=True); time.sleep(3600)"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

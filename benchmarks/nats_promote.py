@@ -6,7 +6,7 @@ Each broker in turn: a real `slmops server` (PostgreSQL) on it, N simulated devi
 device applied its desired state and until the control plane stored every acknowledgement, with
 the CPU seconds of the server, the broker (all three nodes for NATS), PostgreSQL and the devices.
 
-Mosquitto is the private one of `fleet_support` (anonymous, no ACL). NATS is `tests.nats_support`
+Mosquitto is the private one of `fleet_support` (anonymous, no ACL). NATS is `tests.support.nats`
 (JetStream, R3 MQTT streams, the control plane keeping bcrypt device users in the users file each
 node includes, SLMOPS_NATS_USERS_FILE), devices spread over the three nodes by device id.
 
@@ -46,7 +46,7 @@ from shared.topics import Topics  # noqa: E402
 from slmops.heap import settle_heap  # noqa: E402
 from slmops.simulate import SimConfig, SimFleet, enroll_fleet, raise_fd_limit, run  # noqa: E402
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf  # noqa: E402
-from tests.nats_support import NatsCluster  # noqa: E402
+from tests.support.nats import NatsCluster  # noqa: E402
 
 
 class ClusterCpuMeter(CpuMeter):

@@ -23,16 +23,16 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from control_plane import releases  # noqa: E402
 from control_plane.models import Artifact, Model, ModelVersion, Rollout  # noqa: E402
-from control_plane.releases import ReleaseSigner  # noqa: E402
 from control_plane.rollouts.controller import HardwareProfiles, RolloutController  # noqa: E402
 from control_plane.rollouts.members import Member  # noqa: E402
+from control_plane.trust import releases  # noqa: E402
+from control_plane.trust.releases import ReleaseSigner  # noqa: E402
 from edge_agent.trust import ReleaseGuard, TrustState  # noqa: E402
 from shared.desired import ArtifactRef  # noqa: E402
 from shared.messages import encode  # noqa: E402
 from shared.signing import read_private_key  # noqa: E402
-from tests.release_support import Authority  # noqa: E402
+from tests.support.releases import Authority  # noqa: E402
 
 
 def stage_seconds(devices: int) -> float:

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from slmops.mqtt.errors import BrokerURLError
-from slmops.mqtt.types import Protocol
-from slmops.mqtt.url import parse_broker_urls
+from shared.mqtt.errors import BrokerURLError
+from shared.mqtt.types import Protocol
+from shared.mqtt.url import parse_broker_urls
 
 
 class Settings(BaseSettings):
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
     mqtt_topic_prefix: str = "slmops/v1"
     # Each of the control plane's client ids is this label plus a tag derived from its broker
-    # password (slmops.mqtt.credentials.client_id_for), so no device can name its session.
+    # password (control_plane.fleet.credentials.client_id_for), so no device can name its session.
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
     # The control plane needs no MQTT 5 feature (a 3.1.1 session without clean_session persists
     # too), and paho builds a Properties object for every MQTT 5 PUBLISH and PUBACK it reads:

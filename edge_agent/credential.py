@@ -16,7 +16,7 @@ from shared.enrollment import CredentialRotation
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
-    from edge_agent.mqtt_channel import MqttChannel
+    from edge_agent.mqtt.channel import MqttChannel
 
 log = logging.getLogger(__name__)
 

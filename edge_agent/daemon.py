@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from edge_agent import logs, sdnotify
+from edge_agent import sdnotify
 from edge_agent.agent import Agent
 from edge_agent.api.app import create_app
 from edge_agent.credential import CredentialRotator
 from edge_agent.fsutil import remove_stale_temps, write_atomic
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import WatchedFileSource
+from shared import logs
 
 if TYPE_CHECKING:
-    from edge_agent.mqtt_channel import MqttChannel
+    from edge_agent.mqtt.channel import MqttChannel
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _mqtt_channel(agent: Agent) -> MqttChannel | None:
     credential = agent.credential
     if not (agent.settings.mqtt_url or (credential is not None and credential.mqtt_url)):
         return None
-    from edge_agent.mqtt_channel import MqttChannel
+    from edge_agent.mqtt.channel import MqttChannel
 
     return MqttChannel.for_agent(agent)
 

@@ -15,8 +15,8 @@ from pydantic_settings import (
 
 from edge_agent.errors import AgentError
 from edge_agent.tls import plaintext_problem
-from slmops.mqtt.errors import BrokerURLError
-from slmops.mqtt.url import parse_broker_urls
+from shared.mqtt.errors import BrokerURLError
+from shared.mqtt.url import parse_broker_urls
 
 _config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
 

@@ -51,7 +51,7 @@ class ModelStore:
 
     def unpack(self, sha256: str) -> Path:
         """Unpack a stored (verified) folder bundle once; returns its .onnx graph. Raises BundleError, OSError."""
-        from slmops.onnx_bundle import extract_bundle, find_graph  # tarfile only on devices that need it
+        from shared.formats.onnx_bundle import extract_bundle, find_graph  # tarfile only on devices that need it
 
         target = self.unpacked_path(sha256)
         if not target.is_dir():

@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import StateMessage, StatusMessage, TelemetryMessage, decode, encode
+from shared.mqtt.client import MqttClient, Outgoing
+from shared.mqtt.dedup import RecentIds
+from shared.mqtt.url import parse_broker_url
 from shared.state import DeviceState
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.dedup import RecentIds
-from slmops.mqtt.url import parse_broker_url
 from slmops.simulate import behaviour as simulated
 
 log = logging.getLogger("slmops.simulator")

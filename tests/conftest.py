@@ -25,7 +25,7 @@ from control_plane.services import auth
 PG_ADMIN_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BACKENDS = [b.strip() for b in os.environ.get("SLMOPS_TEST_DATABASES", "sqlite,postgres").split(",") if b]
 
-pytest_plugins = ["tests.model_fixtures"] if Path(__file__).with_name("model_fixtures.py").exists() else []
+pytest_plugins = ["tests.support.model_fixtures"]
 
 
 def _create_pg_database() -> tuple[str, str]:

@@ -13,8 +13,8 @@ import pytest
 
 from shared.desired import GoldenPrompt, GoldenSet
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
-from tests.server_thread import ServerThread
+from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

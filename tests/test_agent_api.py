@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
-from slmops.modelopt.quantize import quantize_gguf
+from control_plane.modelopt.quantize import quantize_gguf
 from slmops.tinymodels import write_tiny_gguf, write_tiny_onnx
-from tests.agent_support import AgentProcess, ArtifactServer, desired_for
-from tests.server_thread import ServerThread
+from tests.support.agent import AgentProcess, ArtifactServer, desired_for
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

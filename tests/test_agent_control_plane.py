@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from shared.desired import DesiredState
-from tests.agent_support import AgentProcess, desired_for_artifact
-from tests.assign_support import assign_version
-from tests.server_thread import ServerThread
+from tests.support.agent import AgentProcess, desired_for_artifact
+from tests.support.assign import assign_version
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

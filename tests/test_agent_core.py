@@ -15,8 +15,8 @@ from shared.desired import DesiredState
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
-from tests.agent_support import ArtifactServer, desired_for, wait_for
-from tests.server_thread import ServerThread
+from tests.support.agent import ArtifactServer, desired_for, wait_for
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama]
 

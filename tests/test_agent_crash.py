@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
-from tests.server_thread import ServerThread
+from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from edge_agent.download import Downloader, Progress
 from edge_agent.errors import DownloadError, InsufficientSpaceError, IntegrityError
 from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef
-from tests.agent_support import ArtifactServer, Misbehaviour, sha256_of
-from tests.server_thread import ServerThread
+from tests.support.agent import ArtifactServer, Misbehaviour, sha256_of
+from tests.support.server_thread import ServerThread
 
 PAYLOAD = random.Random(7).randbytes(1_500_000)
 

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from control_plane.fleet.broker import EmbeddedBroker, free_port
 from shared.messages import StatusMessage, decode
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.testing import MosquittoProcess
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_mqtt_support import DEVICE, SECRET, ControlPlane, Device, serving, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, desired_for
-from tests.mqtt_support import (
+from tests.support.agent import AgentProcess, ArtifactServer, desired_for
+from tests.support.agent_mqtt import DEVICE, SECRET, ControlPlane, Device, serving, write_credential
+from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import (
     SYSTEM_MOSQUITTO,
     ClientFactory,
     Collector,
@@ -35,7 +35,7 @@ from tests.mqtt_support import (
     unique_topics,
     wait_until,
 )
-from tests.server_thread import ServerThread
+from tests.support.server_thread import ServerThread
 
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 
 from control_plane.config import Settings
 from control_plane.models import Artifact, RolloutDevice
-from tests.assign_support import assign_version
+from tests.support.assign import assign_version
 
 REFUSED = [
     "https://127.0.0.1:5432/",

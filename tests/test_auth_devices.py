@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlmodel import Session, select
 
 from control_plane.models import AuditEntry, Device, utcnow
-from tests.assign_support import assign_version
+from tests.support.assign import assign_version
 
 
 def _basic(device_id: str, secret: str) -> dict[str, str]:
@@ -110,10 +110,7 @@ def test_reissued_token_replaces_credential(client, admin_headers):  # type: ign
     cred = _enroll(client, device["enrollment_token"]).json()
     reissued = client.post(f"/v1/devices/{device['id']}/enrollment-token", headers=admin_headers)
     assert reissued.status_code == 201
-    assert (
-        client.get("/v1/devices/me", headers=_basic(cred["device_id"], cred["device_secret"])).status_code
-        == 401
-    )
+    assert client.get("/v1/devices/me", headers=_basic(cred["device_id"], cred["device_secret"])).status_code == 401
     fresh = _enroll(client, reissued.json()["enrollment_token"])
     assert fresh.status_code == 201
 
@@ -146,9 +143,7 @@ def test_list_devices_by_selector_status_and_pages(client, admin_headers, viewer
 
 
 def test_every_mutation_is_audited(client, admin_headers, operator_headers, engine):  # type: ignore[no-untyped-def]
-    client.post(
-        "/v1/models", json={"name": "audited"}, headers={**operator_headers, "X-Request-ID": "req-123"}
-    )
+    client.post("/v1/models", json={"name": "audited"}, headers={**operator_headers, "X-Request-ID": "req-123"})
     device = _make_device(client, admin_headers, "aud-1")
     _enroll(client, device["enrollment_token"])
     client.post("/v1/tokens", json={"name": "t", "role": "viewer"}, headers=admin_headers)

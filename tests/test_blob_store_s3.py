@@ -1,6 +1,6 @@
 """Artifacts in an S3-compatible store shared by control-plane replicas.
 
-No S3 server runs here: the S3 endpoint is moto in server mode (tests/s3_support.py), over TLS.
+No S3 server runs here: the S3 endpoint is moto in server mode (tests/support/s3.py), over TLS.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from control_plane.config import Settings
 from control_plane.storage import S3BlobStore, make_blob_store, s3_client
 from slmops.demo import Fleet, free_port, wait_until
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-from tests.fleet_helpers import upload_version
-from tests.s3_support import CREDENTIALS, CountingProxy, TlsMotoServer
-from tests.tls_support import self_signed
+from tests.support.fleet import upload_version
+from tests.support.s3 import CREDENTIALS, CountingProxy, TlsMotoServer
+from tests.support.tls import self_signed
 
 MiB = 1024 * 1024
 

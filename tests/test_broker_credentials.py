@@ -10,12 +10,12 @@ from sqlmodel import SQLModel
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
+from shared.mqtt.client import MqttClient
+from shared.mqtt.errors import MqttConnectError
 from shared.topics import Topics
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.errors import MqttConnectError
-from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
 from slmops.simulator import SimBehaviour, SimDevice
-from tests.fleet_helpers import wait_for
+from tests.support.fleet import wait_for
+from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
 from tests.test_rollouts import _token
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")

@@ -19,17 +19,17 @@ from sqlmodel import Session, SQLModel, col, func, select
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
+from control_plane.fleet.broker import free_port
+from control_plane.fleet.credentials import client_id_for
 from control_plane.models import Device, DeviceEvent, Role
 from control_plane.services import auth
 from shared.messages import EventMessage, StatusMessage, encode
+from shared.mqtt.client import MqttClient
+from shared.mqtt.errors import MqttConnectError
+from shared.mqtt.url import parse_broker_url
 from shared.topics import Topics
-from slmops.mqtt.broker import free_port
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.credentials import client_id_for
-from slmops.mqtt.errors import MqttConnectError
-from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
-from slmops.mqtt.url import parse_broker_url
-from tests.mqtt_support import Collector, RawClient, shipped_mosquitto, wait_until
+from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
+from tests.support.mqtt import Collector, RawClient, shipped_mosquitto, wait_until
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 

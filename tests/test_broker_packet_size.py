@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.credentials import InMemoryCredentials
-from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER
-from tests.mqtt_support import WAIT_S, ClientFactory, Collector, clients, unique_topics
+from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.credentials import InMemoryCredentials
+from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER
+from tests.support.mqtt import WAIT_S, ClientFactory, Collector, clients, unique_topics
 
 __all__ = ["clients"]  # fixture
 

@@ -1,4 +1,4 @@
-"""control_plane.bulk on both databases: set-based insert, upsert and update of plain rows,
+"""control_plane.db.bulk on both databases: set-based insert, upsert and update of plain rows,
 with JSON, timestamps, NULLs and conflicts; what they report matches what the table holds."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import DesiredStateRow, Device, DeviceEvent, TelemetryRecord, as_utc, new_id
-from tests.telemetry_support import add_devices
+from tests.support.telemetry import add_devices
 
 WINDOWS: sa.Table = TelemetryRecord.__table__  # type: ignore[attr-defined]
 DESIRED: sa.Table = DesiredStateRow.__table__  # type: ignore[attr-defined]

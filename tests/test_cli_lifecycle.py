@@ -9,7 +9,7 @@ import pytest
 from control_plane.config import Settings
 from slmops.cli.app import app as cli_app
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-from tests.cli_support import (  # noqa: F401  (fixtures)
+from tests.support.cli import (  # noqa: F401  (fixtures)
     Cli,
     admin_cli_fixture,
     cli_fixture,

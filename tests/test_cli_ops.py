@@ -11,10 +11,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from control_plane.fleet.broker import free_port
 from slmops.cli.app import app as cli_app
 from slmops.cli.client import CHUNK, MultipartFile, resolve_config
-from slmops.mqtt.broker import free_port
-from tests.cli_support import (  # noqa: F401  (fixtures)
+from tests.support.cli import (  # noqa: F401  (fixtures)
     HARDWARE,
     Cli,
     FlakyLink,

@@ -16,7 +16,7 @@ from control_plane.api.main import create_app
 from control_plane.config import Settings
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour
-from tests.cli_support import (  # noqa: F401  (fixtures)
+from tests.support.cli import (  # noqa: F401  (fixtures)
     Cli,
     FlakyLink,
     admin_cli_fixture,
@@ -28,7 +28,7 @@ from tests.cli_support import (  # noqa: F401  (fixtures)
     serve,
     server_url_fixture,
 )
-from tests.fleet_helpers import TelemetryPump, start_sim_devices, wait_for
+from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 

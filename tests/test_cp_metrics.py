@@ -16,13 +16,13 @@ from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.models import DeviceStatus, GateEvaluation, Model, ModelVersion, Role, Rollout
 from control_plane.telemetry.tables import VersionRollup
+from shared.mqtt.client import MqttClient
 from shared.state import ModelRef
 from shared.topics import Topics
-from slmops.mqtt.client import MqttClient
 from slmops.simulator import SimBehaviour, SimDevice
 from tests.conftest import _token
-from tests.fleet_helpers import enroll_devices, wait_for
-from tests.telemetry_support import add_devices, ingest, window
+from tests.support.fleet import enroll_devices, wait_for
+from tests.support.telemetry import add_devices, ingest, window
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -16,11 +16,11 @@ import pytest
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from slmops.mqtt.broker import free_port
-from tests.agent_support import AgentProcess
-from tests.lifecycle_support import audit_actions, enrolled_device
-from tests.mqtt_support import RawClient
-from tests.server_thread import ServerThread
+from control_plane.fleet.broker import free_port
+from tests.support.agent import AgentProcess
+from tests.support.lifecycle import audit_actions, enrolled_device
+from tests.support.mqtt import RawClient
+from tests.support.server_thread import ServerThread
 from tests.test_broker_identity import _settings, broker_for, control_plane, emptied  # noqa: F401
 
 

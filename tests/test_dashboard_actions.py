@@ -9,7 +9,7 @@ from sqlmodel import Session
 from control_plane.models import Role
 from control_plane.services import auth
 from tests.conftest import _token
-from tests.lifecycle_support import NO_WAIT, audit_actions, enrolled_device, referenced_version, tick
+from tests.support.lifecycle import NO_WAIT, audit_actions, enrolled_device, referenced_version, tick
 from tests.test_rollout_rules import _report_active
 
 ORIGIN = {"Origin": "http://testserver"}

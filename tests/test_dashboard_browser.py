@@ -22,8 +22,8 @@ from control_plane.models import Role
 from control_plane.services import auth
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour, SimDevice
-from tests.fleet_helpers import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
-from tests.server_thread import ServerThread
+from tests.support.fleet import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
+from tests.support.server_thread import ServerThread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -9,8 +9,8 @@ import pytest
 from sqlmodel import Session
 
 from control_plane.models import DesiredStateRow
-from tests.lifecycle_support import HARDWARE, NO_WAIT, audit_actions, enrolled_device, referenced_version
-from tests.mqtt_support import RawClient
+from tests.support.lifecycle import HARDWARE, NO_WAIT, audit_actions, enrolled_device, referenced_version
+from tests.support.mqtt import RawClient
 from tests.test_broker_identity import _device, _settings, broker_for, control_plane, emptied  # noqa: F401
 
 

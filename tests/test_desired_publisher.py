@@ -14,13 +14,13 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from control_plane import fleet
 from control_plane.config import Settings
-from control_plane.fleet import FleetRuntime
+from control_plane.fleet import channel as fleet
+from control_plane.fleet.channel import FleetRuntime
 from control_plane.rollouts import assign
 from shared.desired import ArtifactRef, DesiredState
-from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients, wait_until
-from tests.telemetry_support import add_devices
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients, wait_until
+from tests.support.telemetry import add_devices
 
 __all__ = ["clients"]  # fixture
 pytestmark = [pytest.mark.mosquitto, pytest.mark.usefixtures("empty_tables")]

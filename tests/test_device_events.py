@@ -9,12 +9,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Role, utcnow
 from control_plane.services import auth
 from shared.messages import EventMessage
 from shared.topics import TopicKind
-from slmops.mqtt.subscriber import DeviceMessage
-from tests.telemetry_support import add_devices, ingest
+from tests.support.telemetry import add_devices, ingest
 
 
 def _event(device_id: str, kind: str, message: str = "", **fields: object) -> DeviceMessage:

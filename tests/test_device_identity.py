@@ -19,19 +19,19 @@ from fastapi.testclient import TestClient
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.device_ca import DeviceCA, DeviceCAError
+from control_plane.fleet.broker import free_port
+from control_plane.fleet.credentials import signal_from_pid_file
+from control_plane.trust.device_ca import DeviceCA, DeviceCAError
 from edge_agent.agent import Agent
-from edge_agent.mqtt_channel import MqttChannel
+from edge_agent.mqtt.channel import MqttChannel
 from edge_agent.settings import load_settings
 from shared.messages import EventMessage, encode
+from shared.mqtt.client import MqttClient
 from shared.topics import Topics
-from slmops.mqtt.broker import free_port
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.credentials import signal_from_pid_file
-from slmops.mqtt.testing import MosquittoProcess, mosquitto_binary
-from tests.mqtt_support import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto, wait_until
-from tests.server_thread import ServerThread
-from tests.tls_support import Issued, TestCA
+from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
+from tests.support.mqtt import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto, wait_until
+from tests.support.server_thread import ServerThread
+from tests.support.tls import Issued, TestCA
 
 
 def _csr(common_name: str = "whatever-the-device-says") -> tuple[ec.EllipticCurvePrivateKey, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session, select
 
 from control_plane.models import RolloutDevice
-from tests.lifecycle_support import NO_WAIT, audit_actions, desired_version, enrolled_device, referenced_version, tick
+from tests.support.lifecycle import NO_WAIT, audit_actions, desired_version, enrolled_device, referenced_version, tick
 from tests.test_rollout_rules import _report_active
 
 

@@ -23,9 +23,9 @@ from edge_agent.download import Downloader
 from edge_agent.errors import DownloadError
 from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef
-from tests.agent_support import ArtifactServer
-from tests.server_thread import ServerThread
-from tests.tls_support import self_signed
+from tests.support.agent import ArtifactServer
+from tests.support.server_thread import ServerThread
+from tests.support.tls import self_signed
 
 PAYLOAD = random.Random(11).randbytes(200_000)
 

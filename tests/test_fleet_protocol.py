@@ -13,13 +13,13 @@ import sqlalchemy as sa
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from control_plane.config import Settings
-from control_plane.fleet import FleetRuntime
+from control_plane.fleet.channel import FleetRuntime
 from shared.messages import TelemetryMessage, encode
+from shared.mqtt.client import Outgoing
 from shared.telemetry import TelemetryWindow
 from shared.topics import Topics
-from slmops.mqtt.client import Outgoing
-from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, wait_until
-from tests.telemetry_support import add_devices
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, wait_until
+from tests.support.telemetry import add_devices
 
 __all__ = ["clients"]  # fixtures
 

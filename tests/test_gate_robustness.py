@@ -13,12 +13,12 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.rollouts import gates
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
 from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram
-from slmops.mqtt.subscriber import DeviceMessage
-from tests.telemetry_support import T0, add_devices, ingest, window
+from tests.support.telemetry import T0, add_devices, ingest, window
 
 # Rows go through `engine` alone: empty the tables after each test, or later rollouts would target them.
 pytestmark = pytest.mark.usefixtures("empty_tables")

@@ -12,7 +12,7 @@ import pytest
 
 from slmops.demo import start_agents, start_control_plane, wait_until
 from slmops.demo_smollm2 import golden_body
-from tests.fleet_helpers import mosquitto_fleet
+from tests.support.fleet import mosquitto_fleet
 
 ALL_AT_ONCE: dict[str, Any] = {
     "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from tests.telemetry_support import add_devices
+from tests.support.telemetry import add_devices
 
 
 def _model(client: TestClient, headers: dict[str, str]) -> None:

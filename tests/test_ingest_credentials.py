@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, DeviceStatus
 from shared.messages import EventMessage, StateMessage, StatusMessage
 from shared.state import DeviceState
 from shared.topics import TopicKind
-from slmops.mqtt.subscriber import DeviceMessage
-from tests.telemetry_support import add_devices, ingest, window
+from tests.support.telemetry import add_devices, ingest, window
 
 
 def _everything_from(device_id: str) -> list[DeviceMessage]:

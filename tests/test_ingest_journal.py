@@ -14,15 +14,15 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane.fleet.journal import IngestJournal
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
 from shared.messages import EventMessage, TelemetryMessage, encode
+from shared.mqtt.client import MqttClient, Outgoing
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.journal import IngestJournal
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
-from tests.fleet_helpers import wait_for
-from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics
-from tests.telemetry_support import add_devices, ingest
+from tests.support.fleet import wait_for
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics
+from tests.support.telemetry import add_devices, ingest
 from tests.test_rollout_resilience import ServerProcess, _cli_token, server  # noqa: F401  (fixture)
 
 __all__ = ["clients"]  # fixture

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from control_plane.ingest import LAST_SEEN_RESOLUTION
+from control_plane.fleet.ingest import LAST_SEEN_RESOLUTION
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, as_utc
 from shared.messages import StateMessage
 from shared.state import DeviceState
 from shared.topics import TopicKind
-from slmops.mqtt.subscriber import DeviceMessage
-from tests.telemetry_support import T0, add_devices, ingest, window
+from tests.support.telemetry import T0, add_devices, ingest, window
 
 
 def _at(message: DeviceMessage, received_at: datetime) -> DeviceMessage:

@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import DesiredStateRow, Device
 from control_plane.rollouts import assign
 from shared.messages import StatusMessage
 from shared.topics import TopicKind
-from slmops.mqtt.subscriber import DeviceMessage
-from tests.telemetry_support import add_devices, ingest
+from tests.support.telemetry import add_devices, ingest
 
 
 def _published(engine: sa.Engine, device_id: str, message_id: str, *, acked: str | None) -> None:

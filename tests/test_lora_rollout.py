@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
-from tests.agent_support import AgentProcess, wait_for
-from tests.server_thread import ServerThread
+from tests.support.agent import AgentProcess, wait_for
+from tests.support.server_thread import ServerThread
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto, pytest.mark.slow]
 

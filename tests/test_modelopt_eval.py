@@ -73,7 +73,7 @@ def test_an_adapter_is_measured_on_its_base_and_judged_by_perplexity(tiny_gguf: 
 def test_onnx_static_int8_is_calibrated_and_compared(tmp_path: Path, tiny_onnx: Path) -> None:
     import onnx
 
-    from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+    from control_plane.modelopt.onnx_static import quantize_onnx_int8_static
 
     result = quantize_onnx_int8_static(tiny_onnx, tmp_path / "static.onnx")
     ops = {node.op_type for node in onnx.load(str(result.dst)).graph.node}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.runtime import FINISH_LENGTH, ModelLoadError, load_engine
-from slmops.modelopt.lora import lora_mismatches
+from shared.formats.lora import lora_mismatches
 from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
 
 

@@ -1,4 +1,4 @@
-"""slmops.mqtt.buffered: coalesced writes keep every byte in order, across partial sends and
+"""shared.mqtt.buffered: coalesced writes keep every byte in order, across partial sends and
 refusals; the client routes each topic to the handlers subscribed at the time of the message."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from slmops.mqtt.buffered import WRITE_CHUNK, BufferedClient
-from slmops.mqtt.client import Outgoing
-from tests.mqtt_support import (
+from shared.mqtt.buffered import WRITE_CHUNK, BufferedClient
+from shared.mqtt.client import Outgoing
+from tests.support.mqtt import (
     SYSTEM_MOSQUITTO,
     ClientFactory,
     Collector,

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from control_plane.fleet.broker import EmbeddedBroker, free_port
 from shared.messages import StatusMessage, decode, encode
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.client import MqttClient, Outgoing, loop_handler
-from slmops.mqtt.errors import MqttConnectError, MqttPublishError
-from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import (
+from shared.mqtt.client import MqttClient, Outgoing, loop_handler
+from shared.mqtt.errors import MqttConnectError, MqttPublishError
+from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import (
     SYSTEM_MOSQUITTO,
     ClientFactory,
     Collector,
@@ -67,7 +67,7 @@ def test_birth_on_connect_and_will_when_the_process_dies(broker_url: str, client
         f"""
         import sys, time
         from shared.messages import StatusMessage, encode
-        from slmops.mqtt.client import MqttClient, Outgoing
+        from shared.mqtt.client import MqttClient, Outgoing
         topic = {topics.status("dev-1")!r}
         will = Outgoing(topic, encode(StatusMessage(status="offline", reason="connection lost")), retain=True)
         birth = Outgoing(topic, encode(StatusMessage(status="online", agent_version="9.9")), retain=True)

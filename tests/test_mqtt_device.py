@@ -7,17 +7,17 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
+from edge_agent.mqtt.device import DeviceChannel
 from shared.desired import ArtifactRef, DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import EventMessage, StatusMessage, TelemetryMessage
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
-from slmops.mqtt.control import DesiredStatePublisher
-from slmops.mqtt.device import DeviceChannel
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
-from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import ClientFactory, clients, private_mosquitto, wait_until
+from tests.support.desired_publisher import DesiredStatePublisher
+from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import ClientFactory, clients, private_mosquitto, wait_until
 
 __all__ = ["clients", "private_mosquitto"]  # fixtures
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.fleet import subscriber as subscriber_module
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
+from edge_agent.mqtt.outbox import SpooledPublisher
+from edge_agent.mqtt.spool import MessageSpool
 from shared.messages import EventMessage, StateMessage, StatusMessage, TelemetryMessage, encode
+from shared.mqtt.client import MqttClient, Outgoing
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
-from slmops.mqtt import subscriber as subscriber_module
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.outbox import SpooledPublisher
-from slmops.mqtt.spool import MessageSpool
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
-from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import (
+from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import (
     SYSTEM_MOSQUITTO,
     WAIT_S,
     ClientFactory,

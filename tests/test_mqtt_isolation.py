@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from shared.topics import Topics
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.credentials import (
+from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.credentials import (
     InMemoryCredentials,
     MosquittoPasswordFile,
     mosquitto_hash,
     verify_mosquitto_hash,
 )
-from slmops.mqtt.errors import MqttConnectError
-from slmops.mqtt.mosquitto_config import CONTROL_PLANE_USER, render_acl
-from slmops.mqtt.testing import MosquittoProcess
-from tests.mqtt_support import (
+from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER, render_acl
+from shared.mqtt.errors import MqttConnectError
+from shared.topics import Topics
+from tests.support.mosquitto import MosquittoProcess
+from tests.support.mqtt import (
     DEPLOY_MOSQUITTO,
     WAIT_S,
     ClientFactory,

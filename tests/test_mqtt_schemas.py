@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from amqtt.contexts import Action
 
+from control_plane.fleet.broker_plugins import TopicPolicy
 from shared.desired import ArtifactRef, DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
@@ -20,11 +21,10 @@ from shared.messages import (
     encode,
     message_id_of,
 )
+from shared.mqtt.url import BrokerURLError, parse_broker_url
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import ParsedTopic, TopicKind, Topics
-from slmops.mqtt.broker_plugins import TopicPolicy
-from slmops.mqtt.url import BrokerURLError, parse_broker_url
 
 SHA = "ab" * 32
 

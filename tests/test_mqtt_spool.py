@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from slmops.mqtt.dedup import RecentIds
-from slmops.mqtt.errors import SpoolError
-from slmops.mqtt.spool import MessageSpool, SpooledMessage
+from edge_agent.mqtt.spool import MessageSpool, SpooledMessage
+from shared.mqtt.dedup import RecentIds
+from shared.mqtt.errors import SpoolError
 
 
 def payloads(spool: MessageSpool) -> list[bytes]:

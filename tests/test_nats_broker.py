@@ -15,14 +15,20 @@ import pytest
 from pydantic import ValidationError
 
 from control_plane.config import Settings
+from control_plane.fleet.nats_users import (
+    NatsUsersFile,
+    is_nats_hash,
+    mqtt_topic_to_subject,
+    nats_hash,
+    verify_nats_hash,
+)
 from edge_agent.settings import AgentSettings
+from shared.mqtt.client import MqttClient
+from shared.mqtt.errors import BrokerURLError, CredentialSyncError, MqttConnectError
+from shared.mqtt.url import format_broker_url, parse_broker_urls
 from shared.topics import Topics
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.errors import BrokerURLError, CredentialSyncError, MqttConnectError
-from slmops.mqtt.nats_users import NatsUsersFile, is_nats_hash, mqtt_topic_to_subject, nats_hash, verify_nats_hash
-from slmops.mqtt.url import format_broker_url, parse_broker_urls
-from tests.mqtt_support import ClientFactory, Collector, clients, unique_topics, wait_until
-from tests.nats_support import NATS_SERVER, NatsCluster, nats_available
+from tests.support.mqtt import ClientFactory, Collector, clients, unique_topics, wait_until
+from tests.support.nats import NATS_SERVER, NatsCluster, nats_available
 
 __all__ = ["clients"]  # fixtures
 needs_nats = pytest.mark.skipif(not nats_available(), reason="nats-server is not installed")

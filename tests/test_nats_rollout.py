@@ -21,8 +21,8 @@ import pytest
 from rich.console import Console
 
 from slmops.demo import Fleet, register_models, start_agents, start_control_plane, wait_until
-from tests.mqtt_support import unique_topics
-from tests.nats_support import NatsCluster, nats_available
+from tests.support.mqtt import unique_topics
+from tests.support.nats import NatsCluster, nats_available
 
 SIMULATED = 24
 PLAN: dict[str, Any] = {

@@ -21,14 +21,14 @@ from edge_agent.download import Downloader
 from edge_agent.errors import InsufficientSpaceError
 from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef, DesiredState
+from shared.formats.onnx_bundle import BundleError, check_folder, pack_folder
 from slmops.cli import tiny  # noqa: F401  (registers `model make-tiny`)
 from slmops.cli.app import app as cli_app
-from slmops.onnx_bundle import BundleError, check_folder, pack_folder
 from slmops.tinymodels import write_tiny_onnx, write_tiny_onnx_folder
 from tests import test_lora_rollout
-from tests.agent_support import AgentProcess
-from tests.assign_support import assign_version
-from tests.cli_support import (  # noqa: F401  (fixtures)
+from tests.support.agent import AgentProcess
+from tests.support.assign import assign_version
+from tests.support.cli import (  # noqa: F401  (fixtures)
     Cli,
     admin_cli_fixture,
     bearer,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import slmops.cli.ops  # noqa: F401  (registers the operator commands)
 import slmops.cli.tiny  # noqa: F401  (registers `model quantize`)
 from slmops.cli.app import app as cli_app
-from tests.server_thread import ServerThread
+from tests.support.server_thread import ServerThread
 
 pytestmark = pytest.mark.llama
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from tests.gguf_craft import DECLARES_2_63_BYTES
-from tests.onnx_craft import with_external_data
-from tests.server_thread import ServerThread
+from tests.support.gguf_craft import DECLARES_2_63_BYTES
+from tests.support.onnx_craft import with_external_data
+from tests.support.server_thread import ServerThread
 
 
 def _sha(path: Path) -> str:
@@ -37,9 +37,7 @@ def _blob_files(settings) -> list[Path]:  # type: ignore[no-untyped-def]
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
-def test_gguf_upload_download_round_trip_with_ranges(
-    client, operator_headers, viewer_headers, tiny_gguf, settings
-):  # type: ignore[no-untyped-def]
+def test_gguf_upload_download_round_trip_with_ranges(client, operator_headers, viewer_headers, tiny_gguf, settings):  # type: ignore[no-untyped-def]
     _create_model(client, operator_headers)
     digest = _sha(tiny_gguf)
     response = _upload(client, operator_headers, tiny_gguf, "1.0.0", sha256=digest, notes="first")
@@ -181,17 +179,12 @@ def test_variants_lineage_and_reference(client, operator_headers, viewer_headers
     assert s3.status_code == 422 and s3.json()["code"] == "invalid_reference"  # no S3 backend yet
 
     bad_ref = {**ref, "url": "ftp://elsewhere/x", "sha256": "b" * 64}
-    refused = client.post(
-        "/v1/models/tinyllama/versions/1.0.0/artifacts", json=bad_ref, headers=operator_headers
-    )
+    refused = client.post("/v1/models/tinyllama/versions/1.0.0/artifacts", json=bad_ref, headers=operator_headers)
     assert refused.status_code == 422 and refused.json()["code"] == "validation_error"
 
 
 def test_duplicate_version_and_unknown_model(client, operator_headers, tiny_gguf):  # type: ignore[no-untyped-def]
-    assert (
-        _upload(client, operator_headers, tiny_gguf, "1.0.0", model="nope").json()["code"]
-        == "model_not_found"
-    )
+    assert _upload(client, operator_headers, tiny_gguf, "1.0.0", model="nope").json()["code"] == "model_not_found"
     _create_model(client, operator_headers)
     assert _upload(client, operator_headers, tiny_gguf, "1.0.0").status_code == 201
     dup = _upload(client, operator_headers, tiny_gguf, "1.0.0")

@@ -23,10 +23,10 @@ from shared.desired import ArtifactRef, DesiredState
 from shared.messages import EventMessage
 from shared.releases import expires_in
 from slmops.tinymodels import write_tiny_gguf
-from tests.agent_mqtt_support import ControlPlane, write_credential
-from tests.agent_support import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
-from tests.mqtt_support import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics, wait_until
-from tests.release_support import Authority, past
+from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
+from tests.support.agent_mqtt import ControlPlane, write_credential
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics, wait_until
+from tests.support.releases import Authority, past
 
 __all__ = ["clients"]  # fixture
 pytestmark = [pytest.mark.mosquitto, pytest.mark.llama, pytest.mark.slow]

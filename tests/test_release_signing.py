@@ -15,18 +15,18 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 import slmops.cli.keys  # noqa: F401  (registers the commands)
-from control_plane import releases
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.models import DesiredStateRow
-from control_plane.releases import ReleaseSigner, SigningConfigError, read_root_chain
 from control_plane.rollouts import assign
 from control_plane.rollouts.resign import resign_due
+from control_plane.trust import releases
+from control_plane.trust.releases import ReleaseSigner, SigningConfigError, read_root_chain
 from shared.desired import DesiredState
 from shared.releases import Release, Root, check_desired, update_root, verify_release
 from slmops.cli.app import app as cli_app
-from tests.assign_support import assign_version
-from tests.fleet_helpers import enroll_devices, upload_version, wait_for
+from tests.support.assign import assign_version
+from tests.support.fleet import enroll_devices, upload_version, wait_for
 
 
 def _verified(state: DesiredState, chain_file: Path, *, highest: int | None = None) -> Release:

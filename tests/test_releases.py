@@ -11,7 +11,7 @@ from shared.canonical import CanonicalJSONError, canonical_json
 from shared.desired import ArtifactRef
 from shared.releases import check_desired, update_root, verify_release
 from shared.signing import MAX_SIGNED_BYTES, ReleaseRefused, SignedMetadata, sign
-from tests.release_support import Authority, past
+from tests.support.releases import Authority, past
 
 A = ArtifactRef(sha256="a" * 64, size_bytes=100, format="gguf")
 B = ArtifactRef(sha256="b" * 64, size_bytes=200, format="gguf")

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from control_plane.config import Settings
-from tests.server_thread import ServerThread
+from tests.support.server_thread import ServerThread
 
 MIB = 1024 * 1024
 BIG = 64 * MIB  # what an attacker streams; the server must neither read nor hold it

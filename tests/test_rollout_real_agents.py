@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from slmops.demo import register_models, start_agents, start_control_plane, wait_until
-from tests.fleet_helpers import mosquitto_fleet
+from tests.support.fleet import mosquitto_fleet
 
 PLAN: dict[str, Any] = {
     "stages": [{"name": "all", "percent": 100, "min_bake_s": 0}],

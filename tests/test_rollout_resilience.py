@@ -18,7 +18,7 @@ from sqlmodel import SQLModel
 
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour
-from tests.fleet_helpers import TelemetryPump, start_sim_devices, wait_for
+from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
 from tests.test_rollouts import MOSQUITTO, fleet  # noqa: F401  (fixture)
 
 PLAN = {

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from control_plane.leader import LeaderLock
 from control_plane.models import DesiredStateRow, Device, Rollout, RolloutDevice, TelemetryRecord, utcnow
 from control_plane.rollouts import assign
 from control_plane.rollouts.controller import RolloutController
+from control_plane.rollouts.leader import LeaderLock
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 
 NO_WAIT = {"min_samples": 1, "max_p95_latency_ratio": None, "warmup_windows": 0}

@@ -8,7 +8,7 @@ from sqlmodel import Session, select
 
 from control_plane.models import DesiredStateRow, Device, Rollout, RolloutDevice, as_utc, utcnow
 from control_plane.rollouts.controller import RolloutController
-from tests.lifecycle_support import NO_WAIT, desired_version, enrolled_device, referenced_version, tick
+from tests.support.lifecycle import NO_WAIT, desired_version, enrolled_device, referenced_version, tick
 from tests.test_rollout_rules import _report_active
 
 

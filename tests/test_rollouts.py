@@ -17,7 +17,7 @@ from control_plane.models import GateEvaluation
 from control_plane.rollouts import assign
 from shared.topics import Topics
 from slmops.simulator import SimBehaviour
-from tests.fleet_helpers import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
+from tests.support.fleet import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 LATENCY_MS = {"1": 40.0, "2": 42.0, "3": 200.0}

@@ -22,7 +22,7 @@ from control_plane.config import Settings
 from control_plane.models import Role
 from control_plane.services import auth
 from slmops.simulate import Credential, SimConfig, SimFleet, enroll_fleet, load_credentials, save_credentials
-from tests.fleet_helpers import upload_version, wait_for
+from tests.support.fleet import upload_version, wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 PLAN = {
@@ -190,7 +190,7 @@ def test_control_plane_topic_matching_agrees_with_paho(topic_filter: str, topic:
     # The simulator's load made paho's matcher the control plane's hot spot; its replacement must agree.
     import paho.mqtt.client as paho
 
-    from slmops.mqtt.client import topic_matches
+    from shared.mqtt.client import topic_matches
 
     assert topic_matches(topic_filter, topic) == paho.topic_matches_sub(topic_filter, topic)
 

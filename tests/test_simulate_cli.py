@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slmops.mqtt.broker import free_port
-from tests.fleet_helpers import wait_for
+from control_plane.fleet.broker import free_port
+from tests.support.fleet import wait_for
 
 pytestmark = pytest.mark.mosquitto
 SLMOPS = str(Path(sys.executable).with_name("slmops"))

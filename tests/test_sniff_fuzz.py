@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from control_plane.errors import DomainError
 from control_plane.services.sniff import sniff_artifact
 from slmops.tinymodels import write_tiny_onnx_folder
-from tests.gguf_craft import gguf_file, gguf_string, kv_array, llama_kvs, tensor_info
-from tests.onnx_craft import with_external_data
+from tests.support.gguf_craft import gguf_file, gguf_string, kv_array, llama_kvs, tensor_info
+from tests.support.onnx_craft import with_external_data
 
 EXAMPLE_SECONDS = 10  # generous: a bounded sniff of these files takes milliseconds
 EXAMPLE_PEAK_BYTES = 64 * 1024**2  # Python memory traced during one sniff

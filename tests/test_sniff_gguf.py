@@ -13,9 +13,9 @@ import gguf
 import pytest
 
 from control_plane.errors import DomainError
-from control_plane.services import gguf_header
 from control_plane.services.sniff import sniff_artifact
-from tests.gguf_craft import (
+from shared.formats import gguf_header
+from tests.support.gguf_craft import (
     DECLARES_2_63_BYTES,
     STRING,
     U8,

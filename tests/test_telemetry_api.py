@@ -21,8 +21,8 @@ from control_plane.models import (
     RolloutDevice,
 )
 from control_plane.telemetry.rollup import RetentionPolicy, run_rollup
-from tests.fleet_helpers import enroll_devices
-from tests.telemetry_support import T0, add_devices, ingest, window
+from tests.support.fleet import enroll_devices
+from tests.support.telemetry import T0, add_devices, ingest, window
 
 KEEP_ALL = RetentionPolicy(raw_s=30 * 86400, minute_s=60 * 86400, hour_s=400 * 86400)
 RANGE = {"start": T0.isoformat(), "end": (T0 + timedelta(minutes=2)).isoformat()}

@@ -14,8 +14,8 @@ from control_plane import db
 from control_plane.telemetry import partitions
 from control_plane.telemetry.rollup import HOUR, RetentionPolicy, run_rollup
 from control_plane.telemetry.series import SeriesQuery, series
-from tests.fleet_helpers import wait_for
-from tests.telemetry_support import add_devices, ingest, window
+from tests.support.fleet import wait_for
+from tests.support.telemetry import add_devices, ingest, window
 
 DAY = 86400
 # Days of their own: the session's database keeps the partitions other tests create.

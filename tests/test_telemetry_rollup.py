@@ -12,7 +12,7 @@ from control_plane.models import TelemetryRecord
 from control_plane.telemetry.aggregate import Aggregate
 from control_plane.telemetry.rollup import HOUR, MINUTE, TEN_SECONDS, RetentionPolicy, run_rollup
 from control_plane.telemetry.tables import DeviceRollup, VersionRollup
-from tests.telemetry_support import T0, add_devices, ingest, window
+from tests.support.telemetry import T0, add_devices, ingest, window
 
 DAY = 86400
 KEEP_ALL = RetentionPolicy(raw_s=30 * DAY, minute_s=60 * DAY, hour_s=400 * DAY)

@@ -12,9 +12,9 @@ from edge_agent.errors import DownloadError, EnrollmentError
 from edge_agent.settings import ConfigError, load_settings
 from edge_agent.tls import plaintext_problem
 from shared.desired import ArtifactRef
-from tests.agent_support import ArtifactServer
-from tests.server_thread import ServerThread
-from tests.tls_support import TestCA
+from tests.support.agent import ArtifactServer
+from tests.support.server_thread import ServerThread
+from tests.support.tls import TestCA
 
 PAYLOAD = random.Random(22).randbytes(300_000)
 
@@ -110,7 +110,7 @@ def test_missing_ca_bundle_is_a_config_error(tmp_path: Path) -> None:
 
 def test_plaintext_broker_url_from_enrollment_is_refused(tmp_path: Path) -> None:
     from edge_agent.enroll import Credential
-    from edge_agent.mqtt_channel import MqttChannel
+    from edge_agent.mqtt.channel import MqttChannel
 
     settings = load_settings(data_dir=tmp_path / "data")
     settings.data_dir.mkdir(parents=True)

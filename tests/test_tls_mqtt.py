@@ -20,20 +20,20 @@ from sqlmodel import Session, col, func, select
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
+from control_plane.fleet.broker import EmbeddedBroker, free_port
 from control_plane.models import DeviceEvent
 from edge_agent.agent import Agent
 from edge_agent.enroll import Credential
-from edge_agent.mqtt_channel import MqttChannel
+from edge_agent.mqtt.channel import MqttChannel
 from edge_agent.settings import load_settings
 from edge_agent.tls import ssl_context
 from shared.messages import EventMessage, encode
+from shared.mqtt.client import MqttClient
+from shared.mqtt.url import parse_broker_url
 from shared.topics import Topics
-from slmops.mqtt.broker import EmbeddedBroker, free_port
-from slmops.mqtt.client import MqttClient
-from slmops.mqtt.testing import mosquitto_binary
-from slmops.mqtt.url import parse_broker_url
-from tests.mqtt_support import ClientFactory, Collector, clients, shipped_mosquitto, wait_until
-from tests.tls_support import Issued, TestCA
+from tests.support.mosquitto import mosquitto_binary
+from tests.support.mqtt import ClientFactory, Collector, clients, shipped_mosquitto, wait_until
+from tests.support.tls import Issued, TestCA
 
 __all__ = ["clients"]  # fixture
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from control_plane.config import Settings
-from slmops.mqtt.broker import free_port
-from tests.tls_support import TestCA
+from control_plane.fleet.broker import free_port
+from tests.support.tls import TestCA
 
 
 @contextmanager

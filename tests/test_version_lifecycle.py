@@ -11,8 +11,8 @@ from sqlmodel import Session
 from control_plane.config import Settings
 from control_plane.models import Rollout
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-from tests.fleet_helpers import upload_version
-from tests.lifecycle_support import NO_WAIT, audit_actions, desired_version, enrolled_device, referenced_version, tick
+from tests.support.fleet import upload_version
+from tests.support.lifecycle import NO_WAIT, audit_actions, desired_version, enrolled_device, referenced_version, tick
 from tests.test_rollout_rules import _report_active
 
 ONE_STAGE = {"stages": [{"name": "all", "percent": 100, "min_bake_s": 0}], "gates": NO_WAIT}

@@ -15,18 +15,18 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from control_plane.config import Settings
-from control_plane.ingest import IngestWriter
+from control_plane.fleet.ingest import IngestWriter
+from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
 from control_plane.models import Device, DeviceEvent, TelemetryRecord
 from shared import limits
 from shared.messages import EventMessage, MessageDecodeError, TelemetryMessage, decode, encode
+from shared.mqtt.client import MqttClient, Outgoing
 from shared.state import DeviceState
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.client import MqttClient, Outgoing
-from slmops.mqtt.subscriber import DeviceMessage, DeviceMessageSubscriber
-from tests.fleet_helpers import wait_for
-from tests.mqtt_support import SYSTEM_MOSQUITTO, unique_topics
-from tests.telemetry_support import add_devices
+from tests.support.fleet import wait_for
+from tests.support.mqtt import SYSTEM_MOSQUITTO, unique_topics
+from tests.support.telemetry import add_devices
 from tests.test_cp_metrics import scrape, value
 from tests.test_rollouts import _control_plane
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, BeforeValidator
 from sqlmodel import Session
 
 from control_plane.api.ratelimit import RateLimiter
-from control_plane.broker_access import broker_password_hash, complete_rotation_on_broker
 from control_plane.config import Settings
 from control_plane.errors import DomainError
+from control_plane.fleet.access import broker_password_hash, complete_rotation_on_broker
 from control_plane.models import ApiToken, Device, Role, as_utc, utcnow
 from control_plane.services import audit, idempotency
 from control_plane.services.auth import Principal, authenticate_device, authenticate_token, require_role

@@ -35,16 +35,16 @@ from control_plane.api.routes import (
     telemetry,
     tokens,
 )
-from control_plane.broker_access import BrokerAccess, password_file_for
 from control_plane.config import Settings
 from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError
+from control_plane.fleet.access import BrokerAccess, password_file_for
 from control_plane.metrics import HttpMetricsMiddleware
-from control_plane.releases import ReleaseSigner
-from control_plane.releases import configure as configure_signing
 from control_plane.storage import make_blob_store
+from control_plane.trust.releases import ReleaseSigner
+from control_plane.trust.releases import configure as configure_signing
 
 log = logging.getLogger("slmops.api")
 
@@ -134,7 +134,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(access.rebuild, app.state.engine)
     app.state.broker_access = access
     if settings.fleet_enabled:
-        from control_plane.fleet import FleetRuntime
+        from control_plane.fleet.channel import FleetRuntime
 
         runtime = FleetRuntime(settings, app.state.engine)
         await run_in_threadpool(runtime.start)
@@ -163,7 +163,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.blob_store = make_blob_store(settings)
     configure_signing(ReleaseSigner.from_settings(settings))  # every desired state names a signed release
     if settings.device_certificates:
-        from control_plane.device_ca import DeviceCA
+        from control_plane.trust.device_ca import DeviceCA
 
         app.state.device_ca = DeviceCA.load_or_create(settings.device_ca_path)
     app.state.rate_limiter = RateLimiter(

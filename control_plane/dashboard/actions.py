@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
 from control_plane.api.deps import SessionDep
-from control_plane.broker_access import revoke_device_on_broker
 from control_plane.dashboard.session import SameOriginDep, ViewerCookieDep, sign_in_required
 from control_plane.errors import DomainError
+from control_plane.fleet.access import revoke_device_on_broker
 from control_plane.models import Role
 from control_plane.rollouts import actions, recall
 from control_plane.services import audit, devices, registry

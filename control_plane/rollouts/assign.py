@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import or_
 from sqlmodel import Session, select
 
-from control_plane import bulk, releases
+from control_plane.db import bulk
 from control_plane.models import (
     Artifact,
     ArtifactFormat,
@@ -21,6 +21,7 @@ from control_plane.models import (
     ModelVersion,
     utcnow,
 )
+from control_plane.trust import releases
 from shared.desired import ArtifactRef, DesiredState, GoldenSet, RuntimeParams
 
 DEFAULT_N_CTX = 512
@@ -97,7 +98,7 @@ def with_message_id(template: dict[str, Any], **changes: Any) -> dict[str, Any]:
 def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
     """Replace the desired state of every device in `states` (device id -> DesiredState as JSON).
 
-    The publisher sends them (retained) after commit. One set-based upsert (control_plane.bulk):
+    The publisher sends them (retained) after commit. One set-based upsert (control_plane.db.bulk):
     building a SQLModel row per device (pydantic validation in __init__) and the unit of
     work's per-row UPDATE were most of a 10,000-device assignment (cProfile). The payloads come
     from a DesiredState validated once per artifact (`desired_payload`), so no check is skipped.

@@ -15,7 +15,7 @@ import orjson
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import (
     ACTIVE_STATES,
     DEPLOYABLE_STATUSES,

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import Device, DeviceStatus, TelemetryRecord
 from control_plane.rollouts import golden_gate, robust
 from control_plane.rollouts import members as members_

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import Device, DeviceEvent, ModelVersion, Rollout, as_utc
 from control_plane.rollouts import robust
 from shared.state import GoldenOutcome

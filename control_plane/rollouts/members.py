@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import DesiredStateRow, RolloutDevice
 
 TABLE: sa.Table = RolloutDevice.__table__  # type: ignore[attr-defined]

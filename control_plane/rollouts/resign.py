@@ -13,8 +13,8 @@ from typing import Any
 from sqlmodel import Session, select
 
 from control_plane.models import DesiredStateRow
-from control_plane.releases import ReleaseSigner
 from control_plane.rollouts import assign
+from control_plane.trust.releases import ReleaseSigner
 from shared.desired import DesiredState
 from shared.signing import SignedMetadata
 

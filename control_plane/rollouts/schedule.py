@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.orm import Session
 
-from control_plane import bulk
+from control_plane.db import bulk
 from control_plane.models import Device
 from control_plane.rollouts.members import Member
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from sqlmodel import Session, select
 
 from control_plane.errors import DomainError
+from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import ApiToken, Device, DeviceStatus, Role, as_utc, utcnow
 from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
 from control_plane.services.devices import complete_rotation
-from slmops.mqtt.credentials import mosquitto_hash
 
 
 @dataclass(frozen=True)

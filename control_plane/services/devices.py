@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from control_plane.errors import DomainError
+from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import (
     DesiredStateRow,
     Device,
@@ -24,7 +25,6 @@ from control_plane.security import ENROLLMENT_TOKEN_PREFIX, hash_secret, new_sec
 from control_plane.services import pagination
 from control_plane.services.selectors import parse_selector, selector_clauses
 from shared.enrollment import EnrollRequest
-from slmops.mqtt.credentials import mosquitto_hash
 
 
 def create_device(
@@ -150,7 +150,7 @@ def complete_rotation(
     session: Session, device: Device, secret: str, *, broker_hash: Callable[[str], str] = mosquitto_hash
 ) -> None:
     """The staged `secret` becomes current; the previous one expires after the grace period.
-    `broker_hash`: how the broker checks it (control_plane.broker_access.broker_password_hash)."""
+    `broker_hash`: how the broker checks it (control_plane.fleet.access.broker_password_hash)."""
     device.previous_secret_hash = device.secret_hash
     device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
     device.secret_hash = device.staged_secret_hash
@@ -179,7 +179,7 @@ def enroll(
     session: Session, request: EnrollRequest, *, broker_hash: Callable[[str], str] = mosquitto_hash
 ) -> tuple[Device, str]:
     """Exchange an enrollment token, once, for a device credential (id + secret); the broker
-    gets the secret's `broker_hash` (control_plane.broker_access.broker_password_hash)."""
+    gets the secret's `broker_hash` (control_plane.fleet.access.broker_password_hash)."""
     token_hash = hash_secret(request.enrollment_token)
     device = session.exec(select(Device).where(Device.enrollment_token_hash == token_hash)).first()
     if device is None:

@@ -70,7 +70,7 @@ def _is_float(artifact: Artifact) -> bool:
 
 
 def _check_target(source: Artifact, path: Path, to: str) -> str:
-    from slmops.modelopt import QuantizeError, check_gguf_quantizable
+    from control_plane.modelopt import QuantizeError, check_gguf_quantizable
 
     if source.format == "onnx":
         if to.lower() not in ("int8", "int8-static"):
@@ -89,7 +89,7 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
 
 def _dequantizes(path: Path, to: str) -> bool:
     """Whether quantizing `path` to `to` is an upcast of a quantized GGUF (lineage `dequantized_from`)."""
-    from slmops.modelopt.quantize import DEQUANTIZE_TYPES, is_quantized_gguf
+    from control_plane.modelopt.quantize import DEQUANTIZE_TYPES, is_quantized_gguf
 
     return to in DEQUANTIZE_TYPES and is_quantized_gguf(path)
 
@@ -171,11 +171,11 @@ class QuantizeJobs:
             self._update(job_id, state="failed", step="failed", error=str(exc)[:4000], finished_at=utcnow())
 
     def _quantize(self, params: dict[str, Any], out: Path) -> int:
-        from slmops.modelopt import quantize_gguf, quantize_onnx_int8
+        from control_plane.modelopt import quantize_gguf, quantize_onnx_int8
 
         source = self._store.path_for(params["source_sha256"])
         if params["to"] == "int8-static":
-            from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+            from control_plane.modelopt.onnx_static import quantize_onnx_int8_static
 
             return quantize_onnx_int8_static(source, out).size_before
         if params["source_format"] == "onnx":
@@ -185,7 +185,7 @@ class QuantizeJobs:
     def _register(
         self, job_id: str, params: dict[str, Any], created_by: str, out: Path, size_before: int
     ) -> dict[str, Any]:
-        from slmops.modelopt.quantize import file_sha256
+        from control_plane.modelopt.quantize import file_sha256
 
         size_after = out.stat().st_size
         sha256 = file_sha256(out)

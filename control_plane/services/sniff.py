@@ -1,6 +1,6 @@
 """Recognise an uploaded artifact and read its header: GGUF by a bounded header reader, ONNX via `onnx`.
 
-An ONNX model folder with external data arrives as a tar (see `slmops.onnx_bundle`): it is checked
+An ONNX model folder with external data arrives as a tar (see `shared.formats.onnx_bundle`): it is checked
 member by member and its graph read without loading the external data.
 """
 
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.errors import DomainError
-from control_plane.services.gguf_header import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from shared.desired import BUNDLE_FORMAT
-from slmops.onnx_bundle import MAX_GRAPH_BYTES, BundleError, external_data_needs, inspect_bundle, is_tar
+from shared.formats.gguf_header import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
+from shared.formats.onnx_bundle import MAX_GRAPH_BYTES, BundleError, external_data_needs, inspect_bundle, is_tar
 
 
 def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:

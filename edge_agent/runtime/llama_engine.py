@@ -37,7 +37,7 @@ from edge_agent.runtime.llama_sampling import TextAssembler, json_grammar, sampl
 
 def _check_adapter_fits(model_path: Path, lora_path: Path) -> None:
     # llama.cpp crashes the process (SIGSEGV) on an adapter whose shapes do not match the base.
-    from slmops.modelopt.lora import lora_mismatches
+    from shared.formats.lora import lora_mismatches
 
     problems = lora_mismatches(model_path, lora_path)
     if problems:

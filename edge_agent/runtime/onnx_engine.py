@@ -34,8 +34,8 @@ from edge_agent.runtime.base import (
     sampling_of,
 )
 from edge_agent.runtime.chat_format import check_messages, format_default, render_template
+from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET, BYTE_VOCAB, EOS_ID
 
-BOS_ID, EOS_ID, BYTE_OFFSET, BYTE_VOCAB = 1, 2, 3, 259
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,

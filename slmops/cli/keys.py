@@ -19,7 +19,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("init")
 def init(out: Path = typer.Option(..., "--out", help="Folder for root.key, release.key and root.json.")) -> None:
     """Make a root key pair, a release key pair and root.json (version 1)."""
-    from control_plane.releases import SigningConfigError, init_keys
+    from control_plane.trust.releases import SigningConfigError, init_keys
 
     try:
         init_keys(out)
@@ -37,7 +37,7 @@ def rotate(
     keep_release_key: bool = typer.Option(False, "--keep-release-key", help="Keep the release key (default: revoke)."),
 ) -> None:
     """Append the next root version to root.json; copy it to the control plane, which hands it to devices."""
-    from control_plane.releases import rotate_root
+    from control_plane.trust.releases import rotate_root
 
     version = rotate_root(keys_dir, new_root_key=new_root_key, new_release_key=not keep_release_key)
     print(f"root version {version} written to {keys_dir}/root.json; restart the control plane with it")

@@ -65,7 +65,7 @@ def local_model(client: ApiClient, artifact: dict[str, Any], into: Path) -> Path
     path = download_artifact(client, artifact, into)
     if artifact["format"] != "onnx-tar":
         return path
-    from slmops.onnx_bundle import extract_bundle, find_graph
+    from shared.formats.onnx_bundle import extract_bundle, find_graph
 
     folder = into / artifact["sha256"]
     if not folder.is_dir():

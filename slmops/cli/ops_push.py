@@ -7,7 +7,7 @@ retry either replays the server's stored answer (the first upload did land) or u
 server kept nothing of a cut upload).
 
 A folder (an ONNX graph with external data files, as Olive and optimum export large models) is
-checked and packed into a deterministic tar first (`slmops.onnx_bundle`), which is then pushed like
+checked and packed into a deterministic tar first (`shared.formats.onnx_bundle`), which is then pushed like
 a file: the same folder gives the same bytes, so re-running the push stays safe.
 """
 
@@ -187,7 +187,7 @@ def _as_file(path: Path) -> Iterator[Path]:
     if not path.is_dir():
         yield path
         return
-    from slmops.onnx_bundle import BundleError, check_folder, pack_folder
+    from shared.formats.onnx_bundle import BundleError, check_folder, pack_folder
 
     try:
         checked = check_folder(path)

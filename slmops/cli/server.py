@@ -56,7 +56,7 @@ def server(
         db.upgrade(settings.sqlalchemy_url)
     scheme = "https" if settings.tls_enabled else "http"
     console.print(f"slmops control plane on {scheme}://{settings.host}:{settings.port}  (API docs: /docs)")
-    from edge_agent.logs import configure  # the same plain or JSON-lines format as the agent
+    from shared.logs import configure  # the same plain or JSON-lines format as the agent
 
     configure(json_lines=settings.log_json, level=settings.log_level)
     application = create_app(settings)

@@ -120,7 +120,7 @@ def quantize(
             if to.lower() not in ("int8", "int8-static"):
                 raise QuantizeError(f"ONNX models quantize to int8 or int8-static only, not {to!r}")
             if to.lower() == "int8-static":
-                from slmops.modelopt.onnx_static import quantize_onnx_int8_static
+                from control_plane.modelopt.onnx_static import quantize_onnx_int8_static
 
                 result = quantize_onnx_int8_static(src_path, dst_path)
             else:

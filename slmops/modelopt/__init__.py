@@ -1,8 +1,8 @@
-"""Model optimization: quantization of GGUF (llama.cpp) and ONNX (onnxruntime) models."""
+"""Model optimisation for operators: the server's quantizers, plus measuring and comparing variants."""
 
 from __future__ import annotations
 
-from slmops.modelopt.quantize import (
+from control_plane.modelopt import (
     GGUF_TYPES,
     QuantizeError,
     QuantizeResult,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING
+
+from control_plane.modelopt.prompts import default_prompts
 
 if TYPE_CHECKING:
     from edge_agent.runtime import Engine
@@ -45,12 +46,6 @@ class AgreementReport:
     def exact_match_rate(self) -> float:
         """Share of prompts whose whole greedy output matched, 0..1."""
         return sum(p.exact for p in self.prompts) / len(self.prompts) if self.prompts else 1.0
-
-
-def default_prompts() -> list[str]:
-    """The packaged prompt set (slmops/modelopt/data/prompts.txt)."""
-    text = resources.files("slmops.modelopt").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _greedy_tokens(engine: Engine, prompt: str, max_tokens: int, chat: bool) -> list[str]:

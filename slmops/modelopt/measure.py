@@ -142,7 +142,7 @@ def _gguf_quality(path: Path, lora_path: Path | None) -> tuple[float, np.ndarray
 
 def _onnx_inputs(session: object) -> dict[str, np.ndarray]:
     """A deterministic input set: text bytes for byte LMs, seeded random values otherwise."""
-    from edge_agent.runtime.onnx_engine import BOS_ID, BYTE_OFFSET
+    from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET
 
     specs = session.get_inputs()  # type: ignore[attr-defined]
     if [s.name for s in specs] == ["input_ids"]:

@@ -1,6 +1,6 @@
 """One simulated agent on asyncio: a real MQTT connection (`wire.MqttWire`) speaking the agent's protocol.
 
-Protocol, as `slmops.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
+Protocol, as `edge_agent.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
 with the hardware profile, a retained last will saying offline, the retained device state
 republished on every connect, desired states deduplicated by message id (an empty retained
 payload means "cleared"), and telemetry windows at an interval. Thousands of these share one event
@@ -28,9 +28,9 @@ from shared.messages import (
     encode,
     new_message_id,
 )
+from shared.mqtt.dedup import RecentIds
+from shared.mqtt.url import parse_broker_urls
 from shared.topics import TopicKind, Topics
-from slmops.mqtt.dedup import RecentIds
-from slmops.mqtt.url import parse_broker_urls
 from slmops.simulate import behaviour as simulated
 from slmops.simulate.wire import MqttWire, Will, WireError
 

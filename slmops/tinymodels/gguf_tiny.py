@@ -19,6 +19,8 @@ from typing import Literal
 import gguf
 import numpy as np
 
+from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET, EOS_ID, UNK_ID
+
 SizeName = Literal["tiny", "small"]
 
 TINY_CHAT_TEMPLATE = (
@@ -28,8 +30,6 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-BYTE_OFFSET = 3
 SPM_SPACE = "\u2581"
 # Row scale of the output projection for tokens we do not want greedy decoding to pick.
 _DISFAVOURED_ROW_SCALE = 0.25

@@ -19,11 +19,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from shared.formats.byte_vocab import BYTE_OFFSET
+from shared.formats.byte_vocab import BYTE_VOCAB as VOCAB_SIZE
+
 OPSET = 17
 # IR version 8 pairs with opset 17 and loads in every onnxruntime that supports opset 17.
 IR_VERSION = 8
-VOCAB_SIZE = 259
-BYTE_OFFSET = 3
 _PRINTABLE_BIAS = 3.0
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from control_plane import releases
 from control_plane.api.deps import (
     AdminDep,
     MutationDep,
@@ -17,9 +16,8 @@ from control_plane.api.deps import (
     SessionDep,
     ViewerDep,
 )
-from control_plane.broker_access import broker_password_hash, grant_device_on_broker, revoke_device_on_broker
-from control_plane.device_ca import issue_device_certificate, renew_device_certificate
 from control_plane.errors import DomainError
+from control_plane.fleet.access import broker_password_hash, grant_device_on_broker, revoke_device_on_broker
 from control_plane.models import as_utc, utcnow
 from control_plane.schemas import (
     DeviceCreate,
@@ -33,6 +31,8 @@ from control_plane.schemas import (
 )
 from control_plane.services import devices
 from control_plane.services.auth import Principal
+from control_plane.trust import releases
+from control_plane.trust.device_ca import issue_device_certificate, renew_device_certificate
 from shared.enrollment import (
     CertificateRequest,
     CertificateResponse,

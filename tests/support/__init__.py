@@ -1,0 +1,1 @@
+"""Test harnesses and doubles: real processes (servers, brokers, agents) and crafted artifacts."""
