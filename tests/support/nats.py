@@ -15,12 +15,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from control_plane.fleet.broker import free_port
 from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER
 from control_plane.fleet.nats_users import NatsUsersFile
+from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttError
 from shared.topics import Topics
 
@@ -97,6 +99,7 @@ class NatsCluster:
         for node in self.nodes:
             self._spawn(node)
         self.wait_ready(timeout_s)
+        self._create_mqtt_streams(timeout_s)
 
     def kill(self, index: int) -> None:
         """kill -9: no goodbye to the cluster or to the clients."""
@@ -136,6 +139,15 @@ class NatsCluster:
                 return
             time.sleep(0.1)
         raise MqttError(f"the NATS cluster was not ready within {timeout_s}s")
+
+    def _create_mqtt_streams(self, timeout_s: float) -> None:
+        """Connect once over MQTT: the first connection of an account creates its replicated MQTT
+        streams, which takes a loaded machine longer than the clients under test wait for a CONNACK."""
+        client = MqttClient(self.url(0, self.admin_user, self.admin_secret), client_id=f"warm-{uuid.uuid4().hex[:8]}")
+        try:
+            client.start(timeout_s=timeout_s)
+        finally:
+            client.stop(publish_offline=False)
 
     def _node_ready(self, node: NatsNode) -> bool:
         try:
