@@ -25,6 +25,7 @@ from control_plane.fleet.nats_users import NatsUsersFile
 from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttError
 from shared.topics import Topics
+from tests.support.mosquitto import terminate
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -70,7 +71,7 @@ class NatsCluster:
             workdir / "users.conf",
             topics=topics,
             admins={CONTROL_PLANE_USER: admin_secret},
-            pid_files=[self.pid_file(node) for node in self.nodes],
+            reload=self.reload,
         )
 
     # -- URLs ---------------------------------------------------------------------------------
@@ -118,13 +119,25 @@ class NatsCluster:
         for node in self.nodes:
             if node.process is None:
                 continue
-            node.process.terminate()
-            try:
-                node.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+            terminate(node.process)
             node.process = None
+
+    def reload(self, timeout_s: float = 15.0) -> None:
+        """SIGHUP every live node and wait until each has reloaded (a signal only starts it: a
+        client connecting at once could still meet the old users)."""
+        live = [node for node in self.nodes if node.alive and node.process is not None]
+        before = {node.name: self._reloads(node) for node in live}
+        for node in live:
+            node.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout_s
+        while any(self._reloads(node) <= before[node.name] for node in live if node.alive):
+            if time.monotonic() > deadline:
+                raise MqttError(f"a NATS node did not reload within {timeout_s}s")
+            time.sleep(0.02)
+
+    def _reloads(self, node: NatsNode) -> int:
+        path = self.workdir / f"{node.name}.log"
+        return path.read_text(errors="replace").count("Reloaded server configuration") if path.exists() else 0
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Until every live node listens on MQTT and reports a JetStream meta leader."""
