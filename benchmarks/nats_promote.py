@@ -87,7 +87,7 @@ def nats_server(db_url: str, mqtt_options: str = "") -> Iterator[tuple[Server, s
                 "SLMOPS_NATS_PID_FILES": ",".join(str(cluster.pid_file(node)) for node in cluster.nodes),
                 "SLMOPS_DEVICE_MQTT_URL": cluster.urls(),
             }
-            with slmops_server(db_url, cluster.admin_urls, extra_env=env) as server:
+            with slmops_server(db_url, cluster.admin_urls, env_extra=env) as server:
                 pids = [node.process.pid for node in cluster.nodes if node.process is not None]
                 yield server, cluster.urls(), pids
         finally:

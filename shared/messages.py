@@ -83,6 +83,7 @@ EventKind = Literal[
     "activation_succeeded",
     "activation_failed",
     "rollback",
+    "release_verified",  # detail.serial, detail.root_version: the signed release checked before acting
     "release_refused",  # detail.reason: shared.signing.RefusalReason; the device keeps what it served
     "stale_release",  # the served release expired and no newer one came
     "telemetry_dropped",
@@ -125,8 +126,8 @@ class StateMessage(DeviceState, Envelope):
     @classmethod
     def wrap(cls, state: DeviceState, *, updated_at: datetime | None = None) -> StateMessage:
         """`state` as a message; `updated_at` replaces the state's own (saves copying it first)."""
-        # `state` is a validated DeviceState: its fields are taken as they are (a dump and a
-        # second validation per state message were a third of a simulated fleet's time). The
+        # `state` is a validated DeviceState: its fields are taken as they are, with no dump and
+        # second validation per message (docs/performance.md#fleet-paths). The
         # envelope's fields are given, not defaulted: for a default factory, model_construct
         # inspects the factory's signature every time.
         fields = dict(state)

@@ -69,6 +69,10 @@ class BrokerCredentialSync(Protocol):
         """The device entries the broker knows now (device id -> hash)."""
         ...
 
+    def reload(self) -> None:
+        """Make the broker read the file again."""
+        ...
+
     def sync(self, device_hashes: Mapping[str, str]) -> None:
         """Make the broker know exactly these devices (device id -> `mosquitto_hash`), plus admins."""
         ...

@@ -17,8 +17,8 @@ from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, Syste
 
 S = TypeVar("S", bound=DeviceState)
 _TABLE_RNG = random.Random(0)
-# Standard normals drawn once: random.gauss per sample was half the cost of a window, and a
-# simulated fleet must offer thousands of windows a second.
+# Standard normals drawn once, not per sample: a simulated fleet must offer thousands of windows a
+# second (docs/performance.md#fleet-paths).
 _NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 
@@ -45,6 +45,13 @@ def applied(state: S, desired: DesiredState, *, fail: bool, envelope: dict[str, 
         artifact = desired.artifact
         ref = _model_ref(desired.model, desired.version, artifact.sha256, artifact.format, artifact.quantization)
         update |= {"phase": "committed", "reason": None, "previous": state.current, "current": ref, "serving": True}
+    return state.model_copy(update=update)
+
+
+def refused(state: S, desired: DesiredState, message: str, *, envelope: dict[str, object] | None = None) -> S:
+    """The device's state after refusing `desired`'s release: what it served, it still serves."""
+    update: dict[str, object] = {"desired_message_id": desired.message_id, "phase": "download_failed"}
+    update |= {"reason": f"release_refused: {message}"[:500], **(envelope or {})}
     return state.model_copy(update=update)
 
 
