@@ -36,7 +36,7 @@ from control_plane.services.auth import matching_secret
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from control_plane.trust import releases
 from shared.mqtt.client import MqttClient
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.url import format_broker_url, parse_broker_url, parse_broker_urls
 from shared.topics import Topics
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class FleetRuntime:
         # restarts waits in the broker instead of being lost. Bound to the control plane's broker
         # password, so no device can name (and take over) the session.
         protocol, label = self.settings.mqtt_protocol, self.settings.mqtt_client_id
-        secret = parse_broker_url(url).password
+        secret = parse_broker_urls(url)[0].password
         client_id = client_id_for(label, secret)
         tls = self._broker_tls_context()
         if self.settings.ingest_source == "jetstream":
@@ -229,6 +229,5 @@ class FleetRuntime:
         self.leader.release()
 
 
-def _without_credentials(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+def _without_credentials(urls: str) -> str:
+    return ",".join(format_broker_url(url.with_credentials(None, None)) for url in parse_broker_urls(urls))
