@@ -6,6 +6,10 @@ enrollment and removed at revocation, each followed by SIGHUP (Mosquitto then di
 removed device; a device on the mTLS listener is disconnected by a session takeover, see
 `mosquitto_takeover`). The embedded broker asks the registry at every CONNECT; a revocation closes the
 device's open connection, so its next CONNECT is checked again. See deploy/mosquitto/README.md.
+
+NATS (SLMOPS_NATS_USERS_FILE): the same, with a users file every node includes and a reload of
+each node (SLMOPS_NATS_PID_FILES); its hashes are bcrypt, so a device's stored hash is in the
+format of the broker it was enrolled for. See deploy/nats/README.md.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from control_plane.config import Settings
-from control_plane.fleet.credentials import MosquittoPasswordFile
+from control_plane.fleet.credentials import BrokerCredentialSync, CredentialFile, MosquittoPasswordFile, mosquitto_hash
+from control_plane.fleet.nats_users import NatsUsersFile, is_nats_hash
 from control_plane.models import Device, DeviceStatus
 from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttError
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.url import parse_broker_urls
+from shared.topics import Topics
 
 if TYPE_CHECKING:
     from control_plane.fleet.broker import EmbeddedBroker
@@ -40,11 +46,16 @@ class BrokerAccess:
     """
 
     def __init__(
-        self, password_file: MosquittoPasswordFile | None = None, *, takeover: Callable[[str], None] | None = None
+        self, password_file: BrokerCredentialSync | None = None, *, takeover: Callable[[str], None] | None = None
     ) -> None:
         self.password_file = password_file
         self.takeover = takeover
         self.embedded: EmbeddedBroker | None = None  # set once the fleet runtime started it
+
+    @property
+    def password_hash(self) -> Callable[[str], str]:
+        """How a device's secret is hashed for this broker (`devices.mqtt_password_hash`)."""
+        return self.password_file.hash_secret if isinstance(self.password_file, CredentialFile) else mosquitto_hash
 
     def grant(self, device_id: str, mqtt_password_hash: str) -> None:
         """Let a freshly enrolled device in (the embedded broker reads the registry itself)."""
@@ -81,8 +92,11 @@ class BrokerAccess:
                 )
             ).all()
             session.commit()
-        self.password_file.sync({device_id: password_hash for device_id, password_hash in rows if password_hash})
-        return len(rows)
+        entries = {device_id: password_hash for device_id, password_hash in rows if password_hash}
+        if isinstance(self.password_file, NatsUsersFile):
+            entries = _nats_entries(entries)
+        self.password_file.sync(entries)
+        return len(entries)
 
 
 def _adopt_unhashed(session: Session, file_entries: dict[str, str]) -> None:
@@ -99,16 +113,35 @@ def _adopt_unhashed(session: Session, file_entries: dict[str, str]) -> None:
             session.add(device)
 
 
-def password_file_for(settings: Settings) -> MosquittoPasswordFile | None:
-    """The external Mosquitto's password file, keeping the control plane's own user in it."""
-    if settings.mqtt_password_file is None:
-        return None
+def _nats_entries(entries: dict[str, str]) -> dict[str, str]:
+    """Devices whose hash NATS can check; one enrolled for Mosquitto gets in after a rotation."""
+    kept = {device_id: h for device_id, h in entries.items() if is_nats_hash(h) and "." not in device_id}
+    if len(kept) < len(entries):
+        left_out = len(entries) - len(kept)
+        log.warning("%d device(s) hold no bcrypt hash or a dotted id: rotate their credentials", left_out)
+    return kept
+
+
+def password_file_for(settings: Settings) -> BrokerCredentialSync | None:
+    """The external broker's users (Mosquitto's password file or NATS' users file), keeping the
+    control plane's own user in it."""
     admins = {}
     if settings.mqtt_url:
-        url = parse_broker_url(settings.mqtt_url)
+        url = parse_broker_urls(settings.mqtt_url)[0]
         if url.username and url.password:
             admins[url.username] = url.password
+    if settings.nats_users_file is not None:
+        topics = Topics(settings.mqtt_topic_prefix)
+        return NatsUsersFile(settings.nats_users_file, topics=topics, admins=admins, pid_files=settings.nats_pid_files)
+    if settings.mqtt_password_file is None:
+        return None
     return MosquittoPasswordFile(settings.mqtt_password_file, admins=admins, pid_file=settings.mqtt_pid_file)
+
+
+def broker_password_hash(app: Any) -> Callable[[str], str]:
+    """The hash a device's secret is stored as, for the broker this app keeps in step."""
+    access: BrokerAccess | None = getattr(app.state, "broker_access", None)
+    return access.password_hash if access is not None else mosquitto_hash
 
 
 def mosquitto_takeover(settings: Settings) -> Callable[[str], None] | None:

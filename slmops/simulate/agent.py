@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from shared.messages import (
     new_message_id,
 )
 from shared.mqtt.dedup import RecentIds
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.url import parse_broker_urls
 from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated
@@ -44,6 +45,8 @@ from slmops.simulate.wire import MqttWire, Will, WireError
 
 log = logging.getLogger("slmops.simulate")
 AGENT_VERSION = "sim"
+# A node whose cluster is electing leaders may hold a CONNECT unanswered: try the next one sooner.
+CLUSTER_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -125,13 +128,18 @@ class SimAgent:
         self._connection_seq = 0
         self._rng = random.Random(credential.device_id)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._start_node = zlib.crc32(credential.device_id.encode("utf-8"))
+        self._failures = 0  # connections lost or refused: each moves to the next broker node
 
     @property
     def current_version(self) -> str | None:
         return self.state.current.version if self.state.current else None
 
     async def _open(self) -> MqttWire:
-        broker = parse_broker_url(self.credential.mqtt_url)
+        brokers = parse_broker_urls(self.credential.mqtt_url)
+        # Several URLs are a cluster's nodes: start on one chosen by device id (a fleet spreads over
+        # them) and move to the next after each lost connection, as MqttClient does.
+        broker = brokers[(self._start_node + self._failures) % len(brokers)]
         # A fresh will per connection: ingest deduplicates by message id.
         self._connection_seq = self._clock.next()
         will = StatusMessage(
@@ -140,7 +148,7 @@ class SimAgent:
         return await MqttWire.open(
             broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
             password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
-            tls=broker.tls,
+            tls=broker.tls, timeout_s=60.0 if len(brokers) == 1 else CLUSTER_CONNECT_TIMEOUT_S,
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,6 +157,9 @@ class SimAgent:
             try:
                 await self._session(stop)
             except WireError as exc:
+                if self._wire is not None:
+                    self._wire.abort()  # e.g. a refused subscription: the next try goes to another node
+                self._failures += 1
                 self.stats.connect_errors += 1
                 log.debug("device %s: %s; reconnecting", self.device_id, exc)
             finally:
