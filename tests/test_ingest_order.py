@@ -16,6 +16,8 @@ from sqlmodel import Session
 from control_plane.fleet.ingest import IngestWriter
 from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, DeviceStatus
+from control_plane.services import devices
+from shared.enrollment import EnrollRequest
 from shared.hardware import HardwareProfile
 from shared.messages import StateMessage, StatusMessage
 from shared.state import DeviceState, ModelRef
@@ -161,3 +163,21 @@ def test_a_lagging_write_racing_a_newer_uncommitted_one_leaves_the_newer(app, en
         lagging.join(30)
     assert not errors
     assert _row(engine, device)["current_version"] == "2"
+
+
+def test_a_reenrolled_device_may_order_its_reports_from_scratch(app, engine: sa.Engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine) as session:
+        device, token = devices.create_device(
+            session, name=f"reflashed-{datetime.now(UTC).timestamp()}", labels={}, created_by="t", token_ttl_s=600
+        )
+        devices.enroll(session, EnrollRequest(enrollment_token=token))
+        session.commit()
+        device_id = device.id
+    IngestWriter(engine)([_status(device_id, "online", seq=10**15), _state(device_id, "2", seq=10**15 + 1)])
+    with Session(engine) as session:  # reflashed: its clock state lost, a new token, enrolled again
+        token = devices.reissue_enrollment_token(session, devices.get_device(session, device_id), 600)
+        devices.enroll(session, EnrollRequest(enrollment_token=token))
+        session.commit()
+    IngestWriter(engine)([_status(device_id, "online", seq=5), _state(device_id, "1", seq=6)])
+    row = _row(engine, device_id)
+    assert (row["status"], row["current_version"], row["state_seq"]) == (DeviceStatus.online, "1", 6)
