@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
-import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -59,22 +57,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class ReportClock:
-    """A device's `report_seq`s: microseconds since the epoch, but never less than one past the
-    last value given (a hybrid logical clock), so a clock set back while the agent runs does not
-    reorder its reports, and a restarted agent (or a reflashed device) starts above what it sent
-    before as long as its clock was not set back in between."""
-
-    def __init__(self) -> None:
-        self._last = 0
-        self._lock = threading.Lock()
-
-    def next(self) -> int:
-        with self._lock:
-            self._last = max(self._last + 1, time.time_ns() // 1000)
-            return self._last
-
-
 class Envelope(WireModel):
     """Fields every message defined here carries besides `schema_version`."""
 
@@ -87,7 +69,7 @@ class Ordered(WireModel):
     whichever replica stores it and in whichever order (optional: older agents send none, and
     their reports are stored as they come).
 
-    It never decreases on a device (`ReportClock`). A state report takes the next value; the
+    It never decreases on a device (shared.report_clock.ReportClock). A state report takes the next value; the
     birth, the will and the shutdown offline of one connection all carry the value taken for
     that connection (the will is fixed at connect time), and offline ranks after online."""
 

@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
-from shared.messages import ReportClock, StateMessage, StatusMessage, TelemetryMessage, decode, encode
+from shared.messages import StateMessage, StatusMessage, TelemetryMessage, decode, encode
 from shared.mqtt.client import MqttClient, Outgoing
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.url import parse_broker_url
+from shared.report_clock import ReportClock
 from shared.state import DeviceState
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated

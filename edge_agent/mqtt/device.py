@@ -23,7 +23,6 @@ from shared.hardware import HardwareProfile
 from shared.messages import (
     EventMessage,
     MessageDecodeError,
-    ReportClock,
     StateMessage,
     StatusMessage,
     TelemetryMessage,
@@ -34,6 +33,7 @@ from shared.mqtt.client import MqttClient
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.errors import MqttPublishError
 from shared.mqtt.types import Outgoing, Protocol
+from shared.report_clock import ReportClock
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind, Topics
@@ -81,7 +81,7 @@ class DeviceChannel:
         self._last_state: StateMessage | None = None
         # Orders this device's state and status reports (shared.messages.Ordered): the will armed
         # for the next connection takes a value, and that connection's birth and shutdown reuse it.
-        self._clock = ReportClock()
+        self._clock = ReportClock(spool_path.with_name(spool_path.name + ".report-seq"))
         self._armed_seq = self._connection_seq = self._clock.next()
         self._stopped = False
         self.client = MqttClient(

@@ -28,7 +28,6 @@ from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
     MessageDecodeError,
-    ReportClock,
     StateMessage,
     StatusMessage,
     TelemetryMessage,
@@ -38,6 +37,7 @@ from shared.messages import (
 )
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.url import parse_broker_urls
+from shared.report_clock import ReportClock
 from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated
