@@ -22,6 +22,7 @@ from shared.messages import StateMessage, StatusMessage, TelemetryMessage, decod
 from shared.mqtt.client import MqttClient, Outgoing
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.url import parse_broker_url
+from shared.report_clock import ReportClock
 from shared.state import DeviceState
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated
@@ -58,19 +59,24 @@ class SimDevice:
         self._rng = random.Random(device_id)
         status_topic = topics.status(device_id)
         broker = parse_broker_url(url).with_credentials(device_id, secret)
-        self.client = MqttClient(
-            broker,
-            client_id=device_id,
-            # A function, so each connection's will carries a fresh message id (ingest dedups by id).
-            will=lambda: Outgoing(
-                status_topic, encode(StatusMessage(status="offline", reason="connection lost")), retain=True
-            ),
-            birth=lambda: Outgoing(
-                status_topic,
-                encode(StatusMessage(status="online", agent_version="sim", hardware=behaviour.hardware)),
-                retain=True,
-            ),
-        )
+        # Ordered reports as the agent sends them (edge_agent.mqtt.device): a connection's birth
+        # carries the seq of the will armed for it.
+        self._clock = ReportClock()
+        self._armed_seq = self._clock.next()
+
+        def will() -> Outgoing:
+            self._armed_seq = self._clock.next()
+            offline = StatusMessage(status="offline", reason="connection lost", report_seq=self._armed_seq)
+            return Outgoing(status_topic, encode(offline), retain=True)
+
+        def birth() -> Outgoing:
+            online = StatusMessage(
+                status="online", agent_version="sim", hardware=behaviour.hardware, report_seq=self._armed_seq
+            )
+            return Outgoing(status_topic, encode(online), retain=True)
+
+        # Functions, so each connection's will carries a fresh message id (ingest dedups by id).
+        self.client = MqttClient(broker, client_id=device_id, will=will, birth=birth)
 
     def start(self) -> None:
         self.client.subscribe(self.topics.desired(self.device_id), self._on_desired)
@@ -109,7 +115,7 @@ class SimDevice:
 
     def _publish_state(self) -> None:
         with self._lock:
-            message = StateMessage.wrap(self.state, updated_at=datetime.now(UTC))
+            message = StateMessage.wrap(self.state, updated_at=datetime.now(UTC), report_seq=self._clock.next())
         # Retained, as the agent does: the control plane reads the latest state again after a restart.
         self.client.publish(self.topics.state(self.device_id), encode(message), retain=True, wait=False)
 

@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.ingest import status_rank
 from shared.messages import StatusMessage, decode
 from shared.topics import TopicKind, Topics
 from slmops.tinymodels import write_tiny_gguf
@@ -339,9 +340,16 @@ def test_killed_agent_process_leaves_a_retained_offline_status(
     finally:
         agent.stop()
     assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
-    assert statuses(control_plane)[-1].reason == "connection lost"
+    will = statuses(control_plane)[-1]
+    assert will.reason == "connection lost"
     retained = retained_status(broker_url, control_plane.topics, clients)
     assert retained.status == "offline" and retained.reason == "connection lost"
+    # Ordered reports: the will, fixed at connect time, carries its connection's birth seq, so the
+    # control plane ranks it after that birth (and after any earlier connection) whatever the order.
+    birth = [s for s in statuses(control_plane) if s.status == "online"][-1]
+    assert birth.report_seq is not None and will.report_seq == birth.report_seq
+    assert status_rank(will) > status_rank(birth)
+    assert idle.report_seq is not None
 
 
 def test_stopped_agent_process_says_offline_before_leaving(
