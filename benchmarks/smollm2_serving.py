@@ -9,7 +9,10 @@ Targets: tokens/s >= 0.97 of in-process, TTFT within 10 %, RSS ratio <= 1.10.
 llama_cpp.server needs the `server` extra's packages; install them first if missing:
 
     .venv/bin/pip install sse-starlette starlette-context
-    python benchmarks/smollm2_serving.py [--tokens 64] [--rounds 5] [--threads 2]
+    python benchmarks/smollm2_serving.py [--tokens 64] [--rounds 5] [--threads 2] [--baseline-checkout DIR]
+
+`--baseline-checkout DIR` adds a second agent run from another checkout (e.g. `git worktree add
+--detach /tmp/base main`) as one more side: before and after, measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline-checkout", type=Path, default=None, help="also run the agent from this checkout")
     args = parser.parse_args()
     import llama_cpp
 
@@ -120,35 +124,42 @@ def main() -> None:
         artifacts.port = server.port
         sha = artifacts.add_file(model)
         agent = AgentProcess(Path(tmp) / "data", control_plane_url=artifacts.url, threads=args.threads).start()
+        agents = {"agent": agent}
+        if args.baseline_checkout:
+            baseline = AgentProcess(Path(tmp) / "baseline", control_plane_url=artifacts.url, threads=args.threads)
+            baseline.cwd = args.baseline_checkout.resolve()
+            agents["agent (baseline)"] = baseline.start()
         server_proc, server_url = llama_server(model, args.threads)
         llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_threads=args.threads, verbose=False)
         try:
-            agent.apply(desired_for(artifacts, sha, model="smol", n_ctx=N_CTX)).raise_for_status()
-            with (
-                httpx.Client(base_url=agent.url, timeout=600) as to_agent,
-                httpx.Client(base_url=server_url, timeout=600) as to_server,
-            ):
-                sides = {
-                    "in-process": direct_run(llm, args.tokens),
-                    "agent": http_run(to_agent, "smol", args.tokens),
-                    "llama_cpp.server": http_run(to_server, str(model), args.tokens),
-                }
+            for each in agents.values():
+                each.apply(desired_for(artifacts, sha, model="smol", n_ctx=N_CTX)).raise_for_status()
+            clients = {name: httpx.Client(base_url=each.url, timeout=600) for name, each in agents.items()}
+            with httpx.Client(base_url=server_url, timeout=600) as to_server:
+                sides = {"in-process": direct_run(llm, args.tokens)}
+                sides |= {name: http_run(client, "smol", args.tokens) for name, client in clients.items()}
+                sides["llama_cpp.server"] = http_run(to_server, str(model), args.tokens)
                 samples: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
                 for round_ in range(args.rounds + 1):  # round 0 warms up
                     for side, run in sides.items():
                         result = run()
                         if round_:
                             samples[side].append(result)
-                agent_rss = psutil.Process(agent.proc.pid).memory_info().rss  # type: ignore[union-attr]
+                rss = {name: psutil.Process(each.proc.pid).memory_info().rss for name, each in agents.items()}  # type: ignore[union-attr]
+                for client in clients.values():
+                    client.close()
         finally:
             llm.close()
             server_proc.terminate()
             server_proc.wait(timeout=30)
-            agent.stop()
-    report(samples, args, agent_rss, bare_rss(model, args.threads))
+            for each in agents.values():
+                each.stop()
+    report(samples, args, rss, bare_rss(model, args.threads))
 
 
-def report(samples: dict[str, list[tuple[float, float]]], args: argparse.Namespace, agent_rss: int, bare: int) -> None:
+def report(
+    samples: dict[str, list[tuple[float, float]]], args: argparse.Namespace, rss: dict[str, int], bare: int
+) -> None:
     cpus = psutil.cpu_count()
     setup = f"{args.tokens} tokens, greedy, n_ctx {N_CTX}, threads {args.threads}, {cpus} CPUs"
     print(f"SmolLM2-135M-Instruct Q4_1, {setup}")
@@ -159,8 +170,10 @@ def report(samples: dict[str, list[tuple[float, float]]], args: argparse.Namespa
     for side, values in samples.items():
         ttft, rate = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
         print(f"{side:<18}{rate:>10.1f}{rate / base_rate:>12.3f}{ttft * 1000:>10.1f}{ttft / base_ttft:>12.3f}")
-    print(f"RSS: agent serving {agent_rss / 2**20:.0f} MiB, bare process {bare / 2**20:.0f} MiB, "
-          f"ratio {agent_rss / bare:.3f} (target <= 1.10)")  # fmt: skip
+    print(f"load average {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+    for name, agent_rss in rss.items():
+        print(f"RSS: {name} serving {agent_rss / 2**20:.0f} MiB, bare process {bare / 2**20:.0f} MiB, "
+              f"ratio {agent_rss / bare:.3f} (target <= 1.10)")  # fmt: skip
 
 
 if __name__ == "__main__":

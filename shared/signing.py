@@ -9,15 +9,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field
 
 from shared.base import WireModel
 from shared.canonical import CanonicalJSONError, canonical_json
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# cryptography is imported where a key is used, never by the wire models: it costs a serving agent
+# about 9 MiB of RSS that only signed releases need (docs/performance.md, "lean agent").
 
 RefusalReason = Literal["bad_signature", "unknown_key", "expired", "rollback", "mismatch", "size_exceeded"]
 MAX_SIGNED_BYTES = 64 * 1024  # a release or root document: a bigger one is refused unparsed
@@ -48,6 +51,8 @@ def keyid_of(public: Ed25519PublicKey) -> str:
 
 
 def public_hex(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
@@ -61,6 +66,9 @@ def check_signatures(
     meta: SignedMetadata, *, keys: dict[str, str], allowed: Sequence[str], threshold: int, role: str
 ) -> None:
     """Raise ReleaseRefused unless `threshold` distinct `allowed` keys signed `meta`."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         payload = canonical_json(meta.signed)
     except CanonicalJSONError as exc:
@@ -90,6 +98,8 @@ def check_signatures(
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """PKCS#8 PEM, readable by its owner only."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
@@ -98,6 +108,9 @@ def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
 
 
 def read_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} does not hold an Ed25519 private key")

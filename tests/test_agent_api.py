@@ -242,3 +242,27 @@ def test_cors_is_off_by_default(agent) -> None:
         headers={"Origin": "http://page.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def _threads(agent: AgentProcess) -> set[int]:
+    assert agent.proc is not None
+    return {int(t.name) for t in Path(f"/proc/{agent.proc.pid}/task").iterdir()}
+
+
+def test_generations_start_no_thread_per_request(agent, artifacts, models) -> None:
+    # llama.cpp's OpenMP team belongs to the calling thread: a fresh thread per request paid for a
+    # new generating thread and a new team before every first token (docs/performance.md, "lean agent").
+    serve(agent, artifacts, models["f32"])
+    ai = client(agent)
+    seen: list[set[int]] = []
+    for stream in (False, True, False, True):
+        if stream:
+            assert "".join(
+                c.choices[0].text for c in ai.completions.create(model="tiny", prompt="Hi", max_tokens=4, stream=True)
+            )
+        else:
+            assert ai.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            ).choices
+        seen.append(_threads(agent))
+    assert all(threads == seen[0] for threads in seen), [sorted(t ^ seen[0]) for t in seen]

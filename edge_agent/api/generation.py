@@ -1,6 +1,6 @@
 """Runs an engine's blocking token generator on a worker thread and hands tokens to the event loop.
 
-The generator is created, iterated and closed on the same thread (the engine's lock lives there).
+The generator is created, iterated and closed on the same worker thread (the engine's lock lives there).
 Tokens travel in batches: the worker wakes the event loop only when it is waiting, so a fast model
 costs one loop wake-up per batch, not per token; a non-streaming request wakes it once, at the end.
 A client that disconnects sets a cancel flag, so the worker stops at the next token.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.api.errors import APIError, model_unavailable
 from edge_agent.api.limits import RequestQueue
+from edge_agent.api.workers import Workers
 from edge_agent.runtime import (
     ContextOverflowError,
     Engine,
@@ -31,6 +32,9 @@ from edge_agent.serving import NoModelError, ServingModel
 from edge_agent.telemetry import RequestRecord
 
 StartStream = Callable[[Engine], TokenStream]
+
+# One thread keeps generating request after request (llama.cpp's OpenMP team stays warm).
+GENERATION_WORKERS = Workers(name="generate")
 
 
 class _PrepareFailed(Exception):
@@ -75,7 +79,7 @@ class Generation:
                 raise model_unavailable(str(exc), exc.retry_after_s) from exc
             check_model_name(self.model, self.requested_model)
             loop = asyncio.get_running_loop()
-            threading.Thread(target=self._work, args=(loop,), name="generate", daemon=True).start()
+            GENERATION_WORKERS.run(lambda: self._work(loop))
             return await self._next_batch() or []
         except BaseException as exc:
             self.close(error=exc)
