@@ -18,13 +18,14 @@ from pydantic import Field
 
 from shared.base import WireModel
 from shared.canonical import CanonicalJSONError, canonical_json
+from shared.errors import SharedError
 
 RefusalReason = Literal["bad_signature", "unknown_key", "expired", "rollback", "mismatch", "size_exceeded"]
 MAX_SIGNED_BYTES = 64 * 1024  # a release or root document: a bigger one is refused unparsed
 MAX_SIGNATURES = 16
 
 
-class ReleaseRefused(Exception):
+class ReleaseRefused(SharedError):
     """Signed metadata, or what a desired state asks under it, failed a check; `reason` says which."""
 
     def __init__(self, reason: RefusalReason, detail: str) -> None:

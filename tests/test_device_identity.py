@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.fleet.broker import free_port
 from control_plane.fleet.credentials import signal_from_pid_file
 from control_plane.trust.device_ca import DeviceCA, DeviceCAError
 from edge_agent.agent import Agent
@@ -27,11 +26,13 @@ from edge_agent.mqtt.channel import MqttChannel
 from edge_agent.settings import load_settings
 from shared.messages import EventMessage, encode
 from shared.mqtt.client import MqttClient
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
-from tests.support.mqtt import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto, wait_until
+from tests.support.mqtt import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto
 from tests.support.server_thread import ServerThread
 from tests.support.tls import Issued, TestCA
+from tests.support.waiting import wait_for
 
 
 def _csr(common_name: str = "whatever-the-device-says") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -129,13 +130,13 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
         device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="own topic")))
         device.publish(topics.events("edge-8"), encode(EventMessage(kind="error", message="forged")))
         device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="marker")))
-        assert wait_until(lambda: len(seen.payloads()) >= 2)
+        wait_for(lambda: len(seen.payloads()) >= 2)
         assert [t for t, _ in seen.items] == [topics.events("edge-7")] * 2  # the ACL keyed on the certificate's CN
         device.stop(publish_offline=False)
         assert _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") == 0
         device_ca.revoke(identity[0].read_bytes())
         signal_from_pid_file(broker.pid_file)()
-        assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") is None)
+        wait_for(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") is None)
         other = _write_identity(tmp_path, device_ca, "edge-9")
         assert _connack(mtls_port, _context(server_ca.ca_file, other), "edge-9") == 0  # others unaffected
     finally:
@@ -211,11 +212,11 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
             identity = (cert_file, key_file)
             try:
                 online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin_headers).json()["status"]  # noqa: E731
-                assert wait_until(lambda: online() == "online")
+                wait_for(lambda: online() == "online")
                 httpx.post(
                     f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin_headers
                 ).raise_for_status()
-                assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
+                wait_for(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
             finally:
                 channel.stop()
                 agent.stop()

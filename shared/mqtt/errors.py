@@ -11,8 +11,10 @@ MqttError
 
 from __future__ import annotations
 
+from shared.errors import SharedError
 
-class MqttError(Exception):
+
+class MqttError(SharedError):
     """Base of every error from shared.mqtt."""
 
 
