@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,19 +65,26 @@ def measure(url: str, count: int, devices: int, typed: bool) -> float:
         ingest.start()
     else:
         consumer.subscribe(topics.all_devices("telemetry"), raw)
+    try:
+        return timed_publish(url, messages, done, lambda: f"received {seen[0]}/{count}")
+    finally:
+        if ingest is not None:
+            ingest.stop()
+        consumer.stop(publish_offline=False)
+
+
+def timed_publish(url: str, messages: list[Outgoing], done: threading.Event, progress: Callable[[], str]) -> float:
+    """Seconds from the first publish until `done` is set (exits with `progress()` after 300 s)."""
     publisher = MqttClient(url, client_id=f"bench-dev-{uuid.uuid4().hex[:6]}")
     publisher.start()
     try:
         start = time.perf_counter()
         publisher.publish_many(messages, timeout_s=300)
-        if not done.wait(120):
-            raise SystemExit(f"received {seen[0]}/{count}")
+        if not done.wait(300):
+            raise SystemExit(progress())
         return time.perf_counter() - start
     finally:
-        if ingest is not None:
-            ingest.stop()
         publisher.stop(publish_offline=False)
-        consumer.stop(publish_offline=False)
 
 
 def main() -> None:

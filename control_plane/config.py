@@ -20,17 +20,23 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SLMOPS_", env_file=None, extra="ignore")
 
-    environment: Literal["development", "production"] = "development"
-    data_dir: Path = Path(".slmops")
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="`production` refuses to start without PostgreSQL and with the development keys.",
+    )
+    data_dir: Path = Field(
+        default=Path(".slmops"),
+        description="SQLite database, the blob store (`blobs/sha256/<hex>`), dev keys and the ingest journal.",
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL; default sqlite in the data dir. postgresql://... selects PostgreSQL.",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="Listen address of the API and dashboard.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Listen port of the API and dashboard.")
     public_url: str | None = Field(default=None, description="URL devices use to reach this server.")
     max_upload_bytes: int = Field(default=8 * 1024**3, gt=0, description="Largest artifact accepted.")
-    upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096)
+    upload_chunk_bytes: int = Field(default=1024 * 1024, ge=4096, description="Size of each read of a streamed upload.")
     max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Largest body of any request but an artifact upload."
     )
@@ -44,8 +50,12 @@ class Settings(BaseSettings):
         default=10, ge=0, description="Refused dashboard sign-ins per client address a minute (0: no limit)."
     )
     dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60, description="Dashboard sign-in lifetime.")
-    enrollment_token_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
-    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    enrollment_token_ttl_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="Lifetime of a one-time enrollment token."
+    )
+    idempotency_ttl_s: int = Field(
+        default=24 * 3600, gt=0, description="How long an `Idempotency-Key` and its response are remembered."
+    )
     blob_gc_grace_s: float = Field(
         default=600, ge=0, description="Unreferenced blobs younger than this are kept (uploads adopt before commit)."
     )
@@ -60,18 +70,22 @@ class Settings(BaseSettings):
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
     mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
     fleet_enabled: bool = Field(default=True, description="Run the broker link, ingest and rollout controller.")
-    controller_tick_s: float = Field(default=1.0, gt=0, le=60)
+    controller_tick_s: float = Field(default=1.0, gt=0, le=60, description="Rollout controller period.")
     telemetry_retention_s: int = Field(default=2 * 86400, ge=3600, description="Raw telemetry windows kept.")
     telemetry_minute_retention_s: int = Field(default=14 * 86400, ge=7200, description="Per-minute rollups kept.")
     telemetry_hour_retention_s: int = Field(default=400 * 86400, ge=7200, description="Per-hour rollups kept.")
-    telemetry_rollup_interval_s: float = Field(default=30.0, gt=0, le=3600)
-    mqtt_topic_prefix: str = "slmops/v1"
+    telemetry_rollup_interval_s: float = Field(
+        default=30.0, gt=0, le=3600, description="How often the rollup job runs (on the controller's leader)."
+    )
+    mqtt_topic_prefix: str = Field(
+        default="slmops/v1",
+        description="Topic namespace of every device topic (no leading or trailing `/`, no `#`/`+`).",
+    )
     # Each of the control plane's client ids is this label plus a tag derived from its broker
     # password (control_plane.fleet.credentials.client_id_for), so no device can name its session.
     mqtt_client_id: str = Field(default="slmops-control-plane", description="Stable id: the broker keeps its session.")
-    # The control plane needs no MQTT 5 feature (a 3.1.1 session without clean_session persists
-    # too), and paho builds a Properties object for every MQTT 5 PUBLISH and PUBACK it reads:
-    # 17 us per message against 2 us for 3.1.1, on the one thread that ingests the whole fleet.
+    # 3.1.1 by default: the control plane needs no MQTT 5 feature, and paho parses MQTT 5
+    # properties on every packet of the one thread that ingests the fleet (ADR 0002).
     mqtt_protocol: Protocol = Field(default="3.1.1", description="MQTT version of the control plane's connections.")
     # A secret, not a label: Mosquitto hands a shared message to a group member before it checks
     # that member may read it, so a device that joined the group would divert messages.
@@ -82,7 +96,7 @@ class Settings(BaseSettings):
         "replicas in the group split device messages between them.",
     )
     # paho acknowledges a device message before ingest stores it: the journal keeps what is in
-    # between on disk, so a crash of the control plane (kill -9 included) loses none of it.
+    # between on disk, so a crash of the control plane loses none of it (ADR 0003).
     ingest_journal: bool = Field(
         default=True,
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
@@ -102,7 +116,9 @@ class Settings(BaseSettings):
         default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
     )
     device_ca_dir: Path | None = Field(default=None, description="Device CA files; default <data dir>/device-ca.")
-    device_certificate_days: int = Field(default=90, ge=1, le=3650)
+    device_certificate_days: int = Field(
+        default=90, ge=1, le=3650, description="Lifetime of a device certificate signed at enrollment."
+    )
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): serve https.")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
     hsts_max_age_s: int = Field(default=365 * 86400, ge=0, description="HSTS max-age on https responses; 0: none.")
@@ -120,7 +136,7 @@ class Settings(BaseSettings):
     s3_presign_expiry_s: int = Field(
         default=900, ge=60, le=7 * 86400, description="Lifetime of the presigned download URLs devices are sent to."
     )
-    log_json: bool = False
+    log_json: bool = Field(default=False, description="Log one JSON object per line instead of plain text.")
     log_level: str = Field(default="INFO", description="Level of the control plane's own log (stdout).")
 
     @field_validator("database_url")

@@ -1,4 +1,7 @@
-"""`python -m edge_agent --config FILE`: the same daemon as `slmops agent --config FILE`."""
+"""`slmops-agent --config FILE` or `python -m edge_agent --config FILE`: the same daemon as
+`slmops agent --config FILE`, without the CLI's or the server's imports: it runs in an agent-only
+install (`pip install 'slmops[agent]'`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from edge_agent.errors import AgentError
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="edge_agent", description="slmops edge agent daemon")
+    parser = argparse.ArgumentParser(prog="slmops-agent", description="slmops edge agent daemon")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args()

@@ -208,7 +208,8 @@ class Agent:
         thread.start()
         self._threads.append(thread)
 
-    # httpx (with its TLS setup) is imported on first use: an idle agent stays ~8 MB smaller.
+    # httpx (with its TLS setup) is imported on first use: an idle agent stays smaller
+    # (docs/performance.md#agent).
     @property
     def http(self) -> httpx.Client:
         if self._http is None:

@@ -255,7 +255,7 @@ class _HashingSink:
     the receiving thread instead of after it; the final fsync then has little left to flush.
     """
 
-    _SYNC_EVERY = 4 * 1024 * 1024  # small steps keep the final fsync short; measured best of 4/8/32 MiB
+    _SYNC_EVERY = 4 * 1024 * 1024  # small steps keep the final fsync short (docs/performance.md#agent)
     _HAND_OVER = 256 * 1024  # network reads (<= 64 KiB) reach the helper in batches: fewer wake-ups
 
     def __init__(self, digest: Hash, fd: int) -> None:

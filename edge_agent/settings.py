@@ -26,52 +26,99 @@ class ConfigError(AgentError):
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid")
 
-    control_plane_url: str | None = None
-    mqtt_url: str | None = None
-    # Plaintext http:// or mqtt:// off loopback would carry the device credential in clear.
-    allow_insecure_http: bool = False
-    ca_bundle: Path | None = None  # PEM CAs for the control plane, downloads and MQTT; default: system store
-    x509_identity: bool = False  # send a CSR at enrollment; MQTT with the certificate (mTLS listener)
-    enrollment_token: SecretStr | None = None
-    credential_file: Path | None = None  # default: <data_dir>/credential.json
-    data_dir: Path = Path("/var/lib/slmops-agent")
-    desired_file: Path | None = None  # watched desired-state file; default: <data_dir>/desired.json
+    control_plane_url: str | None = Field(
+        default=None, description="The control plane's URL (enrollment, downloads, credential rotation)."
+    )
+    mqtt_url: str | None = Field(
+        default=None, description="Broker URL; default: the one the control plane hands over at enrollment."
+    )
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="Allow `http://` and `mqtt://` to hosts other than loopback (development only: the device "
+        "credential would travel in clear).",
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM CAs for the control plane, downloads and MQTT; default: the system store."
+    )
+    x509_identity: bool = Field(
+        default=False, description="Send a CSR at enrollment; MQTT with the certificate (mTLS listener)."
+    )
+    enrollment_token: SecretStr | None = Field(
+        default=None, description="One-time token from `POST /v1/devices`; used once, then the credential file."
+    )
+    credential_file: Path | None = Field(
+        default=None, description="The device credential (mode 0600); default `<data_dir>/credential.json`."
+    )
+    data_dir: Path = Field(
+        default=Path("/var/lib/slmops-agent"), description="Model store, credential, state, trust and spool files."
+    )
+    desired_file: Path | None = Field(
+        default=None, description="Watched desired-state file; default: `<data_dir>/desired.json`."
+    )
 
-    listen_host: str = "127.0.0.1"
-    listen_port: int = Field(default=8088, ge=0, le=65535)
-    threads: int | None = Field(default=None, ge=1)
-    # The local API: a body larger than this is refused (413) before it is read; requests beyond
-    # the one generating and `max_queued_requests` waiting are refused (429); browsers may call it
-    # only from the listed origins (none: CORS off).
-    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
-    max_queued_requests: int = Field(default=16, ge=0)
-    cors_allow_origins: list[str] = Field(default_factory=list)
+    listen_host: str = Field(
+        default="127.0.0.1", description="Address of the local inference API (loopback by default)."
+    )
+    listen_port: int = Field(
+        default=8088, ge=0, le=65535, description="Port of the local inference API (0: any free port)."
+    )
+    threads: int | None = Field(default=None, ge=1, description="Inference threads; default: the runtime's choice.")
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest body the local API reads; a larger one is refused (413) unread.",
+    )
+    max_queued_requests: int = Field(
+        default=16, ge=0, description="Requests that may wait behind the one generating; more are refused (429)."
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the local API from (none: CORS off)."
+    )
 
-    telemetry_window_s: float = Field(default=60.0, gt=0)
-    disk_quota_mb: int | None = Field(default=None, ge=1)  # the model store's limit
-    keep_versions: int = Field(default=2, ge=2)  # current + previous at least, so rollback works
-    memory_budget_mb: int | None = Field(default=None, ge=1)  # cap on memory the agent plans to use
+    telemetry_window_s: float = Field(default=60.0, gt=0, description="Length of one telemetry window.")
+    disk_quota_mb: int | None = Field(default=None, ge=1, description="The model store's limit.")
+    keep_versions: int = Field(
+        default=2, ge=2, description="Versions kept in the store: current + previous at least, so rollback works."
+    )
+    memory_budget_mb: int | None = Field(default=None, ge=1, description="Cap on the memory the agent plans to use.")
 
-    smoke_timeout_s: float = Field(default=30.0, gt=0)
-    trial_requests: int = Field(default=20, ge=1)
-    trial_seconds: float = Field(default=120.0, gt=0)
-    trial_max_errors: int = Field(default=3, ge=1)
-    max_activation_attempts: int = Field(default=2, ge=1)  # after a crash mid-activation
+    smoke_timeout_s: float = Field(
+        default=30.0, gt=0, description="Time a new model has to load and answer its smoke test."
+    )
+    trial_requests: int = Field(
+        default=20, ge=1, description="Healthy requests after which a model on trial is committed."
+    )
+    trial_seconds: float = Field(
+        default=120.0, gt=0, description="Trial length after which a model with no errors is committed."
+    )
+    trial_max_errors: int = Field(
+        default=3, ge=1, description="Failed requests during the trial that roll the model back."
+    )
+    max_activation_attempts: int = Field(
+        default=2, ge=1, description="Activations tried again after a crash mid-activation."
+    )
 
-    download_retries: int = Field(default=5, ge=0)
-    download_backoff_s: float = Field(default=1.0, ge=0)
-    download_backoff_max_s: float = Field(default=60.0, ge=0)
-    download_timeout_s: float = Field(default=30.0, gt=0)  # per read: a stalled server counts as failed
-    # Hosts, addresses or CIDR networks an artifact URL or redirect may name although private (a LAN mirror).
-    download_allowed_hosts: list[str] = Field(default_factory=list)
+    download_retries: int = Field(default=5, ge=0, description="Retries of a failed download (HTTP Range resume).")
+    download_backoff_s: float = Field(
+        default=1.0, ge=0, description="First pause between download retries (doubles each time)."
+    )
+    download_backoff_max_s: float = Field(default=60.0, ge=0, description="Longest pause between download retries.")
+    download_timeout_s: float = Field(default=30.0, gt=0, description="Per read: a stalled server counts as failed.")
+    download_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts, addresses or CIDR networks an artifact URL or redirect may name although private "
+        "(a LAN mirror).",
+    )
 
-    watch_interval_s: float = Field(default=1.0, gt=0)
-    # The operator's root.json (slmops keys init): releases are verified against it. Unset: the
-    # root the control plane sent at enrollment is trusted on first use (edge_agent.trust).
-    root_metadata_file: Path | None = None
-    credential_check_s: float = Field(default=300.0, gt=0, description="how often to ask whether to rotate")
-    log_json: bool = False
-    log_level: str = "INFO"
+    watch_interval_s: float = Field(default=1.0, gt=0, description="How often the desired-state file is checked.")
+    root_metadata_file: Path | None = Field(
+        default=None,
+        description="The operator's root.json (slmops keys init): releases are verified against it. Unset: the "
+        "root the control plane sent at enrollment is trusted on first use (edge_agent.trust).",
+    )
+    credential_check_s: float = Field(default=300.0, gt=0, description="How often to ask whether to rotate.")
+    log_json: bool = Field(default=False, description="Log one JSON object per line instead of plain text.")
+    log_level: str = Field(default="INFO", description="Level of the agent's log.")
 
     @model_validator(mode="after")
     def _check_enrollment(self) -> AgentSettings:

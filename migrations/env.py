@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 from sqlmodel import SQLModel
 
 import control_plane.models  # noqa: F401  (fills the metadata)
 
 config = context.config
+MIGRATION_LOCK_KEY = 0x510_0DB0  # arbitrary, fixed: "slmops migrations" (the controller's is 0x510_0AE5)
 target_metadata = SQLModel.metadata
 
 
@@ -47,6 +48,9 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas upgrade at start: one migrates, the others wait here, then find the schema at head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
         context.run_migrations()
     connection.commit() if hasattr(connection, "commit") and connection.in_transaction() else None
 

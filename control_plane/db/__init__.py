@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"  # the repository's migrations/, packaged
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -30,15 +30,9 @@ def make_engine(url: str) -> sa.Engine:
             cur.close()
 
         return engine
-    # orjson decodes JSON columns (device hardware, desired states, histograms) several times faster
-    # than the standard library: at fleet scale the controller and ingest read thousands per tick.
-    # prepare_threshold=None: psycopg never prepares a statement, so PostgreSQL plans each one with
-    # its parameters. Prepared, a query on `id = ANY(:ids)` (ingest looks up each batch's senders,
-    # the controller its members) was soon run with a generic plan, which cannot hash the array:
-    # a scan comparing every row with every id, 80 ms of a 160 ms ingest batch of 1,000 windows
-    # from 2,000 devices, against 3 ms planned with the values (a 1,000-window batch in all:
-    # 154 -> 58 ms). Planning each statement costs far less. It also suits PgBouncer's
-    # transaction pooling, where prepared statements do not survive a change of connection.
+    # orjson decodes the JSON columns: the controller and ingest read thousands of them per tick.
+    # prepare_threshold=None: PostgreSQL plans each statement with its parameters, since a generic
+    # plan cannot hash an `id = ANY(...)` list; it also suits PgBouncer's transaction pooling (ADR 0006).
     return sa.create_engine(
         url,
         pool_pre_ping=True,

@@ -2,9 +2,8 @@
 executemany on SQLite.
 
 On PostgreSQL the rows are copied into a temporary staging table (`_stage`) and written from it
-with one INSERT or UPDATE, so 10,000 rows cost no per-row SQL. Profiled on the fleet paths
-(desired-state assignment, ingest), an executemany of the same rows spent most of its time in
-the driver splitting and binding per-row statements. SQLite's executemany runs in C already.
+with one INSERT or UPDATE, so 10,000 rows cost no per-row SQL (ADR 0006). SQLite's executemany
+runs in C already.
 """
 
 from __future__ import annotations
@@ -166,10 +165,8 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
     """Copy `rows` into a temporary table of just these columns (one per connection, emptied at
     commit and after each use); returns its quoted name.
 
-    COPY is the cheapest way into PostgreSQL: 1,000 desired states took 13-19 ms copied and
-    inserted from the staging table, 20-34 ms as one `json_to_recordset` document, whose nested
-    JSON the server parses twice (idle machine, same rows); array parameters were slower still,
-    the driver escaping every element with a regular expression.
+    COPY is the cheapest way into PostgreSQL, cheaper than one JSON document or array parameters
+    (ADR 0006).
     """
     dialect = session.get_bind().dialect
     q = _quoter(session)
@@ -177,7 +174,7 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
     name = q(f"_stage_{table.name}_{hashlib.sha1(shape.encode()).hexdigest()[:10]}")
     info = session.connection().info
     if name not in info.get(_STAGES_READY, ()):
-        # Even when the table exists, the statement cost PostgreSQL 0.6-2 ms (three per ingest batch).
+        # Once per connection: the statement costs PostgreSQL even when the table exists (ADR 0006).
         definition = ", ".join(f"{q(c)} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
         session.execute(sa.text(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({definition}) ON COMMIT DELETE ROWS"))
         info.setdefault(_STAGES_PENDING, set()).add(name)
@@ -186,9 +183,8 @@ def _stage(session: Session, table: sa.Table, columns: list[str], rows: Sequence
     values = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor, cursor.copy(f"COPY {name} ({', '.join(q(c) for c in columns)}) FROM STDIN") as copy:
-        # Values pass as they are but for JSON and timestamps (as text): a conversion call per
-        # value was a third of the time the rows of a 10,000-device assignment took to copy, and
-        # psycopg's own timestamp formatting cost ~4 us a value, half of a member row's. ISO text
+        # Values pass as they are but for JSON and timestamps (as text): a conversion per value,
+        # psycopg's timestamp formatting included, would cost more than the copy (ADR 0006). ISO text
         # reads back as the same instant (naive values in the session's zone, as psycopg sends
         # them). Most rows of a batch share one timestamp object (the batch's clock reading): it
         # is formatted once per object, which `rows` keeps alive (not per equal value: the same
@@ -240,8 +236,7 @@ def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.Co
     PostgreSQL: one clause, `column = ANY(array)`, a single parameter however many values (an IN
     list of 10,000 binds costs the driver more to render and split than the query costs to run).
     Strings travel as one text that the server splits (`string_to_array`): psycopg dumps a list
-    parameter element by element in Python, 7.5 ms for 10,000 device ids against 1.5 ms as one
-    text (the ingest's sender lookup, gate evaluation and the publisher's reads pass such lists).
+    parameter element by element in Python (ADR 0006).
     SQLite: IN lists of at most 900 values (its limit on bound parameters per statement).
     """
     values = list(values)

@@ -151,7 +151,7 @@ class FleetRuntime:
                     self._publish_logged("before the controller tick")
                     # A wake that only publishes (a new rollout) skips the tick until it is due: the
                     # tick has nothing to decide before devices act, and it would compete with
-                    # ingesting their acknowledgements (a third of the server's CPU at 10,000 devices).
+                    # ingesting their acknowledgements (docs/performance.md#controller-ticks).
                     if self._tick_now.is_set() or time.monotonic() >= next_tick:
                         self._tick_now.clear()
                         self._tick()
@@ -190,8 +190,7 @@ class FleetRuntime:
     def handing_over(self, states: dict[str, dict[str, Any]]) -> Iterator[None]:
         """Around the commit of desired states an API request wrote (device id -> DesiredState as
         JSON): once committed, they go to the publisher as they are, instead of being read back
-        from the database (a 10,000-device first stage read back in batches was ~0.2 s of the
-        time from promote to the devices). They stay in the outbox, unmarked, until the broker
+        from the database (ADR 0009). They stay in the outbox, unmarked, until the broker
         acknowledges them, so a crash before that loses nothing: the next leader reads them back.
 
         The lock makes each such commit and its handover one step for the publisher, which takes

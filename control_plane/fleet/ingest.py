@@ -43,8 +43,8 @@ _VALUE_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError, psycopg.DataError, psy
 class IngestWriter:
     """Plain rows in, plain statements out: per message, a dict of column values and no ORM object.
 
-    Profiled at thousands of messages per second, loading a Device object per sender (with its JSON
-    columns) and the unit of work's per-row flush cost more than decoding the messages did.
+    A Device object per sender and the unit of work's per-row flush would cost more than decoding
+    the messages (ADR 0006).
     """
 
     def __init__(self, engine: sa.Engine) -> None:
@@ -154,7 +154,7 @@ def _drop_fresh_last_seen(
     """Leave out updates that would only move `last_seen` by less than LAST_SEEN_RESOLUTION.
 
     A telemetry window changes nothing else on its device; rewriting the device row for every
-    window doubled the database's write work at fleet scale, for a timestamp nobody reads to the
+    window would double the database's write work at fleet scale, for a timestamp nobody reads to the
     second (online/offline comes from status messages)."""
     kept = {}
     for device_id, change in changes.items():

@@ -1,5 +1,7 @@
 """A write-ahead journal of what the control plane's ingest acknowledged to the broker but has not
-stored yet, so a crash (kill -9 included) loses none of it.
+stored yet, so a crash (kill -9 included) loses none of it (docs/adr/0003-ingest-journal.md). Why
+this and not acknowledging each message after its batch commits (paho's manual_ack):
+docs/adr/0010-manual-ack-vs-ingest-journal.md.
 
 paho acknowledges a QoS 1 message (PUBACK) as soon as on_message returns, and the broker then
 forgets it; ingest stores it later, in batches. Here every message read is appended to the

@@ -6,11 +6,10 @@ the batch goes to a writer thread once `max_batch` have gathered, or `max_delay_
 message (a flusher thread watches the clock). The writer calls the handler, one batch at a time in
 arrival order, so the handler can write one SQL transaction per batch.
 
-Why the hand-off is per batch: handing each message to another thread made the network thread and
-a worker trade the GIL for every message, which cost more than decoding and storing it (py-spy on
-benchmarks/fleet_scale.py). Per batch it costs nothing, and while the writer waits on the database
-(the GIL released) the network thread decodes the next batch. The writer takes the batches
-queued behind the one it picks up into the same call (about `max_write` messages), so under load
+The hand-off is per batch, never per message, so the two threads do not trade the GIL for each
+message (ADR 0008); while the writer waits on the database the network thread decodes the next
+batch. The writer takes the batches queued behind the one it picks up into the same call (about
+`max_write` messages), so under load
 a transaction grows to what arrived during the last one. What a hold (`held()`) put aside goes
 over in batches of `max_write` at its end. At most PENDING_BATCHES batches wait for
 the writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
@@ -189,7 +188,7 @@ class DeviceMessageSubscriber:
         coming back at once would otherwise take turns with the publisher for the interpreter and
         the database, and every device would wait longer for its desired state. Messages are
         still read and acknowledged to the broker meanwhile, so none wait in the broker's queue
-        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop). At most MAX_HELD
+        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop; ADR 0008). At most MAX_HELD
         are put aside (the hold ends early at that many); with a journal (`IngestJournal`) a crash
         inside the block loses none of them, as it loses none of the batches waiting for the
         writer, and without one it loses them all."""
@@ -217,7 +216,7 @@ class DeviceMessageSubscriber:
         """Decode what a hold put aside and hand it over in batches of up to `max_write`, after
         the batch gathering now: one transaction for a 1,000-device stage's acknowledgements
         instead of one per `max_batch` (the flusher cuts a batch 10 ms after its first message,
-        and decoding them takes longer than that)."""
+        and decoding them takes longer than that; ADR 0008)."""
         decoded: list[DeviceMessage] = []
         for topic, payload, received_at, seq in held:
             self.counters.received += 1
@@ -284,11 +283,8 @@ class DeviceMessageSubscriber:
     def _write_batches(self) -> None:
         """Hand each batch to the handler together with the batches queued behind it (until the
         call holds `max_write` messages, so at most `max_write + max_batch - 1`; still in arrival
-        order): under load, one transaction takes what arrived during the last one. A batch is
-        cut 10 ms after its first message, so at thousands of messages a second batches were
-        small, and per-transaction costs bounded the rate: 10,000 windows stored at 4,600 msg/s
-        in batches of 50, 10,000 in batches of 500, 12,700-15,000 in batches of 2,000 and
-        16,000-21,000 in batches of 5,000 (IngestWriter alone on PostgreSQL)."""
+        order): under load, one transaction takes what arrived during the last one, since
+        per-transaction costs bound the rate of small batches (ADR 0008)."""
         stopping = False
         while not stopping and (batch := self._pending.get()) is not None:
             while len(batch) < self._max_write:

@@ -41,7 +41,7 @@ class Device(SQLModel, table=True):
     staged_secret_hash: str | None = Field(default=None, max_length=64)
     last_seen: datetime | None = ts_field()
     current_model: str | None = Field(default=None, max_length=128)
-    # Not indexed, so acknowledgements update the row in place (migration 0008).
+    # Not indexed, so acknowledgements update the row in place (ADR 0007).
     current_version: str | None = Field(default=None, max_length=64)
     current_sha256: str | None = Field(default=None, max_length=64)
     phase: str | None = Field(default=None, max_length=32)  # from the device's state reports

@@ -50,7 +50,7 @@ class Rollout(SQLModel, table=True):
 class RolloutDevice(SQLModel, table=True):
     __tablename__ = "rollout_devices"
 
-    # No foreign keys: checking them locked a parent row per member inserted (migrations 0006, 0009).
+    # No foreign keys: checking them locks a parent row per member inserted (ADR 0001).
     rollout_id: str = Field(primary_key=True, max_length=36)
     device_id: str = Field(primary_key=True, max_length=36)
     stage_index: int = Field(default=-1)  # -1: in the target set, not yet assigned
@@ -79,8 +79,8 @@ class DesiredStateRow(SQLModel, table=True):
     device_id: str = Field(foreign_key="devices.id", primary_key=True, max_length=36)
     message_id: str = Field(max_length=36)
     model: str = Field(max_length=128)
-    # Not indexed: nothing filters on it, and the index kept every assignment (the version
-    # changes) from updating the row in place (migration 0007).
+    # Not indexed: nothing filters on it, and an index would keep every assignment (the version
+    # changes) from updating the row in place (ADR 0007).
     version: str = Field(max_length=64)
     artifact_sha256: str = Field(max_length=64)
     rollout_id: str | None = Field(default=None, max_length=36)

@@ -98,10 +98,9 @@ def with_message_id(template: dict[str, Any], **changes: Any) -> dict[str, Any]:
 def write_desired(session: Session, states: dict[str, dict[str, Any]]) -> None:
     """Replace the desired state of every device in `states` (device id -> DesiredState as JSON).
 
-    The publisher sends them (retained) after commit. One set-based upsert (control_plane.db.bulk):
-    building a SQLModel row per device (pydantic validation in __init__) and the unit of
-    work's per-row UPDATE were most of a 10,000-device assignment (cProfile). The payloads come
-    from a DesiredState validated once per artifact (`desired_payload`), so no check is skipped.
+    The publisher sends them (retained) after commit. One set-based upsert (control_plane.db.bulk),
+    no SQLModel row per device (ADR 0006). The payloads come from a DesiredState validated once
+    per artifact (`desired_payload`), so no check is skipped.
     ORM copies of these rows in `session` are expired, so later reads see the new state.
     """
     if not states:

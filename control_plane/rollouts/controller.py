@@ -40,8 +40,8 @@ from control_plane.services.selectors import parse_selector, selector_clauses
 
 log = logging.getLogger("slmops.rollouts")
 ENROLLED = ("online", "offline")
-# Bulk reads select the table's columns, not the model's attributes: for ORM attributes SQLAlchemy
-# runs its ORM loading per row, 120 ms instead of 35-50 ms for 10,000 devices' ids and hardware.
+# Bulk reads select the table's columns, not the model's attributes, which SQLAlchemy loads per
+# row (ADR 0006).
 DEVICES: sa.Table = Device.__table__  # type: ignore[attr-defined]
 BASELINE_LOOKBACK = timedelta(minutes=30)
 ANALYZE_AT = 1000  # members from which a rollout's table statistics are refreshed (see _analyze_once)
@@ -67,8 +67,8 @@ class HardwareProfiles(dict[str, dict[str, Any]]):
     """device id -> hardware profile, from (device id, profile as JSON text) rows.
 
     A fleet has few distinct profiles: each text is parsed once and its dict shared by the devices
-    that report it (read-only), and `hardware_class` is worked out once per dict. Parsing a JSON
-    column per row was a third of the time a 10,000-device rollout took to read its targets."""
+    that report it (read-only), and `hardware_class` is worked out once per dict, not per device
+    (docs/performance.md#fleet-paths)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -249,10 +249,8 @@ class RolloutController:
     def _analyze_once(self, session: Session, rollout: Rollout, members: list[Member]) -> None:
         """Refresh PostgreSQL's statistics of `rollout_devices` once per large rollout.
 
-        Until autovacuum gets to it (a minute or more), the planner still believes what it saw
-        before the rollout's members arrived (21 members per rollout, say, for 10,000): its
-        nested-loop plan made each tick's member queries 90 ms instead of ~10 ms, on the
-        database's core, while devices were acknowledging. Once per rollout, ~10-20 ms."""
+        Until autovacuum gets to it, the planner still believes what it saw before the rollout's
+        members arrived, and nested-loops them (docs/performance.md#controller-ticks)."""
         if len(members) < ANALYZE_AT or rollout.id in self._analyzed or session.get_bind().dialect.name != "postgresql":
             return
         session.execute(sa.text("ANALYZE rollout_devices"))
@@ -336,9 +334,8 @@ class RolloutController:
         check_version = assign.deployable_artifacts(session, version)[1] is not None
         table = DesiredStateRow.__table__  # type: ignore[attr-defined]
         dev, member = DEVICES, members_.TABLE.c
-        # Only the members whose device reports a phase that can settle them: every tick of a
-        # large stage had read all of its devices (10,000 rows, passed back as a 10,000-id array)
-        # to find the few that moved. The phases are the ones decided on below.
+        # Only the members whose device reports a phase that can settle them, not every device of
+        # the stage (docs/performance.md#controller-ticks). The phases are the ones decided on below.
         stmt = (
             sa.select(
                 dev.c.id,
@@ -485,8 +482,8 @@ class RolloutController:
         stable = plan.version if completed else baseline
         if stable is None:
             return
-        # Matching devices that are not members, found by the database: reading every target's id
-        # on every tick to compare in Python was a tenth of a 10,000-device tick.
+        # Matching devices that are not members, found by the database, not compared in Python
+        # (docs/performance.md#controller-ticks).
         member = members_.TABLE.c
         not_member = ~sa.exists().where(member.rollout_id == rollout.id, member.device_id == DEVICES.c.id)
         newcomers = list(session.execute(enrolled_matching(rollout.selector, DEVICES.c.id).where(not_member)).scalars())

@@ -216,8 +216,8 @@ def evaluate(
     active = [m for m in deployable if m.status == "active"]
     failed = [m for m in deployable if m.status == "failed"]
     devices = Device.__table__.c  # type: ignore[attr-defined]  # table columns: see controller.DEVICES
-    # Only the exceptions, joined through the rollout's members: reading every member's status
-    # (passed as a 10,000-id array at fleet scale) was a third of a tick.
+    # Only the exceptions, joined through the rollout's members, not every member's status
+    # (docs/performance.md#controller-ticks).
     member = members_.TABLE.c
     stmt = (
         sa.select(devices.id)

@@ -1,7 +1,7 @@
 """A rollout's devices as plain rows: read in one column query, written back in one set-based update.
 
-The controller reads every member on every tick; ORM objects (identity map, deferred-column
-loaders, unit-of-work flush) cost more than the whole decision at 10,000 devices (cProfile).
+The controller reads every member on every tick; ORM objects would cost more than the decision
+(ADR 0006).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ def previous_desired(session: Session, rollout_id: str, device_ids: list[str]) -
 
 
 # What a rollback restores: each device's desired state as it was before the rollout replaced it,
-# copied column to column by the database (reading thousands of JSON payloads into Python only to
-# write them back was most of the time a rollout's first request took; py-spy).
+# copied column to column by the database, never read into Python (ADR 0006).
 _PREVIOUS_DESIRED = bulk.CopyFrom(
     column="previous_desired",
     source=DesiredStateRow.__table__.c.payload,  # type: ignore[attr-defined]

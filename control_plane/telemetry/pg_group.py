@@ -1,9 +1,9 @@
 """Per-minute, per-device aggregation of raw windows done inside PostgreSQL.
 
 The same sums as `Aggregate.add_window`, with histogram counts summed position by position, grouped
-by bucket layout: PostgreSQL does in C what Python would do per row (about 5x the windows a second
-on the 2-core test machine), which keeps a rollup pass cheap at fleet scale. SQLite uses the
-Python path.
+by bucket layout: PostgreSQL does in C what Python would do per row, which keeps a rollup pass
+cheap at fleet scale (docs/performance.md#telemetry-rollups-and-queries). SQLite uses the Python
+path.
 """
 
 from __future__ import annotations

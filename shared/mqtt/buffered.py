@@ -12,8 +12,7 @@ the network thread itself wakes nothing: that thread looks at the queue before i
 A packet queued from another thread wakes the network thread only if no wake-up is pending since
 it last took from the queue, so a burst of publish() calls costs one wake-up byte, not one each:
 each send() on the socket pair released the GIL, and the publishing thread then waited its turn
-behind the network threads once per message. At thousands of messages a second these syscalls
-were most of the network thread's time (py-spy on benchmarks/fleet_scale.py).
+behind the network threads once per message (ADR 0004).
 
 PUBACKs of MQTT 3.1.1 are read without building paho's MQTT 5 reason code and properties objects.
 
@@ -88,9 +87,8 @@ class BufferedClient(paho.Client):
                 on_message(self, self._userdata, message)
 
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
-        # An MQTT 3.1.1 PUBACK is its packet id and nothing else (section 3.4). paho 2.x decodes
-        # it into a fresh ReasonCode and Properties object all the same, 11.5 us a PUBACK here:
-        # 115 ms of the control plane's GIL per 10,000 desired states published.
+        # An MQTT 3.1.1 PUBACK is its packet id and nothing else (section 3.4); paho 2.x decodes it
+        # into a fresh ReasonCode and Properties object all the same (ADR 0004).
         packet = self._in_packet["packet"]
         if cmd != "PUBACK" or self._protocol == paho.MQTTv5 or len(packet) != 2:
             return super()._handle_pubackcomp(cmd)  # MQTT 5, QoS 2, or a malformed packet paho reports

@@ -355,8 +355,8 @@ class MqttClient:
                 handlers = [
                     h for s in self._subscriptions.values() if topic_matches(s.topic_filter, topic) for h in s.handlers
                 ]
-                # Matching every filter per message was a fifth of the ingest thread's time; a fleet
-                # has a few topics per device, so the cache stays small (and is bounded anyway).
+                # Matched once per topic, not per message (ADR 0004); a fleet has a few topics per
+                # device, so the cache stays small (and is bounded anyway).
                 if len(self._routes) >= ROUTE_CACHE_SIZE:
                     self._routes.clear()
                 self._routes[topic] = handlers
@@ -393,7 +393,7 @@ class MqttClient:
         self._arm_will(client)
         client.reconnect_delay_set(*self._reconnect_delays)
         # No cap on QoS 1 messages in flight: publish_many pipelines a whole batch, and with a cap
-        # paho scans every message it holds on each PUBACK (quadratic in the batch; py-spy).
+        # paho scans every message it holds on each PUBACK, quadratic in the batch (ADR 0004).
         # The broker's own receive maximum still applies on its side.
         client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
@@ -450,8 +450,7 @@ def _resolve(message: Outgoing | Callable[[], Outgoing]) -> Outgoing:
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT 3.1.1 section 4.7 filter matching, as paho.topic_matches_sub decides it.
 
-    paho builds a matcher tree on every call; on the control plane's network thread that was a
-    third of the time per message at thousands of messages a second (py-spy, benchmarks/fleet_scale.py).
+    paho builds a matcher tree on every call, too slow for the control plane's network thread (ADR 0004).
     """
     if topic_filter.startswith("$share/"):
         # A shared subscription (MQTT 5 section 4.8.2; Mosquitto and EMQX take it over 3.1.1 too)

@@ -34,12 +34,20 @@ def _is_agent_daemon(argv: list[str]) -> bool:
 def main() -> None:
     argv = sys.argv[1:]
     if _is_agent_daemon(argv):
-        # Skip Typer and rich (about 7 MB resident) for the long-running daemon on small devices.
+        # Skip Typer and rich for the long-running daemon on small devices (docs/performance.md#agent).
         from edge_agent.__main__ import main as agent_main
 
         sys.argv = ["slmops agent", *("--config" if a == "-c" else a for a in argv[1:])]
         sys.exit(agent_main())
-    from slmops.cli.app import app
-
+    try:
+        from slmops.cli.app import app
+    except ModuleNotFoundError as exc:  # an agent-only install (`slmops[agent]`) has no Typer
+        if exc.name not in ("typer", "rich", "click"):
+            raise
+        sys.stderr.write(
+            "slmops: the operator CLI needs the cli extra: pip install 'slmops[cli]'\n"
+            "the agent daemon runs without it: slmops-agent --config FILE (or slmops agent --config FILE)\n"
+        )
+        sys.exit(2)
     _register()
     app()

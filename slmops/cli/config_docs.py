@@ -3,19 +3,14 @@
     python -m slmops.cli.config_docs           # rewrite docs/configuration.md
     python -m slmops.cli.config_docs --check   # exit 1 when the committed file is stale
 
-A field's meaning is its `Field(description=...)`; a field without one falls back to the comment
-beside or above it in the class, then to `_UNDESCRIBED` below (move those into `description=`).
+A field's meaning is its `Field(description=...)`; every field has one (tests/test_config_docs.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import enum
-import inspect
-import io
 import sys
-import tokenize
 import types
 import typing
 from pathlib import Path
@@ -27,47 +22,6 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-
-# Meanings of fields that have neither a description nor a comment yet, keyed by class.field.
-_UNDESCRIBED: dict[str, str] = {
-    "Settings.environment": "`production` refuses to start without PostgreSQL and with the development keys.",
-    "Settings.data_dir": "SQLite database, the blob store (`blobs/sha256/<hex>`), dev keys and the ingest journal.",
-    "Settings.host": "Listen address of the API and dashboard.",
-    "Settings.port": "Listen port of the API and dashboard.",
-    "Settings.upload_chunk_bytes": "Size of each read of a streamed upload.",
-    "Settings.enrollment_token_ttl_s": "Lifetime of a one-time enrollment token.",
-    "Settings.idempotency_ttl_s": "How long an `Idempotency-Key` and its response are remembered.",
-    "Settings.controller_tick_s": "Rollout controller period.",
-    "Settings.telemetry_rollup_interval_s": "How often the rollup job runs (on the controller's leader).",
-    "Settings.mqtt_topic_prefix": "Topic namespace of every device topic (no leading or trailing `/`, no `#`/`+`).",
-    "Settings.device_certificate_days": "Lifetime of a device certificate signed at enrollment.",
-    "Settings.log_json": "Log one JSON object per line instead of plain text.",
-    "AgentSettings.control_plane_url": "The control plane's URL (enrollment, downloads, credential rotation).",
-    "AgentSettings.mqtt_url": "Broker URL; default: the one the control plane hands over at enrollment.",
-    "AgentSettings.enrollment_token": "One-time token from `POST /v1/devices`; used once, then the credential file.",
-    "AgentSettings.allow_insecure_http": "Allow `http://` and `mqtt://` to hosts other than loopback (development "
-    "only: the device credential would travel in clear).",
-    "AgentSettings.credential_file": "The device credential (mode 0600); default `<data_dir>/credential.json`.",
-    "AgentSettings.max_request_bytes": "Largest body the local API reads; a larger one is refused (413) unread.",
-    "AgentSettings.max_queued_requests": "Requests that may wait behind the one generating; more are refused (429).",
-    "AgentSettings.cors_allow_origins": "Origins browsers may call the local API from (none: CORS off).",
-    "AgentSettings.max_activation_attempts": "Activations tried again after a crash mid-activation.",
-    "AgentSettings.data_dir": "Model store, credential, state, trust and spool files.",
-    "AgentSettings.listen_host": "Address of the local inference API (loopback by default).",
-    "AgentSettings.listen_port": "Port of the local inference API (0: any free port).",
-    "AgentSettings.threads": "Inference threads; default: the runtime's choice.",
-    "AgentSettings.telemetry_window_s": "Length of one telemetry window.",
-    "AgentSettings.smoke_timeout_s": "Time a new model has to load and answer its smoke test.",
-    "AgentSettings.trial_requests": "Healthy requests after which a model on trial is committed.",
-    "AgentSettings.trial_seconds": "Trial length after which a model with no errors is committed.",
-    "AgentSettings.trial_max_errors": "Failed requests during the trial that roll the model back.",
-    "AgentSettings.download_retries": "Retries of a failed download (HTTP Range resume).",
-    "AgentSettings.download_backoff_s": "First pause between download retries (doubles each time).",
-    "AgentSettings.download_backoff_max_s": "Longest pause between download retries.",
-    "AgentSettings.watch_interval_s": "How often the desired-state file is checked.",
-    "AgentSettings.log_json": "Log one JSON object per line instead of plain text.",
-    "AgentSettings.log_level": "Level of the agent's log.",
-}
 
 _HEADER = """\
 # Configuration
@@ -186,33 +140,8 @@ def _default(name: str, info: FieldInfo) -> str:
     return text
 
 
-def _source_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment on its line(s), else the comment lines right above it."""
-    source = inspect.getsource(cls)
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    lines = source.splitlines()
-    found: dict[str, str] = {}
-    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        last = node.end_lineno or node.lineno
-        own = [comments[n] for n in range(node.lineno, last + 1) if n in comments]
-        above: list[str] = []
-        n = node.lineno - 1
-        while n in comments and lines[n - 1].lstrip().startswith("#"):
-            above.insert(0, comments[n])
-            n -= 1
-        text = " ".join(own or above)
-        if text:
-            found[node.target.id] = text[0].upper() + text[1:]
-    return found
-
-
-def _meaning(cls: type, name: str, info: FieldInfo, comments: dict[str, str]) -> str:
-    text = info.description or _UNDESCRIBED.get(f"{cls.__name__}.{name}") or comments.get(name, "")
+def _meaning(info: FieldInfo) -> str:
+    text = info.description or ""
     # Outside code spans, `<data dir>` would read as an HTML tag.
     parts = text.replace("|", "\\|").strip().split("`")
     text = "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
@@ -224,13 +153,12 @@ def _meaning(cls: type, name: str, info: FieldInfo, comments: dict[str, str]) ->
 def settings_rows(cls: type[BaseSettings]) -> list[tuple[str, str, str, str, str]]:
     """(field, env variable, type, default, meaning) for every field of `cls`."""
     prefix = cls.model_config.get("env_prefix", "")
-    comments = _source_comments(cls)
     rows = []
     for name, info in cls.model_fields.items():
         kind = _type_name(info.annotation)
         if limits := _constraints(info):
             kind += f"; {limits}"
-        rows.append((name, f"{prefix}{name.upper()}", kind, _default(name, info), _meaning(cls, name, info, comments)))
+        rows.append((name, f"{prefix}{name.upper()}", kind, _default(name, info), _meaning(info)))
     return rows
 
 

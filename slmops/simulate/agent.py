@@ -89,14 +89,14 @@ class SimAgent:
         self.device_id = credential.device_id
         self.credential = credential
         self.topics = Topics(credential.topic_prefix)
-        # Built once: a topic per publish (formatting and checking the device id) was a tenth of
-        # a simulated fleet's time (py-spy), and the simulator shares the machine with what it tests.
+        # Built once, not per publish: the simulator shares the machine with what it tests
+        # (docs/performance.md#fleet-paths).
         self._state_topic = self.topics.state(credential.device_id)
         self._telemetry_topic = self.topics.telemetry(credential.device_id)
         self.config = config
         self.stats = stats
-        # Kept as the message it is published as: each publish copies it with a new envelope
-        # (StateMessage.wrap's model_construct per state was a fifth of a fleet's time; py-spy).
+        # Kept as the message it is published as: each publish copies it with a new envelope, no
+        # StateMessage.wrap per state (docs/performance.md#fleet-paths).
         self.state = StateMessage(device_id=credential.device_id)
         self.applied: list[str] = []  # desired message ids acted on, in order
         self.connected = asyncio.Event()

@@ -16,8 +16,8 @@ from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram, Summary, Syste
 
 S = TypeVar("S", bound=DeviceState)
 _TABLE_RNG = random.Random(0)
-# Standard normals drawn once: random.gauss per sample was half the cost of a window, and a
-# simulated fleet must offer thousands of windows a second.
+# Standard normals drawn once, not per sample: a simulated fleet must offer thousands of windows a
+# second (docs/performance.md#fleet-paths).
 _NORMALS = [_TABLE_RNG.gauss(0.0, 1.0) for _ in range(8192)]
 
 

@@ -1,8 +1,8 @@
 """A minimal MQTT 3.1.1 client on asyncio, for simulating thousands of devices in one process.
 
 Why not paho or aiomqtt: paho's threaded loop waits on select() (no descriptor above 1,024), and
-aiomqtt drives a paho client per connection with a timer task each, which measured ~4,000
-publishes/s for 2,000 connections and far fewer at 10,000 on this machine. This protocol writes
+aiomqtt drives a paho client per connection with a timer task each, too slow for thousands
+(docs/performance.md#fleet-paths). This protocol writes
 each packet in one call and keeps no per-connection task: PUBLISH QoS 0/1, SUBSCRIBE, PUBACK,
 PINGREQ, DISCONNECT, with the will, username and password of CONNECT (MQTT 3.1.1 section 3).
 QoS 2 is not spoken (devices subscribe at QoS 1, so the broker never delivers QoS 2 to them).
@@ -127,7 +127,7 @@ class MqttWire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # What handling these packets writes (PUBACKs, the states they lead to) goes out in one
-        # write at the end: a send() per packet was the largest cost of a simulated fleet.
+        # write at the end, not a send() per packet (docs/performance.md#fleet-paths).
         self._gathered = []
         try:
             self._buffer += data

@@ -225,6 +225,7 @@ class AgentProcess:
         self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.command = [sys.executable, "-m", "edge_agent", "--config", str(self.config)]
+        self.cwd = REPO  # another folder (and command) runs an installed agent instead of this checkout's
         self.log = data_dir.parent / f"{data_dir.name}.log"
 
     @property
@@ -237,7 +238,7 @@ class AgentProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.command,
-                cwd=REPO,
+                cwd=self.cwd,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
