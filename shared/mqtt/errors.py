@@ -1,4 +1,4 @@
-"""Errors raised by the MQTT channel.
+"""Errors raised by the MQTT channel (a subtree of `shared.errors.SharedError`).
 
 MqttError
 ├── BrokerURLError        the URL is not mqtt:// or mqtts:// with a host

@@ -34,7 +34,7 @@ class SimDevice:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"sim-{device_id}", daemon=True)
         self._stop = asyncio.Event()
-        self._running: Any = None  # the agent's run(), a concurrent future
+        self._running: concurrent.futures.Future[None] | None = None  # the agent's run()
 
     @property
     def state(self) -> StateMessage:
@@ -69,8 +69,8 @@ class SimDevice:
     def stop(self) -> None:
         """Disconnect cleanly (an offline status first); a desired state still being applied is
         abandoned, as on power loss."""
-        if self._running is not None:
-            self._running, running = None, self._running
+        running, self._running = self._running, None
+        if running is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             running.result(timeout=30)
             asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(timeout=10)
