@@ -121,26 +121,42 @@ class Server:
 
 
 @contextlib.contextmanager
-def slmops_server(database_url: str, mqtt_url: str, *, tick_s: float = 1.0) -> Iterator[Server]:
-    """`slmops server` in its own process (what an operator runs), with an admin token."""
-    with tempfile.TemporaryDirectory() as tmp:
+def slmops_server(
+    database_url: str,
+    mqtt_url: str,
+    *,
+    tick_s: float = 1.0,
+    data_dir: Path | None = None,
+    topic_prefix: str | None = None,
+    env_extra: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """`slmops server` in its own process (what an operator runs), with an admin token. A
+    `data_dir` and `topic_prefix` kept across starts let a benchmark restart it under the same
+    fleet with other settings (`env_extra`)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(data_dir or scratch)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         port = free_port()
-        prefix = f"slmops-bench/{uuid.uuid4().hex[:8]}"
-        env = os.environ | {
-            "SLMOPS_DATA_DIR": tmp,
-            "SLMOPS_DATABASE_URL": database_url,
-            "SLMOPS_MQTT_URL": mqtt_url,
-            "SLMOPS_MQTT_TOPIC_PREFIX": prefix,
-            "SLMOPS_MQTT_CLIENT_ID": f"cp-bench-{uuid.uuid4().hex[:6]}",
-            "SLMOPS_PORT": str(port),
-            "SLMOPS_CONTROLLER_TICK_S": str(tick_s),
-        }
+        prefix = topic_prefix or f"slmops-bench/{uuid.uuid4().hex[:8]}"
+        env = (
+            os.environ
+            | {
+                "SLMOPS_DATA_DIR": tmp,
+                "SLMOPS_DATABASE_URL": database_url,
+                "SLMOPS_MQTT_URL": mqtt_url,
+                "SLMOPS_MQTT_TOPIC_PREFIX": prefix,
+                "SLMOPS_MQTT_CLIENT_ID": f"cp-bench-{uuid.uuid4().hex[:6]}",
+                "SLMOPS_PORT": str(port),
+                "SLMOPS_CONTROLLER_TICK_S": str(tick_s),
+            }
+            | (env_extra or {})
+        )
         slmops = [str(Path(sys.executable).with_name("slmops"))]
         token = subprocess.run(
             [*slmops, "token", "create"], env=env, check=True, capture_output=True, text=True
         ).stdout.strip()
         # SLMOPS_BENCH_SERVER_LOG keeps the server's log after the run (timings of ticks and publishes).
-        log = Path(os.environ.get("SLMOPS_BENCH_SERVER_LOG") or Path(tmp) / "server.log").open("wb")
+        log = Path(os.environ.get("SLMOPS_BENCH_SERVER_LOG") or Path(tmp) / "server.log").open("ab")
         process = subprocess.Popen([*slmops, "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"

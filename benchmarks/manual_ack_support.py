@@ -16,6 +16,7 @@ import getpass
 import os
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from control_plane import db
+from control_plane.fleet.decode import IngestCounters, MessageDecoder
 from control_plane.fleet.ingest import IngestWriter
 from control_plane.fleet.journal import IngestJournal
 from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
@@ -58,6 +60,20 @@ class ManualAckClient(MqttClient):
                 client.ack(mid, 1)
 
 
+class AckingDecoder(MessageDecoder):
+    """Acknowledges a message dropped at decoding (a redelivery, a malformed one) at once."""
+
+    def __init__(self, topics: Topics, counters: IngestCounters, acknowledge: Callable[[list[int]], None]) -> None:
+        super().__init__(topics, counters)
+        self._acknowledge = acknowledge
+
+    def __call__(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> DeviceMessage | None:
+        decoded = super().__call__(topic, payload, received_at, seq)
+        if decoded is None:
+            self._acknowledge([seq])
+        return decoded
+
+
 class ManualAckSubscriber(DeviceMessageSubscriber):
     """Acknowledges each message after the handler call that took its batch returned (or gave up).
 
@@ -73,16 +89,22 @@ class ManualAckSubscriber(DeviceMessageSubscriber):
         """`window`: hold at most this many messages unacknowledged, as a broker that keeps its
         inflight limit after the first PUBACK would (Mosquitto 2.0.11 does not: ADR 0010). The
         network thread waits for the writer's acknowledgements and reads nothing meanwhile."""
-        super().__init__(client, topics, handler, **kwargs)
+        super().__init__(client, topics, handler, on_settled=self._settled_ack, **kwargs)
         self.acked = 0
         self._window = window
         self._unacked = 0
         self._room = threading.Condition()
+        self._stopping = threading.Event()
+        self.decoder = AckingDecoder(topics, self.counters, self._acknowledge)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        super().stop(timeout_s)
 
     def _receive(self, topic: str, payload: bytes) -> None:
         if self._window is not None:
             with self._room:
-                while self._unacked >= self._window and not self._stop.is_set():
+                while self._unacked >= self._window and not self._stopping.is_set():
                     self._room.wait(0.5)
                 self._unacked += 1
         self._accept(topic, payload, datetime.now(UTC), self.client.current_mid)
@@ -94,14 +116,7 @@ class ManualAckSubscriber(DeviceMessageSubscriber):
                 self._unacked -= len(mids)
                 self._room.notify()
 
-    def _decode(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> DeviceMessage | None:
-        decoded = super()._decode(topic, payload, received_at, seq)
-        if decoded is None:
-            self._acknowledge([seq])
-        return decoded
-
-    def _dispatch(self, batch: list[DeviceMessage]) -> None:
-        super()._dispatch(batch)
+    def _settled_ack(self, batch: list[DeviceMessage]) -> None:
         self._acknowledge([m.seq for m in batch])  # in arrival order (MQTT 3.1.1 section 4.6)
         self.acked += len(batch)
 

@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.mqtt.errors import BrokerURLError
 from shared.mqtt.types import Protocol
+from shared.mqtt.url import parse_broker_urls
 
 
 class Settings(BaseSettings):
@@ -59,15 +61,26 @@ class Settings(BaseSettings):
     blob_gc_grace_s: float = Field(
         default=600, ge=0, description="Unreferenced blobs younger than this are kept (uploads adopt before commit)."
     )
-    mqtt_url: str | None = Field(default=None, description="External broker; default: embedded broker.")
+    mqtt_url: str | None = Field(
+        default=None,
+        description="External broker; default: embedded broker. A cluster: its nodes' URLs, comma-separated.",
+    )
     mqtt_host: str = Field(default="127.0.0.1", description="Bind address of the embedded broker.")
     # 1884, not 1883: a laptop or gateway often runs its own Mosquitto on the standard port.
     mqtt_port: int = Field(default=1884, ge=1, le=65535, description="Port of the embedded broker.")
-    device_mqtt_url: str | None = Field(default=None, description="Broker URL handed to devices at enrollment.")
+    device_mqtt_url: str | None = Field(
+        default=None, description="Broker URL(s) handed to devices at enrollment (comma-separated for a cluster)."
+    )
     mqtt_password_file: Path | None = Field(
         default=None, description="Mosquitto password file kept in step with enrolled devices."
     )
     mqtt_pid_file: Path | None = Field(default=None, description="Mosquitto pid file, signalled to reload.")
+    nats_users_file: Path | None = Field(
+        default=None, description="NATS users file (included by every node) kept in step with enrolled devices."
+    )
+    nats_pid_files: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(), description="Pid files (comma-separated) of the NATS nodes reading nats_users_file: reloaded."
+    )
     mqtt_ca_file: Path | None = Field(default=None, description="PEM CAs verifying an mqtts:// broker.")
     fleet_enabled: bool = Field(default=True, description="Run the broker link, ingest and rollout controller.")
     controller_tick_s: float = Field(default=1.0, gt=0, le=60, description="Rollout controller period.")
@@ -101,6 +114,24 @@ class Settings(BaseSettings):
         default=True,
         description="Journal acknowledged device messages until stored (data_dir/ingest-journal/<client id>).",
     )
+    # One durable consumer shared by every replica splits the stream between them; a message is
+    # acknowledged once stored, so a replica's crash loses none (control_plane/fleet/jetstream.py).
+    ingest_source: Literal["mqtt", "jetstream"] = Field(
+        default="mqtt",
+        description="Where device messages are read: the broker's MQTT subscription or a NATS JetStream stream.",
+    )
+    ingest_nats_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Comma-separated nats:// URLs of the JetStream ingest (SLMOPS_INGEST_SOURCE=jetstream)."
+    )
+    ingest_stream: str = Field(
+        default="SLMOPS_DEVICES", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="JetStream stream of device messages."
+    )
+    ingest_stream_replicas: int = Field(
+        default=1, ge=1, le=5, description="Copies of the stream a NATS cluster keeps (3 on a three-node cluster)."
+    )
+    ingest_consumer: str = Field(
+        default="slmops-ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Durable consumer the replicas share."
+    )
     # Names are compared as written, never resolved: see shared/references.py.
     artifact_reference_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
@@ -112,6 +143,11 @@ class Settings(BaseSettings):
     )
     root_metadata_file: Path | None = Field(default=None, description="root.json: the chain of signed roots.")
     release_expiry_s: float = Field(default=7 * 86400, ge=1, description="Life of a signed release; re-signed at half.")
+    release_signing: bool = Field(
+        default=True,
+        description="Sign a release into every desired state. Off only to measure what signing costs "
+        "(benchmarks/release_promote.py): devices with a root refuse unsigned states; refused in production.",
+    )
     device_certificates: bool = Field(
         default=False, description="Sign an enrolling device's CSR: X.509 identities on the broker's mTLS listener."
     )
@@ -152,12 +188,41 @@ class Settings(BaseSettings):
             raise ValueError("SLMOPS_DATABASE_URL must be a postgresql:// or sqlite:// URL")
         return value
 
-    @field_validator("artifact_reference_allowed_hosts", mode="before")
+    @field_validator("artifact_reference_allowed_hosts", "ingest_nats_urls", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
+
+    @field_validator("nats_pid_files", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("mqtt_url", "device_mqtt_url")
+    @classmethod
+    def _check_broker_urls(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                parse_broker_urls(value)
+            except BrokerURLError as exc:
+                raise ValueError(str(exc)) from exc
+        return value or None
+
+    @model_validator(mode="after")
+    def _nats_limits(self) -> Settings:
+        if self.nats_users_file is None:
+            return self
+        if self.mqtt_password_file is not None:
+            raise ValueError("set SLMOPS_NATS_USERS_FILE or SLMOPS_MQTT_PASSWORD_FILE, not both")
+        if self.mqtt_ingest_group is not None:  # NATS 2.9 and 2.10 implement no $share/ subscriptions
+            raise ValueError("SLMOPS_MQTT_INGEST_GROUP needs shared subscriptions, which NATS' MQTT lacks")
+        if self.mqtt_protocol == "5":
+            raise ValueError("NATS speaks MQTT 3.1.1 only: SLMOPS_MQTT_PROTOCOL must be 3.1.1")
+        return self
 
     @field_validator("mqtt_topic_prefix")
     @classmethod
@@ -173,9 +238,22 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _jetstream_needs_nats(self) -> Settings:
+        if self.ingest_source == "jetstream" and not (self.ingest_nats_urls and self.mqtt_url):
+            # The embedded broker is no NATS server: devices must publish where the stream captures.
+            raise ValueError("SLMOPS_INGEST_SOURCE=jetstream requires SLMOPS_INGEST_NATS_URLS and SLMOPS_MQTT_URL")
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_postgres(self) -> Settings:
         if self.environment == "production" and self.database_url is None:
             raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_DATABASE_URL (PostgreSQL)")
+        return self
+
+    @model_validator(mode="after")
+    def _production_signs_releases(self) -> Settings:
+        if self.environment == "production" and not self.release_signing:
+            raise ValueError("SLMOPS_ENVIRONMENT=production requires SLMOPS_RELEASE_SIGNING=true")
         return self
 
     @model_validator(mode="after")

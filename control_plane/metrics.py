@@ -127,12 +127,19 @@ class FleetCollector(Collector):
             "unknown_topic": counters.unknown_topics if counters else 0,
             "handler_failed": counters.lost if counters else 0,  # refused by the writer after its retries
             "unstorable": counters.unstorable if counters else 0,  # a value the database refuses, alone
+            "superseded": counters.superseded if counters else 0,  # a redelivered state a newer one replaced
         }
         for reason, count in (counters.malformed if counters else {}).items():
             reasons[str(reason)] = count  # malformed_json, invalid, unknown_schema_version, unknown_kind
         for reason, count in sorted(reasons.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        handed_back = CounterMetricFamily(
+            "slmops_ingest_handed_back",
+            "Device messages handed back to JetStream for redelivery while the database refused them.",
+        )
+        handed_back.add_metric([], counters.handed_back if counters else 0)
+        yield handed_back
 
 
 def _gauge(name: str, documentation: str, label: str, values: dict[str, int]) -> GaugeMetricFamily:

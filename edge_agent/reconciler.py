@@ -39,6 +39,7 @@ class ArtifactFetcher(Protocol):
 UrlFor = Callable[[ArtifactRef], tuple[str, bool]]  # (absolute URL, send the device credential?)
 # (event kind, the desired state it is about, message, detail): refusals and stale releases.
 OnEvent = Callable[[str, DesiredState, str, dict[str, object]], None]
+VERIFIED = "release_verified"  # the device's record that it checked the release it acts on
 REFUSED = "release_refused"  # the reason's prefix when a desired state failed release verification
 # Download failures that are the artifact server's attack on a signed release, by refusal reason.
 _ARTIFACT_ATTACKS: dict[str, RefusalReason] = {"size_exceeded": "size_exceeded", "integrity_check_failed": "mismatch"}
@@ -153,16 +154,22 @@ class Reconciler:
         )
         self._reconcile(desired)
 
-    def _trusted(self, desired: DesiredState) -> bool:
+    def _trusted(self, desired: DesiredState, *, report: bool = True) -> bool:
         """Verify the release before anything is downloaded, changed or activated; a refusal keeps
-        what is served as it is and is reported with its reason."""
+        what is served as it is and is reported with its reason, a success once (`report`)."""
         if self.guard is None:
             return True
         try:
-            self.guard.accept(self.guard.verify(desired))
+            verified = self.guard.verify(desired)
         except ReleaseRefused as exc:
             self._refuse(desired, exc.reason, str(exc))
             return False
+        self.guard.accept(verified)
+        if not report:
+            return True
+        release, root_version = verified.release, verified.root.version
+        message = f"release {release.serial} of {release.model} {release.version} verified under root {root_version}"
+        self.on_event(VERIFIED, desired, message, {"serial": release.serial, "root_version": root_version})
         return True
 
     def _refuse(self, desired: DesiredState, reason: RefusalReason, message: str) -> None:
@@ -216,7 +223,7 @@ class Reconciler:
                 self.on_event(REFUSED, desired, str(exc), {"reason": attack, "code": exc.code})
             self._save(phase="download_failed", reason=f"{exc.code}: {exc}", pending=None)
             return
-        if not self._trusted(desired):  # again: it may have expired, or its key been revoked, meanwhile
+        if not self._trusted(desired, report=False):  # again: it may have expired, or its key been revoked
             return
         self._save(phase="activating", activation_attempts=self.state.activation_attempts + 1)
         failpoints.reached("activation_started")

@@ -15,6 +15,8 @@ from pydantic_settings import (
 
 from edge_agent.errors import AgentError
 from edge_agent.tls import plaintext_problem
+from shared.mqtt.errors import BrokerURLError
+from shared.mqtt.url import parse_broker_urls
 
 _config_file: ContextVar[Path | None] = ContextVar("agent_config_file", default=None)
 
@@ -30,7 +32,9 @@ class AgentSettings(BaseSettings):
         default=None, description="The control plane's URL (enrollment, downloads, credential rotation)."
     )
     mqtt_url: str | None = Field(
-        default=None, description="Broker URL; default: the one the control plane hands over at enrollment."
+        default=None,
+        description="Broker URL, or a cluster's node URLs comma-separated (failover); default: the one the "
+        "control plane hands over at enrollment.",
     )
     allow_insecure_http: bool = Field(
         default=False,
@@ -130,8 +134,14 @@ class AgentSettings(BaseSettings):
     def _check_transport(self) -> AgentSettings:
         if self.ca_bundle is not None and not self.ca_bundle.is_file():
             raise ValueError(f"ca_bundle {self.ca_bundle} is not a file")
-        for url in (self.control_plane_url, self.mqtt_url):
-            if url and not self.allow_insecure_http and (problem := plaintext_problem(url)):
+        if self.mqtt_url:
+            try:
+                parse_broker_urls(self.mqtt_url)
+            except BrokerURLError as exc:
+                raise ValueError(str(exc)) from exc
+        urls = [self.control_plane_url, *(self.mqtt_url or "").split(",")]
+        for url in urls:
+            if url and not self.allow_insecure_http and (problem := plaintext_problem(url.strip())):
                 raise ValueError(problem)
         return self
 

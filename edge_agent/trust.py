@@ -39,10 +39,17 @@ class Verified:
 class ReleaseGuard:
     """Verifies desired states against the trusted root; `accept` remembers what was verified."""
 
-    def __init__(self, path: Path, state: TrustState) -> None:
+    def __init__(self, path: Path | None, state: TrustState) -> None:
+        """`path` None: what was accepted is kept in memory only (a simulated device)."""
         self.path = path
         self.state = state
         self.root = Root.model_validate(state.root)
+
+    @classmethod
+    def in_memory(cls, pinned: list[SignedMetadata]) -> ReleaseGuard:
+        """A guard trusting the newest root `pinned` proves, remembering nothing across restarts."""
+        root = update_root(Root.model_validate(pinned[0].signed), pinned, now=None)
+        return cls(None, TrustState(root=root.model_dump(mode="json")))
 
     @classmethod
     def load(cls, path: Path, *, pinned: list[SignedMetadata] | None) -> ReleaseGuard | None:
@@ -72,7 +79,7 @@ class ReleaseGuard:
         if desired.release is None:
             raise ReleaseRefused("unknown_key", "the desired state names no signed release")
         root = update_root(self.root, desired.roots, now=now)
-        highest = self.state.serials.get(desired.model)
+        highest = self._serials_under(root).get(desired.model)
         release = verify_release(root, desired.release, now=now, highest_serial=highest)
         check_desired(release, desired)
         return Verified(release, root)
@@ -80,13 +87,22 @@ class ReleaseGuard:
     def accept(self, verified: Verified) -> None:
         """Remember the release's serial (a lower one is a rollback from now on) and the root."""
         release = verified.release
-        serials = dict(self.state.serials)
+        serials = dict(self._serials_under(verified.root))
         serials[release.model] = max(serials.get(release.model, 0), release.serial)
         if serials == self.state.serials and verified.root.version == self.root.version:
             return
         self.state = TrustState(root=verified.root.model_dump(mode="json"), serials=serials)
         self.root = verified.root
-        write_atomic(self.path, self.state.model_dump_json().encode())
+        if self.path is not None:
+            write_atomic(self.path, self.state.model_dump_json().encode())
+
+    def _serials_under(self, root: Root) -> dict[str, int]:
+        """The serials remembered, or none once `root` changed the release keys: the old keys can
+        sign nothing the device accepts any more, and a huge serial one of them signed (a
+        fast-forward by a leaked key) must not make every genuine release a rollback (TUF 5.3.11)."""
+        if set(root.release_keys) != set(self.root.release_keys):
+            return {}
+        return self.state.serials
 
 
 def release_of(desired: DesiredState) -> Release | None:

@@ -84,6 +84,7 @@ EventKind = Literal[
     "activation_succeeded",
     "activation_failed",
     "rollback",
+    "release_verified",  # detail.serial, detail.root_version: the signed release checked before acting
     "release_refused",  # detail.reason: shared.signing.RefusalReason; the device keeps what it served
     "stale_release",  # the served release expired and no newer one came
     "telemetry_dropped",

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.net import free_port
+from slmops.demo_trust import report_verifications
 from slmops.errors import SlmopsError
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
 
@@ -267,7 +268,8 @@ def _decisive(evaluations: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def summarise(console: Console, results: list[dict[str, Any]], api: httpx.Client) -> None:
+def summarise(console: Console, results: list[dict[str, Any]], api: httpx.Client) -> bool:
+    """Print what happened; whether every release was verified on every device it was sent to."""
     table = Table(title="slmops demo: what happened")
     for column in ("rollout", "result", "p95 new (ms)", "p95 baseline (ms)", "ratio gate", "why"):
         table.add_column(column)
@@ -294,11 +296,15 @@ def summarise(console: Console, results: list[dict[str, Any]], api: httpx.Client
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
         fleet_table.add_row(d["name"], labels, d["status"], f"{d['current_model']}@{d['current_version']}")
     console.print(fleet_table)
+    return report_verifications(console, results, api)
 
 
-def conclude(fleet: Fleet, console: Console, results: list[dict[str, Any]], started: float, keep: bool) -> int:
-    """Say whether v1, v2, v3 ended completed, completed, rolled back; with `keep`, wait for Ctrl-C."""
-    expected = [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
+def conclude(
+    fleet: Fleet, console: Console, results: list[dict[str, Any]], started: float, keep: bool, *, verified: bool
+) -> int:
+    """Say whether v1, v2, v3 ended completed, completed, rolled back and every device verified
+    each release it was sent (`verified`); with `keep`, wait for Ctrl-C."""
+    expected = verified and [r["state"] for r in results] == ["completed", "completed", "rolled_back"]
     console.log(
         f"demo finished in {time.monotonic() - started:.0f}s: "
         + ("as expected" if expected else "[red]NOT as expected[/red]")
@@ -352,5 +358,5 @@ def _run_fleet(fleet: Fleet, devices: int, keep: bool, console: Console) -> int:
     for port in fleet.agent_ports:
         threading.Thread(target=load_generator, args=(fleet, port), daemon=True).start()
     results = [run_rollout(api, console, v) for v in ("1.0.0", "2.0.0", "3.0.0")]
-    summarise(console, results, api)
-    return conclude(fleet, console, results, started, keep)
+    verified = summarise(console, results, api)
+    return conclude(fleet, console, results, started, keep, verified=verified)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmops.demo import Fleet, conclude, run_rollout, run_stoppable, start_agents, start_control_plane
+from slmops.demo_trust import report_verifications
 from slmops.modelopt.measure import golden_set
 from slmops.modelopt.sample import fetch_sample, models_cache_dir
 
@@ -124,4 +125,5 @@ def _run_fleet(fleet: Fleet, devices: int, keep: bool, console: Console) -> int:
     results = [run_rollout(api, console, v, timeout_s=900, model=MODEL, plan=PLAN) for v in VARIANTS]
     answer = ask(fleet.agent_ports[0])
     summarise(console, results, api, answer)
-    return conclude(fleet, console, results, started, keep)
+    verified = report_verifications(console, results, api)
+    return conclude(fleet, console, results, started, keep, verified=verified)

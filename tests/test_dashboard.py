@@ -281,24 +281,23 @@ def test_a_rollout_page_renders_whatever_its_evaluations_hold(client: TestClient
     assert 'data-count="2"' in html and "badge-paused" in html
 
 
-def test_a_large_fleet_charts_from_rollups_only(empty_tables: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_fleet_charts_from_rollups_only(empty_tables: sa.Engine) -> None:
     """Above the raw budget the chart uses whole minutes from the rollups, up to the job's watermark."""
     from control_plane.telemetry.rollup import RetentionPolicy, run_rollup
 
-    monkeypatch.setattr(telemetry, "RAW_BUDGET", 2)
     with Session(empty_tables) as session:
         session.add_all([_window(f"d{i}", 1, 150, 0.03, 100, "1") for i in range(3)])
         session.commit()
     since = utcnow() - timedelta(seconds=600)
     with Session(empty_tables) as session:
-        step_s, _, raw = telemetry.plan_range(session, since, 10)
+        step_s, _, raw = telemetry.plan_range(session, since, 10, raw_budget=2)
         assert (step_s, raw) == (60, True)  # the rollup job never ran: raw windows are all there is
         run_rollup(session, RetentionPolicy(raw_s=86400, minute_s=14 * 86400, hour_s=400 * 86400))
         session.add(_window("late", 1, 1, 0.3, 500, "2"))  # after the watermark: not charted yet
         session.commit()
-        step_s, end, raw = telemetry.plan_range(session, since, 10)
+        step_s, end, raw = telemetry.plan_range(session, since, 10, raw_budget=2)
         assert (step_s, raw) == (60, False) and end <= utcnow()
-        charts = telemetry.version_series(session, since=since, step_s=10)
+        charts = telemetry.version_series(session, since=since, step_s=10, raw_budget=2)
     assert charts["step_s"] == 60
     assert [s["name"] for s in charts["rss_mb"]] == ["tiny@1"]
     assert [p[1] for p in charts["rss_mb"][0]["points"]] == [pytest.approx(100.0)]

@@ -35,6 +35,8 @@ def test_demo_runs_green(tmp_path: Path, broker: str) -> None:
     # v3 was rolled back by its latency gate, and every device ended on v2.
     assert "rolled_back" in out and "max_p95_latency_ratio" in out
     assert out.count("tinyllama@2.0.0") == 5, out[-3000:]
+    # Signing is on by default: the devices themselves reported verifying every release they got.
+    assert "each signed release was verified on every device it was sent to" in out, out[-3000:]
     # Nothing left running: every agent and the control plane were stopped.
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""

@@ -16,8 +16,6 @@ from tests.support.haproxy import CONFIG as HAPROXY_CONFIG
 from tests.support.haproxy import haproxy_binary
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-# Settings of the clustered broker tier (issue 24), on their way from the `nats` branch.
-PENDING = {"nats_users_file", "nats_pid_files"}
 DOTENV = {
     "PUBLIC_HOST": "slmops.example.com",
     "POSTGRES_PASSWORD": "pg-secret",
@@ -57,7 +55,7 @@ def test_every_replica_setting_is_one_the_control_plane_reads(
     replicas = _replicas(compose)
     for env in replicas.values():
         names = {k.removeprefix("SLMOPS_").lower() for k in env if k.startswith("SLMOPS_")}
-        assert names - fields <= PENDING, names - fields - PENDING
+        assert names <= fields, names - fields
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         settings = Settings()

@@ -1,13 +1,13 @@
-"""FleetRuntime.publish_pending against the real Mosquitto: the desired-state outbox goes out in
-batches queued ahead of the broker's acknowledgements, every state once and marked published; a
-state written while a publish is under way, for a device it has passed, goes out on the next call."""
+"""The desired-state Publisher (and FleetRuntime's handover to it) against the real Mosquitto: the
+outbox goes out in batches, every state once and marked published in bounded lots; a state written
+while a publish is under way, for a device it has passed, goes out on the next call."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,11 +15,11 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane.config import Settings
-from control_plane.fleet import channel as fleet
 from control_plane.fleet.channel import FleetRuntime
+from control_plane.fleet.publisher import Publisher, PublishTuning
 from control_plane.rollouts import assign
 from shared.desired import ArtifactRef, DesiredState
-from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients, unique_topics
 from tests.support.telemetry import add_devices
 from tests.support.waiting import wait_for
 
@@ -43,133 +43,88 @@ def _pending(engine: sa.Engine) -> list[str]:
         return [device_id for device_id, _, _ in assign.pending_publication(session)]
 
 
+def _received_ids(received: Collector) -> list[str]:
+    return [topic.split("/")[-2] for topic, _ in received.items]
+
+
+class Hold:
+    """Stands in for the ingest subscriber's hold: runs `on_enter` and `on_release` around it."""
+
+    def __init__(self, on_enter: Callable[[], object] = lambda: None, on_release: Callable[[], object] = lambda: None):
+        self.on_enter, self.on_release = on_enter, on_release
+        self.entered = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.entered += 1
+        self.on_enter()
+        try:
+            yield
+        finally:
+            self.on_release()
+
+
 def test_batches_go_out_in_id_order_and_a_state_written_meanwhile_goes_out_next(
-    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+    engine: sa.Engine, clients: ClientFactory
 ) -> None:
-    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)  # 10 states: batches of 3, 3, 3 and 1
-    prefix = f"slmops-test-{uuid.uuid4().hex[:10]}/v1"
-    runtime = FleetRuntime(settings.model_copy(update={"mqtt_topic_prefix": prefix}), engine)
-    runtime.publisher = clients(SYSTEM_MOSQUITTO)
+    topics = unique_topics()
+    publisher = Publisher(engine, topics, PublishTuning(batch=3))  # 10 states: batches of 3, 3, 3 and 1
+    client = clients(SYSTEM_MOSQUITTO)
     received = Collector()
-    clients(SYSTEM_MOSQUITTO).subscribe(runtime.topics.all_devices("desired"), received)
+    clients(SYSTEM_MOSQUITTO).subscribe(topics.all_devices("desired"), received)
     devices = add_devices(engine, *(f"pub-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)))
     first = {device_id: assign.with_message_id(_state("1")) for device_id in devices}
     _write(engine, first)
 
-    # As the third batch is read, a new state is written for the first device in id order, which
-    # the publish has passed already (as an abort could, from an API request).
+    # Once the first batch is read (ingest is held from then on), a new state is written for the
+    # first device in id order, which the publish has passed already (as an abort could).
     early = sorted(devices)[0]
-    reads: list[list[str]] = []
-    marks: list[list[tuple[str, str]]] = []
-    real_read, real_mark = assign.pending_publication, assign.mark_published
-
-    def read(session: Session, limit: int = 5000, **kwargs: Any) -> list[tuple[str, str, str]]:
-        if len(reads) == 2:
-            _write(engine, {early: assign.with_message_id(_state("2"))})
-        rows = real_read(session, limit, **kwargs)
-        reads.append([device_id for device_id, _, _ in rows])
-        return rows
-
-    def mark(session: Session, published: list[tuple[str, str]]) -> None:
-        marks.append(published)
-        real_mark(session, published)
-
-    monkeypatch.setattr(assign, "pending_publication", read)
-    monkeypatch.setattr(assign, "mark_published", mark)
-    assert runtime.publish_pending() == 10
-    assert [len(batch) for batch in reads] == [3, 3, 3, 1]
-    assert [d for batch in reads for d in batch] == sorted(devices)  # each once, in id order
-    # Marked once, after the broker acknowledged all of them, with the message ids that went out.
-    assert marks == [[(d, first[d]["message_id"]) for d in sorted(devices)]]
+    newer = {early: assign.with_message_id(_state("2"))}
+    assert publisher.publish_pending(client, Hold(on_enter=lambda: _write(engine, newer))) == 10
     wait_for(lambda: len(received.items) >= 10)
+    assert _received_ids(received) == sorted(devices)  # each once, in id order
     got = {topic.split("/")[-2]: json.loads(payload) for topic, payload in received.items}
     assert {d: p["message_id"] for d, p in got.items()} == {d: s["message_id"] for d, s in first.items()}
     assert _pending(engine) == [early]  # its new state was written after the publish passed it
 
-    monkeypatch.setattr(assign, "pending_publication", real_read)
-    assert runtime.publish_pending() == 1
+    assert publisher.publish_pending(client) == 1
     assert _pending(engine) == []
     wait_for(lambda: len(received.items) >= 11)
     topic, payload = received.items[-1]
-    assert topic == runtime.topics.desired(early) and json.loads(payload)["version"] == "2"
+    assert topic == topics.desired(early) and json.loads(payload)["version"] == "2"
 
 
-def test_batches_are_queued_ahead_of_the_acknowledgements_and_marked_in_bounded_lots(
-    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
+def test_acknowledged_states_are_marked_in_bounded_lots_while_the_rest_go_out(
+    engine: sa.Engine, clients: ClientFactory
 ) -> None:
-    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)
-    monkeypatch.setattr(fleet, "PUBLISH_AHEAD", 1)
-    monkeypatch.setattr(fleet, "MARK_EVERY", 6)
-    runtime = FleetRuntime(
-        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
-    )
-    publisher = runtime.publisher = clients(SYSTEM_MOSQUITTO)
-    events: list[str] = []
-    real_publish_all, real_wait, real_mark = publisher.publish_all, publisher.wait_published, assign.mark_published
-
-    def publish_all(messages: Any) -> Any:
-        queued = real_publish_all(messages)
-        events.append(f"publish {len(queued)}")
-        return queued
-
-    def wait_published(infos: Any, *, timeout_s: float = 30.0) -> int:
-        events.append(f"wait {len(infos)}")
-        return real_wait(infos, timeout_s=timeout_s)
-
-    def mark(session: Session, published: list[tuple[str, str]]) -> None:
-        events.append(f"mark {len(published)}")
-        real_mark(session, published)
-
-    monkeypatch.setattr(publisher, "publish_all", publish_all)
-    monkeypatch.setattr(publisher, "wait_published", wait_published)
-    monkeypatch.setattr(assign, "mark_published", mark)
+    topics = unique_topics()
+    publisher = Publisher(engine, topics, PublishTuning(batch=3, ahead=1, mark_every=6))
     devices = add_devices(engine, *(f"ahead-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)))
     _write(engine, {device_id: assign.with_message_id(_state("1")) for device_id in devices})
-    assert runtime.publish_pending() == 10
-    # One batch queued beyond the one awaited; marks once 6 are acknowledged, then at the end.
-    assert events == [
-        "publish 3", "publish 3", "wait 3", "publish 3", "wait 3", "mark 6", "publish 1", "wait 3", "wait 1", "mark 4"
-    ]  # fmt: skip
+    pending_at_last: list[int] = []
+
+    def on_desired(topic: str, payload: bytes) -> None:
+        if topic == topics.desired(sorted(devices)[-1]):
+            pending_at_last.append(len(_pending(engine)))
+
+    clients(SYSTEM_MOSQUITTO).subscribe(topics.all_devices("desired"), on_desired)
+    assert publisher.publish_pending(clients(SYSTEM_MOSQUITTO)) == 10
+    wait_for(lambda: len(pending_at_last) == 1)
+    # The first six were acknowledged and marked before the last batch went out.
+    assert pending_at_last[0] <= 4
     assert _pending(engine) == []
 
 
-class Hold:
-    """Stands in for the ingest subscriber: records when publish_pending holds and releases it."""
-
-    def __init__(self, events: list[str]) -> None:
-        self.events = events
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.events.append("hold")
-        try:
-            yield
-        finally:
-            self.events.append("release")
-
-
-def test_ingest_is_held_over_every_batch_and_released_before_marking(
-    engine: sa.Engine, settings: Settings, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)
-    runtime = FleetRuntime(
-        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
-    )
-    runtime.publisher = clients(SYSTEM_MOSQUITTO)
-    events: list[str] = []
-    runtime.subscriber = Hold(events)  # type: ignore[assignment]
+def test_ingest_is_held_over_every_batch_and_released_before_marking(engine: sa.Engine, clients: ClientFactory) -> None:
+    topics = unique_topics()
+    publisher = Publisher(engine, topics, PublishTuning(batch=3))  # 7 states: three batches
     devices = add_devices(engine, *(f"hold-{i}-{uuid.uuid4().hex[:6]}" for i in range(7)))
     _write(engine, {device_id: assign.with_message_id(_state("1")) for device_id in devices})
-    real_mark = assign.mark_published
-
-    def mark(session: Session, published: list[tuple[str, str]]) -> None:
-        events.append(f"mark {len(published)}")
-        real_mark(session, published)
-
-    monkeypatch.setattr(assign, "mark_published", mark)
-    assert runtime.publish_pending() == 7
+    pending_at_release: list[int] = []
+    hold = Hold(on_release=lambda: pending_at_release.append(len(_pending(engine))))
+    assert publisher.publish_pending(clients(SYSTEM_MOSQUITTO), hold) == 7
     # Held once for all three batches; the acknowledgements are stored before the mark.
-    assert events == ["hold", "release", "mark 7"]
+    assert hold.entered == 1 and pending_at_release == [7]
     assert _pending(engine) == []
 
 
@@ -177,7 +132,9 @@ def test_ingest_is_held_over_every_batch_and_released_before_marking(
 def leading(engine: sa.Engine, settings: Settings, clients: ClientFactory) -> Iterator[FleetRuntime]:
     """A runtime holding the controller lock (as the replica that publishes), on the real Mosquitto."""
     runtime = FleetRuntime(
-        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}), engine
+        settings.model_copy(update={"mqtt_topic_prefix": f"slmops-test-{uuid.uuid4().hex[:10]}/v1"}),
+        engine,
+        PublishTuning(batch=3),
     )
     runtime.publisher = clients(SYSTEM_MOSQUITTO)
     assert runtime.leader.try_acquire()
@@ -202,7 +159,7 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_states_handed_over_at_commit_go_out_first_and_are_never_read_back(
     engine: sa.Engine, leading: FleetRuntime, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fleet, "PUBLISH_BATCH", 3)  # 7 handed over: three batches from memory
+    # 7 handed over: three batches from memory
     received = Collector()
     clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
     handed_ids = add_devices(engine, *(f"hand-{i}-{uuid.uuid4().hex[:6]}" for i in range(7)))

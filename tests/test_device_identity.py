@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+import time
 import uuid
 from pathlib import Path
 
@@ -26,12 +27,11 @@ from edge_agent.mqtt.channel import MqttChannel
 from edge_agent.settings import load_settings
 from shared.messages import EventMessage, encode
 from shared.mqtt.client import MqttClient
-from shared.net import free_port
 from shared.topics import Topics
-from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
-from tests.support.mqtt import DEPLOY_MOSQUITTO, Collector, shipped_mosquitto
+from tests.support.mosquitto import mosquitto_binary
+from tests.support.mqtt import Collector, mtls_mosquitto
 from tests.support.server_thread import ServerThread
-from tests.support.tls import Issued, TestCA
+from tests.support.tls import TestCA
 from tests.support.waiting import wait_for
 
 
@@ -109,7 +109,7 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
     server_ca = TestCA(tmp_path / "server-ca")
     server = server_ca.issue("broker")
     device_ca = DeviceCA.load_or_create(tmp_path / "device-ca")
-    broker, mtls_port = _mtls_broker(tmp_path, server, device_ca.folder)
+    broker, _, mtls_port = mtls_mosquitto(tmp_path / "broker", server, device_ca.folder)
     broker.start(devices={})
     topics = Topics()
     admin = MqttClient(broker.admin_url, client_id=f"admin-{uuid.uuid4().hex[:6]}")
@@ -145,36 +145,21 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
         broker.stop()
 
 
-def _mtls_broker(tmp_path: Path, server: Issued, device_ca_dir: Path) -> tuple[MosquittoProcess, int]:
-    """The shipped Mosquitto with deploy/mosquitto/mtls-listener.conf appended, on free ports."""
-    mtls_port = free_port()
-    listener = (DEPLOY_MOSQUITTO / "mtls-listener.conf").read_text()
-    for production, test in [
-        ("listener 8884", f"listener {mtls_port} 127.0.0.1"),
-        ("/etc/mosquitto/certs/server.crt", str(server.cert_file)),
-        ("/etc/mosquitto/certs/server.key", str(server.key_file)),
-        ("/etc/mosquitto/slmops/device-ca.crt", str(device_ca_dir / "ca.crt")),
-        ("/etc/mosquitto/slmops/device-ca.crl", str(device_ca_dir / "ca.crl")),
-    ]:
-        assert production in listener
-        listener = listener.replace(production, test)
-    broker, _ = shipped_mosquitto(tmp_path / "broker", tls=(server.cert_file, server.key_file), extra=listener)
-    return broker, mtls_port
-
-
 @pytest.mark.mosquitto
 @needs_mosquitto
+@pytest.mark.parametrize("cut_off", ["enrollment-token", "decommission"])
 def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
-    tmp_path, db_url, engine, admin_headers, monkeypatch
+    tmp_path, db_url, engine, admin_headers, monkeypatch, cut_off
 ) -> None:  # type: ignore[no-untyped-def]
     """Enrollment signs the agent's CSR; the agent connects to the mTLS listener with the key it
-    made itself; reissuing its token revokes the certificate at the broker."""
+    made itself; reissuing its token or decommissioning it revokes the certificate at the broker
+    and closes the connection it has open (the CRL alone stops only new connections)."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     server_ca = TestCA(tmp_path / "server-ca")
     server = server_ca.issue("broker")
     ca_dir = tmp_path / "cp" / "device-ca"
     DeviceCA.load_or_create(ca_dir)  # the broker reads its files at start
-    broker, mtls_port = _mtls_broker(tmp_path, server, ca_dir)
+    broker, _, mtls_port = mtls_mosquitto(tmp_path / "broker", server, ca_dir)
     broker.start(devices={})
     settings = Settings(  # type: ignore[call-arg]
         data_dir=tmp_path / "cp",
@@ -213,10 +198,12 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
             try:
                 online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin_headers).json()["status"]  # noqa: E731
                 wait_for(lambda: online() == "online")
-                httpx.post(
-                    f"{cp.url}/v1/devices/{device_id}/enrollment-token", headers=admin_headers
-                ).raise_for_status()
-                wait_for(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None)
+                assert channel.device.client.connected
+                httpx.post(f"{cp.url}/v1/devices/{device_id}/{cut_off}", headers=admin_headers).raise_for_status()
+                wait_for(lambda: not channel.device.client.connected, what=lambda: "the live connection stayed open")
+                assert _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None
+                time.sleep(3)  # the agent keeps trying: every reconnect is refused at the handshake
+                assert not channel.device.client.connected
             finally:
                 channel.stop()
                 agent.stop()

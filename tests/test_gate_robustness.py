@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from control_plane.fleet.subscriber import DeviceMessage
-from control_plane.rollouts import gates
+from control_plane.rollouts import gate_samples, gates
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import Gates
 from shared.telemetry import REQUEST_DURATION_BUCKETS, Histogram
@@ -45,7 +45,7 @@ def _liar(device: str, **values: Any) -> DeviceMessage:
 def _evaluate(engine: sa.Engine, devices: list[str], **limits: Any) -> tuple[str, dict[str, dict[str, Any]]]:
     plan = Gates(**({"max_p95_latency_ratio": None, "warmup_windows": 0, "min_samples": 20} | limits))
     with Session(engine) as session:
-        result = gates.evaluate(
+        samples = gate_samples.collect(
             session,
             rollout_id=str(uuid.uuid4()),
             gates=plan,
@@ -56,6 +56,7 @@ def _evaluate(engine: sa.Engine, devices: list[str], **limits: Any) -> tuple[str
             stage_since=T0 - timedelta(hours=1),
             baseline_since=T0 - timedelta(hours=1),
         )
+    result = gates.decide(plan, samples)
     return result.result, {c["gate"]: c for c in result.details["checks"]}
 
 

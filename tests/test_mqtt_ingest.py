@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.fleet import subscriber as subscriber_module
+from control_plane.fleet.batch_writer import ISOLATE_CALLS
 from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
 from edge_agent.mqtt.outbox import SpooledPublisher
 from edge_agent.mqtt.spool import MessageSpool
@@ -85,14 +85,13 @@ def test_typed_batches_with_malformed_and_duplicates_dropped(broker_url: str, cl
     assert ingest.counters.dispatched == 3
 
 
-def test_a_batch_the_handler_fails_once_is_stored_on_the_retry(
-    embedded_broker: object, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(subscriber_module, "RETRY_DELAYS_S", (0.05,))
+def test_a_batch_the_handler_fails_once_is_stored_on_the_retry(embedded_broker: object, clients: ClientFactory) -> None:
     url = embedded_broker.url  # type: ignore[attr-defined]
     topics = unique_topics()
     batches = Batches(fail_first=True)  # a database blip
-    ingest = DeviceMessageSubscriber(clients(url), topics, batches, max_batch=1, max_delay_s=0.01)
+    ingest = DeviceMessageSubscriber(
+        clients(url), topics, batches, max_batch=1, max_delay_s=0.01, retry_delays_s=(0.05,)
+    )
     ingest.start()
     try:
         device = clients(url)
@@ -121,43 +120,38 @@ class Refusing:
         self.stored += seqs
 
 
-def _ingest_windows(
-    handler: Refusing, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch, count: int
-) -> DeviceMessageSubscriber:
+def _ingest_windows(handler: Refusing, clients: ClientFactory, count: int) -> DeviceMessageSubscriber:
     """`count` telemetry windows from one device, written as one batch (a hold ends in one write)."""
-    monkeypatch.setattr(subscriber_module, "RETRY_DELAYS_S", (0.01,))
     topics = unique_topics()
-    ingest = DeviceMessageSubscriber(clients(SYSTEM_MOSQUITTO), topics, handler, max_batch=count, max_write=count)
+    ingest = DeviceMessageSubscriber(
+        clients(SYSTEM_MOSQUITTO), topics, handler, max_batch=count, max_write=count, retry_delays_s=(0.01,)
+    )
     ingest.start()
     try:
         with ingest.held():
             clients(SYSTEM_MOSQUITTO).publish_many(
                 [Outgoing(topics.telemetry("dev-1"), encode(window(seq))) for seq in range(count)], timeout_s=30
             )
-            wait_for(lambda: ingest.counters.received + len(ingest._held) >= count)
+            wait_for(lambda: ingest.counters.held >= count)
     finally:
         ingest.stop()
     return ingest
 
 
 @pytest.mark.mosquitto
-def test_a_message_the_handler_refuses_costs_only_itself_not_its_batch(
-    clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_message_the_handler_refuses_costs_only_itself_not_its_batch(clients: ClientFactory) -> None:
     handler = Refusing(bad={37, 300})
-    ingest = _ingest_windows(handler, clients, monkeypatch, 400)
+    ingest = _ingest_windows(handler, clients, 400)
     assert sorted(handler.stored) == [seq for seq in range(400) if seq not in (37, 300)]
     assert ingest.counters.lost == 2 and ingest.counters.dispatched == 398
 
 
 @pytest.mark.mosquitto
-def test_a_handler_that_refuses_everything_loses_a_counted_batch_in_bounded_calls(
-    clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_handler_that_refuses_everything_loses_a_counted_batch_in_bounded_calls(clients: ClientFactory) -> None:
     handler = Refusing(bad=None)  # the database stays down
-    ingest = _ingest_windows(handler, clients, monkeypatch, 400)
+    ingest = _ingest_windows(handler, clients, 400)
     assert handler.stored == [] and ingest.counters.lost == 400
-    assert handler.calls <= 2 + subscriber_module.ISOLATE_CALLS  # the first try, one retry, then halves
+    assert handler.calls <= 2 + ISOLATE_CALLS  # the first try, one retry, then halves
 
 
 def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> None:
@@ -226,7 +220,7 @@ def test_held_ingest_stores_nothing_until_released_then_everything_in_order(
         with ingest.held():
             device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)])
             # Read and acknowledged to the broker, not decoded or stored yet.
-            wait_for(lambda: len(ingest._held) == 30)
+            wait_for(lambda: ingest.counters.held == 30)
             time.sleep(0.2)
             assert batches.messages == [] and ingest.counters.received == 0
         # Released: stored in arrival order, before and with what arrives after the hold.
@@ -249,7 +243,7 @@ def test_what_a_hold_put_aside_is_handed_over_in_batches_of_max_write(broker_url
             clients(broker_url).publish_many(
                 [Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)]
             )
-            wait_for(lambda: len(ingest._held) == 30)
+            wait_for(lambda: ingest.counters.held == 30)
         wait_for(lambda: len(batches.messages) == 30)
     finally:
         ingest.stop()
@@ -257,13 +251,10 @@ def test_what_a_hold_put_aside_is_handed_over_in_batches_of_max_write(broker_url
     assert [m.message.seq for m in batches.messages] == list(range(30))  # type: ignore[attr-defined]
 
 
-def test_a_full_hold_ends_early_and_keeps_the_order(
-    broker_url: str, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(subscriber_module, "MAX_HELD", 5)
+def test_a_full_hold_ends_early_and_keeps_the_order(broker_url: str, clients: ClientFactory) -> None:
     topics = unique_topics()
     batches = Batches()
-    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.01)
+    ingest = DeviceMessageSubscriber(clients(broker_url), topics, batches, max_batch=100, max_delay_s=0.01, max_held=5)
     ingest.start()
     try:
         with ingest.held():

@@ -1,10 +1,16 @@
 """Attacks on a device's releases, one test per attack (python-tuf's style), on real agent processes
-over the real Mosquitto. The attacker holds broker-admin rights (publishes any desired state) or
-runs the artifact server; each test ends with the device serving its previous model and an event
-naming the attack.
+over a real Mosquitto started from deploy/mosquitto/: once through its TLS device listener (the
+device logs in with its secret) and once through its mTLS listener (the device presents the
+certificate the device CA signed). The attacker holds broker-admin rights (publishes any desired
+state) or runs the artifact server; each test ends with the device serving its previous model and
+an event naming the attack.
 
-SLMOPS_TEST_UNVERIFIED=1 starts the agents without a pinned root (verification off): every attack
-test then fails, which shows the tests test the verification.
+SLMOPS_TEST_UNVERIFIED=1 starts the agents without a pinned root (release verification off):
+every test of a signature, serial, expiry or root check then fails, which shows the tests test the
+verification. The two artifact-server tests (more bytes, other bytes) still pass: the download
+stops at the size and checks the sha256 that the desired state names whether or not its release is
+verified; what signing adds there is that the broker cannot change those two values, which the
+forged-state tests cover.
 """
 
 from __future__ import annotations
@@ -12,26 +18,85 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
+from control_plane.trust.device_ca import DeviceCA
 from shared.desired import ArtifactRef, DesiredState
 from shared.messages import EventMessage
 from shared.releases import expires_in
+from shared.topics import Topics
 from slmops.tinymodels import write_tiny_gguf
 from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
-from tests.support.agent_mqtt import ControlPlane, write_credential
-from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics
+from tests.support.agent_mqtt import DEVICE, SECRET, ControlPlane, write_credential
+from tests.support.mosquitto import mosquitto_binary
+from tests.support.mqtt import ClientFactory, clients, mtls_mosquitto
 from tests.support.releases import Authority, past
+from tests.support.tls import TestCA
 from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixture
-pytestmark = [pytest.mark.mosquitto, pytest.mark.llama, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.llama,
+    pytest.mark.slow,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed"),
+]
 UNVERIFIED = os.environ.get("SLMOPS_TEST_UNVERIFIED") == "1"
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A private Mosquitto: the admin's URL, and how an agent reaches its device listener."""
+
+    admin_url: str
+    device_url: str
+    ca_file: Path
+    device_ca: DeviceCA | None  # the mTLS listener: the agent presents a certificate it signed
+
+    def provision(self, data_dir: Path) -> dict[str, Any]:
+        """Write the device's credential (and certificate); the agent settings that use them."""
+        write_credential(data_dir, Topics(), mqtt_url=self.device_url)
+        if self.device_ca is None:
+            return {"ca_bundle": str(self.ca_file)}
+        key = ec.generate_private_key(ec.SECP256R1())  # made on the device, as at enrollment
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        cert = self.device_ca.sign(csr.public_bytes(serialization.Encoding.PEM), device_id=DEVICE)
+        (data_dir / "device.crt").write_bytes(cert)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (data_dir / "device.key").write_bytes(pem)
+        (data_dir / "device.key").chmod(0o600)
+        return {"ca_bundle": str(self.ca_file), "x509_identity": True}
+
+
+@pytest.fixture(scope="module", params=["tls", "mtls"])
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The shipped Mosquitto with a test-made server certificate: the device listener with
+    passwords (`tls`) or the mTLS listener with a device CA (`mtls`)."""
+    folder = tmp_path_factory.mktemp(f"broker-{request.param}")
+    server_ca = TestCA(folder / "server-ca")
+    device_ca = DeviceCA.load_or_create(folder / "device-ca")
+    process, device_port, mtls_port = mtls_mosquitto(folder / "broker", server_ca.issue("broker"), device_ca.folder)
+    process.start(devices={DEVICE: SECRET})
+    try:
+        if request.param == "tls":
+            yield Broker(process.admin_url, f"mqtts://127.0.0.1:{device_port}", server_ca.ca_file, None)
+        else:
+            yield Broker(process.admin_url, f"mqtts://127.0.0.1:{mtls_port}", server_ca.ca_file, device_ca)
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +119,17 @@ def models(artifacts: ArtifactServer, tmp_path_factory: pytest.TempPathFactory) 
 class Device:
     """A real agent process pinned to `authority`'s root, and the broker admin's view of it."""
 
-    def __init__(self, tmp_path: Path, authority: Authority, cp: ControlPlane, artifacts: ArtifactServer) -> None:
+    def __init__(
+        self, tmp_path: Path, authority: Authority, cp: ControlPlane, artifacts: ArtifactServer, broker: Broker
+    ) -> None:
         self.authority, self.cp = authority, cp
         data_dir = tmp_path / "agent"
-        write_credential(data_dir, cp.topics, mqtt_url=SYSTEM_MOSQUITTO)
+        settings = broker.provision(data_dir)
         root_file = tmp_path / "root.json"
         root_file.write_text(json.dumps([authority.chain[0].model_dump(mode="json")]))
-        pinned = {} if UNVERIFIED else {"root_metadata_file": str(root_file)}
-        self.process = AgentProcess(data_dir, control_plane_url=artifacts.url, trial_requests=1000, **pinned).start()
+        if not UNVERIFIED:
+            settings["root_metadata_file"] = str(root_file)
+        self.process = AgentProcess(data_dir, control_plane_url=artifacts.url, trial_requests=1000, **settings).start()
 
     def send(self, desired: DesiredState) -> None:
         self.cp.publish_desired(desired)
@@ -101,12 +169,12 @@ class Device:
 
 @pytest.fixture
 def device(
-    tmp_path: Path, clients: ClientFactory, artifacts: ArtifactServer, models: list[ArtifactRef]
+    tmp_path: Path, clients: ClientFactory, artifacts: ArtifactServer, models: list[ArtifactRef], broker: Broker
 ) -> Iterator[Device]:
-    """A device serving model m 1 (release serial 1) under a fresh authority."""
-    cp = ControlPlane(clients(SYSTEM_MOSQUITTO, protocol="3.1.1"), unique_topics())
+    """A device serving model m 1 (release serial 1) under a fresh authority, over `broker`."""
+    cp = ControlPlane(clients(broker.admin_url, protocol="3.1.1"), Topics())
     authority = Authority()
-    made = Device(tmp_path, authority, cp, artifacts)
+    made = Device(tmp_path, authority, cp, artifacts, broker)
     try:
         made.send(authority.desired(models[0], version="1"))
         made.wait_serving("1")
@@ -168,6 +236,8 @@ def test_root_rotation_is_followed(device: Device, models: list[ArtifactRef]) ->
     device.wait_serving("2")
     trust = json.loads((device.process.data_dir / "trust.json").read_text())
     assert trust["root"]["version"] == 2
+    verified = [e.detail for e in device.cp.events("release_verified")]
+    assert [(d["serial"], d["root_version"]) for d in verified] == [(1, 1), (2, 2)]
 
 
 def test_release_signed_by_a_revoked_key_is_refused(device: Device, models: list[ArtifactRef]) -> None:
@@ -177,6 +247,20 @@ def test_release_signed_by_a_revoked_key_is_refused(device: Device, models: list
     device.wait_serving("2")
     stolen = device.authority.desired(models[2], version="3", key=revoked)
     device.refused(stolen.model_copy(update={"roots": device.authority.chain[:1]}), "unknown_key")
+
+
+def test_a_fast_forward_with_a_leaked_release_key_ends_when_the_key_is_revoked(
+    device: Device, models: list[ArtifactRef]
+) -> None:
+    """The holder of a leaked release key signs a huge serial: every genuine release would then be
+    a rollback. Revoking the key (a root update) makes the device forget the serials it signed."""
+    device.send(device.authority.desired(models[3], version="6.6.6", serial=2**62))
+    device.wait_serving("6.6.6")
+    device.authority.rotate()  # the operator revokes the leaked key
+    device.send(device.authority.desired(models[1], version="2", serial=2))
+    device.wait_serving("2")
+    trust = json.loads((device.process.data_dir / "trust.json").read_text())
+    assert trust["serials"] == {"m": 2}
 
 
 def test_artifact_server_sending_more_bytes_than_signed_is_refused(

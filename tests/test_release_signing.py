@@ -77,6 +77,11 @@ def test_a_release_key_outside_the_root_is_refused_at_start(tmp_path: Path, db_u
                                                                "environment": "production"}))  # fmt: skip
 
 
+def test_production_refuses_to_turn_signing_off(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SLMOPS_RELEASE_SIGNING"):
+        Settings(data_dir=tmp_path, database_url="postgresql://x@h/db", environment="production", release_signing=False)
+
+
 def test_desired_states_name_a_signed_release_and_a_rollback_is_a_higher_serial(
     client: TestClient, admin_headers: dict[str, str], engine: sa.Engine, tiny_gguf: Path, settings: Settings
 ) -> None:

@@ -21,6 +21,7 @@ from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.models import Role
 from control_plane.services import auth
+from control_plane.trust.releases import read_root_chain
 from slmops.simulate import Credential, SimConfig, SimFleet, enroll_fleet, load_credentials, save_credentials
 from tests.support.fleet import upload_version
 from tests.support.waiting import wait_for
@@ -109,7 +110,8 @@ def test_fifty_devices_roll_out_to_all_and_report(fleet, loop, tiny_gguf, tiny_g
     upload_version(client, admin, "tiny", "1", tiny_gguf)
     creds = _enroll(client, admin, 50)
     assert {c.topic_prefix for c in creds} == {settings.mqtt_topic_prefix}
-    sim = SimFleet(creds, SimConfig(apply_delay_s=0.05, telemetry_interval_s=0.2))
+    root = read_root_chain(settings.data_dir / "keys" / "root.json")  # the control plane's dev keys
+    sim = SimFleet(creds, SimConfig(apply_delay_s=0.05, telemetry_interval_s=0.2, trusted_root=root))
     loop.run(sim.start(concurrency=25))
     try:
         devices = wait_for(lambda: (d := _devices(client, admin)) and all(x["status"] == "online" for x in d) and d)
@@ -123,6 +125,8 @@ def test_fifty_devices_roll_out_to_all_and_report(fleet, loop, tiny_gguf, tiny_g
     finally:
         loop.run(sim.stop())
     assert sim.stats.applied == 50 and sim.stats.failed == 0
+    # Each device verified the signed release with the agent's ReleaseGuard before acknowledging.
+    assert (sim.stats.verified, sim.stats.refused) == (50, 0)
     # A clean stop publishes "offline" (retained), which the control plane records.
     wait_for(lambda: all(d["status"] == "offline" for d in _devices(client, admin)), what="devices offline")
 
@@ -246,6 +250,25 @@ def test_an_agent_acknowledges_and_reports_its_state_in_one_write() -> None:
     assert isinstance(state, StateMessage) and state.desired_message_id == "m-1"
     assert state.current is not None and state.current.version == "2"
     assert stats.applied == 1 and agent.current_version == "2"
+
+
+def test_a_simulated_device_refuses_a_release_its_root_does_not_sign() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.desired import ArtifactRef
+    from slmops.simulate import SimAgent, SimStats
+    from tests.support.releases import Authority
+
+    authority = Authority()
+    config = SimConfig(apply_delay_s=0, telemetry_interval_s=None, trusted_root=authority.chain[:1])
+    stats = SimStats()
+    agent = SimAgent(Credential("dev-1", "secret", "mqtt://127.0.0.1:1", "slmops-test/x"), config, stats)
+    artifact = ArtifactRef(sha256="a" * 64, size_bytes=1, format="gguf")
+    agent._apply_now(authority.desired(artifact, version="1"))
+    agent._apply_now(authority.desired(artifact, version="2", key=Ed25519PrivateKey.generate()))
+    assert (stats.applied, stats.verified, stats.refused) == (1, 1, 1)
+    assert agent.current_version == "1" and agent.state.phase == "download_failed"
+    assert (agent.state.reason or "").startswith("release_refused: unknown_key")
 
 
 def test_a_fleet_wait_ends_on_the_applied_state_that_completes_it() -> None:

@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from control_plane.config import Settings
+from control_plane.fleet.batch_writer import BatchWriter
 from control_plane.fleet.ingest import IngestWriter
-from control_plane.fleet.subscriber import DeviceMessage, DeviceMessageSubscriber
+from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, DeviceEvent, TelemetryRecord
 from shared import limits
 from shared.messages import EventMessage, MessageDecodeError, TelemetryMessage, decode, encode
@@ -24,7 +25,6 @@ from shared.mqtt.client import MqttClient, Outgoing
 from shared.state import DeviceState
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 from shared.topics import TopicKind, Topics
-from tests.support.mqtt import SYSTEM_MOSQUITTO, unique_topics
 from tests.support.telemetry import add_devices
 from tests.support.waiting import wait_for
 from tests.test_cp_metrics import scrape, value
@@ -192,8 +192,10 @@ def test_a_value_the_database_refuses_costs_only_its_own_message(engine: sa.Engi
             message = message.model_copy(update={"requests": 2**70})  # as a gap in the schema would let in
         batch.append(DeviceMessage(device, TopicKind.TELEMETRY, message, "t/telemetry", datetime.now(UTC)))
     handler = CountingWriter(engine)
-    ingest = DeviceMessageSubscriber(MqttClient(SYSTEM_MOSQUITTO, client_id="unused"), unique_topics(), handler)
-    ingest._dispatch(batch)
+    ingest = BatchWriter(handler)
+    ingest.start()
+    ingest.submit(batch)
+    ingest.stop()
     with Session(engine) as session:
         query = sa.select(sa.func.count()).select_from(TelemetryRecord).where(TelemetryRecord.device_id == device)
         assert session.execute(query).scalar_one() == 360

@@ -19,7 +19,7 @@ from sqlmodel import Session
 from control_plane.api.ratelimit import RateLimiter
 from control_plane.config import Settings
 from control_plane.errors import DomainError, ErrorCode
-from control_plane.fleet.access import complete_rotation_on_broker
+from control_plane.fleet.access import broker_password_hash, complete_rotation_on_broker
 from control_plane.models import ApiToken, Device, Role, as_utc, utcnow
 from control_plane.services import audit, idempotency
 from control_plane.services.auth import Principal, authenticate_device, authenticate_token, require_role
@@ -66,7 +66,7 @@ def _principal(request: Request, session: Session) -> Principal:
             device_id, _, secret = base64.b64decode(value.strip()).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError) as exc:
             raise DomainError(ErrorCode.UNAUTHENTICATED, "malformed Basic credentials") from exc
-        principal = authenticate_device(session, device_id, secret)
+        principal = authenticate_device(session, device_id, secret, broker_hash=broker_password_hash(request.app))
         if principal.secret == "staged":  # its first use completed the rotation
             session.commit()
             if (device := session.get(Device, principal.id)) is not None:

@@ -40,7 +40,7 @@ from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
 from control_plane.errors import DomainError, ErrorCode
-from control_plane.fleet.access import BrokerAccess, password_file_for
+from control_plane.fleet.access import BrokerAccess, mosquitto_takeover, password_file_for
 from control_plane.metrics import HttpMetricsMiddleware
 from control_plane.storage import make_blob_store
 from control_plane.trust.releases import ReleaseSigner
@@ -132,7 +132,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = None
     settings: Settings = app.state.settings
     # The registry decides who the broker admits: rebuilt before the fleet connects to it.
-    access = BrokerAccess(password_file_for(settings))
+    access = BrokerAccess(password_file_for(settings), takeover=mosquitto_takeover(settings))
     await run_in_threadpool(access.rebuild, app.state.engine)
     app.state.broker_access = access
     if settings.fleet_enabled:
@@ -163,7 +163,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.engine = engine or make_engine(settings.sqlalchemy_url)
     app.state.blob_store = make_blob_store(settings)
-    configure_signing(ReleaseSigner.from_settings(settings))  # every desired state names a signed release
+    # Every desired state names a signed release (unsigned only where a benchmark measures the cost).
+    configure_signing(ReleaseSigner.from_settings(settings) if settings.release_signing else None)
     if settings.device_certificates:
         from control_plane.trust.device_ca import DeviceCA
 

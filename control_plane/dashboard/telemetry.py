@@ -56,18 +56,20 @@ def _versions(session: Session, since: datetime, model: str | None, raw: bool) -
     return sorted(pairs)[:MAX_VERSIONS]
 
 
-def _many_raw_windows(session: Session, since: datetime) -> bool:
-    # Reads at most RAW_BUDGET + 1 index entries, so asking costs little however large the fleet.
-    probe = sa.select(col(TelemetryRecord.id)).where(col(TelemetryRecord.window_end) >= since).limit(RAW_BUDGET + 1)
-    return int(session.execute(sa.select(sa.func.count()).select_from(probe.subquery())).scalar_one()) > RAW_BUDGET
+def _many_raw_windows(session: Session, since: datetime, budget: int) -> bool:
+    # Reads at most budget + 1 index entries, so asking costs little however large the fleet.
+    probe = sa.select(col(TelemetryRecord.id)).where(col(TelemetryRecord.window_end) >= since).limit(budget + 1)
+    return int(session.execute(sa.select(sa.func.count()).select_from(probe.subquery())).scalar_one()) > budget
 
 
-def plan_range(session: Session, since: datetime, step_s: int) -> tuple[int, datetime, bool]:
+def plan_range(
+    session: Session, since: datetime, step_s: int, *, raw_budget: int = RAW_BUDGET
+) -> tuple[int, datetime, bool]:
     """(step, end, read raw windows?). A small fleet gets fine steps from raw windows up to now; a
     large one whole minutes from the rollups only, ending at the rollup job's watermark (one job
     interval behind at most), so a chart refresh never aggregates hundreds of thousands of windows."""
     now = utcnow()
-    if not _many_raw_windows(session, since):
+    if not _many_raw_windows(session, since, raw_budget):
         return step_s, now, True
     minutes = -(-step_s // MINUTE) * MINUTE
     watermark = rollup_watermark(session)
@@ -76,9 +78,11 @@ def plan_range(session: Session, since: datetime, step_s: int) -> tuple[int, dat
     return minutes, max(floor_time(watermark, minutes), since + timedelta(seconds=minutes)), False
 
 
-def version_series(session: Session, *, since: datetime, step_s: int, model: str | None = None) -> dict[str, Any]:
+def version_series(
+    session: Session, *, since: datetime, step_s: int, model: str | None = None, raw_budget: int = RAW_BUDGET
+) -> dict[str, Any]:
     """{"step_s": n, "p95_ms"|"rss_mb"|"requests": [{"name": "m@v", "points": [[epoch_ms, value], ...]}]}"""
-    step_s, end, raw = plan_range(session, since, step_s)
+    step_s, end, raw = plan_range(session, since, step_s, raw_budget=raw_budget)
     out: dict[str, Any] = {"step_s": step_s, "p95_ms": [], "rss_mb": [], "requests": []}
     for model_name, version in _versions(session, since, model, raw):
         query = SeriesQuery(start=since, end=end, step_s=step_s, model=model_name, version=version)

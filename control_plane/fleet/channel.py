@@ -2,26 +2,22 @@
 
 FleetRuntime.start()
   -> embedded amqtt broker (no SLMOPS_MQTT_URL) or the external broker
-  -> DeviceMessageSubscriber -> IngestWriter (SQL, in batches)
-  -> controller thread: if leader, RolloutController.tick() then publish pending desired states
+  -> DeviceMessageSubscriber (or JetStreamIngest, SLMOPS_INGEST_SOURCE=jetstream) -> IngestWriter (SQL)
+  -> controller thread: if leader, RolloutController.tick() then the Publisher sends pending desired states
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import re
 import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import orjson
-import paho.mqtt.client as paho
 import sqlalchemy as sa
 from sqlmodel import Session
 
@@ -30,49 +26,48 @@ from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.fleet.credentials import client_id_for
 from control_plane.fleet.ingest import IngestWriter
 from control_plane.fleet.journal import IngestJournal
+from control_plane.fleet.publisher import Publisher, PublishTuning
 from control_plane.fleet.subscriber import DeviceMessageSubscriber
 from control_plane.models import Device
-from control_plane.rollouts import assign, resign
+from control_plane.rollouts import resign
 from control_plane.rollouts.controller import RolloutController
 from control_plane.rollouts.leader import LeaderLock
 from control_plane.services.auth import matching_secret
 from control_plane.telemetry.rollup import RetentionPolicy, RollupJob
 from control_plane.trust import releases
-from shared.mqtt.client import MqttClient, Outgoing
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.client import MqttClient
+from shared.mqtt.url import format_broker_url, parse_broker_url, parse_broker_urls
 from shared.topics import Topics
+
+if TYPE_CHECKING:
+    from control_plane.fleet.jetstream import JetStreamIngest
 
 log = logging.getLogger("slmops.fleet")
 CONTROL_PLANE_USER = "slmops-control-plane"
-PUBLISH_BATCH = 2000  # desired states read and queued at a time
-PUBLISH_AHEAD = 4  # batches queued beyond the one whose PUBACKs are awaited (bounds what paho holds)
-MARK_EVERY = 20_000  # acknowledged states marked published at least this often
-Handed = tuple[str, str, bytes]  # a committed desired state: device id, message id, payload
 
 
 class FleetRuntime:
-    def __init__(self, settings: Settings, engine: sa.Engine) -> None:
+    def __init__(self, settings: Settings, engine: sa.Engine, publish_tuning: PublishTuning | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.topics = Topics(settings.mqtt_topic_prefix)
         self.controller = RolloutController()
         self.ingest = IngestWriter(engine)
         self.leader = LeaderLock(engine, settings.data_dir)
+        self.desired = Publisher(engine, self.topics, publish_tuning, leading=lambda: self.leader.held)
         # Rollups run where the controller runs: one replica writes them, so inserts never collide.
         policy = RetentionPolicy.from_settings(settings)
         self.rollups = RollupJob(engine, policy, settings.telemetry_rollup_interval_s, lambda: self.leader.held)
         self.broker: EmbeddedBroker | None = None
         self.client: MqttClient | None = None  # ingest: subscriptions in a persistent session
         self.publisher: MqttClient | None = None  # desired states
-        self.subscriber: DeviceMessageSubscriber | None = None
+        self.subscriber: DeviceMessageSubscriber | JetStreamIngest | None = None
         self.device_mqtt_url: str | None = None
         self._cp_password = secrets.token_urlsafe(24)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._tick_now = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handoff = threading.Lock()
-        self._handed: list[Handed] = []  # committed desired states handed over by requests
         self._next_resign = 0.0  # monotonic time of the next look for releases to re-sign
 
     def start(self) -> None:
@@ -81,18 +76,24 @@ class FleetRuntime:
         # restarts waits in the broker instead of being lost. Bound to the control plane's broker
         # password, so no device can name (and take over) the session.
         protocol, label = self.settings.mqtt_protocol, self.settings.mqtt_client_id
-        secret = parse_broker_url(url).password
+        secret = parse_broker_urls(url)[0].password
         client_id = client_id_for(label, secret)
         tls = self._broker_tls_context()
-        self.client = MqttClient(url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls)
-        # One journal per broker session (replicas may share a data dir; each has its client id).
-        journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-        journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
-        self.subscriber = DeviceMessageSubscriber(
-            self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
-        )
-        self.subscriber.start()
-        self.client.start(wait=True, timeout_s=15)
+        if self.settings.ingest_source == "jetstream":
+            self.subscriber = self._jetstream_ingest(label)
+            self.subscriber.start()
+        else:
+            self.client = MqttClient(
+                url, client_id=client_id, protocol=protocol, persistent_session=True, tls_context=tls
+            )
+            # One journal per broker session (replicas may share a data dir; each has its client id).
+            journal_dir = self.settings.data_dir / "ingest-journal" / re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+            journal = IngestJournal(journal_dir) if self.settings.ingest_journal else None
+            self.subscriber = DeviceMessageSubscriber(
+                self.client, self.topics, self.ingest, share_group=self.settings.mqtt_ingest_group, journal=journal
+            )
+            self.subscriber.start()
+            self.client.start(wait=True, timeout_s=15)
         # Publishing on its own connection: the ingest connection's network thread also stores the
         # batches it reads, and a publish_many waiting for PUBACKs must not queue behind that.
         self.publisher = MqttClient(
@@ -102,6 +103,20 @@ class FleetRuntime:
         self._thread = threading.Thread(target=self._loop, name="slmops-controller", daemon=True)
         self._thread.start()
         self.rollups.start()
+
+    def _jetstream_ingest(self, label: str) -> JetStreamIngest:
+        """Device messages from the JetStream stream, through the consumer every replica shares."""
+        from control_plane.fleet.jetstream import JetStreamIngest  # nats-py: the `nats` extra
+
+        return JetStreamIngest(
+            list(self.settings.ingest_nats_urls),
+            self.topics,
+            self.ingest,
+            stream=self.settings.ingest_stream,
+            durable=self.settings.ingest_consumer,
+            stream_replicas=self.settings.ingest_stream_replicas,
+            name=label,
+        )
 
     def _broker_tls_context(self) -> ssl.SSLContext | None:
         """Verification of an mqtts:// broker against SLMOPS_MQTT_CA_FILE; None: the system store."""
@@ -186,94 +201,14 @@ class FleetRuntime:
         if sent := self.publish_pending():
             log.info("published %d desired states in %.3f s (%s)", sent, time.perf_counter() - started, when)
 
-    @contextlib.contextmanager
-    def handing_over(self, states: dict[str, dict[str, Any]]) -> Iterator[None]:
-        """Around the commit of desired states an API request wrote (device id -> DesiredState as
-        JSON): once committed, they go to the publisher as they are, instead of being read back
-        from the database (ADR 0009). They stay in the outbox, unmarked, until the broker
-        acknowledges them, so a crash before that loses nothing: the next leader reads them back.
-
-        The lock makes each such commit and its handover one step for the publisher, which takes
-        what was handed over under the same lock just before every read of the outbox: a read can
-        see a newer state for a device (an abort, from any replica, commits after the rollout it
-        aborts) only once the older, handed-over one is queued before it on the one connection."""
-        with self._handoff:
-            yield
-            if states and self.leader.held:  # only the leader publishes; others leave it to the outbox
-                self._handed.extend(
-                    (device_id, payload["message_id"], orjson.dumps(payload)) for device_id, payload in states.items()
-                )
+    def handing_over(self, states: dict[str, dict[str, Any]]) -> AbstractContextManager[None]:
+        """Around the commit of desired states an API request wrote: see Publisher.handing_over."""
+        return self.desired.handing_over(states)
 
     def publish_pending(self) -> int:
-        """Send desired states not yet acknowledged by the broker (retained, QoS 1), all of them,
-        in batches: a 10,000-device stage goes out now, not one batch per controller tick.
-
-        What requests handed over (`handing_over`) goes first, then what the outbox holds besides,
-        read in device-id order. Batches are queued back to back, up to PUBLISH_AHEAD of them
-        waiting for the broker's PUBACKs, so the broker never waits for the database: marking
-        each batch before reading the next had left it idle for as long as it spent publishing.
-        What the broker acknowledged is marked published once at the end (and every MARK_EVERY
-        states): a crash before that sends those states again, which devices ignore (message
-        ids). A state written meanwhile for a device already passed goes out on the next call."""
-        publisher = self.publisher
-        sent, after = 0, None
-        handed: collections.deque[list[Handed]] = collections.deque()  # taken over, not queued yet
-        taken: list[str] = []  # message ids taken over by this call: not read back
-        # Queued batches whose PUBACKs are not waited on yet: (device id, message id)s, publish_all's infos.
-        waiting: collections.deque[tuple[list[tuple[str, str]], list[tuple[str, paho.MQTTMessageInfo]]]]
-        waiting = collections.deque()
-        acked: list[tuple[str, str]] = []  # acknowledged by the broker, not marked yet
-        with contextlib.ExitStack() as hold:
-            while publisher is not None and publisher.connected:
-                batch, last, after = self._next_batch(handed, taken, after)
-                if batch:
-                    if sent == 0 and self.subscriber is not None:
-                        # Ingest waits until every batch is out, not between them (see held()).
-                        hold.enter_context(self.subscriber.held())
-                    queued = publisher.publish_all(
-                        Outgoing(self.topics.desired(device_id), payload, qos=1, retain=True)
-                        for device_id, _, payload in batch
-                    )
-                    waiting.append(([(device_id, message_id) for device_id, message_id, _ in batch], queued))
-                    sent += len(batch)
-                while waiting and (last or len(waiting) > PUBLISH_AHEAD):
-                    published, queued = waiting.popleft()
-                    publisher.wait_published(queued, timeout_s=60)
-                    acked.extend(published)
-                if len(acked) >= MARK_EVERY or (last and acked):
-                    if last:
-                        hold.close()  # all out: the devices' acknowledgements are stored before the bookkeeping
-                    self._mark(acked)
-                    acked = []
-                if last:
-                    break
-            else:
-                with self._handoff:
-                    self._handed.clear()  # not connected: the outbox has them, read back once connected
-        return sent
-
-    def _next_batch(
-        self, handed: collections.deque[list[Handed]], taken: list[str], after: str | None
-    ) -> tuple[list[Handed], bool, str | None]:
-        """The next batch to queue, whether it ends the outbox, and the device id read up to: what
-        requests handed over (taken into `handed`, their message ids into `taken`), then the
-        outbox read back without them. Taken and read under the handover lock (`handing_over`)."""
-        with self._handoff:
-            if self._handed:
-                fresh, self._handed = self._handed, []
-                taken += [message_id for _, message_id, _ in fresh]
-                handed.extend(fresh[i : i + PUBLISH_BATCH] for i in range(0, len(fresh), PUBLISH_BATCH))
-            if handed:
-                return handed.popleft(), False, after
-            with Session(self.engine) as session:
-                rows = assign.pending_publication(session, limit=PUBLISH_BATCH, after=after, excluding=taken)
-        batch = [(device_id, message_id, payload.encode()) for device_id, message_id, payload in rows]
-        return batch, len(rows) < PUBLISH_BATCH, rows[-1][0] if rows else after
-
-    def _mark(self, published: list[tuple[str, str]]) -> None:
-        with Session(self.engine) as session:
-            assign.mark_published(session, published)
-            session.commit()
+        """Send the desired states not yet acknowledged by the broker, holding ingest meanwhile."""
+        hold = self.subscriber.held if self.subscriber is not None else None
+        return self.desired.publish_pending(self.publisher, hold)
 
     def stop(self) -> None:
         self._stop.set()
@@ -294,6 +229,5 @@ class FleetRuntime:
         self.leader.release()
 
 
-def _without_credentials(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+def _without_credentials(urls: str) -> str:
+    return ",".join(format_broker_url(url.with_credentials(None, None)) for url in parse_broker_urls(urls))

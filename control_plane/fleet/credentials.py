@@ -65,6 +65,14 @@ class BrokerCredentialSync(Protocol):
 
     def remove_device(self, device_id: str) -> None: ...
 
+    def read(self) -> dict[str, str]:
+        """The device entries the broker knows now (device id -> hash)."""
+        ...
+
+    def reload(self) -> None:
+        """Make the broker read the file again."""
+        ...
+
     def sync(self, device_hashes: Mapping[str, str]) -> None:
         """Make the broker know exactly these devices (device id -> `mosquitto_hash`), plus admins."""
         ...
@@ -139,7 +147,83 @@ def signal_from_pid_file(pid_file: Path) -> Callable[[], None]:
     return reload
 
 
-class MosquittoPasswordFile:
+class CredentialFile:
+    """A broker's credential file kept in step with enrolled devices, the broker reloaded after
+    each change. Subclasses say how a secret is hashed and an entry checked (`hash_secret`,
+    `check_entry`) and how the file is read and written (`read`, `_write`)."""
+
+    path: Path
+    _reload: Callable[[], None] | None = None
+
+    def hash_secret(self, secret: str) -> str:
+        raise NotImplementedError
+
+    def check_entry(self, device_id: str, password_hash: str) -> None:
+        """Raise CredentialSyncError for an entry the broker must not be given."""
+        _check_device_id(device_id)
+
+    def read(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _write(self, devices: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def add_device(self, device_id: str, secret: str) -> str:
+        password_hash = self.hash_secret(secret)
+        self.add_hash(device_id, password_hash)
+        return password_hash
+
+    def add_hash(self, device_id: str, password_hash: str) -> None:
+        """Allow `device_id` with the secret behind `password_hash` (a stored `hash_secret`)."""
+        self.check_entry(device_id, password_hash)
+        with self._locked():
+            entries = self.read()
+            entries[device_id] = password_hash
+            self._write(entries)
+        self.reload()
+
+    def remove_device(self, device_id: str) -> None:
+        with self._locked():
+            entries = self.read()
+            if device_id not in entries:
+                return
+            self._forget(entries, [device_id])
+            self._write(entries)
+        self.reload()
+
+    def sync(self, device_hashes: Mapping[str, str]) -> None:
+        for device_id, password_hash in device_hashes.items():
+            self.check_entry(device_id, password_hash)
+        with self._locked():
+            entries = self.read()
+            self._forget(entries, [device_id for device_id in entries if device_id not in device_hashes])
+            entries.update(device_hashes)
+            self._write(entries)
+        self.reload()
+
+    def _forget(self, entries: dict[str, str], device_ids: list[str]) -> None:
+        """Take these devices' credentials out of `entries`, what the broker is given next."""
+        for device_id in device_ids:
+            entries.pop(device_id, None)
+
+    def reload(self) -> None:
+        if self._reload is not None:
+            self._reload()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Several control-plane replicas may share the file: serialise read-modify-write.
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            handle = open(lock_path, "a")  # noqa: SIM115 - held for the duration of the block
+        except OSError as exc:
+            raise CredentialSyncError(f"cannot lock {lock_path}: {exc}") from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+class MosquittoPasswordFile(CredentialFile):
     """A mosquitto `password_file` kept in step with enrolled devices, reloaded after each change."""
 
     def __init__(
@@ -157,34 +241,8 @@ class MosquittoPasswordFile:
             reload = signal_from_pid_file(Path(pid_file))
         self._reload = reload
 
-    def add_device(self, device_id: str, secret: str) -> str:
-        password_hash = mosquitto_hash(secret)
-        self.add_hash(device_id, password_hash)
-        return password_hash
-
-    def add_hash(self, device_id: str, password_hash: str) -> None:
-        """Allow `device_id` with the secret behind `password_hash` (a stored `mosquitto_hash`)."""
-        _check_device_id(device_id)
-        with self._locked():
-            entries = self.read()
-            entries[device_id] = password_hash
-            self._write(entries)
-        self.reload()
-
-    def remove_device(self, device_id: str) -> None:
-        with self._locked():
-            entries = self.read()
-            if entries.pop(device_id, None) is None:
-                return
-            self._write(entries)
-        self.reload()
-
-    def sync(self, device_hashes: Mapping[str, str]) -> None:
-        for device_id in device_hashes:
-            _check_device_id(device_id)
-        with self._locked():
-            self._write(dict(device_hashes))
-        self.reload()
+    def hash_secret(self, secret: str) -> str:
+        return mosquitto_hash(secret)
 
     def read(self) -> dict[str, str]:
         """Current entries without the admins (they are always rewritten from the constructor)."""
@@ -195,37 +253,25 @@ class MosquittoPasswordFile:
         entries = dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
         return {user: h for user, h in entries.items() if user not in self._admins}
 
-    def reload(self) -> None:
-        if self._reload is not None:
-            self._reload()
-
     def _write(self, devices: Mapping[str, str]) -> None:
-        body = "".join(f"{user}:{h}\n" for user, h in {**devices, **self._admins}.items())
-        # Write a sibling and rename over: Mosquitto never reads a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            _copy_mode(self.path, Path(tmp))
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise CredentialSyncError(f"cannot write {self.path}: {exc}") from exc
+        write_atomically(self.path, "".join(f"{user}:{h}\n" for user, h in {**devices, **self._admins}.items()))
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # Several control-plane replicas may share the file: serialise read-modify-write.
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            handle = open(lock_path, "a")  # noqa: SIM115 - held for the duration of the block
-        except OSError as exc:
-            raise CredentialSyncError(f"cannot lock {lock_path}: {exc}") from exc
-        with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+
+def write_atomically(path: Path, body: str) -> None:
+    """Write a sibling and rename it over `path`, keeping its permissions: a broker never reads a
+    half-written file, and its user can still read the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _copy_mode(path, Path(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CredentialSyncError(f"cannot write {path}: {exc}") from exc
 
 
 def _copy_mode(existing: Path, replacement: Path) -> None:

@@ -2,6 +2,7 @@
 
 Status moves devices online/offline; state updates what they run and which desired message they
 acted on; telemetry windows are stored once per (device, message id); events are kept as they come.
+A device that comes online without having acted on its desired state gets it published again.
 Messages from devices the registry does not know, or that hold no live credential, are counted
 and dropped.
 """
@@ -21,7 +22,16 @@ from sqlmodel import Session
 
 from control_plane import metrics
 from control_plane.db import bulk
-from control_plane.models import Device, DeviceEvent, DeviceStatus, TelemetryRecord, as_utc, new_id, utcnow
+from control_plane.models import (
+    DesiredStateRow,
+    Device,
+    DeviceEvent,
+    DeviceStatus,
+    TelemetryRecord,
+    as_utc,
+    new_id,
+    utcnow,
+)
 from shared.mqtt.errors import UnstorableBatch
 from shared.topics import TopicKind
 
@@ -32,6 +42,7 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=15)
 _DEVICES = Device.__table__  # type: ignore[attr-defined]
 _WINDOWS = TelemetryRecord.__table__  # type: ignore[attr-defined]
 _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
+_DESIRED = DesiredStateRow.__table__  # type: ignore[attr-defined]
 # A device waiting for a (reissued) enrollment token or decommissioned holds no live credential.
 _WITHOUT_CREDENTIAL = frozenset({DeviceStatus.pending_enrollment, DeviceStatus.decommissioned})
 _ACKED_ID_CHARS = _DEVICES.c.acked_message_id.type.length
@@ -84,6 +95,9 @@ class IngestWriter:
                 # Once per (device, message id): a replay of the ingest journal may bring some again.
                 bulk.insert(session, _EVENTS, events, skip_conflicts_on=("device_id", "message_id"))
             self._update_devices(session, _drop_fresh_last_seen(changes, last_seen))
+            births = [m.device_id for m in batch if m.kind == TopicKind.STATUS and m.message.status == "online"]
+            if births:
+                _publish_again_unacted(session, births)
             session.commit()
 
     @staticmethod
@@ -146,6 +160,21 @@ class IngestWriter:
             by_shape.setdefault(tuple(sorted(change)), []).append({"id": device_id, **change})
         for rows in by_shape.values():
             bulk.update(session, _DEVICES, rows, key=("id",))
+
+
+def _publish_again_unacted(session: Session, device_ids: list[str]) -> None:
+    """Mark the desired states of these (re)connected devices unpublished where the device has
+    not acted on them, so the publisher sends them again. A broker can lose a retained message
+    for a device that reconnects while it fails over: NATS 2.9 serves retained messages from a
+    per-node copy that a node being re-elected may not have caught up yet (deploy/nats/README.md)."""
+    acted = sa.select(_DEVICES.c.acked_message_id).where(_DEVICES.c.id == _DESIRED.c.device_id).scalar_subquery()
+    for clause in bulk.matching(session, _DESIRED.c.device_id, sorted(set(device_ids))):
+        session.execute(
+            sa.update(_DESIRED)
+            .where(clause, _DESIRED.c.published_message_id == _DESIRED.c.message_id)
+            .where(sa.or_(acted.is_(None), acted != _DESIRED.c.message_id))
+            .values(published_message_id=None)
+        )
 
 
 def _drop_fresh_last_seen(

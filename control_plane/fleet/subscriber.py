@@ -1,82 +1,37 @@
-"""The control plane's ingest side: every device message under the prefix, decoded, in batches.
+"""The control plane's ingest from MQTT: every device message under the prefix, decoded, in batches.
 
-Messages are decoded on paho's network thread as they arrive (malformed ones counted by reason and
-logged with the device id, QoS 1 redeliveries dropped by message id) and gathered into a batch;
-the batch goes to a writer thread once `max_batch` have gathered, or `max_delay_s` after its first
-message (a flusher thread watches the clock). The writer calls the handler, one batch at a time in
-arrival order, so the handler can write one SQL transaction per batch.
-
-The hand-off is per batch, never per message, so the two threads do not trade the GIL for each
-message (ADR 0008); while the writer waits on the database the network thread decodes the next
-batch. The writer takes the batches queued behind the one it picks up into the same call (about
-`max_write` messages), so under load
-a transaction grows to what arrived during the last one. What a hold (`held()`) put aside goes
-over in batches of `max_write` at its end. At most PENDING_BATCHES batches wait for
-the writer; beyond that the network thread waits too and paho reads nothing more, so the broker holds
-the rest (TCP backpressure) and nothing is lost. A client used for ingest should not also wait for
-PUBACKs of its own publishes (the control plane publishes on a second connection). With an
-`IngestJournal`, every message is journaled before its PUBACK leaves and forgotten once stored, so
-what was acknowledged and not yet stored is ingested again after a crash (`start()` replays it).
+Three parts, one per module, each usable alone (ADR 0008 for why the hand-offs are per batch):
+  paho's network thread -> `MessageDecoder` (decode, dedup) -> `Batcher` (max_batch / max_delay_s)
+  -> `BatchWriter` (the writer thread: the handler, retries, halving) -> handler (one transaction)
+This module is the MQTT source: the subscriptions, the hold (`held()`) and the ingest journal.
+Messages are acknowledged to the broker as paho reads them; when the writer falls behind, the
+network thread waits and paho reads nothing more, so the broker holds the rest (TCP backpressure).
+A client used for ingest should not also wait for PUBACKs of its own publishes (the control plane
+publishes on a second connection). With an `IngestJournal`, every message is journaled before
+its PUBACK leaves and forgotten once stored, so what was acknowledged and not yet stored is
+ingested again after a crash (`start()` replays it; ADR 0003).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
-
+from control_plane.fleet.batch_writer import RETRY_DELAYS_S, BatchHandler, BatchWriter
+from control_plane.fleet.batching import Batcher
+from control_plane.fleet.decode import DeviceMessage, IngestCounters, MessageDecoder
 from control_plane.fleet.journal import IngestJournal
-from shared.messages import MessageDecodeError, decode, message_id_of
 from shared.mqtt.client import MqttClient
 from shared.mqtt.dedup import RecentIds
-from shared.mqtt.errors import UnstorableBatch
 from shared.topics import TopicKind, Topics
 
+__all__ = ["BatchHandler", "DeviceMessage", "DeviceMessageSubscriber", "IngestCounters"]
 log = logging.getLogger(__name__)
-PENDING_BATCHES = 8  # batches decoded and waiting for the writer; bounds memory, keeps backpressure
 MAX_HELD = 100_000  # messages `held()` puts aside; at this many the hold ends early
-RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # pauses before a failed batch is handed over again
-ISOLATE_CALLS = 64  # handler calls spent halving a batch that keeps failing (finds a few bad messages in 2,000)
-
-
-@dataclass(frozen=True)
-class DeviceMessage:
-    device_id: str
-    kind: TopicKind
-    message: BaseModel  # the model `shared.messages.model_for(kind)` names
-    topic: str
-    received_at: datetime
-    seq: int = 0  # its number in the ingest journal (0 without one)
-
-
-BatchHandler = Callable[[list[DeviceMessage]], None]
-
-
-@dataclass
-class IngestCounters:
-    received: int = 0
-    dispatched: int = 0
-    duplicates: int = 0
-    unknown_topics: int = 0
-    malformed: Counter[str] = field(default_factory=Counter)  # by MessageDecodeError.reason
-    batches: int = 0
-    handler_errors: int = 0  # failed handler calls, retries included
-    lost: int = 0  # messages no handler call took, after the retries and halving
-    unstorable: int = 0  # messages the handler refused alone as never storable (UnstorableBatch)
-    replayed: int = 0  # messages taken again from the ingest journal after a crash
-    journal_errors: int = 0  # bursts the journal could not write
-
-    @property
-    def malformed_total(self) -> int:
-        return sum(self.malformed.values())
+Held = tuple[str, bytes, datetime, int]  # topic, payload, received at, journal seq
 
 
 class DeviceMessageSubscriber:
@@ -95,40 +50,38 @@ class DeviceMessageSubscriber:
         kinds: tuple[TopicKind, ...] | None = None,
         share_group: str | None = None,
         journal: IngestJournal | None = None,
+        max_held: int = MAX_HELD,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        on_settled: Callable[[list[DeviceMessage]], None] | None = None,
     ) -> None:
+        """`on_settled` hears of each batch once the handler stored it or gave up (after the journal forgets it)."""
         self.client = client
         self.topics = topics
         self.counters = IngestCounters()
-        self._handler = handler
-        self._max_batch = max_batch
+        self.decoder = MessageDecoder(topics, self.counters, dedup)
+        self._on_settled = on_settled
+        write = max(max_write, max_batch)
+        self.writer = BatchWriter(handler, self.counters, max_write=write, retry_delays_s=retry_delays_s,
+                                  on_settled=self._settled)  # fmt: skip
+        self.batcher = Batcher(self.writer.submit, max_batch=max_batch, max_delay_s=max_delay_s)
         self._max_write = max(max_write, max_batch)
-        self._max_delay_s = max_delay_s
-        self._dedup = dedup if dedup is not None else RecentIds(65536)
         self._kinds = kinds
         self._share_group = share_group
         self._journal = journal  # what was acknowledged and not stored yet survives a crash there
-        self._batch: list[DeviceMessage] = []
-        self._batch_started = 0.0
-        self._batch_lock = threading.Lock()  # guards _batch; held only to append or swap
-        self._write_lock = threading.Lock()  # one batch handed over at a time, in arrival order
-        self._pending: queue.Queue[list[DeviceMessage] | None] = queue.Queue(maxsize=PENDING_BATCHES)
-        self._stop = threading.Event()
-        self._gathering = threading.Event()  # set while a batch has messages (wakes the flusher)
-        self._flusher: threading.Thread | None = None
-        self._writer: threading.Thread | None = None
+        self._max_held = max_held
+        self._started = False
         self._hold_lock = threading.Lock()  # guards _holding, _draining and _held
         self._holding = False
         self._draining = False
-        self._held: list[tuple[str, bytes, datetime, int]] = []
+        self._held: list[Held] = []
         self._drain_lock = threading.Lock()  # one thread drains at a time: arrival order is kept
 
     def start(self) -> None:
-        """Start the flusher and register the subscriptions (restored by the client on reconnect)."""
-        self._stop.clear()
-        self._writer = threading.Thread(target=self._write_batches, name="slmops-mqtt-ingest-writer", daemon=True)
-        self._writer.start()
-        self._flusher = threading.Thread(target=self._flush_when_due, name="slmops-mqtt-ingest", daemon=True)
-        self._flusher.start()
+        """Start the threads, replay the journal and register the subscriptions (restored by the
+        client on reconnect)."""
+        self.writer.start()
+        self.batcher.start()
+        self._started = True
         if self._journal is not None:
             self.client.add_read_burst_hook(self._write_journal)
             self._replay(self._journal)
@@ -145,19 +98,19 @@ class DeviceMessageSubscriber:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Hand over what has gathered, let the writer store every batch, then stop both threads."""
-        if self._flusher is None:
+        if not self._started:
             return
-        self._stop.set()
-        self._gathering.set()
-        self._flusher.join(timeout_s)
-        self._flusher = None
-        self._flush()
-        self._pending.put(None)
-        if self._writer is not None:
-            self._writer.join(timeout_s)
-            self._writer = None
+        self._started = False
+        self.batcher.stop(timeout_s)
+        self.writer.stop(timeout_s)
         if self._journal is not None:
             self._journal.close()
+
+    def _settled(self, batch: list[DeviceMessage]) -> None:
+        if self._journal is not None:  # batches settle in arrival order: forget up to the last message
+            self._journal.stored_up_to(batch[-1].seq)
+        if self._on_settled is not None:
+            self._on_settled(batch)
 
     def _replay(self, journal: IngestJournal) -> None:
         """Ingest what the journal holds from before a crash (acknowledged, never stored), in order,
@@ -188,8 +141,8 @@ class DeviceMessageSubscriber:
         coming back at once would otherwise take turns with the publisher for the interpreter and
         the database, and every device would wait longer for its desired state. Messages are
         still read and acknowledged to the broker meanwhile, so none wait in the broker's queue
-        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop; ADR 0008). At most MAX_HELD
-        are put aside (the hold ends early at that many); with a journal (`IngestJournal`) a crash
+        (Mosquitto's and EMQX's default bound it at 1,000 per client, then drop; ADR 0008). At most
+        `max_held` are put aside (the hold ends early at that many); with a journal a crash
         inside the block loses none of them, as it loses none of the batches waiting for the
         writer, and without one it loses them all."""
         with self._hold_lock:
@@ -212,24 +165,12 @@ class DeviceMessageSubscriber:
                     held, self._held = self._held, []
                 self._accept_all(held)
 
-    def _accept_all(self, held: list[tuple[str, bytes, datetime, int]]) -> None:
-        """Decode what a hold put aside and hand it over in batches of up to `max_write`, after
-        the batch gathering now: one transaction for a 1,000-device stage's acknowledgements
-        instead of one per `max_batch` (the flusher cuts a batch 10 ms after its first message,
-        and decoding them takes longer than that; ADR 0008)."""
-        decoded: list[DeviceMessage] = []
-        for topic, payload, received_at, seq in held:
-            self.counters.received += 1
-            if (message := self._decode(topic, payload, received_at, seq)) is not None:
-                decoded.append(message)
+    def _accept_all(self, held: list[Held]) -> None:
+        """Decode what a hold put aside and hand it over in batches of up to `max_write`, after the
+        batch gathering now: one transaction for a stage's acknowledgements, not one per `max_batch`."""
+        decoded = [m for m in (self.decoder(*record) for record in held) if m is not None]
         step = self._max_write
-        with self._write_lock:
-            with self._batch_lock:
-                batches, self._batch = [self._batch], []
-            batches += [decoded[i : i + step] for i in range(0, len(decoded), step)]
-            for batch in batches:
-                if batch:
-                    self._pending.put(batch)  # waits while PENDING_BATCHES are queued: backpressure
+        self.batcher.flush_then(decoded[i : i + step] for i in range(0, len(decoded), step))
 
     def _receive(self, topic: str, payload: bytes) -> None:
         """paho's on_message, on its network thread."""
@@ -238,143 +179,15 @@ class DeviceMessageSubscriber:
         seq = self._journal.record(topic, payload, received_at) if self._journal is not None else 0
         if self._holding or self._draining:
             with self._hold_lock:
-                room = len(self._held) < MAX_HELD
+                room = len(self._held) < self._max_held
                 if (self._holding or self._draining) and room:
                     self._held.append((topic, payload, received_at, seq))
+                    self.counters.held += 1
                     return
             if not room:
                 self._drain()  # after everything put aside before this message
         self._accept(topic, payload, received_at, seq)
 
     def _accept(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> None:
-        self.counters.received += 1
-        decoded = self._decode(topic, payload, received_at, seq)
-        if decoded is None:
-            return
-        with self._batch_lock:
-            if not self._batch:
-                self._batch_started = time.monotonic()
-                self._gathering.set()
-            self._batch.append(decoded)
-            full = len(self._batch) >= self._max_batch
-        if full:
-            self._flush()
-
-    def _flush_when_due(self) -> None:
-        """Sleeps while nothing gathers; hands over a batch that waited `max_delay_s` for company."""
-        while self._gathering.wait() and not self._stop.is_set():
-            with self._batch_lock:
-                if not self._batch:
-                    self._gathering.clear()  # under the lock: _receive sets it again with the next message
-                    continue
-                wait_s = self._batch_started + self._max_delay_s - time.monotonic()
-            if wait_s > 0:
-                self._stop.wait(wait_s)
-            else:
-                self._flush()
-
-    def _flush(self) -> None:
-        with self._write_lock:
-            with self._batch_lock:
-                batch, self._batch = self._batch, []
-            if batch:
-                self._pending.put(batch)  # waits while PENDING_BATCHES are queued: backpressure
-
-    def _write_batches(self) -> None:
-        """Hand each batch to the handler together with the batches queued behind it (until the
-        call holds `max_write` messages, so at most `max_write + max_batch - 1`; still in arrival
-        order): under load, one transaction takes what arrived during the last one, since
-        per-transaction costs bound the rate of small batches (ADR 0008)."""
-        stopping = False
-        while not stopping and (batch := self._pending.get()) is not None:
-            while len(batch) < self._max_write:
-                try:
-                    more = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                batch.extend(more)
-            self._dispatch(batch)
-
-    def _decode(self, topic: str, payload: bytes, received_at: datetime, seq: int = 0) -> DeviceMessage | None:
-        """Decode one message; None (counted, logged) if it is unknown, malformed or a redelivery."""
-        parsed = self.topics.parse(topic)
-        if parsed is None:
-            self.counters.unknown_topics += 1
-            log.warning("dropping a message on unknown topic %s", topic)
-            return None
-        try:
-            message = decode(parsed.kind, payload)
-        except MessageDecodeError as exc:
-            self.counters.malformed[exc.reason] += 1
-            log.warning("dropping a malformed %s message from device %s: %s", parsed.kind, parsed.device_id, exc)
-            return None
-        message_id = message_id_of(message)
-        if message_id is not None and not self._dedup.first_time(f"{parsed.device_id}/{message_id}"):
-            self.counters.duplicates += 1
-            return None
-        return DeviceMessage(parsed.device_id, parsed.kind, message, topic, received_at, seq)
-
-    def _dispatch(self, batch: list[DeviceMessage]) -> None:
-        """Hand `batch` to the handler; a failing one is tried again after each of RETRY_DELAYS_S
-        (a database restart or a deadlock passes), then in halves (`_isolate`); one that raises
-        `UnstorableBatch` goes to halves at once. The messages are acknowledged to the broker
-        already: what the handler never takes is counted (`lost`, or `unstorable` for a message
-        refused alone as such) and logged with the device ids."""
-        self.counters.batches += 1
-        for delay_s in (*RETRY_DELAYS_S, None):
-            try:
-                self._handler(batch)
-            except UnstorableBatch as exc:
-                self.counters.handler_errors += 1
-                self._isolate(batch, budget=[ISOLATE_CALLS], error=exc)
-                break
-            except Exception as exc:
-                self.counters.handler_errors += 1
-                log.exception("ingest batch handler failed on %d messages", len(batch))
-                if delay_s is None:
-                    self._isolate(batch, budget=[ISOLATE_CALLS], error=exc)
-                else:
-                    time.sleep(delay_s)  # the writer's thread: paho reads on, backpressure bounds it
-                continue
-            self.counters.dispatched += len(batch)
-            break
-        if self._journal is not None and batch:
-            self._journal.stored_up_to(batch[-1].seq)  # batches come in arrival order
-
-    def _isolate(self, batch: list[DeviceMessage], budget: list[int], error: Exception) -> None:
-        """Store what the handler takes of a batch it keeps refusing, half by half, so one message
-        it cannot store (a value the database rejects) costs only itself, not its batch. Halves
-        refused with `UnstorableBatch` are split further at no cost (each split makes progress, so
-        at most 2n calls); other refusals spend `budget` (a database that stays down refuses every half)."""
-        if len(batch) == 1 or budget[0] <= 0:
-            self._lose(batch, error)
-            return
-        half = len(batch) // 2
-        for part in (batch[:half], batch[half:]):
-            if budget[0] <= 0:
-                self._lose(part, error)
-                continue
-            try:
-                self._handler(part)
-            except UnstorableBatch as exc:
-                self.counters.handler_errors += 1
-                self._isolate(part, budget, exc)
-            except Exception as exc:
-                budget[0] -= 1
-                self.counters.handler_errors += 1
-                self._isolate(part, budget, exc)
-            else:
-                self.counters.dispatched += len(part)
-
-    def _lose(self, batch: list[DeviceMessage], error: Exception) -> None:
-        devices = sorted({m.device_id for m in batch})
-        shown = ", ".join(devices[:10]) + (f" and {len(devices) - 10} more" if len(devices) > 10 else "")
-        if len(batch) == 1 and isinstance(error, UnstorableBatch):
-            self.counters.unstorable += 1
-            log.warning("refused a %s message from device %s that cannot be stored: %s", batch[0].kind, shown, error)
-            return
-        self.counters.lost += len(batch)
-        log.error("ingest lost %d messages the handler kept refusing, from devices %s", len(batch), shown)
+        if (message := self.decoder(topic, payload, received_at, seq)) is not None:
+            self.batcher.add(message)

@@ -30,7 +30,7 @@ from control_plane.models import (
     as_utc,
     utcnow,
 )
-from control_plane.rollouts import assign, gates, schedule
+from control_plane.rollouts import assign, gate_samples, gates, schedule
 from control_plane.rollouts import members as members_
 from control_plane.rollouts.members import Member
 from control_plane.rollouts.plan import RolloutCreate
@@ -192,11 +192,10 @@ class RolloutController:
         touched = [m for m in members if m.stage_index >= 0]
         result = self._evaluate(session, rollout, plan, version, members, touched)
         if result.result == gates.FAIL:
-            failed = [c["gate"] for c in result.details["checks"] if c["result"] == gates.FAIL]
             self.rollback(
                 session,
                 rollout,
-                f"gate failed in stage {plan.stages[rollout.stage_index].name}: " + ", ".join(failed),
+                f"gate failed in stage {plan.stages[rollout.stage_index].name}: " + ", ".join(result.failed()),
             )
         elif result.result == gates.PASS and self._baked(session, rollout, plan, members):
             self._stage_passed(session, rollout, plan)
@@ -379,16 +378,17 @@ class RolloutController:
         version: ModelVersion,
         members: list[Member],
         touched: list[Member],
-    ) -> gates.GateResult:
+    ) -> gates.GateDecision:
         stage_since = as_utc(rollout.stage_started_at) or self._now()
         not_given = ("waiting", "incompatible", schedule.WAITING_WINDOW)
         baseline_ids = [m.device_id for m in members if m.status in not_given]
         if not baseline_ids:  # last stage: compare with what all devices did before the rollout
             baseline_ids = [m.device_id for m in members]
-        result = gates.evaluate(
+        limits = plan.gates_for(rollout.stage_index)
+        samples = gate_samples.collect(
             session,
             rollout_id=rollout.id,
-            gates=plan.gates_for(rollout.stage_index),
+            gates=limits,
             members=touched,
             new_version=version.version,
             baseline_version=rollout.plan.get("baseline_version"),
@@ -396,11 +396,12 @@ class RolloutController:
             stage_since=stage_since,
             baseline_since=(as_utc(rollout.created_at) or stage_since) - BASELINE_LOOKBACK,
         )
+        result = gates.decide(limits, samples)
         session.add(
             GateEvaluation(
                 rollout_id=rollout.id,
                 stage_index=rollout.stage_index,
-                result=result.result,
+                result=result.result.value,
                 details=result.details,
             )
         )

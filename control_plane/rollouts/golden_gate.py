@@ -15,6 +15,7 @@ if it would with any one reporting device left out.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlmodel import Session
 from control_plane.db import bulk
 from control_plane.models import Device, DeviceEvent, ModelVersion, Rollout, as_utc
 from control_plane.rollouts import robust
+from control_plane.rollouts.gate_checks import ClassRate, GoldenCheck, Outcome
 from shared.state import GoldenOutcome
 
 # Baseline devices read per evaluation: the rate of a class needs a sample, not the whole fleet.
@@ -122,43 +124,66 @@ def _started_with_golden_set(session: Session, rollout_id: str) -> datetime | No
     return as_utc(rollout.created_at) if rollout and version and version.golden_set else None
 
 
-def golden_check(
+@dataclass(frozen=True)
+class GoldenSample:
+    """The golden reports a stage's check is decided on (`collect`), by device id."""
+
+    active_device_ids: tuple[str, ...]
+    new: dict[str, GoldenOutcome]
+    baseline: dict[str, GoldenOutcome]
+    classes: dict[str, GoldenClass]
+
+
+def collect(
     session: Session,
     *,
     rollout_id: str,
-    min_rate: float | None,
     active_device_ids: list[str],
     new_version: str,
     baseline_version: str | None,
     baseline_device_ids: list[str],
-    min_reporting_share: float = 1.0,
-) -> dict[str, Any] | None:
-    """The gate's check (None: not asked for, or the version carries no golden set). A device
-    reports once, when it activates: reports since the rollout began count in every later stage."""
-    started = None if min_rate is None else _started_with_golden_set(session, rollout_id)
-    if min_rate is None or started is None:
+) -> GoldenSample | None:
+    """The reports the check needs (None: the version carries no golden set). A device reports
+    once, when it activates: reports since the rollout began count in every later stage."""
+    started = _started_with_golden_set(session, rollout_id)
+    if started is None:
         return None
     new = _reports(session, active_device_ids, new_version, started)
     sample = list(dict.fromkeys(active_device_ids + baseline_device_ids[:BASELINE_SAMPLE]))
     base = _reports(session, sample, baseline_version, None)
     classes = _classes(session, list(new) + list(base))
-    new_pooled, base_pooled = _pooled(new, classes), _pooled(base, classes)
+    return GoldenSample(tuple(active_device_ids), new, base, classes)
+
+
+def decide(sample: GoldenSample, min_rate: float, min_reporting_share: float = 1.0) -> GoldenCheck:
+    """The check over collected reports, reading no database."""
+    new = sample.new
+    new_pooled, base_pooled = _pooled(new, sample.classes), _pooled(sample.baseline, sample.classes)
     limits = _limits(base_pooled, list(new_pooled), min_rate)
-    per_class: list[dict[str, Any]] = [
-        {
-            "class": list(key),
-            "value": round(rate, 4),
-            "baseline": None if key not in base_pooled else round(base_pooled[key][0], 4),
-            "limit": limits[key],
-        }
+    per_class = tuple(
+        ClassRate(
+            hardware_class=key,
+            value=round(rate, 4),
+            baseline=None if key not in base_pooled else round(base_pooled[key][0], 4),
+            limit=limits[key],
+        )
         for key, (rate, _) in new_pooled.items()
-    ]
-    required = max(1, math.ceil(min_reporting_share * len(active_device_ids)))
-    check: dict[str, Any] = {"gate": "min_golden_pass_rate", "limit": min_rate, "classes": per_class,
-                             "reporting_devices": len(new), "required_reporting_devices": required}  # fmt: skip
-    check["result"] = _verdict(new_pooled, limits) if len(new) >= required else "inconclusive"
-    if check["result"] == "inconclusive":  # devices on trial that have not reported their golden run yet
-        check["waiting_for"] = [d for d in active_device_ids if d not in new][:20]
-    check["value"] = min((c["value"] for c in per_class), default=None)
-    check["failed_prompts"] = sorted({p for g in new.values() for p in g.failed})[:32]
-    return check
+    )
+    active = sample.active_device_ids
+    required = max(1, math.ceil(min_reporting_share * len(active)))
+    quorum = len(new) >= required
+    outcome = Outcome(_verdict(new_pooled, limits)) if quorum else Outcome.HELD
+    why = {Outcome.FAILED: "a class is below its floor with any one device left out",
+           Outcome.PASSED: "every class reaches its floor with any one device left out"}.get(outcome)  # fmt: skip
+    return GoldenCheck(
+        name="min_golden_pass_rate",
+        outcome=outcome,
+        value=min((c.value for c in per_class), default=None),
+        limit=min_rate,
+        reason=why or ("waiting for devices' golden reports" if not quorum else "one device alone decides"),
+        classes=per_class,
+        reporting_devices=len(new),
+        required_reporting_devices=required,
+        waiting_for=tuple([d for d in active if d not in new][:20]) if outcome is Outcome.HELD else None,
+        failed_prompts=tuple(sorted({p for g in new.values() for p in g.failed})[:32]),
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
 from control_plane.errors import DomainError, ErrorCode
+from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import ApiToken, Device, DeviceStatus, Role, as_utc, utcnow
 from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
 from control_plane.services.devices import complete_rotation
@@ -62,17 +64,21 @@ def matching_secret(device: Device | None, secret: str) -> str | None:
     return None
 
 
-def admit_device(session: Session, device: Device | None, secret: str) -> str | None:
+def admit_device(
+    session: Session, device: Device | None, secret: str, *, broker_hash: Callable[[str], str] = mosquitto_hash
+) -> str | None:
     """`matching_secret`; the staged secret's first use completes the rotation (caller commits)."""
     which = matching_secret(device, secret)
     if which == "staged" and device is not None:
-        complete_rotation(session, device, secret)
+        complete_rotation(session, device, secret, broker_hash=broker_hash)
     return which
 
 
-def authenticate_device(session: Session, device_id: str, secret: str) -> Principal:
+def authenticate_device(
+    session: Session, device_id: str, secret: str, *, broker_hash: Callable[[str], str] = mosquitto_hash
+) -> Principal:
     device = session.get(Device, device_id)
-    which = admit_device(session, device, secret)
+    which = admit_device(session, device, secret, broker_hash=broker_hash)
     if device is None or which is None:
         raise DomainError(ErrorCode.UNAUTHENTICATED, "the device credential is unknown or revoked")
     return Principal(kind="device", id=device.id, name=device.id, secret=which)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -145,12 +146,15 @@ def stage_secret(session: Session, device: Device) -> str:
     return secret
 
 
-def complete_rotation(session: Session, device: Device, secret: str) -> None:
-    """The staged `secret` becomes current; the previous one expires after the grace period."""
+def complete_rotation(
+    session: Session, device: Device, secret: str, *, broker_hash: Callable[[str], str] = mosquitto_hash
+) -> None:
+    """The staged `secret` becomes current; the previous one expires after the grace period.
+    `broker_hash`: how the broker checks it (control_plane.fleet.access.broker_password_hash)."""
     device.previous_secret_hash = device.secret_hash
     device.previous_secret_expires_at = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)
     device.secret_hash = device.staged_secret_hash
-    device.mqtt_password_hash = mosquitto_hash(secret)
+    device.mqtt_password_hash = broker_hash(secret)
     device.staged_secret_hash = device.rotation_requested_at = device.rotation_grace_s = None
     session.add(device)
     session.flush()
@@ -171,8 +175,11 @@ def reissue_enrollment_token(session: Session, device: Device, token_ttl_s: int)
     return token
 
 
-def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
-    """Exchange an enrollment token, once, for a device credential (id + secret)."""
+def enroll(
+    session: Session, request: EnrollRequest, *, broker_hash: Callable[[str], str] = mosquitto_hash
+) -> tuple[Device, str]:
+    """Exchange an enrollment token, once, for a device credential (id + secret); the broker
+    gets the secret's `broker_hash` (control_plane.fleet.access.broker_password_hash)."""
     token_hash = hash_secret(request.enrollment_token)
     device = session.exec(select(Device).where(Device.enrollment_token_hash == token_hash)).first()
     if device is None:
@@ -194,7 +201,7 @@ def enroll(session: Session, request: EnrollRequest) -> tuple[Device, str]:
         )
         .values(
             secret_hash=hash_secret(secret),
-            mqtt_password_hash=mosquitto_hash(secret),
+            mqtt_password_hash=broker_hash(secret),
             enrolled_at=utcnow(),
             status=DeviceStatus.offline,
             hardware=request.hardware.model_dump(exclude={"schema_version"}),

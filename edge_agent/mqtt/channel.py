@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from edge_agent import __version__
 from edge_agent.enroll import hardware_profile
@@ -28,7 +27,7 @@ from edge_agent.settings import AgentSettings, ConfigError
 from edge_agent.tls import has_identity, plaintext_problem, ssl_context
 from shared.messages import EventKind, EventMessage, MessageDecodeError, decode
 from shared.mqtt.types import Protocol
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.url import format_broker_url, parse_broker_urls
 from shared.state import DeviceState, ModelRef, Phase
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind, Topics
@@ -57,11 +56,11 @@ _Item = tuple[str, object]  # ("state" | "telemetry" | "event", payload); ("stop
 
 
 def device_url(url: str, device_id: str, device_secret: str) -> str:
-    """The broker URL with the device credential in it (username = device id, MQTT 3.1.1 s. 3.1.3.4)."""
-    broker = parse_broker_url(url)
-    scheme = "mqtts" if broker.tls else "mqtt"
-    auth = f"{quote(device_id, safe='')}:{quote(device_secret, safe='')}"
-    return f"{scheme}://{auth}@{broker.host}:{broker.port}"
+    """The broker URL(s) with the device credential in each (username = device id, MQTT 3.1.1
+    s. 3.1.3.4); several are a cluster's nodes, comma-separated."""
+    return ",".join(
+        format_broker_url(broker.with_credentials(device_id, device_secret)) for broker in parse_broker_urls(url)
+    )
 
 
 def _tls_context(settings: AgentSettings) -> ssl.SSLContext:
@@ -122,9 +121,10 @@ class MqttChannel:
         if credential is None:
             log.warning("mqtt_url is set but the agent has no device credential; not connecting to %s", url)
             return None
-        if not agent.settings.allow_insecure_http and (problem := plaintext_problem(url)):
-            raise ConfigError(f"broker URL refused: {problem}")
-        tls_context = _tls_context(agent.settings) if parse_broker_url(url).tls else None
+        for node in url.split(","):
+            if not agent.settings.allow_insecure_http and (problem := plaintext_problem(node.strip())):
+                raise ConfigError(f"broker URL refused: {problem}")
+        tls_context = _tls_context(agent.settings) if parse_broker_urls(url)[0].tls else None
         if tls_context is not None and agent.settings.x509_identity:
             # A renewed certificate is presented from the next (re)connection; this one stays up.
             s = agent.settings

@@ -49,6 +49,12 @@ class BufferedClient(paho.Client):
         self._wake_pending = False
         self.on_read_burst: Callable[[], None] | None = None  # after each burst of packets read
 
+    def retarget(self, host: str, port: int) -> None:
+        """Connect to `host:port` from the next reconnect on. paho's `host` setter refuses while
+        its state is not closed, which it is not between a lost connection and the reconnect."""
+        self._host = host
+        self._port = port
+
     # -- reading -----------------------------------------------------------------------------
 
     def _sock_recv(self, bufsize: int) -> bytes:

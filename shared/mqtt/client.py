@@ -4,6 +4,10 @@ Shaped after Home Assistant's MQTT integration: the last will is set before conn
 message goes out on every connect, every subscription is restored after a reconnect, paho calls
 happen under one lock, and callbacks can be handed to an asyncio loop (`loop_handler`). Handlers
 run on paho's network thread: they must not block, and must not wait for a publish there.
+
+Given several URLs (the nodes of a broker cluster), a client starts on one chosen by its client
+id, so a fleet spreads over the nodes, and moves to the next after each lost connection or failed
+attempt: paho reconnects to one host only, with its backoff between attempts.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -35,7 +40,7 @@ from shared.mqtt.types import (
     _Subscription,
     loop_handler,
 )
-from shared.mqtt.url import BrokerURL, parse_broker_url
+from shared.mqtt.url import BrokerURL, parse_broker_urls
 
 log = logging.getLogger(__name__)
 ROUTE_CACHE_SIZE = 65536  # topics whose matching handlers are remembered
@@ -59,7 +64,7 @@ class MqttClient:
 
     def __init__(
         self,
-        url: str | BrokerURL,
+        url: str | BrokerURL | Sequence[BrokerURL],
         *,
         client_id: str,
         protocol: Protocol = "3.1.1",
@@ -71,7 +76,12 @@ class MqttClient:
         tls_context: ssl.SSLContext | None = None,
         persistent_session: bool = False,
     ) -> None:
-        self.url = parse_broker_url(url) if isinstance(url, str) else url
+        """`url`: one broker, or several (comma-separated, or a sequence) that are one cluster."""
+        self.urls = (
+            parse_broker_urls(url) if isinstance(url, str) else [url] if isinstance(url, BrokerURL) else list(url)
+        )
+        # Spread clients over the nodes, the same node for the same client every time.
+        self._url_index = zlib.crc32(client_id.encode("utf-8")) % len(self.urls)
         self.client_id = client_id
         self.requested_protocol = protocol
         self.counters = ClientCounters()
@@ -100,6 +110,11 @@ class MqttClient:
         self.last_refusal: str | None = None  # the broker's reason when it refused a CONNECT
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> BrokerURL:
+        """The broker this client is connected to, or tries next."""
+        return self.urls[self._url_index]
 
     def start(self, *, wait: bool = True, timeout_s: float = 10.0) -> None:
         """Connect in the background; paho keeps reconnecting with backoff until `stop()`."""
@@ -144,7 +159,7 @@ class MqttClient:
 
     def set_password(self, password: str) -> None:
         """Use `password` from the next CONNECT on (a rotated credential); the live session stays."""
-        self.url = self.url.with_credentials(self.url.username, password)
+        self.urls = [url.with_credentials(url.username, password) for url in self.urls]
         with self._paho_lock:
             if self._paho is not None:
                 self._paho.username_pw_set(self.url.username, password)
@@ -273,13 +288,15 @@ class MqttClient:
             if self._paho is not None and self.connected:
                 self._paho.unsubscribe(topic_filter)
 
-    def _send_subscribe(self, filters: list[tuple[str, int]], timeout_s: float | None) -> SubscribeResult | None:
+    def _send_subscribe(
+        self, filters: list[tuple[str, int]], timeout_s: float | None, *, restore_attempt: int | None = None
+    ) -> SubscribeResult | None:
         client = self._require_client()
         with self._paho_lock:
             rc, mid = client.subscribe(filters)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return None
-        waiter = _SubackWaiter()
+        waiter = _SubackWaiter(filters=filters, restore_attempt=restore_attempt)
         with self._state_lock:
             early = self._early_subacks.pop(mid, None)  # the SUBACK may beat us here
             if early is None:
@@ -287,6 +304,8 @@ class MqttClient:
             else:
                 waiter.granted.extend(early)
                 waiter.done.set()
+        if early is not None:
+            self._retry_refused(waiter)
         if timeout_s is None or threading.get_ident() == self._network_thread_id:
             return None
         if not waiter.done.wait(timeout_s):
@@ -310,7 +329,7 @@ class MqttClient:
             self._connected.set()
             filters = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
         if filters:
-            self._send_subscribe(filters, timeout_s=None)
+            self._send_subscribe(filters, timeout_s=None, restore_attempt=0)
         if self._birth is not None:
             birth = _resolve(self._birth)
             with self._paho_lock:
@@ -327,6 +346,18 @@ class MqttClient:
             self.counters.disconnects += 1
             log.info("disconnected %s from %s: %s", self.client_id, self.url.redacted(), reason)
             self._notify(False)
+        self._next_broker(_c)
+
+    def _on_connect_fail(self, client: paho.Client, _u: Any) -> None:
+        self._next_broker(client)
+
+    def _next_broker(self, client: paho.Client) -> None:
+        """Aim paho's next reconnect at the next node; its backoff still paces the attempts."""
+        if len(self.urls) < 2 or self._paho is not client:
+            return  # one broker, or a stopped client
+        self._url_index = (self._url_index + 1) % len(self.urls)
+        if isinstance(client, BufferedClient):
+            client.retarget(self.url.host, self.url.port)
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
         granted = [None if r.is_failure else int(r.value) for r in reasons]
@@ -340,6 +371,32 @@ class MqttClient:
                 return
         waiter.granted.extend(granted)
         waiter.done.set()
+        self._retry_refused(waiter)
+
+    def _retry_refused(self, waiter: _SubackWaiter) -> None:
+        """A broker may refuse a subscription it cannot set up yet (NATS, while JetStream elects
+        its leaders, cannot create the consumer behind a QoS 1 subscription): the subscriptions
+        restored after a connect are asked for again, with backoff, until granted."""
+        if waiter.restore_attempt is None:
+            return
+        refused = [f for f, granted in zip(waiter.filters, waiter.granted, strict=False) if granted is None]
+        if not refused:
+            return
+        attempt = waiter.restore_attempt
+        delay = min(max(self._reconnect_delays[0], 1) * 2**attempt, self._reconnect_delays[1])
+        log.warning("%s refused %d subscription(s) of %s; asking again in %ds", self.url.redacted(),
+                    len(refused), self.client_id, delay)  # fmt: skip
+        timer = threading.Timer(delay, self._resubscribe, args=(self._paho, refused, attempt + 1))
+        timer.daemon = True
+        timer.start()
+
+    def _resubscribe(self, client: paho.Client | None, filters: list[tuple[str, int]], attempt: int) -> None:
+        if self._paho is not client or client is None or not self.connected:
+            return  # stopped, or disconnected: the next connect restores every subscription
+        with self._state_lock:
+            wanted = [(f, qos) for f, qos in filters if f in self._subscriptions]
+        if wanted:
+            self._send_subscribe(wanted, timeout_s=None, restore_attempt=attempt)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         self.counters.messages_received += 1
@@ -398,6 +455,7 @@ class MqttClient:
         client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_read_burst = self._read_burst

@@ -32,3 +32,8 @@ class RecentIds:
 
     def __contains__(self, message_id: object) -> bool:
         return message_id in self._seen
+
+    def forget(self, message_id: str) -> None:
+        """Let `message_id` count as new again (its message was handed back for redelivery)."""
+        with self._lock:
+            self._seen.pop(message_id, None)

@@ -50,6 +50,8 @@ class _Subscription:
 class _SubackWaiter:
     done: threading.Event = field(default_factory=threading.Event)
     granted: list[int | None] = field(default_factory=list)
+    filters: list[tuple[str, int]] = field(default_factory=list)
+    restore_attempt: int | None = None  # set on subscriptions restored after a connect
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Broker URLs: mqtt://user:pass@host:1883 or mqtts://host:8883 (TLS)."""
+"""Broker URLs: mqtt://user:pass@host:1883 or mqtts://host:8883 (TLS); a cluster's nodes as a
+comma-separated list of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from shared.mqtt.errors import BrokerURLError
 
@@ -44,3 +45,32 @@ def parse_broker_url(url: str) -> BrokerURL:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def parse_broker_urls(text: str) -> list[BrokerURL]:
+    """The URLs of a broker cluster's nodes, comma-separated; one URL is a list of one.
+
+    Credentials given in one URL apply to every URL that names none, so a password is written
+    once. All must agree on TLS: one client has one TLS setup.
+    """
+    urls = [parse_broker_url(part.strip()) for part in text.split(",") if part.strip()]
+    if not urls:
+        raise BrokerURLError(f"no broker URL in {text!r}")
+    if len({url.tls for url in urls}) > 1:
+        raise BrokerURLError(f"broker URLs mix mqtt:// and mqtts://: {text!r}")
+    named = [url for url in urls if url.username is not None]
+    if len({(url.username, url.password) for url in named}) > 1:
+        raise BrokerURLError("broker URLs name different credentials; give them once")
+    if named:
+        urls = [url if url.username is not None else url.with_credentials(named[0].username, named[0].password)
+                for url in urls]  # fmt: skip
+    return urls
+
+
+def format_broker_url(url: BrokerURL) -> str:
+    """`url` as text again, with its credentials (percent-encoded)."""
+    auth = ""
+    if url.username is not None:
+        auth = quote(url.username, safe="") + (f":{quote(url.password, safe='')}" if url.password else "") + "@"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{'mqtts' if url.tls else 'mqtt'}://{auth}{host}:{url.port}"

@@ -1,21 +1,7 @@
-"""Model optimisation for operators: the server's quantizers, plus measuring and comparing variants."""
+"""Model optimisation for operators: the server's quantizers (control_plane.modelopt, re-exported
+here for the CLI), plus measuring and comparing variants (evaluate, measure, compare, sample)."""
 
 from __future__ import annotations
 
-from control_plane.modelopt import (
-    GGUF_TYPES,
-    QuantizeError,
-    QuantizeResult,
-    check_gguf_quantizable,
-    quantize_gguf,
-    quantize_onnx_int8,
-)
-
-__all__ = [
-    "GGUF_TYPES",
-    "QuantizeError",
-    "QuantizeResult",
-    "check_gguf_quantizable",
-    "quantize_gguf",
-    "quantize_onnx_int8",
-]
+from control_plane.modelopt import *  # noqa: F403
+from control_plane.modelopt import __all__ as __all__

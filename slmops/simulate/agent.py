@@ -3,8 +3,13 @@
 Protocol, as `edge_agent.mqtt.device.DeviceChannel` speaks it: a retained QoS 1 birth `StatusMessage`
 with the hardware profile, a retained last will saying offline, the retained device state
 republished on every connect, desired states deduplicated by message id (an empty retained
-payload means "cleared"), and telemetry windows at an interval. Thousands of these share one event
-loop: paho's own threaded loop waits on select(), which cannot watch descriptors above 1,024.
+payload means "cleared"), and telemetry windows at an interval. Given a root to trust
+(`SimConfig.trusted_root`), it verifies each desired state's signed release with the agent's own
+`edge_agent.trust.ReleaseGuard` before acting on it, or refuses it. Like download and activation
+events, the agent's `release_verified` event is not sent: the simulator models what a rollout
+waits for (the acknowledging state), and counts verifications in `SimStats`.
+Thousands of these share one event loop: paho's own threaded loop waits on select(), which
+cannot watch descriptors above 1,024.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from edge_agent.trust import ReleaseGuard
 from shared.desired import DesiredState
 from shared.hardware import HardwareProfile
 from shared.messages import (
@@ -28,13 +36,16 @@ from shared.messages import (
     new_message_id,
 )
 from shared.mqtt.dedup import RecentIds
-from shared.mqtt.url import parse_broker_url
+from shared.mqtt.url import parse_broker_urls
+from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated
 from slmops.simulate.wire import MqttWire, Will, WireError
 
 log = logging.getLogger("slmops.simulate")
 AGENT_VERSION = "sim"
+# A node whose cluster is electing leaders may hold a CONNECT unanswered: try the next one sooner.
+CLUSTER_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -49,6 +60,9 @@ class SimConfig:
     error_rate: float = 0.0
     rss_mb: float = 120.0
     reconnect_delay_s: float = 1.0
+    # The root chain devices are provisioned with; None: releases are not verified (as an agent
+    # without a root). Read at each desired state, so a benchmark may switch it between rollouts.
+    trusted_root: list[SignedMetadata] | None = None
     hardware: HardwareProfile = field(
         default_factory=lambda: HardwareProfile(
             cpu_model="sim", cpu_cores=4, ram_mb=4096, arch="x86_64", agent_version=AGENT_VERSION
@@ -67,6 +81,9 @@ class SimStats:
     failed: int = 0
     telemetry_sent: int = 0
     malformed_desired: int = 0
+    verified: int = 0  # releases verified (ReleaseGuard.verify passed)
+    refused: int = 0  # desired states refused for their release
+    verify_s: float = 0.0  # time spent in ReleaseGuard.verify and accept, all devices together
     # Called after every applied or failed desired state (`SimFleet.wait`): a waiter sees the
     # count that completes it at once, where polling was late by half its interval on average.
     listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -93,6 +110,7 @@ class SimAgent:
         # (docs/performance.md#fleet-paths).
         self._state_topic = self.topics.state(credential.device_id)
         self._telemetry_topic = self.topics.telemetry(credential.device_id)
+        self._guard: ReleaseGuard | None = None  # made from config.trusted_root on first use
         self.config = config
         self.stats = stats
         # Kept as the message it is published as: each publish copies it with a new envelope, no
@@ -105,19 +123,24 @@ class SimAgent:
         self._seq = 0
         self._rng = random.Random(credential.device_id)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._start_node = zlib.crc32(credential.device_id.encode("utf-8"))
+        self._failures = 0  # connections lost or refused: each moves to the next broker node
 
     @property
     def current_version(self) -> str | None:
         return self.state.current.version if self.state.current else None
 
     async def _open(self) -> MqttWire:
-        broker = parse_broker_url(self.credential.mqtt_url)
+        brokers = parse_broker_urls(self.credential.mqtt_url)
+        # Several URLs are a cluster's nodes: start on one chosen by device id (a fleet spreads over
+        # them) and move to the next after each lost connection, as MqttClient does.
+        broker = brokers[(self._start_node + self._failures) % len(brokers)]
         # A fresh will per connection: ingest deduplicates by message id.
         will = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="connection lost")
         return await MqttWire.open(
             broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
             password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
-            tls=broker.tls,
+            tls=broker.tls, timeout_s=60.0 if len(brokers) == 1 else CLUSTER_CONNECT_TIMEOUT_S,
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -126,6 +149,9 @@ class SimAgent:
             try:
                 await self._session(stop)
             except WireError as exc:
+                if self._wire is not None:
+                    self._wire.abort()  # e.g. a refused subscription: the next try goes to another node
+                self._failures += 1
                 self.stats.connect_errors += 1
                 log.debug("device %s: %s; reconnecting", self.device_id, exc)
             finally:
@@ -189,6 +215,8 @@ class SimAgent:
         self._apply_now(desired)
 
     def _apply_now(self, desired: DesiredState) -> None:
+        if not self._release_verified(desired):
+            return
         known = {ref.version for ref in (self.state.current, self.state.previous) if ref is not None}
         # Only a version new to the device can fail: going back to one it ran (a rollback) succeeds.
         fail = not desired.unload and desired.version not in known and self._rng.random() < self.config.failure_rate
@@ -201,6 +229,27 @@ class SimAgent:
         self.applied.append(desired.message_id)
         self._send_state(fresh=True)
         self.stats.notify()
+
+    def _release_verified(self, desired: DesiredState) -> bool:
+        """The agent's check before acting (edge_agent.reconciler): verify and remember, or refuse."""
+        root = self.config.trusted_root
+        if root is None:
+            return True
+        started = time.perf_counter()
+        if self._guard is None:
+            self._guard = ReleaseGuard.in_memory(root)
+        try:
+            verified = self._guard.verify(desired)
+        except ReleaseRefused as exc:
+            self.stats.refused += 1
+            self.state = simulated.refused(self.state, desired, str(exc), envelope=self._envelope())
+            self._send_state(fresh=True)
+            self.stats.notify()
+            return False
+        self._guard.accept(verified)
+        self.stats.verify_s += time.perf_counter() - started
+        self.stats.verified += 1
+        return True
 
     async def _publish_state(self) -> None:
         """Publish the state and wait for its PUBACK (on connect)."""

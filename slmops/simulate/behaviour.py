@@ -47,6 +47,13 @@ def applied(state: S, desired: DesiredState, *, fail: bool, envelope: dict[str, 
     return state.model_copy(update=update)
 
 
+def refused(state: S, desired: DesiredState, message: str, *, envelope: dict[str, object] | None = None) -> S:
+    """The device's state after refusing `desired`'s release: what it served, it still serves."""
+    update: dict[str, object] = {"desired_message_id": desired.message_id, "phase": "download_failed"}
+    update |= {"reason": f"release_refused: {message}"[:500], **(envelope or {})}
+    return state.model_copy(update=update)
+
+
 def telemetry_window(
     device_id: str,
     current: ModelRef,

@@ -110,13 +110,18 @@ class MosquittoProcess:
     def stop(self) -> None:
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        terminate(self._process)
         if self._process.stderr is not None:
             self._process.stderr.close()
         self._process = None
         self.pid_file.unlink(missing_ok=True)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if the process has not ended within `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

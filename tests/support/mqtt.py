@@ -18,6 +18,7 @@ from shared.mqtt.url import parse_broker_url
 from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess
+from tests.support.tls import Issued
 from tests.support.waiting import wait_for
 
 SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
@@ -151,6 +152,25 @@ def shipped_mosquitto(
         config += "user root\n"  # mosquitto would switch to its own user, who cannot read workdir
     workdir.mkdir(parents=True, exist_ok=True)
     return MosquittoProcess(workdir, topics=Topics(), port=port, config=config), device_port
+
+
+def mtls_mosquitto(workdir: Path, server: Issued, device_ca_dir: Path) -> tuple[MosquittoProcess, int, int]:
+    """The shipped Mosquitto with deploy/mosquitto/mtls-listener.conf appended, on free ports:
+    `server` = (certificate, key) for its TLS listeners, `device_ca_dir` the device CA's folder
+    (`ca.crt`, `ca.crl`). Returns the broker, its TLS device listener's port and its mTLS one's."""
+    mtls_port = free_port()
+    listener = (DEPLOY_MOSQUITTO / "mtls-listener.conf").read_text()
+    for production, test in [
+        ("listener 8884", f"listener {mtls_port} 127.0.0.1"),
+        ("/etc/mosquitto/certs/server.crt", str(server.cert_file)),
+        ("/etc/mosquitto/certs/server.key", str(server.key_file)),
+        ("/etc/mosquitto/slmops/device-ca.crt", str(device_ca_dir / "ca.crt")),
+        ("/etc/mosquitto/slmops/device-ca.crl", str(device_ca_dir / "ca.crl")),
+    ]:
+        assert production in listener
+        listener = listener.replace(production, test)
+    broker, device_port = shipped_mosquitto(workdir, tls=(server.cert_file, server.key_file), extra=listener)
+    return broker, device_port, mtls_port
 
 
 class RawClient:

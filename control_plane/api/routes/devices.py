@@ -17,7 +17,7 @@ from control_plane.api.deps import (
     ViewerDep,
 )
 from control_plane.errors import DomainError, ErrorCode
-from control_plane.fleet.access import grant_device_on_broker, revoke_device_on_broker
+from control_plane.fleet.access import broker_password_hash, grant_device_on_broker, revoke_device_on_broker
 from control_plane.models import as_utc, utcnow
 from control_plane.schemas import (
     DeviceCreate,
@@ -73,7 +73,8 @@ def enroll_device(request: EnrollRequest, mutation: MutationDep, limiter: RateLi
     """Exchange a one-time enrollment token for the device credential. No bearer token needed."""
     limiter.check(mutation.request, "enroll")
     try:
-        device, secret = devices.enroll(mutation.session, request)
+        broker_hash = broker_password_hash(mutation.request.app)
+        device, secret = devices.enroll(mutation.session, request, broker_hash=broker_hash)
     except DomainError:
         limiter.charge(mutation.request, "enroll")
         raise

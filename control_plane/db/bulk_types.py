@@ -1,0 +1,42 @@
+"""What the bulk writers of every dialect share: the interface `bulk` dispatches to, and CopyFrom."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class CopyFrom:
+    """Set `column` to `source` of the source table's row whose primary key equals the row's `on`
+    value (NULL where there is none), read by the database itself: the value never travels to
+    Python and back."""
+
+    column: str
+    source: sa.Column[Any]
+    on: str
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows for `table`: never empty, every row with the same keys (the columns written)."""
+
+    table: sa.Table
+    rows: Sequence[dict[str, Any]]
+
+
+class BulkWriter(Protocol):
+    """One dialect's set-based writes."""
+
+    def write(self, session: Session, batch: Rows, conflict: tuple[str, ...], update: tuple[str, ...] | None) -> int:
+        """Insert; on `conflict` columns, skip the row or (with `update`) overwrite those columns."""
+
+    def insert_copying(self, session: Session, batch: Rows, copy: CopyFrom) -> None: ...
+
+    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None: ...
+
+    def matching(self, column: Any, values: list[Any]) -> list[sa.ColumnElement[bool]]: ...
