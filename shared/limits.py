@@ -65,6 +65,8 @@ _Printable = AfterValidator(_printable)
 _NAME_SCHEMA = {"pattern": _NAME_PATTERN}
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 BigCount = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Half the range: the control plane ranks a status report as 2 * seq (+1 offline) in a BIGINT.
+ReportSeq = Annotated[int, Field(ge=0, le=INT64_MAX // 2)]
 ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 Measure = Annotated[float, Field(ge=0, le=MAX_MEASURE, allow_inf_nan=False)]
 ModelName = Annotated[str, Field(max_length=MODEL_CHARS, json_schema_extra=_NAME_SCHEMA), _Printable]

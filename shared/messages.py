@@ -30,7 +30,7 @@ from shared.base import WireModel
 from shared.desired import DesiredState
 from shared.errors import SharedError
 from shared.hardware import HardwareProfile
-from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ShortName, VersionName
+from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ReportSeq, ShortName, VersionName
 from shared.state import DeviceState, GoldenOutcome
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
@@ -65,7 +65,19 @@ class Envelope(WireModel):
     sent_at: datetime = Field(default_factory=utc_now)
 
 
-class StatusMessage(Envelope):
+class Ordered(WireModel):
+    """`report_seq` orders a device's state and status reports, so that the newest one wins
+    whichever replica stores it and in whichever order (optional: older agents send none, and
+    their reports are stored as they come).
+
+    It never decreases on a device (shared.report_clock.ReportClock). A state report takes the next value; the
+    birth, the will and the shutdown offline of one connection all carry the value taken for
+    that connection (the will is fixed at connect time), and offline ranks after online."""
+
+    report_seq: ReportSeq | None = None
+
+
+class StatusMessage(Ordered, Envelope):
     """Retained on `status`: the birth message says online; the last will says offline."""
 
     status: Literal["online", "offline"]
@@ -121,11 +133,13 @@ class EventMessage(Envelope):
         return detail
 
 
-class StateMessage(DeviceState, Envelope):
+class StateMessage(DeviceState, Ordered, Envelope):
     """A `DeviceState` as published on `state`."""
 
     @classmethod
-    def wrap(cls, state: DeviceState, *, updated_at: datetime | None = None) -> StateMessage:
+    def wrap(
+        cls, state: DeviceState, *, updated_at: datetime | None = None, report_seq: int | None = None
+    ) -> StateMessage:
         """`state` as a message; `updated_at` replaces the state's own (saves copying it first)."""
         # `state` is a validated DeviceState: its fields are taken as they are, with no dump and
         # second validation per message (docs/performance.md#fleet-paths). The
@@ -134,7 +148,7 @@ class StateMessage(DeviceState, Envelope):
         fields = dict(state)
         if updated_at is not None:
             fields["updated_at"] = updated_at
-        return cls.model_construct(**fields, message_id=new_message_id(), sent_at=utc_now())
+        return cls.model_construct(**fields, message_id=new_message_id(), sent_at=utc_now(), report_seq=report_seq)
 
 
 class TelemetryMessage(TelemetryWindow, Envelope):

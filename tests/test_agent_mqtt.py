@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from control_plane.fleet.broker import EmbeddedBroker
+from control_plane.fleet.ingest import status_rank
 from shared.messages import StatusMessage, decode
 from shared.net import free_port
 from shared.topics import TopicKind, Topics
@@ -196,7 +197,7 @@ def test_telemetry_produced_during_a_broker_outage_arrives_after_it_in_order(
     emit_while_down(device, 5, spooled=5)
     private_mosquitto.start()
 
-    wait_for(lambda: len(seqs(cp)) >= 6), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 6, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 1, 2, 3, 4, 5]
     assert all(t.dropped_windows == 0 and t.device_id == DEVICE for t in cp.telemetry())
     assert len(device.channel.spool) == 0
@@ -234,7 +235,7 @@ def test_telemetry_survives_an_embedded_broker_restart(clients: ClientFactory, d
         after = ControlPlane(clients(f"mqtt://cp:x@127.0.0.1:{port}", protocol="3.1.1"), topics)
         device_admitted.set()
 
-        wait_for(lambda: len(seqs(after)) >= 5), seqs(after)
+        wait_for(lambda: len(seqs(after)) >= 5, what=lambda: seqs(after))
         assert seqs(after) == [1, 2, 3, 4, 5]
         assert len(device.channel.spool) == 0
     finally:
@@ -254,9 +255,9 @@ def test_spool_bound_drops_the_oldest_windows_and_reports_the_count(
     emit_while_down(device, 5, spooled=3, dropped=2)  # windows 1..5; only 3..5 fit
     private_mosquitto.start()
 
-    wait_for(lambda: len(seqs(cp)) >= 4), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 4, what=lambda: seqs(cp))
     device.agent.emit_telemetry()  # the next window carries whatever drop count is still unreported
-    wait_for(lambda: len(seqs(cp)) >= 5), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 5, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 3, 4, 5, 6]
     assert sum(t.dropped_windows for t in cp.telemetry()) == 2
 
@@ -299,7 +300,7 @@ def test_spooled_telemetry_survives_an_agent_restart(
 
     private_mosquitto.start()
     devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
-    wait_for(lambda: len(seqs(cp)) >= 3), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 3, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 1, 2]
 
 
@@ -340,9 +341,16 @@ def test_killed_agent_process_leaves_a_retained_offline_status(
     finally:
         agent.stop()
     wait_for(lambda: statuses(control_plane)[-1].status == "offline")
-    assert statuses(control_plane)[-1].reason == "connection lost"
+    will = statuses(control_plane)[-1]
+    assert will.reason == "connection lost"
     retained = retained_status(broker_url, control_plane.topics, clients)
     assert retained.status == "offline" and retained.reason == "connection lost"
+    # Ordered reports: the will, fixed at connect time, carries its connection's birth seq, so the
+    # control plane ranks it after that birth (and after any earlier connection) whatever the order.
+    birth = [s for s in statuses(control_plane) if s.status == "online"][-1]
+    assert birth.report_seq is not None and will.report_seq == birth.report_seq
+    assert status_rank(will) > status_rank(birth)
+    assert idle.report_seq is not None
 
 
 def test_stopped_agent_process_says_offline_before_leaving(

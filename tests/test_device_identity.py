@@ -200,7 +200,7 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
                 wait_for(lambda: online() == "online")
                 assert channel.device.client.connected
                 httpx.post(f"{cp.url}/v1/devices/{device_id}/{cut_off}", headers=admin_headers).raise_for_status()
-                wait_for(lambda: not channel.device.client.connected, what=lambda: "the live connection stayed open")
+                wait_for(lambda: not channel.device.client.connected, what="the live connection stayed open")
                 assert _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None
                 time.sleep(3)  # the agent keeps trying: every reconnect is refused at the handshake
                 assert not channel.device.client.connected

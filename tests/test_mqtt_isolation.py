@@ -164,7 +164,7 @@ def test_sync_writes_exactly_the_given_devices_plus_admins_and_signals(tmp_path:
         lines = passwd.path.read_text().splitlines()
         assert [line.split(":")[0] for line in lines] == ["dev-1", "cp"]
         assert passwd.path.stat().st_mode & 0o777 == 0o640, "permissions kept across the atomic rename"
-        wait_for(lambda: sleeper.poll() is not None, what=lambda: "SIGHUP reached the pid in the pid file")
+        wait_for(lambda: sleeper.poll() is not None, what="SIGHUP reached the pid in the pid file")
         assert sleeper.returncode == -signal.SIGHUP
     finally:
         sleeper.kill()

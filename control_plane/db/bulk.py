@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from control_plane.db.bulk_postgres import PostgresBulk
 from control_plane.db.bulk_sqlite import SqliteBulk
-from control_plane.db.bulk_types import BulkWriter, CopyFrom, Rows
+from control_plane.db.bulk_types import BulkWriter, CopyFrom, Newer, Rows
 
 __all__ = ["CopyFrom", "insert", "insert_copying", "matching", "update", "upsert", "writer_for"]
 
@@ -67,11 +67,16 @@ def update(
     *,
     key: Sequence[str],
     copy: CopyFrom | None = None,
+    newer: Newer | None = None,
 ) -> None:
     """Set the non-key columns of each row on the table's row matching `key` (same keys in every
-    row), and with `copy` one more column from another table (see CopyFrom)."""
+    row), and with `copy` one more column from another table (see CopyFrom).
+
+    `newer`: {order column: the columns it guards}. Those columns, the order column with them, are
+    set only where the row's order is higher than the stored one (or either is NULL), decided in
+    the same statement: two writers racing leave the newest values whichever commits last."""
     if rows:
-        writer_for(session).update(session, Rows(table, rows), key, copy)
+        writer_for(session).update(session, Rows(table, rows), key, copy, newer)
 
 
 def matching(session: Session, column: Any, values: Sequence[Any]) -> list[sa.ColumnElement[bool]]:

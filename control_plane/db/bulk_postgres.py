@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from control_plane.db.bulk_types import CopyFrom, Rows
+from control_plane.db.bulk_types import CopyFrom, Newer, Rows, guards
 
 
 class PostgresBulk:
@@ -58,11 +58,22 @@ class PostgresBulk:
         )
         session.execute(sa.text(f"TRUNCATE {stage}"))
 
-    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None:
+    def update(
+        self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None, newer: Newer | None = None
+    ) -> None:
         table, rows = batch.table, batch.rows
         q, columns = self.q, list(rows[0])
         stage = _stage(session, table, columns, rows)
-        assignments = [f"{q(c)} = u.{q(c)}" for c in columns if c not in key]
+        values = [c for c in columns if c not in key]
+        guard_of = guards(values, newer)
+
+        def assign(c: str) -> str:
+            if (order := guard_of.get(c)) is None:
+                return f"{q(c)} = u.{q(c)}"
+            o = q(order)  # every SET expression reads the row as it was: the order column included
+            return f"{q(c)} = CASE WHEN u.{o} IS NULL OR t.{o} IS NULL OR u.{o} > t.{o} THEN u.{q(c)} ELSE t.{q(c)} END"
+
+        assignments = [assign(c) for c in values]
         join = ""
         if copy is not None:
             value, join = self._join(copy)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from control_plane.db.bulk_types import CopyFrom, Rows
+from control_plane.db.bulk_types import CopyFrom, Newer, Rows, guards
 
 MAX_PARAMETERS = 900  # SQLite's limit on bound parameters per statement is 999
 
@@ -43,11 +43,18 @@ class SqliteBulk:
             table.insert().values({copy.column: _lookup(copy)}), [{**row, "_copy_key": row[copy.on]} for row in rows]
         )
 
-    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None:
+    def update(
+        self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None, newer: Newer | None = None
+    ) -> None:
         table, rows = batch.table, batch.rows
         values = [c for c in rows[0] if c not in key]
         rows = _in_utc(table, rows)
         new_values: dict[str, Any] = {c: sa.bindparam(f"v_{c}") for c in values}
+        for c, order in guards(values, newer).items():
+            incoming, stored = sa.bindparam(f"v_{order}", type_=table.c[order].type), table.c[order]
+            newest = sa.or_(incoming.is_(None), stored.is_(None), incoming > stored)
+            # Typed: inside CASE the value does not take the column's type (a JSON column's dict) by itself.
+            new_values[c] = sa.case((newest, sa.bindparam(f"v_{c}", type_=table.c[c].type)), else_=table.c[c])
         if copy is not None:
             new_values[copy.column] = _lookup(copy)
         stmt = table.update().where(*(table.c[c] == sa.bindparam(f"k_{c}") for c in key)).values(new_values)

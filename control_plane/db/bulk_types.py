@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,17 @@ class Rows:
     rows: Sequence[dict[str, Any]]
 
 
+# {order column: the columns it guards}: see bulk.update.
+Newer = Mapping[str, Sequence[str]]
+
+
+def guards(values: Sequence[str], newer: Newer | None) -> dict[str, str]:
+    """Each column of `values` that an order column also in `values` guards (the order column
+    itself included) -> that order column."""
+    guard_of = {c: order for order, guarded in (newer or {}).items() if order in values for c in (order, *guarded)}
+    return {c: order for c, order in guard_of.items() if c in values}
+
+
 class BulkWriter(Protocol):
     """One dialect's set-based writes."""
 
@@ -37,6 +48,8 @@ class BulkWriter(Protocol):
 
     def insert_copying(self, session: Session, batch: Rows, copy: CopyFrom) -> None: ...
 
-    def update(self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None) -> None: ...
+    def update(
+        self, session: Session, batch: Rows, key: Sequence[str], copy: CopyFrom | None, newer: Newer | None = None
+    ) -> None: ...
 
     def matching(self, column: Any, values: list[Any]) -> list[sa.ColumnElement[bool]]: ...

@@ -45,6 +45,12 @@ _EVENTS = DeviceEvent.__table__  # type: ignore[attr-defined]
 _DESIRED = DesiredStateRow.__table__  # type: ignore[attr-defined]
 # A device waiting for a (reissued) enrollment token or decommissioned holds no live credential.
 _WITHOUT_CREDENTIAL = frozenset({DeviceStatus.pending_enrollment, DeviceStatus.decommissioned})
+# Ordered reports (shared.messages.Ordered): the columns each order column guards.
+_ORDERED = {
+    "state_seq": ("phase", "phase_reason", "acked_message_id", "current_model", "current_version", "current_sha256",
+                  "previous_version"),
+    "status_seq": ("status", "hardware"),
+}  # fmt: skip
 _ACKED_ID_CHARS = _DEVICES.c.acked_message_id.type.length
 # Errors a value in the batch causes, which no retry fixes (COPY raises psycopg's own, not wrapped).
 _VALUE_ERRORS = (sa.exc.DataError, sa.exc.IntegrityError, psycopg.DataError, psycopg.IntegrityError,
@@ -123,15 +129,24 @@ class IngestWriter:
         body = message.message
         device_id = message.device_id
         if message.kind == TopicKind.STATUS:
+            rank = status_rank(body)
+            if not _newer(change, "status_seq", rank):
+                return  # an older report later in the batch
+            change["status_seq"] = rank
             change["status"] = statuses[device_id] = (
                 DeviceStatus.online if body.status == "online" else DeviceStatus.offline
             )
             if body.hardware is not None:
                 change["hardware"] = body.hardware.model_dump(exclude={"schema_version"})
         elif message.kind == TopicKind.STATE:
-            change.update(state_values(body))
-            if statuses[device_id] != DeviceStatus.online:  # a device that reports state is connected
+            if not _newer(change, "state_seq", body.report_seq):
+                return
+            change.update(state_values(body), state_seq=body.report_seq)
+            # A device that reports state is connected; one that orders its reports says so itself
+            # in its birth, which an older state stored late must not undo.
+            if body.report_seq is None and statuses[device_id] != DeviceStatus.online:
                 change["status"] = statuses[device_id] = DeviceStatus.online
+                change["status_seq"] = None
         elif message.kind == TopicKind.TELEMETRY:
             key = (device_id, body.message_id)
             if key in windows:
@@ -159,7 +174,20 @@ class IngestWriter:
         for device_id, change in changes.items():
             by_shape.setdefault(tuple(sorted(change)), []).append({"id": device_id, **change})
         for rows in by_shape.values():
-            bulk.update(session, _DEVICES, rows, key=("id",))
+            bulk.update(session, _DEVICES, rows, key=("id",), newer=_ORDERED)
+
+
+def status_rank(status: Any) -> int | None:
+    """The order of a status report: its connection's seq, offline after online (see Ordered)."""
+    seq = status.report_seq
+    return None if seq is None else 2 * seq + (status.status == "offline")
+
+
+def _newer(change: dict[str, Any], order: str, incoming: int | None) -> bool:
+    """Whether a report ranked `incoming` replaces what `change` holds already (as bulk.update's
+    `newer` decides against the stored row)."""
+    held = change.get(order)
+    return held is None or incoming is None or incoming > held
 
 
 def _publish_again_unacted(session: Session, device_ids: list[str]) -> None:

@@ -6,6 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from control_plane.models.base import created_at_field, id_field, json_field, ts_field
@@ -48,6 +49,11 @@ class Device(SQLModel, table=True):
     phase_reason: str | None = Field(default=None, max_length=2000)
     acked_message_id: str | None = Field(default=None, max_length=36)  # last desired message it acted on
     previous_version: str | None = Field(default=None, max_length=64)
+    # The `report_seq` of the state report the columns above come from, and the rank (2 * seq, +1
+    # offline) of the status report `status` comes from: ingest overwrites them only with a newer
+    # report (NULL: unordered, any report overwrites).
+    state_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    status_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
     created_by: str = Field(default="", max_length=128)
     created_at: datetime = created_at_field(index=True)
 

@@ -205,6 +205,10 @@ def enroll(
             enrolled_at=utcnow(),
             status=DeviceStatus.offline,
             hardware=request.hardware.model_dump(exclude={"schema_version"}),
+            # A (re)enrolled device may order its reports from scratch (a reflashed one has lost
+            # its clock's state): what it reported before no longer outranks it.
+            state_seq=None,
+            status_seq=None,
         )
         .execution_options(synchronize_session=False)
     )

@@ -33,6 +33,7 @@ from shared.mqtt.client import MqttClient
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.errors import MqttPublishError
 from shared.mqtt.types import Outgoing, Protocol
+from shared.report_clock import ReportClock
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind, Topics
@@ -78,6 +79,10 @@ class DeviceChannel:
         self._dedup = RecentIds(256)
         self._state_lock = threading.Lock()
         self._last_state: StateMessage | None = None
+        # Orders this device's state and status reports (shared.messages.Ordered): the will armed
+        # for the next connection takes a value, and that connection's birth and shutdown reuse it.
+        self._clock = ReportClock(spool_path.with_name(spool_path.name + ".report-seq"))
+        self._armed_seq = self._connection_seq = self._clock.next()
         self._stopped = False
         self.client = MqttClient(
             url,
@@ -105,7 +110,9 @@ class DeviceChannel:
         self.outbox.stop()
         if self.client.connected:
             # A clean DISCONNECT discards the will (MQTT 3.1.1 section 3.14.4): say it ourselves.
-            offline = StatusMessage(status="offline", agent_version=self._agent_version, reason="shutdown")
+            offline = StatusMessage(
+                status="offline", agent_version=self._agent_version, reason="shutdown", report_seq=self._connection_seq
+            )
             try:
                 self.client.publish(self.topics.status(self.device_id), encode(offline), retain=True, timeout_s=5)
             except MqttPublishError:
@@ -119,7 +126,7 @@ class DeviceChannel:
 
     def publish_state(self, state: DeviceState) -> bool:
         """Retained, so a control plane that restarts reads every device's latest state at once."""
-        message = StateMessage.wrap(state)
+        message = StateMessage.wrap(state, report_seq=self._clock.next())
         with self._state_lock:
             self._last_state = message
         try:
@@ -145,11 +152,19 @@ class DeviceChannel:
         return self.outbox.publish(self.topics.telemetry(self.device_id), encode(message))
 
     def _will(self) -> Outgoing:
-        offline = StatusMessage(status="offline", agent_version=self._agent_version, reason="connection lost")
+        # Armed before each CONNECT (and again after each birth, for the next one).
+        self._armed_seq = self._clock.next()
+        offline = StatusMessage(
+            status="offline", agent_version=self._agent_version, reason="connection lost", report_seq=self._armed_seq
+        )
         return Outgoing(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
 
     def _birth(self) -> Outgoing:
-        birth = StatusMessage(status="online", agent_version=self._agent_version, hardware=self._hardware)
+        # Called on connect before the next will is armed: the will this connection holds is the armed one.
+        self._connection_seq = self._armed_seq
+        birth = StatusMessage(
+            status="online", agent_version=self._agent_version, hardware=self._hardware, report_seq=self._connection_seq
+        )
         return Outgoing(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
 
     def _on_connection(self, connected: bool) -> None:

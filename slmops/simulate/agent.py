@@ -37,6 +37,7 @@ from shared.messages import (
 )
 from shared.mqtt.dedup import RecentIds
 from shared.mqtt.url import parse_broker_urls
+from shared.report_clock import ReportClock
 from shared.signing import ReleaseRefused, SignedMetadata
 from shared.topics import TopicKind, Topics
 from slmops.simulate import behaviour as simulated
@@ -121,6 +122,10 @@ class SimAgent:
         self._wire: MqttWire | None = None
         self._seen = RecentIds(64)
         self._seq = 0
+        # Ordered reports as the agent sends them (shared.messages.Ordered): one seq per connection
+        # for its will, birth and shutdown, the next one for each state.
+        self._clock = ReportClock()
+        self._connection_seq = 0
         self._rng = random.Random(credential.device_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_node = zlib.crc32(credential.device_id.encode("utf-8"))
@@ -136,7 +141,10 @@ class SimAgent:
         # them) and move to the next after each lost connection, as MqttClient does.
         broker = brokers[(self._start_node + self._failures) % len(brokers)]
         # A fresh will per connection: ingest deduplicates by message id.
-        will = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="connection lost")
+        self._connection_seq = self._clock.next()
+        will = StatusMessage(
+            status="offline", agent_version=AGENT_VERSION, reason="connection lost", report_seq=self._connection_seq
+        )
         return await MqttWire.open(
             broker.host, broker.port, self.device_id, on_message=self._on_message, username=self.device_id,
             password=self.credential.device_secret, will=Will(self.topics.status(self.device_id), encode(will)),
@@ -164,7 +172,9 @@ class SimAgent:
 
     async def _session(self, stop: asyncio.Event) -> None:
         wire = self._wire = await self._open()
-        birth = StatusMessage(status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware)
+        birth = StatusMessage(
+            status="online", agent_version=AGENT_VERSION, hardware=self.config.hardware, report_seq=self._connection_seq
+        )
         await wire.publish(self.topics.status(self.device_id), encode(birth), qos=1, retain=True)
         await wire.subscribe(self.topics.desired(self.device_id), qos=1)
         await self._publish_state()
@@ -184,7 +194,9 @@ class SimAgent:
         for task in list(self._tasks):  # pending applies survive a reconnect, not a stop
             task.cancel()
         # A clean stop says why it went offline (the will is only for a lost connection).
-        offline = StatusMessage(status="offline", agent_version=AGENT_VERSION, reason="shutdown")
+        offline = StatusMessage(
+            status="offline", agent_version=AGENT_VERSION, reason="shutdown", report_seq=self._connection_seq
+        )
         await wire.publish(self.topics.status(self.device_id), encode(offline), qos=1, retain=True)
         await wire.close()
 
@@ -260,10 +272,9 @@ class SimAgent:
             except WireError:
                 pass  # the connection dropped: the next connect republishes the latest state
 
-    @staticmethod
-    def _envelope() -> dict[str, object]:
+    def _envelope(self) -> dict[str, object]:
         now = datetime.now(UTC)
-        return {"message_id": new_message_id(), "sent_at": now, "updated_at": now}
+        return {"message_id": new_message_id(), "sent_at": now, "updated_at": now, "report_seq": self._clock.next()}
 
     def _send_state(self, *, fresh: bool = False) -> asyncio.Future[None] | None:
         """Write the state (QoS 1, retained); the future ends at its PUBACK. None if not connected.

@@ -98,7 +98,7 @@ class ControlPlane:
         return self.received(TopicKind.TELEMETRY)
 
     def wait_state(self, check: Callable[[StateMessage], bool]) -> StateMessage:
-        wait_for(lambda: any(check(s) for s in self.states()), timeout_s=60), self.states()
+        wait_for(lambda: any(check(s) for s in self.states()), timeout_s=60, what=lambda: self.states())
         return next(s for s in self.states() if check(s))
 
     def clear(self) -> None:
