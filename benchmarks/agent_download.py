@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_agent.download import Downloader  # noqa: E402
 from edge_agent.store import ModelStore  # noqa: E402
 from shared.desired import ArtifactRef  # noqa: E402
-from tests.support.agent import free_port, wait_for  # noqa: E402
+from shared.net import free_port  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 TARGET = 0.9
 MiB = 1024 * 1024

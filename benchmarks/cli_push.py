@@ -24,9 +24,10 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upload_memory import _free_port, _make_file, _multipart  # noqa: E402
+from upload_memory import _make_file, _multipart  # noqa: E402
 
-from slmops.cli.client import file_sha256  # noqa: E402
+from shared.hashing import file_sha256  # noqa: E402
+from shared.net import free_port  # noqa: E402
 
 MIB = 1024 * 1024
 ROUNDS = ("1", "2")
@@ -124,7 +125,7 @@ def main() -> None:
         work = Path(tmp)
         artifact = work / "big.gguf"
         digest = _make_file(artifact, size)
-        port = _free_port()
+        port = free_port()
         server = _start_server(work, port, size)
         try:
             base = f"http://127.0.0.1:{port}"

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
-from control_plane.fleet.broker import free_port
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess
 

@@ -40,13 +40,14 @@ from benchmarks.fleet_support import fresh_postgres
 from benchmarks.manual_ack_support import MODES, ManualAckClient, build_ingest, mosquitto_config
 from benchmarks.mqtt_ingest import timed_publish
 from control_plane import db
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.fleet.ingest import IngestWriter
 from control_plane.fleet.journal import IngestJournal
 from control_plane.fleet.subscriber import DeviceMessage
 from control_plane.models import Device, DeviceStatus
 from shared.messages import TelemetryMessage, encode
 from shared.mqtt.client import MqttClient, Outgoing
+from shared.net import free_port
 from shared.telemetry import TelemetryWindow
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess

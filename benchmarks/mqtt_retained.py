@@ -28,9 +28,9 @@ from typing import Any
 
 import psutil
 
-from control_plane.fleet.broker import free_port
 from shared.mqtt.client import MqttClient, Outgoing
 from shared.mqtt.url import parse_broker_url
+from shared.net import free_port
 from shared.topics import Topics
 from slmops.simulate import raise_fd_limit, run
 from slmops.simulate.wire import MqttWire

@@ -31,10 +31,11 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from control_plane.fleet.broker import free_port  # noqa: E402
+from shared.net import free_port  # noqa: E402
 from slmops.modelopt.sample import fetch_sample  # noqa: E402
-from tests.support.agent import AgentProcess, ArtifactServer, desired_for, wait_for  # noqa: E402
+from tests.support.agent import AgentProcess, ArtifactServer, desired_for  # noqa: E402
 from tests.support.server_thread import ServerThread  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 N_CTX = 512

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from shared.net import free_port
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
 
 CHUNK = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _make_file(path: Path, size: int) -> str:
@@ -71,7 +65,7 @@ def main() -> None:
         work = Path(tmp)
         artifact = work / "big.gguf"
         digest = _make_file(artifact, size)
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
         env["SLMOPS_MAX_UPLOAD_BYTES"] = str(size * 2)
         server = subprocess.Popen(

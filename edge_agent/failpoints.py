@@ -1,6 +1,6 @@
 """Named pauses at the reconcile loop's crash-relevant steps, for kill -9 tests.
 
-`SLMOPS_AGENT_FAILPOINTS="activation_loaded=5,download_started=2"` makes the agent sleep that many
+`SLMOPS_AGENT_FAILPOINTS="activation_loaded=5,trial_started=2"` makes the agent sleep that many
 seconds when it reaches the named step, so a test can kill it exactly there. Unset (production),
 `reached` is one dictionary lookup.
 """

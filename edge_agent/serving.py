@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from edge_agent.errors import EdgeAgentError
 from edge_agent.runtime import Engine
 from shared.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
 
-class NoModelError(Exception):
+class NoModelError(EdgeAgentError):
     """No model is serving (none configured yet, or a swap without room for two is in progress)."""
 
     def __init__(self, reason: str, *, retry_after_s: float | None = None) -> None:

@@ -16,8 +16,9 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from edge_agent.fsutil import fsync_dir, sha256_file
+from edge_agent.fsutil import fsync_dir
 from shared.desired import BUNDLE_FORMAT, ArtifactRef
+from shared.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class ModelStore:
         path = self.path_for(sha256)
         if not path.is_file():
             return False
-        if sha256_file(path) == sha256:
+        if file_sha256(path) == sha256:
             return True
         log.error("stored model %s failed verification; removing it", sha256[:12])
         self._remove(sha256)
@@ -97,9 +98,6 @@ class ModelStore:
             if wanted is None or path.name in wanted:
                 total += path.stat().st_size + _tree_bytes(self.unpacked_path(path.name))
         return total
-
-    def partial_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.partials.glob("*.part"))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.blobs).free

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from shared.errors import SharedError
 
-class CanonicalJSONError(ValueError):
+
+class CanonicalJSONError(SharedError, ValueError):
     """A value that has no single canonical encoding."""
 
 

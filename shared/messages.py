@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from shared import SCHEMA_VERSION, limits
 from shared.base import WireModel
 from shared.desired import DesiredState
+from shared.errors import SharedError
 from shared.hardware import HardwareProfile
 from shared.limits import BigCount, Measure, MessageId, ModelName, Note, Reason, ReportSeq, ShortName, VersionName
 from shared.state import DeviceState, GoldenOutcome
@@ -39,7 +40,7 @@ SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
 DecodeReason = Literal["malformed_json", "unknown_schema_version", "invalid", "unknown_kind"]
 
 
-class MessageDecodeError(ValueError):
+class MessageDecodeError(SharedError, ValueError):
     """A payload that cannot become a typed message; the consumer counts it and drops it."""
 
     def __init__(self, reason: DecodeReason, detail: str) -> None:

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from shared.base import WireModel
 from shared.canonical import CanonicalJSONError, canonical_json
+from shared.errors import SharedError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -27,7 +28,7 @@ MAX_SIGNED_BYTES = 64 * 1024  # a release or root document: a bigger one is refu
 MAX_SIGNATURES = 16
 
 
-class ReleaseRefused(Exception):
+class ReleaseRefused(SharedError):
     """Signed metadata, or what a desired state asks under it, failed a check; `reason` says which."""
 
     def __init__(self, reason: RefusalReason, detail: str) -> None:

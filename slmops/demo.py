@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from shared.net import free_port
 from slmops.demo_trust import report_verifications
+from slmops.errors import SlmopsError
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
 
 REGIONS = ("eu", "us")
@@ -45,7 +46,7 @@ PLAN: dict[str, Any] = {
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class DemoStopped(Exception):
+class DemoStopped(SlmopsError):
     """A stop signal arrived: unwind so that every process the demo started is stopped."""
 
     def __init__(self, signum: int) -> None:
@@ -73,12 +74,6 @@ def stop_signals_unwind() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -128,24 +128,3 @@ def operator_headers(app, engine: sa.Engine) -> dict[str, str]:  # type: ignore[
 @pytest.fixture
 def viewer_headers(app, engine: sa.Engine) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {"Authorization": f"Bearer {_token(engine, Role.viewer)}"}
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-
-    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=1)
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slmops.tinymodels.gguf_tiny import write_tiny_gguf
-
-    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny2.gguf", seed=2)
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slmops.tinymodels.onnx_tiny import write_tiny_onnx
-
-    return write_tiny_onnx(tmp_path_factory.mktemp("models") / "tiny.onnx", seed=1)

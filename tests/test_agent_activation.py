@@ -13,8 +13,9 @@ import pytest
 
 from shared.desired import GoldenPrompt, GoldenSet
 from slmops.tinymodels import write_tiny_gguf
-from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, desired_for, wait_for
+from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, desired_for
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -15,8 +15,9 @@ from shared.desired import DesiredState
 from shared.state import DeviceState
 from shared.telemetry import TelemetryWindow
 from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
-from tests.support.agent import ArtifactServer, desired_for, wait_for
+from tests.support.agent import ArtifactServer, desired_for
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.llama]
 

@@ -16,8 +16,9 @@ import pytest
 
 from edge_agent.settings import ConfigError, load_settings
 from slmops.tinymodels import write_tiny_gguf
-from tests.support.agent import REPO, AgentProcess, ArtifactServer, desired_for, wait_for
+from tests.support.agent import REPO, AgentProcess, ArtifactServer, desired_for
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 SLMOPS = str(Path(sys.executable).with_name("slmops"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from edge_agent.download import Downloader, Progress
 from edge_agent.errors import DownloadError, InsufficientSpaceError, IntegrityError
 from edge_agent.store import ModelStore
 from shared.desired import ArtifactRef
-from tests.support.agent import ArtifactServer, Misbehaviour, sha256_of
+from shared.hashing import file_sha256
+from tests.support.agent import ArtifactServer, Misbehaviour
 from tests.support.server_thread import ServerThread
 
 PAYLOAD = random.Random(7).randbytes(1_500_000)
@@ -71,7 +73,7 @@ def test_resume_asks_for_the_missing_range_only(server, store) -> None:
     store.partial_path(sha).write_bytes(PAYLOAD[:600_000])
     path = make_downloader(store).fetch(ref(sha), url(server, sha))
     assert server.ranges_for(sha) == ["bytes=600000-"]
-    assert sha256_of(path.read_bytes()) == sha
+    assert file_sha256(path) == sha
 
 
 def test_dropped_connection_is_retried_from_where_it_stopped(server, store) -> None:
@@ -80,7 +82,7 @@ def test_dropped_connection_is_retried_from_where_it_stopped(server, store) -> N
     ranges = server.ranges_for(sha)
     assert ranges[0] is None and len(ranges) == 2
     assert ranges[1] is not None and int(ranges[1].removeprefix("bytes=").rstrip("-")) > 0
-    assert sha256_of(path.read_bytes()) == sha
+    assert file_sha256(path) == sha
 
 
 def test_wrong_content_range_restarts_instead_of_appending(server, store) -> None:
@@ -119,7 +121,7 @@ def test_corrupted_artifact_is_refused_and_discarded(server, store) -> None:
 
 
 def test_missing_artifact_fails_without_retrying(server, store) -> None:
-    sha = sha256_of(b"nothing here")
+    sha = hashlib.sha256(b"nothing here").hexdigest()
     with pytest.raises(DownloadError) as caught:
         make_downloader(store).fetch(ref(sha, size=12), url(server, sha))
     assert caught.value.code == "http_404"
@@ -139,7 +141,7 @@ def test_quota_refuses_before_downloading(server, tmp_path) -> None:
 
 
 def test_free_space_is_checked_before_downloading(server, store) -> None:
-    huge = ArtifactRef(sha256=sha256_of(b"x"), size_bytes=store.free_bytes() + 1, format="gguf")
+    huge = ArtifactRef(sha256=hashlib.sha256(b"x").hexdigest(), size_bytes=store.free_bytes() + 1, format="gguf")
     with pytest.raises(InsufficientSpaceError) as caught:
         make_downloader(store).fetch(huge, url(server, huge.sha256))
     assert caught.value.code == "insufficient_disk"
@@ -150,7 +152,7 @@ def test_store_prunes_beyond_the_kept_versions(store) -> None:
     shas = []
     for i in range(4):
         data = f"model {i}".encode()
-        sha = sha256_of(data)
+        sha = hashlib.sha256(data).hexdigest()
         partial = store.partial_path(sha)
         partial.write_bytes(data)
         store.install(partial, sha)
@@ -163,7 +165,7 @@ def test_store_prunes_beyond_the_kept_versions(store) -> None:
 
 def test_stored_blob_that_no_longer_matches_is_removed(store) -> None:
     data = b"weights"
-    sha = sha256_of(data)
+    sha = hashlib.sha256(data).hexdigest()
     partial = store.partial_path(sha)
     partial.write_bytes(data)
     store.install(partial, sha)

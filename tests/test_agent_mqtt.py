@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.fleet.ingest import status_rank
 from shared.messages import StatusMessage, decode
+from shared.net import free_port
 from shared.topics import TopicKind, Topics
 from slmops.tinymodels import write_tiny_gguf
 from tests.support.agent import AgentProcess, ArtifactServer, desired_for
@@ -34,9 +35,9 @@ from tests.support.mqtt import (
     embedded_broker,
     private_mosquitto,
     unique_topics,
-    wait_until,
 )
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 
@@ -99,7 +100,7 @@ def test_retained_desired_state_is_downloaded_activated_and_reported(
     births = [s for s in control_plane.received(TopicKind.STATUS) if s.status == "online"]
     assert births and births[0].hardware is not None and births[0].hardware.ram_mb > 0
     assert births[0].agent_version
-    assert wait_until(lambda: len(control_plane.events("activation_succeeded")) == 1)
+    wait_for(lambda: len(control_plane.events("activation_succeeded")) == 1)
     kinds = [e.kind for e in control_plane.events() if e.kind != "download_progress"]
     assert kinds == ["download_started", "download_completed", "activation_started", "activation_succeeded"]
     last_progress = control_plane.events("download_progress")[-1]
@@ -147,7 +148,7 @@ def test_malformed_desired_state_is_counted_reported_and_dropped(
 
     control_plane.wait_state(serving("2"))  # the agent survived and still follows its desired topic
     assert device.channel.counters.desired_malformed == 2
-    assert wait_until(lambda: len(control_plane.events("error")) == 2)
+    wait_for(lambda: len(control_plane.events("error")) == 2)
     reasons = [e.detail["reason"] for e in control_plane.events("error")]
     assert reasons == ["malformed_json", "invalid"]
     assert device.channel.counters.desired_received == 2
@@ -180,7 +181,7 @@ def emit_while_down(device: Device, count: int, spooled: int, dropped: int = 0) 
     for _ in range(count):
         device.agent.emit_telemetry()
     spool = device.channel.spool
-    assert wait_until(lambda: (len(spool), spool.dropped_total) == (spooled, dropped))
+    wait_for(lambda: (len(spool), spool.dropped_total) == (spooled, dropped))
 
 
 def test_telemetry_produced_during_a_broker_outage_arrives_after_it_in_order(
@@ -189,20 +190,20 @@ def test_telemetry_produced_during_a_broker_outage_arrives_after_it_in_order(
     cp = outage_control_plane
     device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
     device.agent.emit_telemetry()
-    assert wait_until(lambda: seqs(cp) == [0])
+    wait_for(lambda: seqs(cp) == [0])
 
     private_mosquitto.stop()
-    assert wait_until(lambda: not device.channel.connected)
+    wait_for(lambda: not device.channel.connected)
     emit_while_down(device, 5, spooled=5)
     private_mosquitto.start()
 
-    assert wait_until(lambda: len(seqs(cp)) >= 6), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 6, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 1, 2, 3, 4, 5]
     assert all(t.dropped_windows == 0 and t.device_id == DEVICE for t in cp.telemetry())
     assert len(device.channel.spool) == 0
     # The reconnect restored the desired subscription: the device still hears its desired topic.
     cp.publish_desired(b"[]")  # retained: arrives once, whether before or after the resubscription
-    assert wait_until(lambda: device.channel.counters.desired_malformed == 1)
+    wait_for(lambda: device.channel.counters.desired_malformed == 1)
 
 
 def test_telemetry_survives_an_embedded_broker_restart(clients: ClientFactory, devices, artifacts, tmp_path) -> None:
@@ -224,17 +225,17 @@ def test_telemetry_survives_an_embedded_broker_restart(clients: ClientFactory, d
         before = ControlPlane(clients(f"mqtt://cp:x@127.0.0.1:{port}", protocol="3.1.1"), topics)
         device = devices(tmp_path / "data", f"mqtt://127.0.0.1:{port}", topics, artifacts, protocol="3.1.1")
         device.agent.emit_telemetry()
-        assert wait_until(lambda: seqs(before) == [0])
+        wait_for(lambda: seqs(before) == [0])
 
         broker.stop()
-        assert wait_until(lambda: not device.channel.connected)
+        wait_for(lambda: not device.channel.connected)
         device_admitted.clear()
         emit_while_down(device, 5, spooled=5)
         broker = start_broker()
         after = ControlPlane(clients(f"mqtt://cp:x@127.0.0.1:{port}", protocol="3.1.1"), topics)
         device_admitted.set()
 
-        assert wait_until(lambda: len(seqs(after)) >= 5), seqs(after)
+        wait_for(lambda: len(seqs(after)) >= 5, what=lambda: seqs(after))
         assert seqs(after) == [1, 2, 3, 4, 5]
         assert len(device.channel.spool) == 0
     finally:
@@ -247,16 +248,16 @@ def test_spool_bound_drops_the_oldest_windows_and_reports_the_count(
     cp = outage_control_plane
     device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts, spool_max_messages=3)
     device.agent.emit_telemetry()
-    assert wait_until(lambda: seqs(cp) == [0])
+    wait_for(lambda: seqs(cp) == [0])
 
     private_mosquitto.stop()
-    assert wait_until(lambda: not device.channel.connected)
+    wait_for(lambda: not device.channel.connected)
     emit_while_down(device, 5, spooled=3, dropped=2)  # windows 1..5; only 3..5 fit
     private_mosquitto.start()
 
-    assert wait_until(lambda: len(seqs(cp)) >= 4), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 4, what=lambda: seqs(cp))
     device.agent.emit_telemetry()  # the next window carries whatever drop count is still unreported
-    assert wait_until(lambda: len(seqs(cp)) >= 5), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 5, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 3, 4, 5, 6]
     assert sum(t.dropped_windows for t in cp.telemetry()) == 2
 
@@ -269,18 +270,18 @@ def test_a_swap_made_while_offline_is_reported_after_reconnect(
     device = devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
     cp.wait_state(lambda s: s.phase == "idle")
     private_mosquitto.stop()
-    assert wait_until(lambda: not device.channel.connected)
+    wait_for(lambda: not device.channel.connected)
 
     # The watched file feeds the same reconcile loop: a desired state can arrive without MQTT.
     offline = desired_for(artifacts, model_sha, version="7", message_id="offline-v7")
     device.agent.submit_desired(offline).result(timeout=60)
     swap = ["download_started", "download_completed", "activation_started", "activation_succeeded"]
-    assert wait_until(lambda: len(device.channel.spool) == len(swap))
+    wait_for(lambda: len(device.channel.spool) == len(swap))
     private_mosquitto.start()
 
     final = cp.wait_state(serving("7"))  # the latest state, republished on connect
     assert final.desired_message_id == "offline-v7"
-    assert wait_until(lambda: len(cp.events()) >= len(swap))
+    wait_for(lambda: len(cp.events()) >= len(swap))
     assert [e.kind for e in cp.events()] == swap  # from the spool, in order
     assert device.channel.counters.events_dropped_offline >= 1  # progress is not worth spooling
 
@@ -299,7 +300,7 @@ def test_spooled_telemetry_survives_an_agent_restart(
 
     private_mosquitto.start()
     devices(tmp_path / "data", private_mosquitto.url(), cp.topics, artifacts)
-    assert wait_until(lambda: len(seqs(cp)) >= 3), seqs(cp)
+    wait_for(lambda: len(seqs(cp)) >= 3, what=lambda: seqs(cp))
     assert seqs(cp) == [0, 1, 2]
 
 
@@ -332,14 +333,14 @@ def test_killed_agent_process_leaves_a_retained_offline_status(
 ) -> None:
     agent = start_agent_process(tmp_path, broker_url, control_plane.topics, from_enrollment=True)
     try:
-        assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
+        wait_for(lambda: any(s.status == "online" for s in statuses(control_plane)))
         idle = control_plane.wait_state(lambda s: s.device_id == DEVICE)
         assert idle.phase == "idle" and idle.current is None
-        assert wait_until(lambda: len(control_plane.telemetry()) >= 2)  # the daemon's telemetry loop
+        wait_for(lambda: len(control_plane.telemetry()) >= 2)  # the daemon's telemetry loop
         agent.kill9()
     finally:
         agent.stop()
-    assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
+    wait_for(lambda: statuses(control_plane)[-1].status == "offline")
     will = statuses(control_plane)[-1]
     assert will.reason == "connection lost"
     retained = retained_status(broker_url, control_plane.topics, clients)
@@ -356,8 +357,8 @@ def test_stopped_agent_process_says_offline_before_leaving(
     control_plane: ControlPlane, broker_url: str, clients: ClientFactory, tmp_path
 ) -> None:
     agent = start_agent_process(tmp_path, broker_url, control_plane.topics, from_enrollment=False)
-    assert wait_until(lambda: any(s.status == "online" for s in statuses(control_plane)))
+    wait_for(lambda: any(s.status == "online" for s in statuses(control_plane)))
     agent.stop()  # SIGTERM: uvicorn shuts down gracefully (and then re-raises the signal)
-    assert wait_until(lambda: statuses(control_plane)[-1].status == "offline")
+    wait_for(lambda: statuses(control_plane)[-1].status == "offline")
     retained = retained_status(broker_url, control_plane.topics, clients)
     assert retained.status == "offline" and retained.reason == "shutdown"

@@ -15,12 +15,13 @@ from sqlmodel import Session
 from control_plane import db
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.fleet.broker import free_port
 from control_plane.models import Role
 from control_plane.services import auth
-from tests.support.agent import AgentProcess, wait_for
+from shared.net import free_port
+from tests.support.agent import AgentProcess
 from tests.support.agent_venv import REPO, build_wheel, clean_env, create_venv, installed_distributions, run_python
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

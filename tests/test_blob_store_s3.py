@@ -25,7 +25,8 @@ from rich.console import Console
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from control_plane.storage import S3BlobStore, make_blob_store, s3_client
-from slmops.demo import Fleet, free_port, wait_until
+from shared.net import free_port
+from slmops.demo import Fleet, wait_until
 from slmops.tinymodels.gguf_tiny import write_tiny_gguf
 from tests.support.fleet import upload_version
 from tests.support.s3 import CREDENTIALS, CountingProxy, TlsMotoServer

@@ -13,9 +13,9 @@ from control_plane.config import Settings
 from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttConnectError
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour, SimDevice
-from tests.support.fleet import wait_for
 from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
+from tests.support.simulated import SimDevice, sim_config
+from tests.support.waiting import wait_for
 from tests.test_rollouts import _token
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
@@ -42,8 +42,9 @@ def test_enrollment_and_reissue_update_the_broker(tmp_path, db_url, engine):  # 
             created = client.post("/v1/devices", json={"name": "gw-1"}, headers=admin).json()
             cred = client.post("/v1/devices/enroll", json={"enrollment_token": created["enrollment_token"]}).json()
             assert cred["mqtt_url"] == f"mqtt://127.0.0.1:{broker.port}"  # no control-plane password leaked
-            device = SimDevice(broker.url(), topics, cred["device_id"], cred["device_secret"], SimBehaviour())
-            wait_for(lambda: _connects(device), timeout_s=10, what="the broker to accept the new device")
+            device = SimDevice(broker.url(), topics, cred["device_id"], cred["device_secret"], sim_config())
+            device.start(wait=False)  # refused until the broker has read the new password file; it retries
+            wait_for(lambda: device.connected, timeout_s=10, what="the broker to accept the new device")
             wait_for(
                 lambda: client.get(f"/v1/devices/{cred['device_id']}", headers=admin).json()["status"] == "online",
                 what="the control plane to see it online",
@@ -61,11 +62,3 @@ def test_enrollment_and_reissue_update_the_broker(tmp_path, db_url, engine):  # 
         with engine.begin() as conn:
             for table in reversed(SQLModel.metadata.sorted_tables):
                 conn.execute(table.delete())
-
-
-def _connects(device: SimDevice) -> bool:
-    try:
-        device.start()
-    except MqttConnectError:
-        return False
-    return True

@@ -19,7 +19,6 @@ from sqlmodel import Session, SQLModel, col, func, select
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.fleet.broker import free_port
 from control_plane.fleet.credentials import client_id_for
 from control_plane.models import Device, DeviceEvent, Role
 from control_plane.services import auth
@@ -27,9 +26,11 @@ from shared.messages import EventMessage, StatusMessage, encode
 from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttConnectError
 from shared.mqtt.url import parse_broker_url
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess, mosquitto_binary
-from tests.support.mqtt import Collector, RawClient, shipped_mosquitto, wait_until
+from tests.support.mqtt import Collector, RawClient, shipped_mosquitto
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -135,10 +136,10 @@ def test_no_device_takes_over_the_control_planes_session(kind, tmp_path, db_url,
                         attacker.paho.publish(fleet.topics.desired(victim_id), b'{"forged": true}', qos=1)
                     _send_events(victim, fleet.topics, victim_id, 25)
                     attacker.close()
-                wait_until(lambda: _events_stored(emptied, victim_id) >= 100)
+                wait_for(lambda: _events_stored(emptied, victim_id) >= 100)
                 assert _events_stored(emptied, victim_id) == 100
                 _send_events(victim, fleet.topics, victim_id, 100)
-                wait_until(lambda: _events_stored(emptied, victim_id) >= 200)
+                wait_for(lambda: _events_stored(emptied, victim_id) >= 200)
                 assert _events_stored(emptied, victim_id) == 200
                 assert [p for p in victim_sees.payloads() if b"forged" in p] == []
             finally:
@@ -163,10 +164,10 @@ def test_a_reissued_token_cuts_the_devices_open_connection(kind, tmp_path, db_ur
             device.start()
             try:
                 device.publish(fleet.topics.status(device_id), encode(StatusMessage(status="online")), retain=True)
-                assert wait_until(lambda: _device(emptied, device_id).status == "online")
+                wait_for(lambda: _device(emptied, device_id).status == "online")
                 response = fleet.client.post(f"/v1/devices/{device_id}/enrollment-token", headers=fleet.admin)
                 assert response.status_code == 201
-                assert wait_until(lambda: not device.connected and device.last_refusal is not None)
+                wait_for(lambda: not device.connected and device.last_refusal is not None)
                 retry = RawClient(fleet.device_url(device_id, secret), device_id, clean_session=True)
                 assert not retry.accepted
                 retry.close()
@@ -206,7 +207,7 @@ def test_the_password_file_is_rebuilt_from_the_registry_at_start(tmp_path, db_ur
             with control_plane(settings, emptied, broker):
                 users = [line.split(":", 1)[0] for line in broker.credentials.path.read_text().splitlines()]
                 assert sorted(users) == sorted([kept_id, "slmops-control-plane"]), damage
-                assert wait_until(lambda: _connects(urls["kept"], kept_id)), damage
+                wait_for(lambda: _connects(urls["kept"], kept_id), what=damage)
                 assert not _connects(urls["revoked"], revoked_id), damage
 
 

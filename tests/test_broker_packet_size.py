@@ -9,9 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.fleet.credentials import InMemoryCredentials
 from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER
+from shared.net import free_port
 from tests.support.mqtt import WAIT_S, ClientFactory, Collector, clients, unique_topics
 
 __all__ = ["clients"]  # fixture

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from control_plane.fleet.broker import free_port
+from shared.net import free_port
 from slmops.cli.app import app as cli_app
 from slmops.cli.client import CHUNK, MultipartFile, resolve_config
 from tests.support.cli import (  # noqa: F401  (fixtures)

@@ -15,7 +15,6 @@ import pytest
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour
 from tests.support.cli import (  # noqa: F401  (fixtures)
     Cli,
     FlakyLink,
@@ -28,7 +27,8 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
     serve,
     server_url_fixture,
 )
-from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
+from tests.support.simulated import TelemetryPump, sim_config, start_sim_devices
+from tests.support.waiting import wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 
@@ -133,7 +133,7 @@ def test_watch_a_real_rollout_complete_then_roll_back(
     cli("model", "push", "tiny", "1", str(tiny_gguf))
     cli("model", "push", "tiny", "2", str(tiny_gguf_other))
     creds = [enroll(admin_cli, f"edge-{i}", ["region=eu"]) for i in range(2)]
-    behaviour = SimBehaviour(latency_ms=lambda v: {"1": 40.0, "2": 200.0}[v], requests_per_window=10)
+    behaviour = sim_config(latency_ms=lambda v: {"1": 40.0, "2": 200.0}[v], requests_per_window=10)
     devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, behaviour)
     fast = ["--stage", "canary:1:0.3", "--stage", "fleet:100%:0.3", "--min-samples", "10"]
     try:

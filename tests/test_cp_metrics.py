@@ -19,10 +19,11 @@ from control_plane.telemetry.tables import VersionRollup
 from shared.mqtt.client import MqttClient
 from shared.state import ModelRef
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour, SimDevice
 from tests.conftest import _token
-from tests.support.fleet import enroll_devices, wait_for
+from tests.support.fleet import enroll_devices
+from tests.support.simulated import SimDevice, sim_config
 from tests.support.telemetry import add_devices, ingest, window
+from tests.support.waiting import wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -113,7 +114,7 @@ def fleet(tmp_path, db_url, engine) -> Iterator[tuple[TestClient, Settings]]:  #
 def _start_serving(settings: Settings, creds: list[dict]) -> list[SimDevice]:  # type: ignore[type-arg]
     topics = Topics(settings.mqtt_topic_prefix)
     serving = ModelRef(model="tiny", version="1", sha256="a" * 64, format="gguf")
-    devices = [SimDevice(MOSQUITTO, topics, c["device_id"], c["device_secret"], SimBehaviour()) for c in creds]
+    devices = [SimDevice(MOSQUITTO, topics, c["device_id"], c["device_secret"], sim_config()) for c in creds]
     for device in devices:
         device.state = device.state.model_copy(update={"current": serving})  # already serving v1
         device.start()
@@ -155,7 +156,7 @@ def test_metrics_count_real_mqtt_messages_and_the_rollup_job_runs(fleet, engine)
         assert value(scrape(client), "slmops_ingest_rejected_total", reason="handler_failed") == 3
         assert value(samples, "slmops_mqtt_messages_received_total") >= 7
         assert value(samples, "slmops_ingest_lag_seconds_count") >= 6
-        expected = 6 * SimBehaviour().requests_per_window
+        expected = 6 * sim_config().requests_per_window
         wait_for(lambda: _rolled_up_requests(engine) == expected, what="the rollup job to roll up every window")
     finally:
         stray.stop()

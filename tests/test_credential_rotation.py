@@ -16,11 +16,12 @@ import pytest
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.fleet.broker import free_port
+from shared.net import free_port
 from tests.support.agent import AgentProcess
 from tests.support.lifecycle import audit_actions, enrolled_device
 from tests.support.mqtt import RawClient
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 from tests.test_broker_identity import _settings, broker_for, control_plane, emptied  # noqa: F401
 
 
@@ -124,18 +125,20 @@ def test_the_agent_rotates_its_credential_while_it_serves(fleet_app, admin_heade
         try:
             stored = agent.data_dir / "credential.json"
             old = json.loads(stored.read_text())["device_secret"]
-            _wait(lambda: _status(base, admin_headers, device["id"]) == "online", "the agent online over MQTT")
+            wait_for(lambda: _status(base, admin_headers, device["id"]) == "online", what="the agent online over MQTT")
             checker.start()
             asked = httpx.post(f"{base}/v1/devices/{device['id']}/rotate-credential", json={"grace_s": 2},
                                headers=admin_headers)  # fmt: skip
             assert asked.status_code == 202
-            _wait(lambda: json.loads(stored.read_text())["device_secret"] != old, "the agent to store a new secret")
+            wait_for(
+                lambda: json.loads(stored.read_text())["device_secret"] != old, what="the agent to store a new secret"
+            )
             new = json.loads(stored.read_text())["device_secret"]
             assert stored.stat().st_mode & 0o777 == 0o600
             me = httpx.get(f"{base}/v1/devices/me", headers=_basic(device["id"], new))
             assert me.status_code == 200
-            _wait(lambda: httpx.get(f"{base}/v1/devices/me", headers=_basic(device["id"], old)).status_code == 401,
-                  "the old secret to expire")  # fmt: skip
+            wait_for(lambda: httpx.get(f"{base}/v1/devices/me", headers=_basic(device["id"], old)).status_code == 401,
+                  what="the old secret to expire")  # fmt: skip
             mqtt = fleet_app.state.fleet.device_mqtt_url.replace("mqtt://", "")
             refused = RawClient(f"mqtt://{device['id']}:{old}@{mqtt}", device["id"], clean_session=True)
             assert not refused.accepted
@@ -146,7 +149,9 @@ def test_the_agent_rotates_its_credential_while_it_serves(fleet_app, admin_heade
             taken = RawClient(f"mqtt://{device['id']}:{new}@{mqtt}", device["id"], clean_session=True)
             assert taken.accepted
             taken.close()
-            _wait(lambda: _seen_online_since(base, admin_headers, device["id"], taken_at), "the agent back online")
+            wait_for(
+                lambda: _seen_online_since(base, admin_headers, device["id"], taken_at), what="the agent back online"
+            )
             assert agent.state()["device_id"] == device["id"]
         finally:
             stop.set()
@@ -164,15 +169,6 @@ def _seen_online_since(base: str, headers: dict[str, str], device_id: str, since
     device = httpx.get(f"{base}/v1/devices/{device_id}", headers=headers).json()
     seen = device["last_seen"]
     return device["status"] == "online" and seen is not None and datetime.fromisoformat(seen) > since
-
-
-def _wait(check, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.mosquitto

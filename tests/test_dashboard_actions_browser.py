@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from control_plane.fleet.broker import free_port
 from control_plane.models import Role
+from shared.net import free_port
 from tests.support.lifecycle import NO_WAIT, enrolled_device, referenced_version
 from tests.test_dashboard_browser import CHROMIUM, _bearer, _launch, _token, live_server  # noqa: F401
 

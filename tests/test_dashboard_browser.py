@@ -21,9 +21,10 @@ from control_plane.config import Settings
 from control_plane.models import Role
 from control_plane.services import auth
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour, SimDevice
-from tests.support.fleet import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
+from tests.support.fleet import enroll_devices, upload_version
 from tests.support.server_thread import ServerThread
+from tests.support.simulated import SimDevice, TelemetryPump, sim_config, start_sim_devices
+from tests.support.waiting import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -120,7 +121,7 @@ def fleet_with_live_rollout(live_server, engine, tiny_gguf, tiny_gguf_other):  #
         names = [(f"kiosk-{i}", {"region": "eu" if i % 2 else "us", "i": str(i)}) for i in range(4)]
         creds = enroll_devices(api, admin, names)  # type: ignore[arg-type]
         assert api.post("/v1/devices", json={"name": "spare-1", "labels": {"region": "eu"}}, headers=admin).is_success
-        behaviour = SimBehaviour(latency_ms=lambda v: LATENCY_MS[v], requests_per_window=10)
+        behaviour = sim_config(latency_ms=lambda v: LATENCY_MS[v], requests_per_window=10)
         devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, behaviour)
         try:
             with TelemetryPump(devices):

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from edge_agent.runtime import load_engine
 from slmops.modelopt import QuantizeError, quantize_gguf
-from tests.support.fleet import upload_version, wait_for
+from tests.support.fleet import upload_version
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.llama
 

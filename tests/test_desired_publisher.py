@@ -19,8 +19,9 @@ from control_plane.fleet.channel import FleetRuntime
 from control_plane.fleet.publisher import Publisher, PublishTuning
 from control_plane.rollouts import assign
 from shared.desired import ArtifactRef, DesiredState
-from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients, unique_topics, wait_until
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, Collector, clients, unique_topics
 from tests.support.telemetry import add_devices
+from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixture
 pytestmark = [pytest.mark.mosquitto, pytest.mark.usefixtures("empty_tables")]
@@ -80,7 +81,7 @@ def test_batches_go_out_in_id_order_and_a_state_written_meanwhile_goes_out_next(
     early = sorted(devices)[0]
     newer = {early: assign.with_message_id(_state("2"))}
     assert publisher.publish_pending(client, Hold(on_enter=lambda: _write(engine, newer))) == 10
-    assert wait_until(lambda: len(received.items) >= 10)
+    wait_for(lambda: len(received.items) >= 10)
     assert _received_ids(received) == sorted(devices)  # each once, in id order
     got = {topic.split("/")[-2]: json.loads(payload) for topic, payload in received.items}
     assert {d: p["message_id"] for d, p in got.items()} == {d: s["message_id"] for d, s in first.items()}
@@ -88,7 +89,7 @@ def test_batches_go_out_in_id_order_and_a_state_written_meanwhile_goes_out_next(
 
     assert publisher.publish_pending(client) == 1
     assert _pending(engine) == []
-    assert wait_until(lambda: len(received.items) >= 11)
+    wait_for(lambda: len(received.items) >= 11)
     topic, payload = received.items[-1]
     assert topic == topics.desired(early) and json.loads(payload)["version"] == "2"
 
@@ -108,7 +109,7 @@ def test_acknowledged_states_are_marked_in_bounded_lots_while_the_rest_go_out(
 
     clients(SYSTEM_MOSQUITTO).subscribe(topics.all_devices("desired"), on_desired)
     assert publisher.publish_pending(clients(SYSTEM_MOSQUITTO)) == 10
-    assert wait_until(lambda: len(pending_at_last) == 1)
+    wait_for(lambda: len(pending_at_last) == 1)
     # The first six were acknowledged and marked before the last batch went out.
     assert pending_at_last[0] <= 4
     assert _pending(engine) == []
@@ -172,7 +173,7 @@ def test_states_handed_over_at_commit_go_out_first_and_are_never_read_back(
 
     assert leading.publish_pending() == 8
     assert read == [other]  # the handed-over states were not read back
-    assert wait_until(lambda: len(received.items) >= 8)
+    wait_for(lambda: len(received.items) >= 8)
     order = [topic.split("/")[-2] for topic, _ in received.items]
     assert set(order[:7]) == set(handed_ids) and order[7] == other
     got = {topic.split("/")[-2]: json.loads(payload) for topic, payload in received.items}
@@ -198,7 +199,7 @@ def test_a_state_written_after_a_handed_over_one_goes_out_after_it(
 
     assert leading.publish_pending() == 4
     assert read == [devices[0]]  # the replacement is read back; the handed-over states are not
-    assert wait_until(lambda: len(received.items) >= 4)
+    wait_for(lambda: len(received.items) >= 4)
     for_first = [json.loads(p)["message_id"] for t, p in received.items if t == leading.topics.desired(devices[0])]
     # The newer state last: the broker retains it and the device acts on it.
     assert for_first == [stage[devices[0]]["message_id"], restored[devices[0]]["message_id"]]

@@ -29,9 +29,10 @@ from shared.messages import EventMessage, encode
 from shared.mqtt.client import MqttClient
 from shared.topics import Topics
 from tests.support.mosquitto import mosquitto_binary
-from tests.support.mqtt import Collector, mtls_mosquitto, wait_until
+from tests.support.mqtt import Collector, mtls_mosquitto
 from tests.support.server_thread import ServerThread
 from tests.support.tls import TestCA
+from tests.support.waiting import wait_for
 
 
 def _csr(common_name: str = "whatever-the-device-says") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -129,13 +130,13 @@ def test_mtls_listener_keys_acls_on_the_certificate_and_honours_the_crl(tmp_path
         device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="own topic")))
         device.publish(topics.events("edge-8"), encode(EventMessage(kind="error", message="forged")))
         device.publish(topics.events("edge-7"), encode(EventMessage(kind="error", message="marker")))
-        assert wait_until(lambda: len(seen.payloads()) >= 2)
+        wait_for(lambda: len(seen.payloads()) >= 2)
         assert [t for t, _ in seen.items] == [topics.events("edge-7")] * 2  # the ACL keyed on the certificate's CN
         device.stop(publish_offline=False)
         assert _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") == 0
         device_ca.revoke(identity[0].read_bytes())
         signal_from_pid_file(broker.pid_file)()
-        assert wait_until(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") is None)
+        wait_for(lambda: _connack(mtls_port, _context(server_ca.ca_file, identity), "edge-7") is None)
         other = _write_identity(tmp_path, device_ca, "edge-9")
         assert _connack(mtls_port, _context(server_ca.ca_file, other), "edge-9") == 0  # others unaffected
     finally:
@@ -196,10 +197,10 @@ def test_agent_enrolls_with_a_csr_and_connects_with_its_certificate(
             identity = (cert_file, key_file)
             try:
                 online = lambda: httpx.get(f"{cp.url}/v1/devices/{device_id}", headers=admin_headers).json()["status"]  # noqa: E731
-                assert wait_until(lambda: online() == "online")
+                wait_for(lambda: online() == "online")
                 assert channel.device.client.connected
                 httpx.post(f"{cp.url}/v1/devices/{device_id}/{cut_off}", headers=admin_headers).raise_for_status()
-                assert wait_until(lambda: not channel.device.client.connected), "the live connection stayed open"
+                wait_for(lambda: not channel.device.client.connected, what="the live connection stayed open")
                 assert _connack(mtls_port, _context(server_ca.ca_file, identity), device_id) is None
                 time.sleep(3)  # the agent keeps trying: every reconnect is refused at the handshake
                 assert not channel.device.client.connected

@@ -18,8 +18,9 @@ from shared.messages import TelemetryMessage, encode
 from shared.mqtt.client import Outgoing
 from shared.telemetry import TelemetryWindow
 from shared.topics import Topics
-from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, wait_until
+from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients
 from tests.support.telemetry import add_devices
+from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixtures
 
@@ -87,7 +88,7 @@ def test_replicas_in_one_ingest_group_split_the_device_messages(
         ]
         device.publish_many(windows)
         stored = "SELECT count(*) FROM telemetry_windows"
-        assert wait_until(lambda: _scalar(engine, stored) == 200, timeout_s=20)
+        wait_for(lambda: _scalar(engine, stored) == 200, timeout_s=20)
     finally:
         for replica in replicas:
             replica.stop()

@@ -20,9 +20,9 @@ from shared.messages import EventMessage, TelemetryMessage, encode
 from shared.mqtt.client import MqttClient, Outgoing
 from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind, Topics
-from tests.support.fleet import wait_for
 from tests.support.mqtt import SYSTEM_MOSQUITTO, ClientFactory, clients, unique_topics
 from tests.support.telemetry import add_devices, ingest
+from tests.support.waiting import wait_for
 from tests.test_rollout_resilience import ServerProcess, _cli_token, server  # noqa: F401  (fixture)
 
 __all__ = ["clients"]  # fixture

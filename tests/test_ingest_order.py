@@ -22,8 +22,8 @@ from shared.hardware import HardwareProfile
 from shared.messages import StateMessage, StatusMessage
 from shared.state import DeviceState, ModelRef
 from shared.topics import TopicKind
-from tests.support.mqtt import wait_until
 from tests.support.telemetry import add_devices
+from tests.support.waiting import wait_for
 
 _ROW = ("status", "hardware", "phase", "current_version", "acked_message_id", "state_seq", "status_seq")
 
@@ -156,7 +156,7 @@ def test_a_lagging_write_racing_a_newer_uncommitted_one_leaves_the_newer(app, en
     assert updated.wait(30)
     lagging = run(lambda: IngestWriter(engine)([_state(device, "1", seq=100, phase="on_trial")]))
     try:
-        assert wait_until(lambda: _waiting_on_a_lock(engine), timeout_s=30)  # blocked on the row
+        wait_for(lambda: _waiting_on_a_lock(engine), timeout_s=30)  # blocked on the row
     finally:
         go.set()
         newer.join(30)

@@ -36,8 +36,8 @@ from tests.support.jetstream import (
     publish_over_mqtt,
     telemetry_payloads,
 )
-from tests.support.mqtt import wait_until
 from tests.support.telemetry import add_devices
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.postgres,
@@ -141,8 +141,8 @@ def test_messages_devices_publish_over_mqtt_are_stored_exactly_once(
         offline = (topics.status(device_ids[0]), encode(StatusMessage(status="offline", reason="shutdown")))
         junk = (topics.events(device_ids[1]), b"{not json")
         publish_over_mqtt(nats_server.mqtt_port, windows + windows + [junk, offline], client_id="js-devices")
-        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) >= 60, timeout_s=20)
-        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)  # all acknowledged
+        wait_for(lambda: _stored_windows(pg_engine, device_ids) >= 60, timeout_s=20)
+        wait_for(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)  # all acknowledged
         assert _stored_windows(pg_engine, device_ids) == 60
         counters = runtime.subscriber.counters  # type: ignore[union-attr]
         assert counters.received == 122
@@ -175,8 +175,8 @@ def test_two_replicas_split_the_stream_and_together_store_everything(
             replica.start()
         windows = telemetry_payloads(Topics(prefix), device_ids, per_device=400)
         publish_over_mqtt(nats_server.mqtt_port, windows, client_id="js-split-devices")
-        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) >= 4000, timeout_s=60)
-        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)
+        wait_for(lambda: _stored_windows(pg_engine, device_ids) >= 4000, timeout_s=60)
+        wait_for(lambda: _stream_messages(nats_server.url) == 0, timeout_s=10)
         stored = [replica.ingest.counters["telemetry"] for replica in replicas]
         assert all(count >= 400 for count in stored), stored  # each took a real share
         assert sum(stored) == 4000 and _stored_windows(pg_engine, device_ids) == 4000
@@ -200,10 +200,10 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
     )  # fmt: skip
     survivor: JetStreamIngest | None = None
     try:
-        assert wait_until(lambda: marker.exists() and marker.read_text() == "ready", timeout_s=20)
+        wait_for(lambda: marker.exists() and marker.read_text() == "ready", timeout_s=20)
         windows = telemetry_payloads(Topics(prefix), device_ids, per_device=60)
         publish_over_mqtt(nats_server.mqtt_port, windows, client_id="js-kill-devices")
-        assert wait_until(lambda: marker.read_text().startswith("hung"), timeout_s=20)
+        wait_for(lambda: marker.read_text().startswith("hung"), timeout_s=20)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
         stored, acked = (int(n) for n in marker.read_text().split()[1:])
@@ -213,7 +213,7 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_the_other_stores_it_once(
         writer = IngestWriter(pg_engine)
         survivor = JetStreamIngest([nats_server.url], Topics(prefix), writer, name="survivor")
         survivor.start()
-        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=30)
+        wait_for(lambda: _stream_messages(nats_server.url) == 0, timeout_s=30)
         assert _stored_windows(pg_engine, device_ids) == _distinct_windows(pg_engine, device_ids) == 600
         assert writer.counters["duplicate_telemetry"] == stored - acked  # committed, never acknowledged
         assert survivor.counters.dispatched == 600 - acked
@@ -258,11 +258,11 @@ def test_a_batch_the_database_refuses_comes_back_and_an_older_state_does_not_win
         newer = StateMessage.wrap(DeviceState(device_id=device_id, phase="committed"))
         states = [(topics.state(device_id), encode(older)), (topics.state(device_id), encode(newer))]
         publish_over_mqtt(nats_server.mqtt_port, states, client_id="js-down")
-        assert wait_until(lambda: ingest.counters.handed_back == 2, timeout_s=30)  # after the retries: naked
+        wait_for(lambda: ingest.counters.handed_back == 2, timeout_s=30)  # after the retries: naked
         writer.down = False
         # Both come back (REDELIVER_AFTER_FAILURE_S); the older finds the newer behind it in the
         # stream and is not applied (in a batch of its own it would have rolled the device back).
-        assert wait_until(lambda: _stream_messages(nats_server.url) == 0, timeout_s=20)
+        wait_for(lambda: _stream_messages(nats_server.url) == 0, timeout_s=20)
         assert ingest.counters.superseded == 1
         with pg_engine.connect() as conn:
             phase = conn.execute(sa.text("SELECT phase FROM devices WHERE id = :i"), {"i": device_id}).scalar_one()
@@ -287,11 +287,11 @@ def test_ingest_resumes_after_the_nats_server_restarts(tmp_path: Path, nats_serv
     try:
         windows = telemetry_payloads(topics, [f"dev-{i}" for i in range(10)], per_device=20)
         publish_over_mqtt(nats_server.mqtt_port, windows[:100], client_id="js-restart-1")
-        assert wait_until(lambda: len(stored) == 100, timeout_s=10)
+        wait_for(lambda: len(stored) == 100, timeout_s=10)
         nats_server.stop()
         nats_server.start()  # same ports, same store: the stream and the durable consumer survive
         publish_over_mqtt(nats_server.mqtt_port, windows[100:], client_id="js-restart-2")
-        assert wait_until(lambda: len(stored) == 200, timeout_s=20)
+        wait_for(lambda: len(stored) == 200, timeout_s=20)
         assert ingest.counters.lost == 0 and ingest.counters.duplicates == 0
     finally:
         ingest.stop()
@@ -320,7 +320,7 @@ def test_the_stream_leader_killed_mid_ingest_loses_nothing_on_a_three_node_clust
     cluster.start()
     replicas: list[JetStreamIngest] = []
     try:
-        assert wait_until(lambda: _jetstream_ready(cluster.urls), timeout_s=30)
+        wait_for(lambda: _jetstream_ready(cluster.urls), timeout_s=30)
         topics = Topics(f"slmops-test/{uuid.uuid4().hex[:10]}")
         device_ids = add_devices(pg_engine, *(f"js-r3-{uuid.uuid4().hex[:8]}" for _ in range(10)))
         writers = [_SlowWriter(pg_engine), _SlowWriter(pg_engine)]
@@ -335,10 +335,10 @@ def test_the_stream_leader_killed_mid_ingest_loses_nothing_on_a_three_node_clust
         # All published before the kill: devices publishing through the election are the broker
         # tier's concern (ADR 0011, Consequences); this test is about the consumer.
         publish_over_mqtt(devices_node.mqtt_port, windows, client_id="js-r3")
-        assert wait_until(lambda: _stored_windows(pg_engine, device_ids) > 0, timeout_s=20)
+        wait_for(lambda: _stored_windows(pg_engine, device_ids) > 0, timeout_s=20)
         cluster.kill(killed)  # mid-ingest: both replicas hold fetched, unacknowledged batches
         assert _distinct_windows(pg_engine, device_ids) < 1500
-        assert wait_until(lambda: _distinct_windows(pg_engine, device_ids) == 1500, timeout_s=90)
+        wait_for(lambda: _distinct_windows(pg_engine, device_ids) == 1500, timeout_s=90)
         assert _stored_windows(pg_engine, device_ids) == 1500  # each window once, whoever stored it
         assert all(writer.counters["telemetry"] > 0 for writer in writers)
     finally:

@@ -19,8 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control_plane.api.main import create_app
 from control_plane.config import Settings
 from slmops.tinymodels import write_tiny_gguf, write_tiny_lora_gguf
-from tests.support.agent import AgentProcess, wait_for
+from tests.support.agent import AgentProcess
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto, pytest.mark.slow]
 
@@ -100,13 +101,7 @@ def _roll_out(url: str, headers: dict[str, str], version: str, selector: str = "
         rollout = httpx.get(f"{url}/v1/rollouts/{rollout_id}", headers=headers).json()
         return rollout if rollout["state"] in ("completed", "rolled_back", "failed") else None
 
-    return wait_for_value(finished, what=f"rollout of {version}")
-
-
-def wait_for_value(check: Any, *, what: str, timeout_s: float = 120) -> Any:
-    found: list[Any] = []
-    wait_for(lambda: bool(found.append(check()) or found[-1]), what=what, timeout_s=timeout_s)
-    return found[-1]
+    return wait_for(finished, what=f"rollout of {version}", timeout_s=120)
 
 
 def test_an_adapter_rollout_downloads_only_the_adapter_where_the_base_runs(  # type: ignore[no-untyped-def]

@@ -15,8 +15,9 @@ from control_plane.models import Job
 from control_plane.services.quantize_jobs import QuantizeJobs
 from control_plane.storage import LocalBlobStore
 from slmops.tinymodels import TinyLlamaShape, write_tiny_gguf
-from tests.support.fleet import upload_version, wait_for
+from tests.support.fleet import upload_version
 from tests.support.gguf_craft import U8, gguf_file, kv_array, llama_kvs, tensor_info
+from tests.support.waiting import wait_for
 
 # Rows of 96: fine for 32-blocks (Q8_0), impossible for 256-blocks (K-quants).
 ODD_SHAPE = TinyLlamaShape(n_layer=1, n_embd=96, n_ff=160, n_head=2, n_head_kv=2)

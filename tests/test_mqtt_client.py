@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from shared.messages import StatusMessage, decode, encode
 from shared.mqtt.client import MqttClient, Outgoing, loop_handler
 from shared.mqtt.errors import MqttConnectError, MqttPublishError
+from shared.net import free_port
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.mqtt import (
     SYSTEM_MOSQUITTO,
@@ -27,8 +28,8 @@ from tests.support.mqtt import (
     private_mosquitto,
     status_will,
     unique_topics,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 
@@ -168,11 +169,11 @@ def test_reconnect_restores_subscriptions_and_refuses_publishes_while_down(
         subscriber.add_connection_listener(transitions.append)
         subscriber.subscribe(topics.all_devices("telemetry"), received)
         broker.stop()
-        assert wait_until(lambda: not subscriber.connected)
+        wait_for(lambda: not subscriber.connected)
         with pytest.raises(MqttPublishError):
             subscriber.publish(topics.telemetry("dev-1"), b"while down")
         broker.start()
-        assert wait_until(lambda: subscriber.connected)
+        wait_for(lambda: subscriber.connected)
         clients(url).publish(topics.telemetry("dev-1"), b"after restart")
         assert received.wait_for(1) == [b"after restart"]
         assert transitions[:2] == [False, True] and subscriber.counters.connects == 2

@@ -17,7 +17,8 @@ from shared.telemetry import TelemetryWindow
 from shared.topics import TopicKind
 from tests.support.desired_publisher import DesiredStatePublisher
 from tests.support.mosquitto import MosquittoProcess
-from tests.support.mqtt import ClientFactory, clients, private_mosquitto, wait_until
+from tests.support.mqtt import ClientFactory, clients, private_mosquitto
+from tests.support.waiting import wait_for
 
 __all__ = ["clients", "private_mosquitto"]  # fixtures
 
@@ -73,8 +74,8 @@ def test_device_channel_round_trip_through_outage(
     )
     channel.start(wait=True)
     try:
-        assert wait_until(lambda: [d.version for d in received] == ["1"])
-        assert wait_until(lambda: len(inbox.of(TopicKind.STATUS)) >= 1)
+        wait_for(lambda: [d.version for d in received] == ["1"])
+        wait_for(lambda: len(inbox.of(TopicKind.STATUS)) >= 1)
         births = inbox.of(TopicKind.STATUS)
         assert isinstance(births[0], StatusMessage) and births[0].hardware == HardwareProfile(
             ram_mb=2048, arch="x86_64"
@@ -83,20 +84,20 @@ def test_device_channel_round_trip_through_outage(
         assert channel.publish_event(EventMessage(kind="activation_succeeded", version="1"))
         publisher.publish("dev-1", desired("1", "m-1"))  # the same message again: applied once
         publisher.client.publish(topics.desired("dev-1"), b"{garbage", retain=False)
-        assert wait_until(lambda: channel.counters.desired_duplicates >= 1 and channel.counters.desired_malformed == 1)
+        wait_for(lambda: channel.counters.desired_duplicates >= 1 and channel.counters.desired_malformed == 1)
 
         private_mosquitto.stop()
-        assert wait_until(lambda: not channel.connected)
+        wait_for(lambda: not channel.connected)
         now = datetime.now(UTC)
         for seq in range(3):
             assert not channel.publish_telemetry(TelemetryWindow(seq=seq, window_start=now, window_end=now))
         assert not channel.publish_event(EventMessage(kind="download_progress", bytes_done=1))
         private_mosquitto.start()
-        assert wait_until(lambda: len(inbox.of(TopicKind.TELEMETRY)) == 3)
+        wait_for(lambda: len(inbox.of(TopicKind.TELEMETRY)) == 3)
         publisher.publish("dev-1", desired("2", "m-2"))
-        assert wait_until(lambda: [d.version for d in received] == ["1", "2"])
+        wait_for(lambda: [d.version for d in received] == ["1", "2"])
         channel.stop()  # a clean stop publishes "offline" itself (the broker drops the will)
-        assert wait_until(lambda: _statuses(inbox)[-1:] == ["offline"])
+        wait_for(lambda: _statuses(inbox)[-1:] == ["offline"])
         last = inbox.of(TopicKind.STATUS)[-1]
         assert isinstance(last, StatusMessage) and last.reason == "shutdown"
     finally:

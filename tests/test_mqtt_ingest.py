@@ -29,8 +29,8 @@ from tests.support.mqtt import (
     embedded_broker,
     private_mosquitto,
     unique_topics,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 __all__ = ["broker_url", "clients", "embedded_broker", "private_mosquitto"]  # fixtures
 
@@ -74,7 +74,7 @@ def test_typed_batches_with_malformed_and_duplicates_dropped(broker_url: str, cl
         device.publish(topics.status("dev-1"), json.dumps({"schema_version": 7, "status": "online"}).encode())
         device.publish(topics.telemetry("dev-2"), encode(window(1)))
         device.publish(topics.events("dev-2"), encode(EventMessage(kind="download_failed", message="404")))
-        assert wait_until(lambda: len(batches.messages) >= 3 and ingest.counters.received >= 7)
+        wait_for(lambda: len(batches.messages) >= 3 and ingest.counters.received >= 7)
     finally:
         ingest.stop()
     got = [(m.device_id, m.kind) for m in batches.messages]
@@ -97,7 +97,7 @@ def test_a_batch_the_handler_fails_once_is_stored_on_the_retry(embedded_broker: 
         device = clients(url)
         device.publish(topics.status("dev-1"), encode(StatusMessage(status="online")))
         device.publish(topics.status("dev-1"), encode(StatusMessage(status="offline")))
-        assert wait_until(lambda: len(batches.messages) == 2)
+        wait_for(lambda: len(batches.messages) == 2)
     finally:
         ingest.stop()
     assert [m.message.status for m in batches.messages] == ["online", "offline"]  # type: ignore[attr-defined]
@@ -132,7 +132,7 @@ def _ingest_windows(handler: Refusing, clients: ClientFactory, count: int) -> De
             clients(SYSTEM_MOSQUITTO).publish_many(
                 [Outgoing(topics.telemetry("dev-1"), encode(window(seq))) for seq in range(count)], timeout_s=30
             )
-            assert wait_until(lambda: ingest.counters.held >= count)
+            wait_for(lambda: ingest.counters.held >= count)
     finally:
         ingest.stop()
     return ingest
@@ -163,7 +163,7 @@ def test_batches_respect_max_batch(broker_url: str, clients: ClientFactory) -> N
         clients(broker_url).publish_many(
             [Outgoing(topics.telemetry(f"dev-{i % 5}"), encode(window(i))) for i in range(35)]
         )
-        assert wait_until(lambda: len(batches.messages) == 35)
+        wait_for(lambda: len(batches.messages) == 35)
     finally:
         ingest.stop()
     assert all(len(b) <= 10 for b in batches.batches) and len(batches.batches) >= 4
@@ -195,10 +195,10 @@ def test_batches_queued_behind_a_slow_write_go_to_the_next_call_together_in_orde
         device.publish(topics.telemetry("dev-1"), encode(window(0)))  # the first call takes this one
         assert handler.entered.wait(WAIT_S)
         device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 31)])
-        assert wait_until(lambda: ingest.counters.received == 31)
+        wait_for(lambda: ingest.counters.received == 31)
         time.sleep(0.1)  # past max_delay_s: the last partial batch is queued too
         handler.release.set()
-        assert wait_until(lambda: len(handler.messages) == 31)
+        wait_for(lambda: len(handler.messages) == 31)
     finally:
         ingest.stop()
     sizes = [len(b) for b in handler.batches]
@@ -220,12 +220,12 @@ def test_held_ingest_stores_nothing_until_released_then_everything_in_order(
         with ingest.held():
             device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)])
             # Read and acknowledged to the broker, not decoded or stored yet.
-            assert wait_until(lambda: ingest.counters.held == 30)
+            wait_for(lambda: ingest.counters.held == 30)
             time.sleep(0.2)
             assert batches.messages == [] and ingest.counters.received == 0
         # Released: stored in arrival order, before and with what arrives after the hold.
         device.publish_many([Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30, 40)])
-        assert wait_until(lambda: len(batches.messages) == 40)
+        wait_for(lambda: len(batches.messages) == 40)
     finally:
         ingest.stop()
     assert [m.message.seq for m in batches.messages] == list(range(40))  # type: ignore[attr-defined]
@@ -243,8 +243,8 @@ def test_what_a_hold_put_aside_is_handed_over_in_batches_of_max_write(broker_url
             clients(broker_url).publish_many(
                 [Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(30)]
             )
-            assert wait_until(lambda: ingest.counters.held == 30)
-        assert wait_until(lambda: len(batches.messages) == 30)
+            wait_for(lambda: ingest.counters.held == 30)
+        wait_for(lambda: len(batches.messages) == 30)
     finally:
         ingest.stop()
     assert [len(batch) for batch in batches.batches] == [25, 5]
@@ -260,7 +260,7 @@ def test_a_full_hold_ends_early_and_keeps_the_order(broker_url: str, clients: Cl
         with ingest.held():
             messages = [Outgoing(topics.telemetry("dev-1"), encode(window(i))) for i in range(12)]
             clients(broker_url).publish_many(messages)
-            assert wait_until(lambda: len(batches.messages) == 12)  # stored although still inside the block
+            wait_for(lambda: len(batches.messages) == 12)  # stored although still inside the block
     finally:
         ingest.stop()
     assert [m.message.seq for m in batches.messages] == list(range(12))  # type: ignore[attr-defined]
@@ -296,16 +296,16 @@ def test_telemetry_produced_during_an_outage_arrives_after_it(
     try:
         assert outbox.publish(topics.telemetry("dev-1"), encode(window(0))) is True
         private_mosquitto.stop()
-        assert wait_until(lambda: not device.connected)
+        wait_for(lambda: not device.connected)
         # 10 windows into a spool of 8: the two oldest are dropped and counted.
         assert [outbox.publish(topics.telemetry("dev-1"), encode(window(i))) for i in range(1, 11)] == [False] * 10
         dropped = outbox.spool.take_dropped()
         private_mosquitto.start()
-        assert wait_until(lambda: len(batches.messages) == 9)
+        wait_for(lambda: len(batches.messages) == 9)
         assert outbox.publish(
             topics.telemetry("dev-1"), encode(TelemetryMessage.wrap(window(11), dropped_windows=dropped))
         )
-        assert wait_until(lambda: len(batches.messages) == 10)
+        wait_for(lambda: len(batches.messages) == 10)
     finally:
         outbox.stop()
         ingest.stop()

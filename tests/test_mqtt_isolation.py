@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.fleet.credentials import (
     InMemoryCredentials,
     MosquittoPasswordFile,
@@ -21,6 +21,7 @@ from control_plane.fleet.credentials import (
 )
 from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER, render_acl
 from shared.mqtt.errors import MqttConnectError
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.mqtt import (
@@ -33,8 +34,8 @@ from tests.support.mqtt import (
     private_mosquitto,
     shipped_mosquitto,
     unique_topics,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 __all__ = ["clients", "private_mosquitto"]  # fixtures
 
@@ -118,11 +119,11 @@ def test_enrolled_device_connects_and_removed_device_is_cut_off_after_reload(
     with pytest.raises(MqttConnectError, match="refused"):
         clients(private_mosquitto.url("dev-new", "fresh"))
     private_mosquitto.credentials.add_device("dev-new", "fresh")  # file rewritten, then SIGHUP
-    assert wait_until(lambda: _can_connect(clients, private_mosquitto.url("dev-new", "fresh")))
+    wait_for(lambda: _can_connect(clients, private_mosquitto.url("dev-new", "fresh")))
     private_mosquitto.credentials.remove_device("dev-a")
     # Mosquitto 2 re-checks connected clients on reload: the removed device is disconnected
     # and its reconnects are refused.
-    assert wait_until(lambda: not device_a.connected and device_a.last_refusal is not None)
+    wait_for(lambda: not device_a.connected and device_a.last_refusal is not None)
     assert not _can_connect(clients, private_mosquitto.url("dev-a", "secret-a"))
     assert "dev-a" not in private_mosquitto.credentials.read()
 
@@ -163,7 +164,7 @@ def test_sync_writes_exactly_the_given_devices_plus_admins_and_signals(tmp_path:
         lines = passwd.path.read_text().splitlines()
         assert [line.split(":")[0] for line in lines] == ["dev-1", "cp"]
         assert passwd.path.stat().st_mode & 0o777 == 0o640, "permissions kept across the atomic rename"
-        assert wait_until(lambda: sleeper.poll() is not None), "SIGHUP reached the pid in the pid file"
+        wait_for(lambda: sleeper.poll() is not None, what="SIGHUP reached the pid in the pid file")
         assert sleeper.returncode == -signal.SIGHUP
     finally:
         sleeper.kill()

@@ -27,8 +27,9 @@ from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import BrokerURLError, CredentialSyncError, MqttConnectError
 from shared.mqtt.url import format_broker_url, parse_broker_urls
 from shared.topics import Topics
-from tests.support.mqtt import ClientFactory, Collector, clients, unique_topics, wait_until
+from tests.support.mqtt import ClientFactory, Collector, clients, unique_topics
 from tests.support.nats import NATS_SERVER, NatsCluster, nats_available
+from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixtures
 needs_nats = pytest.mark.skipif(not nats_available(), reason="nats-server is not installed")
@@ -130,7 +131,7 @@ def test_removed_devices_are_cut_off_and_the_nodes_survive_the_reload(
 
     for i in range(len(cluster.nodes)):
         cluster.users.remove_device(f"dev-{i}")
-    assert wait_until(lambda: not any(device.connected for device in devices))
+    wait_for(lambda: not any(device.connected for device in devices))
     time.sleep(1.0)  # a refused reconnect, had the reload failed, would have brought one back
     assert not any(device.connected for device in devices)
     assert all(node.alive for node in cluster.nodes)
@@ -159,9 +160,9 @@ def test_a_client_fails_over_to_another_node_and_resubscribes(cluster: NatsClust
     assert inbox.wait_for(1) == [b"v1"]
 
     cluster.kill(on)
-    assert wait_until(lambda: device.connected and device.url.port != cluster.nodes[on].mqtt_port, RECOVERY_S)
-    assert wait_until(lambda: _publish(control, topics.desired("dev-1"), b"v2"), RECOVERY_S)
-    assert wait_until(lambda: b"v2" in inbox.payloads(), RECOVERY_S)
+    wait_for(lambda: device.connected and device.url.port != cluster.nodes[on].mqtt_port, RECOVERY_S)
+    wait_for(lambda: _publish(control, topics.desired("dev-1"), b"v2"), RECOVERY_S)
+    wait_for(lambda: b"v2" in inbox.payloads(), RECOVERY_S)
     assert device.counters.connects >= 2
 
 

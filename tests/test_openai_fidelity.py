@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.support.agent import AgentProcess, ArtifactServer, artifact_server, desired_for, wait_for
+from tests.support.agent import AgentProcess, ArtifactServer, artifact_server, desired_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

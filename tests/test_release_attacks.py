@@ -39,9 +39,10 @@ from slmops.tinymodels import write_tiny_gguf
 from tests.support.agent import AgentProcess, ArtifactServer, Misbehaviour, artifact_server
 from tests.support.agent_mqtt import DEVICE, SECRET, ControlPlane, write_credential
 from tests.support.mosquitto import mosquitto_binary
-from tests.support.mqtt import ClientFactory, clients, mtls_mosquitto, wait_until
+from tests.support.mqtt import ClientFactory, clients, mtls_mosquitto
 from tests.support.releases import Authority, past
 from tests.support.tls import TestCA
+from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixture
 pytestmark = [
@@ -141,7 +142,7 @@ class Device:
                 return False
             return ready.status_code == 200 and ready.json()["version"] == version
 
-        assert wait_until(serving, timeout_s=60), self.process.log.read_text()[-2000:]
+        wait_for(serving, timeout_s=60, what=lambda: self.process.log.read_text()[-2000:])
 
     def wait_event(self, kind: str, reason: str, message_id: str | None = None) -> EventMessage:
         def found() -> EventMessage | None:
@@ -150,7 +151,7 @@ class Device:
                 events = [e for e in events if e.detail.get("desired_message_id") == message_id]
             return next((e for e in events if e.detail.get("reason") == reason), None)
 
-        assert wait_until(lambda: found() is not None, timeout_s=60), [e.kind for e in self.cp.events()]
+        wait_for(lambda: found() is not None, timeout_s=60, what=lambda: [e.kind for e in self.cp.events()])
         event = found()
         assert event is not None
         return event

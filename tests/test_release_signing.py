@@ -26,7 +26,8 @@ from shared.desired import DesiredState
 from shared.releases import Release, Root, check_desired, update_root, verify_release
 from slmops.cli.app import app as cli_app
 from tests.support.assign import assign_version
-from tests.support.fleet import enroll_devices, upload_version, wait_for
+from tests.support.fleet import enroll_devices, upload_version
+from tests.support.waiting import wait_for
 
 
 def _verified(state: DesiredState, chain_file: Path, *, highest: int | None = None) -> Release:

@@ -28,13 +28,13 @@ from control_plane import db
 from control_plane.rollouts.leader import LOCK_KEY
 from control_plane.telemetry import partitions
 from control_plane.trust.releases import init_keys
+from shared.net import free_port
 from shared.topics import Topics
 from slmops.cli.client import ApiClient, ApiError, ClientConfig, new_idempotency_key
-from slmops.demo import free_port
-from slmops.simulator import SimBehaviour
-from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
 from tests.support.haproxy import HAProxy, haproxy_binary
 from tests.support.s3 import CREDENTIALS, TlsMotoServer
+from tests.support.simulated import TelemetryPump, sim_config, start_sim_devices
+from tests.support.waiting import wait_for
 from tests.test_blob_store_s3 import bucket, moto  # noqa: F401  (fixtures: the S3 endpoint)
 from tests.test_rollout_resilience import PLAN, ServerProcess, _cli_token, _setup_fleet, _state
 from tests.test_rollouts import MOSQUITTO
@@ -195,7 +195,7 @@ def test_the_other_replica_finishes_the_rollout_when_the_leader_is_killed(  # ty
     api = httpx.Client(base_url=balancer.url, timeout=10)
     admin, op = _cli_token(replicas[0], "admin"), _cli_token(replicas[0], "operator")
     creds = _setup_fleet(api, admin, op, [tiny_gguf, tiny_gguf_other], DEVICES)
-    devices = start_sim_devices(MOSQUITTO, Topics(replicas[0].env["SLMOPS_MQTT_TOPIC_PREFIX"]), creds, SimBehaviour())
+    devices = start_sim_devices(MOSQUITTO, Topics(replicas[0].env["SLMOPS_MQTT_TOPIC_PREFIX"]), creds, sim_config())
     operator = ApiClient(ClientConfig(server=balancer.url, token=op["Authorization"].split()[1]), timeout=10)
     try:
         with TelemetryPump(devices):
@@ -282,7 +282,7 @@ def test_a_real_agent_behind_the_balancer_gets_its_artifact_from_the_store_acros
     sha256 = api.get("/v1/models/tiny/versions/1", headers=op).json()["artifacts"][0]["sha256"]
     enrollment = api.post("/v1/devices", json={"name": "kiosk"}, headers=admin).json()["enrollment_token"]
     agent = _spawn_agent(tmp_path, balancer.url, enrollment, store.tls[0])
-    devices = start_sim_devices(MOSQUITTO, Topics(replicas[0].env["SLMOPS_MQTT_TOPIC_PREFIX"]), creds, SimBehaviour())
+    devices = start_sim_devices(MOSQUITTO, Topics(replicas[0].env["SLMOPS_MQTT_TOPIC_PREFIX"]), creds, sim_config())
     try:
         wait_for(lambda: _statuses(api, op).get("kiosk") == "online", 90, "the agent online")
         served_before = {name: int(row["bout"]) for name, row in balancer.stats().items()}

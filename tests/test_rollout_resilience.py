@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 from sqlmodel import SQLModel
 
+from shared.net import free_port
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour
-from tests.support.fleet import TelemetryPump, start_sim_devices, wait_for
+from tests.support.simulated import TelemetryPump, sim_config, start_sim_devices
+from tests.support.waiting import wait_for
 from tests.test_rollouts import MOSQUITTO, fleet  # noqa: F401  (fixture)
 
 PLAN = {
@@ -28,12 +28,6 @@ PLAN = {
     ],
     "gates": {"min_samples": 10, "max_p95_latency_ratio": 1.5},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:
@@ -78,7 +72,7 @@ class ServerProcess:
 def server(tmp_path: Path, db_url: str, engine):  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
     env |= {
-        "SLMOPS_PORT": str(_free_port()),
+        "SLMOPS_PORT": str(free_port()),
         "SLMOPS_MQTT_URL": MOSQUITTO,
         "SLMOPS_DATABASE_URL": db_url,
         "SLMOPS_MQTT_TOPIC_PREFIX": f"slmops-test/{uuid.uuid4().hex[:10]}",
@@ -131,7 +125,7 @@ def test_kill9_control_plane_mid_rollout_then_restart_continues(server, tiny_ggu
     admin, op = _cli_token(server, "admin"), _cli_token(server, "operator")
     creds = _setup_fleet(api, admin, op, [tiny_gguf, tiny_gguf_other], 3)
     topics = Topics(server.env["SLMOPS_MQTT_TOPIC_PREFIX"])
-    devices = start_sim_devices(MOSQUITTO, topics, creds, SimBehaviour(requests_per_window=10))
+    devices = start_sim_devices(MOSQUITTO, topics, creds, sim_config(requests_per_window=10))
     try:
         with TelemetryPump(devices):
             first = api.post("/v1/rollouts", json={"model": "tiny", "version": "1", **PLAN}, headers=op).json()
@@ -162,7 +156,7 @@ def test_offline_device_holds_the_stage_then_converges(fleet, engine, tiny_gguf,
     api = client
     creds = _setup_fleet(api, admin, op, [tiny_gguf, tiny_gguf_other], 3)  # type: ignore[arg-type]
     topics = Topics(settings.mqtt_topic_prefix)
-    devices = start_sim_devices(MOSQUITTO, topics, creds, SimBehaviour(requests_per_window=10))
+    devices = start_sim_devices(MOSQUITTO, topics, creds, sim_config(requests_per_window=10))
     try:
         with TelemetryPump(devices):
             first = api.post("/v1/rollouts", json={"model": "tiny", "version": "1", **PLAN}, headers=op).json()
@@ -182,7 +176,7 @@ def test_offline_device_holds_the_stage_then_converges(fleet, engine, tiny_gguf,
             assert held["state"] == "running", "an offline device makes the gate wait, not fail"
             assert held["last_evaluation"]["result"] == "inconclusive"
             assert devices[2].current_version == "1"
-            devices[2] = start_sim_devices(MOSQUITTO, topics, [creds[2]], SimBehaviour(requests_per_window=10))[0]
+            devices[2] = start_sim_devices(MOSQUITTO, topics, [creds[2]], sim_config(requests_per_window=10))[0]
             wait_for(lambda: _state(api, op, second["id"]) == "completed", timeout_s=60, what="converged")
             assert {d.current_version for d in devices} == {"2"}  # retained desired state reached it on reconnect
     finally:
@@ -208,7 +202,7 @@ def test_malformed_payloads_do_not_stop_ingestion(fleet, engine, tiny_gguf):  # 
         (topics.status(device_id), b"\xff\xfe"),
     ]:
         mqtt_publish.single(topic, payload, qos=1, hostname=host, port=port)
-    devices = start_sim_devices(MOSQUITTO, topics, creds, SimBehaviour())
+    devices = start_sim_devices(MOSQUITTO, topics, creds, sim_config())
     try:
         wait_for(
             lambda: client.get(f"/v1/devices/{device_id}", headers=op).json()["status"] == "online",

@@ -16,8 +16,9 @@ from control_plane.config import Settings
 from control_plane.models import GateEvaluation
 from control_plane.rollouts import assign
 from shared.topics import Topics
-from slmops.simulator import SimBehaviour
-from tests.support.fleet import TelemetryPump, enroll_devices, start_sim_devices, upload_version, wait_for
+from tests.support.fleet import enroll_devices, upload_version
+from tests.support.simulated import TelemetryPump, sim_config, start_sim_devices
+from tests.support.waiting import wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 LATENCY_MS = {"1": 40.0, "2": 42.0, "3": 200.0}
@@ -97,7 +98,7 @@ def test_canary_to_fleet_then_latency_regression_rolls_back(fleet, engine, tiny_
     for version, path in (("1", tiny_gguf), ("2", tiny_gguf_other), ("3", v3)):
         upload_version(client, operator, "tiny", version, path)
     creds = enroll_devices(client, admin, [(f"dev-{i}", {"region": "eu", "i": str(i)}) for i in range(4)])
-    behaviour = SimBehaviour(latency_ms=lambda v: LATENCY_MS[v], requests_per_window=10)
+    behaviour = sim_config(latency_ms=lambda v: LATENCY_MS[v], requests_per_window=10)
     devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, behaviour)
     try:
         with TelemetryPump(devices):
@@ -152,7 +153,7 @@ def test_device_enrolled_after_a_completed_rollout_gets_its_version(fleet, engin
     for version, path in (("1", tiny_gguf), ("2", tiny_gguf_other)):
         upload_version(client, operator, "tiny", version, path)
     topics = Topics(settings.mqtt_topic_prefix)
-    behaviour = SimBehaviour(requests_per_window=10)
+    behaviour = sim_config(requests_per_window=10)
     creds = enroll_devices(client, admin, [("eu-1", {"region": "eu"}), ("us-1", {"region": "us"})])
     devices = start_sim_devices(MOSQUITTO, topics, creds, behaviour)
     try:
@@ -183,7 +184,7 @@ def test_a_new_rollout_is_published_at_once_and_decided_at_a_tick(slow_ticking_f
     assert client.post("/v1/models", json={"name": "tiny"}, headers=operator).status_code == 201
     upload_version(client, operator, "tiny", "1", tiny_gguf)
     creds = enroll_devices(client, admin, [("a-1", {}), ("a-2", {})])
-    devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, SimBehaviour())
+    devices = start_sim_devices(MOSQUITTO, Topics(settings.mqtt_topic_prefix), creds, sim_config())
     try:
         wait_for(lambda: _all_online(client, operator), what="devices online")
         gates = {"min_activated_fraction": 1.0, "max_error_rate": None, "max_p95_latency_ratio": None}

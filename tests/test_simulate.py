@@ -23,7 +23,8 @@ from control_plane.models import Role
 from control_plane.services import auth
 from control_plane.trust.releases import read_root_chain
 from slmops.simulate import Credential, SimConfig, SimFleet, enroll_fleet, load_credentials, save_credentials
-from tests.support.fleet import upload_version, wait_for
+from tests.support.fleet import upload_version
+from tests.support.waiting import wait_for
 
 MOSQUITTO = "mqtt://127.0.0.1:1883"
 PLAN = {

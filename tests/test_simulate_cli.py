@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from control_plane.fleet.broker import free_port
-from tests.support.fleet import wait_for
+from shared.net import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.mosquitto
 SLMOPS = str(Path(sys.executable).with_name("slmops"))

@@ -14,8 +14,8 @@ from control_plane import db
 from control_plane.telemetry import partitions
 from control_plane.telemetry.rollup import HOUR, RetentionPolicy, run_rollup
 from control_plane.telemetry.series import SeriesQuery, series
-from tests.support.fleet import wait_for
 from tests.support.telemetry import add_devices, ingest, window
+from tests.support.waiting import wait_for
 
 DAY = 86400
 # Days of their own: the session's database keeps the partitions other tests create.

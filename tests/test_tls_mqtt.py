@@ -20,7 +20,7 @@ from sqlmodel import Session, col, func, select
 
 from control_plane.api.main import create_app
 from control_plane.config import Settings
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from control_plane.models import DeviceEvent
 from edge_agent.agent import Agent
 from edge_agent.enroll import Credential
@@ -30,10 +30,12 @@ from edge_agent.tls import ssl_context
 from shared.messages import EventMessage, encode
 from shared.mqtt.client import MqttClient
 from shared.mqtt.url import parse_broker_url
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import mosquitto_binary
-from tests.support.mqtt import ClientFactory, Collector, clients, shipped_mosquitto, wait_until
+from tests.support.mqtt import ClientFactory, Collector, clients, shipped_mosquitto
 from tests.support.tls import Issued, TestCA
+from tests.support.waiting import wait_for
 
 __all__ = ["clients"]  # fixture
 
@@ -83,7 +85,7 @@ def test_agent_connects_to_the_shipped_tls_listener_with_its_ca_bundle(tmp_path,
         channel.start(wait=True, timeout_s=15)
         try:
             assert channel.device.client.connected
-            assert wait_until(lambda: any(b"online" in p for p in statuses.payloads()))  # its birth, over TLS
+            wait_for(lambda: any(b"online" in p for p in statuses.payloads()))  # its birth, over TLS
         finally:
             channel.stop()
             agent.stop()
@@ -151,7 +153,7 @@ def test_control_plane_and_devices_speak_mqtts(
             try:
                 topics = Topics(settings.mqtt_topic_prefix)
                 device.publish(topics.events(cred["device_id"]), encode(EventMessage(kind="error", message="tls")))
-                assert wait_until(lambda: _events_stored(empty_tables, cred["device_id"]) == 1)
+                wait_for(lambda: _events_stored(empty_tables, cred["device_id"]) == 1)
             finally:
                 device.stop(publish_offline=False)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from control_plane.config import Settings
-from control_plane.fleet.broker import free_port
+from shared.net import free_port
 from tests.support.tls import TestCA
 
 

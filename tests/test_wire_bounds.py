@@ -25,8 +25,8 @@ from shared.mqtt.client import MqttClient, Outgoing
 from shared.state import DeviceState
 from shared.telemetry import REQUEST_DURATION_BUCKETS
 from shared.topics import TopicKind, Topics
-from tests.support.fleet import wait_for
 from tests.support.telemetry import add_devices
+from tests.support.waiting import wait_for
 from tests.test_cp_metrics import scrape, value
 from tests.test_rollouts import _control_plane
 

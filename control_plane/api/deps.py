@@ -18,7 +18,7 @@ from sqlmodel import Session
 
 from control_plane.api.ratelimit import RateLimiter
 from control_plane.config import Settings
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.access import broker_password_hash, complete_rotation_on_broker
 from control_plane.models import ApiToken, Device, Role, as_utc, utcnow
 from control_plane.services import audit, idempotency
@@ -65,14 +65,14 @@ def _principal(request: Request, session: Session) -> Principal:
         try:
             device_id, _, secret = base64.b64decode(value.strip()).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise DomainError("unauthenticated", "malformed Basic credentials") from exc
+            raise DomainError(ErrorCode.UNAUTHENTICATED, "malformed Basic credentials") from exc
         principal = authenticate_device(session, device_id, secret, broker_hash=broker_password_hash(request.app))
         if principal.secret == "staged":  # its first use completed the rotation
             session.commit()
             if (device := session.get(Device, principal.id)) is not None:
                 complete_rotation_on_broker(request.app, device)
         return principal
-    raise DomainError("unauthenticated", "send 'Authorization: Bearer <token>' (operators) or Basic (devices)")
+    raise DomainError(ErrorCode.UNAUTHENTICATED, "send 'Authorization: Bearer <token>' (operators) or Basic (devices)")
 
 
 def touch_token(session: Session, token_id: str) -> None:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.api.problems import problem_response
+from control_plane.errors import ErrorCode
 
 # POST /v1/models/{name}/versions and /v1/models/{name}/versions/{version}/artifacts
 UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions(/[^/]+/artifacts)?/?$")
@@ -77,5 +78,10 @@ def too_large_response(scope: Scope, limit: int) -> JSONResponse:
     detail = f"the request body is larger than this route accepts ({limit} bytes)"
     # The unread body stays on the connection: closing it is cheaper than reading it.
     return problem_response(
-        scope.get("path", ""), 413, "payload_too_large", detail, headers={"Connection": "close"}, limit_bytes=limit
+        scope.get("path", ""),
+        413,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        detail,
+        headers={"Connection": "close"},
+        limit_bytes=limit,
     )

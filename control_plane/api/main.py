@@ -39,7 +39,7 @@ from control_plane.config import Settings
 from control_plane.dashboard import actions as dashboard_actions
 from control_plane.dashboard import routes as dashboard
 from control_plane.db import make_engine
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.access import BrokerAccess, mosquitto_takeover, password_file_for
 from control_plane.metrics import HttpMetricsMiddleware
 from control_plane.storage import make_blob_store
@@ -92,7 +92,7 @@ class HstsMiddleware:
 
 
 def _problem_response(
-    request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    request: Request, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return problem_response(request.url.path, status, code, detail, headers=headers, **extra)
 
@@ -105,15 +105,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return _problem_response(request, 422, "validation_error", "the request is not valid", errors=errors)
+        return _problem_response(request, 422, ErrorCode.VALIDATION_ERROR, "the request is not valid", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, PayloadTooLarge):
             # The rest of a streamed body is still on the connection: closing it is cheaper than reading it.
             closing = {"Connection": "close"}
-            return _problem_response(request, 413, "payload_too_large", str(exc.detail), closing, limit_bytes=exc.limit)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return _problem_response(
+                request, 413, ErrorCode.PAYLOAD_TOO_LARGE, str(exc.detail), closing, limit_bytes=exc.limit
+            )
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.HTTP_ERROR)
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and (methods := allowed_methods(request.scope)):
             headers["Allow"] = ", ".join(methods)
@@ -122,7 +124,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _problem_response(request, 500, "internal_error", "unexpected server error; see the server log")
+        return _problem_response(request, 500, ErrorCode.INTERNAL_ERROR, "unexpected server error; see the server log")
 
 
 @asynccontextmanager

@@ -6,13 +6,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from control_plane.errors import DomainError, problem
+from control_plane.errors import DomainError, ErrorCode, problem
 
 PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(
-    path: str, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    path: str, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     body = problem(status, code, detail, instance=path, **extra)
     headers = dict(headers or {})

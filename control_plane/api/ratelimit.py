@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -46,7 +46,7 @@ class RateLimiter:
                 return
             wait_s = math.ceil((1 - bucket.tokens) * 60 / rate)
         raise DomainError(
-            "rate_limited",
+            ErrorCode.RATE_LIMITED,
             f"too many failed attempts from this address; retry in {wait_s} s",
             retry_after_s=wait_s,
         )

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
 from control_plane.api.deps import SessionDep
 from control_plane.dashboard.session import SameOriginDep, ViewerCookieDep, sign_in_required
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.access import revoke_device_on_broker
 from control_plane.models import Role
 from control_plane.rollouts import actions, recall
@@ -81,7 +81,7 @@ def version_action(
     status = VERSION_ACTIONS.get(action)
     try:
         if status is None:
-            raise DomainError("not_found", f"unknown version action {action!r}; use deprecate or recall")
+            raise DomainError(ErrorCode.NOT_FOUND, f"unknown version action {action!r}; use deprecate or recall")
         model, row = registry.get_version(session, model_name, version)
         result = recall.change_status(session, model=model, version=row, status=status, actor=viewer.actor)
     except DomainError as exc:

@@ -17,7 +17,7 @@ from sqlmodel import Session, col
 
 from control_plane.api.deps import SessionDep, SettingsDep, touch_token
 from control_plane.config import Settings
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import ApiToken, DashboardSession, Role, as_utc, utcnow
 from control_plane.security import hash_secret, new_secret
 from control_plane.services.auth import Principal
@@ -74,7 +74,7 @@ def require_same_origin(request: Request, settings: SettingsDep) -> None:
         public = urlsplit(settings.public_url)
         allowed.add(f"{public.scheme}://{public.netloc}".lower())
     if origin not in allowed:
-        raise DomainError("cross_site_request", "this form must be posted from the dashboard's own pages")
+        raise DomainError(ErrorCode.CROSS_SITE_REQUEST, "this form must be posted from the dashboard's own pages")
 
 
 SameOriginDep = Annotated[None, Depends(require_same_origin)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -12,7 +10,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlmodel import Session
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"  # the repository's migrations/, packaged
 
@@ -44,12 +41,6 @@ def make_engine(url: str) -> sa.Engine:
         json_deserializer=orjson.loads,
         connect_args={"prepare_threshold": None},
     )
-
-
-@contextmanager
-def session_scope(engine: sa.Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
 
 
 def alembic_config(url: str) -> Config:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import uuid
 from concurrent.futures import Future
@@ -29,6 +28,7 @@ from amqtt.utils import gen_client_id
 from control_plane.fleet import broker_plugins
 from control_plane.fleet.broker_plugins import ConnectPolicy, PasswordCheck, TopicPolicy
 from shared.mqtt.errors import MqttError
+from shared.net import free_port
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 _PLUGINS = "control_plane.fleet.broker_plugins"
 # The largest remaining length a packet may declare: deploy/mosquitto/mosquitto.conf's max_packet_size.
 MAX_PACKET_BYTES = 1024 * 1024
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (another process could still take it before we bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class EmbeddedBroker:

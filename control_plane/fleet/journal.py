@@ -6,7 +6,7 @@ docs/adr/0010-manual-ack-vs-ingest-journal.md.
 paho acknowledges a QoS 1 message (PUBACK) as soon as on_message returns, and the broker then
 forgets it; ingest stores it later, in batches. Here every message read is appended to the
 journal first, and the journal is written to its file once per burst of packets read, before the
-network thread sends the PUBACKs that burst queued (`MqttClient(on_read_burst=...)`): one write()
+network thread sends the PUBACKs that burst queued (`MqttClient.add_read_burst_hook`): one write()
 per burst, not per message. The file is not fsynced: the operating system keeps what a killed
 process wrote, a host that loses power does not (as PostgreSQL with synchronous_commit off).
 

@@ -23,14 +23,11 @@ def calibration_feeds(src: Path) -> list[dict[str, np.ndarray]]:
     import onnxruntime as ort
 
     from control_plane.modelopt.prompts import default_prompts
-    from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET
+    from shared.formats.byte_vocab import encode_bytes
 
     specs = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()
     if [s.name for s in specs] == ["input_ids"]:
-        return [
-            {"input_ids": np.asarray([[BOS_ID] + [BYTE_OFFSET + b for b in p.encode()]], dtype=np.int64)}
-            for p in default_prompts()
-        ]
+        return [{"input_ids": np.asarray([encode_bytes(p)], dtype=np.int64)} for p in default_prompts()]
     rng = np.random.default_rng(CALIBRATION_SEED)
     feeds = []
     for _ in range(8):

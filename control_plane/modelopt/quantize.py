@@ -13,7 +13,6 @@ never a crash.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import time
@@ -25,10 +24,12 @@ import gguf
 import gguf.quants
 import numpy as np
 
+from control_plane.errors import ControlPlaneError
 from shared.formats.gguf_header import GGUFHeaderError, GGUFTensor, read_gguf_header
+from shared.hashing import file_sha256
 
 
-class QuantizeError(Exception):
+class QuantizeError(ControlPlaneError):
     """The quantization was refused (unknown type, incompatible shapes, bad source) or failed."""
 
 
@@ -73,14 +74,6 @@ class QuantizeResult:
     def ratio(self) -> float:
         """size_after / size_before (smaller is better)."""
         return self.size_after / self.size_before
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_weight(name: str, shape: Sequence[int]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Rollout, RolloutState
 from control_plane.rollouts.controller import RolloutController
 from control_plane.rollouts.plan import RolloutCreate
@@ -26,18 +26,22 @@ def allowed_actions(rollout: Rollout) -> list[str]:
 def apply(session: Session, rollout_id: str, action: str, actor: str) -> Rollout:
     """Lock the rollout and apply `action` (the controller locks it for each step too)."""
     if action not in TRANSITIONS:
-        raise DomainError("not_found", f"unknown rollout action {action!r}; use promote, pause, resume or abort")
+        raise DomainError(
+            ErrorCode.NOT_FOUND, f"unknown rollout action {action!r}; use promote, pause, resume or abort"
+        )
     rollout = session.get(Rollout, rollout_id, with_for_update=True)
     if rollout is None:
-        raise DomainError("rollout_not_found", f"no rollout with id {rollout_id}")
+        raise DomainError(ErrorCode.ROLLOUT_NOT_FOUND, f"no rollout with id {rollout_id}")
     allowed, verb = TRANSITIONS[action]
     if rollout.state not in allowed:
-        raise DomainError("invalid_state", f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state)
+        raise DomainError(
+            ErrorCode.INVALID_STATE, f"cannot {verb} a rollout that is {rollout.state}", state=rollout.state
+        )
     controller = RolloutController()
     if action == "promote":
         plan = RolloutCreate.model_validate(rollout.plan)
         if rollout.stage_index + 1 >= len(plan.stages):
-            raise DomainError("invalid_state", "the rollout is already in its last stage")
+            raise DomainError(ErrorCode.INVALID_STATE, "the rollout is already in its last stage")
         controller.next_stage(session, rollout)
     elif action == "pause":
         rollout.state = RolloutState.paused

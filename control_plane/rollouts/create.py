@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import ACTIVE_STATES, DEPLOYABLE_STATUSES, DesiredStateRow, ModelVersion, Rollout, utcnow
 from control_plane.rollouts import assign, schedule
 from control_plane.rollouts import members as members_
@@ -38,7 +38,7 @@ def check_quality_floor(session: Session, spec: RolloutCreate, version: ModelVer
     if floor is None or retention is None or retention >= floor:
         return
     raise DomainError(
-        "quality_below_floor",
+        ErrorCode.QUALITY_BELOW_FLOOR,
         f"{spec.model}@{spec.version} keeps {retention:.1%} of its parent's quality ({spec.quality_metric}), "
         f"below the floor of {floor:.1%}; set force to roll it out anyway",
         quality_retention=retention,
@@ -65,13 +65,13 @@ def create_rollout(
     model, version = registry.get_version(session, spec.model, spec.version)
     if version.status not in DEPLOYABLE_STATUSES:
         raise DomainError(
-            "invalid_state", f"{spec.model}@{spec.version} is {version.status}", version_status=version.status
+            ErrorCode.INVALID_STATE, f"{spec.model}@{spec.version} is {version.status}", version_status=version.status
         )
     if not spec.force:
         check_quality_floor(session, spec, version)
     hardware, versions_now = _targets(session, spec.selector, model.name, only)
     if not hardware:
-        raise DomainError("validation_error", "no enrolled device matches the selector", selector=spec.selector)
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "no enrolled device matches the selector", selector=spec.selector)
     _refuse_overlap(session, model.id, set(hardware))
     device_ids = list(hardware)
     baseline = [(recall_of, 1)] if recall_of else versions_now.most_common(1)
@@ -166,7 +166,7 @@ def _refuse_overlap(session: Session, model_id: str, device_ids: set[str]) -> No
         others = session.execute(sa.select(member.device_id).where(member.rollout_id == other.id)).scalars().all()
         if device_ids & set(others):
             raise DomainError(
-                "rollout_conflict",
+                ErrorCode.ROLLOUT_CONFLICT,
                 "an active rollout of this model covers some of these devices",
                 rollout_id=other.id,
             )

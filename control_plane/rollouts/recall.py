@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import (
     ACTIVE_STATES,
     DEPLOYABLE_STATUSES,
@@ -64,7 +64,7 @@ def newest_good_version(session: Session, model: Model, recalled: ModelVersion) 
     ).first()
     if row is None:
         raise DomainError(
-            "no_good_version",
+            ErrorCode.NO_GOOD_VERSION,
             f"{model.name} has no other registered or validated version to move devices to; upload one first",
         )
     return row
@@ -125,7 +125,7 @@ def change_status(
     """Set a version's status; `recalled` also starts the recall (its result is returned)."""
     if version.status in (VersionStatus.recalled, VersionStatus.deleted):
         raise DomainError(
-            "invalid_state",
+            ErrorCode.INVALID_STATE,
             f"{model.name}@{version.version} is {version.status}; its status is final",
             version_status=version.status,
         )

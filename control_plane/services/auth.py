@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import ApiToken, Device, DeviceStatus, Role, as_utc, utcnow
 from control_plane.security import API_TOKEN_PREFIX, hash_secret, new_secret, verify_secret
@@ -45,7 +45,7 @@ def create_token(session: Session, *, name: str, role: Role, created_by: str = "
 def authenticate_token(session: Session, plaintext: str) -> Principal:
     token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(plaintext))).first()
     if token is None or token.revoked_at is not None:
-        raise DomainError("unauthenticated", "the bearer token is unknown or revoked")
+        raise DomainError(ErrorCode.UNAUTHENTICATED, "the bearer token is unknown or revoked")
     return Principal(kind="token", id=token.id, name=token.name, role=Role[token.role])
 
 
@@ -80,14 +80,14 @@ def authenticate_device(
     device = session.get(Device, device_id)
     which = admit_device(session, device, secret, broker_hash=broker_hash)
     if device is None or which is None:
-        raise DomainError("unauthenticated", "the device credential is unknown or revoked")
+        raise DomainError(ErrorCode.UNAUTHENTICATED, "the device credential is unknown or revoked")
     return Principal(kind="device", id=device.id, name=device.id, secret=which)
 
 
 def require_role(principal: Principal, needed: Role) -> None:
     if principal.role is None or principal.role < needed:
         raise DomainError(
-            "forbidden",
+            ErrorCode.FORBIDDEN,
             f"this endpoint needs the {needed.name} role",
             required_role=needed.name,
         )
@@ -96,7 +96,7 @@ def require_role(principal: Principal, needed: Role) -> None:
 def revoke_token(session: Session, token_id: str) -> ApiToken:
     token = session.get(ApiToken, token_id)
     if token is None:
-        raise DomainError("token_not_found", f"no token with id {token_id}")
+        raise DomainError(ErrorCode.TOKEN_NOT_FOUND, f"no token with id {token_id}")
     token.revoked_at = token.revoked_at or utcnow()
     session.add(token)
     return token

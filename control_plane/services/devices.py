@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.credentials import mosquitto_hash
 from control_plane.models import (
     DesiredStateRow,
@@ -32,7 +32,7 @@ def create_device(
 ) -> tuple[Device, str]:
     """Create a device awaiting enrollment; returns it with the one-time enrollment token."""
     if session.exec(select(Device).where(Device.name == name)).first() is not None:
-        raise DomainError("device_exists", f"a device named {name!r} already exists")
+        raise DomainError(ErrorCode.DEVICE_EXISTS, f"a device named {name!r} already exists")
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     device = Device(
         name=name,
@@ -45,7 +45,7 @@ def create_device(
     try:
         session.flush()
     except IntegrityError as exc:
-        raise DomainError("device_exists", f"a device named {name!r} already exists") from exc
+        raise DomainError(ErrorCode.DEVICE_EXISTS, f"a device named {name!r} already exists") from exc
     set_labels(session, device, labels)
     return device, token
 
@@ -65,13 +65,13 @@ def update_device(session: Session, device: Device, *, name: str | None, labels:
     """Rename and/or replace the labels of one device."""
     if name is not None and name != device.name:
         if session.exec(select(Device).where(Device.name == name)).first() is not None:
-            raise DomainError("device_exists", f"a device named {name!r} already exists")
+            raise DomainError(ErrorCode.DEVICE_EXISTS, f"a device named {name!r} already exists")
         device.name = name
         session.add(device)
         try:
             session.flush()
         except IntegrityError as exc:
-            raise DomainError("device_exists", f"a device named {name!r} already exists") from exc
+            raise DomainError(ErrorCode.DEVICE_EXISTS, f"a device named {name!r} already exists") from exc
     if labels is not None:
         set_labels(session, device, labels)
 
@@ -87,7 +87,7 @@ def relabel(session: Session, *, selector: str, set_: dict[str, str], remove: li
     merged = {d: {k: v for k, v in labels.items() if k not in remove} | set_ for d, labels in matched.items()}
     over = [d for d, labels in merged.items() if len(labels) > MAX_LABELS]
     if over:  # checked before any change: a device keeps at most MAX_LABELS labels
-        raise DomainError("too_many_labels", f"{len(over)} device(s) would have over {MAX_LABELS} labels",
+        raise DomainError(ErrorCode.TOO_MANY_LABELS, f"{len(over)} device(s) would have over {MAX_LABELS} labels",
                           devices=over[:50])  # fmt: skip
     ids, keys = list(matched), set(set_) | set(remove)
     label_table = DeviceLabel.__table__  # type: ignore[attr-defined]
@@ -109,7 +109,7 @@ def decommission(session: Session, device: Device) -> int:
     """Retire a device: its credential and enrollment token stop working, it leaves every rollout
     (their counts no longer include it) and has no desired state. Returns the rollouts it left."""
     if device.status == DeviceStatus.decommissioned:
-        raise DomainError("invalid_state", f"device {device.name!r} is already decommissioned")
+        raise DomainError(ErrorCode.INVALID_STATE, f"device {device.name!r} is already decommissioned")
     device.status = DeviceStatus.decommissioned
     device.secret_hash = device.mqtt_password_hash = device.previous_secret_hash = None
     device.enrollment_token_hash = device.enrollment_expires_at = device.rotation_requested_at = None
@@ -126,7 +126,7 @@ def decommission(session: Session, device: Device) -> int:
 def request_rotation(session: Session, device: Device, grace_s: int) -> None:
     """Ask the device to fetch a new secret; its current one works `grace_s` longer after that."""
     if device.status == DeviceStatus.decommissioned or device.secret_hash is None:
-        raise DomainError("invalid_state", f"device {device.name!r} has no credential to rotate")
+        raise DomainError(ErrorCode.INVALID_STATE, f"device {device.name!r} has no credential to rotate")
     device.rotation_requested_at = utcnow()
     device.rotation_grace_s = grace_s
     device.staged_secret_hash = None
@@ -138,7 +138,7 @@ def stage_secret(session: Session, device: Device) -> str:
     """A new secret for the device (returned once), staged in place of any earlier one until the
     device first uses it; the current secret keeps working meanwhile."""
     if device.rotation_requested_at is None or device.secret_hash is None:
-        raise DomainError("invalid_state", "no credential rotation was requested for this device")
+        raise DomainError(ErrorCode.INVALID_STATE, "no credential rotation was requested for this device")
     secret = new_secret()
     device.staged_secret_hash = hash_secret(secret)
     session.add(device)
@@ -183,12 +183,12 @@ def enroll(
     token_hash = hash_secret(request.enrollment_token)
     device = session.exec(select(Device).where(Device.enrollment_token_hash == token_hash)).first()
     if device is None:
-        raise DomainError("enrollment_token_invalid", "the enrollment token is not known")
+        raise DomainError(ErrorCode.ENROLLMENT_TOKEN_INVALID, "the enrollment token is not known")
     if device.enrolled_at is not None and device.secret_hash is not None:
-        raise DomainError("enrollment_token_used", "this enrollment token was already used")
+        raise DomainError(ErrorCode.ENROLLMENT_TOKEN_USED, "this enrollment token was already used")
     expires = as_utc(device.enrollment_expires_at)
     if expires is not None and expires < utcnow():
-        raise DomainError("enrollment_token_expired", "the enrollment token has expired; ask for a new one")
+        raise DomainError(ErrorCode.ENROLLMENT_TOKEN_EXPIRED, "the enrollment token has expired; ask for a new one")
     secret = new_secret()
     # One conditional UPDATE claims the token: of concurrent enrollments, the row lock lets one
     # through and the others find the secret already set.
@@ -213,7 +213,7 @@ def enroll(
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        raise DomainError("enrollment_token_used", "this enrollment token was already used")
+        raise DomainError(ErrorCode.ENROLLMENT_TOKEN_USED, "this enrollment token was already used")
     session.refresh(device)
     return device, secret
 
@@ -223,7 +223,7 @@ def get_device(session: Session, device_id: str) -> Device:
     if device is None:
         device = session.exec(select(Device).where(Device.name == device_id)).first()
     if device is None:
-        raise DomainError("device_not_found", f"no device with id or name {device_id!r}")
+        raise DomainError(ErrorCode.DEVICE_NOT_FOUND, f"no device with id or name {device_id!r}")
     return device
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Artifact, ModelVersion
 from shared.desired import GoldenSet
 
@@ -40,7 +40,7 @@ def store_eval_metrics(session: Session, *, version: ModelVersion, update: EvalM
             select(Artifact).where(Artifact.version_id == version.id, Artifact.sha256 == update.artifact_sha256)
         ).first()
         if artifact is None:
-            raise DomainError("artifact_not_found", f"the version has no artifact {update.artifact_sha256}")
+            raise DomainError(ErrorCode.ARTIFACT_NOT_FOUND, f"the version has no artifact {update.artifact_sha256}")
         # A new dict, so SQLAlchemy sees the JSON column change.
         artifact.eval_metrics = {**(artifact.eval_metrics or {}), **metrics}
         session.add(artifact)
@@ -56,5 +56,5 @@ def store_golden_set(session: Session, *, version: ModelVersion, golden: GoldenS
 
 def golden_set(version: ModelVersion) -> GoldenSet:
     if not version.golden_set:
-        raise DomainError("golden_set_not_found", f"version {version.version} has no golden-prompt set")
+        raise DomainError(ErrorCode.GOLDEN_SET_NOT_FOUND, f"version {version.version} has no golden-prompt set")
     return GoldenSet.model_validate(version.golden_set)

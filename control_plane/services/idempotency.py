@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import IdempotencyRecord, as_utc, utcnow
 from control_plane.services.auth import Principal
 
@@ -42,7 +42,7 @@ def lookup(
         return None
     if record.fingerprint != print_:
         raise DomainError(
-            "idempotency_key_reused",
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
             "this Idempotency-Key was already used with a different request body",
         )
     return record.status_code, record.response

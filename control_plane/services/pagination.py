@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import as_utc
 
 MAX_LIMIT = 500
@@ -27,7 +27,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created), str(row_id)
     except Exception as exc:  # any garbage in the cursor is the caller's mistake
         raise DomainError(
-            "validation_error", "the cursor is not valid; pass back next_cursor as given"
+            ErrorCode.VALIDATION_ERROR, "the cursor is not valid; pass back next_cursor as given"
         ) from exc
 
 

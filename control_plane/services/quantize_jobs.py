@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Artifact, Job, ModelVersion, utcnow
 from control_plane.schemas import VERSION_PATTERN, ArtifactSpec, UTCDatetime, VersionSpec
 from control_plane.services import audit, registry
@@ -58,7 +58,7 @@ def _pick_source(session: Session, version: ModelVersion, sha256: str | None) ->
     candidates = [a for a in artifacts if a.format in QUANTIZABLE and a.storage_key]
     if not candidates:
         raise DomainError(
-            "quantization_unsupported",
+            ErrorCode.QUANTIZATION_UNSUPPORTED,
             "the version has no stored GGUF or ONNX artifact to quantize (referenced artifacts are not fetched)",
         )
     # The float artifact is the best source; quantizing an already quantized one compounds the error.
@@ -75,7 +75,7 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
     if source.format == "onnx":
         if to.lower() not in ("int8", "int8-static"):
             raise DomainError(
-                "quantization_unsupported", f"ONNX models quantize to int8 or int8-static only, not {to!r}"
+                ErrorCode.QUANTIZATION_UNSUPPORTED, f"ONNX models quantize to int8 or int8-static only, not {to!r}"
             )
         return to.lower()
     try:
@@ -83,7 +83,7 @@ def _check_target(source: Artifact, path: Path, to: str) -> str:
             return to.upper()  # its exactness is proved by the job, value by value
         check_gguf_quantizable(path, to.upper())
     except QuantizeError as exc:
-        raise DomainError("quantization_unsupported", str(exc), to=to, source_sha256=source.sha256) from exc
+        raise DomainError(ErrorCode.QUANTIZATION_UNSUPPORTED, str(exc), to=to, source_sha256=source.sha256) from exc
     return to.upper()
 
 
@@ -115,7 +115,7 @@ class QuantizeJobs:
     def get(session: Session, job_id: str) -> JobPublic:
         job = session.get(Job, job_id)
         if job is None:
-            raise DomainError("job_not_found", f"no job {job_id}")
+            raise DomainError(ErrorCode.JOB_NOT_FOUND, f"no job {job_id}")
         return JobPublic.model_validate(job)
 
     def prepare(self, session: Session, *, model: str, version: str, request: QuantizeRequest, actor: str) -> Job:
@@ -127,7 +127,7 @@ class QuantizeJobs:
         if session.exec(
             select(ModelVersion).where(ModelVersion.model_id == model_row.id, ModelVersion.version == new_version)
         ).first():
-            raise DomainError("version_exists", f"model {model!r} already has version {new_version!r}")
+            raise DomainError(ErrorCode.VERSION_EXISTS, f"model {model!r} already has version {new_version!r}")
         params = {"model": model, "version": version, "new_version": new_version, "to": to}
         if source.format == "gguf" and _dequantizes(self._store.path_for(source.sha256), to):
             params["relation"] = "dequantized_from"
@@ -185,7 +185,7 @@ class QuantizeJobs:
     def _register(
         self, job_id: str, params: dict[str, Any], created_by: str, out: Path, size_before: int
     ) -> dict[str, Any]:
-        from control_plane.modelopt.quantize import file_sha256
+        from shared.hashing import file_sha256
 
         size_after = out.stat().st_size
         sha256 = file_sha256(out)
@@ -213,7 +213,3 @@ class QuantizeJobs:
             )
             session.commit()
         return {"model": params["model"], "version": params["new_version"], "sha256": sha256, **metrics}
-
-    def wait_idle(self) -> None:
-        """Block until queued jobs ran (shutdown and tests)."""
-        self._pool.submit(lambda: None).result()

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Artifact, LineageRelation, Model, ModelVersion
 from control_plane.schemas import (
     ArtifactPublic,
@@ -25,7 +25,7 @@ from shared.references import reference_problem, shown_reference
 
 def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Model:
     if session.exec(select(Model).where(Model.name == spec.name)).first() is not None:
-        raise DomainError("model_exists", f"model {spec.name!r} already exists")
+        raise DomainError(ErrorCode.MODEL_EXISTS, f"model {spec.name!r} already exists")
     model = Model(
         name=spec.name,
         description=spec.description,
@@ -41,7 +41,7 @@ def create_model(session: Session, *, spec: ModelCreate, created_by: str) -> Mod
 def get_model(session: Session, name: str) -> Model:
     model = session.exec(select(Model).where(Model.name == name)).first()
     if model is None:
-        raise DomainError("model_not_found", f"no model named {name!r}")
+        raise DomainError(ErrorCode.MODEL_NOT_FOUND, f"no model named {name!r}")
     return model
 
 
@@ -51,7 +51,7 @@ def get_version(session: Session, model_name: str, version: str) -> tuple[Model,
         select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
     ).first()
     if row is None:
-        raise DomainError("version_not_found", f"model {model_name!r} has no version {version!r}")
+        raise DomainError(ErrorCode.VERSION_NOT_FOUND, f"model {model_name!r} has no version {version!r}")
     return model, row
 
 
@@ -68,10 +68,10 @@ def create_version(session: Session, *, model: Model, spec: VersionSpec, created
         select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == spec.version)
     ).first()
     if existing is not None:
-        raise DomainError("version_exists", f"model {model.name!r} already has version {spec.version!r}")
+        raise DomainError(ErrorCode.VERSION_EXISTS, f"model {model.name!r} already has version {spec.version!r}")
     parent = _resolve_parent(session, model, spec.parent)
     if (parent is None) != (spec.relation is None):
-        raise DomainError("validation_error", "parent and relation must be given together")
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "parent and relation must be given together")
     row = ModelVersion(
         model_id=model.id,
         version=spec.version,
@@ -87,7 +87,7 @@ def create_version(session: Session, *, model: Model, spec: VersionSpec, created
         session.flush()
     except IntegrityError as exc:  # lost a race with a concurrent upload of the same version
         raise DomainError(
-            "version_exists", f"model {model.name!r} already has version {spec.version!r}"
+            ErrorCode.VERSION_EXISTS, f"model {model.name!r} already has version {spec.version!r}"
         ) from exc
     return row
 
@@ -122,7 +122,7 @@ def add_stored_artifact(
 def check_reference(url: str, allowed_hosts: Sequence[str] = ()) -> None:
     """Refuse a reference devices must not be sent to (see shared/references.py for the rules)."""
     if (problem := reference_problem(url, allowed_hosts=allowed_hosts)) is not None:
-        raise DomainError("invalid_reference", f"artifact reference refused: {problem}")
+        raise DomainError(ErrorCode.INVALID_REFERENCE, f"artifact reference refused: {problem}")
 
 
 def add_referenced_artifact(
@@ -149,7 +149,7 @@ def _insert_artifact(session: Session, artifact: Artifact) -> Artifact:
         select(Artifact).where(Artifact.version_id == artifact.version_id, Artifact.sha256 == artifact.sha256)
     ).first()
     if duplicate is not None:
-        raise DomainError("version_exists", "this version already holds an artifact with that sha256")
+        raise DomainError(ErrorCode.VERSION_EXISTS, "this version already holds an artifact with that sha256")
     session.add(artifact)
     session.flush()
     return artifact
@@ -162,7 +162,7 @@ def _default_quant(fmt: str) -> str | None:
 def find_artifact(session: Session, sha256: str) -> Artifact:
     artifact = session.exec(select(Artifact).where(Artifact.sha256 == sha256)).first()
     if artifact is None:
-        raise DomainError("artifact_not_found", f"no artifact with sha256 {sha256}")
+        raise DomainError(ErrorCode.ARTIFACT_NOT_FOUND, f"no artifact with sha256 {sha256}")
     return artifact
 
 

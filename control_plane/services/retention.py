@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import (
     ACTIVE_STATES,
     Artifact,
@@ -72,11 +72,11 @@ def delete_version(session: Session, model: Model, row: ModelVersion) -> list[st
     """Remove a version's artifacts and mark it deleted (409 `version_in_use`, naming the devices,
     while it is in use). Returns the sha256 of the blobs it referenced."""
     if row.status == VersionStatus.deleted:
-        raise DomainError("version_not_found", f"{model.name}@{row.version} was deleted")
+        raise DomainError(ErrorCode.VERSION_NOT_FOUND, f"{model.name}@{row.version} was deleted")
     devices, rollouts = version_users(session, model, row.version)
     if devices or rollouts:
         raise DomainError(
-            "version_in_use",
+            ErrorCode.VERSION_IN_USE,
             f"{model.name}@{row.version} is in use by {_named(devices)} and {len(rollouts)} active rollout(s)",
             devices=devices[:NAMED_AT_MOST],
             device_count=len(devices),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import select
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Device, DeviceLabel
 
 _TERM = re.compile(
@@ -31,7 +31,7 @@ def parse_selector(text: str | None) -> list[Requirement]:
         match = _TERM.match(raw)
         if match is None:
             raise DomainError(
-                "invalid_selector",
+                ErrorCode.INVALID_SELECTOR,
                 f"cannot parse selector term {raw!r}; use key=value, key!=value or key",
             )
         op = match["op"] or "exists"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from shared.desired import BUNDLE_FORMAT
 from shared.formats.gguf_header import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 from shared.formats.onnx_bundle import MAX_GRAPH_BYTES, BundleError, external_data_needs, inspect_bundle, is_tar
@@ -25,7 +25,9 @@ def sniff_artifact(path: Path) -> tuple[str, dict[str, Any]]:
         return BUNDLE_FORMAT, _bundle_metadata(path)
     if head[:1] == b"\x08":  # ModelProto field 1 (ir_version, varint) is written first
         return "onnx", _onnx_metadata(path)
-    raise DomainError("unrecognized_artifact", "the file is neither a GGUF, an ONNX model nor an ONNX model folder")
+    raise DomainError(
+        ErrorCode.UNRECOGNIZED_ARTIFACT, "the file is neither a GGUF, an ONNX model nor an ONNX model folder"
+    )
 
 
 _KEPT_GGUF_KEYS = {
@@ -45,7 +47,7 @@ def _gguf_metadata(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         header = read_gguf_header(path, keep=_kept_gguf_key)
     except GGUFHeaderError as exc:
-        raise DomainError("unrecognized_artifact", f"GGUF header could not be parsed: {exc}") from exc
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, f"GGUF header could not be parsed: {exc}") from exc
     general_type = _text(header.metadata.get("general.type")) or "model"
     arch = _text(header.metadata.get("general.architecture"))
     file_type = _count(header.metadata.get("general.file_type"), least=0)
@@ -88,13 +90,13 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
     import onnx
 
     if path.stat().st_size > MAX_GRAPH_BYTES:
-        raise DomainError("unrecognized_artifact", "ONNX files over 2 GB must use external data")
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, "ONNX files over 2 GB must use external data")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise DomainError("unrecognized_artifact", f"not a valid ONNX model: {exc}") from exc
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, f"not a valid ONNX model: {exc}") from exc
     if not model.graph.node and not model.graph.output:
-        raise DomainError("unrecognized_artifact", "the ONNX graph is empty")
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, "the ONNX graph is empty")
     _refuse_external_data(model)
     return _graph_metadata(model)
 
@@ -104,10 +106,10 @@ def _refuse_external_data(model: Any) -> None:
     try:
         needs = external_data_needs(model)  # refuses absolute and '..' locations, as for bundles
     except BundleError as exc:
-        raise DomainError("unrecognized_artifact", f"not a valid ONNX model: {exc}") from exc
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, f"not a valid ONNX model: {exc}") from exc
     if needs:
         raise DomainError(
-            "unrecognized_artifact",
+            ErrorCode.UNRECOGNIZED_ARTIFACT,
             f"the ONNX model needs external data file {min(needs)!r}; push its folder (an ONNX model bundle)",
         )
 
@@ -116,7 +118,7 @@ def _bundle_metadata(path: Path) -> dict[str, Any]:
     try:
         model, contents = inspect_bundle(path)
     except BundleError as exc:
-        raise DomainError("unrecognized_artifact", f"not a valid ONNX model folder: {exc}") from exc
+        raise DomainError(ErrorCode.UNRECOGNIZED_ARTIFACT, f"not a valid ONNX model folder: {exc}") from exc
     return _graph_metadata(model) | {
         "graph": contents.graph,
         "files": contents.files,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.storage import BlobWriter, LocalBlobStore
 
 MAX_FIELD_BYTES = 256 * 1024
@@ -60,12 +60,12 @@ class _Receiver:
         filename = options.get(b"filename")
         if self._name == self._file_field and filename is not None:
             if self.form.writer is not None:
-                raise DomainError("validation_error", f"only one {self._file_field!r} part is allowed")
+                raise DomainError(ErrorCode.VALIDATION_ERROR, f"only one {self._file_field!r} part is allowed")
             self.form.writer = self._store.writer(self._max_bytes)
             self.form.filename = filename.decode(errors="replace")
             self._to_file = True
         elif len(self.form.fields) >= MAX_FIELDS:
-            raise DomainError("validation_error", "too many form fields")
+            raise DomainError(ErrorCode.VALIDATION_ERROR, "too many form fields")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._to_file:
@@ -74,14 +74,14 @@ class _Receiver:
             return
         self._buffer += data[start:end]
         if len(self._buffer) > MAX_FIELD_BYTES:
-            raise DomainError("validation_error", f"form field {self._name!r} is larger than 256 KiB")
+            raise DomainError(ErrorCode.VALIDATION_ERROR, f"form field {self._name!r} is larger than 256 KiB")
 
     def on_part_end(self) -> None:
         if not self._to_file and self._name:
             try:
                 self.form.fields[self._name] = self._buffer.decode()
             except UnicodeDecodeError as exc:
-                raise DomainError("validation_error", f"form field {self._name!r} is not UTF-8 text") from exc
+                raise DomainError(ErrorCode.VALIDATION_ERROR, f"form field {self._name!r} is not UTF-8 text") from exc
 
 
 async def receive_multipart(
@@ -96,7 +96,7 @@ async def receive_multipart(
     ctype, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise DomainError("validation_error", "expected a multipart/form-data body with a boundary")
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "expected a multipart/form-data body with a boundary")
     receiver = _Receiver(store, max_bytes, file_field)
     callbacks = {
         name: getattr(receiver, name)
@@ -132,4 +132,4 @@ def _feed(parser: MultipartParser, chunk: bytes | None) -> None:
         else:
             parser.write(chunk)
     except FormParserError as exc:
-        raise DomainError("validation_error", f"malformed multipart/form-data body: {exc}") from exc
+        raise DomainError(ErrorCode.VALIDATION_ERROR, f"malformed multipart/form-data body: {exc}") from exc

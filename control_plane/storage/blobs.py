@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class BlobWriter:
         if self.size + len(chunk) > self._max_bytes:
             self.abort()
             raise DomainError(
-                "payload_too_large",
+                ErrorCode.PAYLOAD_TOO_LARGE,
                 f"artifact exceeds the upload limit of {self._max_bytes} bytes",
                 limit_bytes=self._max_bytes,
             )
@@ -79,7 +79,7 @@ class BlobWriter:
         if declared_sha256 and declared_sha256.lower() != digest:
             self.abort()
             raise DomainError(
-                "sha256_mismatch",
+                ErrorCode.SHA256_MISMATCH,
                 "the uploaded bytes do not match the declared sha256; nothing was stored",
                 declared_sha256=declared_sha256.lower(),
                 computed_sha256=digest,

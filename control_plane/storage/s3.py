@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.storage.blobs import SHA256_NAME, BlobInfo, LocalBlobStore, StoredBlob
 
 PART_BYTES = 8 * 1024 * 1024  # multipart part size: the most of an upload in memory at once
@@ -37,7 +37,9 @@ def _reaching_the_store(bucket: str) -> Iterator[None]:
     try:
         yield
     except (Boto3Error, BotoCoreError, ClientError) as exc:
-        raise DomainError("blob_store_unavailable", f"the artifact store (bucket {bucket!r}) failed: {exc}") from exc
+        raise DomainError(
+            ErrorCode.BLOB_STORE_UNAVAILABLE, f"the artifact store (bucket {bucket!r}) failed: {exc}"
+        ) from exc
 
 
 class S3BlobStore(LocalBlobStore):

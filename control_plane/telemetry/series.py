@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import TelemetryRecord
 from control_plane.telemetry.aggregate import RAW_COLUMNS, Aggregate
 from control_plane.telemetry.pg_group import grouped_windows_pg
@@ -37,12 +37,12 @@ class SeriesQuery:
 
     def buckets(self) -> list[datetime]:
         if self.end <= self.start:
-            raise DomainError("validation_error", "`end` must be after `start`")
+            raise DomainError(ErrorCode.VALIDATION_ERROR, "`end` must be after `start`")
         first = floor_time(self.start, self.step_s)
         count = -(-int((self.end - first).total_seconds()) // self.step_s)
         if count > MAX_POINTS:
             raise DomainError(
-                "too_many_points",
+                ErrorCode.TOO_MANY_POINTS,
                 f"{count} points asked for; at most {MAX_POINTS}: use a larger step or a shorter range",
                 max_points=MAX_POINTS,
             )

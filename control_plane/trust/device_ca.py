@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from shared.topics import is_valid_device_id
 
 MAX_CSR_BYTES = 16 * 1024  # an EC or RSA-4096 CSR is a few KiB
@@ -34,7 +34,7 @@ MAX_LIVE_CERTIFICATES = 2  # the one in use and its renewal
 
 
 class DeviceCAError(DomainError):
-    def __init__(self, detail: str, code: str = "csr_invalid") -> None:
+    def __init__(self, detail: str, code: ErrorCode = ErrorCode.CSR_INVALID) -> None:
         super().__init__(code, detail)
 
 
@@ -79,7 +79,7 @@ class DeviceCA:
                 _write_private(cert_file, _self_signed(made, name).public_bytes(serialization.Encoding.PEM), 0o644)
             loaded = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
             if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-                raise DeviceCAError(f"{key_file} is not an EC private key", code="device_ca_invalid")
+                raise DeviceCAError(f"{key_file} is not an EC private key", code=ErrorCode.DEVICE_CA_INVALID)
             ca = cls(folder, x509.load_pem_x509_certificate(cert_file.read_bytes()), loaded)
             ca._refresh_crl()
         return ca
@@ -106,7 +106,7 @@ class DeviceCA:
     def issue(self, csr_pem: bytes, *, device_id: str, validity: dt.timedelta = DEFAULT_CERT_VALIDITY) -> bytes:
         """`sign`, and remember the certificate under the device so `revoke_device` finds it."""
         if not is_valid_device_id(device_id):
-            raise DeviceCAError(f"invalid device id {device_id!r}", code="device_ca_invalid")
+            raise DeviceCAError(f"invalid device id {device_id!r}", code=ErrorCode.DEVICE_CA_INVALID)
         cert_pem = self.sign(csr_pem, device_id=device_id, validity=validity)
         serial = x509.load_pem_x509_certificate(cert_pem).serial_number
         folder = self.folder / "issued" / device_id
@@ -244,6 +244,6 @@ def renew_device_certificate(app: Any, device_id: str, csr_pem: str) -> str | No
         if dt.datetime.now(dt.UTC) < start + (end - start) / 2:
             raise DeviceCAError(
                 f"the device's newest certificate is valid until {end.isoformat()}; renew after half its lifetime",
-                code="certificate_not_due",
+                code=ErrorCode.CERTIFICATE_NOT_DUE,
             )
     return issue_device_certificate(app, device_id, csr_pem)

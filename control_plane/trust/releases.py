@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from control_plane.errors import ControlPlaneError
 from shared.desired import ArtifactRef, DesiredState
 from shared.releases import (
     Release,
@@ -41,7 +42,7 @@ ROOT_FILE, ROOT_KEY_FILE, RELEASE_KEY_FILE = "root.json", "root.key", "release.k
 ROOT_EXPIRY_S = 365 * 86400.0
 
 
-class SigningConfigError(ValueError):
+class SigningConfigError(ControlPlaneError, ValueError):
     """The release key or root metadata is missing, unreadable or does not fit together."""
 
 

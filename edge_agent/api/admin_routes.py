@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 
-from edge_agent.api.errors import APIError
+from edge_agent.api.errors import APIError, ApiErrorCode
 from edge_agent.errors import AgentError
 from shared.desired import DesiredState
 
@@ -23,7 +23,9 @@ def _require_admin(request: Request, authorization: Annotated[str | None, Header
     expected = request.app.state.admin_token
     presented = (authorization or "").removeprefix("Bearer ").strip()
     if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise APIError(401, "admin token missing or wrong", type_="authentication_error", code="unauthorized")
+        raise APIError(
+            401, "admin token missing or wrong", type_="authentication_error", code=ApiErrorCode.UNAUTHORIZED
+        )
 
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_require_admin)])
@@ -69,6 +71,10 @@ async def _finish(future: Any) -> None:
     try:
         await asyncio.wait_for(asyncio.wrap_future(future), _WAIT_S)
     except AgentError as exc:
-        raise APIError(409, str(exc), code=exc.code) from exc
+        refused = APIError(409, str(exc))
+        refused.code = exc.code  # the agent error's own code, as its state reports it
+        raise refused from exc
     except TimeoutError as exc:
-        raise APIError(504, "the agent is still working on it", type_="server_error", code="timeout") from exc
+        raise APIError(
+            504, "the agent is still working on it", type_="server_error", code=ApiErrorCode.TIMEOUT
+        ) from exc

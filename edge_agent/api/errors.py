@@ -6,23 +6,51 @@ The agent must never die or answer HTML on a bad request; every handler below re
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edge_agent.errors import EdgeAgentError
+
 log = logging.getLogger(__name__)
 
 
-class APIError(Exception):
+class ApiErrorCode(StrEnum):
+    """Every `error.code` the agent's API answers with its own (OpenAI's where one exists); the value
+    is the wire string, stable. A refused admin action carries the agent error's code instead
+    (`edge_agent.errors`)."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_VALUE = "invalid_value"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_INPUTS = "invalid_inputs"
+    UNSUPPORTED_PARAMETER = "unsupported_parameter"
+    UNSUPPORTED_OPERATION = "unsupported_operation"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TOO_LARGE = "request_too_large"
+    UNAUTHORIZED = "unauthorized"
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    GENERATION_FAILED = "generation_failed"
+    EMBEDDING_FAILED = "embedding_failed"
+    INTERNAL_ERROR = "internal_error"
+
+
+class APIError(EdgeAgentError):
     def __init__(
         self,
         status: int,
         message: str,
         *,
         type_: str = "invalid_request_error",
-        code: str | None = None,
+        code: ApiErrorCode | None = None,
         param: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
@@ -30,7 +58,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.type = type_
-        self.code = code
+        self.code: str | None = code
         self.param = param
         self.retry_after_s = retry_after_s
 
@@ -43,7 +71,7 @@ class APIError(Exception):
 
 
 def model_unavailable(reason: str, retry_after_s: float | None = 1.0) -> APIError:
-    return APIError(503, reason, type_="server_error", code="model_not_loaded", retry_after_s=retry_after_s)
+    return APIError(503, reason, type_="server_error", code=ApiErrorCode.MODEL_NOT_LOADED, retry_after_s=retry_after_s)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
@@ -56,12 +84,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        return APIError(400, "the request body is not valid JSON", code=ApiErrorCode.INVALID_JSON).response()
     if not loc:  # the body as a whole: missing, or not a JSON object
         return _body_error(request, missing=first.get("type") == "missing").response()
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return APIError(400, message, param=param, code="invalid_value").response()
+    return APIError(400, message, param=param, code=ApiErrorCode.INVALID_VALUE).response()
 
 
 def _body_error(request: Request, *, missing: bool) -> APIError:
@@ -72,19 +100,21 @@ def _body_error(request: Request, *, missing: bool) -> APIError:
         message = f"the request body must be JSON sent with Content-Type: application/json (got {content_type})"
     else:
         message = "the request body must be a JSON object"
-    return APIError(400, message, code="invalid_json")
+    return APIError(400, message, code=ApiErrorCode.INVALID_JSON)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    code = {404: ApiErrorCode.NOT_FOUND, 405: ApiErrorCode.METHOD_NOT_ALLOWED, 413: ApiErrorCode.REQUEST_TOO_LARGE}.get(
+        exc.status_code
+    )
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return APIError(exc.status_code, str(exc.detail), type_=type_, code=code).response()
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error: %s", exc, exc_info=exc)
-    return APIError(500, "internal error", type_="server_error", code="internal_error").response()
+    return APIError(500, "internal error", type_="server_error", code=ApiErrorCode.INTERNAL_ERROR).response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from edge_agent.api.errors import APIError, model_unavailable
+from edge_agent.api.errors import APIError, ApiErrorCode, model_unavailable
 from edge_agent.api.limits import RequestQueue
 from edge_agent.api.workers import Workers
 from edge_agent.runtime import (
@@ -173,7 +173,7 @@ def check_model_name(model: ServingModel, requested: str) -> None:
             404,
             f"the model {requested!r} does not exist on this device; it serves {spec.model!r}",
             param="model",
-            code="model_not_found",
+            code=ApiErrorCode.MODEL_NOT_FOUND,
         )
 
 
@@ -182,13 +182,13 @@ def _as_api_error(exc: BaseException) -> APIError:
         return exc
     cause = exc.__cause__ if isinstance(exc, _PrepareFailed) else exc
     if isinstance(cause, ContextOverflowError):
-        return APIError(400, str(cause), param="max_tokens", code="context_length_exceeded")
+        return APIError(400, str(cause), param="max_tokens", code=ApiErrorCode.CONTEXT_LENGTH_EXCEEDED)
     if isinstance(cause, UnsupportedParameter):
-        return APIError(400, str(cause), param=cause.param, code="unsupported_parameter")
+        return APIError(400, str(cause), param=cause.param, code=ApiErrorCode.UNSUPPORTED_PARAMETER)
     if isinstance(cause, InvalidInput):
-        return APIError(400, str(cause), code="invalid_value")
+        return APIError(400, str(cause), code=ApiErrorCode.INVALID_VALUE)
     if isinstance(cause, UnsupportedOperation):
-        return APIError(400, str(cause), code="unsupported_operation")
+        return APIError(400, str(cause), code=ApiErrorCode.UNSUPPORTED_OPERATION)
     if isinstance(exc, _PrepareFailed):
-        return APIError(400, str(cause), code="invalid_request")
-    return APIError(500, f"generation failed: {exc!r}", type_="server_error", code="generation_failed")
+        return APIError(400, str(cause), code=ApiErrorCode.INVALID_REQUEST)
+    return APIError(500, f"generation failed: {exc!r}", type_="server_error", code=ApiErrorCode.GENERATION_FAILED)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.api.errors import APIError
+from edge_agent.api.errors import APIError, ApiErrorCode
 
 _HEAD_ROOM_S = 1.0  # the shortest Retry-After we send
 
@@ -43,7 +43,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             message = f"the request body ({int(declared)} bytes) is over this device's limit ({self.max_bytes})"
-            await APIError(413, message, code="request_too_large").response()(scope, receive, send)
+            await APIError(413, message, code=ApiErrorCode.REQUEST_TOO_LARGE).response()(scope, receive, send)
             return
         received = 0
 
@@ -64,7 +64,7 @@ class QueueFull(APIError):
             429,
             f"the model is busy and {queued} requests are already waiting; retry later",
             type_="rate_limit_error",
-            code="queue_full",
+            code=ApiErrorCode.QUEUE_FULL,
             retry_after_s=retry_after_s,
         )
 

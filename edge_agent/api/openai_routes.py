@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from edge_agent.api.errors import APIError, model_unavailable
+from edge_agent.api.errors import APIError, ApiErrorCode, model_unavailable
 from edge_agent.api.generation import Generation, StartStream, check_model_name
 from edge_agent.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from edge_agent.api.shapes import ChatShape, CompletionShape
@@ -52,7 +52,7 @@ def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     current = request.app.state.agent.slot.current
     if current is None or model_id not in (current.spec.model, f"{current.spec.model}:{current.spec.version}"):
         message = f"the model {model_id!r} does not exist on this device"
-        raise APIError(404, message, param="model", code="model_not_found")
+        raise APIError(404, message, param="model", code=ApiErrorCode.MODEL_NOT_FOUND)
     return _model_card(current)
 
 
@@ -201,26 +201,29 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
 
 async def _embed(agent: Any, requested: str, texts: list[str]) -> tuple[list[list[float]], int]:
     """Embed on the serving model and account the request; only engine faults count against it."""
-    started, error, tokens, model = time.perf_counter(), None, 0, None
+    started, tokens, model = time.perf_counter(), 0, None
+    error: str | None = None
     try:
         with agent.slot.lease() as model:
             check_model_name(model, requested)
             vectors, tokens = await anyio.to_thread.run_sync(model.engine.embed, texts)
             return vectors, tokens
     except NoModelError as exc:
-        error = "model_not_loaded"
+        error = ApiErrorCode.MODEL_NOT_LOADED
         raise model_unavailable(str(exc), exc.retry_after_s) from exc
     except (InvalidInput, UnsupportedOperation) as exc:  # the caller's input, or a model that cannot embed
-        error = "invalid_value" if isinstance(exc, InvalidInput) else "unsupported_operation"
-        raise APIError(400, str(exc), param="input" if error == "invalid_value" else "model", code=error) from exc
+        error = ApiErrorCode.INVALID_VALUE if isinstance(exc, InvalidInput) else ApiErrorCode.UNSUPPORTED_OPERATION
+        raise APIError(
+            400, str(exc), param="input" if error == ApiErrorCode.INVALID_VALUE else "model", code=error
+        ) from exc
     except EngineError as exc:
-        error = "embedding_failed"
+        error = ApiErrorCode.EMBEDDING_FAILED
         raise APIError(500, f"embedding failed: {exc!r}", type_="server_error", code=error) from exc
     except APIError as exc:
-        error = exc.code or "invalid_request"
+        error = exc.code or ApiErrorCode.INVALID_REQUEST
         raise
     finally:
-        engine_fault = error in (None, "embedding_failed")
+        engine_fault = error in (None, ApiErrorCode.EMBEDDING_FAILED)
         record = RequestRecord(time.perf_counter() - started, input_tokens=tokens, error_type=error)
         agent.record_request("embeddings", model if engine_fault else None, record)
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edge_agent.api.errors import APIError, model_unavailable
+from edge_agent.api.errors import APIError, ApiErrorCode, model_unavailable
 from edge_agent.api.generation import check_model_name
 from edge_agent.api.schemas import InferRequest
 from edge_agent.runtime import EngineError, UnsupportedOperation
@@ -71,10 +71,10 @@ async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
         error = exc.code
         raise
     except UnsupportedOperation as exc:
-        error = "unsupported_operation"
+        error = ApiErrorCode.UNSUPPORTED_OPERATION
         raise APIError(400, str(exc), code=error) from exc
     except EngineError as exc:  # onnxruntime rejects the tensors: the caller's input is at fault
-        error = "invalid_inputs"
+        error = ApiErrorCode.INVALID_INPUTS
         raise APIError(400, str(exc), param="inputs", code=error) from exc
     finally:
         lease.__exit__(None, None, None)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.api.errors import APIError
+from edge_agent.api.errors import APIError, ApiErrorCode
 from edge_agent.runtime import Sampling
 
 # Unknown fields are kept so that they can be refused by name, not ignored.
@@ -21,7 +21,7 @@ _INERT = {"user", "metadata", "store", "service_tier"}
 
 def unsupported(param: str, message: str | None = None) -> APIError:
     return APIError(
-        400, message or f"{param} is not supported by this device", param=param, code="unsupported_parameter"
+        400, message or f"{param} is not supported by this device", param=param, code=ApiErrorCode.UNSUPPORTED_PARAMETER
     )
 
 
@@ -67,7 +67,9 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return {}
         if self.json_schema is None or self.json_schema.schema_ is None:
-            raise APIError(400, "json_schema.schema is required", param="response_format", code="invalid_value")
+            raise APIError(
+                400, "json_schema.schema is required", param="response_format", code=ApiErrorCode.INVALID_VALUE
+            )
         return self.json_schema.schema_
 
 
@@ -135,7 +137,9 @@ class ChatCompletionRequest(_Sampling):
 
     def logprobs_wanted(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            raise APIError(
+                400, "top_logprobs needs logprobs: true", param="top_logprobs", code=ApiErrorCode.INVALID_VALUE
+            )
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
@@ -148,7 +152,9 @@ class CompletionRequest(_Sampling):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise APIError(400, "exactly one prompt per request is supported", param="prompt", code="invalid_value")
+            raise APIError(
+                400, "exactly one prompt per request is supported", param="prompt", code=ApiErrorCode.INVALID_VALUE
+            )
         return self.prompt[0]
 
 
@@ -166,7 +172,7 @@ class EmbeddingRequest(BaseModel):
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
         if any(not text for text in texts):
-            raise APIError(400, "input must not contain empty strings", param="input", code="invalid_value")
+            raise APIError(400, "input must not contain empty strings", param="input", code=ApiErrorCode.INVALID_VALUE)
         return texts
 
 

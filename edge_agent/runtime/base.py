@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from edge_agent.errors import EdgeAgentError
+
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
 
-class EngineError(Exception):
+class EngineError(EdgeAgentError):
     """An engine failed or refused an operation."""
 
 

@@ -34,7 +34,7 @@ from edge_agent.runtime.base import (
     sampling_of,
 )
 from edge_agent.runtime.chat_format import check_messages, format_default, render_template
-from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET, BYTE_VOCAB, EOS_ID
+from shared.formats.byte_vocab import BYTE_OFFSET, BYTE_VOCAB, EOS_ID, encode_bytes
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32,
@@ -93,7 +93,7 @@ class OnnxEngine:
 
     def encode(self, text: str) -> list[int]:
         """Prompt token ids: <s> then one id per UTF-8 byte."""
-        return [BOS_ID] + [BYTE_OFFSET + b for b in text.encode("utf-8")]
+        return encode_bytes(text)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from shared.errors import SharedError
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_HEADER_BYTES = 64 * 1024**2  # key-values and tensor infos together; real models need a few MB
@@ -45,7 +47,7 @@ _STRING, _ARRAY = 8, 9
 Scalar = str | int | float | bool
 
 
-class GGUFHeaderError(ValueError):
+class GGUFHeaderError(SharedError, ValueError):
     """The file is not a well-formed GGUF within the reader's limits."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
+from shared.errors import SharedError
+
 if TYPE_CHECKING:
     import onnx
 
@@ -28,7 +30,7 @@ TAR_MAGIC_OFFSET = 257
 MAX_GRAPH_BYTES = 2 * 1024**3  # protobuf's own limit: the graph itself must fit in one message
 
 
-class BundleError(ValueError):
+class BundleError(SharedError, ValueError):
     """The folder or tar is not a well-formed ONNX model with external data."""
 
 

@@ -168,9 +168,6 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
-
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """`listener(True)` after each (re)connect and its resubscriptions, `listener(False)` on loss."""
         self._listeners.append(listener)

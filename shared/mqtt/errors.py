@@ -1,4 +1,4 @@
-"""Errors raised by the MQTT channel.
+"""Errors raised by the MQTT channel (a subtree of `shared.errors.SharedError`).
 
 MqttError
 ├── BrokerURLError        the URL is not mqtt:// or mqtts:// with a host
@@ -11,8 +11,10 @@ MqttError
 
 from __future__ import annotations
 
+from shared.errors import SharedError
 
-class MqttError(Exception):
+
+class MqttError(SharedError):
     """Base of every error from shared.mqtt."""
 
 

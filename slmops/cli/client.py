@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slmops.errors import SlmopsError
+
 if TYPE_CHECKING:  # httpx is imported on first use: `slmops agent` loads this module and must stay small
     import httpx
 
@@ -78,7 +80,7 @@ FIELD_HINTS: dict[tuple[str, str], str] = {
 }
 
 
-class ApiError(Exception):
+class ApiError(SlmopsError):
     """A failed call, with the problem's stable `code` and what to do next."""
 
     def __init__(self, code: str, detail: str, *, status: int | None = None, fields: dict[str, Any] | None = None):
@@ -247,16 +249,6 @@ def _problem(response: httpx.Response) -> ApiError:
     code = str(body.get("code") or "http_error")
     detail = str(body.get("detail") or body.get("title") or response.reason_phrase)
     return ApiError(code, detail, status=response.status_code, fields=fields)
-
-
-def file_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-            if on_bytes:
-                on_bytes(len(block))
-    return digest.hexdigest()
 
 
 def push_idempotency_key(model: str, version: str, sha256: str) -> str:

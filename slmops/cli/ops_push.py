@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shared.hashing import file_sha256
 from slmops.cli.app import model_app
-from slmops.cli.client import ApiClient, ApiError, MultipartFile, file_sha256, push_idempotency_key
+from slmops.cli.client import ApiClient, ApiError, MultipartFile, push_idempotency_key
 from slmops.cli.ops_common import (
     Output,
     OutputOpt,

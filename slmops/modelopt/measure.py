@@ -142,15 +142,12 @@ def _gguf_quality(path: Path, lora_path: Path | None) -> tuple[float, np.ndarray
 
 def _onnx_inputs(session: object) -> dict[str, np.ndarray]:
     """A deterministic input set: text bytes for byte LMs, seeded random values otherwise."""
-    from shared.formats.byte_vocab import BOS_ID, BYTE_OFFSET
+    from shared.formats.byte_vocab import encode_bytes
 
     specs = session.get_inputs()  # type: ignore[attr-defined]
     if [s.name for s in specs] == ["input_ids"]:
         data = "\n".join(eval_texts()).encode("utf-8")
-        rows = [
-            [BOS_ID] + [BYTE_OFFSET + b for b in data[i * ONNX_SEQ_LEN : (i + 1) * ONNX_SEQ_LEN - 1]]
-            for i in range(ONNX_INPUT_SEQS)
-        ]
+        rows = [encode_bytes(data[i * ONNX_SEQ_LEN : (i + 1) * ONNX_SEQ_LEN - 1]) for i in range(ONNX_INPUT_SEQS)]
         return {"input_ids": np.asarray(rows, dtype=np.int64)}
     rng = np.random.default_rng(0)
     feeds = {}

@@ -20,12 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.fsutil import sha256_file as file_sha256
+from shared.hashing import file_sha256
+from slmops.errors import SlmopsError
 
 CHUNK = 1 << 20
 
 
-class SampleError(Exception):
+class SampleError(SlmopsError):
     """A sample model could not be fetched, or its bytes are not the pinned ones."""
 
 

@@ -1,7 +1,7 @@
 """`slmops simulate`: thousands of simulated agents in one asyncio process (see `agent` and `fleet`).
 
-The thread-per-device `slmops.simulator.SimDevice` suits a handful of devices in a test; this
-package scales to a fleet (one event loop, one socket per device, no thread per device).
+One event loop, one socket per device, no thread per device. Tests drive a handful of the same
+agents from synchronous code through `tests/support/simulated.py`.
 """
 
 from slmops.simulate.agent import Credential, SimAgent, SimConfig, SimStats

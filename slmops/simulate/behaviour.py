@@ -1,6 +1,5 @@
 """What a simulated device does, whatever carries its messages: apply a desired state and make
-telemetry windows. The thread-per-device `slmops.simulator.SimDevice` (paho, for tests) and the
-asyncio `SimAgent` (a fleet in one process) share it, so both speak the same protocol."""
+telemetry windows (`SimAgent` sends them; `SimConfig` says how it behaves)."""
 
 from __future__ import annotations
 

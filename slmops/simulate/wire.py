@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from slmops.errors import SlmopsError
+
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 OnMessage = Callable[[str, bytes], None]
 
 
-class WireError(Exception):
+class WireError(SlmopsError):
     """The connection failed, was refused or was lost."""
 
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from control_plane.fleet.broker import free_port
 from shared.desired import DesiredState
+from shared.net import free_port
 from tests.support.server_thread import ServerThread
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -63,7 +60,7 @@ class ArtifactServer:
         return f"http://127.0.0.1:{self.port}"
 
     def add(self, data: bytes, behaviour: Misbehaviour | None = None) -> str:
-        sha = sha256_of(data)
+        sha = hashlib.sha256(data).hexdigest()
         self.files[sha] = data
         if behaviour is not None:
             self.behaviour[sha] = behaviour
@@ -295,23 +292,3 @@ class AgentProcess:
 
         wait_for(ready, what="agent ready", timeout_s=timeout_s, proc=self.proc, log=self.log)
         return httpx.get(f"{self.url}/readyz", timeout=2).json()
-
-
-def wait_for(
-    check: Callable[[], bool],
-    *,
-    what: str,
-    timeout_s: float = 60,
-    proc: subprocess.Popen[bytes] | None = None,
-    log: Path | None = None,
-) -> None:
-    """Poll until `check()`; a generous deadline only turns a hang into a failure, it times nothing."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-3000:] if log else ""
-            raise AssertionError(f"process exited ({proc.returncode}) waiting for {what}\n{tail}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -16,7 +16,8 @@ from shared.messages import EventMessage, StateMessage, TelemetryMessage, decode
 from shared.mqtt.client import MqttClient
 from shared.topics import DEVICE_PUBLISHED_KINDS, TopicKind, Topics
 from tests.support.agent import ArtifactServer
-from tests.support.mqtt import Collector, clear_retained, wait_until
+from tests.support.mqtt import Collector, clear_retained
+from tests.support.waiting import wait_for
 
 DEVICE = "dev-mqtt-1"
 SECRET = "device-secret-1"
@@ -97,7 +98,7 @@ class ControlPlane:
         return self.received(TopicKind.TELEMETRY)
 
     def wait_state(self, check: Callable[[StateMessage], bool]) -> StateMessage:
-        assert wait_until(lambda: any(check(s) for s in self.states()), timeout_s=60), self.states()
+        wait_for(lambda: any(check(s) for s in self.states()), timeout_s=60, what=lambda: self.states())
         return next(s for s in self.states() if check(s))
 
     def clear(self) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slmops.demo import free_port
-from tests.support.fleet import wait_for
+from shared.net import free_port
+from tests.support.waiting import wait_for
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 

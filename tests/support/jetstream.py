@@ -15,8 +15,8 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from control_plane.fleet.broker import free_port
 from shared.messages import TelemetryMessage, encode
+from shared.net import free_port
 from shared.telemetry import Summary, TelemetryWindow
 from shared.topics import Topics
 

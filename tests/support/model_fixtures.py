@@ -1,4 +1,5 @@
-"""Session-wide tiny model files for tests (import these fixtures from tests/conftest.py).
+"""Session-wide tiny model files for tests (tests/conftest.py loads this module as a plugin; no
+other module defines these fixtures).
 
 Each file is written once per test session into a temporary directory; tests must not modify
 them (copy first if a test needs to).
@@ -21,8 +22,14 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_models_dir: Path) -> Path:
-    """A 2-layer F32 llama GGUF (about 5 MB), seed 0."""
-    return write_tiny_gguf(tiny_models_dir / "tiny-s0.gguf", seed=0)
+    """A 2-layer F32 llama GGUF (about 5 MB), seed 1."""
+    return write_tiny_gguf(tiny_models_dir / "tiny.gguf", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_other(tiny_models_dir: Path) -> Path:
+    """The shape of `tiny_gguf` with other weights (seed 2): another version of the same model."""
+    return write_tiny_gguf(tiny_models_dir / "tiny2.gguf", seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +46,8 @@ def tiny_lora_gguf(tiny_models_dir: Path, tiny_gguf: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_models_dir: Path) -> Path:
-    """The tiny ONNX byte-level decoder LM, seed 0."""
-    return write_tiny_onnx(tiny_models_dir / "tiny-s0.onnx", seed=0)
+    """The tiny ONNX byte-level decoder LM, seed 1."""
+    return write_tiny_onnx(tiny_models_dir / "tiny.onnx", seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from control_plane.fleet.broker import free_port
 from control_plane.fleet.credentials import MosquittoPasswordFile
 from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER, render_acl, render_config
 from shared.mqtt.errors import MqttError
+from shared.net import free_port
 from shared.topics import Topics
 
 
@@ -115,10 +115,6 @@ class MosquittoProcess:
             self._process.stderr.close()
         self._process = None
         self.pid_file.unlink(missing_ok=True)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:

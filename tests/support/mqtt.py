@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from control_plane.fleet.broker import EmbeddedBroker, free_port
+from control_plane.fleet.broker import EmbeddedBroker
 from shared.mqtt.client import MqttClient, Outgoing
 from shared.mqtt.url import parse_broker_url
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import MosquittoProcess
 from tests.support.tls import Issued
+from tests.support.waiting import wait_for
 
 SYSTEM_MOSQUITTO = "mqtt://127.0.0.1:1883"
 WAIT_S = 15.0  # a ceiling that only a broken feature reaches; nothing asserts on speed
@@ -25,15 +27,6 @@ WAIT_S = 15.0  # a ceiling that only a broken feature reaches; nothing asserts o
 
 def unique_topics() -> Topics:
     return Topics(f"slmops-test-{uuid.uuid4().hex[:10]}/v1")
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 class Collector:
@@ -52,7 +45,10 @@ class Collector:
             return [p for t, p in self.items if topic is None or t == topic]
 
     def wait_for(self, count: int, topic: str | None = None) -> list[bytes]:
-        wait_until(lambda: len(self.payloads(topic)) >= count)
+        """What arrived once `count` payloads have, or at the deadline: the caller's assertion then
+        shows what was missing."""
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: len(self.payloads(topic)) >= count, timeout_s=WAIT_S)
         return self.payloads(topic)
 
 

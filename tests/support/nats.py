@@ -19,11 +19,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.fleet.broker import free_port
 from control_plane.fleet.mosquitto_config import CONTROL_PLANE_USER
 from control_plane.fleet.nats_users import NatsUsersFile
 from shared.mqtt.client import MqttClient
 from shared.mqtt.errors import MqttError
+from shared.net import free_port
 from shared.topics import Topics
 from tests.support.mosquitto import terminate
 

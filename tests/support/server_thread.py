@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import uvicorn
 
-from control_plane.fleet.broker import free_port
+from shared.net import free_port
 
 
 class ServerThread:

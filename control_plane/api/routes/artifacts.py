@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
 from control_plane.api.deps import BlobStoreDep, PrincipalDep, SessionDep, SettingsDep
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Role
 from control_plane.services import artifact_access, registry
 from control_plane.services.auth import require_role
@@ -39,7 +39,7 @@ def download_artifact(
         require_role(principal, Role.viewer)
     elif not artifact_access.device_may_fetch(session, principal.id, sha256):
         # The same answer as for an unknown sha256: a device learns nothing about other artifacts.
-        raise DomainError("artifact_not_found", f"no artifact with sha256 {sha256}")
+        raise DomainError(ErrorCode.ARTIFACT_NOT_FOUND, f"no artifact with sha256 {sha256}")
     artifact = registry.find_artifact(session, sha256)
     etag = f'"{artifact.sha256}"'
     if artifact.external_url and not store.exists(artifact.sha256):
@@ -47,7 +47,7 @@ def download_artifact(
         registry.check_reference(artifact.external_url, settings.artifact_reference_allowed_hosts)
         return RedirectResponse(artifact.external_url, status_code=307, headers={"ETag": etag})
     if not store.exists(artifact.sha256):
-        raise DomainError("artifact_not_found", "the artifact's bytes are missing from the blob store")
+        raise DomainError(ErrorCode.ARTIFACT_NOT_FOUND, "the artifact's bytes are missing from the blob store")
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers={"ETag": etag})
     if (url := store.download_url(artifact.sha256)) is not None:

@@ -16,7 +16,7 @@ from control_plane.api.deps import (
     SessionDep,
     ViewerDep,
 )
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.fleet.access import broker_password_hash, grant_device_on_broker, revoke_device_on_broker
 from control_plane.models import as_utc, utcnow
 from control_plane.schemas import (
@@ -114,7 +114,7 @@ def list_devices(
 def who_am_i(principal: PrincipalDep, session: SessionDep) -> Any:
     """A device reads its own record (labels, desired version)."""
     if principal.kind != "device":
-        raise DomainError("forbidden", "only a device credential can ask for /v1/devices/me")
+        raise DomainError(ErrorCode.FORBIDDEN, "only a device credential can ask for /v1/devices/me")
     return DevicePublic.model_validate(devices.get_device(session, principal.id))
 
 
@@ -123,10 +123,10 @@ def renew_certificate(request: CertificateRequest, principal: PrincipalDep, muta
     """A device renews its X.509 identity once half its lifetime is gone; the old certificate stays
     valid (a device holds at most two: a third revokes the oldest)."""
     if principal.kind != "device":
-        raise DomainError("forbidden", "only a device credential can renew its certificate")
+        raise DomainError(ErrorCode.FORBIDDEN, "only a device credential can renew its certificate")
     certificate = renew_device_certificate(mutation.request.app, principal.id, request.csr_pem)
     if certificate is None:
-        raise DomainError("device_certificates_disabled", "this control plane issues no device certificates")
+        raise DomainError(ErrorCode.DEVICE_CERTIFICATES_DISABLED, "this control plane issues no device certificates")
     mutation.audit(principal, "device.certificate_renew", principal.id)
     mutation.session.commit()
     return CertificateResponse(client_certificate_pem=certificate)
@@ -223,9 +223,9 @@ def fetch_new_credential(principal: PrincipalDep, mutation: MutationDep) -> Any:
     rotation. Whoever holds a leaked current secret can fetch too: against a leak, reissue the
     enrollment token or decommission the device instead."""
     if principal.kind != "device":
-        raise DomainError("forbidden", "only a device credential can rotate itself")
+        raise DomainError(ErrorCode.FORBIDDEN, "only a device credential can rotate itself")
     if principal.secret != "current":
-        raise DomainError("forbidden", "only the device's current secret can fetch a new one")
+        raise DomainError(ErrorCode.FORBIDDEN, "only the device's current secret can fetch a new one")
     device = devices.get_device(mutation.session, principal.id)
     secret = devices.stage_secret(mutation.session, device)
     grace_ends = utcnow() + timedelta(seconds=device.rotation_grace_s or 0)  # at the earliest

@@ -21,7 +21,7 @@ from control_plane.api.deps import (
     SettingsDep,
     ViewerDep,
 )
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Model, ModelVersion, Role
 from control_plane.rollouts import recall
 from control_plane.schemas import (
@@ -280,14 +280,14 @@ async def _json_body(request: Request) -> Any:
     try:
         return await request.json()
     except ValueError as exc:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
-        raise DomainError("validation_error", "the body must be a JSON object in UTF-8") from exc
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "the body must be a JSON object in UTF-8") from exc
 
 
 def _parse(schema: Any, payload: Any) -> Any:
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
-        raise DomainError("validation_error", "invalid request body", errors=_errors(exc)) from exc
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "invalid request body", errors=_errors(exc)) from exc
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -302,7 +302,7 @@ def _form_specs(form: ReceivedForm) -> tuple[VersionSpec, ArtifactSpec]:
             try:
                 decoded[key] = json.loads(fields[key])
             except json.JSONDecodeError as exc:
-                raise DomainError("validation_error", f"form field {key!r} must be a JSON object") from exc
+                raise DomainError(ErrorCode.VALIDATION_ERROR, f"form field {key!r} must be a JSON object") from exc
     for key in ("accelerators", "cpu_arch"):
         if key in fields:
             decoded[key] = [v.strip() for v in fields[key].split(",") if v.strip()]
@@ -314,13 +314,13 @@ def _store_upload(form: ReceivedForm, spec: ArtifactSpec) -> tuple[Any, str, dic
     """Verify and sniff the received file, then move it into the blob store. Nothing kept on error."""
     writer = form.writer
     if writer is None:
-        raise DomainError("validation_error", "the multipart body has no 'file' part")
+        raise DomainError(ErrorCode.VALIDATION_ERROR, "the multipart body has no 'file' part")
     try:
         writer.verify(spec.sha256)  # before sniffing: a wrong file is a wrong hash first
         fmt, metadata = sniff_artifact(writer.temp_path)
         if spec.format and spec.format != fmt:
             raise DomainError(
-                "unrecognized_artifact", f"declared format {spec.format!r} but the file is {fmt}"
+                ErrorCode.UNRECOGNIZED_ARTIFACT, f"declared format {spec.format!r} but the file is {fmt}"
             )
     except BaseException:
         writer.abort()

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sqlmodel import Session, col, func, select
 
 from control_plane.api.deps import MutationDep, OperatorDep, SessionDep, ViewerDep
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import (
     GateEvaluation,
     Model,
@@ -129,7 +129,7 @@ def _get(session: Session, rollout_id: str, *, lock: bool = False) -> Rollout:
     """The rollout; with `lock`, its row locked until commit (the controller locks it for each step)."""
     rollout = session.get(Rollout, rollout_id, with_for_update=lock)
     if rollout is None:
-        raise DomainError("rollout_not_found", f"no rollout with id {rollout_id}")
+        raise DomainError(ErrorCode.ROLLOUT_NOT_FOUND, f"no rollout with id {rollout_id}")
     return rollout
 
 

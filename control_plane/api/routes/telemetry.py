@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
 from control_plane.api.deps import IsoDatetime, SessionDep, ViewerDep
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, ErrorCode
 from control_plane.models import Device, GateEvaluation, Rollout, as_utc, utcnow
 from control_plane.services import pagination
 from control_plane.telemetry.series import SeriesQuery, series
@@ -33,7 +33,8 @@ def parse_step(step: str) -> int:
     seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
     if not 1 <= seconds <= MAX_STEP_S:
         raise DomainError(
-            "validation_error", f"step {step[:32]!r} is not a duration like 60, 30s, 5m or 1h of at most 366 days"
+            ErrorCode.VALIDATION_ERROR,
+            f"step {step[:32]!r} is not a duration like 60, 30s, 5m or 1h of at most 366 days",
         )
     return seconds
 
@@ -47,7 +48,7 @@ def _range(start: datetime | None, end: datetime | None, step_s: int) -> tuple[d
 def _bounded(value: datetime | None, name: str) -> datetime | None:
     utc = as_utc(value)
     if utc is not None and not EARLIEST <= utc < LATEST:
-        raise DomainError("validation_error", f"`{name}` must be between {EARLIEST.date()} and {LATEST.date()}")
+        raise DomainError(ErrorCode.VALIDATION_ERROR, f"`{name}` must be between {EARLIEST.date()} and {LATEST.date()}")
     return utc
 
 
@@ -87,7 +88,7 @@ def get_device_series(
 ) -> dict[str, Any]:
     """One device's telemetry over time (all versions it served, unless narrowed)."""
     if session.get(Device, device_id) is None:
-        raise DomainError("device_not_found", f"no device {device_id}")
+        raise DomainError(ErrorCode.DEVICE_NOT_FOUND, f"no device {device_id}")
     step_s = parse_step(step)
     start_utc, end_utc = _range(start, end, step_s)
     query = SeriesQuery(start=start_utc, end=end_utc, step_s=step_s, model=model, version=version, device_id=device_id)
@@ -105,7 +106,7 @@ def get_rollout_progress(
     """Gate evaluations oldest first, as a series; `next_cursor` pages on."""
     rollout = session.get(Rollout, rollout_id)
     if rollout is None:
-        raise DomainError("rollout_not_found", f"no rollout {rollout_id}")
+        raise DomainError(ErrorCode.ROLLOUT_NOT_FOUND, f"no rollout {rollout_id}")
     stmt = select(GateEvaluation).where(GateEvaluation.rollout_id == rollout_id)
     stmt = pagination.apply_page(stmt, col(GateEvaluation.created_at), col(GateEvaluation.id), cursor, limit)
     page, next_cursor = pagination.split_page(list(session.exec(stmt).all()), limit)
