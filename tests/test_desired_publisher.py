@@ -156,19 +156,30 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return read
 
 
+def _desired_received(leading: FleetRuntime, clients: ClientFactory) -> Collector:
+    """Every desired state the broker delivers, as a subscriber on the system Mosquitto sees them."""
+    received = Collector()
+    clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
+    return received
+
+
+def _commit_handed_over(engine: sa.Engine, leading: FleetRuntime, states: dict[str, Any]) -> None:
+    """Write `states` and commit while they are handed over to the publisher, as rollouts do."""
+    with Session(engine) as session, leading.handing_over(states):
+        assign.write_desired(session, states)
+        session.commit()
+
+
 def test_states_handed_over_at_commit_go_out_first_and_are_never_read_back(
     engine: sa.Engine, leading: FleetRuntime, clients: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 7 handed over: three batches from memory
-    received = Collector()
-    clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
+    received = _desired_received(leading, clients)
     handed_ids = add_devices(engine, *(f"hand-{i}-{uuid.uuid4().hex[:6]}" for i in range(7)))
     other = add_devices(engine, f"other-{uuid.uuid4().hex[:6]}")[0]
     _write(engine, {other: assign.with_message_id(_state("1"))})  # in the outbox only
     handed = {device_id: assign.with_message_id(_state("2")) for device_id in handed_ids}
-    with Session(engine) as session, leading.handing_over(handed):
-        assign.write_desired(session, handed)
-        session.commit()
+    _commit_handed_over(engine, leading, handed)
     read = _reads(monkeypatch)
 
     assert leading.publish_pending() == 8
@@ -186,13 +197,10 @@ def test_a_state_written_after_a_handed_over_one_goes_out_after_it(
 ) -> None:
     # A rollout's first stage is handed over; before the publisher runs, an abort (another
     # request, perhaps on another replica) replaces one device's state without handing it over.
-    received = Collector()
-    clients(SYSTEM_MOSQUITTO).subscribe(leading.topics.all_devices("desired"), received)
+    received = _desired_received(leading, clients)
     devices = add_devices(engine, *(f"race-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)))
     stage = {device_id: assign.with_message_id(_state("2")) for device_id in devices}
-    with Session(engine) as session, leading.handing_over(stage):
-        assign.write_desired(session, stage)
-        session.commit()
+    _commit_handed_over(engine, leading, stage)
     restored = {devices[0]: assign.with_message_id(_state("1"))}
     _write(engine, restored)
     read = _reads(monkeypatch)
